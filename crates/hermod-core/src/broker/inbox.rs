@@ -1,0 +1,79 @@
+//! Inbox views: the hot tail of each inbox and its wake-up signal.
+//!
+//! For every inbox the commit observer keeps the newest messages (a bounded
+//! tail shared by `Arc`, so a broadcast is stored once) and a `watch` of the
+//! newest seq. Waiters hold a `watch::Receiver` and read from the log when
+//! it changes — live delivery is a notification, never a second queue.
+//! `floor` is the invariant that makes the tail safe to read: every message
+//! of the inbox with `seq > floor` is in `tail`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::model::{InboxKey, Message, Seq};
+
+/// Messages kept in memory per inbox.
+pub const TAIL_LEN: usize = 512;
+
+pub(crate) struct InboxView {
+    floor: Seq,
+    tail: VecDeque<Arc<Message>>,
+    newest: watch::Sender<Seq>,
+}
+
+#[derive(Default)]
+pub(crate) struct Inboxes {
+    views: HashMap<InboxKey, InboxView>,
+}
+
+impl Inboxes {
+    /// The view of `key`, created covering everything after `committed`.
+    fn view(&mut self, key: &InboxKey, committed: Seq) -> &mut InboxView {
+        self.views
+            .entry(key.clone())
+            .or_insert_with(|| InboxView {
+                floor: committed,
+                tail: VecDeque::new(),
+                newest: watch::Sender::new(committed),
+            })
+    }
+
+    /// Records a committed message in `key`'s inbox and wakes its waiters.
+    pub(crate) fn push(&mut self, key: &InboxKey, message: &Arc<Message>) {
+        let view = self.view(key, message.seq - 1);
+        view.tail.push_back(message.clone());
+        if view.tail.len() > TAIL_LEN {
+            if let Some(old) = view.tail.pop_front() {
+                view.floor = old.seq;
+            }
+        }
+        view.newest.send_replace(message.seq);
+    }
+
+    /// A receiver that changes whenever `key`'s inbox grows.
+    pub(crate) fn watch(&mut self, key: &InboxKey, committed: Seq) -> watch::Receiver<Seq> {
+        self.view(key, committed).newest.subscribe()
+    }
+
+    /// Serves a read from memory if the tail covers it.
+    pub(crate) fn read_cached(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        limit: usize,
+        committed: Seq,
+    ) -> Option<Vec<Arc<Message>>> {
+        match self.views.get(key) {
+            Some(view) if after >= view.floor => {
+                let start = view.tail.partition_point(|m| m.seq <= after);
+                Some(view.tail.range(start..).take(limit).cloned().collect())
+            }
+            Some(_) => None,
+            // No view yet and nothing committed since start: a cold inbox.
+            None if after >= committed => Some(Vec::new()),
+            None => None,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The broker: the one place that routes, reads and acknowledges.
+//!
+//! Transports parse their wire format into calls on [`Broker`] and format
+//! what it returns; they hold no routing or storage logic. The broker
+//! resolves recipients, hands messages to the [`Engine`], serves inbox reads
+//! (from the hot tail when it can), tracks cursors and presence, and wakes
+//! waiters when the engine reports a commit.
+//!
+//! Locking: one `std::sync::Mutex` guards the in-memory state. Every critical
+//! section is a few map operations and never spans an `.await` or engine IO.
+
+mod inbox;
+mod registry;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use registry::{AgentInfo, Connection};
+
+use crate::engine::memory::MemoryEngine;
+use crate::engine::sqlite::SqliteEngine;
+use crate::engine::{CommitObserver, Committed, Durable, Engine};
+use crate::error::{Error, Result};
+use crate::model::{self, AgentName, InboxKey, Message, NewMessage, Seq};
+use crate::wire::Envelope;
+use inbox::Inboxes;
+use registry::Registry;
+
+/// State shared by the broker handle and the engine's commit observer.
+struct Shared {
+    state: Mutex<State>,
+    /// Subscribers to every committed message (hooks, metrics); each has a
+    /// bounded queue and misses messages rather than slowing commits.
+    taps: Mutex<Vec<mpsc::Sender<Arc<Message>>>>,
+    taps_dropped: AtomicU64,
+}
+
+struct State {
+    inboxes: Inboxes,
+    registry: Registry,
+    /// Newest committed seq and ts (the commit watermark).
+    committed: (Seq, f64),
+}
+
+impl CommitObserver for Shared {
+    fn committed(&self, batch: &[Committed]) {
+        {
+            let mut state = self.state.lock().unwrap();
+            for c in batch {
+                for r in &c.recipients {
+                    let key = InboxKey::new(c.message.channel.clone(), r.clone());
+                    state.inboxes.push(&key, &c.message);
+                }
+            }
+            if let Some(last) = batch.last() {
+                state.committed = (last.message.seq, last.message.ts);
+            }
+        }
+        let taps = self.taps.lock().unwrap();
+        for tap in taps.iter() {
+            for c in batch {
+                if tap.try_send(c.message.clone()).is_err() {
+                    self.taps_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// How the broker treats a message's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The target must already be known (hermes-bus typo protection).
+    Known,
+    /// An unknown target becomes known and the message waits for it.
+    Any,
+}
+
+/// A registered connection. Dropping it ends the agent's presence there.
+pub struct Session {
+    pub id: String,
+    pub key: InboxKey,
+    /// Cancelled when a newer exclusive registration replaces this one.
+    pub kicked: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .disconnect(&self.key, &self.id, model::now());
+    }
+}
+
+/// A cheap, cloneable handle to the bus.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+    engine: Arc<dyn Engine>,
+}
+
+impl Broker {
+    /// A broker over the SQLite log at `path`.
+    pub fn open_sqlite(path: &Path) -> Result<Self> {
+        Self::with_engine(|observer| Ok(Arc::new(SqliteEngine::open(path, observer)?)))
+    }
+
+    /// A broker over a throwaway in-memory store.
+    pub fn open_memory() -> Result<Self> {
+        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))))
+    }
+
+    /// Builds a broker over the engine `make` returns, given the observer
+    /// it must report commits to.
+    pub fn with_engine(
+        make: impl FnOnce(Arc<dyn CommitObserver>) -> Result<Arc<dyn Engine>>,
+    ) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                inboxes: Inboxes::default(),
+                registry: Registry::default(),
+                committed: (0, 0.0),
+            }),
+            taps: Mutex::default(),
+            taps_dropped: AtomicU64::new(0),
+        });
+        let engine = make(shared.clone())?;
+        let last = engine.last()?;
+        let agents = engine.agents()?;
+        {
+            let mut state = shared.state.lock().unwrap();
+            state.committed = last;
+            for a in agents {
+                state.registry.know(&a.key, a.first_seen, a.last_seen);
+            }
+        }
+        Ok(Self { shared, engine })
+    }
+
+    /// Routes and submits a message; the returned future resolves once it
+    /// is durable. `from` is the resolved sender.
+    pub async fn send(&self, env: Envelope, from: AgentName, target: Target) -> Result<Durable> {
+        let now = model::now();
+        let (recipients, newly_known) = {
+            let mut state = self.shared.state.lock().unwrap();
+            match &env.to {
+                Some(to) => {
+                    let key = InboxKey::new(env.channel.clone(), to.clone());
+                    let known = state.registry.is_known(&key);
+                    if !known && target == Target::Known {
+                        return Err(Error::EndpointNotFound(to.to_string()));
+                    }
+                    let new = !known && state.registry.know(&key, now, now);
+                    (vec![to.clone()], new.then_some(key))
+                }
+                None => (
+                    state.registry.broadcast_targets(&env.channel, &from),
+                    None,
+                ),
+            }
+        };
+        if let Some(key) = newly_known {
+            // Queued before the append, so it commits no later than the message.
+            self.engine.remember_agent(key, now).await?;
+        }
+        let message = NewMessage {
+            id: env.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            channel: env.channel,
+            from,
+            to: env.to,
+            topic: None,
+            sent_ts: env.sent_ts,
+            body: env.body,
+            recipients,
+        };
+        self.engine.submit(vec![message]).await
+    }
+
+    /// Up to `limit` messages of `key`'s inbox after `after`, oldest first.
+    pub async fn read(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+        {
+            let state = self.shared.state.lock().unwrap();
+            if let Some(hit) = state
+                .inboxes
+                .read_cached(key, after, limit, state.committed.0)
+            {
+                return Ok(hit);
+            }
+        }
+        let engine = self.engine.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || engine.read_inbox(&key, after, limit))
+            .await
+            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+    }
+
+    /// Changes whenever `key`'s inbox receives a committed message.
+    pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
+        let mut state = self.shared.state.lock().unwrap();
+        let committed = state.committed.0;
+        state.inboxes.watch(key, committed)
+    }
+
+    /// The stored cursor of an inbox.
+    pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        let engine = self.engine.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || engine.cursor(&key))
+            .await
+            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+    }
+
+    /// Moves an inbox cursor forward (never back).
+    pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<()> {
+        self.engine.set_cursor(key.clone(), seq).await
+    }
+
+    /// How many messages wait in `key`'s inbox after its cursor.
+    pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
+        let cursor = self.cursor(key).await?;
+        let engine = self.engine.clone();
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || engine.count_inbox(&key, cursor))
+            .await
+            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+    }
+
+    /// Registers a connection of `key` over `transport`. An `exclusive`
+    /// connection replaces (kicks) the agent's older exclusive one.
+    pub async fn connect(&self, key: InboxKey, transport: &'static str, exclusive: bool) -> Result<Session> {
+        let now = model::now();
+        let session = Session {
+            id: uuid::Uuid::new_v4().to_string(),
+            key: key.clone(),
+            kicked: CancellationToken::new(),
+            shared: self.shared.clone(),
+        };
+        self.shared.state.lock().unwrap().registry.connect(
+            &key,
+            Connection {
+                session_id: session.id.clone(),
+                transport,
+                since: now,
+                exclusive,
+                kick: session.kicked.clone(),
+            },
+        );
+        self.engine.remember_agent(key, now).await?;
+        Ok(session)
+    }
+
+    /// Notes activity of a connected agent.
+    pub fn touch(&self, key: &InboxKey) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .touch(key, model::now());
+    }
+
+    /// Every known agent with its presence.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.shared.state.lock().unwrap().registry.agents()
+    }
+
+    /// Registered exclusive endpoints: name → session id (hermes-bus
+    /// `list_endpoints`).
+    pub fn endpoints(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for agent in self.agents() {
+            for c in agent.connections.iter().filter(|c| c.exclusive) {
+                out.insert(agent.name.to_string(), c.session_id.clone());
+            }
+        }
+        out
+    }
+
+    /// The newest committed (seq, ts).
+    pub fn committed(&self) -> (Seq, f64) {
+        self.shared.state.lock().unwrap().committed
+    }
+
+    /// Every committed message from now on, through a bounded queue of
+    /// `capacity`; when the queue is full the tap misses messages (counted
+    /// in [`Broker::taps_dropped`]) instead of slowing the bus.
+    pub fn tap(&self, capacity: usize) -> mpsc::Receiver<Arc<Message>> {
+        let (tx, rx) = mpsc::channel(capacity);
+        let mut taps = self.shared.taps.lock().unwrap();
+        taps.retain(|t| !t.is_closed());
+        taps.push(tx);
+        rx
+    }
+
+    pub fn taps_dropped(&self) -> u64 {
+        self.shared.taps_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Lets queued writes finish. Call once at shutdown.
+    pub async fn close(&self) {
+        self.engine.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Body, Channel};
+
+    fn name(s: &str) -> AgentName {
+        AgentName::parse(s).unwrap()
+    }
+
+    fn env(to: Option<&str>, n: i64) -> Envelope {
+        let mut body = Body::new();
+        body.insert("n".into(), n.into());
+        Envelope {
+            to: to.map(name),
+            from: None,
+            id: None,
+            sent_ts: None,
+            channel: Channel::default(),
+            body,
+        }
+    }
+
+    async fn brokers() -> Vec<(Broker, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Broker::open_sqlite(&dir.path().join("log.db")).unwrap();
+        vec![(Broker::open_memory().unwrap(), None), (sqlite, Some(dir))]
+    }
+
+    #[tokio::test]
+    async fn routing_known_broadcast_and_wakeups() {
+        for (b, _dir) in brokers().await {
+            let key_b = InboxKey::new(Channel::default(), name("b"));
+            // Typo protection for legacy senders; `Any` makes the target known.
+            let err = b.send(env(Some("b"), 0), name("a"), Target::Known).await;
+            assert_eq!(err.unwrap_err().code(), "endpoint_not_found");
+            let mut w = b.watch(&key_b);
+            let stored = b
+                .send(env(Some("b"), 1), name("a"), Target::Any)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(w.has_changed().unwrap());
+            assert_eq!(*w.borrow_and_update(), stored[0].seq);
+
+            let _s = b
+                .connect(InboxKey::new(Channel::default(), name("c")), "unix", true)
+                .await
+                .unwrap();
+            b.send(env(None, 2), name("c"), Target::Known)
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+            let got = b.read(&key_b, 0, 10).await.unwrap();
+            assert_eq!(got.len(), 2);
+            let key_c = InboxKey::new(Channel::default(), name("c"));
+            assert!(b.read(&key_c, 0, 10).await.unwrap().is_empty(), "no echo");
+            assert_eq!(b.endpoints().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn exclusive_sessions_kick() {
+        let b = Broker::open_memory().unwrap();
+        let key = InboxKey::new(Channel::default(), name("x"));
+        let s1 = b.connect(key.clone(), "unix", true).await.unwrap();
+        let s2 = b.connect(key.clone(), "unix", true).await.unwrap();
+        assert!(s1.kicked.is_cancelled());
+        assert!(!s2.kicked.is_cancelled());
+        drop(s1);
+        assert_eq!(b.endpoints().get("x"), Some(&s2.id));
+        drop(s2);
+        assert!(b.endpoints().is_empty());
+        assert!(!b.agents()[0].online());
+    }
+}

@@ -1,0 +1,141 @@
+//! The agent registry: who is known on each channel, and presence — who is
+//! connected right now, over what, since when, and when last seen.
+//!
+//! An agent is *known* on a channel once it has connected there over any
+//! transport or has messages waiting there. Broadcasts go to the known
+//! agents of the channel; the legacy typo protection refuses to store a
+//! message for an unknown name.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{AgentName, Channel, InboxKey};
+
+/// One open connection of an agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct Connection {
+    pub session_id: String,
+    /// `unix`, `http`, `sse`, ...
+    pub transport: &'static str,
+    /// Bus time the connection registered.
+    pub since: f64,
+    /// An exclusive connection (a registered hermes-bus endpoint) is
+    /// replaced by the next registration of the same name.
+    #[serde(skip)]
+    pub exclusive: bool,
+    #[serde(skip)]
+    pub kick: CancellationToken,
+}
+
+/// What the bus knows about one agent on one channel.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    pub name: AgentName,
+    pub channel: Channel,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    pub connections: Vec<Connection>,
+}
+
+impl AgentInfo {
+    pub fn online(&self) -> bool {
+        !self.connections.is_empty()
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    channels: HashMap<Channel, BTreeMap<AgentName, AgentInfo>>,
+}
+
+impl Registry {
+    pub(crate) fn is_known(&self, key: &InboxKey) -> bool {
+        self.channels
+            .get(&key.channel)
+            .is_some_and(|c| c.contains_key(&key.agent))
+    }
+
+    /// Marks `key` known; returns true if it was not known before.
+    pub(crate) fn know(&mut self, key: &InboxKey, first_seen: f64, last_seen: f64) -> bool {
+        let agents = self.channels.entry(key.channel.clone()).or_default();
+        match agents.get_mut(&key.agent) {
+            Some(info) => {
+                info.last_seen = info.last_seen.max(last_seen);
+                false
+            }
+            None => {
+                agents.insert(
+                    key.agent.clone(),
+                    AgentInfo {
+                        name: key.agent.clone(),
+                        channel: key.channel.clone(),
+                        first_seen,
+                        last_seen,
+                        connections: Vec::new(),
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Everyone known on `channel` except `sender`.
+    pub(crate) fn broadcast_targets(&self, channel: &Channel, sender: &AgentName) -> Vec<AgentName> {
+        self.channels
+            .get(channel)
+            .map(|agents| agents.keys().filter(|a| *a != sender).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Adds a connection; an exclusive one kicks the older exclusive ones.
+    pub(crate) fn connect(&mut self, key: &InboxKey, conn: Connection) {
+        self.know(key, conn.since, conn.since);
+        let info = self
+            .channels
+            .get_mut(&key.channel)
+            .and_then(|c| c.get_mut(&key.agent))
+            .expect("just inserted");
+        if conn.exclusive {
+            info.connections.retain(|old| {
+                if old.exclusive {
+                    old.kick.cancel();
+                }
+                !old.exclusive
+            });
+        }
+        info.connections.push(conn);
+    }
+
+    pub(crate) fn disconnect(&mut self, key: &InboxKey, session_id: &str, now: f64) {
+        if let Some(info) = self
+            .channels
+            .get_mut(&key.channel)
+            .and_then(|c| c.get_mut(&key.agent))
+        {
+            info.connections.retain(|c| c.session_id != session_id);
+            info.last_seen = info.last_seen.max(now);
+        }
+    }
+
+    pub(crate) fn touch(&mut self, key: &InboxKey, now: f64) {
+        if let Some(info) = self
+            .channels
+            .get_mut(&key.channel)
+            .and_then(|c| c.get_mut(&key.agent))
+        {
+            info.last_seen = info.last_seen.max(now);
+        }
+    }
+
+    pub(crate) fn agents(&self) -> Vec<AgentInfo> {
+        let mut out: Vec<AgentInfo> = self
+            .channels
+            .values()
+            .flat_map(|c| c.values().cloned())
+            .collect();
+        out.sort_by(|a, b| (&a.channel, &a.name).cmp(&(&b.channel, &b.name)));
+        out
+    }
+}

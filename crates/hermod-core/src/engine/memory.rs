@@ -1,0 +1,138 @@
+//! The in-memory engine: everything in one mutex, gone when the process
+//! exits. Used by `hermod serve --memory` and by unit tests. "Durable" here
+//! means "in the log", which is as durable as this engine gets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
+use crate::error::Result;
+use crate::model::{BusClock, InboxKey, Message, NewMessage, Seq};
+
+#[derive(Default)]
+struct State {
+    log: BTreeMap<Seq, Arc<Message>>,
+    inboxes: HashMap<InboxKey, Vec<Seq>>,
+    cursors: HashMap<InboxKey, Seq>,
+    agents: BTreeMap<InboxKey, (f64, f64)>,
+    seq: Seq,
+    clock: BusClock,
+}
+
+/// See the module docs.
+pub struct MemoryEngine {
+    state: Mutex<State>,
+    observer: Arc<dyn CommitObserver>,
+}
+
+impl MemoryEngine {
+    pub fn new(observer: Arc<dyn CommitObserver>) -> Self {
+        Self {
+            state: Mutex::default(),
+            observer,
+        }
+    }
+
+    fn inbox_after<'a>(state: &'a State, key: &InboxKey, after: Seq) -> &'a [Seq] {
+        let seqs = state.inboxes.get(key).map(Vec::as_slice).unwrap_or(&[]);
+        &seqs[seqs.partition_point(|&s| s <= after)..]
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.state.lock().unwrap();
+        let mut committed = Vec::with_capacity(batch.len());
+        for m in batch {
+            state.seq += 1;
+            let seq = state.seq;
+            let ts = state.clock.next();
+            let recipients = m.recipients.clone();
+            let message = Arc::new(m.into_message(seq, ts));
+            for r in &recipients {
+                let key = InboxKey::new(message.channel.clone(), r.clone());
+                state.inboxes.entry(key).or_default().push(seq);
+            }
+            state.log.insert(seq, message.clone());
+            committed.push(Committed {
+                message,
+                recipients,
+            });
+        }
+        // Observer first, then the acknowledgement (see the engine docs).
+        self.observer.committed(&committed);
+        drop(state);
+        let _ = tx.send(Ok(committed.into_iter().map(|c| c.message).collect()));
+        Ok(rx)
+    }
+
+    fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let state = self.state.lock().unwrap();
+        Ok(Self::inbox_after(&state, key, after)
+            .iter()
+            .take(limit)
+            .filter_map(|s| state.log.get(s).cloned())
+            .collect())
+    }
+
+    fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .log
+            .values()
+            .rev()
+            .find(|m| m.ts <= ts)
+            .map_or(0, |m| m.seq))
+    }
+
+    fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+        let state = self.state.lock().unwrap();
+        Ok(Self::inbox_after(&state, key, after).len() as u64)
+    }
+
+    fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        Ok(*self.state.lock().unwrap().cursors.get(key).unwrap_or(&0))
+    }
+
+    async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let c = state.cursors.entry(key).or_default();
+        *c = (*c).max(seq);
+        Ok(())
+    }
+
+    async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        let e = state.agents.entry(key).or_insert((seen, seen));
+        e.1 = e.1.max(seen);
+        Ok(())
+    }
+
+    fn agents(&self) -> Result<Vec<KnownAgent>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .agents
+            .iter()
+            .map(|(k, &(first_seen, last_seen))| KnownAgent {
+                key: k.clone(),
+                first_seen,
+                last_seen,
+            })
+            .collect())
+    }
+
+    fn last(&self) -> Result<(Seq, f64)> {
+        let state = self.state.lock().unwrap();
+        Ok((
+            state.seq,
+            state.log.values().next_back().map_or(0.0, |m| m.ts),
+        ))
+    }
+
+    async fn close(&self) {}
+}

@@ -1,0 +1,56 @@
+//! The core error type. Every variant has a stable snake_case [`Error::code`]
+//! that transports put on the wire; the `Display` text is the human detail.
+
+/// Errors the broker and engines report to transports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A frame or body was not valid UTF-8 JSON, or not a JSON object.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// The `type` of a frame is not one hermod knows.
+    #[error("unknown frame type {0:?}")]
+    UnknownType(String),
+    /// An agent or channel name breaks the naming rule.
+    #[error("invalid name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    /// A required field is missing or has the wrong type.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A frame or body is larger than the configured limit.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    /// A short-lived sender addressed a name the bus has never known.
+    #[error("endpoint {0:?} is not known to the bus (never connected, no waiting messages)")]
+    EndpointNotFound(String),
+    /// The store failed; the message was not acknowledged.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The daemon is shutting down.
+    #[error("the bus is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// The stable code put on the wire (`{"type":"error","code":...}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidJson(_) => "invalid_json",
+            Error::UnknownType(_) => "unknown_type",
+            Error::InvalidName { .. } => "invalid_name",
+            Error::InvalidRequest(_) => "invalid_request",
+            Error::TooLarge { .. } => "frame_too_large",
+            Error::EndpointNotFound(_) => "endpoint_not_found",
+            Error::Storage(_) => "storage_error",
+            Error::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+/// Result alias for the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,243 @@
+//! Validated names and the message record.
+//!
+//! Agent names and channels follow PROTOCOLS.md: case-sensitive, 1–128
+//! characters of `[A-Za-z0-9._:@-]`. They are validated once, at the edge,
+//! by parsing into [`AgentName`] / [`Channel`]; past that point the broker
+//! never re-checks them.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Longest agent or channel name, in characters.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// The channel used when a client names none.
+pub const DEFAULT_CHANNEL: &str = "default";
+
+fn check_name(s: &str) -> Result<()> {
+    let reason = if s.is_empty() {
+        "must not be empty"
+    } else if s.len() > MAX_NAME_LEN {
+        "longer than 128 characters"
+    } else if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+    {
+        "only A-Z a-z 0-9 . _ : @ - are allowed"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidName {
+        name: s.chars().take(MAX_NAME_LEN + 8).collect(),
+        reason,
+    })
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $ty:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// Validates `s` against the naming rule.
+            pub fn parse(s: impl Into<String>) -> Result<Self> {
+                let s = s.into();
+                check_name(&s)?;
+                Ok(Self(s))
+            }
+            /// The name as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $ty {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                Self::parse(s)
+            }
+        }
+        impl From<$ty> for String {
+            fn from(n: $ty) -> String {
+                n.0
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl std::ops::Deref for $ty {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A participant on the bus (PROTOCOLS.md calls it agent or endpoint).
+    AgentName
+);
+name_type!(
+    /// An isolation namespace: the same agent on two channels has two inboxes.
+    Channel
+);
+
+impl Default for Channel {
+    fn default() -> Self {
+        Channel(DEFAULT_CHANNEL.to_owned())
+    }
+}
+
+impl AgentName {
+    /// The sender name the hermes-bus client uses for short-lived senders.
+    pub fn anonymous() -> Self {
+        AgentName("anonymous".to_owned())
+    }
+}
+
+/// The body of every message: always a JSON object.
+pub type Body = serde_json::Map<String, serde_json::Value>;
+
+/// Log position. Strictly increasing across the bus; 0 means "before the first".
+pub type Seq = u64;
+
+/// An inbox is the log filtered for one agent on one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InboxKey {
+    pub channel: Channel,
+    pub agent: AgentName,
+}
+
+impl InboxKey {
+    pub fn new(channel: Channel, agent: AgentName) -> Self {
+        Self { channel, agent }
+    }
+}
+
+/// An accepted message as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Log position, assigned by the engine.
+    pub seq: Seq,
+    /// The sender's id if it gave one, else a fresh UUID.
+    pub id: String,
+    /// Bus time (float Unix seconds), strictly increasing.
+    pub ts: f64,
+    pub channel: Channel,
+    pub from: AgentName,
+    /// `None` for a broadcast.
+    pub to: Option<AgentName>,
+    /// Set for topic events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The `ts` the sender put on the message, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ts: Option<f64>,
+    pub body: Body,
+}
+
+/// A message the broker has routed but the engine has not yet stored.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub channel: Channel,
+    pub from: AgentName,
+    pub to: Option<AgentName>,
+    pub topic: Option<String>,
+    pub sent_ts: Option<f64>,
+    pub body: Body,
+    /// Whose inboxes it lands in (resolved by the broker at send time).
+    pub recipients: Vec<AgentName>,
+}
+
+impl NewMessage {
+    /// Stamps the message with its log position and bus time.
+    pub fn into_message(self, seq: Seq, ts: f64) -> Message {
+        Message {
+            seq,
+            id: self.id,
+            ts,
+            channel: self.channel,
+            from: self.from,
+            to: self.to,
+            topic: self.topic,
+            sent_ts: self.sent_ts,
+            body: self.body,
+        }
+    }
+}
+
+/// Wall-clock Unix time in float seconds.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Issues strictly increasing bus timestamps: the wall clock, or the last
+/// stamp plus 1 µs when the clock has not moved (or went backwards).
+#[derive(Debug, Default)]
+pub struct BusClock {
+    last: f64,
+}
+
+impl BusClock {
+    /// Starts after `last` (the newest ts already in the log).
+    pub fn starting_after(last: f64) -> Self {
+        Self { last }
+    }
+
+    pub fn next(&mut self) -> f64 {
+        let mut ts = now();
+        if ts <= self.last {
+            ts = self.last + 1e-6;
+            // At ~1.7e9 s an f64 step is ~2.4e-7, so +1e-6 always moves; the
+            // loop only guards against a pathological clock far in the future.
+            while ts <= self.last {
+                ts = f64::from_bits(ts.to_bits() + 1);
+            }
+        }
+        self.last = ts;
+        ts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(AgentName::parse("worker-alpha").is_ok());
+        assert!(AgentName::parse("a.b_c:d@e-f9").is_ok());
+        assert!(AgentName::parse("x".repeat(128)).is_ok());
+        assert!(AgentName::parse("x".repeat(129)).is_err());
+        assert!(AgentName::parse("").is_err());
+        assert!(AgentName::parse("bad name").is_err());
+        assert!(AgentName::parse("ünï").is_err());
+        assert_eq!(AgentName::parse("a/b").unwrap_err().code(), "invalid_name");
+    }
+
+    #[test]
+    fn clock_strictly_increases_and_roundtrips() {
+        let mut c = BusClock::starting_after(now() + 5.0);
+        let mut prev = 0.0;
+        for _ in 0..10_000 {
+            let ts = c.next();
+            assert!(ts > prev);
+            let text = serde_json::to_string(&ts).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), ts.to_bits());
+            prev = ts;
+        }
+    }
+}
