@@ -1,1 +1,194 @@
-//! stub
+//! The Rust client for hermod's Unix socket, reusing [`hermod_core::wire`].
+//!
+//! - [`Connection`]: one framed connection; send [`ClientFrame`]s, read
+//!   [`ServerFrame`]s, or [`Connection::split`] it to pipeline.
+//! - [`send`]: the one-shot send (what hermes-bus `send_message()` is, but
+//!   answered only once the bus made the message durable).
+//! - [`Subscriber`]: a long-lived registration with heartbeat, explicit
+//!   acknowledgements and automatic reconnect (backoff 1 s → 30 s) that
+//!   resumes from the agent's cursor — `BusClient` without its churn.
+
+mod subscriber;
+
+use std::path::{Path, PathBuf};
+
+use futures::{SinkExt, StreamExt};
+use hermod_core::model::Body;
+use hermod_core::wire::{self, ClientFrame, Outgoing, ServerFrame};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+pub use hermod_core::wire::MessageFrame;
+pub use subscriber::Subscriber;
+
+/// What went wrong, matchable without parsing strings.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing answers at the socket path.
+    #[error("cannot reach the hermod daemon at {path}: {source} (is `hermod serve` running?)")]
+    Unreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error frame.
+    #[error("{detail} ({code})")]
+    Server { code: String, detail: String },
+    /// The daemon closed the connection before answering.
+    #[error("the daemon closed the connection")]
+    Closed,
+    /// The daemon sent something this client does not understand.
+    #[error("unexpected reply from the daemon: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The daemon's receipt for a durable message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    pub id: String,
+    pub seq: u64,
+    pub ts: f64,
+}
+
+/// A message to send.
+#[derive(Debug, Clone, Default)]
+pub struct Draft {
+    /// `None` broadcasts to every known agent on the channel.
+    pub to: Option<String>,
+    pub from: Option<String>,
+    pub channel: Option<String>,
+    pub body: Body,
+}
+
+impl Draft {
+    fn into_frame(self) -> ClientFrame {
+        ClientFrame::Send(Outgoing {
+            to: self.to,
+            from: self.from,
+            channel: self.channel,
+            body: Some(self.body.into()),
+            ..Outgoing::default()
+        })
+    }
+}
+
+/// Writing half of a split [`Connection`].
+pub struct FrameWriter(FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>);
+/// Reading half of a split [`Connection`].
+pub struct FrameReader(FramedRead<OwnedReadHalf, LengthDelimitedCodec>);
+
+impl FrameWriter {
+    /// Queues a frame without flushing (see [`FrameWriter::flush`]).
+    pub async fn feed(&mut self, frame: &ClientFrame) -> Result<()> {
+        let bytes = serde_json::to_vec(frame).expect("client frames serialize");
+        self.0.feed(bytes::Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        SinkExt::<bytes::Bytes>::flush(&mut self.0).await?;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+}
+
+impl FrameReader {
+    /// The next frame, or `None` when the daemon closed the connection.
+    pub async fn next(&mut self) -> Result<Option<ServerFrame>> {
+        match self.0.next().await {
+            None => Ok(None),
+            Some(bytes) => {
+                let bytes = bytes?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::Protocol(e.to_string()))
+            }
+        }
+    }
+}
+
+/// One framed connection to the daemon.
+pub struct Connection {
+    reader: FrameReader,
+    writer: FrameWriter,
+}
+
+impl Connection {
+    pub async fn connect(path: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| Error::Unreachable {
+                path: path.to_owned(),
+                source,
+            })?;
+        let (rd, wr) = stream.into_split();
+        Ok(Self {
+            reader: FrameReader(FramedRead::new(rd, wire::codec())),
+            writer: FrameWriter(FramedWrite::new(wr, wire::codec())),
+        })
+    }
+
+    pub async fn send_frame(&mut self, frame: &ClientFrame) -> Result<()> {
+        self.writer.send(frame).await
+    }
+
+    /// The next frame; a closed connection is [`Error::Closed`].
+    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+        self.reader.next().await?.ok_or(Error::Closed)
+    }
+
+    /// Sends a request and returns its reply; error frames become [`Error::Server`].
+    pub async fn request(&mut self, frame: &ClientFrame) -> Result<ServerFrame> {
+        self.send_frame(frame).await?;
+        match self.next_frame().await? {
+            ServerFrame::Error { code, detail, .. } => Err(Error::Server { code, detail }),
+            other => Ok(other),
+        }
+    }
+
+    /// Sends a message and waits until it is durable.
+    pub async fn send(&mut self, draft: Draft) -> Result<Sent> {
+        match self.request(&draft.into_frame()).await? {
+            ServerFrame::Sent { id, seq, ts } => Ok(Sent { id, seq, ts }),
+            other => Err(Error::Protocol(format!("expected `sent`, got {other:?}"))),
+        }
+    }
+
+    /// Registered endpoints: name → session id.
+    pub async fn list_endpoints(&mut self) -> Result<std::collections::BTreeMap<String, String>> {
+        match self.request(&ClientFrame::ListEndpoints).await? {
+            ServerFrame::EndpointsList { endpoints } => Ok(endpoints),
+            other => Err(Error::Protocol(format!(
+                "expected `endpoints_list`, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Every known agent with its presence and unread count.
+    pub async fn agents(&mut self) -> Result<Vec<wire::AgentSummary>> {
+        match self.request(&ClientFrame::Agents).await? {
+            ServerFrame::AgentsList { agents } => Ok(agents),
+            other => Err(Error::Protocol(format!(
+                "expected `agents_list`, got {other:?}"
+            ))),
+        }
+    }
+
+    pub fn split(self) -> (FrameReader, FrameWriter) {
+        (self.reader, self.writer)
+    }
+}
+
+/// Connects, sends one message, waits until it is durable, disconnects.
+pub async fn send(socket: &Path, draft: Draft) -> Result<Sent> {
+    Connection::connect(socket).await?.send(draft).await
+}

@@ -175,6 +175,11 @@ impl NewMessage {
     }
 }
 
+/// A fresh message id (UUID v4).
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// Wall-clock Unix time in float seconds.
 pub fn now() -> f64 {
     SystemTime::now()

@@ -78,9 +78,19 @@ pub enum ClientFrame {
     Ack {
         seq: Seq,
     },
+    /// Every known agent with presence and unread counts.
+    Agents,
 }
 
-const CLIENT_TYPES: &[&str] = &["register", "ping", "message", "send", "list_endpoints", "ack"];
+const CLIENT_TYPES: &[&str] = &[
+    "register",
+    "ping",
+    "message",
+    "send",
+    "list_endpoints",
+    "ack",
+    "agents",
+];
 
 /// A validated outgoing message.
 #[derive(Debug, Clone)]
@@ -109,6 +119,7 @@ pub enum Request {
     Send(Envelope),
     ListEndpoints,
     Ack(Seq),
+    Agents,
 }
 
 /// Parses and validates one frame payload.
@@ -132,6 +143,7 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
         ClientFrame::Send(o) => Request::Send(o.validate()?),
         ClientFrame::ListEndpoints => Request::ListEndpoints,
         ClientFrame::Ack { seq } => Request::Ack(seq),
+        ClientFrame::Agents => Request::Agents,
     })
 }
 
@@ -234,6 +246,22 @@ impl From<&Message> for MessageFrame {
     }
 }
 
+/// One agent in an `agents_list` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    pub name: String,
+    pub channel: String,
+    pub online: bool,
+    /// Transports of the open connections (`unix`, ...).
+    pub transports: Vec<String>,
+    /// When the oldest open connection started.
+    pub connected_since: Option<f64>,
+    pub first_seen: f64,
+    pub last_seen: f64,
+    /// Messages after the agent's cursor.
+    pub unread: u64,
+}
+
 /// Frames the daemon sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -246,6 +274,9 @@ pub enum ServerFrame {
     Message(MessageFrame),
     EndpointsList {
         endpoints: BTreeMap<String, String>,
+    },
+    AgentsList {
+        agents: Vec<AgentSummary>,
     },
     /// Reply to the `send` extension: the message is durable.
     Sent {

@@ -31,13 +31,11 @@ pub(crate) struct Inboxes {
 impl Inboxes {
     /// The view of `key`, created covering everything after `committed`.
     fn view(&mut self, key: &InboxKey, committed: Seq) -> &mut InboxView {
-        self.views
-            .entry(key.clone())
-            .or_insert_with(|| InboxView {
-                floor: committed,
-                tail: VecDeque::new(),
-                newest: watch::Sender::new(committed),
-            })
+        self.views.entry(key.clone()).or_insert_with(|| InboxView {
+            floor: committed,
+            tail: VecDeque::new(),
+            newest: watch::Sender::new(committed),
+        })
     }
 
     /// Records a committed message in `key`'s inbox and wakes its waiters.

@@ -12,7 +12,7 @@
 mod inbox;
 mod registry;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +45,9 @@ struct State {
     registry: Registry,
     /// Newest committed seq and ts (the commit watermark).
     committed: (Seq, f64),
+    /// Cursors acknowledged since start (the engine stores them too, a
+    /// batch later); read first so a quick re-registration resumes exactly.
+    cursors: HashMap<InboxKey, Seq>,
 }
 
 impl CommitObserver for Shared {
@@ -129,6 +132,7 @@ impl Broker {
                 inboxes: Inboxes::default(),
                 registry: Registry::default(),
                 committed: (0, 0.0),
+                cursors: HashMap::new(),
             }),
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
@@ -162,10 +166,7 @@ impl Broker {
                     let new = !known && state.registry.know(&key, now, now);
                     (vec![to.clone()], new.then_some(key))
                 }
-                None => (
-                    state.registry.broadcast_targets(&env.channel, &from),
-                    None,
-                ),
+                None => (state.registry.broadcast_targets(&env.channel, &from), None),
             }
         };
         if let Some(key) = newly_known {
@@ -173,7 +174,7 @@ impl Broker {
             self.engine.remember_agent(key, now).await?;
         }
         let message = NewMessage {
-            id: env.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            id: env.id.unwrap_or_else(model::new_id),
             channel: env.channel,
             from,
             to: env.to,
@@ -186,7 +187,12 @@ impl Broker {
     }
 
     /// Up to `limit` messages of `key`'s inbox after `after`, oldest first.
-    pub async fn read(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+    pub async fn read(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
         {
             let state = self.shared.state.lock().unwrap();
             if let Some(hit) = state
@@ -212,6 +218,9 @@ impl Broker {
 
     /// The stored cursor of an inbox.
     pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
+            return Ok(seq);
+        }
         let engine = self.engine.clone();
         let key = key.clone();
         tokio::task::spawn_blocking(move || engine.cursor(&key))
@@ -221,6 +230,15 @@ impl Broker {
 
     /// Moves an inbox cursor forward (never back).
     pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<()> {
+        let stored = self.cursor(key).await?;
+        let seq = {
+            let mut state = self.shared.state.lock().unwrap();
+            // Never past the log: an ack from the future would skip messages.
+            let seq = seq.min(state.committed.0);
+            let c = state.cursors.entry(key.clone()).or_insert(stored);
+            *c = (*c).max(seq);
+            *c
+        };
         self.engine.set_cursor(key.clone(), seq).await
     }
 
@@ -236,7 +254,12 @@ impl Broker {
 
     /// Registers a connection of `key` over `transport`. An `exclusive`
     /// connection replaces (kicks) the agent's older exclusive one.
-    pub async fn connect(&self, key: InboxKey, transport: &'static str, exclusive: bool) -> Result<Session> {
+    pub async fn connect(
+        &self,
+        key: InboxKey,
+        transport: &'static str,
+        exclusive: bool,
+    ) -> Result<Session> {
         let now = model::now();
         let session = Session {
             id: uuid::Uuid::new_v4().to_string(),

@@ -82,7 +82,11 @@ impl Registry {
     }
 
     /// Everyone known on `channel` except `sender`.
-    pub(crate) fn broadcast_targets(&self, channel: &Channel, sender: &AgentName) -> Vec<AgentName> {
+    pub(crate) fn broadcast_targets(
+        &self,
+        channel: &Channel,
+        sender: &AgentName,
+    ) -> Vec<AgentName> {
         self.channels
             .get(channel)
             .map(|agents| agents.keys().filter(|a| *a != sender).cloned().collect())

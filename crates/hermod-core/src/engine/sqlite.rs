@@ -473,7 +473,13 @@ mod tests {
         assert!(got.windows(2).all(|w| w[0].ts < w[1].ts));
         assert_eq!(e.count_inbox(&key, 90).unwrap(), 10);
         assert_eq!(e.seq_at_ts(got[5].ts).unwrap(), 46);
-        let next = e.submit(vec![msg("b", 100)]).await.unwrap().await.unwrap().unwrap();
+        let next = e
+            .submit(vec![msg("b", 100)])
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(next[0].seq, 101);
         assert!(next[0].ts > got.last().unwrap().ts);
         e.close().await;

@@ -1,0 +1,438 @@
+//! One hermes-bus connection: a reader and a writer running side by side.
+//!
+//! The **reader** parses frames and calls the broker; it never writes to the
+//! socket. It hands the writer what to send through a bounded queue, so a
+//! client that stops reading only ever stalls its own connection.
+//!
+//! The **writer** owns the write half. It sends replies in request order
+//! (`sent` replies wait for durability without blocking anything else),
+//! and, once the connection registered, delivers the endpoint's inbox: first
+//! everything after its cursor, then each new commit as the broker's watch
+//! fires. In the default `auto` ack mode the cursor only advances once the
+//! kernel shows the client consumed the bytes (see [`super::peer`]), so a
+//! frame written to a client that was already closing is delivered again on
+//! its next registration instead of being lost.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::FuturesOrdered;
+use futures::{SinkExt, StreamExt};
+use hermod_core::broker::{Session, Target};
+use hermod_core::engine::Durable;
+use hermod_core::model::{AgentName, InboxKey, Seq};
+use hermod_core::wire::{self, AckMode, Envelope, Request, ServerFrame};
+use hermod_core::{Broker, Error};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
+use tokio_util::sync::CancellationToken;
+
+use super::{peer, UnixConfig};
+
+/// Frames queued from the reader to the writer.
+const OUT_QUEUE: usize = 256;
+/// Replies waiting for durability at once; beyond it the reader waits.
+const MAX_PENDING: usize = 8192;
+/// Messages read from the inbox per delivery batch.
+const DELIVERY_BATCH: usize = 512;
+/// How often an auto-ack connection checks whether the client consumed what
+/// was written (only while something is unconfirmed).
+const CONFIRM_EVERY: Duration = Duration::from_millis(5);
+
+enum Out {
+    Frame(Bytes),
+    /// A submitted message: reply `sent` once durable, or only if it fails.
+    Pending {
+        durable: Durable,
+        id: String,
+        reply: bool,
+    },
+    /// The connection registered: start delivering this inbox.
+    Deliver {
+        key: InboxKey,
+        cursor: Seq,
+        mode: AckMode,
+    },
+    /// Send what is queued, then close.
+    Close,
+}
+
+/// Tells a client over the connection limit why it is refused.
+pub(super) async fn refuse(stream: UnixStream) {
+    let frame = ServerFrame::Error {
+        code: "too_many_connections".into(),
+        detail: "the bus is at its connection limit; retry shortly".into(),
+        id: None,
+    };
+    let mut sink = FramedWrite::new(stream, wire::codec());
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(frame.to_bytes())).await;
+}
+
+/// Serves one connection until either side ends it.
+pub(super) async fn handle(
+    stream: UnixStream,
+    broker: Broker,
+    config: &UnixConfig,
+    shutdown: CancellationToken,
+) {
+    let fd = stream.as_raw_fd();
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel(OUT_QUEUE);
+    let writer_done = CancellationToken::new();
+    let shutdown_r = shutdown.clone();
+    let reader = Reader {
+        broker: broker.clone(),
+        tx,
+        session: None,
+        idle_timeout: config.idle_timeout,
+    };
+    let writer = Writer {
+        sink: FramedWrite::new(wr, wire::codec()),
+        fd,
+        broker,
+        write_timeout: config.write_timeout,
+    };
+    let done = writer_done.clone();
+    let write_side = async move {
+        writer.run(rx, shutdown.clone()).await;
+        done.cancel();
+    };
+    // Joined, not spawned: both halves live and die with this task.
+    tokio::join!(
+        reader.run(FramedRead::new(rd, wire::codec()), shutdown_r, writer_done),
+        write_side
+    );
+}
+
+struct Reader {
+    broker: Broker,
+    tx: mpsc::Sender<Out>,
+    session: Option<Session>,
+    idle_timeout: Duration,
+}
+
+impl Reader {
+    async fn run(
+        mut self,
+        mut frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+        shutdown: CancellationToken,
+        writer_done: CancellationToken,
+    ) {
+        loop {
+            // An unregistered connection cannot be kicked: a token nobody cancels.
+            let kicked = self
+                .session
+                .as_ref()
+                .map(|s| s.kicked.clone())
+                .unwrap_or_default();
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = writer_done.cancelled() => break,
+                _ = kicked.cancelled() => {
+                    tracing::debug!("endpoint re-registered elsewhere; closing the older connection");
+                    break;
+                }
+                _ = tokio::time::sleep(self.idle_timeout), if self.session.is_some() => {
+                    tracing::info!("registered endpoint silent for {:?}; dropping it", self.idle_timeout);
+                    break;
+                }
+                next = frames.next() => next,
+            };
+            match next {
+                None => break,
+                Some(Ok(bytes)) => {
+                    if !self.handle(&bytes).await {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    if is_too_large(&e) {
+                        // The body is never read: answer from the prefix and close.
+                        let err = Error::TooLarge {
+                            size: frames.read_buffer().len().max(wire::MAX_FRAME + 1),
+                            limit: wire::MAX_FRAME,
+                        };
+                        self.send(ServerFrame::error(&err, None)).await;
+                        let _ = self.tx.send(Out::Close).await;
+                    }
+                    // Otherwise a truncated frame or a reset: nothing to answer.
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Handles one frame; false when the connection should end.
+    async fn handle(&mut self, bytes: &[u8]) -> bool {
+        if let Some(s) = &self.session {
+            self.broker.touch(&s.key);
+        }
+        let request = match wire::parse_client_frame(bytes) {
+            Ok(r) => r,
+            Err(e) => return self.send(ServerFrame::error(&e, None)).await,
+        };
+        match request {
+            Request::Register {
+                endpoint,
+                channel,
+                ack,
+            } => {
+                if self.session.is_some() {
+                    let e = Error::InvalidRequest("this connection is already registered".into());
+                    return self.send(ServerFrame::error(&e, None)).await;
+                }
+                self.register(InboxKey::new(channel, endpoint), ack).await
+            }
+            Request::Ping => self.send(ServerFrame::Pong).await,
+            Request::Message(env) => self.submit(env, false).await,
+            Request::Send(env) => self.submit(env, true).await,
+            Request::ListEndpoints => {
+                self.send(ServerFrame::EndpointsList {
+                    endpoints: self.broker.endpoints(),
+                })
+                .await
+            }
+            Request::Agents => {
+                let agents = self.agent_summaries().await;
+                self.send(ServerFrame::AgentsList { agents }).await
+            }
+            Request::Ack(seq) => match &self.session {
+                Some(s) => match self.broker.ack(&s.key, seq).await {
+                    Ok(()) => true,
+                    Err(e) => self.send(ServerFrame::error(&e, None)).await,
+                },
+                None => {
+                    let e = Error::InvalidRequest("ack needs a registered connection".into());
+                    self.send(ServerFrame::error(&e, None)).await
+                }
+            },
+        }
+    }
+
+    async fn agent_summaries(&self) -> Vec<wire::AgentSummary> {
+        let mut out = Vec::new();
+        for a in self.broker.agents() {
+            let key = InboxKey::new(a.channel.clone(), a.name.clone());
+            out.push(wire::AgentSummary {
+                online: a.online(),
+                transports: a
+                    .connections
+                    .iter()
+                    .map(|c| c.transport.to_owned())
+                    .collect(),
+                connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
+                first_seen: a.first_seen,
+                last_seen: a.last_seen,
+                unread: self.broker.unread(&key).await.unwrap_or(0),
+                name: a.name.to_string(),
+                channel: a.channel.to_string(),
+            });
+        }
+        out
+    }
+
+    async fn register(&mut self, key: InboxKey, mode: AckMode) -> bool {
+        let session = match self.broker.connect(key.clone(), "unix", true).await {
+            Ok(s) => s,
+            Err(e) => return self.send(ServerFrame::error(&e, None)).await,
+        };
+        let cursor = match self.broker.cursor(&key).await {
+            Ok(c) => c,
+            Err(e) => return self.send(ServerFrame::error(&e, None)).await,
+        };
+        tracing::debug!(endpoint = %key.agent, channel = %key.channel, cursor, "registered");
+        let registered = ServerFrame::Registered {
+            endpoint: key.agent.to_string(),
+            session_id: session.id.clone(),
+        };
+        self.session = Some(session);
+        self.send(registered).await && self.out(Out::Deliver { key, cursor, mode }).await
+    }
+
+    async fn submit(&mut self, mut env: Envelope, reply: bool) -> bool {
+        let id = env
+            .id
+            .get_or_insert_with(hermod_core::model::new_id)
+            .clone();
+        // hermes-bus fills `from` for registered senders.
+        let from = env.from.clone().unwrap_or_else(|| match &self.session {
+            Some(s) => s.key.agent.clone(),
+            None => AgentName::anonymous(),
+        });
+        // Legacy frames keep the original's typo protection; `send` may
+        // address an agent that has not connected yet.
+        let target = if reply { Target::Any } else { Target::Known };
+        match self.broker.send(env, from, target).await {
+            Ok(durable) => self.out(Out::Pending { durable, id, reply }).await,
+            Err(e) => self.send(ServerFrame::error(&e, Some(id))).await,
+        }
+    }
+
+    async fn send(&self, frame: ServerFrame) -> bool {
+        self.out(Out::Frame(frame.to_bytes())).await
+    }
+
+    async fn out(&self, out: Out) -> bool {
+        self.tx.send(out).await.is_ok()
+    }
+}
+
+fn is_too_large(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<LengthDelimitedCodecError>())
+}
+
+/// The inbox being delivered on a registered connection.
+struct Delivery {
+    key: InboxKey,
+    /// Last seq written to the socket.
+    position: Seq,
+    mode: AckMode,
+    newest: watch::Receiver<Seq>,
+    /// Written but not yet known to be consumed (auto mode).
+    unconfirmed: Option<Seq>,
+}
+
+struct Writer {
+    sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    fd: std::os::fd::RawFd,
+    broker: Broker,
+    write_timeout: Duration,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Out>, shutdown: CancellationToken) {
+        if let Err(e) = self.serve(&mut rx, shutdown).await {
+            tracing::debug!(error = %e, "unix connection write side ended");
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<Out>,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let mut pending = FuturesOrdered::new();
+        let mut delivery: Option<Delivery> = None;
+        let mut need_read = false;
+        let mut reader_open = true;
+        let mut confirm = tokio::time::interval(CONFIRM_EVERY);
+        confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let unconfirmed = delivery.as_ref().is_some_and(|d| d.unconfirmed.is_some());
+            let watching = delivery.is_some() && !need_read;
+            tokio::select! {
+                _ = shutdown.cancelled(), if reader_open => {
+                    // Stop taking requests; finish the replies already owed.
+                    rx.close();
+                }
+                Some(reply) = pending.next(), if !pending.is_empty() => {
+                    if let Some(frame) = reply {
+                        self.write(vec![frame]).await?;
+                    }
+                }
+                out = rx.recv(), if reader_open && pending.len() < MAX_PENDING => match out {
+                    None => reader_open = false,
+                    Some(Out::Frame(f)) => self.write(vec![f]).await?,
+                    Some(Out::Pending { durable, id, reply }) => {
+                        pending.push_back(reply_when_durable(durable, id, reply));
+                    }
+                    Some(Out::Deliver { key, cursor, mode }) => {
+                        let newest = self.broker.watch(&key);
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None });
+                        need_read = true;
+                    }
+                    Some(Out::Close) => return Ok(()),
+                },
+                changed = async { delivery.as_mut().unwrap().newest.changed().await }, if watching => {
+                    need_read = changed.is_ok();
+                }
+                _ = confirm.tick(), if unconfirmed => {
+                    self.confirm(delivery.as_mut().unwrap()).await;
+                }
+            }
+            if !reader_open {
+                // The connection is over: no more deliveries, only owed replies.
+                if let Some(d) = delivery.as_mut() {
+                    self.confirm(d).await;
+                }
+                delivery = None;
+                if pending.is_empty() {
+                    return Ok(());
+                }
+            }
+            if need_read {
+                if let Some(d) = delivery.as_mut() {
+                    need_read = self.deliver(d).await?;
+                }
+            }
+        }
+    }
+
+    /// Writes the next batch of the inbox; true if more is waiting.
+    async fn deliver(&mut self, d: &mut Delivery) -> io::Result<bool> {
+        let batch = match self.broker.read(&d.key, d.position, DELIVERY_BATCH).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, inbox = %d.key.agent, "inbox read failed");
+                return Ok(false);
+            }
+        };
+        let Some(last) = batch.last() else {
+            return Ok(false);
+        };
+        d.position = last.seq;
+        let more = batch.len() == DELIVERY_BATCH;
+        let frames = batch.iter().map(|m| wire::message_bytes(m)).collect();
+        self.write(frames).await?;
+        if d.mode == AckMode::Auto {
+            d.unconfirmed = Some(d.position);
+        }
+        Ok(more)
+    }
+
+    /// Advances the cursor if the client consumed everything written.
+    async fn confirm(&mut self, d: &mut Delivery) {
+        let Some(seq) = d.unconfirmed else { return };
+        if peer::consumed_by_live_peer(self.fd) {
+            d.unconfirmed = None;
+            if let Err(e) = self.broker.ack(&d.key, seq).await {
+                tracing::warn!(error = %e, "cursor update failed");
+            }
+        }
+    }
+
+    async fn write(&mut self, frames: Vec<Bytes>) -> io::Result<()> {
+        let sink = &mut self.sink;
+        let write = async move {
+            for f in frames {
+                sink.feed(f).await?;
+            }
+            SinkExt::<Bytes>::flush(sink).await
+        };
+        tokio::time::timeout(self.write_timeout, write)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
+    }
+}
+
+/// Waits for durability and returns the frame owed to the sender, if any.
+async fn reply_when_durable(durable: Durable, id: String, reply: bool) -> Option<Bytes> {
+    let frame = match durable.await {
+        Ok(Ok(stored)) => {
+            let m = stored.first()?;
+            reply.then(|| ServerFrame::Sent {
+                id: m.id.clone(),
+                seq: m.seq,
+                ts: m.ts,
+            })
+        }
+        Ok(Err(e)) => Some(ServerFrame::error(&e, Some(id))),
+        Err(_) => Some(ServerFrame::error(&Error::ShuttingDown, Some(id))),
+    };
+    frame.map(|f| f.to_bytes())
+}

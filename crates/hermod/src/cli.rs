@@ -1,0 +1,179 @@
+//! Command-line flags and how they resolve: flag, then environment, then
+//! the default in the data directory.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hermod",
+    version,
+    about = "A durable real-time message bus for AI agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bus in the foreground.
+    Serve(ServeArgs),
+    /// Start the bus in the background (pid and log file in the data dir).
+    Start(ServeArgs),
+    /// Stop the background bus.
+    Stop(DataDirArgs),
+    /// Is the bus running? Lists connected endpoints. Exit 3 when it is not.
+    Status(ClientArgs),
+    /// Stop, then start.
+    Restart(ServeArgs),
+    /// Send a message; exits 0 once the bus has made it durable.
+    ///
+    /// Example: `echo "build is green" | hermod send --from ci leo`
+    Send(SendArgs),
+    /// Print messages for an agent as they arrive, resuming from its cursor.
+    ///
+    /// Example: `hermod recv leo`
+    Recv(RecvArgs),
+    /// List known agents with presence and unread counts.
+    Agents(ClientArgs),
+    /// Measure durable throughput and latency over the Unix socket.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArgs {
+    /// Data directory [env: HERMOD_HOME] [default: ~/.hermod]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataDirArgs {
+    pub fn resolve(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .or_else(|| std::env::var_os("HERMOD_HOME").map(PathBuf::from))
+            .unwrap_or_else(|| home().join(".hermod"))
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    /// Unix socket to listen on [default: <data-dir>/hermod.sock]. Point it at
+    /// ~/.hermes/hermes-bus.sock to stand in for hermes-bus.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// HTTP listen address (reserved: the HTTP front is not built yet).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Keep everything in memory (nothing survives a restart).
+    #[arg(long)]
+    pub memory: bool,
+    /// Seconds before a hook is killed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub hook_timeout: u64,
+    /// Hooks running at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub hook_concurrency: usize,
+    /// Unix connections accepted at once.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_connections: usize,
+}
+
+impl ServeArgs {
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.data.resolve().join("hermod.sock"))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .or_else(|| std::env::var_os("HERMOD_SOCKET").map(PathBuf::from))
+            .unwrap_or_else(|| self.data.resolve().join("hermod.sock"))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Sender name [env: AGENT_NAME] [default: anonymous]
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Recipient.
+    pub to: String,
+    /// Message text; read from stdin when absent.
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecvArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Print one JSON object per line instead of text blocks.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Exit with code 124 when nothing arrives for this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// The agent to receive for.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Benchmark a running daemon at this socket instead of starting one
+    /// in a temporary directory.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Messages for the throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: u64,
+    /// Senders for the throughput run (each pipelines on its own connection).
+    #[arg(long, default_value_t = 4)]
+    pub senders: u64,
+    /// Send rate of the latency run, messages per second.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Duration of the latency run, seconds.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+}
+
+/// `--channel`, else `AGENT_BUS_CHANNEL`.
+pub fn channel(flag: &Option<String>) -> Option<String> {
+    flag.clone()
+        .or_else(|| std::env::var("AGENT_BUS_CHANNEL").ok())
+        .filter(|c| !c.is_empty())
+}

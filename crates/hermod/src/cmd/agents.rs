@@ -1,0 +1,34 @@
+//! `hermod agents`: who is known, who is online, what waits for them.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::ClientArgs;
+
+pub fn run(args: &ClientArgs) -> Result<ExitCode> {
+    let socket = args.socket();
+    let agents = super::runtime()?.block_on(async {
+        hermod_client::Connection::connect(&socket)
+            .await?
+            .agents()
+            .await
+    })?;
+    let now = hermod_core::model::now();
+    println!(
+        "{:<24} {:<12} {:<8} {:<10} {:>10} {:>7}",
+        "AGENT", "CHANNEL", "ONLINE", "OVER", "LAST SEEN", "UNREAD"
+    );
+    for a in agents {
+        println!(
+            "{:<24} {:<12} {:<8} {:<10} {:>9.0}s {:>7}",
+            a.name,
+            a.channel,
+            if a.online { "yes" } else { "no" },
+            a.transports.join(","),
+            (now - a.last_seen).max(0.0),
+            a.unread
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,73 @@
+//! `hermod start|stop|status|restart`: the background daemon.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{ClientArgs, DataDirArgs, ServeArgs};
+use crate::daemon;
+
+/// Exit code of `status` when no daemon runs (as LSB init scripts).
+const EXIT_NOT_RUNNING: u8 = 3;
+
+/// The `serve` flags that reproduce `args` in the background process.
+fn serve_flags(args: &ServeArgs) -> Result<Vec<String>> {
+    let dir = std::path::absolute(args.data.resolve())?;
+    let mut flags = vec![
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--socket".into(),
+        std::path::absolute(args.socket())?.display().to_string(),
+        "--hook-timeout".into(),
+        args.hook_timeout.to_string(),
+        "--hook-concurrency".into(),
+        args.hook_concurrency.to_string(),
+        "--max-connections".into(),
+        args.max_connections.to_string(),
+    ];
+    if let Some(http) = &args.http {
+        flags.extend(["--http".into(), http.clone()]);
+    }
+    if args.memory {
+        flags.push("--memory".into());
+    }
+    Ok(flags)
+}
+
+pub fn start(args: &ServeArgs) -> Result<ExitCode> {
+    daemon::start(&args.data.resolve(), &args.socket(), &serve_flags(args)?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stop(args: &DataDirArgs) -> Result<ExitCode> {
+    daemon::stop(&args.resolve())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn restart(args: &ServeArgs) -> Result<ExitCode> {
+    daemon::stop(&args.data.resolve())?;
+    start(args)
+}
+
+pub fn status(args: &ClientArgs) -> Result<ExitCode> {
+    let dir = args.data.resolve();
+    let Some(pid) = daemon::running_pid(&dir) else {
+        println!("hermod is not running (data dir {})", dir.display());
+        return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+    };
+    let socket = args.socket();
+    println!("hermod is running (pid {pid})");
+    println!("data dir: {}", dir.display());
+    println!("socket:   {}", socket.display());
+    let endpoints = super::runtime()?.block_on(async {
+        hermod_client::Connection::connect(&socket)
+            .await?
+            .list_endpoints()
+            .await
+    })?;
+    println!("connected endpoints: {}", endpoints.len());
+    for (name, session) in endpoints {
+        println!("  {name}  (session {session})");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! One module per subcommand; [`run`] dispatches.
+
+mod agents;
+mod bench;
+mod manage;
+mod recv;
+mod send;
+mod serve;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+
+/// Exit code when `--timeout` runs out (as coreutils `timeout`).
+pub const EXIT_TIMEOUT: u8 = 124;
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve::run(&args),
+        Command::Start(args) => manage::start(&args),
+        Command::Stop(args) => manage::stop(&args),
+        Command::Status(args) => manage::status(&args),
+        Command::Restart(args) => manage::restart(&args),
+        Command::Send(args) => send::run(&args),
+        Command::Recv(args) => recv::run(&args),
+        Command::Agents(args) => agents::run(&args),
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+/// The runtime for client commands.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,180 @@
+//! The data directory's single-instance lock and the background manager
+//! (`start`, `stop`, `status`, `restart`).
+//!
+//! `hermod.pid` in the data directory is both the pid file and the lock: a
+//! server holds an exclusive OS file lock on it for its whole life and
+//! writes its pid into it. The lock, not the pid, decides whether a server
+//! runs, so a stale pid file from a crash never blocks a restart.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const PID_FILE: &str = "hermod.pid";
+pub const LOG_FILE: &str = "hermod.log";
+
+/// Held by a running server; released when dropped (or the process dies).
+pub struct DataDirLock {
+    _file: File,
+}
+
+fn open_pid_file(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(PID_FILE);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// Takes the data directory for this process, or explains who has it.
+pub fn lock(dir: &Path) -> Result<DataDirLock> {
+    let mut file = open_pid_file(dir)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = read_pid(&mut file)
+                .map(|p| format!("pid {p}"))
+                .unwrap_or_else(|| "another process".into());
+            bail!(
+                "data directory {} is in use by a running hermod ({holder}); stop it first or pick another --data-dir",
+                dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", dir.display()))
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    file.sync_all()?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// The pid of the server holding `dir`, if one runs.
+pub fn running_pid(dir: &Path) -> Option<u32> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .open(dir.join(PID_FILE))
+        .ok()?;
+    match file.try_lock() {
+        Ok(()) => None, // nobody holds it; dropping the file releases ours
+        Err(_) => Some(read_pid(&mut file).unwrap_or(0)),
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and has no memory effects here.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Waits until no server holds `dir`, up to `limit`.
+fn wait_stopped(dir: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while running_pid(dir).is_some() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// Starts `hermod serve <args>` in the background and waits until its
+/// socket answers.
+pub fn start(dir: &Path, socket: &Path, serve_args: &[String]) -> Result<u32> {
+    if let Some(pid) = running_pid(dir) {
+        println!("hermod is already running (pid {pid})");
+        return Ok(pid);
+    }
+    std::fs::create_dir_all(dir)?;
+    let log_path = dir.join(LOG_FILE);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let exe = std::env::current_exe().context("cannot find the hermod executable")?;
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(exe)
+            .arg("serve")
+            .args(serve_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("cannot start hermod serve")?
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "hermod serve exited at start ({status}); see {}:\n{}",
+                log_path.display(),
+                tail(&log_path, 20)
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() && running_pid(dir).is_some() {
+            println!(
+                "hermod started (pid {}), socket {}, log {}",
+                child.id(),
+                socket.display(),
+                log_path.display()
+            );
+            return Ok(child.id());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "hermod did not come up within 15 s; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops the server holding `dir`: SIGTERM, then SIGKILL after 15 s.
+pub fn stop(dir: &Path) -> Result<bool> {
+    let Some(pid) = running_pid(dir) else {
+        println!("hermod is not running (data dir {})", dir.display());
+        return Ok(false);
+    };
+    signal(pid, libc::SIGTERM).with_context(|| format!("cannot signal pid {pid}"))?;
+    if !wait_stopped(dir, Duration::from_secs(15)) {
+        eprintln!("hermod (pid {pid}) ignored SIGTERM for 15 s; killing it");
+        signal(pid, libc::SIGKILL)?;
+        if !wait_stopped(dir, Duration::from_secs(5)) {
+            bail!("pid {pid} still holds {}", dir.display());
+        }
+    }
+    println!("hermod stopped (pid {pid})");
+    Ok(true)
+}
+
+fn tail(path: &PathBuf, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
