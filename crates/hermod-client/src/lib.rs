@@ -71,7 +71,7 @@ impl Draft {
             to: self.to,
             from: self.from,
             channel: self.channel,
-            body: Some(self.body.into()),
+            body: Some(self.body),
             ..Outgoing::default()
         })
     }

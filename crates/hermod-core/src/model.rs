@@ -9,6 +9,8 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -103,8 +105,91 @@ impl AgentName {
     }
 }
 
-/// The body of every message: always a JSON object.
-pub type Body = serde_json::Map<String, serde_json::Value>;
+/// The body of every message: always a JSON object, kept as the exact text
+/// the sender wrote (key order, number spelling, escapes), so it reaches
+/// receivers byte for byte and is never parsed on the hot path.
+#[derive(Clone, Debug)]
+pub struct Body(Box<RawValue>);
+
+impl Body {
+    /// `{}`.
+    pub fn empty() -> Self {
+        // (Cheap enough: bodies are built once per message.)
+        Body(RawValue::from_string("{}".to_owned()).expect("valid JSON"))
+    }
+
+    /// Takes a raw JSON value if it is an object.
+    pub fn from_raw(raw: &RawValue) -> Result<Self> {
+        if !raw.get().starts_with('{') {
+            return Err(Error::InvalidRequest(
+                "\"body\" must be a JSON object".into(),
+            ));
+        }
+        Ok(Body(raw.to_owned()))
+    }
+
+    /// Parses stored JSON text.
+    pub fn from_json(text: String) -> Result<Self> {
+        let raw = RawValue::from_string(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
+        Self::from_raw(&raw)
+    }
+
+    pub fn from_map(map: Map<String, Value>) -> Self {
+        let text = serde_json::to_string(&map).expect("a JSON map always serializes");
+        Body(RawValue::from_string(text).expect("serde_json output is valid JSON"))
+    }
+
+    /// The exact JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn as_raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// The PROTOCOLS.md crossing rule for text-only protocols: a body whose
+    /// only field is a string `text` is that text; any other body is its
+    /// compact JSON.
+    pub fn to_text(&self) -> String {
+        let map = self.to_map();
+        match map.get("text") {
+            Some(Value::String(t)) if map.len() == 1 => t.clone(),
+            _ => serde_json::to_string(&map).unwrap_or_default(),
+        }
+    }
+
+    /// Parses the body into a map (off the hot path: CLI, crossing rules).
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(self.as_str()).unwrap_or_default()
+    }
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for Body {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// Deserializes through a map, so it also works inside tagged enums (the
+/// client side); the daemon builds bodies with [`Body::from_raw`] instead.
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        Ok(Body::from_map(Map::deserialize(d)?))
+    }
+}
 
 /// Log position. Strictly increasing across the bus; 0 means "before the first".
 pub type Seq = u64;

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::codec::LengthDelimitedCodec;
 
@@ -42,32 +43,33 @@ pub enum AckMode {
 }
 
 /// The fields of a `message` (or `send`) frame as a client writes them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Outgoing {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Body>,
 }
 
-/// Frames a client sends. `message`, `register`, `ping` and
+/// Frames a client sends (the client's side; the daemon parses with
+/// [`parse_client_frame`]). `message`, `register`, `ping` and
 /// `list_endpoints` are hermes-bus 0.7.0; the rest are hermod extensions.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     Register {
         endpoint: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(skip_serializing_if = "Option::is_none")]
         ack: Option<AckMode>,
     },
     Ping,
@@ -81,16 +83,6 @@ pub enum ClientFrame {
     /// Every known agent with presence and unread counts.
     Agents,
 }
-
-const CLIENT_TYPES: &[&str] = &[
-    "register",
-    "ping",
-    "message",
-    "send",
-    "list_endpoints",
-    "ack",
-    "agents",
-];
 
 /// A validated outgoing message.
 #[derive(Debug, Clone)]
@@ -122,46 +114,63 @@ pub enum Request {
     Agents,
 }
 
+/// Every field any client frame may carry. One flat struct (rather than a
+/// tagged enum) so the body can be borrowed as raw JSON text.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    endpoint: Option<String>,
+    channel: Option<String>,
+    ack: Option<AckMode>,
+    to: Option<String>,
+    from: Option<String>,
+    id: Option<Value>,
+    ts: Option<Value>,
+    /// `Some` even for `null` (a plain `Option` would read `null` as absent).
+    #[serde(default, borrow, deserialize_with = "present")]
+    body: Option<&'a RawValue>,
+    seq: Option<Seq>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
 /// Parses and validates one frame payload.
 pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
-    let frame: ClientFrame = match serde_json::from_slice(bytes) {
+    // serde_json skips unknown fields without checking their UTF-8, so the
+    // whole payload is validated first: a frame is UTF-8 JSON or an error.
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Error::InvalidJson(format!("payload is not UTF-8: {e}")))?;
+    let frame: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(f) => f,
         Err(e) => return Err(classify(bytes, e)),
     };
-    Ok(match frame {
-        ClientFrame::Register {
-            endpoint,
-            channel,
-            ack,
-        } => Request::Register {
-            endpoint: AgentName::parse(endpoint)?,
-            channel: parse_channel(channel)?,
-            ack: ack.unwrap_or_default(),
+    let missing = |field: &str| Error::InvalidRequest(format!("missing \"{field}\""));
+    let kind = frame.kind.as_deref().ok_or_else(|| missing("type"))?;
+    Ok(match kind {
+        "register" => Request::Register {
+            endpoint: AgentName::parse(frame.endpoint.ok_or_else(|| missing("endpoint"))?)?,
+            channel: parse_channel(frame.channel)?,
+            ack: frame.ack.unwrap_or_default(),
         },
-        ClientFrame::Ping => Request::Ping,
-        ClientFrame::Message(o) => Request::Message(o.validate()?),
-        ClientFrame::Send(o) => Request::Send(o.validate()?),
-        ClientFrame::ListEndpoints => Request::ListEndpoints,
-        ClientFrame::Ack { seq } => Request::Ack(seq),
-        ClientFrame::Agents => Request::Agents,
+        "ping" => Request::Ping,
+        "message" => Request::Message(frame.envelope()?),
+        "send" => Request::Send(frame.envelope()?),
+        "list_endpoints" => Request::ListEndpoints,
+        "ack" => Request::Ack(frame.seq.ok_or_else(|| missing("seq"))?),
+        "agents" => Request::Agents,
+        other => return Err(Error::UnknownType(other.chars().take(64).collect())),
     })
 }
 
 /// Why a frame did not parse, as one of the stable error codes.
 fn classify(bytes: &[u8], e: serde_json::Error) -> Error {
-    let value: Value = match serde_json::from_slice(bytes) {
-        Ok(v) => v,
-        Err(_) => return Error::InvalidJson(e.to_string()),
-    };
-    let Some(obj) = value.as_object() else {
-        return Error::InvalidJson("a frame must be a JSON object".into());
-    };
-    match obj.get("type") {
-        Some(Value::String(t)) if !CLIENT_TYPES.contains(&t.as_str()) => {
-            Error::UnknownType(t.chars().take(64).collect())
-        }
-        None => Error::InvalidRequest("missing \"type\"".into()),
-        _ => Error::InvalidRequest(e.to_string()),
+    match serde_json::from_slice::<Value>(bytes) {
+        Err(_) => Error::InvalidJson(e.to_string()),
+        Ok(Value::Object(_)) => Error::InvalidRequest(e.to_string()),
+        Ok(_) => Error::InvalidJson("a frame must be a JSON object".into()),
     }
 }
 
@@ -174,9 +183,9 @@ pub fn parse_channel(channel: Option<String>) -> Result<Channel> {
     }
 }
 
-impl Outgoing {
+impl RawFrame<'_> {
     /// Validates names and the body; an empty or missing `to` is a broadcast.
-    pub fn validate(self) -> Result<Envelope> {
+    fn envelope(self) -> Result<Envelope> {
         let to = match self.to {
             Some(t) if !t.is_empty() => Some(AgentName::parse(t)?),
             _ => None,
@@ -192,13 +201,8 @@ impl Outgoing {
             Some(other) => Some(other.to_string()),
         };
         let body = match self.body {
-            None | Some(Value::Null) => Body::new(),
-            Some(Value::Object(map)) => map,
-            Some(_) => {
-                return Err(Error::InvalidRequest(
-                    "\"body\" must be a JSON object".into(),
-                ))
-            }
+            None => Body::empty(),
+            Some(raw) => Body::from_raw(raw)?,
         };
         Ok(Envelope {
             to,
@@ -309,9 +313,40 @@ impl ServerFrame {
     }
 }
 
-/// Serializes a message straight to a `message` frame payload.
+/// Serializes a message straight to a `message` frame payload, borrowing
+/// every field (the hot path: no copies of the body).
 pub fn message_bytes(m: &Message) -> bytes::Bytes {
-    ServerFrame::Message(MessageFrame::from(m)).to_bytes()
+    #[derive(Serialize)]
+    struct Frame<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        id: &'a str,
+        from: &'a str,
+        to: &'a str,
+        ts: f64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sent_ts: Option<f64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a str>,
+        channel: &'a str,
+        seq: Seq,
+        body: &'a RawValue,
+    }
+    let frame = Frame {
+        kind: "message",
+        id: &m.id,
+        from: &m.from,
+        to: m.to.as_deref().unwrap_or(""),
+        ts: m.ts,
+        sent_ts: m.sent_ts,
+        topic: m.topic.as_deref(),
+        channel: &m.channel,
+        seq: m.seq,
+        body: m.body.as_raw(),
+    };
+    serde_json::to_vec(&frame)
+        .expect("message frames always serialize")
+        .into()
 }
 
 #[cfg(test)]
@@ -339,15 +374,20 @@ mod tests {
     }
 
     #[test]
-    fn legacy_message() {
+    fn legacy_message_keeps_the_body_text() {
         let r = parse_client_frame(
-            br#"{"type":"message","to":"","from":"a","id":"x","ts":12.5,"body":{"text":"hi"}}"#,
+            br#"{"type":"message","to":"","from":"a","id":"x","ts":12.5,"body":{ "z":1, "a":2.50E0 }}"#,
         )
         .unwrap();
         let Request::Message(e) = r else { panic!() };
         assert!(e.to.is_none());
         assert_eq!(e.sent_ts, Some(12.5));
         assert_eq!(e.channel.as_str(), "default");
+        assert_eq!(e.body.as_str(), r#"{ "z":1, "a":2.50E0 }"#);
+        assert_eq!(
+            code(br#"{"type":"message","to":"b","body":null}"#),
+            "invalid_request"
+        );
     }
 
     #[test]

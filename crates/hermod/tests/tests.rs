@@ -1,1 +1,11 @@
+//! Black-box tests: every test starts the real `hermod` binary on a
+//! temporary data directory and talks to it over its real socket, with the
+//! Rust client, raw frames, the CLI, or the PyPI `hermes-bus` client.
 
+mod support;
+
+mod cli;
+mod crash;
+mod hermes_bus;
+mod hooks;
+mod unix;

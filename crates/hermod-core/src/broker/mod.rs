@@ -344,8 +344,7 @@ mod tests {
     }
 
     fn env(to: Option<&str>, n: i64) -> Envelope {
-        let mut body = Body::new();
-        body.insert("n".into(), n.into());
+        let body = Body::from_json(format!("{{\"n\":{n}}}")).unwrap();
         Envelope {
             to: to.map(name),
             from: None,

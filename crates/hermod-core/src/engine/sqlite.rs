@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
 use crate::error::{Error, Result};
-use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
 /// Most queued operations applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
@@ -160,7 +160,7 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         },
         topic: r.get(6)?,
         sent_ts: r.get(7)?,
-        body: serde_json::from_str(&body).map_err(|e| {
+        body: Body::from_json(body).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
         })?,
     })
@@ -367,8 +367,6 @@ impl Writer {
                         for m in batch {
                             self.seq += 1;
                             let ts = self.clock.next();
-                            let body = serde_json::to_string(&m.body)
-                                .expect("a JSON map always serializes");
                             insert_msg.execute(params![
                                 self.seq as i64,
                                 m.id,
@@ -378,7 +376,7 @@ impl Writer {
                                 m.to.as_deref(),
                                 m.topic,
                                 m.sent_ts,
-                                body,
+                                m.body.as_str(),
                             ])?;
                             for r in &m.recipients {
                                 insert_inbox.execute(params![
@@ -418,7 +416,6 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Body;
 
     struct Sink(Mutex<Vec<Seq>>);
     impl CommitObserver for Sink {
@@ -431,8 +428,7 @@ mod tests {
     }
 
     fn msg(to: &str, n: i64) -> NewMessage {
-        let mut body = Body::new();
-        body.insert("n".into(), n.into());
+        let body = Body::from_json(format!("{{\"n\":{n}}}")).unwrap();
         NewMessage {
             id: format!("id-{n}"),
             channel: Channel::default(),
@@ -469,7 +465,7 @@ mod tests {
         assert_eq!(e.cursor(&key).unwrap(), 40);
         let got = e.read_inbox(&key, 40, 1000).unwrap();
         assert_eq!(got.len(), 60);
-        assert_eq!(got[0].body["n"], 40);
+        assert_eq!(got[0].body.as_str(), r#"{"n":40}"#);
         assert!(got.windows(2).all(|w| w[0].ts < w[1].ts));
         assert_eq!(e.count_inbox(&key, 90).unwrap(), 10);
         assert_eq!(e.seq_at_ts(got[5].ts).unwrap(), 46);

@@ -354,6 +354,8 @@ impl Writer {
                 _ = confirm.tick(), if unconfirmed => {
                     self.confirm(delivery.as_mut().unwrap()).await;
                 }
+                // More of the inbox is waiting: do not block, deliver below.
+                _ = std::future::ready(()), if need_read => {}
             }
             if !reader_open {
                 // The connection is over: no more deliveries, only owed replies.

@@ -61,15 +61,6 @@ pub fn block(m: &MessageFrame) -> String {
         "[{h:02}:{min:02}:{s:02}Z] from {} ({}):\n{}\n---\n",
         m.from,
         m.channel,
-        text_of(&m.body)
+        m.body.to_text()
     )
-}
-
-/// A body whose only field is `text` prints as that text; any other body
-/// as compact JSON (the PROTOCOLS.md crossing rule).
-pub fn text_of(body: &hermod_core::model::Body) -> String {
-    match body.get("text") {
-        Some(serde_json::Value::String(t)) if body.len() == 1 => t.clone(),
-        _ => serde_json::to_string(body).unwrap_or_default(),
-    }
 }

@@ -26,8 +26,10 @@ pub fn run(args: &SendArgs) -> Result<ExitCode> {
             t
         }
     };
-    let mut body = hermod_core::model::Body::new();
-    body.insert("text".into(), text.into());
+    let body = hermod_core::model::Body::from_map(serde_json::Map::from_iter([(
+        "text".to_owned(),
+        text.into(),
+    )]));
     let draft = Draft {
         to: Some(args.to.clone()),
         from: args

@@ -1,0 +1,253 @@
+//! Black-box harness: runs the real `hermod` binary on a temporary data
+//! directory, and the real PyPI `hermes-bus` client in a virtualenv.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const HERMOD: &str = env!("CARGO_BIN_EXE_hermod");
+
+/// A `hermod serve` child process. Killed on drop; its log is printed if
+/// the test is failing.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    envs: Vec<(String, String)>,
+}
+
+impl Daemon {
+    pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    pub fn start_with_env(envs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("hermod.sock");
+        let mut d = Daemon {
+            dir,
+            socket,
+            child: None,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("test-daemon.log")
+    }
+
+    /// Starts `hermod serve` on this data dir and waits until it answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = Command::new(HERMOD);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("RUST_LOG", "hermod=debug,info")
+            .env("HERMES_BUS_HOOKS", "none")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn hermod serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("hermod serve exited at start: {status}\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hermod did not come up\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    child.kill().unwrap();
+                    panic!("hermod ignored SIGTERM\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Runs the hermod CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(HERMOD)
+            .args(args)
+            .env("HERMOD_SOCKET", &self.socket)
+            .env("HERMOD_HOME", self.dir.path())
+            .env_remove("AGENT_NAME")
+            .env_remove("AGENT_BUS_CHANNEL")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- hermod log -----\n{}\n----------------------",
+                self.log()
+            );
+        }
+    }
+}
+
+fn workspace_target() -> PathBuf {
+    // CARGO_BIN_EXE_hermod is <target>/<profile>/hermod.
+    Path::new(HERMOD)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned()
+}
+
+/// A Python with `hermes-bus==0.7.0` installed: `$HERMOD_TEST_PYTHON`, or a
+/// virtualenv created once under the target directory (guarded by a file
+/// lock, so parallel test processes share it).
+pub fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Some(p) = std::env::var_os("HERMOD_TEST_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let venv = workspace_target().join("test-venv");
+        let py = venv.join("bin").join("python");
+        let ready = venv.join(".hermes-bus-0.7.0");
+        std::fs::create_dir_all(workspace_target()).unwrap();
+        let lock = std::fs::File::create(workspace_target().join("test-venv.lock")).unwrap();
+        lock.lock().unwrap();
+        if !ready.exists() {
+            run_ok(Command::new("python3").args(["-m", "venv"]).arg(&venv));
+            run_ok(Command::new(&py).args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "hermes-bus==0.7.0",
+            ]));
+            std::fs::write(&ready, "").unwrap();
+        }
+        py
+    })
+    .clone()
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("run setup command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `tests/py/<script>` against `daemon`; panics with its output on failure.
+pub fn run_python(daemon: &Daemon, script: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py");
+    let out = Command::new(python())
+        .arg(dir.join(script))
+        .current_dir(&dir)
+        .env("HERMOD_SOCKET", &daemon.socket)
+        .env("HERMES_BUS_ROOT", daemon.data_dir())
+        .env("PYTHONUNBUFFERED", "1")
+        .output()
+        .expect("run python");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,282 @@
+//! The hermes-bus protocol at the frame level, with the Rust client and raw
+//! sockets: delivery order, durability receipts, kicks, and the rule that a
+//! frame only counts as delivered once the client consumed it.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use hermod_client::{Connection, Draft};
+use hermod_core::wire::{AckMode, ClientFrame, ServerFrame};
+use serde_json::{json, Value};
+
+use crate::support::Daemon;
+
+fn body(v: Value) -> hermod_core::model::Body {
+    hermod_core::model::Body::from_map(v.as_object().unwrap().clone())
+}
+
+fn draft(to: &str, n: u64) -> Draft {
+    Draft {
+        to: Some(to.into()),
+        from: Some("tester".into()),
+        channel: None,
+        body: body(json!({ "n": n })),
+    }
+}
+
+async fn register(d: &Daemon, name: &str, ack: AckMode) -> Connection {
+    let mut c = Connection::connect(&d.socket).await.unwrap();
+    let reply = c
+        .request(&ClientFrame::Register {
+            endpoint: name.into(),
+            channel: None,
+            ack: Some(ack),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reply, ServerFrame::Registered { ref endpoint, .. } if endpoint == name));
+    c
+}
+
+async fn next_message(c: &mut Connection) -> hermod_client::MessageFrame {
+    let frame = tokio::time::timeout(Duration::from_secs(20), c.next_frame())
+        .await
+        .expect("a message within 20 s")
+        .unwrap();
+    match frame {
+        ServerFrame::Message(m) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn backlog_then_live_in_order_with_durable_receipts() {
+    let d = Daemon::start();
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    let mut last_seq = 0;
+    for n in 0..50 {
+        let sent = sender.send(draft("b", n)).await.unwrap();
+        assert!(sent.seq > last_seq);
+        last_seq = sent.seq;
+    }
+    let mut b = register(&d, "b", AckMode::Auto).await;
+    let mut last_ts = 0.0;
+    for n in 0..50 {
+        let m = next_message(&mut b).await;
+        assert_eq!(m.body.to_map()["n"], n);
+        assert_eq!(m.from, "tester");
+        assert!(m.ts > last_ts);
+        last_ts = m.ts;
+    }
+    for n in 50..60 {
+        sender.send(draft("b", n)).await.unwrap();
+        let m = next_message(&mut b).await;
+        assert_eq!(m.body.to_map()["n"], n, "live delivery after the backlog");
+    }
+}
+
+#[tokio::test]
+async fn legacy_message_to_an_unknown_name_is_refused_and_not_stored() {
+    let d = Daemon::start();
+    let mut c = Connection::connect(&d.socket).await.unwrap();
+    let frame = ClientFrame::Message(hermod_core::wire::Outgoing {
+        to: Some("nobody".into()),
+        from: Some("a".into()),
+        id: Some(json!("m-1")),
+        body: Some(body(json!({"text": "typo?"}))),
+        ..Default::default()
+    });
+    c.send_frame(&frame).await.unwrap();
+    match c.next_frame().await.unwrap() {
+        ServerFrame::Error { code, id, .. } => {
+            assert_eq!(code, "endpoint_not_found");
+            assert_eq!(id.as_deref(), Some("m-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing was stored: `nobody` is still unknown.
+    assert!(c.agents().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_second_registration_kicks_the_first() {
+    let d = Daemon::start();
+    let mut first = register(&d, "dup", AckMode::Auto).await;
+    let mut second = register(&d, "dup", AckMode::Auto).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), first.next_frame())
+        .await
+        .unwrap();
+    assert!(
+        matches!(closed, Err(hermod_client::Error::Closed)),
+        "{closed:?}"
+    );
+    let endpoints = second.list_endpoints().await.unwrap();
+    assert_eq!(endpoints.len(), 1);
+    Connection::connect(&d.socket)
+        .await
+        .unwrap()
+        .send(draft("dup", 7))
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut second).await.body.to_map()["n"], 7);
+}
+
+/// Reads one raw frame from a blocking socket.
+fn read_frame(s: &mut UnixStream) -> Value {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    serde_json::from_slice(&buf).unwrap()
+}
+
+fn write_frame(s: &mut UnixStream, v: Value) {
+    let bytes = serde_json::to_vec(&v).unwrap();
+    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(&bytes).unwrap();
+}
+
+fn raw_register(d: &Daemon, name: &str) -> UnixStream {
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write_frame(&mut s, json!({"type": "register", "endpoint": name}));
+    assert_eq!(read_frame(&mut s)["type"], "registered");
+    s
+}
+
+async fn unread(d: &Daemon, name: &str) -> u64 {
+    let mut c = Connection::connect(&d.socket).await.unwrap();
+    c.agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == name)
+        .map_or(0, |a| a.unread)
+}
+
+#[tokio::test]
+async fn frames_written_to_a_client_that_never_read_them_are_delivered_again() {
+    let d = Daemon::start();
+    let s = raw_register(&d, "closing");
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    for n in 0..5 {
+        sender.send(draft("closing", n)).await.unwrap();
+    }
+    // The daemon wrote the frames into the socket; the client closes
+    // without reading them (what the real BusClient does on its 1 s timeout).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    assert_eq!(
+        unread(&d, "closing").await,
+        5,
+        "unconsumed frames were not acknowledged"
+    );
+
+    let again = tokio::task::spawn_blocking({
+        let socket = d.socket.clone();
+        move || {
+            let mut s = UnixStream::connect(socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            write_frame(&mut s, json!({"type": "register", "endpoint": "closing"}));
+            assert_eq!(read_frame(&mut s)["type"], "registered");
+            let ns: Vec<Value> = (0..5)
+                .map(|_| read_frame(&mut s)["body"]["n"].clone())
+                .collect();
+            (s, ns)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(again.1, (0..5).map(Value::from).collect::<Vec<_>>());
+
+    // These were consumed by a live client: the cursor moves past them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while unread(&d, "closing").await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "consumed frames never acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(again.0.shutdown(std::net::Shutdown::Both));
+    sender.send(draft("closing", 5)).await.unwrap();
+    let mut s = raw_register(&d, "closing");
+    assert_eq!(
+        read_frame(&mut s)["body"]["n"],
+        5,
+        "no duplicate of consumed frames"
+    );
+}
+
+#[tokio::test]
+async fn explicit_acks_move_the_cursor() {
+    let d = Daemon::start();
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    for n in 0..3 {
+        sender.send(draft("ex", n)).await.unwrap();
+    }
+    let mut c = register(&d, "ex", AckMode::Explicit).await;
+    let first = next_message(&mut c).await;
+    let _ = next_message(&mut c).await;
+    c.send_frame(&ClientFrame::Ack { seq: first.seq })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while unread(&d, "ex").await != 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(c);
+    let mut c = register(&d, "ex", AckMode::Explicit).await;
+    assert_eq!(next_message(&mut c).await.body.to_map()["n"], 1);
+}
+
+#[tokio::test]
+async fn broadcast_reaches_every_known_agent_but_the_sender() {
+    let d = Daemon::start();
+    let mut a = register(&d, "a", AckMode::Auto).await;
+    let mut b = register(&d, "b", AckMode::Auto).await;
+    let mut c = register(&d, "c", AckMode::Auto).await;
+    a.send(Draft {
+        to: None,
+        from: Some("a".into()),
+        channel: None,
+        body: body(json!({"text": "all hands"})),
+    })
+    .await
+    .unwrap();
+    for conn in [&mut b, &mut c] {
+        let m = next_message(conn).await;
+        assert_eq!(m.body.as_str(), r#"{"text":"all hands"}"#);
+        assert_eq!(m.to, "");
+    }
+    // The sender gets nothing back: its next frame is the pong.
+    a.send_frame(&ClientFrame::Ping).await.unwrap();
+    assert_eq!(a.next_frame().await.unwrap(), ServerFrame::Pong);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_stall_others() {
+    let d = Daemon::start();
+    // `stuck` registers and never reads; a 1 MiB message fills its socket.
+    let _stuck = raw_register(&d, "stuck");
+    let mut ok = register(&d, "ok", AckMode::Auto).await;
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    let big = "x".repeat(1 << 20);
+    for _ in 0..8 {
+        sender
+            .send(Draft {
+                to: Some("stuck".into()),
+                from: None,
+                channel: None,
+                body: body(json!({ "blob": big })),
+            })
+            .await
+            .unwrap();
+    }
+    for n in 0..20 {
+        sender.send(draft("ok", n)).await.unwrap();
+        assert_eq!(next_message(&mut ok).await.body.to_map()["n"], n);
+    }
+}
