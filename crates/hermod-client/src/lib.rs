@@ -102,6 +102,14 @@ impl FrameWriter {
 }
 
 impl FrameReader {
+    /// The next frame's raw JSON payload, unparsed.
+    pub async fn next_raw(&mut self) -> Result<Option<bytes::Bytes>> {
+        match self.0.next().await {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(bytes?.freeze())),
+        }
+    }
+
     /// The next frame, or `None` when the daemon closed the connection.
     pub async fn next(&mut self) -> Result<Option<ServerFrame>> {
         match self.0.next().await {

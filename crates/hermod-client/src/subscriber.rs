@@ -7,7 +7,7 @@
 //! subscriber skips anything it already handed out (by `seq`), so the
 //! caller sees every message once, in order.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hermod_core::wire::{AckMode, ClientFrame, MessageFrame, ServerFrame};
@@ -116,7 +116,7 @@ async fn run(
 
 /// One connection's life. `Ok` means the caller went away.
 async fn session(
-    socket: &PathBuf,
+    socket: &Path,
     endpoint: &str,
     channel: &Option<String>,
     out: &mpsc::Sender<Result<MessageFrame>>,

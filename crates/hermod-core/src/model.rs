@@ -286,7 +286,7 @@ impl BusClock {
         Self { last }
     }
 
-    pub fn next(&mut self) -> f64 {
+    pub fn stamp(&mut self) -> f64 {
         let mut ts = now();
         if ts <= self.last {
             ts = self.last + 1e-6;
@@ -322,7 +322,7 @@ mod tests {
         let mut c = BusClock::starting_after(now() + 5.0);
         let mut prev = 0.0;
         for _ in 0..10_000 {
-            let ts = c.next();
+            let ts = c.stamp();
             assert!(ts > prev);
             let text = serde_json::to_string(&ts).unwrap();
             let back: f64 = serde_json::from_str(&text).unwrap();

@@ -51,7 +51,7 @@ impl Engine for MemoryEngine {
         for m in batch {
             state.seq += 1;
             let seq = state.seq;
-            let ts = state.clock.next();
+            let ts = state.clock.stamp();
             let recipients = m.recipients.clone();
             let message = Arc::new(m.into_message(seq, ts));
             for r in &recipients {

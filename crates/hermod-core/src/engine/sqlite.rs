@@ -366,7 +366,7 @@ impl Writer {
                     Op::Append { batch, .. } => {
                         for m in batch {
                             self.seq += 1;
-                            let ts = self.clock.next();
+                            let ts = self.clock.stamp();
                             insert_msg.execute(params![
                                 self.seq as i64,
                                 m.id,

@@ -1,5 +1,256 @@
-use anyhow::Result;
+//! `hermod bench`: durable 1→1 throughput and latency over the Unix socket.
+//!
+//! Without `--socket` it starts `hermod serve` (this same binary, SQLite
+//! store with fsync on every commit) on a temporary data directory, so the
+//! figures include everything a real client pays: framing, routing, group
+//! commit, delivery and the consumption check.
+//!
+//! - **Throughput**: `--senders` connections pipeline `--messages` durable
+//!   `send`s to one registered receiver. Reported: receipts/s (durable) and
+//!   deliveries/s.
+//! - **Latency**: one sender at `--rate` msgs/s for `--seconds`; each body
+//!   carries its send instant. Reported: p50/p99/max of send→durable receipt
+//!   and send→delivery to the registered receiver.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-pub fn run(_a: &crate::cli::BenchArgs) -> Result<ExitCode> {
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hermod_client::{Connection, FrameReader};
+use hermod_core::model::Body;
+use hermod_core::wire::{AckMode, ClientFrame, Outgoing, ServerFrame};
+
+use crate::cli::BenchArgs;
+
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    let (socket, _server) = match &args.socket {
+        Some(s) => (s.clone(), None),
+        None => {
+            let server = Server::start()?;
+            (server.socket.clone(), Some(server))
+        }
+    };
+    super::runtime()?.block_on(async {
+        throughput(&socket, args.messages, args.senders.max(1)).await?;
+        latency(&socket, args.rate.max(1), args.seconds.max(1)).await
+    })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A `hermod serve` child on a temporary data directory.
+struct Server {
+    child: std::process::Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("hermod.sock");
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("RUST_LOG", "warn")
+            .env("HERMES_BUS_HOOKS", "none")
+            .spawn()
+            .context("cannot start hermod serve")?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the benchmark server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        println!(
+            "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
+            dir.path().display()
+        );
+        Ok(Self {
+            child,
+            socket,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn frame(to: &str, body: String) -> ClientFrame {
+    ClientFrame::Send(Outgoing {
+        to: Some(to.into()),
+        from: Some("bench-tx".into()),
+        body: Some(Body::from_json(body).expect("valid body")),
+        ..Outgoing::default()
+    })
+}
+
+/// Registers `name` and returns the reading half (the writer half is kept
+/// alive by the caller so the connection stays open).
+async fn receiver(socket: &Path, name: &str) -> Result<(FrameReader, hermod_client::FrameWriter)> {
+    let mut c = Connection::connect(socket).await?;
+    c.request(&ClientFrame::Register {
+        endpoint: name.into(),
+        channel: None,
+        ack: Some(AckMode::Auto),
+    })
+    .await?;
+    Ok(c.split())
+}
+
+async fn throughput(socket: &Path, messages: u64, senders: u64) -> Result<()> {
+    let rx_name = format!("bench-rx-{}", std::process::id());
+    let (mut rx, _rx_w) = receiver(socket, &rx_name).await?;
+    let per_sender = messages / senders;
+    let total = per_sender * senders;
+    let pad = "x".repeat(64);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (socket, rx_name, pad) = (socket.to_owned(), rx_name.clone(), pad.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut reader, mut writer) = Connection::connect(&socket).await?.split();
+            let write = tokio::spawn(async move {
+                for n in 0..per_sender {
+                    writer
+                        .feed(&frame(
+                            &rx_name,
+                            format!(r#"{{"s":{s},"n":{n},"pad":"{pad}"}}"#),
+                        ))
+                        .await?;
+                    if n % 64 == 63 {
+                        writer.flush().await?;
+                    }
+                }
+                writer.flush().await?;
+                anyhow::Ok(writer)
+            });
+            let mut receipts = 0;
+            while receipts < per_sender {
+                match reader.next().await? {
+                    Some(ServerFrame::Sent { .. }) => receipts += 1,
+                    Some(ServerFrame::Error { code, detail, .. }) => bail!("{code}: {detail}"),
+                    Some(_) => {}
+                    None => bail!("daemon closed the connection"),
+                }
+            }
+            let _writer = write.await??;
+            anyhow::Ok(start.elapsed())
+        }));
+    }
+    let mut delivered = 0;
+    while delivered < total {
+        match rx.next_raw().await? {
+            Some(_) => delivered += 1,
+            None => bail!("receiver connection closed"),
+        }
+    }
+    let delivered_in = start.elapsed();
+    let mut durable_in = Duration::ZERO;
+    for t in tasks {
+        durable_in = durable_in.max(t.await??);
+    }
+    println!(
+        "throughput: {total} durable messages, {senders} pipelining senders -> 1 receiver\n  \
+         durable receipts: {:>9.0} msgs/s ({:.2} s)\n  \
+         deliveries:       {:>9.0} msgs/s ({:.2} s)",
+        total as f64 / durable_in.as_secs_f64(),
+        durable_in.as_secs_f64(),
+        total as f64 / delivered_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+    );
+    Ok(())
+}
+
+async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        body: ProbeBody,
+    }
+    #[derive(serde::Deserialize)]
+    struct ProbeBody {
+        t: u64,
+    }
+
+    let rx_name = format!("bench-lat-{}", std::process::id());
+    let (mut rx, _rx_w) = receiver(socket, &rx_name).await?;
+    let epoch = Instant::now();
+    let total = rate * seconds;
+    let sent_at = Arc::new(std::sync::Mutex::new(VecDeque::with_capacity(
+        total as usize,
+    )));
+    let (mut reader, mut writer) = Connection::connect(socket).await?.split();
+
+    let send = {
+        let sent_at = sent_at.clone();
+        tokio::spawn(async move {
+            // One tick per millisecond, sending whatever the schedule owes.
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut sent = 0u64;
+            while sent < total {
+                tick.tick().await;
+                let due = ((epoch.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
+                while sent < due {
+                    let t = epoch.elapsed().as_nanos() as u64;
+                    sent_at.lock().unwrap().push_back(t);
+                    writer
+                        .feed(&frame(&rx_name, format!(r#"{{"t":{t}}}"#)))
+                        .await?;
+                    sent += 1;
+                }
+                writer.flush().await?;
+            }
+            anyhow::Ok(writer)
+        })
+    };
+    let receipts = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(total as usize);
+        while (lat.len() as u64) < total {
+            match reader.next().await? {
+                Some(ServerFrame::Sent { .. }) => {
+                    let t0 = sent_at.lock().unwrap().pop_front().unwrap_or(0);
+                    lat.push(epoch.elapsed().as_nanos() as u64 - t0);
+                }
+                Some(ServerFrame::Error { code, detail, .. }) => bail!("{code}: {detail}"),
+                Some(_) => {}
+                None => bail!("daemon closed the connection"),
+            }
+        }
+        anyhow::Ok(lat)
+    });
+    let mut delivery = Vec::with_capacity(total as usize);
+    while (delivery.len() as u64) < total {
+        let Some(raw) = rx.next_raw().await? else {
+            bail!("receiver connection closed")
+        };
+        let probe: Probe = serde_json::from_slice(&raw)?;
+        delivery.push(epoch.elapsed().as_nanos() as u64 - probe.body.t);
+    }
+    let _writer = send.await??;
+    let durable = receipts.await??;
+    println!("latency: {total} messages at {rate} msgs/s, 1 sender -> 1 receiver");
+    report("  send -> durable receipt", durable);
+    report("  send -> delivered     ", delivery);
+    Ok(())
+}
+
+fn report(label: &str, mut nanos: Vec<u64>) {
+    nanos.sort_unstable();
+    let pct = |p: f64| nanos[((nanos.len() as f64 - 1.0) * p) as usize] as f64 / 1e6;
+    println!(
+        "{label}: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0)
+    );
 }
