@@ -8,7 +8,7 @@
 //!
 //! The list comes from `HERMES_BUS_HOOKS` (comma-separated paths or a JSON
 //! array; `none` or empty disables), else `$HERMES_HOME/hermes-bus/hooks.yaml`
-//! (a YAML list of paths), else nothing. A `.py` hook runs under `python3`,
+//! (`- /path/hook.py` lines), else nothing. A `.py` hook runs under `python3`,
 //! as the original ran hooks under its own interpreter; anything else is
 //! executed directly.
 
@@ -85,13 +85,16 @@ fn resolve(env: Option<&str>, yaml: &Path, home: &Path) -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string(yaml) else {
         return Vec::new();
     };
-    match serde_yaml::from_str::<Vec<String>>(&text) {
-        Ok(paths) => paths.iter().map(|p| expand(p)).collect(),
-        Err(e) => {
-            tracing::warn!(file = %yaml.display(), error = %e, "hooks.yaml is not a list of paths; no hooks");
-            Vec::new()
-        }
-    }
+    // hermes-bus reads this file line by line ("- path", optionally quoted;
+    // `#` comments), not as general YAML; the same rule keeps every file
+    // that worked there working here.
+    text.lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("- "))
+        .map(|p| p.trim().trim_matches(|c| c == '\'' || c == '"'))
+        .filter(|p| !p.is_empty())
+        .map(expand)
+        .collect()
 }
 
 /// Runs hooks for every committed message until `shutdown`.

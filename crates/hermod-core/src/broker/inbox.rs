@@ -16,10 +16,14 @@ use crate::model::{InboxKey, Message, Seq};
 
 /// Messages kept in memory per inbox.
 pub const TAIL_LEN: usize = 512;
+/// Body bytes kept in memory per inbox (large messages are read from the log).
+pub const TAIL_BYTES: usize = 8 << 20;
 
 pub(crate) struct InboxView {
     floor: Seq,
     tail: VecDeque<Arc<Message>>,
+    /// Body bytes in `tail`.
+    bytes: usize,
     newest: watch::Sender<Seq>,
 }
 
@@ -34,6 +38,7 @@ impl Inboxes {
         self.views.entry(key.clone()).or_insert_with(|| InboxView {
             floor: committed,
             tail: VecDeque::new(),
+            bytes: 0,
             newest: watch::Sender::new(committed),
         })
     }
@@ -42,10 +47,13 @@ impl Inboxes {
     pub(crate) fn push(&mut self, key: &InboxKey, message: &Arc<Message>) {
         let view = self.view(key, message.seq - 1);
         view.tail.push_back(message.clone());
-        if view.tail.len() > TAIL_LEN {
-            if let Some(old) = view.tail.pop_front() {
-                view.floor = old.seq;
-            }
+        view.bytes += message.body.as_str().len();
+        while view.tail.len() > TAIL_LEN || view.bytes > TAIL_BYTES {
+            let Some(old) = view.tail.pop_front() else {
+                break;
+            };
+            view.bytes -= old.body.as_str().len();
+            view.floor = old.seq;
         }
         view.newest.send_replace(message.seq);
     }

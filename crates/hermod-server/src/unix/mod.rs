@@ -19,6 +19,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long shutdown waits for connections to finish their owed replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Limits of the Unix-socket transport.
 #[derive(Debug, Clone)]
 pub struct UnixConfig {
@@ -95,6 +98,16 @@ pub async fn serve(
         });
     }
     tasks.close();
-    tasks.wait().await;
+    // Connections finish the replies they owe; one whose client stopped
+    // reading is not waited for beyond the grace period.
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} connections still busy after {SHUTDOWN_GRACE:?}; closing anyway",
+            tasks.len()
+        );
+    }
     let _ = std::fs::remove_file(&config.path);
 }
