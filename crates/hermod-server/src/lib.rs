@@ -3,11 +3,13 @@
 //! and storage live in the core.
 //!
 //! - [`unix`]: the hermes-bus protocol over a Unix socket.
+//! - [`http`]: agent-bus, SSE-interop, the v1 API and metrics on one port.
 //! - [`hooks`]: hermes-bus style hook scripts run after each commit.
 //!
 //! [`serve`] runs all of them until a shutdown token fires.
 
 pub mod hooks;
+pub mod http;
 pub mod unix;
 
 use hermod_core::Broker;
@@ -17,22 +19,36 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub unix: unix::UnixConfig,
+    /// `None` runs no HTTP front.
+    pub http: Option<http::HttpConfig>,
     pub hooks: hooks::HookConfig,
 }
 
 /// Binds every listener; fails early (before serving) on a bad address.
 pub struct Bound {
     unix: tokio::net::UnixListener,
+    http: Option<tokio::net::TcpListener>,
     config: ServerConfig,
 }
 
 /// Binds the listeners of `config`.
-pub fn bind(config: ServerConfig) -> std::io::Result<Bound> {
+pub async fn bind(config: ServerConfig) -> std::io::Result<Bound> {
+    let http = match &config.http {
+        Some(h) => Some(tokio::net::TcpListener::bind(h.addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on http://{}: {e}", h.addr))
+        })?),
+        None => None,
+    };
     let unix = unix::bind(&config.unix.path)?;
-    Ok(Bound { unix, config })
+    Ok(Bound { unix, http, config })
 }
 
 impl Bound {
+    /// The HTTP address actually bound (port 0 resolved).
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` fires, then lets connections finish and
     /// flushes the store.
     pub async fn serve(self, broker: Broker, shutdown: CancellationToken) {
@@ -41,7 +57,21 @@ impl Bound {
             self.config.hooks,
             shutdown.clone(),
         ));
+        let http = match (self.http, self.config.http) {
+            (Some(listener), Some(config)) => {
+                let state = http::AppState {
+                    broker: broker.clone(),
+                    config: std::sync::Arc::new(config),
+                    shutdown: shutdown.clone(),
+                };
+                Some(tokio::spawn(http::serve(listener, state)))
+            }
+            _ => None,
+        };
         unix::serve(self.unix, broker.clone(), self.config.unix, shutdown).await;
+        if let Some(http) = http {
+            let _ = http.await;
+        }
         let _ = hooks.await;
         broker.close().await;
     }

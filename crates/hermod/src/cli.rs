@@ -72,9 +72,19 @@ pub struct ServeArgs {
     /// ~/.hermes/hermes-bus.sock to stand in for hermes-bus.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// HTTP listen address (reserved: the HTTP front is not built yet).
-    #[arg(long, value_name = "ADDR")]
-    pub http: Option<String>,
+    /// HTTP listen address for agent-bus, SSE-interop, /v1 and /metrics
+    /// (port 0 picks a free port; see runtime.json in the data dir).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:18900")]
+    pub http: std::net::SocketAddr,
+    /// Run without the HTTP front.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Seconds between SSE keep-alive comments.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub sse_keepalive: u64,
+    /// Longest hold of a long-poll (`/recv?block=true`, `/v1 ... ?wait=`), seconds.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub long_poll_max: u64,
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
     pub memory: bool,

@@ -15,6 +15,7 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
         .arg(d.data_dir())
         .arg("--socket")
         .arg(&other_socket)
+        .args(["--http", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -126,6 +127,11 @@ fn start_status_stop_manage_a_background_daemon() {
             .args(args)
             .arg("--data-dir")
             .arg(dir.path())
+            .args(if args[0] == "stop" || args[0] == "status" {
+                &[][..]
+            } else {
+                &["--http", "127.0.0.1:0"][..]
+            })
             .env_remove("HERMOD_SOCKET")
             .output()
             .unwrap()

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::model::{InboxKey, Message, Seq};
+use crate::model::{AgentName, InboxKey, Message, Seq};
 
 /// Messages kept in memory per inbox.
 pub const TAIL_LEN: usize = 512;
@@ -30,6 +30,8 @@ pub(crate) struct InboxView {
 #[derive(Default)]
 pub(crate) struct Inboxes {
     views: HashMap<InboxKey, InboxView>,
+    /// Newest seq per agent over all its channels (for `channel=*` readers).
+    agents: HashMap<AgentName, watch::Sender<Seq>>,
 }
 
 impl Inboxes {
@@ -56,6 +58,21 @@ impl Inboxes {
             view.floor = old.seq;
         }
         view.newest.send_replace(message.seq);
+        if let Some(agent) = self.agents.get(&key.agent) {
+            agent.send_replace(message.seq);
+        }
+    }
+
+    /// A receiver that changes whenever any inbox of `agent` grows.
+    pub(crate) fn watch_agent(
+        &mut self,
+        agent: &AgentName,
+        committed: Seq,
+    ) -> watch::Receiver<Seq> {
+        self.agents
+            .entry(agent.clone())
+            .or_insert_with(|| watch::Sender::new(committed))
+            .subscribe()
     }
 
     /// A receiver that changes whenever `key`'s inbox grows.

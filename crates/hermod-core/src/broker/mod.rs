@@ -14,7 +14,7 @@ mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
@@ -31,6 +31,9 @@ use crate::wire::Envelope;
 use inbox::Inboxes;
 use registry::Registry;
 
+/// Messages per batch of [`Broker::follow`].
+const FOLLOW_BATCH: usize = 256;
+
 /// State shared by the broker handle and the engine's commit observer.
 struct Shared {
     state: Mutex<State>,
@@ -38,6 +41,8 @@ struct Shared {
     /// bounded queue and misses messages rather than slowing commits.
     taps: Mutex<Vec<mpsc::Sender<Arc<Message>>>>,
     taps_dropped: AtomicU64,
+    /// Set while the engine holds stamped messages that are not readable yet.
+    stamping: AtomicBool,
 }
 
 struct State {
@@ -51,6 +56,10 @@ struct State {
 }
 
 impl CommitObserver for Shared {
+    fn stamping(&self) {
+        self.stamping.store(true, Ordering::SeqCst);
+    }
+
     fn committed(&self, batch: &[Committed]) {
         {
             let mut state = self.state.lock().unwrap();
@@ -63,6 +72,8 @@ impl CommitObserver for Shared {
             if let Some(last) = batch.last() {
                 state.committed = (last.message.seq, last.message.ts);
             }
+            // Cleared under the lock, after the watermark moved.
+            self.stamping.store(false, Ordering::SeqCst);
         }
         let taps = self.taps.lock().unwrap();
         for tap in taps.iter() {
@@ -136,6 +147,7 @@ impl Broker {
             }),
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
+            stamping: AtomicBool::new(false),
         });
         let engine = make(shared.clone())?;
         let last = engine.last()?;
@@ -153,6 +165,17 @@ impl Broker {
     /// Routes and submits a message; the returned future resolves once it
     /// is durable. `from` is the resolved sender.
     pub async fn send(&self, env: Envelope, from: AgentName, target: Target) -> Result<Durable> {
+        self.send_except(env, from, target, None).await
+    }
+
+    /// [`Broker::send`], leaving `except` out of a broadcast.
+    pub async fn send_except(
+        &self,
+        env: Envelope,
+        from: AgentName,
+        target: Target,
+        except: Option<&AgentName>,
+    ) -> Result<Durable> {
         let now = model::now();
         let (recipients, newly_known) = {
             let mut state = self.shared.state.lock().unwrap();
@@ -166,7 +189,11 @@ impl Broker {
                     let new = !known && state.registry.know(&key, now, now);
                     (vec![to.clone()], new.then_some(key))
                 }
-                None => (state.registry.broadcast_targets(&env.channel, &from), None),
+                None => {
+                    let mut targets = state.registry.broadcast_targets(&env.channel, &from);
+                    targets.retain(|t| Some(t) != except);
+                    (targets, None)
+                }
             }
         };
         if let Some(key) = newly_known {
@@ -202,11 +229,88 @@ impl Broker {
                 return Ok(hit);
             }
         }
-        let engine = self.engine.clone();
         let key = key.clone();
-        tokio::task::spawn_blocking(move || engine.read_inbox(&key, after, limit))
+        self.blocking(move |e| e.read_inbox(&key, after, limit))
             .await
-            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+    }
+
+    /// Up to `limit` messages for `agent` on every channel after `after`.
+    pub async fn read_agent(
+        &self,
+        agent: &AgentName,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
+        let agent = agent.clone();
+        self.blocking(move |e| e.read_agent(&agent, after, limit))
+            .await
+    }
+
+    /// The last seq whose ts is `<= ts`: turns a `since=ts` cursor into a seq.
+    pub async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        let (seq, last_ts) = self.committed();
+        if ts >= last_ts {
+            return Ok(seq); // the common long-poll case: nothing newer yet
+        }
+        self.blocking(move |e| e.seq_at_ts(ts)).await
+    }
+
+    /// Bus "now" for `since` cursors: never later than the ts of a message
+    /// that is accepted but not readable yet.
+    pub fn now(&self) -> f64 {
+        let wall = model::now();
+        let committed = self.committed().1;
+        if self.shared.stamping.load(Ordering::SeqCst) {
+            return committed;
+        }
+        // Anything stamped after this point gets ts >= wall: step back 1 µs
+        // so that `ts > now` holds for it.
+        (wall - 1e-6).max(committed)
+    }
+
+    /// Runs a blocking engine call off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Engine) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(engine.as_ref()))
+            .await
+            .map_err(|e| Error::Storage(format!("engine task failed: {e}")))?
+    }
+
+    /// Changes whenever any inbox of `agent` (any channel) receives a message.
+    pub fn watch_agent(&self, agent: &AgentName) -> watch::Receiver<Seq> {
+        let mut state = self.shared.state.lock().unwrap();
+        let committed = state.committed.0;
+        state.inboxes.watch_agent(agent, committed)
+    }
+
+    /// `key`'s inbox after `after` as a stream of batches: first what is
+    /// there, then each new commit as it lands. Never ends by itself.
+    pub fn follow(
+        &self,
+        key: InboxKey,
+        after: Seq,
+    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
+        // Subscribed before the first read, so no commit falls in between.
+        let newest = self.watch(&key);
+        let state = (self.clone(), key, after, newest);
+        futures::stream::unfold(
+            state,
+            |(broker, key, mut position, mut newest)| async move {
+                loop {
+                    match broker.read(&key, position, FOLLOW_BATCH).await {
+                        Ok(batch) if batch.is_empty() => newest.changed().await.ok()?,
+                        Ok(batch) => {
+                            position = batch.last().map_or(position, |m| m.seq);
+                            return Some((Ok(batch), (broker, key, position, newest)));
+                        }
+                        Err(e) => return Some((Err(e), (broker, key, position, newest))),
+                    }
+                }
+            },
+        )
     }
 
     /// Changes whenever `key`'s inbox receives a committed message.
@@ -221,35 +325,43 @@ impl Broker {
         if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
             return Ok(seq);
         }
-        let engine = self.engine.clone();
         let key = key.clone();
-        tokio::task::spawn_blocking(move || engine.cursor(&key))
-            .await
-            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+        self.blocking(move |e| e.cursor(&key)).await
     }
 
-    /// Moves an inbox cursor forward (never back).
-    pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<()> {
+    /// Moves an inbox cursor forward (never back) and returns where it was.
+    ///
+    /// The move is atomic, so readers sharing one cursor (SSE-interop
+    /// `/poll` and `/subscribe`) can *claim* a batch: each delivers only the
+    /// messages after the cursor it moved from, and no message goes out twice.
+    pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
         let stored = self.cursor(key).await?;
-        let seq = {
+        let (previous, seq) = {
             let mut state = self.shared.state.lock().unwrap();
             // Never past the log: an ack from the future would skip messages.
             let seq = seq.min(state.committed.0);
             let c = state.cursors.entry(key.clone()).or_insert(stored);
+            let previous = *c;
             *c = (*c).max(seq);
-            *c
+            (previous, *c)
         };
-        self.engine.set_cursor(key.clone(), seq).await
+        if seq > previous {
+            self.engine.set_cursor(key.clone(), seq).await?;
+        }
+        Ok(previous)
+    }
+
+    /// How many messages `key`'s inbox holds after `after`.
+    pub async fn count(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+        let key = key.clone();
+        self.blocking(move |e| e.count_inbox(&key, after)).await
     }
 
     /// How many messages wait in `key`'s inbox after its cursor.
     pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
         let cursor = self.cursor(key).await?;
-        let engine = self.engine.clone();
         let key = key.clone();
-        tokio::task::spawn_blocking(move || engine.count_inbox(&key, cursor))
-            .await
-            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+        self.blocking(move |e| e.count_inbox(&key, cursor)).await
     }
 
     /// Registers a connection of `key` over `transport`. An `exclusive`

@@ -36,6 +36,12 @@ pub struct Committed {
 
 /// Receives every commit, in seq order, before senders are acknowledged.
 pub trait CommitObserver: Send + Sync + 'static {
+    /// The engine is about to stamp messages (assign seq and ts) that are
+    /// not readable yet; `committed` follows, with an empty batch if the
+    /// write failed. Between the two, "now" must not run ahead of the
+    /// commit watermark.
+    fn stamping(&self);
+
     fn committed(&self, batch: &[Committed]);
 }
 
@@ -60,6 +66,9 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Messages in `key`'s inbox with `seq > after`, oldest first, at most `limit`.
     fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
+
+    /// Like [`Engine::read_inbox`], over the agent's inboxes on every channel.
+    fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
 
     /// The last seq whose ts is `<= ts` (0 if none): turns a `since=ts`
     /// cursor into a seq cursor.

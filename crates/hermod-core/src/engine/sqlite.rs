@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, agent, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_agent ON inbox(agent, seq);
 CREATE TABLE IF NOT EXISTS cursors (
     channel TEXT NOT NULL,
     agent   TEXT NOT NULL,
@@ -190,6 +191,22 @@ impl Engine for SqliteEngine {
         })
     }
 
+    fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body
+                 FROM inbox i JOIN messages m ON m.seq = i.seq
+                 WHERE i.agent = ?1 AND i.seq > ?2
+                 ORDER BY i.seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![agent.as_str(), after as i64, limit as i64],
+                row_to_message,
+            )?;
+            rows.map(|r| r.map(Arc::new)).collect()
+        })
+    }
+
     fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
         self.with_reader(|c| {
             c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE ts <= ?1")?
@@ -308,13 +325,12 @@ impl Writer {
     fn commit(&mut self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let start_seq = self.seq;
         let mut committed: Vec<Committed> = Vec::new();
+        self.observer.stamping();
         let result = self.apply(ops, &mut committed);
         let mut closing = None;
         match result {
             Ok(()) => {
-                if !committed.is_empty() {
-                    self.observer.committed(&committed);
-                }
+                self.observer.committed(&committed);
                 let mut stored = committed.into_iter().map(|c| c.message);
                 for op in ops.drain(..) {
                     match op {
@@ -329,6 +345,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; {} operations refused", ops.len());
+                self.observer.committed(&[]);
                 self.seq = start_seq;
                 for op in ops.drain(..) {
                     match op {
@@ -419,6 +436,7 @@ mod tests {
 
     struct Sink(Mutex<Vec<Seq>>);
     impl CommitObserver for Sink {
+        fn stamping(&self) {}
         fn committed(&self, batch: &[Committed]) {
             self.0
                 .lock()

@@ -202,7 +202,7 @@ impl Reader {
             }
             Request::Ack(seq) => match &self.session {
                 Some(s) => match self.broker.ack(&s.key, seq).await {
-                    Ok(()) => true,
+                    Ok(_) => true,
                     Err(e) => self.send(ServerFrame::error(&e, None)).await,
                 },
                 None => {

@@ -25,8 +25,16 @@ fn serve_flags(args: &ServeArgs) -> Result<Vec<String>> {
         "--max-connections".into(),
         args.max_connections.to_string(),
     ];
-    if let Some(http) = &args.http {
-        flags.extend(["--http".into(), http.clone()]);
+    flags.extend([
+        "--http".into(),
+        args.http.to_string(),
+        "--sse-keepalive".into(),
+        args.sse_keepalive.to_string(),
+        "--long-poll-max".into(),
+        args.long_poll_max.to_string(),
+    ]);
+    if args.no_http {
+        flags.push("--no-http".into());
     }
     if args.memory {
         flags.push("--memory".into());

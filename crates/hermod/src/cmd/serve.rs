@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hermod_core::Broker;
-use hermod_server::{hooks::HookConfig, unix::UnixConfig, ServerConfig};
+use hermod_server::{hooks::HookConfig, http::HttpConfig, unix::UnixConfig, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
@@ -13,6 +13,8 @@ use crate::daemon;
 
 /// File name of the SQLite log in the data directory.
 pub const DB_FILE: &str = "hermod.db";
+/// File in the data directory naming the addresses actually bound.
+pub const RUNTIME_FILE: &str = "runtime.json";
 
 pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     let dir = args.data.resolve();
@@ -28,8 +30,15 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         };
         let mut unix = UnixConfig::new(socket.clone());
         unix.max_connections = args.max_connections;
+        let http = (!args.no_http).then(|| {
+            let mut http = HttpConfig::new(args.http);
+            http.keepalive = Duration::from_secs(args.sse_keepalive.max(1));
+            http.max_wait = Duration::from_secs(args.long_poll_max);
+            http
+        });
         let config = ServerConfig {
             unix,
+            http,
             hooks: HookConfig {
                 scripts: hermod_server::hooks::scripts_from_env(),
                 timeout: Duration::from_secs(args.hook_timeout),
@@ -37,13 +46,14 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             },
         };
         let bound = hermod_server::bind(config)
+            .await
             .with_context(|| format!("cannot listen on {}", socket.display()))?;
-        if let Some(http) = &args.http {
-            tracing::warn!(%http, "--http is accepted but the HTTP front is not built yet");
-        }
+        let http = bound.http_addr();
+        write_runtime(&dir, &socket, http)?;
         let (seq, _) = broker.committed();
         tracing::info!(
             socket = %socket.display(),
+            http = %http.map(|a| format!("http://{a}")).unwrap_or_else(|| "off".into()),
             data_dir = %dir.display(),
             store = if args.memory { "memory" } else { "sqlite" },
             log_seq = seq,
@@ -55,6 +65,23 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         tracing::info!("hermod stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Publishes the bound addresses (port 0 resolved) for clients and tests.
+fn write_runtime(
+    dir: &std::path::Path,
+    socket: &std::path::Path,
+    http: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    let runtime = serde_json::json!({
+        "pid": std::process::id(),
+        "socket": socket,
+        "http": http.map(|a| format!("http://{a}")),
+    });
+    let path = dir.join(RUNTIME_FILE);
+    let tmp = dir.join(format!("{RUNTIME_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&runtime)?)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

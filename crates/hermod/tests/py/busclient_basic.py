@@ -30,7 +30,7 @@ sys.dont_write_bytecode = True  # keep the source tree clean
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    Inbox, RawConn, check, client_send, dedupe_in_order, describe_sequence_problem,
+    Inbox, RawConn, body_of, check, client_send, dedupe_in_order, describe_sequence_problem,
     fail, is_float, is_int, is_uuid, list_endpoints, log, new_client, run, socket_path,
     stop_client, unique_name, wait_for,
 )
@@ -126,7 +126,7 @@ def main():
     t0 = time.time()
     client_send(a, b_name, body)
     t1 = time.time()
-    msg = b_inbox.wait_message(lambda m: m.get("body", {}).get("step") == "rich", 20,
+    msg = b_inbox.wait_message(lambda m: body_of(m).get("step") == "rich", 20,
                                "b to receive the rich-body message")
     check_delivered(msg, a_name, b_name, t0, t1, "rich message")
     check_rich_body(msg["body"], body, "rich message")
@@ -141,8 +141,11 @@ def main():
                    % (json.dumps(r_name), json.dumps(a_name), json.dumps(msg_id), time.time(),
                       RAW_BODY_TEXT)).encode("utf-8")
         send_conn.send_payload(payload)
-        raw = recv_conn.recv_raw(10, "raw-body message")
-        delivered = json.loads(raw.decode("utf-8"))
+        while True:  # skip broadcasts from other tests sharing the daemon
+            raw = recv_conn.recv_raw(10, "raw-body message")
+            delivered = json.loads(raw.decode("utf-8"))
+            if not (delivered.get("type") == "message" and delivered.get("id") != msg_id):
+                break
         check(delivered.get("type") == "message" and delivered.get("id") == msg_id,
               "raw receiver: expected our message with id %s, got %r" % (msg_id, delivered))
         check(delivered.get("body") == json.loads(RAW_BODY_TEXT),
@@ -170,7 +173,7 @@ def main():
     ok = send_message(b_name, anon_body, socket_path=sock)
     t1 = time.time()
     check(ok is True, "send_message to known endpoint %r returned %r, expected True" % (b_name, ok))
-    msg = b_inbox.wait_message(lambda m: m.get("body", {}).get("step") == "anon", 20,
+    msg = b_inbox.wait_message(lambda m: body_of(m).get("step") == "anon", 20,
                                "b to receive the send_message message")
     check_delivered(msg, "anonymous", b_name, t0, t1, "send_message")
     check(msg["body"] == anon_body, "send_message: body differs: %r" % msg["body"])
@@ -191,7 +194,10 @@ def main():
     # nothing was stored: registering the ghost name now yields no messages
     with RawConn() as g:
         g.register(ghost, context="register former ghost")
-        g.expect_nothing(1.0)
+        stored = [f for f in g.collect(1.0)
+                  if f.get("type") != "message" or body_of(f).get("run") == run_id]
+        check(not stored, "messages rejected with endpoint_not_found were stored and delivered "
+              "once %r registered: %r" % (ghost, stored[:3]))
     log("unknown endpoint rejected with endpoint_not_found; nothing stored")
 
     # ── list_endpoints with churning BusClients, ping ────────────────────
@@ -222,7 +228,7 @@ def main():
         client_send(a, b_name, {"run": run_id, "step": "seq", "k": k})
 
     def seq_msgs():
-        return b_inbox.messages(lambda m: m.get("body", {}).get("step") == "seq")
+        return b_inbox.messages(lambda m: body_of(m).get("step") == "seq")
 
     wait_for(lambda: len({m["body"]["k"] for m in seq_msgs()}) >= 20, 20,
              "all 20 sequence messages at b")
@@ -232,7 +238,7 @@ def main():
     log("20 messages in order (%d duplicate deliveries)" % dups)
 
     # Over everything b received (deduplicated by id): bus ts and seq strictly increase.
-    all_msgs = b_inbox.messages(lambda m: m.get("body", {}).get("run") == run_id)
+    all_msgs = b_inbox.messages(lambda m: body_of(m).get("run") == run_id)
     firsts = {}
     for m in all_msgs:
         firsts.setdefault(m.get("id"), m)
@@ -255,12 +261,12 @@ def main():
     log("ts/seq strictly increasing over %d messages (%d duplicate deliveries in total)"
         % (len(ordered), total_dups))
 
-    # Nothing unexpected was pushed to either client (errors, stray messages).
-    check(not a_inbox.messages(), "a received messages it should not have: %r" % a_inbox.messages()[:3])
+    # No error or other non-message frame was pushed to either client.  (Stray
+    # messages are not checked: on a shared daemon another test may broadcast.)
     check(not a_inbox.non_messages(), "a received unexpected frames: %r" % a_inbox.non_messages()[:3])
     check(not b_inbox.non_messages(), "b received unexpected frames: %r" % b_inbox.non_messages()[:3])
-    stray = b_inbox.messages(lambda m: m.get("body", {}).get("run") != run_id)
-    check(not stray, "b received messages from elsewhere: %r" % stray[:3])
+    ours_at_a = a_inbox.messages(lambda m: body_of(m).get("run") == run_id)
+    check(not ours_at_a, "a received its own messages: %r" % ours_at_a[:3])
 
     stop_client(a)
     stop_client(b)

@@ -79,6 +79,12 @@ def is_uuid(value):
     return True
 
 
+def body_of(msg):
+    """The message body if it is an object, else {} (for filtering)."""
+    body = msg.get("body")
+    return body if isinstance(body, dict) else {}
+
+
 def is_float(value):
     return isinstance(value, float)
 
@@ -145,6 +151,7 @@ class RawConn:
     def __init__(self, path=None, timeout=DEFAULT_TIMEOUT):
         self.path = path or socket_path()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
@@ -152,13 +159,15 @@ class RawConn:
             self.sock.close()
             fail("cannot connect to %s: %s" % (self.path, e))
         self.buf = b""
+        self.pushed = []  # message frames set aside by recv_reply
 
     # sending
     def send_bytes(self, data):
+        self.sock.settimeout(self.timeout)  # reads shorten it to their deadline
         self.sock.sendall(data)
 
     def send_payload(self, payload):
-        self.sock.sendall(frame(payload))
+        self.send_bytes(frame(payload))
 
     def send_obj(self, obj):
         self.send_payload(encode_obj(obj))
@@ -175,7 +184,9 @@ class RawConn:
                 return False
             self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(max(65536, n - len(self.buf)))
+                # read no more than needed, so bytes the daemon sees consumed
+                # are exactly the frames this test has looked at
+                chunk = self.sock.recv(n - len(self.buf))
             except socket.timeout:
                 return False
             except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as e:
@@ -203,8 +214,22 @@ class RawConn:
         self.buf = self.buf[4 + length:]
         return payload
 
+    def recv_or_none(self, timeout):
+        """One frame parsed as JSON, or None if nothing complete arrives in time."""
+        if self.pushed:
+            return self.pushed.pop(0)
+        deadline = time.monotonic() + timeout
+        try:
+            if not self._fill(4, deadline):
+                return None
+        except ConnectionClosed as e:
+            fail("connection closed (%s) while waiting for a frame" % e)
+        return self.recv(max(1.0, deadline - time.monotonic()))
+
     def recv(self, timeout=DEFAULT_TIMEOUT, what="a frame"):
         """Return one frame parsed as a JSON object (or fail)."""
+        if self.pushed:
+            return self.pushed.pop(0)
         payload = self.recv_raw(timeout, what)
         try:
             obj = json.loads(payload.decode("utf-8"))
@@ -215,20 +240,61 @@ class RawConn:
             fail("daemon sent a non-object frame while waiting for %s: %r" % (what, obj))
         return obj
 
-    def expect_nothing(self, duration):
-        """Fail if any frame (even a partial one) arrives within ``duration``."""
-        deadline = time.monotonic() + duration
+    def recv_reply(self, timeout=DEFAULT_TIMEOUT, what="a reply"):
+        """Next frame that is not a pushed ``message``.
+
+        On a registered connection, deliveries (e.g. a broadcast from another
+        test sharing the daemon) may arrive before a reply; they are kept in
+        ``self.pushed`` and returned first by later ``recv`` calls.
+        """
+        deadline = time.monotonic() + timeout
+        held = []
         try:
-            got = self._fill(len(self.buf) + 1, deadline)
-        except ConnectionClosed as e:
-            fail("connection closed unexpectedly (%s)" % e)
-        if got:
-            # Give the rest of the frame a moment so the report is readable.
-            try:
-                self._fill(4, time.monotonic() + 1)
-            except ConnectionClosed:
-                pass
-            fail("expected no frame for %.1fs but received data: %r" % (duration, self.buf[:300]))
+            while True:
+                payload = self.recv_raw(max(0.0, deadline - time.monotonic()), what)
+                try:
+                    obj = json.loads(payload.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    fail("daemon sent a frame that is not UTF-8 JSON (%s) while waiting for %s: %r"
+                         % (e, what, payload[:200]))
+                if not isinstance(obj, dict):
+                    fail("daemon sent a non-object frame while waiting for %s: %r" % (what, obj))
+                if obj.get("type") == "message":
+                    held.append(obj)
+                    continue
+                return obj
+        finally:
+            self.pushed.extend(held)
+
+    def collect(self, duration):
+        """All frames that arrive within ``duration`` seconds."""
+        deadline = time.monotonic() + duration
+        frames = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return frames
+            f = self.recv_or_none(remaining)
+            if f is None:
+                return frames
+            frames.append(f)
+
+    def recv_message(self, pred, timeout, what):
+        """Next message frame matching ``pred``.
+
+        Messages not matching are skipped: on a shared daemon another test may
+        broadcast to every known agent.  Any non-message frame is a failure.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            f = self.recv_or_none(remaining) if remaining > 0 else None
+            if f is None:
+                fail("timed out after %.1fs waiting for %s" % (timeout, what))
+            if f.get("type") != "message":
+                fail("expected %s, got a non-message frame %r" % (what, f))
+            if pred(f):
+                return f
 
     def wait_closed(self, timeout=DEFAULT_TIMEOUT):
         """True once the daemon closed the connection (EOF or reset) within ``timeout``.
@@ -253,7 +319,7 @@ class RawConn:
     # request helpers
     def request(self, obj, timeout=DEFAULT_TIMEOUT, what=None):
         self.send_obj(obj)
-        return self.recv(timeout, what or "reply to %s" % obj.get("type"))
+        return self.recv_reply(timeout, what or "reply to %s" % obj.get("type"))
 
     def expect_type(self, reply, typ, context):
         check(isinstance(reply, dict) and reply.get("type") == typ,
@@ -261,7 +327,7 @@ class RawConn:
         return reply
 
     def expect_error(self, code, context, timeout=DEFAULT_TIMEOUT):
-        reply = self.recv(timeout, "error %r (%s)" % (code, context))
+        reply = self.recv_reply(timeout, "error %r (%s)" % (code, context))
         check(reply.get("type") == "error",
               "%s: expected error %r, got %r" % (context, code, reply))
         check(reply.get("code") == code,

@@ -15,6 +15,8 @@ pub const HERMOD: &str = env!("CARGO_BIN_EXE_hermod");
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    /// `http://127.0.0.1:PORT` of the HTTP front (a free port per start).
+    pub http: String,
     child: Option<Child>,
     envs: Vec<(String, String)>,
 }
@@ -30,6 +32,7 @@ impl Daemon {
         let mut d = Daemon {
             dir,
             socket,
+            http: String::new(),
             child: None,
             envs: envs
                 .iter()
@@ -62,6 +65,7 @@ impl Daemon {
             .arg(self.dir.path())
             .arg("--socket")
             .arg(&self.socket)
+            .args(["--http", "127.0.0.1:0", "--sse-keepalive", "1"])
             .env("RUST_LOG", "hermod=debug,info")
             .env("HERMES_BUS_HOOKS", "none")
             .stdin(Stdio::null())
@@ -76,8 +80,11 @@ impl Daemon {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("hermod serve exited at start: {status}\n{}", self.log());
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                break;
+            if let Some(http) = self.runtime_http(child.id()) {
+                if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                    self.http = http;
+                    break;
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -87,6 +94,13 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child = Some(child);
+    }
+
+    /// The HTTP URL from `runtime.json`, once the process `pid` wrote it.
+    fn runtime_http(&self, pid: u32) -> Option<String> {
+        let text = std::fs::read_to_string(self.dir.path().join("runtime.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (v["pid"] == pid).then(|| v["http"].as_str().map(str::to_owned))?
     }
 
     /// SIGKILL, no chance to flush anything.
@@ -130,6 +144,8 @@ impl Daemon {
             .args(args)
             .env("HERMOD_SOCKET", &self.socket)
             .env("HERMOD_HOME", self.dir.path())
+            .env_remove("HERMOD_URL")
+            .env_remove("AGENT_BUS_URL")
             .env_remove("AGENT_NAME")
             .env_remove("AGENT_BUS_CHANNEL")
             .stdin(Stdio::piped())

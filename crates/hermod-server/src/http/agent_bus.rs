@@ -1,0 +1,181 @@
+//! The agent-bus protocol (PROTOCOLS.md §2): `POST /send`, long-poll
+//! `GET /recv`, `GET /inbox`, `GET /healthz`.
+//!
+//! `msg` strings cross into bodies as `{"text": msg}` and back out by the
+//! crossing rule ([`hermod_core::model::Body::to_text`]). Receiving is a
+//! `since=ts` cursor kept by the client; `now` in every reply is the bus's
+//! commit-safe now ([`hermod_core::Broker::now`]), so a client that moves its
+//! cursor to it never skips a message that was still being committed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hermod_core::broker::Target;
+use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message};
+use hermod_core::wire::{parse_channel, Envelope};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiError, JsonBody, Q};
+use super::AppState;
+
+/// Largest `max` a `/recv` may ask for.
+const MAX_BATCH: usize = 1000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/send", post(send))
+        .route("/recv", get(recv))
+        .route("/inbox", get(inbox))
+        .route("/healthz", get(healthz))
+}
+
+fn required_str<'a>(body: &'a Value, field: &str) -> Result<&'a str, ApiError> {
+    match body.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "\"{field}\" must be a string"
+        ))),
+        None => Err(ApiError::bad_request(format!("\"{field}\" is required"))),
+    }
+}
+
+async fn send(
+    State(app): State<AppState>,
+    JsonBody(req): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    if !req.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    let from = AgentName::parse(required_str(&req, "from")?)?;
+    let to = AgentName::parse(required_str(&req, "to")?)?;
+    let msg = required_str(&req, "msg")?;
+    let channel = match req.get("channel") {
+        None | Some(Value::Null) => Channel::default(),
+        Some(Value::String(c)) => parse_channel(Some(c.clone()))?,
+        Some(_) => return Err(ApiError::bad_request("\"channel\" must be a string")),
+    };
+    let env = Envelope {
+        to: Some(to),
+        from: Some(from.clone()),
+        id: None,
+        sent_ts: None,
+        channel: channel.clone(),
+        body: Body::from_map(serde_json::Map::from_iter([(
+            "text".to_owned(),
+            msg.into(),
+        )])),
+    };
+    let stored = app
+        .broker
+        .send(env, from, Target::Any)
+        .await?
+        .await
+        .map_err(|_| hermod_core::Error::ShuttingDown)??;
+    let m = &stored[0];
+    Ok(Json(
+        json!({ "ok": true, "ts": m.ts, "channel": channel, "seq": m.seq, "id": m.id }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct RecvQuery {
+    to: Option<String>,
+    since: Option<f64>,
+    block: Option<String>,
+    max: Option<usize>,
+    channel: Option<String>,
+}
+
+/// One message as agent-bus clients print it.
+fn recv_item(m: &Message) -> Value {
+    json!({
+        "ts": m.ts,
+        "from": m.from,
+        "msg": m.body.to_text(),
+        "channel": m.channel,
+        "seq": m.seq,
+        "id": m.id,
+    })
+}
+
+async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Value>, ApiError> {
+    let to = AgentName::parse(q.to.ok_or_else(|| ApiError::bad_request("\"to\" is required"))?)?;
+    let block = match q.block.as_deref() {
+        None | Some("false" | "0" | "no" | "") => false,
+        Some("true" | "1" | "yes") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "block={other:?}: use true or false"
+            )))
+        }
+    };
+    let max = q.max.unwrap_or(100).clamp(1, MAX_BATCH);
+    let since = q.since.unwrap_or(0.0);
+    // `*` reads every channel (hermod extension); otherwise one inbox.
+    let key = match q.channel.as_deref() {
+        Some("*") => None,
+        other => Some(InboxKey::new(
+            parse_channel(other.map(str::to_owned))?,
+            to.clone(),
+        )),
+    };
+    // A receiver is a participant: it becomes known (broadcasts reach it)
+    // and shows as connected while its request is held.
+    let _presence = match &key {
+        Some(key) => Some(app.broker.connect(key.clone(), "http", false).await?),
+        None => None,
+    };
+    let mut newest = match &key {
+        Some(key) => app.broker.watch(key),
+        None => app.broker.watch_agent(&to),
+    };
+    let deadline = tokio::time::Instant::now() + app.config.max_wait;
+    loop {
+        let now = app.broker.now();
+        let after = app.broker.seq_at_ts(since).await?;
+        let messages: Vec<Arc<Message>> = match &key {
+            Some(key) => app.broker.read(key, after, max).await?,
+            None => app.broker.read_agent(&to, after, max).await?,
+        };
+        let timed_out = tokio::time::Instant::now() >= deadline;
+        if !messages.is_empty() || !block || timed_out {
+            // A full batch may have more behind it: `now` must not pass them.
+            let now = match messages.last() {
+                Some(last) if messages.len() == max => last.ts,
+                _ => now,
+            };
+            let items: Vec<Value> = messages.iter().map(|m| recv_item(m)).collect();
+            return Ok(Json(json!({ "messages": items, "now": now })));
+        }
+        tokio::select! {
+            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown)?,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = app.shutdown.cancelled() => return Err(hermod_core::Error::ShuttingDown.into()),
+        }
+    }
+}
+
+async fn inbox(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut recipients: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for agent in app.broker.agents() {
+        let key = InboxKey::new(agent.channel.clone(), agent.name.clone());
+        let held = app.broker.count(&key, 0).await?;
+        recipients
+            .entry(agent.channel.to_string())
+            .or_default()
+            .insert(agent.name.to_string(), held);
+    }
+    Ok(Json(
+        json!({ "recipients": recipients, "now": app.broker.now() }),
+    ))
+}
+
+async fn healthz(State(app): State<AppState>) -> Json<Value> {
+    Json(json!({ "ok": true, "now": app.broker.now() }))
+}

@@ -1,0 +1,133 @@
+//! One mapping from errors to HTTP responses: a status and a JSON body
+//! `{"error": detail, "code": stable_code}` (agent-bus clients read `error`).
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use hermod_core::Error;
+use serde::de::DeserializeOwned;
+
+/// An error as an HTTP response.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            detail: detail.into(),
+        }
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::InvalidJson(_)
+            | Error::UnknownType(_)
+            | Error::InvalidName { .. }
+            | Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::EndpointNotFound(_) => StatusCode::NOT_FOUND,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        Self {
+            status,
+            code: e.code(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.detail, "code": self.code });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// A JSON request body whatever its content type (agent-bus scripts do not
+/// always set one), with our error shapes: 413 over the body limit, 400
+/// for anything that is not the expected JSON.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes =
+            axum::body::Bytes::from_request(req, state)
+                .await
+                .map_err(|e: BytesRejection| {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::from(Error::TooLarge {
+                            size: 0,
+                            limit: hermod_core::wire::MAX_FRAME,
+                        })
+                    } else {
+                        ApiError::bad_request(e.body_text())
+                    }
+                })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::from(Error::InvalidJson(e.to_string())))
+    }
+}
+
+/// Unknown routes answer 404 with a JSON body.
+pub async fn fallback(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// `Query<T>` with a JSON 400 on bad parameters.
+pub struct Q<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(t)| Q(t))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// `Path<T>` with a JSON 400 on bad segments.
+pub struct P<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> axum::extract::FromRequestParts<S> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(t)| P(t))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}

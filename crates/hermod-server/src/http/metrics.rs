@@ -1,0 +1,73 @@
+//! `GET /metrics`: bus gauges and counters in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let (seq, ts) = app.broker.committed();
+    let agents = app.broker.agents();
+    let online = agents.iter().filter(|a| a.online()).count();
+    let mut connections: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in agents.iter().flat_map(|a| &a.connections) {
+        *connections.entry(c.transport).or_default() += 1;
+    }
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in lines {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "hermod_log_seq",
+        "counter",
+        "Messages committed to the log (newest seq).",
+        vec![(String::new(), seq.to_string())],
+    );
+    metric(
+        "hermod_log_last_ts_seconds",
+        "gauge",
+        "Bus time of the newest committed message.",
+        vec![(String::new(), ts.to_string())],
+    );
+    metric(
+        "hermod_agents_known",
+        "gauge",
+        "Agents known, counted per channel.",
+        vec![(String::new(), agents.len().to_string())],
+    );
+    metric(
+        "hermod_agents_online",
+        "gauge",
+        "Agents with at least one open connection.",
+        vec![(String::new(), online.to_string())],
+    );
+    metric(
+        "hermod_connections",
+        "gauge",
+        "Open agent connections by transport.",
+        connections
+            .iter()
+            .map(|(t, n)| (format!("{{transport=\"{t}\"}}"), n.to_string()))
+            .collect(),
+    );
+    metric(
+        "hermod_tap_dropped_total",
+        "counter",
+        "Committed messages a slow hook runner missed.",
+        vec![(String::new(), app.broker.taps_dropped().to_string())],
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}

@@ -1,0 +1,76 @@
+//! The HTTP front: one axum server for every HTTP protocol.
+//!
+//! Each protocol is a module exporting `router()`; [`app`] merges them
+//! under the shared limits (10 MiB bodies) and a JSON 404.
+//!
+//! - [`agent_bus`]: `POST /send`, `GET /recv`, `GET /inbox`, `GET /healthz`.
+//! - [`interop`]: the SSE-interop protocol (`/subscribe`, `/poll`, ...).
+//! - [`v1`]: the native JSON API under `/v1`, with SSE, WebSocket and the
+//!   generated OpenAPI document.
+//! - [`metrics`]: `GET /metrics` in Prometheus text format.
+
+pub mod agent_bus;
+pub mod error;
+pub mod interop;
+pub mod metrics;
+pub mod v1;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use hermod_core::wire::MAX_FRAME;
+use hermod_core::Broker;
+use tokio_util::sync::CancellationToken;
+
+/// Limits of the HTTP front.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub addr: std::net::SocketAddr,
+    /// SSE keep-alive comment interval.
+    pub keepalive: Duration,
+    /// Longest a long-poll (`/recv?block=true`, `/v1/...?wait=`) is held.
+    pub max_wait: Duration,
+}
+
+impl HttpConfig {
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            addr,
+            keepalive: Duration::from_secs(30),
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub broker: Broker,
+    pub config: Arc<HttpConfig>,
+    /// Fires at shutdown: long-polls return and streams end.
+    pub shutdown: CancellationToken,
+}
+
+/// The whole HTTP application.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(agent_bus::router())
+        .merge(interop::router())
+        .merge(v1::router())
+        .merge(metrics::router())
+        .fallback(error::fallback)
+        .layer(DefaultBodyLimit::max(MAX_FRAME))
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) {
+    let shutdown = state.shutdown.clone();
+    let server =
+        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.cancelled_owned());
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}

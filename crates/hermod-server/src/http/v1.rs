@@ -1,0 +1,487 @@
+//! The native API, versioned under `/v1`: send, read an inbox (with an
+//! optional long-poll wait), acknowledge, agents and presence, an SSE stream
+//! and a WebSocket per agent. The OpenAPI document at `/v1/openapi.json` is
+//! generated from these handlers and types by utoipa.
+//!
+//! The WebSocket speaks the same JSON frames as the Unix socket (without
+//! the length prefix): the server pushes `message` frames from the agent's
+//! cursor; the client sends `send`, `message`, `ack`, `ping`, `agents`,
+//! `list_endpoints`. v1 readers acknowledge explicitly (`ack`), so a reader
+//! that reconnects without acknowledging sees its messages again.
+
+use std::convert::Infallible;
+
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{SinkExt, Stream, StreamExt};
+use hermod_core::broker::Target;
+use hermod_core::model::{AgentName, Body, InboxKey, Message, Seq};
+use hermod_core::wire::{self, parse_channel, Envelope, Request, ServerFrame};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use super::error::{ApiError, JsonBody, P, Q};
+use super::interop::last_event_id;
+use super::AppState;
+
+/// Most messages one inbox read returns.
+const MAX_LIMIT: usize = 1000;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/messages", post(send_message))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{name}/inbox", get(read_inbox))
+        .route("/v1/agents/{name}/ack", post(ack))
+        .route("/v1/agents/{name}/stream", get(stream))
+        .route("/v1/agents/{name}/ws", get(websocket))
+        .route("/v1/openapi.json", get(openapi))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "hermod v1 API",
+        description = "Durable real-time message bus for AI agents. Streaming endpoints not \
+                       listed here: GET /v1/agents/{name}/stream (SSE, `id:` = seq, resumable \
+                       with Last-Event-ID) and GET /v1/agents/{name}/ws (WebSocket with the \
+                       hermes-bus JSON frames)."
+    ),
+    paths(send_message, list_agents, read_inbox, ack),
+    components(schemas(
+        SendRequest,
+        SendReceipt,
+        InboxPage,
+        MessageView,
+        AckRequest,
+        AckReply,
+        AgentView,
+        ErrorBody
+    ))
+)]
+struct ApiDoc;
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// An error: `error` is for humans, `code` is stable.
+#[derive(Serialize, ToSchema)]
+struct ErrorBody {
+    error: String,
+    code: String,
+}
+
+/// A message to send: to one agent (`to`) or to every agent known on the
+/// channel (`broadcast: true`).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    /// Sender name.
+    from: String,
+    /// Recipient; omit it together with `broadcast: true`.
+    to: Option<String>,
+    /// Send to every known agent on the channel except the sender.
+    #[serde(default)]
+    broadcast: bool,
+    /// Channel (default `default`).
+    channel: Option<String>,
+    /// Message id; a UUID is assigned when absent.
+    id: Option<String>,
+    /// The payload: any JSON object, delivered byte for byte.
+    #[schema(value_type = Object)]
+    body: Box<RawValue>,
+}
+
+/// The message is durable.
+#[derive(Serialize, ToSchema)]
+struct SendReceipt {
+    id: String,
+    seq: Seq,
+    ts: f64,
+    channel: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    request_body = SendRequest,
+    responses(
+        (status = 200, description = "Durable", body = SendReceipt),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn send_message(
+    State(app): State<AppState>,
+    JsonBody(req): JsonBody<SendRequest>,
+) -> Result<Json<SendReceipt>, ApiError> {
+    let from = AgentName::parse(req.from)?;
+    let to = match (req.to, req.broadcast) {
+        (Some(to), false) => Some(AgentName::parse(to)?),
+        (None, true) => None,
+        (Some(_), true) => {
+            return Err(ApiError::bad_request(
+                "give either \"to\" or \"broadcast\": true, not both",
+            ))
+        }
+        (None, false) => {
+            return Err(ApiError::bad_request(
+                "\"to\" is required (or \"broadcast\": true)",
+            ))
+        }
+    };
+    let env = Envelope {
+        to,
+        from: Some(from.clone()),
+        id: req.id.filter(|i| !i.is_empty()),
+        sent_ts: None,
+        channel: parse_channel(req.channel)?,
+        body: Body::from_raw(&req.body)?,
+    };
+    let stored = app
+        .broker
+        .send(env, from, Target::Any)
+        .await?
+        .await
+        .map_err(|_| hermod_core::Error::ShuttingDown)??;
+    let m = &stored[0];
+    Ok(Json(SendReceipt {
+        id: m.id.clone(),
+        seq: m.seq,
+        ts: m.ts,
+        channel: m.channel.to_string(),
+    }))
+}
+
+/// An agent and its presence on one channel.
+#[derive(Serialize, ToSchema)]
+struct AgentView {
+    name: String,
+    channel: String,
+    online: bool,
+    /// Transports of the open connections (`unix`, `sse`, `ws`, `http`).
+    transports: Vec<String>,
+    connected_since: Option<f64>,
+    first_seen: f64,
+    last_seen: f64,
+    /// Messages after the agent's cursor.
+    unread: u64,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    responses((status = 200, description = "Every known agent", body = [AgentView]))
+)]
+async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+    let mut out = Vec::new();
+    for a in app.broker.agents() {
+        let key = InboxKey::new(a.channel.clone(), a.name.clone());
+        out.push(AgentView {
+            unread: app.broker.unread(&key).await?,
+            online: a.online(),
+            transports: a
+                .connections
+                .iter()
+                .map(|c| c.transport.to_owned())
+                .collect(),
+            connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
+            first_seen: a.first_seen,
+            last_seen: a.last_seen,
+            name: a.name.to_string(),
+            channel: a.channel.to_string(),
+        });
+    }
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct InboxQuery {
+    /// Channel (default `default`).
+    channel: Option<String>,
+    /// Return messages after this seq (default: the agent's cursor).
+    after: Option<Seq>,
+    /// At most this many (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// When nothing is there yet, wait up to this many seconds for a message.
+    #[param(minimum = 0, maximum = 30)]
+    wait: Option<f64>,
+}
+
+/// One stored message.
+#[derive(Serialize, ToSchema)]
+struct MessageView {
+    seq: Seq,
+    id: String,
+    ts: f64,
+    channel: String,
+    from: String,
+    /// Absent for a broadcast.
+    to: Option<String>,
+    sent_ts: Option<f64>,
+    #[schema(value_type = Object)]
+    body: Box<RawValue>,
+}
+
+impl From<&Message> for MessageView {
+    fn from(m: &Message) -> Self {
+        MessageView {
+            seq: m.seq,
+            id: m.id.clone(),
+            ts: m.ts,
+            channel: m.channel.to_string(),
+            from: m.from.to_string(),
+            to: m.to.as_ref().map(|t| t.to_string()),
+            sent_ts: m.sent_ts,
+            body: m.body.as_raw().to_owned(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct InboxPage {
+    messages: Vec<MessageView>,
+    /// The agent's acknowledged position.
+    cursor: Seq,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{name}/inbox",
+    params(("name" = String, Path, description = "Agent name"), InboxQuery),
+    responses(
+        (status = 200, description = "Messages after `after`, oldest first", body = InboxPage),
+        (status = 400, description = "Invalid name or parameter", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn read_inbox(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    Q(q): Q<InboxQuery>,
+) -> Result<Json<InboxPage>, ApiError> {
+    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    let cursor = app.broker.cursor(&key).await?;
+    let after = q.after.unwrap_or(cursor);
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
+    let wait = std::time::Duration::from_secs_f64(q.wait.unwrap_or(0.0).clamp(0.0, 30.0))
+        .min(app.config.max_wait);
+    let mut newest = app.broker.watch(&key);
+    let deadline = tokio::time::Instant::now() + wait;
+    let messages = loop {
+        let batch = app.broker.read(&key, after, limit).await?;
+        if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
+            break batch;
+        }
+        tokio::select! {
+            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown)?,
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = app.shutdown.cancelled() => return Err(hermod_core::Error::ShuttingDown.into()),
+        }
+    };
+    Ok(Json(InboxPage {
+        messages: messages
+            .iter()
+            .map(|m| MessageView::from(m.as_ref()))
+            .collect(),
+        cursor,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct AckRequest {
+    /// Everything up to and including this seq is acknowledged.
+    seq: Seq,
+    channel: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct AckReply {
+    cursor: Seq,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{name}/ack",
+    params(("name" = String, Path, description = "Agent name")),
+    request_body = AckRequest,
+    responses(
+        (status = 200, description = "The cursor after the acknowledgement", body = AckReply),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn ack(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    JsonBody(req): JsonBody<AckRequest>,
+) -> Result<Json<AckReply>, ApiError> {
+    let key = InboxKey::new(parse_channel(req.channel)?, AgentName::parse(name)?);
+    let previous = app.broker.ack(&key, req.seq).await?;
+    let cursor = app.broker.cursor(&key).await?.max(previous);
+    Ok(Json(AckReply { cursor }))
+}
+
+#[derive(Deserialize)]
+struct StreamQuery {
+    channel: Option<String>,
+    after: Option<Seq>,
+}
+
+/// SSE: the inbox from `Last-Event-ID`, else `after`, else the cursor.
+async fn stream(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    Q(q): Q<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    let session = app.broker.connect(key.clone(), "sse", false).await?;
+    let after = match last_event_id(&headers).or(q.after) {
+        Some(seq) => seq,
+        None => app.broker.cursor(&key).await?,
+    };
+    let events = app
+        .broker
+        .follow(key, after)
+        .map(move |batch| {
+            let _presence = &session; // the stream holds the presence
+            let events: Vec<Result<Event, Infallible>> = match batch {
+                Ok(batch) => batch
+                    .iter()
+                    .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(m))))
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "inbox read failed");
+                    Vec::new()
+                }
+            };
+            futures::stream::iter(events)
+        })
+        .flatten()
+        .take_until(app.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(app.config.keepalive)
+            .text("keepalive"),
+    ))
+}
+
+/// A `message` frame as text (the same JSON the Unix socket sends).
+fn frame_text(m: &Message) -> String {
+    String::from_utf8(wire::message_bytes(m).to_vec()).expect("serde_json writes UTF-8")
+}
+
+#[derive(Deserialize)]
+struct ChannelQuery {
+    channel: Option<String>,
+}
+
+async fn websocket(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    Q(q): Q<ChannelQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    Ok(upgrade
+        .max_message_size(wire::MAX_FRAME)
+        .on_upgrade(move |socket| ws_session(app, key, socket))
+        .into_response())
+}
+
+async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
+    let broker = app.broker.clone();
+    let Ok(_session) = broker.connect(key.clone(), "ws", false).await else {
+        return;
+    };
+    let Ok(cursor) = broker.cursor(&key).await else {
+        return;
+    };
+    let mut inbox = Box::pin(broker.follow(key.clone(), cursor));
+    let (mut tx, mut rx) = socket.split();
+    loop {
+        let out: Vec<String> = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            batch = inbox.next() => match batch {
+                Some(Ok(batch)) => batch.iter().map(|m| frame_text(m)).collect(),
+                _ => break,
+            },
+            incoming = rx.next() => match incoming {
+                Some(Ok(ws::Message::Text(text))) => vec![ws_request(&app, &key, text.as_bytes()).await],
+                Some(Ok(ws::Message::Binary(_))) => {
+                    let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
+                    vec![frame_json(ServerFrame::error(&e, None))]
+                }
+                Some(Ok(_)) => continue, // ping/pong are answered by axum
+                _ => break,
+            },
+        };
+        for text in out {
+            if tx.send(ws::Message::Text(text.into())).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.close().await;
+}
+
+fn frame_json(frame: ServerFrame) -> String {
+    String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
+}
+
+/// Handles one client frame on a v1 WebSocket; returns the reply.
+async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> String {
+    let request = match wire::parse_client_frame(bytes) {
+        Ok(r) => r,
+        Err(e) => return frame_json(ServerFrame::error(&e, None)),
+    };
+    let reply = match request {
+        Request::Ping => Ok(ServerFrame::Pong),
+        Request::Send(mut env) | Request::Message(mut env) => {
+            let from = env.from.take().unwrap_or_else(|| key.agent.clone());
+            let id = env.id.clone();
+            match app.broker.send(env, from, Target::Any).await {
+                Ok(durable) => match durable.await {
+                    Ok(Ok(stored)) => Ok(ServerFrame::Sent {
+                        id: stored[0].id.clone(),
+                        seq: stored[0].seq,
+                        ts: stored[0].ts,
+                    }),
+                    Ok(Err(e)) => Err((e, id)),
+                    Err(_) => Err((hermod_core::Error::ShuttingDown, id)),
+                },
+                Err(e) => Err((e, id)),
+            }
+        }
+        Request::Ack(seq) => match app.broker.ack(key, seq).await {
+            Ok(_) => return String::new(),
+            Err(e) => Err((e, None)),
+        },
+        Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
+            endpoints: app.broker.endpoints(),
+        }),
+        Request::Agents | Request::Register { .. } => Err((
+            hermod_core::Error::InvalidRequest(
+                "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
+            ),
+            None,
+        )),
+    };
+    match reply {
+        Ok(frame) => frame_json(frame),
+        Err((e, id)) => frame_json(ServerFrame::error(&e, id)),
+    }
+}
