@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::broker::Target;
-use hermod_core::model::{AgentName, Body, InboxKey, Message, Seq};
+use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 use hermod_core::wire::{self, parse_channel, Envelope, Request, ServerFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -32,6 +32,44 @@ use super::AppState;
 
 /// Most messages one inbox read returns.
 const MAX_LIMIT: usize = 1000;
+/// Largest seq the store can hold (SQLite integers are signed).
+const SEQ_MAX: Seq = i64::MAX as Seq;
+/// Longest `wait` a request may ask for, in seconds.
+const MAX_WAIT: f64 = 30.0;
+
+/// Accepts a seq written as an integer or an integral float (JSON Schema
+/// counts `7.0` as an integer), within the store's range.
+fn seq_from_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Seq, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    let seq = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=SEQ_MAX as f64).contains(&f) => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    seq.filter(|&s| s <= SEQ_MAX).ok_or_else(|| {
+        serde::de::Error::custom(format!("seq must be an integer from 0 to {SEQ_MAX}"))
+    })
+}
+
+/// v1 names channels exactly: absent means `default`, `""` is invalid
+/// (legacy protocols read `""` as `default`).
+fn strict_channel(channel: Option<String>) -> Result<Channel, hermod_core::Error> {
+    channel.map_or_else(|| Ok(Channel::default()), Channel::parse)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct AgentPath {
+    /// Agent name.
+    #[param(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    name: String,
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -78,19 +116,31 @@ struct ErrorBody {
     code: String,
 }
 
-/// A message to send: to one agent (`to`) or to every agent known on the
-/// channel (`broadcast: true`).
+/// A message to send: to one agent (`to`), or, without `to`, to every
+/// agent known on the channel except the sender (a broadcast).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SendRequest {
     /// Sender name.
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     from: String,
-    /// Recipient; omit it together with `broadcast: true`.
+    /// Recipient; without it the message is a broadcast.
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     to: Option<String>,
-    /// Send to every known agent on the channel except the sender.
-    #[serde(default)]
-    broadcast: bool,
     /// Channel (default `default`).
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     channel: Option<String>,
     /// Message id; a UUID is assigned when absent.
     id: Option<String>,
@@ -124,26 +174,13 @@ async fn send_message(
     JsonBody(req): JsonBody<SendRequest>,
 ) -> Result<Json<SendReceipt>, ApiError> {
     let from = AgentName::parse(req.from)?;
-    let to = match (req.to, req.broadcast) {
-        (Some(to), false) => Some(AgentName::parse(to)?),
-        (None, true) => None,
-        (Some(_), true) => {
-            return Err(ApiError::bad_request(
-                "give either \"to\" or \"broadcast\": true, not both",
-            ))
-        }
-        (None, false) => {
-            return Err(ApiError::bad_request(
-                "\"to\" is required (or \"broadcast\": true)",
-            ))
-        }
-    };
+    let to = req.to.map(AgentName::parse).transpose()?;
     let env = Envelope {
         to,
         from: Some(from.clone()),
         id: req.id.filter(|i| !i.is_empty()),
         sent_ts: None,
-        channel: parse_channel(req.channel)?,
+        channel: strict_channel(req.channel)?,
         body: Body::from_raw(&req.body)?,
     };
     let stored = app
@@ -207,8 +244,14 @@ async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>
 #[into_params(parameter_in = Query)]
 struct InboxQuery {
     /// Channel (default `default`).
+    #[param(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     channel: Option<String>,
     /// Return messages after this seq (default: the agent's cursor).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     after: Option<Seq>,
     /// At most this many (default 100, at most 1000).
     #[param(minimum = 1, maximum = 1000)]
@@ -258,7 +301,7 @@ struct InboxPage {
 #[utoipa::path(
     get,
     path = "/v1/agents/{name}/inbox",
-    params(("name" = String, Path, description = "Agent name"), InboxQuery),
+    params(AgentPath, InboxQuery),
     responses(
         (status = 200, description = "Messages after `after`, oldest first", body = InboxPage),
         (status = 400, description = "Invalid name or parameter", body = ErrorBody),
@@ -267,15 +310,30 @@ struct InboxPage {
 )]
 async fn read_inbox(
     State(app): State<AppState>,
-    P(name): P<String>,
+    P(AgentPath { name }): P<AgentPath>,
     Q(q): Q<InboxQuery>,
 ) -> Result<Json<InboxPage>, ApiError> {
-    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        )));
+    }
+    let wait = q.wait.unwrap_or(0.0);
+    if !(0.0..=MAX_WAIT).contains(&wait) {
+        return Err(ApiError::bad_request(format!(
+            "wait must be 0 to {MAX_WAIT} seconds"
+        )));
+    }
+    if q.after.is_some_and(|a| a > SEQ_MAX) {
+        return Err(ApiError::bad_request(format!(
+            "after must be at most {SEQ_MAX}"
+        )));
+    }
     let cursor = app.broker.cursor(&key).await?;
     let after = q.after.unwrap_or(cursor);
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_LIMIT);
-    let wait = std::time::Duration::from_secs_f64(q.wait.unwrap_or(0.0).clamp(0.0, 30.0))
-        .min(app.config.max_wait);
+    let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
     let mut newest = app.broker.watch(&key);
     let deadline = tokio::time::Instant::now() + wait;
     let messages = loop {
@@ -302,7 +360,14 @@ async fn read_inbox(
 #[serde(deny_unknown_fields)]
 struct AckRequest {
     /// Everything up to and including this seq is acknowledged.
+    #[serde(deserialize_with = "seq_from_json")]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     seq: Seq,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     channel: Option<String>,
 }
 
@@ -314,7 +379,7 @@ struct AckReply {
 #[utoipa::path(
     post,
     path = "/v1/agents/{name}/ack",
-    params(("name" = String, Path, description = "Agent name")),
+    params(AgentPath),
     request_body = AckRequest,
     responses(
         (status = 200, description = "The cursor after the acknowledgement", body = AckReply),
@@ -325,10 +390,10 @@ struct AckReply {
 )]
 async fn ack(
     State(app): State<AppState>,
-    P(name): P<String>,
+    P(AgentPath { name }): P<AgentPath>,
     JsonBody(req): JsonBody<AckRequest>,
 ) -> Result<Json<AckReply>, ApiError> {
-    let key = InboxKey::new(parse_channel(req.channel)?, AgentName::parse(name)?);
+    let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
     let previous = app.broker.ack(&key, req.seq).await?;
     let cursor = app.broker.cursor(&key).await?.max(previous);
     Ok(Json(AckReply { cursor }))

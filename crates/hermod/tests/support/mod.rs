@@ -192,9 +192,11 @@ fn workspace_target() -> PathBuf {
         .to_owned()
 }
 
-/// A Python with `hermes-bus==0.7.0` installed: `$HERMOD_TEST_PYTHON`, or a
-/// virtualenv created once under the target directory (guarded by a file
-/// lock, so parallel test processes share it).
+/// A Python with `tests/py/requirements.txt` installed (the PyPI
+/// `hermes-bus==0.7.0` client, HTTP/SSE/WebSocket clients, schemathesis):
+/// `$HERMOD_TEST_PYTHON`, or a virtualenv made once under the target
+/// directory (guarded by a file lock, so parallel test processes share it;
+/// remade when the requirements change).
 pub fn python() -> PathBuf {
     static PY: OnceLock<PathBuf> = OnceLock::new();
     PY.get_or_init(|| {
@@ -203,21 +205,27 @@ pub fn python() -> PathBuf {
         }
         let venv = workspace_target().join("test-venv");
         let py = venv.join("bin").join("python");
-        let ready = venv.join(".hermes-bus-0.7.0");
+        let requirements = py_dir().join("requirements.txt");
+        let wanted = std::fs::read_to_string(&requirements).unwrap();
+        let ready = venv.join(".installed-requirements.txt");
         std::fs::create_dir_all(workspace_target()).unwrap();
         let lock = std::fs::File::create(workspace_target().join("test-venv.lock")).unwrap();
         lock.lock().unwrap();
-        if !ready.exists() {
+        if std::fs::read_to_string(&ready).ok().as_deref() != Some(wanted.as_str()) {
             run_ok(Command::new("python3").args(["-m", "venv"]).arg(&venv));
-            run_ok(Command::new(&py).args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "hermes-bus==0.7.0",
-            ]));
-            std::fs::write(&ready, "").unwrap();
+            run_ok(
+                Command::new(&py)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "-r",
+                    ])
+                    .arg(&requirements),
+            );
+            std::fs::write(&ready, &wanted).unwrap();
         }
         py
     })
@@ -234,14 +242,19 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
+fn py_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py")
+}
+
 /// Runs `tests/py/<script>` against `daemon`; panics with its output on failure.
 pub fn run_python(daemon: &Daemon, script: &str) -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("py");
+    let dir = py_dir();
     let out = Command::new(python())
         .arg(dir.join(script))
         .current_dir(&dir)
+        .env("HERMOD_URL", &daemon.http)
         .env("HERMOD_SOCKET", &daemon.socket)
         .env("HERMES_BUS_ROOT", daemon.data_dir())
         .env("PYTHONUNBUFFERED", "1")
