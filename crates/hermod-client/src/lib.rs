@@ -7,7 +7,9 @@
 //! - [`Subscriber`]: a long-lived registration with heartbeat, explicit
 //!   acknowledgements and automatic reconnect (backoff 1 s → 30 s) that
 //!   resumes from the agent's cursor — `BusClient` without its churn.
+//! - [`http`]: the same over the HTTP `/v1` API.
 
+pub mod http;
 mod subscriber;
 
 use std::path::{Path, PathBuf};

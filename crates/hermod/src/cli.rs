@@ -114,9 +114,35 @@ pub struct ClientArgs {
     /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Talk to the daemon over HTTP instead, e.g. http://127.0.0.1:18900
+    /// [env: HERMOD_URL, AGENT_BUS_URL]
+    #[arg(long, value_name = "URL", conflicts_with = "socket")]
+    pub url: Option<String>,
+}
+
+/// Where a client command reaches the daemon.
+pub enum Endpoint {
+    Unix(PathBuf),
+    Http(String),
 }
 
 impl ClientArgs {
+    /// `--url`, `--socket`, `HERMOD_URL`, `AGENT_BUS_URL`, `HERMOD_SOCKET`,
+    /// then the default socket, in that order.
+    pub fn endpoint(&self) -> Endpoint {
+        if let Some(url) = &self.url {
+            return Endpoint::Http(url.clone());
+        }
+        if self.socket.is_none() {
+            for var in ["HERMOD_URL", "AGENT_BUS_URL"] {
+                if let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) {
+                    return Endpoint::Http(url);
+                }
+            }
+        }
+        Endpoint::Unix(self.socket())
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.socket
             .clone()
@@ -167,6 +193,13 @@ pub struct BenchArgs {
     /// in a temporary directory.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// The running daemon's HTTP URL (with --socket; without it, HTTP runs
+    /// are skipped).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Run only the Unix-socket or only the HTTP benchmarks.
+    #[arg(long, value_parser = ["unix", "http"])]
+    pub only: Option<String>,
     /// Messages for the throughput run.
     #[arg(long, default_value_t = 200_000)]
     pub messages: u64,

@@ -8,4 +8,5 @@ mod cli;
 mod crash;
 mod hermes_bus;
 mod hooks;
+mod http;
 mod unix;

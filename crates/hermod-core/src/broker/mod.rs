@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use registry::{AgentInfo, Connection};
@@ -43,7 +43,22 @@ struct Shared {
     taps_dropped: AtomicU64,
     /// Set while the engine holds stamped messages that are not readable yet.
     stamping: AtomicBool,
+    /// Live presence events (not stored: a reader that falls behind skips).
+    presence: broadcast::Sender<Presence>,
+    /// Engine commits that stored messages (batch size = messages / commits).
+    commits: AtomicU64,
 }
+
+/// An agent connected: a live notice for whoever is listening now.
+#[derive(Debug, Clone)]
+pub struct Presence {
+    pub key: InboxKey,
+    pub transport: &'static str,
+    pub ts: f64,
+}
+
+/// Presence events buffered per listener before it starts skipping.
+const PRESENCE_BUFFER: usize = 1024;
 
 struct State {
     inboxes: Inboxes,
@@ -71,6 +86,7 @@ impl CommitObserver for Shared {
             }
             if let Some(last) = batch.last() {
                 state.committed = (last.message.seq, last.message.ts);
+                self.commits.fetch_add(1, Ordering::Relaxed);
             }
             // Cleared under the lock, after the watermark moved.
             self.stamping.store(false, Ordering::SeqCst);
@@ -148,6 +164,8 @@ impl Broker {
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
             stamping: AtomicBool::new(false),
+            presence: broadcast::channel(PRESENCE_BUFFER).0,
+            commits: AtomicU64::new(0),
         });
         let engine = make(shared.clone())?;
         let last = engine.last()?;
@@ -165,17 +183,6 @@ impl Broker {
     /// Routes and submits a message; the returned future resolves once it
     /// is durable. `from` is the resolved sender.
     pub async fn send(&self, env: Envelope, from: AgentName, target: Target) -> Result<Durable> {
-        self.send_except(env, from, target, None).await
-    }
-
-    /// [`Broker::send`], leaving `except` out of a broadcast.
-    pub async fn send_except(
-        &self,
-        env: Envelope,
-        from: AgentName,
-        target: Target,
-        except: Option<&AgentName>,
-    ) -> Result<Durable> {
         let now = model::now();
         let (recipients, newly_known) = {
             let mut state = self.shared.state.lock().unwrap();
@@ -189,11 +196,7 @@ impl Broker {
                     let new = !known && state.registry.know(&key, now, now);
                     (vec![to.clone()], new.then_some(key))
                 }
-                None => {
-                    let mut targets = state.registry.broadcast_targets(&env.channel, &from);
-                    targets.retain(|t| Some(t) != except);
-                    (targets, None)
-                }
+                None => (state.registry.broadcast_targets(&env.channel, &from), None),
             }
         };
         if let Some(key) = newly_known {
@@ -241,9 +244,21 @@ impl Broker {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>> {
-        let agent = agent.clone();
-        self.blocking(move |e| e.read_agent(&agent, after, limit))
-            .await
+        let channels = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .channels_of(agent);
+        let mut all = Vec::new();
+        for channel in channels {
+            let key = InboxKey::new(channel, agent.clone());
+            all.extend(self.read(&key, after, limit).await?);
+        }
+        all.sort_by_key(|m| m.seq);
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// The last seq whose ts is `<= ts`: turns a `since=ts` cursor into a seq.
@@ -389,8 +404,19 @@ impl Broker {
                 kick: session.kicked.clone(),
             },
         );
-        self.engine.remember_agent(key, now).await?;
+        self.engine.remember_agent(key.clone(), now).await?;
+        // Nobody listening is fine: presence is live-only.
+        let _ = self.shared.presence.send(Presence {
+            key,
+            transport,
+            ts: now,
+        });
         Ok(session)
+    }
+
+    /// Every connection from now on, as it happens.
+    pub fn presence(&self) -> broadcast::Receiver<Presence> {
+        self.shared.presence.subscribe()
     }
 
     /// Notes activity of a connected agent.
@@ -434,6 +460,11 @@ impl Broker {
         taps.retain(|t| !t.is_closed());
         taps.push(tx);
         rx
+    }
+
+    /// Engine commits that stored at least one message since start.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
     pub fn taps_dropped(&self) -> u64 {

@@ -81,6 +81,15 @@ impl Registry {
         }
     }
 
+    /// The channels on which `agent` is known.
+    pub(crate) fn channels_of(&self, agent: &AgentName) -> Vec<Channel> {
+        self.channels
+            .iter()
+            .filter(|(_, agents)| agents.contains_key(agent))
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
     /// Everyone known on `channel` except `sender`.
     pub(crate) fn broadcast_targets(
         &self,

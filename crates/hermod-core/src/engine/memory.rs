@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
 use crate::error::Result;
-use crate::model::{AgentName, BusClock, InboxKey, Message, NewMessage, Seq};
+use crate::model::{BusClock, InboxKey, Message, NewMessage, Seq};
 
 #[derive(Default)]
 struct State {
@@ -78,22 +78,6 @@ impl Engine for MemoryEngine {
             .iter()
             .take(limit)
             .filter_map(|s| state.log.get(s).cloned())
-            .collect())
-    }
-
-    fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
-        let state = self.state.lock().unwrap();
-        let mut seqs: Vec<Seq> = state
-            .inboxes
-            .iter()
-            .filter(|(k, _)| &k.agent == agent)
-            .flat_map(|(k, _)| Self::inbox_after(&state, k, after).iter().copied())
-            .collect();
-        seqs.sort_unstable();
-        Ok(seqs
-            .into_iter()
-            .take(limit)
-            .filter_map(|s| state.log.get(&s).cloned())
             .collect())
     }
 

@@ -67,9 +67,6 @@ pub trait Engine: Send + Sync + 'static {
     /// Messages in `key`'s inbox with `seq > after`, oldest first, at most `limit`.
     fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
 
-    /// Like [`Engine::read_inbox`], over the agent's inboxes on every channel.
-    fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
-
     /// The last seq whose ts is `<= ts` (0 if none): turns a `since=ts`
     /// cursor into a seq cursor.
     fn seq_at_ts(&self, ts: f64) -> Result<Seq>;

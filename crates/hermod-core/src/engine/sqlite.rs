@@ -40,7 +40,6 @@ CREATE TABLE IF NOT EXISTS messages (
     sent_ts   REAL,
     body      TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_ts ON messages(ts);
 -- The inbox index: which inboxes each message landed in.
 CREATE TABLE IF NOT EXISTS inbox (
     channel TEXT NOT NULL,
@@ -48,7 +47,6 @@ CREATE TABLE IF NOT EXISTS inbox (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, agent, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS inbox_agent ON inbox(agent, seq);
 CREATE TABLE IF NOT EXISTS cursors (
     channel TEXT NOT NULL,
     agent   TEXT NOT NULL,
@@ -191,26 +189,36 @@ impl Engine for SqliteEngine {
         })
     }
 
-    fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
-        self.with_reader(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body
-                 FROM inbox i JOIN messages m ON m.seq = i.seq
-                 WHERE i.agent = ?1 AND i.seq > ?2
-                 ORDER BY i.seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(
-                params![agent.as_str(), after as i64, limit as i64],
-                row_to_message,
-            )?;
-            rows.map(|r| r.map(Arc::new)).collect()
-        })
-    }
-
     fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        // ts grows with seq, so a binary search over seq needs no ts index
+        // (one less index to write per message).
         self.with_reader(|c| {
-            c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE ts <= ?1")?
-                .query_row([ts], |r| r.get::<_, i64>(0).map(|s| s as Seq))
+            let mut next = c.prepare_cached(
+                "SELECT seq, ts FROM messages WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+            )?;
+            let mut at_or_after = |seq: i64| -> rusqlite::Result<Option<(i64, f64)>> {
+                next.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            };
+            let (mut lo, mut hi) = match (
+                at_or_after(0)?,
+                c.query_row("SELECT MAX(seq) FROM messages", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })?,
+            ) {
+                (Some((first, first_ts)), Some(last)) if first_ts <= ts => (first, last),
+                _ => return Ok(0),
+            };
+            // Invariant: the row at `lo` has ts <= `ts`; find the last such row.
+            while lo < hi {
+                let mid = lo + (hi - lo + 1) / 2;
+                match at_or_after(mid)? {
+                    Some((seq, row_ts)) if row_ts <= ts => lo = seq,
+                    // Every row from `mid` on is newer than `ts`.
+                    _ => hi = mid - 1,
+                }
+            }
+            Ok(lo as Seq)
         })
     }
 

@@ -6,7 +6,8 @@
 //! ([`hermod_core::Broker::ack`] returns where it was), so a message goes
 //! out through exactly one of them. An SSE reconnect with `Last-Event-ID`
 //! replays what the previous stream claimed after that id (it may have died
-//! in flight), then continues.
+//! in flight), then continues. Streams also carry live
+//! `subscriber_connected` notices when a peer opens its stream.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -208,9 +209,10 @@ async fn subscribe(
         Some(id) if id < cursor => (id, cursor),
         _ => (cursor, 0),
     };
-    announce(&app.broker, &key).await;
-    let stream = claimed_events(app.broker.clone(), key, after, replay_until, session)
-        .take_until(app.shutdown.clone().cancelled_owned());
+    let notices = peer_notices(&app.broker, key.clone());
+    let inbox = claimed_events(app.broker.clone(), key, after, replay_until, session);
+    let stream =
+        futures::stream::select(inbox, notices).take_until(app.shutdown.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(
         KeepAlive::new()
             .interval(app.config.keepalive)
@@ -225,27 +227,33 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<Seq> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Tells the channel's other agents that `key` opened its stream.
-async fn announce(broker: &Broker, key: &InboxKey) {
-    let body = Body::from_map(serde_json::Map::from_iter([
-        ("type".to_owned(), json!("subscriber_connected")),
-        ("agent".to_owned(), json!(key.agent)),
-    ]));
-    let env = Envelope {
-        to: None,
-        from: None,
-        id: None,
-        sent_ts: None,
-        channel: key.channel.clone(),
-        body,
-    };
-    let interop = AgentName::parse(INTEROP).expect("valid name");
-    if let Err(e) = broker
-        .send_except(env, interop, Target::Any, Some(&key.agent))
-        .await
-    {
-        tracing::warn!(error = %e, "cannot announce subscriber");
-    }
+/// `subscriber_connected` notices: another agent of this channel opened
+/// its stream. Live only (not stored, no `id:`), so a waiting agent learns
+/// its peer is back without filling every inbox with stale notices.
+fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Event, Infallible>> {
+    futures::stream::unfold(broker.presence(), move |mut rx| {
+        let me = me.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(p)
+                        if p.transport == "sse"
+                            && p.key.channel == me.channel
+                            && p.key.agent != me.agent =>
+                    {
+                        let notice = json!({
+                            "type": "subscriber_connected",
+                            "agent": p.key.agent,
+                            "_meta": { "from": INTEROP, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
+                        });
+                        return Some((Ok(Event::default().data(notice.to_string())), rx));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
 }
 
 /// The inbox as SSE events, each claimed through the shared cursor.

@@ -64,6 +64,12 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             .collect(),
     );
     metric(
+        "hermod_commits_total",
+        "counter",
+        "Group commits that stored messages since start (messages per commit = batch size).",
+        vec![(String::new(), app.broker.commits().to_string())],
+    );
+    metric(
         "hermod_tap_dropped_total",
         "counter",
         "Committed messages a slow hook runner missed.",

@@ -4,15 +4,19 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::ClientArgs;
+use crate::cli::{ClientArgs, Endpoint};
 
 pub fn run(args: &ClientArgs) -> Result<ExitCode> {
-    let socket = args.socket();
     let agents = super::runtime()?.block_on(async {
-        hermod_client::Connection::connect(&socket)
-            .await?
-            .agents()
-            .await
+        match args.endpoint() {
+            Endpoint::Unix(socket) => {
+                hermod_client::Connection::connect(&socket)
+                    .await?
+                    .agents()
+                    .await
+            }
+            Endpoint::Http(url) => hermod_client::http::HttpClient::new(&url).agents().await,
+        }
     })?;
     let now = hermod_core::model::now();
     println!(

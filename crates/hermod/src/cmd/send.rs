@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use hermod_client::Draft;
 
-use crate::cli::{self, SendArgs};
+use crate::cli::{self, Endpoint, SendArgs};
+use hermod_client::http::HttpClient;
 
 pub fn run(args: &SendArgs) -> Result<ExitCode> {
     let text = match &args.text {
@@ -40,8 +41,12 @@ pub fn run(args: &SendArgs) -> Result<ExitCode> {
         channel: cli::channel(&args.channel),
         body,
     };
-    let socket = args.client.socket();
-    let sent = super::runtime()?.block_on(hermod_client::send(&socket, draft))?;
+    let sent = super::runtime()?.block_on(async {
+        match args.client.endpoint() {
+            Endpoint::Unix(socket) => hermod_client::send(&socket, draft).await,
+            Endpoint::Http(url) => HttpClient::new(&url).send(draft).await,
+        }
+    })?;
     println!("sent {} (seq {})", sent.id, sent.seq);
     Ok(ExitCode::SUCCESS)
 }

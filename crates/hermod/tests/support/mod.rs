@@ -18,6 +18,7 @@ pub struct Daemon {
     /// `http://127.0.0.1:PORT` of the HTTP front (a free port per start).
     pub http: String,
     child: Option<Child>,
+    args: Vec<String>,
     envs: Vec<(String, String)>,
 }
 
@@ -27,6 +28,11 @@ impl Daemon {
     }
 
     pub fn start_with_env(envs: &[(&str, &str)]) -> Self {
+        Self::start_with(&[], envs)
+    }
+
+    /// Starts with extra `serve` flags and environment.
+    pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("hermod.sock");
         let mut d = Daemon {
@@ -34,6 +40,7 @@ impl Daemon {
             socket,
             http: String::new(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
             envs: envs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -66,6 +73,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket)
             .args(["--http", "127.0.0.1:0", "--sse-keepalive", "1"])
+            .args(&self.args)
             .env("RUST_LOG", "hermod=debug,info")
             .env("HERMES_BUS_HOOKS", "none")
             .stdin(Stdio::null())

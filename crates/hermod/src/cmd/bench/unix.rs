@@ -1,89 +1,14 @@
-//! `hermod bench`: durable 1→1 throughput and latency over the Unix socket.
-//!
-//! Without `--socket` it starts `hermod serve` (this same binary, SQLite
-//! store with fsync on every commit) on a temporary data directory, so the
-//! figures include everything a real client pays: framing, routing, group
-//! commit, delivery and the consumption check.
-//!
-//! - **Throughput**: `--senders` connections pipeline `--messages` durable
-//!   `send`s to one registered receiver. Reported: receipts/s (durable) and
-//!   deliveries/s.
-//! - **Latency**: one sender at `--rate` msgs/s for `--seconds`; each body
-//!   carries its send instant. Reported: p50/p99/max of send→durable receipt
-//!   and send→delivery to the registered receiver.
+//! Durable 1→1 throughput and latency over the Unix socket.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use hermod_client::{Connection, FrameReader};
 use hermod_core::model::Body;
 use hermod_core::wire::{AckMode, ClientFrame, Outgoing, ServerFrame};
-
-use crate::cli::BenchArgs;
-
-pub fn run(args: &BenchArgs) -> Result<ExitCode> {
-    let (socket, _server) = match &args.socket {
-        Some(s) => (s.clone(), None),
-        None => {
-            let server = Server::start()?;
-            (server.socket.clone(), Some(server))
-        }
-    };
-    super::runtime()?.block_on(async {
-        throughput(&socket, args.messages, args.senders.max(1)).await?;
-        latency(&socket, args.rate.max(1), args.seconds.max(1)).await
-    })?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// A `hermod serve` child on a temporary data directory.
-struct Server {
-    child: std::process::Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let socket = dir.path().join("hermod.sock");
-        let child = std::process::Command::new(std::env::current_exe()?)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("RUST_LOG", "warn")
-            .env("HERMES_BUS_HOOKS", "none")
-            .spawn()
-            .context("cannot start hermod serve")?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            if Instant::now() > deadline {
-                bail!("the benchmark server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        println!(
-            "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
-            dir.path().display()
-        );
-        Ok(Self {
-            child,
-            socket,
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn frame(to: &str, body: String) -> ClientFrame {
     ClientFrame::Send(Outgoing {
@@ -107,7 +32,7 @@ async fn receiver(socket: &Path, name: &str) -> Result<(FrameReader, hermod_clie
     Ok(c.split())
 }
 
-async fn throughput(socket: &Path, messages: u64, senders: u64) -> Result<()> {
+pub(super) async fn throughput(socket: &Path, messages: u64, senders: u64) -> Result<()> {
     let rx_name = format!("bench-rx-{}", std::process::id());
     let (mut rx, _rx_w) = receiver(socket, &rx_name).await?;
     let per_sender = messages / senders;
@@ -171,7 +96,7 @@ async fn throughput(socket: &Path, messages: u64, senders: u64) -> Result<()> {
     Ok(())
 }
 
-async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()> {
+pub(super) async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()> {
     #[derive(serde::Deserialize)]
     struct Probe {
         body: ProbeBody,
@@ -238,19 +163,7 @@ async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()> {
     let _writer = send.await??;
     let durable = receipts.await??;
     println!("latency: {total} messages at {rate} msgs/s, 1 sender -> 1 receiver");
-    report("  send -> durable receipt", durable);
-    report("  send -> delivered     ", delivery);
+    super::report("  send -> durable receipt", durable);
+    super::report("  send -> delivered     ", delivery);
     Ok(())
-}
-
-fn report(label: &str, mut nanos: Vec<u64>) {
-    nanos.sort_unstable();
-    let pct = |p: f64| nanos[((nanos.len() as f64 - 1.0) * p) as usize] as f64 / 1e6;
-    println!(
-        "{label}: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
-        pct(0.50),
-        pct(0.99),
-        pct(0.999),
-        pct(1.0)
-    );
 }

@@ -1,0 +1,125 @@
+//! `hermod bench`: throughput and latency of a real daemon, over the Unix
+//! socket ([`unix`]) and the HTTP front ([`http`]).
+//!
+//! Without `--socket` it starts `hermod serve` (this same binary, SQLite
+//! store with fsync on every commit) on a temporary data directory, so the
+//! figures include everything a real client pays: framing, routing, group
+//! commit, delivery and the consumption check.
+//!
+//! Runs, each reported with what it measured:
+//! - unix throughput: `--senders` connections pipeline `--messages` durable
+//!   `send`s to one registered receiver (receipts/s, deliveries/s);
+//! - unix latency: one sender at `--rate` msgs/s for `--seconds` (send →
+//!   durable receipt, send → delivery);
+//! - HTTP `/send` throughput with 16 concurrent keep-alive clients;
+//! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
+//! - SSE fan-out: one `/broadcast` to 1,000 `/subscribe` streams.
+
+mod http;
+mod unix;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::BenchArgs;
+
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    let (socket, server) = match &args.socket {
+        Some(s) => (s.clone(), None),
+        None => {
+            let server = Server::start()?;
+            (server.socket.clone(), Some(server))
+        }
+    };
+    let http_url = match (&args.url, &server) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(s)) => Some(s.http.clone()),
+        (None, None) => None,
+    };
+    super::runtime()?.block_on(async {
+        if args.only.as_deref().is_none_or(|o| o == "unix") {
+            unix::throughput(&socket, args.messages, args.senders.max(1)).await?;
+            unix::latency(&socket, args.rate.max(1), args.seconds.max(1)).await?;
+        }
+        if let (Some(url), true) = (http_url, args.only.as_deref().is_none_or(|o| o == "http")) {
+            http::send_throughput(&url, args.messages / 2, 16).await?;
+            http::long_poll_latency(&url, 1000).await?;
+            http::sse_fanout(&url, 1000, 10).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A `hermod serve` child on a temporary data directory.
+struct Server {
+    child: std::process::Child,
+    socket: PathBuf,
+    http: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("hermod.sock");
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--http", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .env("HERMES_BUS_HOOKS", "none")
+            .spawn()
+            .context("cannot start hermod serve")?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let runtime = dir.path().join(super::serve::RUNTIME_FILE);
+        let http = loop {
+            let url = std::fs::read(&runtime)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["http"].as_str().map(str::to_owned));
+            if let Some(url) = url {
+                if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                    break url;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the benchmark server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        println!(
+            "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
+            dir.path().display()
+        );
+        Ok(Self {
+            child,
+            socket,
+            http,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(super) fn report(label: &str, mut nanos: Vec<u64>) {
+    nanos.sort_unstable();
+    let pct = |p: f64| nanos[((nanos.len() as f64 - 1.0) * p) as usize] as f64 / 1e6;
+    println!(
+        "{label}: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0)
+    );
+}

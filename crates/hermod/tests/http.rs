@@ -1,0 +1,91 @@
+//! The HTTP front with real clients: agent-bus, SSE-interop and v1 over
+//! httpx / httpx-sse / websockets (scripts in `tests/py/`), the cross-
+//! protocol matrix, schemathesis against the generated OpenAPI document,
+//! and the CLI over `--url`.
+
+use std::process::Command;
+
+use crate::support::{python, run_python, stderr, stdout, Daemon};
+
+#[test]
+fn every_protocol_reaches_every_other() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "http_matrix.py"));
+}
+
+#[test]
+fn long_poll_wakes_on_send_and_cursors_never_skip() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "long_poll.py"));
+}
+
+#[test]
+fn a_thousand_sse_subscribers_all_get_a_broadcast() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "sse_fanout.py"));
+}
+
+#[test]
+fn sse_resumes_with_last_event_id_and_poll_shares_the_cursor() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "sse_resume.py"));
+}
+
+#[test]
+fn http_limits_and_errors_are_json() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "http_limits.py"));
+}
+
+/// schemathesis generates requests from `/v1/openapi.json` and checks every
+/// response: no server errors, and nothing that breaks the schema.
+#[test]
+fn schemathesis_finds_no_server_errors_or_schema_violations() {
+    // Long-polls answer at once here, so the generated `wait`s stay fast.
+    let d = Daemon::start_with(&["--long-poll-max", "0"], &[]);
+    let st = python().with_file_name("schemathesis");
+    let out = Command::new(st)
+        .args(["run", &format!("{}/v1/openapi.json", d.http)])
+        .args(["--checks", "all", "--workers", "1", "--max-examples", "60"])
+        .args(["--seed", "1"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run schemathesis");
+    let report = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "schemathesis found problems:\n{report}");
+    assert!(report.contains("passed"), "{report}");
+}
+
+#[test]
+fn cli_sends_and_receives_over_http() {
+    let d = Daemon::start();
+    let run = |args: &[&str]| {
+        Command::new(crate::support::HERMOD)
+            .args(args)
+            .env("HERMOD_URL", &d.http)
+            .env_remove("HERMOD_SOCKET")
+            .env_remove("AGENT_NAME")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["send", "--from", "web", "httpbob", "über HTTP ✓"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["recv", "--count", "1", "--timeout", "20", "httpbob"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("Z] from web (default):\nüber HTTP ✓\n---\n"), "{}", stdout(&out));
+    // Acknowledged over HTTP too: nothing left.
+    let out = run(&["recv", "--timeout", "1", "httpbob"]);
+    assert_eq!(out.status.code(), Some(124));
+    // AGENT_BUS_URL works as well, and the Unix socket sees the same store.
+    let out = Command::new(crate::support::HERMOD)
+        .args(["send", "httpbob", "via agent-bus env"])
+        .env("AGENT_BUS_URL", &d.http)
+        .env_remove("HERMOD_URL")
+        .env_remove("HERMOD_SOCKET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["recv", "--json", "--count", "1", "--timeout", "20", "httpbob"]);
+    let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(line["body"]["text"], "via agent-bus env");
+}
