@@ -139,6 +139,12 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 
 /// Parses and validates one frame payload.
 pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
+    parse_client_frame_in(bytes, &Channel::default())
+}
+
+/// [`parse_client_frame`] on a connection bound to `channel`: messages
+/// without a `channel` field go there.
+pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request> {
     // serde_json skips unknown fields without checking their UTF-8, so the
     // whole payload is validated first: a frame is UTF-8 JSON or an error.
     let text = std::str::from_utf8(bytes)
@@ -156,8 +162,8 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
             ack: frame.ack.unwrap_or_default(),
         },
         "ping" => Request::Ping,
-        "message" => Request::Message(frame.envelope()?),
-        "send" => Request::Send(frame.envelope()?),
+        "message" => Request::Message(frame.envelope(channel)?),
+        "send" => Request::Send(frame.envelope(channel)?),
         "list_endpoints" => Request::ListEndpoints,
         "ack" => Request::Ack(frame.seq.ok_or_else(|| missing("seq"))?),
         "agents" => Request::Agents,
@@ -185,7 +191,7 @@ pub fn parse_channel(channel: Option<String>) -> Result<Channel> {
 
 impl RawFrame<'_> {
     /// Validates names and the body; an empty or missing `to` is a broadcast.
-    fn envelope(self) -> Result<Envelope> {
+    fn envelope(self, default_channel: &Channel) -> Result<Envelope> {
         let to = match self.to {
             Some(t) if !t.is_empty() => Some(AgentName::parse(t)?),
             _ => None,
@@ -209,7 +215,10 @@ impl RawFrame<'_> {
             from,
             id,
             sent_ts: self.ts.as_ref().and_then(Value::as_f64),
-            channel: parse_channel(self.channel)?,
+            channel: match self.channel {
+                Some(c) if !c.is_empty() => Channel::parse(c)?,
+                _ => default_channel.clone(),
+            },
             body,
         })
     }

@@ -52,7 +52,10 @@ fn schemathesis_finds_no_server_errors_or_schema_violations() {
         .output()
         .expect("run schemathesis");
     let report = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(out.status.success(), "schemathesis found problems:\n{report}");
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{report}"
+    );
     assert!(report.contains("passed"), "{report}");
 }
 
@@ -72,7 +75,11 @@ fn cli_sends_and_receives_over_http() {
     assert!(out.status.success(), "{}", stderr(&out));
     let out = run(&["recv", "--count", "1", "--timeout", "20", "httpbob"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).ends_with("Z] from web (default):\nüber HTTP ✓\n---\n"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).ends_with("Z] from web (default):\nüber HTTP ✓\n---\n"),
+        "{}",
+        stdout(&out)
+    );
     // Acknowledged over HTTP too: nothing left.
     let out = run(&["recv", "--timeout", "1", "httpbob"]);
     assert_eq!(out.status.code(), Some(124));
@@ -85,7 +92,15 @@ fn cli_sends_and_receives_over_http() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = d.cli(&["recv", "--json", "--count", "1", "--timeout", "20", "httpbob"]);
+    let out = d.cli(&[
+        "recv",
+        "--json",
+        "--count",
+        "1",
+        "--timeout",
+        "20",
+        "httpbob",
+    ]);
     let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(line["body"]["text"], "via agent-bus env");
 }

@@ -61,7 +61,15 @@ impl From<Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.detail, "code": self.code });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The unread body makes the connection unusable: say so.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 
@@ -74,28 +82,59 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let limit = hermod_core::wire::MAX_FRAME;
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        // Refused from the header alone: the body is never read.
+        if let Some(size) = declared.filter(|&n| n > limit) {
+            return Err(Error::TooLarge { size, limit }.into());
+        }
         let bytes =
             axum::body::Bytes::from_request(req, state)
                 .await
                 .map_err(|e: BytesRejection| {
                     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                         ApiError::from(Error::TooLarge {
-                            size: 0,
-                            limit: hermod_core::wire::MAX_FRAME,
+                            size: limit + 1,
+                            limit,
                         })
                     } else {
                         ApiError::bad_request(e.body_text())
                     }
                 })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::from(Error::InvalidJson(e.to_string())))
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            // Broken JSON is `invalid_json`; well-formed JSON of the wrong
+            // shape (missing field, wrong type) is `invalid_request`.
+            ApiError::from(
+                match std::str::from_utf8(&bytes)
+                    .map_err(|u| u.to_string())
+                    .and_then(|text| {
+                        serde_json::from_str::<serde::de::IgnoredAny>(text)
+                            .map_err(|j| j.to_string())
+                    }) {
+                    Err(syntax) => Error::InvalidJson(syntax),
+                    Ok(_) => Error::InvalidRequest(e.to_string()),
+                },
+            )
+        })
     }
 }
 
 /// Unknown routes answer 404 with a JSON body.
 pub async fn fallback(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// A known route with the wrong method answers 405 with a JSON body.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        code: "method_not_allowed",
+        detail: format!("{method} is not allowed on {}", uri.path()),
+    }
 }
 
 /// `Query<T>` with a JSON 400 on bad parameters.

@@ -61,6 +61,7 @@ pub fn app(state: AppState) -> Router {
         .merge(v1::router())
         .merge(metrics::router())
         .fallback(error::fallback)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_FRAME))
         .with_state(state)
 }

@@ -485,7 +485,7 @@ async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
                 _ => break,
             },
             incoming = rx.next() => match incoming {
-                Some(Ok(ws::Message::Text(text))) => vec![ws_request(&app, &key, text.as_bytes()).await],
+                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &key, text.as_bytes()).await.into_iter().collect(),
                 Some(Ok(ws::Message::Binary(_))) => {
                     let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
                     vec![frame_json(ServerFrame::error(&e, None))]
@@ -507,11 +507,12 @@ fn frame_json(frame: ServerFrame) -> String {
     String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
 }
 
-/// Handles one client frame on a v1 WebSocket; returns the reply.
-async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> String {
-    let request = match wire::parse_client_frame(bytes) {
+/// Handles one client frame on a v1 WebSocket; returns the reply, if any.
+/// Frames without a `channel` use the socket's channel.
+async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> Option<String> {
+    let request = match wire::parse_client_frame_in(bytes, &key.channel) {
         Ok(r) => r,
-        Err(e) => return frame_json(ServerFrame::error(&e, None)),
+        Err(e) => return Some(frame_json(ServerFrame::error(&e, None))),
     };
     let reply = match request {
         Request::Ping => Ok(ServerFrame::Pong),
@@ -532,7 +533,7 @@ async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> String {
             }
         }
         Request::Ack(seq) => match app.broker.ack(key, seq).await {
-            Ok(_) => return String::new(),
+            Ok(_) => return None,
             Err(e) => Err((e, None)),
         },
         Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
@@ -545,8 +546,8 @@ async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> String {
             None,
         )),
     };
-    match reply {
+    Some(match reply {
         Ok(frame) => frame_json(frame),
         Err((e, id)) => frame_json(ServerFrame::error(&e, id)),
-    }
+    })
 }

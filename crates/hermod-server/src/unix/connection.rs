@@ -171,7 +171,13 @@ impl Reader {
         if let Some(s) = &self.session {
             self.broker.touch(&s.key);
         }
-        let request = match wire::parse_client_frame(bytes) {
+        // A registered connection's messages default to its channel.
+        let channel = self
+            .session
+            .as_ref()
+            .map(|s| s.key.channel.clone())
+            .unwrap_or_default();
+        let request = match wire::parse_client_frame_in(bytes, &channel) {
             Ok(r) => r,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
         };

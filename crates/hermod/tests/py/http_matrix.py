@@ -22,6 +22,9 @@ After everything arrived a 1 s settle catches duplicates.  The matrix then
 runs again on a non-default channel for the 16 pairs without interop (the
 documented interop endpoints have no channel parameter): the messages carry
 that channel and the receivers listen only on it.
+
+Last, the v1 WebSocket control frames: ``ack`` advances the cursor and gets
+no reply, ``ping`` gets ``pong``.
 """
 import json
 import os
@@ -295,6 +298,44 @@ def run_matrix(senders, receivers, channel):
             ws.close()
 
 
+def test_ws_control():
+    """On a v1 WebSocket, ``ack`` advances the cursor and gets no reply;
+    ``ping`` gets ``pong``."""
+    me = unique_name("mx-wsctl")
+    peer = unique_name("mx-wspeer")
+    with httpbus.client() as http:
+        receipt = send_v1http(http, peer, me, ("body", {"text": "ack me ✓"}), None)
+        conn = ws_client.connect(httpbus.ws_url("/v1/agents/%s/ws" % me), open_timeout=10,
+                                 close_timeout=2, legacy=True)
+        try:
+            first = json.loads(conn.recv(timeout=10))
+            check(first.get("type") == "message" and first.get("seq") == receipt["seq"],
+                  "v1 ws: expected the pending message first, got %r" % first)
+            conn.send(json.dumps({"type": "ack", "seq": receipt["seq"]}))
+            conn.send(json.dumps({"type": "ping"}))
+            frames = []
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    text = conn.recv(timeout=max(0.05, deadline - time.monotonic()))
+                except TimeoutError:
+                    break
+                frames.append(text)
+                if '"pong"' in text:
+                    break
+            check(frames and json.loads(frames[-1]).get("type") == "pong",
+                  "v1 ws: no pong after ack + ping; frames %r" % frames)
+            check(len(frames) == 1,
+                  "v1 ws: 'ack' must get no reply, but before the pong the daemon sent %r"
+                  % frames[:-1])
+        finally:
+            conn.close()
+        page = expect_json(http.get("/v1/agents/%s/inbox" % me), 200, "v1 inbox after ws ack")
+        check(page.get("cursor") == receipt["seq"] and page.get("messages") == [],
+              "v1 ws ack did not advance the cursor to %r: %r" % (receipt["seq"], page))
+    log("v1 ws: ack advances the cursor without a reply, ping -> pong")
+
+
 def main():
     t0 = time.monotonic()
     with httpbus.client() as http:
@@ -302,6 +343,7 @@ def main():
     run_matrix(SENDERS, RECEIVERS, None)
     chan = unique_name("mx-chan")
     run_matrix([s for s in SENDERS if s != "interop"], [r for r in RECEIVERS if r != "interop"], chan)
+    test_ws_control()
     log("matrix done in %.1fs" % (time.monotonic() - t0))
 
 

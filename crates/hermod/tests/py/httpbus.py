@@ -17,7 +17,6 @@ and are joined with a deadline.
 """
 import json
 import os
-import queue
 import threading
 import time
 
@@ -245,8 +244,10 @@ class SSEReader(Receiver):
 
     kind = "sse"
 
-    def __init__(self, path, label, params=None, headers=None, normalise=None):
+    def __init__(self, path, label, params=None, headers=None, normalise=None,
+                 socket_options=None):
         super().__init__(label)
+        self.socket_options = socket_options
         self.path = path
         self.params = params or {}
         self.headers = dict(headers or {})
@@ -256,10 +257,14 @@ class SSEReader(Receiver):
         self.status = None
         self.content_type = None
         self.error_body = None
+        # while set, the reader stops pulling bytes (TCP backpressure on the
+        # daemon's side of the stream)
+        self.hold = threading.Event()
 
     def _run(self):
         timeout = httpx.Timeout(HTTP_TIMEOUT, read=STREAM_READ_TIMEOUT)
-        with httpx.Client(base_url=base_url(), timeout=timeout) as c:
+        transport = httpx.HTTPTransport(socket_options=self.socket_options)
+        with httpx.Client(base_url=base_url(), timeout=timeout, transport=transport) as c:
             with connect_sse(c, "GET", self.path, params=self.params,
                              headers=dict(self.headers)) as es:
                 resp = es.response
@@ -276,8 +281,10 @@ class SSEReader(Receiver):
                 self.ready.set()
                 decoder = SSEDecoder()
                 lines = SSELineDecoder()
-                has_data = False
+                has_data = has_id = False
                 for chunk in resp.iter_text():
+                    while self.hold.is_set() and not self._stop.is_set():
+                        time.sleep(0.02)
                     for line in lines.decode(chunk):
                         if self._stop.is_set():
                             return
@@ -287,29 +294,33 @@ class SSEReader(Receiver):
                             continue
                         if line.startswith("data"):
                             has_data = True
+                        if line.startswith("id"):
+                            has_id = True
                         sse = decoder.decode(line)
                         # httpx-sse 0.4.3 dispatches an empty event on the
-                        # blank line after a comment once it has seen an id;
-                        # the SSE spec dispatches nothing without data lines
+                        # blank line after a comment once it has seen an id,
+                        # and carries the last id into events without one;
+                        # the SSE spec dispatches nothing without data lines,
+                        # and here an event's id is its own ``id:`` line
                         if sse is not None and has_data:
-                            self._event(sse)
+                            self._event(sse, sse.id if has_id else None)
                         if sse is not None:
-                            has_data = False
+                            has_data = has_id = False
                     if self._stop.is_set():
                         return
                 if not self._stop.is_set():
                     raise TestFailure("the daemon ended the stream")
 
-    def _event(self, sse):
+    def _event(self, sse, event_id):
         with self._lock:
-            self.events.append((sse.id, sse.data))
+            self.events.append((event_id, sse.data))
         try:
             obj = json.loads(sse.data)
         except ValueError:
             raise TestFailure("event data is not JSON: %r" % sse.data[:300])
         if self.normalise is not None:
             rec = self.normalise(obj, self.label)
-            rec["event_id"] = sse.id
+            rec["event_id"] = event_id
             self._add(rec)
 
     def event_snapshot(self):
@@ -330,7 +341,7 @@ def v1_stream(agent, label=None, channel=None, after=None, last_event_id=None):
                      params=params, headers=headers, normalise=norm_frame)
 
 
-def interop_stream(agent, label=None, channel=None, last_event_id=None):
+def interop_stream(agent, label=None, channel=None, last_event_id=None, socket_options=None):
     params = {"agent": agent}
     if channel is not None:
         params["channel"] = channel
@@ -338,7 +349,8 @@ def interop_stream(agent, label=None, channel=None, last_event_id=None):
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
     return SSEReader("/subscribe", label or "subscribe(%s)" % agent,
-                     params=params, headers=headers, normalise=norm_interop)
+                     params=params, headers=headers, normalise=norm_interop,
+                     socket_options=socket_options)
 
 
 class WSReader(Receiver):
