@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
+use axum::serve::ListenerExt;
 use axum::Router;
 use hermod_core::wire::MAX_FRAME;
 use hermod_core::Broker;
@@ -69,6 +70,12 @@ pub fn app(state: AppState) -> Router {
 /// Serves `app` on `listener` until `shutdown`.
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) {
     let shutdown = state.shutdown.clone();
+    // Small request/response pairs: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server =
         axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.cancelled_owned());
     if let Err(e) = server.await {
