@@ -394,7 +394,7 @@ impl Broker {
             kicked: CancellationToken::new(),
             shared: self.shared.clone(),
         };
-        self.shared.state.lock().unwrap().registry.connect(
+        let persist = self.shared.state.lock().unwrap().registry.connect(
             &key,
             Connection {
                 session_id: session.id.clone(),
@@ -404,7 +404,9 @@ impl Broker {
                 kick: session.kicked.clone(),
             },
         );
-        self.engine.remember_agent(key.clone(), now).await?;
+        if persist {
+            self.engine.remember_agent(key.clone(), now).await?;
+        }
         // Nobody listening is fine: presence is live-only.
         let _ = self.shared.presence.send(Presence {
             key,

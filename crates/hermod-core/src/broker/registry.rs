@@ -37,7 +37,14 @@ pub struct AgentInfo {
     pub first_seen: f64,
     pub last_seen: f64,
     pub connections: Vec<Connection>,
+    /// When the store last recorded this agent (see [`PERSIST_EVERY`]).
+    #[serde(skip)]
+    persisted: f64,
 }
+
+/// How stale the stored `last_seen` may get before a connection refreshes
+/// it: clients that reconnect every few seconds cost one write per interval.
+pub const PERSIST_EVERY: f64 = 10.0;
 
 impl AgentInfo {
     pub fn online(&self) -> bool {
@@ -74,6 +81,7 @@ impl Registry {
                         first_seen,
                         last_seen,
                         connections: Vec::new(),
+                        persisted: last_seen,
                     },
                 );
                 true
@@ -103,8 +111,10 @@ impl Registry {
     }
 
     /// Adds a connection; an exclusive one kicks the older exclusive ones.
-    pub(crate) fn connect(&mut self, key: &InboxKey, conn: Connection) {
-        self.know(key, conn.since, conn.since);
+    /// Returns true when the store should record the agent now (new, or its
+    /// stored `last_seen` is older than [`PERSIST_EVERY`]).
+    pub(crate) fn connect(&mut self, key: &InboxKey, conn: Connection) -> bool {
+        let new = self.know(key, conn.since, conn.since);
         let info = self
             .channels
             .get_mut(&key.channel)
@@ -118,7 +128,12 @@ impl Registry {
                 !old.exclusive
             });
         }
+        let persist = new || conn.since - info.persisted >= PERSIST_EVERY;
+        if persist {
+            info.persisted = conn.since;
+        }
         info.connections.push(conn);
+        persist
     }
 
     pub(crate) fn disconnect(&mut self, key: &InboxKey, session_id: &str, now: f64) {

@@ -326,14 +326,16 @@ impl Writer {
         let mut delivery: Option<Delivery> = None;
         let mut need_read = false;
         let mut reader_open = true;
+        let mut closing = false;
         let mut confirm = tokio::time::interval(CONFIRM_EVERY);
         confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let unconfirmed = delivery.as_ref().is_some_and(|d| d.unconfirmed.is_some());
             let watching = delivery.is_some() && !need_read;
             tokio::select! {
-                _ = shutdown.cancelled(), if reader_open => {
+                _ = shutdown.cancelled(), if reader_open && !closing => {
                     // Stop taking requests; finish the replies already owed.
+                    closing = true;
                     rx.close();
                 }
                 Some(reply) = pending.next(), if !pending.is_empty() => {
