@@ -259,13 +259,15 @@ impl From<&Message> for MessageFrame {
     }
 }
 
-/// One agent in an `agents_list` reply.
+/// One agent on one channel, with its presence (`agents_list` replies,
+/// `GET /v1/agents`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AgentSummary {
     pub name: String,
     pub channel: String,
     pub online: bool,
-    /// Transports of the open connections (`unix`, ...).
+    /// Transports of the open connections (`unix`, `sse`, `ws`, `http`).
     pub transports: Vec<String>,
     /// When the oldest open connection started.
     pub connected_since: Option<f64>,

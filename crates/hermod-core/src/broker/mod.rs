@@ -216,6 +216,21 @@ impl Broker {
         self.engine.submit(vec![message]).await
     }
 
+    /// [`Broker::send`], then waits until the message is durable.
+    pub async fn send_durable(
+        &self,
+        env: Envelope,
+        from: AgentName,
+        target: Target,
+    ) -> Result<Arc<Message>> {
+        let stored = self
+            .send(env, from, target)
+            .await?
+            .await
+            .map_err(|_| Error::ShuttingDown)??;
+        stored.into_iter().next().ok_or(Error::ShuttingDown)
+    }
+
     /// Up to `limit` messages of `key`'s inbox after `after`, oldest first.
     pub async fn read(
         &self,
@@ -434,6 +449,29 @@ impl Broker {
     /// Every known agent with its presence.
     pub fn agents(&self) -> Vec<AgentInfo> {
         self.shared.state.lock().unwrap().registry.agents()
+    }
+
+    /// Every known agent with presence and unread count.
+    pub async fn summaries(&self) -> Result<Vec<crate::wire::AgentSummary>> {
+        let mut out = Vec::new();
+        for a in self.agents() {
+            let key = InboxKey::new(a.channel.clone(), a.name.clone());
+            out.push(crate::wire::AgentSummary {
+                unread: self.unread(&key).await?,
+                online: a.online(),
+                transports: a
+                    .connections
+                    .iter()
+                    .map(|c| c.transport.to_owned())
+                    .collect(),
+                connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
+                first_seen: a.first_seen,
+                last_seen: a.last_seen,
+                name: a.name.to_string(),
+                channel: a.channel.to_string(),
+            });
+        }
+        Ok(out)
     }
 
     /// Registered exclusive endpoints: name → session id (hermes-bus

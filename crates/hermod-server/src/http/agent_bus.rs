@@ -71,13 +71,7 @@ async fn send(
             msg.into(),
         )])),
     };
-    let stored = app
-        .broker
-        .send(env, from, Target::Any)
-        .await?
-        .await
-        .map_err(|_| hermod_core::Error::ShuttingDown)??;
-    let m = &stored[0];
+    let m = app.broker.send_durable(env, from, Target::Any).await?;
     Ok(Json(
         json!({ "ok": true, "ts": m.ts, "channel": channel, "seq": m.seq, "id": m.id }),
     ))
@@ -153,11 +147,7 @@ async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Va
             let items: Vec<Value> = messages.iter().map(|m| recv_item(m)).collect();
             return Ok(Json(json!({ "messages": items, "now": now })));
         }
-        tokio::select! {
-            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown)?,
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = app.shutdown.cancelled() => return Err(hermod_core::Error::ShuttingDown.into()),
-        }
+        app.wait_for(&mut newest, deadline).await?;
     }
 }
 

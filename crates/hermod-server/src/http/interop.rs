@@ -179,13 +179,7 @@ async fn broadcast(
         channel,
         body: Body::from_raw(&body)?,
     };
-    let stored = app
-        .broker
-        .send(env, from, Target::Any)
-        .await?
-        .await
-        .map_err(|_| hermod_core::Error::ShuttingDown)??;
-    let m = &stored[0];
+    let m = app.broker.send_durable(env, from, Target::Any).await?;
     Ok(Json(json!({
         "delivered": true,
         "recipients": recipients,

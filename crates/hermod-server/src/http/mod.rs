@@ -54,6 +54,21 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
+impl AppState {
+    /// Waits until `newest` changes, `deadline` passes, or shutdown (an error).
+    pub async fn wait_for(
+        &self,
+        newest: &mut tokio::sync::watch::Receiver<hermod_core::model::Seq>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), error::ApiError> {
+        tokio::select! {
+            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown.into()),
+            _ = tokio::time::sleep_until(deadline) => Ok(()),
+            _ = self.shutdown.cancelled() => Err(hermod_core::Error::ShuttingDown.into()),
+        }
+    }
+}
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     Router::new()

@@ -21,7 +21,7 @@ use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::broker::Target;
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
-use hermod_core::wire::{self, parse_channel, Envelope, Request, ServerFrame};
+use hermod_core::wire::{self, AgentSummary, Envelope, Request, ServerFrame};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -99,7 +99,7 @@ pub fn router() -> Router<AppState> {
         MessageView,
         AckRequest,
         AckReply,
-        AgentView,
+        AgentSummary,
         ErrorBody
     ))
 )]
@@ -183,13 +183,7 @@ async fn send_message(
         channel: strict_channel(req.channel)?,
         body: Body::from_raw(&req.body)?,
     };
-    let stored = app
-        .broker
-        .send(env, from, Target::Any)
-        .await?
-        .await
-        .map_err(|_| hermod_core::Error::ShuttingDown)??;
-    let m = &stored[0];
+    let m = app.broker.send_durable(env, from, Target::Any).await?;
     Ok(Json(SendReceipt {
         id: m.id.clone(),
         seq: m.seq,
@@ -198,46 +192,13 @@ async fn send_message(
     }))
 }
 
-/// An agent and its presence on one channel.
-#[derive(Serialize, ToSchema)]
-struct AgentView {
-    name: String,
-    channel: String,
-    online: bool,
-    /// Transports of the open connections (`unix`, `sse`, `ws`, `http`).
-    transports: Vec<String>,
-    connected_since: Option<f64>,
-    first_seen: f64,
-    last_seen: f64,
-    /// Messages after the agent's cursor.
-    unread: u64,
-}
-
 #[utoipa::path(
     get,
     path = "/v1/agents",
-    responses((status = 200, description = "Every known agent", body = [AgentView]))
+    responses((status = 200, description = "Every known agent", body = [AgentSummary]))
 )]
-async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
-    let mut out = Vec::new();
-    for a in app.broker.agents() {
-        let key = InboxKey::new(a.channel.clone(), a.name.clone());
-        out.push(AgentView {
-            unread: app.broker.unread(&key).await?,
-            online: a.online(),
-            transports: a
-                .connections
-                .iter()
-                .map(|c| c.transport.to_owned())
-                .collect(),
-            connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
-            first_seen: a.first_seen,
-            last_seen: a.last_seen,
-            name: a.name.to_string(),
-            channel: a.channel.to_string(),
-        });
-    }
-    Ok(Json(out))
+async fn list_agents(State(app): State<AppState>) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+    Ok(Json(app.broker.summaries().await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -341,11 +302,7 @@ async fn read_inbox(
         if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
             break batch;
         }
-        tokio::select! {
-            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown)?,
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = app.shutdown.cancelled() => return Err(hermod_core::Error::ShuttingDown.into()),
-        }
+        app.wait_for(&mut newest, deadline).await?;
     };
     Ok(Json(InboxPage {
         messages: messages
@@ -412,7 +369,7 @@ async fn stream(
     Q(q): Q<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
     let session = app.broker.connect(key.clone(), "sse", false).await?;
     let after = match last_event_id(&headers).or(q.after) {
         Some(seq) => seq,
@@ -460,7 +417,7 @@ async fn websocket(
     Q(q): Q<ChannelQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let key = InboxKey::new(parse_channel(q.channel)?, AgentName::parse(name)?);
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
     Ok(upgrade
         .max_message_size(wire::MAX_FRAME)
         .on_upgrade(move |socket| ws_session(app, key, socket))
@@ -519,16 +476,12 @@ async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> Option<Stri
         Request::Send(mut env) | Request::Message(mut env) => {
             let from = env.from.take().unwrap_or_else(|| key.agent.clone());
             let id = env.id.clone();
-            match app.broker.send(env, from, Target::Any).await {
-                Ok(durable) => match durable.await {
-                    Ok(Ok(stored)) => Ok(ServerFrame::Sent {
-                        id: stored[0].id.clone(),
-                        seq: stored[0].seq,
-                        ts: stored[0].ts,
-                    }),
-                    Ok(Err(e)) => Err((e, id)),
-                    Err(_) => Err((hermod_core::Error::ShuttingDown, id)),
-                },
+            match app.broker.send_durable(env, from, Target::Any).await {
+                Ok(m) => Ok(ServerFrame::Sent {
+                    id: m.id.clone(),
+                    seq: m.seq,
+                    ts: m.ts,
+                }),
                 Err(e) => Err((e, id)),
             }
         }

@@ -202,10 +202,10 @@ impl Reader {
                 })
                 .await
             }
-            Request::Agents => {
-                let agents = self.agent_summaries().await;
-                self.send(ServerFrame::AgentsList { agents }).await
-            }
+            Request::Agents => match self.broker.summaries().await {
+                Ok(agents) => self.send(ServerFrame::AgentsList { agents }).await,
+                Err(e) => self.send(ServerFrame::error(&e, None)).await,
+            },
             Request::Ack(seq) => match &self.session {
                 Some(s) => match self.broker.ack(&s.key, seq).await {
                     Ok(_) => true,
@@ -217,28 +217,6 @@ impl Reader {
                 }
             },
         }
-    }
-
-    async fn agent_summaries(&self) -> Vec<wire::AgentSummary> {
-        let mut out = Vec::new();
-        for a in self.broker.agents() {
-            let key = InboxKey::new(a.channel.clone(), a.name.clone());
-            out.push(wire::AgentSummary {
-                online: a.online(),
-                transports: a
-                    .connections
-                    .iter()
-                    .map(|c| c.transport.to_owned())
-                    .collect(),
-                connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
-                first_seen: a.first_seen,
-                last_seen: a.last_seen,
-                unread: self.broker.unread(&key).await.unwrap_or(0),
-                name: a.name.to_string(),
-                channel: a.channel.to_string(),
-            });
-        }
-        out
     }
 
     async fn register(&mut self, key: InboxKey, mode: AckMode) -> bool {
