@@ -19,6 +19,9 @@ pub enum Error {
     /// A frame or body is larger than the configured limit.
     #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
+    /// A topic or pattern breaks the topic rules (non-empty `.`-segments).
+    #[error("invalid topic: {0}")]
+    InvalidTopic(String),
     /// A short-lived sender addressed a name the bus has never known.
     #[error("endpoint {0:?} is not known to the bus (never connected, no waiting messages)")]
     EndpointNotFound(String),
@@ -38,11 +41,18 @@ impl Error {
             Error::UnknownType(_) => "unknown_type",
             Error::InvalidName { .. } => "invalid_name",
             Error::InvalidRequest(_) => "invalid_request",
+            Error::InvalidTopic(_) => "invalid_topic",
             Error::TooLarge { .. } => "frame_too_large",
             Error::EndpointNotFound(_) => "endpoint_not_found",
             Error::Storage(_) => "storage_error",
             Error::ShuttingDown => "shutting_down",
         }
+    }
+}
+
+impl From<hermod_events::Error> for Error {
+    fn from(e: hermod_events::Error) -> Self {
+        Error::InvalidTopic(e.to_string())
     }
 }
 

@@ -1,6 +1,7 @@
-//! Inbox views: the hot tail of each inbox and its wake-up signal.
+//! Views of the log: the hot tail of each inbox (and of each channel's topic
+//! events) and its wake-up signal.
 //!
-//! For every inbox the commit observer keeps the newest messages (a bounded
+//! For every view the commit observer keeps the newest messages (a bounded
 //! tail shared by `Arc`, so a broadcast is stored once) and a `watch` of the
 //! newest seq. Waiters hold a `watch::Receiver` and read from the log when
 //! it changes — live delivery is a notification, never a second queue.
@@ -12,7 +13,16 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::model::{AgentName, InboxKey, Message, Seq};
+use crate::model::{AgentName, Channel, InboxKey, Message, Seq};
+
+/// A filtered view of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ViewKey {
+    /// One agent's inbox on one channel.
+    Inbox(InboxKey),
+    /// Every topic event published on a channel.
+    Topics(Channel),
+}
 
 /// Messages kept in memory per inbox.
 pub const TAIL_LEN: usize = 512;
@@ -29,14 +39,14 @@ pub(crate) struct InboxView {
 
 #[derive(Default)]
 pub(crate) struct Inboxes {
-    views: HashMap<InboxKey, InboxView>,
+    views: HashMap<ViewKey, InboxView>,
     /// Newest seq per agent over all its channels (for `channel=*` readers).
     agents: HashMap<AgentName, watch::Sender<Seq>>,
 }
 
 impl Inboxes {
     /// The view of `key`, created covering everything after `committed`.
-    fn view(&mut self, key: &InboxKey, committed: Seq) -> &mut InboxView {
+    fn view(&mut self, key: &ViewKey, committed: Seq) -> &mut InboxView {
         self.views.entry(key.clone()).or_insert_with(|| InboxView {
             floor: committed,
             tail: VecDeque::new(),
@@ -45,8 +55,8 @@ impl Inboxes {
         })
     }
 
-    /// Records a committed message in `key`'s inbox and wakes its waiters.
-    pub(crate) fn push(&mut self, key: &InboxKey, message: &Arc<Message>) {
+    /// Records a committed message in view `key` and wakes its waiters.
+    pub(crate) fn push(&mut self, key: &ViewKey, message: &Arc<Message>) {
         let view = self.view(key, message.seq - 1);
         view.tail.push_back(message.clone());
         view.bytes += message.body.as_str().len();
@@ -58,8 +68,10 @@ impl Inboxes {
             view.floor = old.seq;
         }
         view.newest.send_replace(message.seq);
-        if let Some(agent) = self.agents.get(&key.agent) {
-            agent.send_replace(message.seq);
+        if let ViewKey::Inbox(key) = key {
+            if let Some(agent) = self.agents.get(&key.agent) {
+                agent.send_replace(message.seq);
+            }
         }
     }
 
@@ -75,15 +87,15 @@ impl Inboxes {
             .subscribe()
     }
 
-    /// A receiver that changes whenever `key`'s inbox grows.
-    pub(crate) fn watch(&mut self, key: &InboxKey, committed: Seq) -> watch::Receiver<Seq> {
+    /// A receiver that changes whenever view `key` grows.
+    pub(crate) fn watch(&mut self, key: &ViewKey, committed: Seq) -> watch::Receiver<Seq> {
         self.view(key, committed).newest.subscribe()
     }
 
     /// Serves a read from memory if the tail covers it.
     pub(crate) fn read_cached(
         &self,
-        key: &InboxKey,
+        key: &ViewKey,
         after: Seq,
         limit: usize,
         committed: Seq,

@@ -26,9 +26,9 @@ use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{CommitObserver, Committed, Durable, Engine};
 use crate::error::{Error, Result};
-use crate::model::{self, AgentName, InboxKey, Message, NewMessage, Seq};
+use crate::model::{self, AgentName, Channel, InboxKey, Message, NewMessage, Seq};
 use crate::wire::Envelope;
-use inbox::Inboxes;
+use inbox::{Inboxes, ViewKey};
 use registry::Registry;
 
 /// Messages per batch of [`Broker::follow`].
@@ -80,7 +80,11 @@ impl CommitObserver for Shared {
             let mut state = self.state.lock().unwrap();
             for c in batch {
                 for r in &c.recipients {
-                    let key = InboxKey::new(c.message.channel.clone(), r.clone());
+                    let key = ViewKey::Inbox(InboxKey::new(c.message.channel.clone(), r.clone()));
+                    state.inboxes.push(&key, &c.message);
+                }
+                if c.message.topic.is_some() {
+                    let key = ViewKey::Topics(c.message.channel.clone());
                     state.inboxes.push(&key, &c.message);
                 }
             }
@@ -238,6 +242,28 @@ impl Broker {
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>> {
+        self.read_view(&ViewKey::Inbox(key.clone()), after, limit)
+            .await
+    }
+
+    /// Up to `limit` topic events of `channel` after `after`, oldest first.
+    pub async fn read_topics(
+        &self,
+        channel: &Channel,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
+        self.read_view(&ViewKey::Topics(channel.clone()), after, limit)
+            .await
+    }
+
+    /// Reads a view from its hot tail when it covers `after`, else from the log.
+    async fn read_view(
+        &self,
+        key: &ViewKey,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
         {
             let state = self.shared.state.lock().unwrap();
             if let Some(hit) = state
@@ -248,8 +274,11 @@ impl Broker {
             }
         }
         let key = key.clone();
-        self.blocking(move |e| e.read_inbox(&key, after, limit))
-            .await
+        self.blocking(move |e| match &key {
+            ViewKey::Inbox(k) => e.read_inbox(k, after, limit),
+            ViewKey::Topics(c) => e.read_topics(c, after, limit),
+        })
+        .await
     }
 
     /// Up to `limit` messages for `agent` on every channel after `after`.
@@ -323,14 +352,31 @@ impl Broker {
         key: InboxKey,
         after: Seq,
     ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
+        self.follow_view(ViewKey::Inbox(key), after)
+    }
+
+    /// [`Broker::follow`] for the topic events of `channel`.
+    pub fn follow_topics(
+        &self,
+        channel: Channel,
+        after: Seq,
+    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
+        self.follow_view(ViewKey::Topics(channel), after)
+    }
+
+    fn follow_view(
+        &self,
+        key: ViewKey,
+        after: Seq,
+    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
         // Subscribed before the first read, so no commit falls in between.
-        let newest = self.watch(&key);
+        let newest = self.watch_view(&key);
         let state = (self.clone(), key, after, newest);
         futures::stream::unfold(
             state,
             |(broker, key, mut position, mut newest)| async move {
                 loop {
-                    match broker.read(&key, position, FOLLOW_BATCH).await {
+                    match broker.read_view(&key, position, FOLLOW_BATCH).await {
                         Ok(batch) if batch.is_empty() => newest.changed().await.ok()?,
                         Ok(batch) => {
                             position = batch.last().map_or(position, |m| m.seq);
@@ -345,6 +391,10 @@ impl Broker {
 
     /// Changes whenever `key`'s inbox receives a committed message.
     pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
+        self.watch_view(&ViewKey::Inbox(key.clone()))
+    }
+
+    fn watch_view(&self, key: &ViewKey) -> watch::Receiver<Seq> {
         let mut state = self.shared.state.lock().unwrap();
         let committed = state.committed.0;
         state.inboxes.watch(key, committed)

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
 use crate::error::Result;
-use crate::model::{BusClock, InboxKey, Message, NewMessage, Seq};
+use crate::model::{BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
 #[derive(Default)]
 struct State {
@@ -18,6 +18,7 @@ struct State {
     inboxes: HashMap<InboxKey, Vec<Seq>>,
     cursors: HashMap<InboxKey, Seq>,
     agents: BTreeMap<InboxKey, (f64, f64)>,
+    subscriptions: std::collections::BTreeSet<(InboxKey, String)>,
     seq: Seq,
     clock: BusClock,
 }
@@ -81,6 +82,23 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
+    fn read_topics(
+        &self,
+        channel: &Channel,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .log
+            .range(after + 1..)
+            .map(|(_, m)| m)
+            .filter(|m| m.topic.is_some() && &m.channel == channel)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
         let state = self.state.lock().unwrap();
         Ok(state
@@ -112,6 +130,27 @@ impl Engine for MemoryEngine {
         let e = state.agents.entry(key).or_insert((seen, seen));
         e.1 = e.1.max(seen);
         Ok(())
+    }
+
+    async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        if on {
+            state.subscriptions.insert((key, pattern));
+        } else {
+            state.subscriptions.remove(&(key, pattern));
+        }
+        Ok(())
+    }
+
+    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .subscriptions
+            .iter()
+            .cloned()
+            .collect())
     }
 
     fn agents(&self) -> Result<Vec<KnownAgent>> {

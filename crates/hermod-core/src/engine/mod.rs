@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use crate::error::Result;
-use crate::model::{AgentName, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, Channel, InboxKey, Message, NewMessage, Seq};
 
 /// Resolves once the submitted batch is durable, with the stored messages
 /// (seq and ts assigned) in submission order.
@@ -67,6 +67,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Messages in `key`'s inbox with `seq > after`, oldest first, at most `limit`.
     fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
 
+    /// Topic events published on `channel` with `seq > after`, oldest first.
+    fn read_topics(&self, channel: &Channel, after: Seq, limit: usize)
+        -> Result<Vec<Arc<Message>>>;
+
     /// The last seq whose ts is `<= ts` (0 if none): turns a `since=ts`
     /// cursor into a seq cursor.
     fn seq_at_ts(&self, ts: f64) -> Result<Seq>;
@@ -82,6 +86,12 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Queues an update to the agent registry (first/last seen).
     async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()>;
+
+    /// Adds (`on`) or removes a durable topic subscription of an agent.
+    async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()>;
+
+    /// Every durable topic subscription.
+    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>>;
 
     /// Every agent the store knows, on every channel.
     fn agents(&self) -> Result<Vec<KnownAgent>>;

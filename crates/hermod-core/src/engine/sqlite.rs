@@ -47,11 +47,19 @@ CREATE TABLE IF NOT EXISTS inbox (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, agent, seq)
 ) WITHOUT ROWID;
+-- Topic events per channel, for pattern subscribers resuming from a seq.
+CREATE INDEX IF NOT EXISTS messages_topics ON messages(channel, seq) WHERE topic IS NOT NULL;
 CREATE TABLE IF NOT EXISTS cursors (
     channel TEXT NOT NULL,
     agent   TEXT NOT NULL,
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, agent)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (
+    channel TEXT NOT NULL,
+    agent   TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    PRIMARY KEY (channel, agent, pattern)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
@@ -69,6 +77,7 @@ enum Op {
     },
     Cursor(InboxKey, Seq),
     Agent(InboxKey, f64),
+    Subscription(InboxKey, String, bool),
     Close(oneshot::Sender<()>),
 }
 
@@ -189,6 +198,27 @@ impl Engine for SqliteEngine {
         })
     }
 
+    fn read_topics(
+        &self,
+        channel: &Channel,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body
+                 FROM messages
+                 WHERE topic IS NOT NULL AND channel = ?1 AND seq > ?2
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![channel.as_str(), after as i64, limit as i64],
+                row_to_message,
+            )?;
+            rows.map(|r| r.map(Arc::new)).collect()
+        })
+    }
+
     fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
         // ts grows with seq, so a binary search over seq needs no ts index
         // (one less index to write per message).
@@ -251,6 +281,32 @@ impl Engine for SqliteEngine {
 
     async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()> {
         self.queue(Op::Agent(key, seen)).await
+    }
+
+    async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
+        self.queue(Op::Subscription(key, pattern, on)).await
+    }
+
+    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT channel, agent, pattern FROM subscriptions")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (channel, agent, pattern) = row?;
+                if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(agent))
+                {
+                    out.push((InboxKey { channel, agent }, pattern));
+                }
+            }
+            Ok(out)
+        })
     }
 
     fn agents(&self) -> Result<Vec<KnownAgent>> {
@@ -347,7 +403,7 @@ impl Writer {
                             let _ = reply.send(Ok(mine));
                         }
                         Op::Close(done) => closing = Some(done),
-                        Op::Cursor(..) | Op::Agent(..) => {}
+                        Op::Cursor(..) | Op::Agent(..) | Op::Subscription(..) => {}
                     }
                 }
             }
@@ -361,7 +417,7 @@ impl Writer {
                             let _ = reply.send(Err(Error::Storage(e.to_string())));
                         }
                         Op::Close(done) => closing = Some(done),
-                        Op::Cursor(..) | Op::Agent(..) => {}
+                        Op::Cursor(..) | Op::Agent(..) | Op::Subscription(..) => {}
                     }
                 }
             }
@@ -428,6 +484,18 @@ impl Writer {
                             key.channel.as_str(),
                             key.agent.as_str(),
                             seen
+                        ])?;
+                    }
+                    Op::Subscription(key, pattern, on) => {
+                        let sql = if *on {
+                            "INSERT OR IGNORE INTO subscriptions (channel, agent, pattern) VALUES (?1, ?2, ?3)"
+                        } else {
+                            "DELETE FROM subscriptions WHERE channel = ?1 AND agent = ?2 AND pattern = ?3"
+                        };
+                        tx.prepare_cached(sql)?.execute(params![
+                            key.channel.as_str(),
+                            key.agent.as_str(),
+                            pattern
                         ])?;
                     }
                     Op::Close(_) => {}

@@ -41,7 +41,8 @@ impl From<Error> for ApiError {
             Error::InvalidJson(_)
             | Error::UnknownType(_)
             | Error::InvalidName { .. }
-            | Error::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            | Error::InvalidRequest(_)
+            | Error::InvalidTopic(_) => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::EndpointNotFound(_) => StatusCode::NOT_FOUND,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
