@@ -129,6 +129,26 @@ impl HttpClient {
         })
     }
 
+    /// Publishes a topic event; returns the receipt as JSON text.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: serde_json::Map<String, serde_json::Value>,
+        from: Option<String>,
+        channel: Option<String>,
+        durable: bool,
+    ) -> Result<String> {
+        let body = json!({ "topic": topic, "payload": payload, "from": from, "channel": channel, "durable": durable });
+        let receipt: serde_json::Value = self
+            .call(
+                self.http
+                    .post(format!("{}/v1/events", self.base))
+                    .json(&body),
+            )
+            .await?;
+        Ok(receipt.to_string())
+    }
+
     /// Every known agent with presence and unread counts.
     pub async fn agents(&self) -> Result<Vec<AgentSummary>> {
         self.call(self.http.get(format!("{}/v1/agents", self.base)))

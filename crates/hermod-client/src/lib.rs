@@ -165,6 +165,18 @@ impl Connection {
         }
     }
 
+    /// Sends any JSON frame and returns the reply as JSON text (for frames
+    /// the typed API does not cover); error frames become [`Error::Server`].
+    pub async fn request_raw(&mut self, frame: &serde_json::Value) -> Result<String> {
+        let bytes = serde_json::to_vec(frame).expect("JSON values serialize");
+        self.writer.0.send(bytes::Bytes::from(bytes)).await?;
+        let reply = self.reader.next_raw().await?.ok_or(Error::Closed)?;
+        if let Ok(ServerFrame::Error { code, detail, .. }) = serde_json::from_slice(&reply) {
+            return Err(Error::Server { code, detail });
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    }
+
     /// Sends a message and waits until it is durable.
     pub async fn send(&mut self, draft: Draft) -> Result<Sent> {
         match self.request(&draft.into_frame()).await? {

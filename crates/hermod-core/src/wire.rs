@@ -82,6 +82,35 @@ pub enum ClientFrame {
     },
     /// Every known agent with presence and unread counts.
     Agents,
+    /// Publish a topic event (hermes_events).
+    Publish {
+        topic: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        payload: Option<Body>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        durable: Option<bool>,
+    },
+    /// Receive topic events matching `pattern`: live on this connection, or
+    /// (`durable`, registered connections) into the agent's inbox.
+    Subscribe {
+        pattern: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        durable: Option<bool>,
+    },
+}
+
+/// A validated topic event to publish.
+#[derive(Debug, Clone)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: serde_json::Map<String, Value>,
+    pub channel: Channel,
+    pub from: Option<AgentName>,
+    pub id: Option<String>,
+    /// Wait for durability before answering (default: the fast class).
+    pub durable: bool,
 }
 
 /// A validated outgoing message.
@@ -112,6 +141,11 @@ pub enum Request {
     ListEndpoints,
     Ack(Seq),
     Agents,
+    Publish(Publication),
+    Subscribe {
+        pattern: String,
+        durable: bool,
+    },
 }
 
 /// Every field any client frame may carry. One flat struct (rather than a
@@ -131,6 +165,11 @@ struct RawFrame<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     body: Option<&'a RawValue>,
     seq: Option<Seq>,
+    topic: Option<String>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    payload: Option<&'a RawValue>,
+    pattern: Option<String>,
+    durable: Option<bool>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -167,6 +206,11 @@ pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request>
         "list_endpoints" => Request::ListEndpoints,
         "ack" => Request::Ack(frame.seq.ok_or_else(|| missing("seq"))?),
         "agents" => Request::Agents,
+        "publish" => Request::Publish(frame.publication(channel)?),
+        "subscribe" => Request::Subscribe {
+            pattern: frame.pattern.ok_or_else(|| missing("pattern"))?,
+            durable: frame.durable.unwrap_or(false),
+        },
         other => return Err(Error::UnknownType(other.chars().take(64).collect())),
     })
 }
@@ -190,6 +234,41 @@ pub fn parse_channel(channel: Option<String>) -> Result<Channel> {
 }
 
 impl RawFrame<'_> {
+    fn publication(self, default_channel: &Channel) -> Result<Publication> {
+        let topic = self
+            .topic
+            .ok_or_else(|| Error::InvalidRequest("missing \"topic\"".into()))?;
+        let payload = match self.payload {
+            None => serde_json::Map::new(),
+            Some(raw) => match serde_json::from_str(raw.get()) {
+                Ok(Value::Object(map)) => map,
+                Ok(Value::Null) => serde_json::Map::new(),
+                _ => {
+                    return Err(Error::InvalidRequest(
+                        "\"payload\" must be a JSON object".into(),
+                    ))
+                }
+            },
+        };
+        Ok(Publication {
+            topic,
+            payload,
+            channel: match self.channel {
+                Some(c) if !c.is_empty() => Channel::parse(c)?,
+                _ => default_channel.clone(),
+            },
+            from: match self.from {
+                Some(f) if !f.is_empty() => Some(AgentName::parse(f)?),
+                _ => None,
+            },
+            id: match self.id {
+                Some(Value::String(s)) if !s.is_empty() => Some(s),
+                _ => None,
+            },
+            durable: self.durable.unwrap_or(false),
+        })
+    }
+
     /// Validates names and the body; an empty or missing `to` is a broadcast.
     fn envelope(self, default_channel: &Channel) -> Result<Envelope> {
         let to = match self.to {
@@ -292,6 +371,20 @@ pub enum ServerFrame {
     },
     AgentsList {
         agents: Vec<AgentSummary>,
+    },
+    /// Reply to `publish`: `seq`/`ts` once durable (`durable: true`), else
+    /// only the id (the event is queued for the next commit).
+    Published {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<Seq>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ts: Option<f64>,
+    },
+    /// Reply to `subscribe`.
+    Subscribed {
+        pattern: String,
+        durable: bool,
     },
     /// Reply to the `send` extension: the message is durable.
     Sent {

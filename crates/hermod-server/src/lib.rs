@@ -63,6 +63,7 @@ impl Bound {
                     broker: broker.clone(),
                     config: std::sync::Arc::new(config),
                     shutdown: shutdown.clone(),
+                    relay: http::relay::RelayHub::default(),
                 };
                 Some(tokio::spawn(http::serve(listener, state)))
             }

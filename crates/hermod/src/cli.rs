@@ -38,6 +38,14 @@ pub enum Command {
     Recv(RecvArgs),
     /// List known agents with presence and unread counts.
     Agents(ClientArgs),
+    /// Publish a topic event (payload: a JSON object, or stdin when absent).
+    ///
+    /// Example: `hermod pub tui.tool.start '{"tool":"bash"}'`
+    Pub(PubArgs),
+    /// Print topic events matching a pattern as they happen, one JSON per line.
+    ///
+    /// Example: `hermod sub 'gateway.**'`
+    Sub(SubArgs),
     /// Measure durable throughput and latency over the Unix socket.
     Bench(BenchArgs),
 }
@@ -82,6 +90,14 @@ pub struct ServeArgs {
     /// Seconds between SSE keep-alive comments.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub sse_keepalive: u64,
+    /// Token the hermes_events relay endpoints (/api/pub, /api/events) require.
+    #[arg(
+        long,
+        env = "HERMOD_RELAY_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub relay_token: Option<String>,
     /// Longest hold of a long-poll (`/recv?block=true`, `/v1 ... ?wait=`), seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub long_poll_max: u64,
@@ -185,6 +201,42 @@ pub struct RecvArgs {
     pub timeout: Option<f64>,
     /// The agent to receive for.
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Publisher name [env: AGENT_NAME] [default: anonymous]
+    #[arg(long, value_name = "NAME")]
+    pub from: Option<String>,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Wait until the event is durable (default: the fast class).
+    #[arg(long)]
+    pub durable: bool,
+    /// `.`-separated topic, e.g. `tui.tool.start`.
+    pub topic: String,
+    /// JSON object payload; read from stdin when absent.
+    pub json: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Exit after this many events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// `*` matches one segment, `**` any number (also none).
+    pub pattern: String,
 }
 
 #[derive(Debug, Args)]

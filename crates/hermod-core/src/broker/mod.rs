@@ -26,8 +26,9 @@ use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{CommitObserver, Committed, Durable, Engine};
 use crate::error::{Error, Result};
-use crate::model::{self, AgentName, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{self, AgentName, Body, Channel, InboxKey, Message, NewMessage, Seq};
 use crate::wire::Envelope;
+use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;
 
@@ -68,6 +69,8 @@ struct State {
     /// Cursors acknowledged since start (the engine stores them too, a
     /// batch later); read first so a quick re-registration resumes exactly.
     cursors: HashMap<InboxKey, Seq>,
+    /// Durable topic subscriptions: matching events land in these inboxes.
+    subscriptions: HashMap<Channel, Vec<(AgentName, Pattern)>>,
 }
 
 impl CommitObserver for Shared {
@@ -164,6 +167,7 @@ impl Broker {
                 registry: Registry::default(),
                 committed: (0, 0.0),
                 cursors: HashMap::new(),
+                subscriptions: HashMap::new(),
             }),
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
@@ -174,11 +178,21 @@ impl Broker {
         let engine = make(shared.clone())?;
         let last = engine.last()?;
         let agents = engine.agents()?;
+        let subscriptions = engine.subscriptions()?;
         {
             let mut state = shared.state.lock().unwrap();
             state.committed = last;
             for a in agents {
                 state.registry.know(&a.key, a.first_seen, a.last_seen);
+            }
+            for (key, pattern) in subscriptions {
+                if let Ok(pattern) = Pattern::parse(&pattern) {
+                    state
+                        .subscriptions
+                        .entry(key.channel)
+                        .or_default()
+                        .push((key.agent, pattern));
+                }
             }
         }
         Ok(Self { shared, engine })
@@ -218,6 +232,105 @@ impl Broker {
             recipients,
         };
         self.engine.submit(vec![message]).await
+    }
+
+    /// Publishes a topic event on `channel`. The payload becomes the
+    /// hermes_events envelope (`type`, `ts`, `src` filled only where
+    /// missing); the event lands in the log (so pattern readers see it) and
+    /// in the inbox of every agent with a matching durable subscription.
+    pub async fn publish(
+        &self,
+        channel: Channel,
+        from: AgentName,
+        topic: &str,
+        payload: serde_json::Map<String, serde_json::Value>,
+        id: Option<String>,
+    ) -> Result<Durable> {
+        pattern::validate_topic(topic)?;
+        let body = Body::from_map(hermod_events::envelope(topic, payload));
+        let recipients = {
+            let state = self.shared.state.lock().unwrap();
+            let mut matching: Vec<AgentName> = state
+                .subscriptions
+                .get(&channel)
+                .into_iter()
+                .flatten()
+                .filter(|(_, p)| p.matches(topic))
+                .map(|(agent, _)| agent.clone())
+                .collect();
+            matching.sort();
+            matching.dedup();
+            matching
+        };
+        let message = NewMessage {
+            id: id.unwrap_or_else(model::new_id),
+            channel,
+            from,
+            to: None,
+            topic: Some(topic.to_owned()),
+            sent_ts: None,
+            body,
+            recipients,
+        };
+        self.engine.submit(vec![message]).await
+    }
+
+    /// Adds a durable subscription: events matching `pattern` published on
+    /// the agent's channel land in its inbox. Returns false if it existed.
+    pub async fn subscribe(&self, key: InboxKey, pattern: &str) -> Result<bool> {
+        let parsed = Pattern::parse(pattern)?;
+        let now = model::now();
+        let (added, new_agent) = {
+            let mut state = self.shared.state.lock().unwrap();
+            let new_agent = state.registry.know(&key, now, now);
+            let subs = state.subscriptions.entry(key.channel.clone()).or_default();
+            let added = !subs
+                .iter()
+                .any(|(a, p)| a == &key.agent && p.as_str() == pattern);
+            if added {
+                subs.push((key.agent.clone(), parsed));
+            }
+            (added, new_agent)
+        };
+        if new_agent {
+            self.engine.remember_agent(key.clone(), now).await?;
+        }
+        if added {
+            self.engine
+                .set_subscription(key, pattern.to_owned(), true)
+                .await?;
+        }
+        Ok(added)
+    }
+
+    /// Removes a durable subscription; false if there was none.
+    pub async fn unsubscribe(&self, key: InboxKey, pattern: &str) -> Result<bool> {
+        let removed = {
+            let mut state = self.shared.state.lock().unwrap();
+            let subs = state.subscriptions.entry(key.channel.clone()).or_default();
+            let before = subs.len();
+            subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
+            subs.len() != before
+        };
+        if removed {
+            self.engine
+                .set_subscription(key, pattern.to_owned(), false)
+                .await?;
+        }
+        Ok(removed)
+    }
+
+    /// The durable subscriptions of `key`.
+    pub fn subscriptions(&self, key: &InboxKey) -> Vec<String> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .subscriptions
+            .get(&key.channel)
+            .into_iter()
+            .flatten()
+            .filter(|(a, _)| a == &key.agent)
+            .map(|(_, p)| p.as_str().to_owned())
+            .collect()
     }
 
     /// [`Broker::send`], then waits until the message is durable.

@@ -7,12 +7,14 @@
 //! - [`interop`]: the SSE-interop protocol (`/subscribe`, `/poll`, ...).
 //! - [`v1`]: the native JSON API under `/v1`, with SSE, WebSocket and the
 //!   generated OpenAPI document.
+//! - [`relay`]: the hermes_events relay WebSockets (`/api/pub`, `/api/events`).
 //! - [`metrics`]: `GET /metrics` in Prometheus text format.
 
 pub mod agent_bus;
 pub mod error;
 pub mod interop;
 pub mod metrics;
+pub mod relay;
 pub mod v1;
 
 use std::sync::Arc;
@@ -33,6 +35,8 @@ pub struct HttpConfig {
     pub keepalive: Duration,
     /// Longest a long-poll (`/recv?block=true`, `/v1/...?wait=`) is held.
     pub max_wait: Duration,
+    /// Token the relay endpoints require; `None` refuses every relay.
+    pub relay_token: Option<String>,
 }
 
 impl HttpConfig {
@@ -41,6 +45,7 @@ impl HttpConfig {
             addr,
             keepalive: Duration::from_secs(30),
             max_wait: Duration::from_secs(30),
+            relay_token: None,
         }
     }
 }
@@ -52,6 +57,7 @@ pub struct AppState {
     pub config: Arc<HttpConfig>,
     /// Fires at shutdown: long-polls return and streams end.
     pub shutdown: CancellationToken,
+    pub relay: relay::RelayHub,
 }
 
 impl AppState {
@@ -76,6 +82,7 @@ pub fn app(state: AppState) -> Router {
         .merge(interop::router())
         .merge(v1::router())
         .merge(metrics::router())
+        .merge(relay::router())
         .fallback(error::fallback)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_FRAME))

@@ -21,7 +21,8 @@ use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::broker::Target;
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
-use hermod_core::wire::{self, AgentSummary, Envelope, Request, ServerFrame};
+use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
+use hermod_events::Pattern;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -79,6 +80,13 @@ pub fn router() -> Router<AppState> {
         .route("/v1/agents/{name}/ack", post(ack))
         .route("/v1/agents/{name}/stream", get(stream))
         .route("/v1/agents/{name}/ws", get(websocket))
+        .route("/v1/events", post(publish_event).get(event_stream))
+        .route(
+            "/v1/agents/{name}/subscriptions",
+            get(list_subscriptions)
+                .post(add_subscription)
+                .delete(remove_subscription),
+        )
         .route("/v1/openapi.json", get(openapi))
 }
 
@@ -88,10 +96,20 @@ pub fn router() -> Router<AppState> {
         title = "hermod v1 API",
         description = "Durable real-time message bus for AI agents. Streaming endpoints not \
                        listed here: GET /v1/agents/{name}/stream (SSE, `id:` = seq, resumable \
-                       with Last-Event-ID) and GET /v1/agents/{name}/ws (WebSocket with the \
-                       hermes-bus JSON frames)."
+                       with Last-Event-ID), GET /v1/events?pattern=GLOB (SSE of topic events, \
+                       resumable the same way) and GET /v1/agents/{name}/ws (WebSocket with the \
+                       hermes-bus JSON frames, plus `publish` and `subscribe`)."
     ),
-    paths(send_message, list_agents, read_inbox, ack),
+    paths(
+        send_message,
+        list_agents,
+        read_inbox,
+        ack,
+        publish_event,
+        list_subscriptions,
+        add_subscription,
+        remove_subscription
+    ),
     components(schemas(
         SendRequest,
         SendReceipt,
@@ -100,7 +118,11 @@ pub fn router() -> Router<AppState> {
         AckRequest,
         AckReply,
         AgentSummary,
-        ErrorBody
+        ErrorBody,
+        PublishRequest,
+        PublishReceipt,
+        SubscriptionRequest,
+        Subscriptions
     ))
 )]
 struct ApiDoc;
@@ -401,6 +423,35 @@ async fn stream(
     ))
 }
 
+/// Publishes; answers at once (fast class) or once durable.
+async fn publish(
+    app: &AppState,
+    p: Publication,
+    from: AgentName,
+) -> Result<ServerFrame, hermod_core::Error> {
+    let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
+    let durable = app
+        .broker
+        .publish(p.channel, from, &p.topic, p.payload, Some(id.clone()))
+        .await?;
+    if !p.durable {
+        return Ok(ServerFrame::Published {
+            id,
+            seq: None,
+            ts: None,
+        });
+    }
+    let stored = durable
+        .await
+        .map_err(|_| hermod_core::Error::ShuttingDown)??;
+    let m = stored.first().ok_or(hermod_core::Error::ShuttingDown)?;
+    Ok(ServerFrame::Published {
+        id: m.id.clone(),
+        seq: Some(m.seq),
+        ts: Some(m.ts),
+    })
+}
+
 /// A `message` frame as text (the same JSON the Unix socket sends).
 fn frame_text(m: &Message) -> String {
     String::from_utf8(wire::message_bytes(m).to_vec()).expect("serde_json writes UTF-8")
@@ -433,6 +484,7 @@ async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
         return;
     };
     let mut inbox = Box::pin(broker.follow(key.clone(), cursor));
+    let mut live = TopicStreams::new();
     let (mut tx, mut rx) = socket.split();
     loop {
         let out: Vec<String> = tokio::select! {
@@ -441,8 +493,9 @@ async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
                 Some(Ok(batch)) => batch.iter().map(|m| frame_text(m)).collect(),
                 _ => break,
             },
+            Some(events) = live.next(), if !live.is_empty() => events,
             incoming = rx.next() => match incoming {
-                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &key, text.as_bytes()).await.into_iter().collect(),
+                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &key, text.as_bytes(), &mut live).await.into_iter().collect(),
                 Some(Ok(ws::Message::Binary(_))) => {
                     let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
                     vec![frame_json(ServerFrame::error(&e, None))]
@@ -464,9 +517,39 @@ fn frame_json(frame: ServerFrame) -> String {
     String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
 }
 
+/// Live topic subscriptions of one WebSocket: each yields the frames of the
+/// matching events of a batch.
+type TopicStreams = futures::stream::SelectAll<futures::stream::BoxStream<'static, Vec<String>>>;
+
+/// Topic events of `channel` matching `pattern`, from now on, as frames.
+fn topic_frames(
+    app: &AppState,
+    channel: Channel,
+    pattern: Pattern,
+) -> futures::stream::BoxStream<'static, Vec<String>> {
+    let start = app.broker.committed().0;
+    app.broker
+        .follow_topics(channel, start)
+        .filter_map(move |batch| {
+            let frames: Vec<String> = batch
+                .into_iter()
+                .flatten()
+                .filter(|m| m.topic.as_deref().is_some_and(|t| pattern.matches(t)))
+                .map(|m| frame_text(&m))
+                .collect();
+            futures::future::ready((!frames.is_empty()).then_some(frames))
+        })
+        .boxed()
+}
+
 /// Handles one client frame on a v1 WebSocket; returns the reply, if any.
 /// Frames without a `channel` use the socket's channel.
-async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> Option<String> {
+async fn ws_request(
+    app: &AppState,
+    key: &InboxKey,
+    bytes: &[u8],
+    live: &mut TopicStreams,
+) -> Option<String> {
     let request = match wire::parse_client_frame_in(bytes, &key.channel) {
         Ok(r) => r,
         Err(e) => return Some(frame_json(ServerFrame::error(&e, None))),
@@ -485,6 +568,24 @@ async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> Option<Stri
                 Err(e) => Err((e, id)),
             }
         }
+        Request::Publish(p) => {
+            let from = p.from.clone().unwrap_or_else(|| key.agent.clone());
+            match publish(app, p, from).await {
+                Ok(frame) => Ok(frame),
+                Err(e) => Err((e, None)),
+            }
+        }
+        Request::Subscribe { pattern, durable } => match Pattern::parse(&pattern) {
+            Err(e) => Err((e.into(), None)),
+            Ok(_) if durable => match app.broker.subscribe(key.clone(), &pattern).await {
+                Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
+                Err(e) => Err((e, None)),
+            },
+            Ok(parsed) => {
+                live.push(topic_frames(app, key.channel.clone(), parsed));
+                Ok(ServerFrame::Subscribed { pattern, durable })
+            }
+        },
         Request::Ack(seq) => match app.broker.ack(key, seq).await {
             Ok(_) => return None,
             Err(e) => Err((e, None)),
@@ -503,4 +604,216 @@ async fn ws_request(app: &AppState, key: &InboxKey, bytes: &[u8]) -> Option<Stri
         Ok(frame) => frame_json(frame),
         Err((e, id)) => frame_json(ServerFrame::error(&e, id)),
     })
+}
+
+/// A topic event to publish (hermes_events): the payload becomes the
+/// envelope, with `type` (the topic), `ts` and `src` (first segment) filled
+/// in only where the publisher left them out.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    /// `.`-separated, non-empty segments, e.g. `tui.tool.start`.
+    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
+    topic: String,
+    #[schema(value_type = Option<Object>)]
+    payload: Option<serde_json::Map<String, serde_json::Value>>,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    from: Option<String>,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+    id: Option<String>,
+    /// Answer only once durable (default: the fast class, answered at once
+    /// and written with the next commit).
+    #[serde(default)]
+    durable: bool,
+}
+
+/// The event is accepted (`seq`/`ts` present when it was published durably).
+#[derive(Serialize, ToSchema)]
+struct PublishReceipt {
+    id: String,
+    seq: Option<Seq>,
+    ts: Option<f64>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/events",
+    request_body = PublishRequest,
+    responses(
+        (status = 200, description = "Accepted (durable when asked)", body = PublishReceipt),
+        (status = 400, description = "Invalid request or topic", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn publish_event(
+    State(app): State<AppState>,
+    JsonBody(req): JsonBody<PublishRequest>,
+) -> Result<Json<PublishReceipt>, ApiError> {
+    let from = match req.from {
+        Some(f) => AgentName::parse(f)?,
+        None => AgentName::anonymous(),
+    };
+    let publication = Publication {
+        topic: req.topic,
+        payload: req.payload.unwrap_or_default(),
+        channel: strict_channel(req.channel)?,
+        from: None,
+        id: req.id.filter(|i| !i.is_empty()),
+        durable: req.durable,
+    };
+    match publish(&app, publication, from).await? {
+        ServerFrame::Published { id, seq, ts } => Ok(Json(PublishReceipt { id, seq, ts })),
+        _ => Err(hermod_core::Error::ShuttingDown.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    pattern: Option<String>,
+    channel: Option<String>,
+    after: Option<Seq>,
+}
+
+/// SSE of topic events matching `pattern` (default `**`): from
+/// `Last-Event-ID`, else `after`, else from now.
+async fn event_stream(
+    State(app): State<AppState>,
+    Q(q): Q<EventsQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let pattern =
+        Pattern::parse(q.pattern.as_deref().unwrap_or("**")).map_err(hermod_core::Error::from)?;
+    let channel = strict_channel(q.channel)?;
+    let after = last_event_id(&headers)
+        .or(q.after)
+        .unwrap_or_else(|| app.broker.committed().0);
+    let events = app
+        .broker
+        .follow_topics(channel, after)
+        .map(move |batch| {
+            let events: Vec<Result<Event, Infallible>> = batch
+                .into_iter()
+                .flatten()
+                .filter(|m| m.topic.as_deref().is_some_and(|t| pattern.matches(t)))
+                .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(&m))))
+                .collect();
+            futures::stream::iter(events)
+        })
+        .flatten()
+        .take_until(app.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(app.config.keepalive)
+            .text("keepalive"),
+    ))
+}
+
+/// A durable subscription: matching events land in the agent's inbox.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionRequest {
+    /// `*` matches one segment, `**` any number (also none).
+    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
+    pattern: String,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+}
+
+/// The agent's durable subscriptions on the channel.
+#[derive(Serialize, ToSchema)]
+struct Subscriptions {
+    patterns: Vec<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ChannelParam {
+    #[param(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{name}/subscriptions",
+    params(AgentPath, ChannelParam),
+    responses(
+        (status = 200, description = "Durable subscriptions", body = Subscriptions),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+    )
+)]
+async fn list_subscriptions(
+    State(app): State<AppState>,
+    P(AgentPath { name }): P<AgentPath>,
+    Q(q): Q<ChannelParam>,
+) -> Result<Json<Subscriptions>, ApiError> {
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    Ok(Json(Subscriptions {
+        patterns: app.broker.subscriptions(&key),
+    }))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{name}/subscriptions",
+    params(AgentPath),
+    request_body = SubscriptionRequest,
+    responses(
+        (status = 200, description = "Durable subscriptions after adding", body = Subscriptions),
+        (status = 400, description = "Invalid name or pattern", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn add_subscription(
+    State(app): State<AppState>,
+    P(AgentPath { name }): P<AgentPath>,
+    JsonBody(req): JsonBody<SubscriptionRequest>,
+) -> Result<Json<Subscriptions>, ApiError> {
+    let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
+    app.broker.subscribe(key.clone(), &req.pattern).await?;
+    Ok(Json(Subscriptions {
+        patterns: app.broker.subscriptions(&key),
+    }))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{name}/subscriptions",
+    params(AgentPath),
+    request_body = SubscriptionRequest,
+    responses(
+        (status = 200, description = "Durable subscriptions after removing", body = Subscriptions),
+        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+async fn remove_subscription(
+    State(app): State<AppState>,
+    P(AgentPath { name }): P<AgentPath>,
+    JsonBody(req): JsonBody<SubscriptionRequest>,
+) -> Result<Json<Subscriptions>, ApiError> {
+    let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
+    app.broker.unsubscribe(key.clone(), &req.pattern).await?;
+    Ok(Json(Subscriptions {
+        patterns: app.broker.subscriptions(&key),
+    }))
 }

@@ -23,13 +23,15 @@ use futures::{SinkExt, StreamExt};
 use hermod_core::broker::{Session, Target};
 use hermod_core::engine::Durable;
 use hermod_core::model::{AgentName, InboxKey, Seq};
-use hermod_core::wire::{self, AckMode, Envelope, Request, ServerFrame};
+use hermod_core::wire::{self, AckMode, Envelope, Publication, Request, ServerFrame};
 use hermod_core::{Broker, Error};
+use hermod_events::Pattern;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{peer, UnixConfig};
 
@@ -43,13 +45,25 @@ const DELIVERY_BATCH: usize = 512;
 /// was written (only while something is unconfirmed).
 const CONFIRM_EVERY: Duration = Duration::from_millis(5);
 
+/// What a durable commit is answered with.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// `sent` (the `send` extension).
+    Sent,
+    /// `published` with seq and ts (`publish` with `durable: true`).
+    Published,
+    /// Nothing unless it failed (legacy `message`, fast `publish`).
+    ErrorsOnly,
+}
+
 enum Out {
     Frame(Bytes),
-    /// A submitted message: reply `sent` once durable, or only if it fails.
+    /// A submitted message: what to answer once it is durable (an error
+    /// is always answered).
     Pending {
         durable: Durable,
         id: String,
-        reply: bool,
+        reply: Reply,
     },
     /// The connection registered: start delivering this inbox.
     Deliver {
@@ -89,6 +103,7 @@ pub(super) async fn handle(
         tx,
         session: None,
         idle_timeout: config.idle_timeout,
+        live: Vec::new(),
     };
     let writer = Writer {
         sink: FramedWrite::new(wr, wire::codec()),
@@ -113,6 +128,9 @@ struct Reader {
     tx: mpsc::Sender<Out>,
     session: Option<Session>,
     idle_timeout: Duration,
+    /// Live topic subscriptions; each forwards matching events to the writer
+    /// and stops when the connection ends.
+    live: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Reader {
@@ -202,6 +220,8 @@ impl Reader {
                 })
                 .await
             }
+            Request::Publish(p) => self.publish(p).await,
+            Request::Subscribe { pattern, durable } => self.subscribe(pattern, durable).await,
             Request::Agents => match self.broker.summaries().await {
                 Ok(agents) => self.send(ServerFrame::AgentsList { agents }).await,
                 Err(e) => self.send(ServerFrame::error(&e, None)).await,
@@ -216,6 +236,101 @@ impl Reader {
                     self.send(ServerFrame::error(&e, None)).await
                 }
             },
+        }
+    }
+
+    async fn publish(&mut self, p: Publication) -> bool {
+        let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
+        let from = p.from.clone().unwrap_or_else(|| self.sender());
+        let submitted = self
+            .broker
+            .publish(p.channel, from, &p.topic, p.payload, Some(id.clone()))
+            .await;
+        let durable = match submitted {
+            Ok(d) => d,
+            Err(e) => return self.send(ServerFrame::error(&e, Some(id))).await,
+        };
+        if p.durable {
+            return self
+                .out(Out::Pending {
+                    durable,
+                    id,
+                    reply: Reply::Published,
+                })
+                .await;
+        }
+        // Fast class: answered now; a failed commit is still reported.
+        let accepted = ServerFrame::Published {
+            id: id.clone(),
+            seq: None,
+            ts: None,
+        };
+        self.send(accepted).await
+            && self
+                .out(Out::Pending {
+                    durable,
+                    id,
+                    reply: Reply::ErrorsOnly,
+                })
+                .await
+    }
+
+    async fn subscribe(&mut self, pattern: String, durable: bool) -> bool {
+        let parsed = match Pattern::parse(&pattern) {
+            Ok(p) => p,
+            Err(e) => return self.send(ServerFrame::error(&e.into(), None)).await,
+        };
+        if durable {
+            let Some(key) = self.session.as_ref().map(|s| s.key.clone()) else {
+                let e = Error::InvalidRequest(
+                    "a durable subscription needs a registered connection".into(),
+                );
+                return self.send(ServerFrame::error(&e, None)).await;
+            };
+            if let Err(e) = self.broker.subscribe(key, &pattern).await {
+                return self.send(ServerFrame::error(&e, None)).await;
+            }
+            return self
+                .send(ServerFrame::Subscribed { pattern, durable })
+                .await;
+        }
+        if !self
+            .send(ServerFrame::Subscribed { pattern, durable })
+            .await
+        {
+            return false;
+        }
+        let channel = self
+            .session
+            .as_ref()
+            .map(|s| s.key.channel.clone())
+            .unwrap_or_default();
+        let events = self
+            .broker
+            .follow_topics(channel, self.broker.committed().0);
+        let tx = self.tx.clone();
+        self.live
+            .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                let mut events = std::pin::pin!(events);
+                while let Some(Ok(batch)) = events.next().await {
+                    for m in batch
+                        .iter()
+                        .filter(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)))
+                    {
+                        if tx.send(Out::Frame(wire::message_bytes(m))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })));
+        true
+    }
+
+    /// The sender name of this connection's messages without a `from`.
+    fn sender(&self) -> AgentName {
+        match &self.session {
+            Some(s) => s.key.agent.clone(),
+            None => AgentName::anonymous(),
         }
     }
 
@@ -243,15 +358,19 @@ impl Reader {
             .get_or_insert_with(hermod_core::model::new_id)
             .clone();
         // hermes-bus fills `from` for registered senders.
-        let from = env.from.clone().unwrap_or_else(|| match &self.session {
-            Some(s) => s.key.agent.clone(),
-            None => AgentName::anonymous(),
-        });
+        let from = env.from.clone().unwrap_or_else(|| self.sender());
         // Legacy frames keep the original's typo protection; `send` may
         // address an agent that has not connected yet.
         let target = if reply { Target::Any } else { Target::Known };
         match self.broker.send(env, from, target).await {
-            Ok(durable) => self.out(Out::Pending { durable, id, reply }).await,
+            Ok(durable) => {
+                let reply = if reply {
+                    Reply::Sent
+                } else {
+                    Reply::ErrorsOnly
+                };
+                self.out(Out::Pending { durable, id, reply }).await
+            }
             Err(e) => self.send(ServerFrame::error(&e, Some(id))).await,
         }
     }
@@ -409,15 +528,23 @@ impl Writer {
 }
 
 /// Waits for durability and returns the frame owed to the sender, if any.
-async fn reply_when_durable(durable: Durable, id: String, reply: bool) -> Option<Bytes> {
+async fn reply_when_durable(durable: Durable, id: String, reply: Reply) -> Option<Bytes> {
     let frame = match durable.await {
         Ok(Ok(stored)) => {
             let m = stored.first()?;
-            reply.then(|| ServerFrame::Sent {
-                id: m.id.clone(),
-                seq: m.seq,
-                ts: m.ts,
-            })
+            match reply {
+                Reply::Sent => Some(ServerFrame::Sent {
+                    id: m.id.clone(),
+                    seq: m.seq,
+                    ts: m.ts,
+                }),
+                Reply::Published => Some(ServerFrame::Published {
+                    id: m.id.clone(),
+                    seq: Some(m.seq),
+                    ts: Some(m.ts),
+                }),
+                Reply::ErrorsOnly => None,
+            }
         }
         Ok(Err(e)) => Some(ServerFrame::error(&e, Some(id))),
         Err(_) => Some(ServerFrame::error(&Error::ShuttingDown, Some(id))),

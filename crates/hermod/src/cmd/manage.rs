@@ -33,6 +33,10 @@ fn serve_flags(args: &ServeArgs) -> Result<Vec<String>> {
         "--long-poll-max".into(),
         args.long_poll_max.to_string(),
     ]);
+    if let Some(token) = &args.relay_token {
+        // Through the environment, not argv: `ps` shows argv to everyone.
+        std::env::set_var("HERMOD_RELAY_TOKEN", token);
+    }
     if args.no_http {
         flags.push("--no-http".into());
     }

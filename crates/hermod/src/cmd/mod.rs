@@ -6,6 +6,7 @@ mod manage;
 mod recv;
 mod send;
 mod serve;
+mod topics;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Send(args) => send::run(&args),
         Command::Recv(args) => recv::run(&args),
         Command::Agents(args) => agents::run(&args),
+        Command::Pub(args) => topics::publish(&args),
+        Command::Sub(args) => topics::subscribe(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }

@@ -34,6 +34,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             let mut http = HttpConfig::new(args.http);
             http.keepalive = Duration::from_secs(args.sse_keepalive.max(1));
             http.max_wait = Duration::from_secs(args.long_poll_max);
+            http.relay_token = args.relay_token.clone();
             http
         });
         let config = ServerConfig {
