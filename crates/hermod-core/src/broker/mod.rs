@@ -305,6 +305,7 @@ impl Broker {
 
     /// Removes a durable subscription; false if there was none.
     pub async fn unsubscribe(&self, key: InboxKey, pattern: &str) -> Result<bool> {
+        Pattern::parse(pattern)?;
         let removed = {
             let mut state = self.shared.state.lock().unwrap();
             let subs = state.subscriptions.entry(key.channel.clone()).or_default();

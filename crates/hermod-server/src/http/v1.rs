@@ -106,6 +106,7 @@ pub fn router() -> Router<AppState> {
         read_inbox,
         ack,
         publish_event,
+        event_stream,
         list_subscriptions,
         add_subscription,
         remove_subscription
@@ -677,15 +678,35 @@ async fn publish_event(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// `*` matches one segment, `**` any number (default `**`).
+    #[param(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
     pattern: Option<String>,
+    #[param(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
     channel: Option<String>,
+    /// Start after this seq (default: from now; `Last-Event-ID` wins).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     after: Option<Seq>,
 }
 
 /// SSE of topic events matching `pattern` (default `**`): from
-/// `Last-Event-ID`, else `after`, else from now.
+/// `Last-Event-ID`, else `after`, else from now. Each event: `id:` = seq,
+/// `data:` = a `message` frame whose `topic` is set and `body` is the envelope.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "An endless text/event-stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Invalid pattern or channel", body = ErrorBody),
+    )
+)]
 async fn event_stream(
     State(app): State<AppState>,
     Q(q): Q<EventsQuery>,
