@@ -9,4 +9,5 @@ mod crash;
 mod hermes_bus;
 mod hooks;
 mod http;
+mod topics;
 mod unix;

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 pub const HERMOD: &str = env!("CARGO_BIN_EXE_hermod");
 
+/// The relay token every test daemon is started with.
+pub const RELAY_TOKEN: &str = "sekret";
+
 /// A `hermod serve` child process. Killed on drop; its log is printed if
 /// the test is failing.
 pub struct Daemon {
@@ -73,6 +76,7 @@ impl Daemon {
             .arg("--socket")
             .arg(&self.socket)
             .args(["--http", "127.0.0.1:0", "--sse-keepalive", "1"])
+            .args(["--relay-token", RELAY_TOKEN])
             .args(&self.args)
             .env("RUST_LOG", "hermod=debug,info")
             .env("HERMES_BUS_HOOKS", "none")
@@ -264,6 +268,8 @@ pub fn run_python(daemon: &Daemon, script: &str) -> String {
         .current_dir(&dir)
         .env("HERMOD_URL", &daemon.http)
         .env("HERMOD_SOCKET", &daemon.socket)
+        .env("HERMOD_BIN", HERMOD)
+        .env("HERMOD_RELAY_TOKEN", RELAY_TOKEN)
         .env("HERMES_BUS_ROOT", daemon.data_dir())
         .env("PYTHONUNBUFFERED", "1")
         .output()

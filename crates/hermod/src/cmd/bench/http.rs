@@ -94,33 +94,21 @@ pub(super) async fn long_poll_latency(url: &str, samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// `subscribers` SSE streams; `rounds` broadcasts; every delivery counted.
-pub(super) async fn sse_fanout(url: &str, subscribers: usize, rounds: usize) -> Result<()> {
-    let http = reqwest::Client::new();
-    let tag = std::process::id();
-    let source = format!("bench-fan-src-{tag}");
-    // The broadcaster must be a known agent: one poll makes it one.
-    http.get(format!("{url}/poll"))
-        .query(&[("agent", &source)])
-        .send()
-        .await?
-        .bytes()
-        .await?;
-    let marker = format!("bench-fan-mark-{tag}");
+/// Opens one SSE stream per request and counts, across all of them, the
+/// events whose text contains `marker`.
+async fn counting_streams(
+    requests: Vec<reqwest::RequestBuilder>,
+    marker: String,
+) -> Result<(Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>)> {
     let delivered = Arc::new(AtomicU64::new(0));
     let mut streams = Vec::new();
-    for i in 0..subscribers {
-        let resp = http
-            .get(format!("{url}/subscribe"))
-            .query(&[("agent", format!("bench-fan-{tag}-{i}"))])
-            .send()
-            .await?;
+    for request in requests {
+        let mut resp = request.send().await?;
         if !resp.status().is_success() {
-            bail!("/subscribe answered {}", resp.status());
+            bail!("stream answered {}", resp.status());
         }
         let (delivered, marker) = (delivered.clone(), marker.clone());
         streams.push(tokio::spawn(async move {
-            let mut resp = resp;
             let mut pending = String::new();
             while let Ok(Some(chunk)) = resp.chunk().await {
                 pending.push_str(&String::from_utf8_lossy(&chunk));
@@ -133,6 +121,38 @@ pub(super) async fn sse_fanout(url: &str, subscribers: usize, rounds: usize) -> 
             }
         }));
     }
+    Ok((delivered, streams))
+}
+
+/// Waits (up to 2 minutes) for `expected` deliveries; returns the seconds
+/// since `start`, or an error naming the shortfall.
+async fn await_deliveries(delivered: &AtomicU64, expected: u64, start: Instant, what: &str) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let got = delivered.load(Ordering::Relaxed);
+    if got < expected {
+        bail!("{what}: only {got} of {expected} deliveries arrived");
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// `subscribers` SSE streams; `rounds` broadcasts; every delivery counted.
+pub(super) async fn sse_fanout(url: &str, subscribers: usize, rounds: usize) -> Result<()> {
+    let http = reqwest::Client::new();
+    let tag = std::process::id();
+    let source = format!("bench-fan-src-{tag}");
+    // The broadcaster must be a known agent: one poll makes it one.
+    http.get(format!("{url}/poll")).query(&[("agent", &source)]).send().await?.bytes().await?;
+    let marker = format!("bench-fan-mark-{tag}");
+    let requests = (0..subscribers)
+        .map(|i| {
+            http.get(format!("{url}/subscribe"))
+                .query(&[("agent", format!("bench-fan-{tag}-{i}"))])
+        })
+        .collect();
+    let (delivered, streams) = counting_streams(requests, marker.clone()).await?;
     let expected = (subscribers * rounds) as u64;
     let start = Instant::now();
     for round in 0..rounds {
@@ -147,22 +167,51 @@ pub(super) async fn sse_fanout(url: &str, subscribers: usize, rounds: usize) -> 
         }
         resp.bytes().await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let got = delivered.load(Ordering::Relaxed);
-    for s in streams {
-        s.abort();
-    }
-    if got < expected {
-        bail!("SSE fan-out: only {got} of {expected} deliveries arrived");
-    }
+    let elapsed = await_deliveries(&delivered, expected, start, "SSE fan-out").await;
+    streams.iter().for_each(|s| s.abort());
+    let elapsed = elapsed?;
     println!(
         "sse fan-out: {rounds} broadcasts x {subscribers} /subscribe streams\n  \
-         {:>9.0} deliveries/s ({got} in {elapsed:.2} s)",
-        got as f64 / elapsed
+         {:>9.0} deliveries/s ({expected} in {elapsed:.2} s)",
+        expected as f64 / elapsed
+    );
+    Ok(())
+}
+
+/// `subscribers` `/v1/events?pattern=` streams; `events` topic events.
+pub(super) async fn pattern_fanout(url: &str, subscribers: usize, events: usize) -> Result<()> {
+    let http = reqwest::Client::new();
+    let tag = std::process::id();
+    let marker = format!("bench-topic-mark-{tag}");
+    let requests = (0..subscribers)
+        .map(|i| {
+            // A mix of pattern shapes, all matching `bench.<tag>.tool.start`.
+            let pattern = match i % 3 {
+                0 => format!("bench.{tag}.**"),
+                1 => format!("bench.{tag}.*.start"),
+                _ => "**".to_owned(),
+            };
+            http.get(format!("{url}/v1/events")).query(&[("pattern", pattern)])
+        })
+        .collect();
+    let (delivered, streams) = counting_streams(requests, marker.clone()).await?;
+    let expected = (subscribers * events) as u64;
+    let start = Instant::now();
+    for n in 0..events {
+        let body = json!({ "topic": format!("bench.{tag}.tool.start"), "payload": { "mark": marker, "n": n } });
+        let resp = http.post(format!("{url}/v1/events")).json(&body).send().await?;
+        if !resp.status().is_success() {
+            bail!("/v1/events answered {}", resp.status());
+        }
+        resp.bytes().await?;
+    }
+    let elapsed = await_deliveries(&delivered, expected, start, "topic fan-out").await;
+    streams.iter().for_each(|s| s.abort());
+    let elapsed = elapsed?;
+    println!(
+        "topic fan-out: {events} events x {subscribers} /v1/events pattern streams\n  \
+         {:>9.0} deliveries/s ({expected} in {elapsed:.2} s)",
+        expected as f64 / elapsed
     );
     Ok(())
 }

@@ -13,7 +13,8 @@
 //!   durable receipt, send → delivery);
 //! - HTTP `/send` throughput with 16 concurrent keep-alive clients;
 //! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
-//! - SSE fan-out: one `/broadcast` to 1,000 `/subscribe` streams.
+//! - SSE fan-out: `/broadcast`s to 1,000 `/subscribe` streams;
+//! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
 
 mod http;
 mod unix;
@@ -48,6 +49,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
             http::send_throughput(&url, args.messages / 2, 16).await?;
             http::long_poll_latency(&url, 1000).await?;
             http::sse_fanout(&url, 1000, 10).await?;
+            http::pattern_fanout(&url, 1000, 10).await?;
         }
         anyhow::Ok(())
     })?;
