@@ -53,6 +53,7 @@ struct V1Message {
     channel: String,
     from: String,
     to: Option<String>,
+    topic: Option<String>,
     sent_ts: Option<f64>,
     body: Body,
 }
@@ -65,7 +66,7 @@ impl From<V1Message> for MessageFrame {
             to: m.to.unwrap_or_default(),
             ts: m.ts,
             sent_ts: m.sent_ts,
-            topic: None,
+            topic: m.topic,
             channel: m.channel,
             seq: m.seq,
             body: m.body,

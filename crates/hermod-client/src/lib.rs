@@ -8,7 +8,9 @@
 //!   acknowledgements and automatic reconnect (backoff 1 s → 30 s) that
 //!   resumes from the agent's cursor — `BusClient` without its churn.
 //! - [`http`]: the same over the HTTP `/v1` API.
+//! - [`bridge`]: ships topic events to a remote daemon's relay endpoint.
 
+pub mod bridge;
 pub mod http;
 mod subscriber;
 

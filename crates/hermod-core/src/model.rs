@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 /// Longest agent or channel name, in characters.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The sender name of events that arrived through the relay endpoint; a
+/// bridge never ships these back (no echo loops).
+pub const RELAY_SENDER: &str = "relay";
+
 /// The channel used when a client names none.
 pub const DEFAULT_CHANNEL: &str = "default";
 

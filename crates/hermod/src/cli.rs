@@ -46,6 +46,10 @@ pub enum Command {
     ///
     /// Example: `hermod sub 'gateway.**'`
     Sub(SubArgs),
+    /// Ship this daemon's topic events to another daemon's relay endpoint.
+    ///
+    /// Example: `hermod bridge --to ws://dash:18900/api/pub --token T`
+    Bridge(BridgeArgs),
     /// Measure durable throughput and latency over the Unix socket.
     Bench(BenchArgs),
 }
@@ -236,6 +240,37 @@ pub struct SubArgs {
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// `*` matches one segment, `**` any number (also none).
+    pub pattern: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    /// The local daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The remote relay WebSocket, e.g. ws://host:18900/api/pub
+    #[arg(long, value_name = "URL", env = "HERMES_DASHBOARD_EVENT_URL")]
+    pub to: String,
+    /// The remote's relay token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HERMES_DASHBOARD_EVENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
+    /// Relay channel (the remote's bus channel).
+    #[arg(
+        long,
+        value_name = "CH",
+        env = "HERMES_DASHBOARD_EVENT_CHANNEL",
+        default_value = "gateway"
+    )]
+    pub channel: String,
+    /// Which local topics to ship.
+    #[arg(long, value_name = "GLOB", default_value = "**")]
     pub pattern: String,
 }
 

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod bridge;
 mod cli;
 mod crash;
 mod hermes_bus;

@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures::{SinkExt, StreamExt};
-use hermod_core::model::{AgentName, Channel};
+use hermod_core::model::{AgentName, Channel, RELAY_SENDER};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
@@ -34,8 +34,6 @@ use super::AppState;
 
 /// Frames buffered per `/api/events` listener before it starts skipping.
 const FANOUT_BUFFER: usize = 1024;
-/// The sender name of relayed events.
-const RELAY: &str = "relay";
 
 /// Per relay channel, the raw frames for `/api/events` listeners.
 #[derive(Clone, Default)]
@@ -100,7 +98,7 @@ async fn publish(
 
 async fn relay_in(app: AppState, channel: Channel, mut socket: WebSocket) {
     let fanout = app.relay.sender(&channel);
-    let from = AgentName::parse(RELAY).expect("valid name");
+    let from = AgentName::parse(RELAY_SENDER).expect("valid name");
     loop {
         let frame = tokio::select! {
             _ = app.shutdown.cancelled() => break,

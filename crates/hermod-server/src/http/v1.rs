@@ -255,6 +255,8 @@ struct MessageView {
     from: String,
     /// Absent for a broadcast.
     to: Option<String>,
+    /// Set for topic events (the body is then the envelope).
+    topic: Option<String>,
     sent_ts: Option<f64>,
     #[schema(value_type = Object)]
     body: Box<RawValue>,
@@ -269,6 +271,7 @@ impl From<&Message> for MessageView {
             channel: m.channel.to_string(),
             from: m.from.to_string(),
             to: m.to.as_ref().map(|t| t.to_string()),
+            topic: m.topic.clone(),
             sent_ts: m.sent_ts,
             body: m.body.as_raw().to_owned(),
         }

@@ -29,6 +29,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Agents(args) => agents::run(&args),
         Command::Pub(args) => topics::publish(&args),
         Command::Sub(args) => topics::subscribe(&args),
+        Command::Bridge(args) => topics::bridge(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }

@@ -1,5 +1,5 @@
-//! `hermod pub` and `hermod sub`: topic events (hermes_events) through the
-//! daemon.
+//! `hermod pub`, `hermod sub` and `hermod bridge`: topic events
+//! (hermes_events) through the daemon, and across daemons.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -10,7 +10,12 @@ use hermod_client::Connection;
 use hermod_core::wire::{ClientFrame, ServerFrame};
 use serde_json::{Map, Value};
 
-use crate::cli::{self, ClientArgs, Endpoint, PubArgs, SubArgs};
+use std::time::Duration;
+
+use hermod_client::bridge::{Bridge, BridgeConfig, Outbox};
+use hermod_core::model::RELAY_SENDER;
+
+use crate::cli::{self, BridgeArgs, ClientArgs, Endpoint, PubArgs, SubArgs};
 
 fn payload(args: &PubArgs) -> Result<Map<String, Value>> {
     let text = match &args.json {
@@ -72,6 +77,58 @@ fn with_from(frame: ClientFrame, from: Option<String>) -> Value {
         obj.insert("from".into(), from.into());
     }
     v
+}
+
+/// Subscribes to the local daemon and feeds the bridge's outbox; survives
+/// local daemon restarts (reconnecting with backoff), never blocks on the
+/// remote (the outbox drops its oldest frame when full).
+pub fn bridge(args: &BridgeArgs) -> Result<ExitCode> {
+    let client = ClientArgs {
+        data: args.data.clone(),
+        socket: args.socket.clone(),
+        url: None,
+    };
+    let socket = client.socket();
+    let config = BridgeConfig {
+        url: args.to.clone(),
+        token: args.token.clone(),
+        channel: args.channel.clone(),
+        pattern: args.pattern.clone(),
+    };
+    hermod_events::Pattern::parse(&args.pattern).map_err(|e| anyhow::anyhow!("{e}"))?;
+    super::runtime()?.block_on(async {
+        let bridge = Bridge::start(config);
+        let outbox = bridge.outbox();
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match feed(&socket, &args.pattern, &outbox).await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => tracing::warn!(error = %e, "local daemon unreachable; retrying"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    })
+}
+
+/// Pushes the local daemon's matching events into `outbox` until the
+/// connection ends. Events that arrived by relay are not shipped back.
+async fn feed(socket: &std::path::Path, pattern: &str, outbox: &Outbox) -> Result<()> {
+    let mut conn = Connection::connect(socket).await?;
+    conn.request(&ClientFrame::Subscribe {
+        pattern: pattern.to_owned(),
+        durable: None,
+    })
+    .await?;
+    tracing::info!("bridge subscribed to the local daemon");
+    loop {
+        if let ServerFrame::Message(m) = conn.next_frame().await? {
+            match &m.topic {
+                Some(topic) if m.from != RELAY_SENDER => outbox.push(topic, &m.body.to_map()),
+                _ => {}
+            }
+        }
+    }
 }
 
 pub fn subscribe(args: &SubArgs) -> Result<ExitCode> {

@@ -75,7 +75,12 @@ impl Daemon {
             .arg(self.dir.path())
             .arg("--socket")
             .arg(&self.socket)
-            .args(["--http", "127.0.0.1:0", "--sse-keepalive", "1"])
+            .args(if self.args.iter().any(|a| a == "--http") {
+                &[][..]
+            } else {
+                &["--http", "127.0.0.1:0"][..]
+            })
+            .args(["--sse-keepalive", "1"])
             .args(["--relay-token", RELAY_TOKEN])
             .args(&self.args)
             .env("RUST_LOG", "hermod=debug,info")
@@ -193,6 +198,16 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// A TCP port that was free a moment ago (for a daemon that must keep its
+/// address across restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn workspace_target() -> PathBuf {

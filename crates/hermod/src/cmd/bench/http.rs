@@ -126,7 +126,12 @@ async fn counting_streams(
 
 /// Waits (up to 2 minutes) for `expected` deliveries; returns the seconds
 /// since `start`, or an error naming the shortfall.
-async fn await_deliveries(delivered: &AtomicU64, expected: u64, start: Instant, what: &str) -> Result<f64> {
+async fn await_deliveries(
+    delivered: &AtomicU64,
+    expected: u64,
+    start: Instant,
+    what: &str,
+) -> Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -144,7 +149,12 @@ pub(super) async fn sse_fanout(url: &str, subscribers: usize, rounds: usize) -> 
     let tag = std::process::id();
     let source = format!("bench-fan-src-{tag}");
     // The broadcaster must be a known agent: one poll makes it one.
-    http.get(format!("{url}/poll")).query(&[("agent", &source)]).send().await?.bytes().await?;
+    http.get(format!("{url}/poll"))
+        .query(&[("agent", &source)])
+        .send()
+        .await?
+        .bytes()
+        .await?;
     let marker = format!("bench-fan-mark-{tag}");
     let requests = (0..subscribers)
         .map(|i| {
@@ -191,7 +201,8 @@ pub(super) async fn pattern_fanout(url: &str, subscribers: usize, events: usize)
                 1 => format!("bench.{tag}.*.start"),
                 _ => "**".to_owned(),
             };
-            http.get(format!("{url}/v1/events")).query(&[("pattern", pattern)])
+            http.get(format!("{url}/v1/events"))
+                .query(&[("pattern", pattern)])
         })
         .collect();
     let (delivered, streams) = counting_streams(requests, marker.clone()).await?;
@@ -199,7 +210,11 @@ pub(super) async fn pattern_fanout(url: &str, subscribers: usize, events: usize)
     let start = Instant::now();
     for n in 0..events {
         let body = json!({ "topic": format!("bench.{tag}.tool.start"), "payload": { "mark": marker, "n": n } });
-        let resp = http.post(format!("{url}/v1/events")).json(&body).send().await?;
+        let resp = http
+            .post(format!("{url}/v1/events"))
+            .json(&body)
+            .send()
+            .await?;
         if !resp.status().is_success() {
             bail!("/v1/events answered {}", resp.status());
         }
