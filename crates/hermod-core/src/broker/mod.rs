@@ -758,4 +758,49 @@ mod tests {
         assert!(b.endpoints().is_empty());
         assert!(!b.agents()[0].online());
     }
+
+    #[tokio::test]
+    async fn topics_reach_durable_subscribers_and_the_topic_view() {
+        for (b, _dir) in brokers().await {
+            let dash = InboxKey::new(Channel::default(), name("dash"));
+            assert!(b.subscribe(dash.clone(), "tui.**").await.unwrap());
+            assert!(
+                !b.subscribe(dash.clone(), "tui.**").await.unwrap(),
+                "idempotent"
+            );
+            assert_eq!(
+                b.subscribe(dash.clone(), "a..b").await.unwrap_err().code(),
+                "invalid_topic"
+            );
+            let payload = |v: serde_json::Value| v.as_object().unwrap().clone();
+            for (topic, p) in [
+                ("tui.tool.start", serde_json::json!({"tool": "bash"})),
+                (
+                    "gateway.agent.start",
+                    serde_json::json!({"ts": 1.5, "src": "orig"}),
+                ),
+            ] {
+                b.publish(Channel::default(), name("gw"), topic, payload(p), None)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+                    .unwrap();
+            }
+            let inbox = b.read(&dash, 0, 10).await.unwrap();
+            assert_eq!(inbox.len(), 1);
+            let env = inbox[0].body.to_map();
+            assert_eq!(env["type"], "tui.tool.start");
+            assert_eq!(env["src"], "tui");
+            let all = b.read_topics(&Channel::default(), 0, 10).await.unwrap();
+            assert_eq!(all.len(), 2);
+            let kept = all[1].body.to_map();
+            assert_eq!(
+                (kept["ts"].as_f64(), kept["src"].as_str()),
+                (Some(1.5), Some("orig"))
+            );
+            assert!(b.unsubscribe(dash.clone(), "tui.**").await.unwrap());
+            assert!(b.subscriptions(&dash).is_empty());
+        }
+    }
 }
