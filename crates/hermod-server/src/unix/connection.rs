@@ -294,12 +294,7 @@ impl Reader {
                 .send(ServerFrame::Subscribed { pattern, durable })
                 .await;
         }
-        if !self
-            .send(ServerFrame::Subscribed { pattern, durable })
-            .await
-        {
-            return false;
-        }
+        // The start point is fixed before the client hears `subscribed`.
         let channel = self
             .session
             .as_ref()
@@ -308,6 +303,12 @@ impl Reader {
         let events = self
             .broker
             .follow_topics(channel, self.broker.committed().0);
+        if !self
+            .send(ServerFrame::Subscribed { pattern, durable })
+            .await
+        {
+            return false;
+        }
         let tx = self.tx.clone();
         self.live
             .push(AbortOnDropHandle::new(tokio::spawn(async move {
