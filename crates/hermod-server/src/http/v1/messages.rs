@@ -1,0 +1,294 @@
+//! v1 messages: send, read an inbox (long-poll), acknowledge, the per-agent
+//! SSE stream, and the agent list.
+
+use super::*;
+
+/// A message to send: to one agent (`to`), or, without `to`, to every
+/// agent known on the channel except the sender (a broadcast).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SendRequest {
+    /// Sender name.
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    from: String,
+    /// Recipient; without it the message is a broadcast.
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    to: Option<String>,
+    /// Channel (default `default`).
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+    /// Message id; a UUID is assigned when absent.
+    id: Option<String>,
+    /// The payload: any JSON object, delivered byte for byte.
+    #[schema(value_type = Object)]
+    body: Box<RawValue>,
+}
+
+/// The message is durable.
+#[derive(Serialize, ToSchema)]
+pub(super) struct SendReceipt {
+    id: String,
+    seq: Seq,
+    ts: f64,
+    channel: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    request_body = SendRequest,
+    responses(
+        (status = 200, description = "Durable", body = SendReceipt),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+pub(super) async fn send_message(
+    State(app): State<AppState>,
+    JsonBody(req): JsonBody<SendRequest>,
+) -> Result<Json<SendReceipt>, ApiError> {
+    let from = AgentName::parse(req.from)?;
+    let to = req.to.map(AgentName::parse).transpose()?;
+    let env = Envelope {
+        to,
+        from: Some(from.clone()),
+        id: req.id.filter(|i| !i.is_empty()),
+        sent_ts: None,
+        channel: strict_channel(req.channel)?,
+        body: Body::from_raw(&req.body)?,
+    };
+    let m = app.broker.send_durable(env, from, Target::Any).await?;
+    Ok(Json(SendReceipt {
+        id: m.id.clone(),
+        seq: m.seq,
+        ts: m.ts,
+        channel: m.channel.to_string(),
+    }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    responses((status = 200, description = "Every known agent", body = [AgentSummary]))
+)]
+pub(super) async fn list_agents(
+    State(app): State<AppState>,
+) -> Result<Json<Vec<AgentSummary>>, ApiError> {
+    Ok(Json(app.broker.summaries().await?))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct InboxQuery {
+    /// Channel (default `default`).
+    #[param(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+    /// Return messages after this seq (default: the agent's cursor).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
+    after: Option<Seq>,
+    /// At most this many (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<usize>,
+    /// When nothing is there yet, wait up to this many seconds for a message.
+    #[param(minimum = 0, maximum = 30)]
+    wait: Option<f64>,
+}
+
+/// One stored message.
+#[derive(Serialize, ToSchema)]
+pub(super) struct MessageView {
+    seq: Seq,
+    id: String,
+    ts: f64,
+    channel: String,
+    from: String,
+    /// Absent for a broadcast.
+    to: Option<String>,
+    /// Set for topic events (the body is then the envelope).
+    topic: Option<String>,
+    sent_ts: Option<f64>,
+    #[schema(value_type = Object)]
+    body: Box<RawValue>,
+}
+
+impl From<&Message> for MessageView {
+    fn from(m: &Message) -> Self {
+        MessageView {
+            seq: m.seq,
+            id: m.id.clone(),
+            ts: m.ts,
+            channel: m.channel.to_string(),
+            from: m.from.to_string(),
+            to: m.to.as_ref().map(|t| t.to_string()),
+            topic: m.topic.clone(),
+            sent_ts: m.sent_ts,
+            body: m.body.as_raw().to_owned(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct InboxPage {
+    messages: Vec<MessageView>,
+    /// The agent's acknowledged position.
+    cursor: Seq,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{name}/inbox",
+    params(AgentPath, InboxQuery),
+    responses(
+        (status = 200, description = "Messages after `after`, oldest first", body = InboxPage),
+        (status = 400, description = "Invalid name or parameter", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+pub(super) async fn read_inbox(
+    State(app): State<AppState>,
+    P(AgentPath { name }): P<AgentPath>,
+    Q(q): Q<InboxQuery>,
+) -> Result<Json<InboxPage>, ApiError> {
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        )));
+    }
+    let wait = q.wait.unwrap_or(0.0);
+    if !(0.0..=MAX_WAIT).contains(&wait) {
+        return Err(ApiError::bad_request(format!(
+            "wait must be 0 to {MAX_WAIT} seconds"
+        )));
+    }
+    if q.after.is_some_and(|a| a > SEQ_MAX) {
+        return Err(ApiError::bad_request(format!(
+            "after must be at most {SEQ_MAX}"
+        )));
+    }
+    let cursor = app.broker.cursor(&key).await?;
+    let after = q.after.unwrap_or(cursor);
+    let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
+    let mut newest = app.broker.watch(&key);
+    let deadline = tokio::time::Instant::now() + wait;
+    let messages = loop {
+        let batch = app.broker.read(&key, after, limit).await?;
+        if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
+            break batch;
+        }
+        app.wait_for(&mut newest, deadline).await?;
+    };
+    Ok(Json(InboxPage {
+        messages: messages
+            .iter()
+            .map(|m| MessageView::from(m.as_ref()))
+            .collect(),
+        cursor,
+    }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AckRequest {
+    /// Everything up to and including this seq is acknowledged.
+    #[serde(deserialize_with = "seq_from_json")]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    seq: Seq,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(super) struct AckReply {
+    cursor: Seq,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{name}/ack",
+    params(AgentPath),
+    request_body = AckRequest,
+    responses(
+        (status = 200, description = "The cursor after the acknowledgement", body = AckReply),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 413, description = "Body over 10 MiB", body = ErrorBody),
+        (status = 503, description = "Shutting down", body = ErrorBody),
+    )
+)]
+pub(super) async fn ack(
+    State(app): State<AppState>,
+    P(AgentPath { name }): P<AgentPath>,
+    JsonBody(req): JsonBody<AckRequest>,
+) -> Result<Json<AckReply>, ApiError> {
+    let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
+    let previous = app.broker.ack(&key, req.seq).await?;
+    let cursor = app.broker.cursor(&key).await?.max(previous);
+    Ok(Json(AckReply { cursor }))
+}
+
+#[derive(Deserialize)]
+pub(super) struct StreamQuery {
+    channel: Option<String>,
+    after: Option<Seq>,
+}
+
+/// SSE: the inbox from `Last-Event-ID`, else `after`, else the cursor.
+pub(super) async fn stream(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    Q(q): Q<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    let session = app.broker.connect(key.clone(), "sse", false).await?;
+    let after = match last_event_id(&headers).or(q.after) {
+        Some(seq) => seq,
+        None => app.broker.cursor(&key).await?,
+    };
+    let events = app
+        .broker
+        .follow(key, after)
+        .map(move |batch| {
+            let _presence = &session; // the stream holds the presence
+            let events: Vec<Result<Event, Infallible>> = match batch {
+                Ok(batch) => batch
+                    .iter()
+                    .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(m))))
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "inbox read failed");
+                    Vec::new()
+                }
+            };
+            futures::stream::iter(events)
+        })
+        .flatten()
+        .take_until(app.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(app.config.keepalive)
+            .text("keepalive"),
+    ))
+}

@@ -1,0 +1,155 @@
+//! The v1 WebSocket of an agent: its inbox pushed from the cursor, and the
+//! hermes-bus JSON frames (`send`, `ack`, `ping`, `publish`, `subscribe`, ...)
+//! answered on the same socket.
+
+use super::*;
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+
+#[derive(Deserialize)]
+pub(super) struct ChannelQuery {
+    channel: Option<String>,
+}
+
+pub(super) async fn upgrade(
+    State(app): State<AppState>,
+    P(name): P<String>,
+    Q(q): Q<ChannelQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    Ok(upgrade
+        .max_message_size(wire::MAX_FRAME)
+        .on_upgrade(move |socket| ws_session(app, key, socket))
+        .into_response())
+}
+
+pub(super) async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
+    let broker = app.broker.clone();
+    let Ok(_session) = broker.connect(key.clone(), "ws", false).await else {
+        return;
+    };
+    let Ok(cursor) = broker.cursor(&key).await else {
+        return;
+    };
+    let mut inbox = Box::pin(broker.follow(key.clone(), cursor));
+    let mut live = TopicStreams::new();
+    let (mut tx, mut rx) = socket.split();
+    loop {
+        let out: Vec<String> = tokio::select! {
+            _ = app.shutdown.cancelled() => break,
+            batch = inbox.next() => match batch {
+                Some(Ok(batch)) => batch.iter().map(|m| frame_text(m)).collect(),
+                _ => break,
+            },
+            Some(events) = live.next(), if !live.is_empty() => events,
+            incoming = rx.next() => match incoming {
+                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &key, text.as_bytes(), &mut live).await.into_iter().collect(),
+                Some(Ok(ws::Message::Binary(_))) => {
+                    let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
+                    vec![frame_json(ServerFrame::error(&e, None))]
+                }
+                Some(Ok(_)) => continue, // ping/pong are answered by axum
+                _ => break,
+            },
+        };
+        for text in out {
+            if tx.send(ws::Message::Text(text.into())).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = tx.close().await;
+}
+
+pub(super) fn frame_json(frame: ServerFrame) -> String {
+    String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
+}
+/// Live topic subscriptions of one WebSocket: each yields the frames of the
+/// matching events of a batch.
+pub(super) type TopicStreams =
+    futures::stream::SelectAll<futures::stream::BoxStream<'static, Vec<String>>>;
+
+/// Topic events of `channel` matching `pattern`, from now on, as frames.
+pub(super) fn topic_frames(
+    app: &AppState,
+    channel: Channel,
+    pattern: Pattern,
+) -> futures::stream::BoxStream<'static, Vec<String>> {
+    let start = app.broker.committed().0;
+    app.broker
+        .follow_topics(channel, start)
+        .filter_map(move |batch| {
+            let frames: Vec<String> = batch
+                .into_iter()
+                .flatten()
+                .filter(|m| m.topic.as_deref().is_some_and(|t| pattern.matches(t)))
+                .map(|m| frame_text(&m))
+                .collect();
+            futures::future::ready((!frames.is_empty()).then_some(frames))
+        })
+        .boxed()
+}
+
+/// Handles one client frame on a v1 WebSocket; returns the reply, if any.
+/// Frames without a `channel` use the socket's channel.
+pub(super) async fn ws_request(
+    app: &AppState,
+    key: &InboxKey,
+    bytes: &[u8],
+    live: &mut TopicStreams,
+) -> Option<String> {
+    let request = match wire::parse_client_frame_in(bytes, &key.channel) {
+        Ok(r) => r,
+        Err(e) => return Some(frame_json(ServerFrame::error(&e, None))),
+    };
+    let reply = match request {
+        Request::Ping => Ok(ServerFrame::Pong),
+        Request::Send(mut env) | Request::Message(mut env) => {
+            let from = env.from.take().unwrap_or_else(|| key.agent.clone());
+            let id = env.id.clone();
+            match app.broker.send_durable(env, from, Target::Any).await {
+                Ok(m) => Ok(ServerFrame::Sent {
+                    id: m.id.clone(),
+                    seq: m.seq,
+                    ts: m.ts,
+                }),
+                Err(e) => Err((e, id)),
+            }
+        }
+        Request::Publish(p) => {
+            let from = p.from.clone().unwrap_or_else(|| key.agent.clone());
+            match publish(app, p, from).await {
+                Ok(frame) => Ok(frame),
+                Err(e) => Err((e, None)),
+            }
+        }
+        Request::Subscribe { pattern, durable } => match Pattern::parse(&pattern) {
+            Err(e) => Err((e.into(), None)),
+            Ok(_) if durable => match app.broker.subscribe(key.clone(), &pattern).await {
+                Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
+                Err(e) => Err((e, None)),
+            },
+            Ok(parsed) => {
+                live.push(topic_frames(app, key.channel.clone(), parsed));
+                Ok(ServerFrame::Subscribed { pattern, durable })
+            }
+        },
+        Request::Ack(seq) => match app.broker.ack(key, seq).await {
+            Ok(_) => return None,
+            Err(e) => Err((e, None)),
+        },
+        Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
+            endpoints: app.broker.endpoints(),
+        }),
+        Request::Agents | Request::Register { .. } => Err((
+            hermod_core::Error::InvalidRequest(
+                "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
+            ),
+            None,
+        )),
+    };
+    Some(match reply {
+        Ok(frame) => frame_json(frame),
+        Err((e, id)) => frame_json(ServerFrame::error(&e, id)),
+    })
+}
