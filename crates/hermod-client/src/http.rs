@@ -156,16 +156,31 @@ impl HttpClient {
             .await
     }
 
+    /// Messages after the agent's cursor, without acknowledging them.
+    pub async fn peek(&self, agent: &str, channel: Option<&str>) -> Result<Vec<MessageFrame>> {
+        self.inbox_wait(agent, channel, None, 0.0).await
+    }
+
     async fn inbox(
         &self,
         agent: &str,
         channel: Option<&str>,
         after: Option<u64>,
     ) -> Result<Vec<MessageFrame>> {
+        self.inbox_wait(agent, channel, after, LONG_POLL).await
+    }
+
+    async fn inbox_wait(
+        &self,
+        agent: &str,
+        channel: Option<&str>,
+        after: Option<u64>,
+        wait: f64,
+    ) -> Result<Vec<MessageFrame>> {
         let mut req = self
             .http
             .get(format!("{}/v1/agents/{agent}/inbox", self.base))
-            .query(&[("wait", LONG_POLL.to_string())]);
+            .query(&[("wait", wait.to_string())]);
         if let Some(c) = channel {
             req = req.query(&[("channel", c)]);
         }

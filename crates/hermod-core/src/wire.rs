@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Body, Channel, Message, Seq};
+use crate::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 
 /// Largest frame payload: 10 MiB, as the original hermes-bus.
 pub const MAX_FRAME: usize = 10 * 1024 * 1024;
@@ -82,6 +82,16 @@ pub enum ClientFrame {
     },
     /// Every known agent with presence and unread counts.
     Agents,
+    /// Peek at an agent's inbox after its cursor (or `after`); acknowledges nothing.
+    Inbox {
+        agent: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        after: Option<Seq>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
     /// Publish a topic event (hermes_events).
     Publish {
         topic: String,
@@ -146,6 +156,11 @@ pub enum Request {
         pattern: String,
         durable: bool,
     },
+    Inbox {
+        key: InboxKey,
+        after: Option<Seq>,
+        limit: usize,
+    },
 }
 
 /// Every field any client frame may carry. One flat struct (rather than a
@@ -170,6 +185,9 @@ struct RawFrame<'a> {
     payload: Option<&'a RawValue>,
     pattern: Option<String>,
     durable: Option<bool>,
+    agent: Option<String>,
+    after: Option<Seq>,
+    limit: Option<usize>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -207,6 +225,14 @@ pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request>
         "ack" => Request::Ack(frame.seq.ok_or_else(|| missing("seq"))?),
         "agents" => Request::Agents,
         "publish" => Request::Publish(frame.publication(channel)?),
+        "inbox" => Request::Inbox {
+            key: InboxKey::new(
+                parse_channel(frame.channel)?,
+                AgentName::parse(frame.agent.ok_or_else(|| missing("agent"))?)?,
+            ),
+            after: frame.after,
+            limit: frame.limit.unwrap_or(100).clamp(1, 1000),
+        },
         "subscribe" => Request::Subscribe {
             pattern: frame.pattern.ok_or_else(|| missing("pattern"))?,
             durable: frame.durable.unwrap_or(false),
@@ -371,6 +397,11 @@ pub enum ServerFrame {
     },
     AgentsList {
         agents: Vec<AgentSummary>,
+    },
+    /// Reply to `inbox`: messages after the cursor (or `after`), unacknowledged.
+    InboxPage {
+        messages: Vec<MessageFrame>,
+        cursor: Seq,
     },
     /// Reply to `publish`: `seq`/`ts` once durable (`durable: true`), else
     /// only the id (the event is queued for the next commit).

@@ -36,8 +36,16 @@ pub enum Command {
     ///
     /// Example: `hermod recv leo`
     Recv(RecvArgs),
+    /// Wait for one message, print it, acknowledge it (exit 124 on --timeout).
+    ///
+    /// Example: `hermod wait --timeout 600 leo`
+    Wait(RecvArgs),
+    /// Show what waits in an agent's inbox, without acknowledging anything.
+    Inbox(InboxArgs),
     /// List known agents with presence and unread counts.
     Agents(ClientArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Publish a topic event (payload: a JSON object, or stdin when absent).
     ///
     /// Example: `hermod pub tui.tool.start '{"tool":"bash"}'`
@@ -181,9 +189,22 @@ pub struct SendArgs {
     /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
     #[arg(long, value_name = "CH")]
     pub channel: Option<String>,
-    /// Recipient.
-    pub to: String,
-    /// Message text; read from stdin when absent.
+    /// Send to every agent known on the channel (then no TO is given).
+    #[arg(long)]
+    pub broadcast: bool,
+    /// The body as a JSON object instead of `{"text": TEXT}`.
+    #[arg(long, value_name = "JSON", conflicts_with = "text")]
+    pub json: Option<String>,
+    /// Set `body.type` (e.g. directive, task_done, need_decision).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// Attach a file (up to 10 MiB; carried with its name, size and sha256).
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Recipient (omit with --broadcast).
+    #[arg(required_unless_present = "broadcast")]
+    pub to: Option<String>,
+    /// Message text; read from stdin when absent (and no --json/--file).
     pub text: Option<String>,
 }
 
@@ -203,7 +224,24 @@ pub struct RecvArgs {
     /// Exit with code 124 when nothing arrives for this many seconds.
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<f64>,
+    /// Save attachments here (after checking their sha256).
+    #[arg(long, value_name = "DIR")]
+    pub save_dir: Option<PathBuf>,
     /// The agent to receive for.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct InboxArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// One JSON object per line instead of text blocks.
+    #[arg(long)]
+    pub json: bool,
+    /// The agent whose inbox to show.
     pub name: String,
 }
 

@@ -157,3 +157,104 @@ fn start_status_stop_manage_a_background_daemon() {
         "socket removed on clean stop"
     );
 }
+
+#[test]
+fn attachments_arrive_byte_identical_with_a_verified_sha256() {
+    let d = Daemon::start();
+    // 5 MiB of non-repeating bytes.
+    let data: Vec<u8> = (0..5u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let file = d.data_dir().join("report.bin");
+    std::fs::write(&file, &data).unwrap();
+    let out = d.cli(&[
+        "send",
+        "--from",
+        "ci",
+        "--type",
+        "task_done",
+        "--file",
+        file.to_str().unwrap(),
+        "lead",
+        "build artefact",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let save = d.data_dir().join("inbox-files");
+    let out = d.cli(&[
+        "wait",
+        "--timeout",
+        "30",
+        "--save-dir",
+        save.to_str().unwrap(),
+        "lead",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "Z] from ci (default):\nbuild artefact\n[attachment report.bin (5242880 bytes, sha256 "
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("saved to ") && text.contains("sha256 verified]\n---\n"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(save.join("report.bin")).unwrap(), data);
+}
+
+#[test]
+fn wait_inbox_broadcast_and_json_bodies() {
+    let d = Daemon::start();
+    let out = d.cli(&["wait", "--timeout", "0.5", "nobody-yet"]);
+    assert_eq!(out.status.code(), Some(124), "wait times out with 124");
+    let out = d.cli(&[
+        "send",
+        "--json",
+        r#"{"k":[1,2],"emoji":"🎉"}"#,
+        "--type",
+        "progress",
+        "peer",
+        "",
+    ]);
+    assert!(!out.status.success(), "--json and TEXT conflict");
+    let out = d.cli(&[
+        "send",
+        "--json",
+        r#"{"k":[1,2],"emoji":"🎉"}"#,
+        "--type",
+        "progress",
+        "peer",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // `inbox` peeks: twice the same, nothing acknowledged.
+    for _ in 0..2 {
+        let out = d.cli(&["inbox", "--json", "peer"]);
+        let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        assert_eq!(
+            line["body"],
+            serde_json::json!({"k": [1, 2], "emoji": "🎉", "type": "progress"})
+        );
+    }
+    let out = d.cli(&["wait", "--timeout", "10", "peer"]);
+    assert!(
+        stdout(&out).contains(r#"{"k":[1,2],"emoji":"🎉","type":"progress"}"#),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        stdout(&d.cli(&["inbox", "peer"])),
+        "",
+        "acknowledged by wait"
+    );
+    // A broadcast reaches every known agent but the sender.
+    let out = d.cli(&["send", "--broadcast", "--from", "peer", "all hands"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&d.cli(&["inbox", "peer"])), "");
+    assert!(stdout(&d.cli(&["inbox", "nobody-yet"])).contains("all hands"));
+    let out = Command::new(HERMOD)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("hermod"));
+}

@@ -220,6 +220,10 @@ impl Reader {
                 })
                 .await
             }
+            Request::Inbox { key, after, limit } => match self.peek(&key, after, limit).await {
+                Ok(frame) => self.send(frame).await,
+                Err(e) => self.send(ServerFrame::error(&e, None)).await,
+            },
             Request::Publish(p) => self.publish(p).await,
             Request::Subscribe { pattern, durable } => self.subscribe(pattern, durable).await,
             Request::Agents => match self.broker.summaries().await {
@@ -325,6 +329,26 @@ impl Reader {
                 }
             })));
         true
+    }
+
+    async fn peek(
+        &self,
+        key: &InboxKey,
+        after: Option<Seq>,
+        limit: usize,
+    ) -> hermod_core::Result<ServerFrame> {
+        let cursor = self.broker.cursor(key).await?;
+        let messages = self
+            .broker
+            .read(key, after.unwrap_or(cursor), limit)
+            .await?;
+        Ok(ServerFrame::InboxPage {
+            messages: messages
+                .iter()
+                .map(|m| wire::MessageFrame::from(m.as_ref()))
+                .collect(),
+            cursor,
+        })
     }
 
     /// The sender name of this connection's messages without a `from`.

@@ -2,6 +2,7 @@
 
 mod agents;
 mod bench;
+mod inbox;
 mod manage;
 mod recv;
 mod send;
@@ -26,7 +27,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restart(args) => manage::restart(&args),
         Command::Send(args) => send::run(&args),
         Command::Recv(args) => recv::run(&args),
+        Command::Wait(mut args) => {
+            args.count = Some(1);
+            recv::run(&args)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "hermod", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agents(args) => agents::run(&args),
+        Command::Inbox(args) => inbox::run(&args),
         Command::Pub(args) => topics::publish(&args),
         Command::Sub(args) => topics::subscribe(&args),
         Command::Bridge(args) => topics::bridge(&args),

@@ -141,7 +141,7 @@ pub(super) async fn ws_request(
         Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
             endpoints: app.broker.endpoints(),
         }),
-        Request::Agents | Request::Register { .. } => Err((
+        Request::Agents | Request::Register { .. } | Request::Inbox { .. } => Err((
             hermod_core::Error::InvalidRequest(
                 "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
             ),
