@@ -4,11 +4,11 @@
 //!
 //! - [`unix`]: the hermes-bus protocol over a Unix socket.
 //! - [`http`]: agent-bus, SSE-interop, the v1 API and metrics on one port.
-//! - [`hooks`]: hermes-bus style hook scripts run after each commit.
+//! - [`actions`]: wake-up actions (and hermes-bus hooks) run after each commit.
 //!
 //! [`serve`] runs all of them until a shutdown token fires.
 
-pub mod hooks;
+pub mod actions;
 pub mod http;
 pub mod unix;
 
@@ -21,7 +21,7 @@ pub struct ServerConfig {
     pub unix: unix::UnixConfig,
     /// `None` runs no HTTP front.
     pub http: Option<http::HttpConfig>,
-    pub hooks: hooks::HookConfig,
+    pub actions: actions::ActionConfig,
 }
 
 /// Binds every listener; fails early (before serving) on a bad address.
@@ -52,9 +52,11 @@ impl Bound {
     /// Serves until `shutdown` fires, then lets connections finish and
     /// flushes the store.
     pub async fn serve(self, broker: Broker, shutdown: CancellationToken) {
-        let hooks = tokio::spawn(hooks::run(
+        let stats = std::sync::Arc::new(actions::ActionStats::default());
+        let actions = tokio::spawn(actions::run(
             broker.clone(),
-            self.config.hooks,
+            self.config.actions,
+            stats.clone(),
             shutdown.clone(),
         ));
         let http = match (self.http, self.config.http) {
@@ -64,6 +66,7 @@ impl Bound {
                     config: std::sync::Arc::new(config),
                     shutdown: shutdown.clone(),
                     relay: http::relay::RelayHub::default(),
+                    actions: stats,
                 };
                 Some(tokio::spawn(http::serve(listener, state)))
             }
@@ -73,7 +76,7 @@ impl Bound {
         if let Some(http) = http {
             let _ = http.await;
         }
-        let _ = hooks.await;
+        let _ = actions.await;
         broker.close().await;
     }
 }

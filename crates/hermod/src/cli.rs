@@ -116,10 +116,10 @@ pub struct ServeArgs {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
     pub memory: bool,
-    /// Seconds before a hook is killed.
+    /// Seconds before a hook or wake-up action is stopped.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub hook_timeout: u64,
-    /// Hooks running at once.
+    /// Hooks and wake-up actions running at once.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub hook_concurrency: usize,
     /// Unix connections accepted at once.

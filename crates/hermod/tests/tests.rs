@@ -4,6 +4,7 @@
 
 mod support;
 
+mod actions;
 mod bridge;
 mod cli;
 mod crash;

@@ -40,7 +40,7 @@ struct Shared {
     state: Mutex<State>,
     /// Subscribers to every committed message (hooks, metrics); each has a
     /// bounded queue and misses messages rather than slowing commits.
-    taps: Mutex<Vec<mpsc::Sender<Arc<Message>>>>,
+    taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
     taps_dropped: AtomicU64,
     /// Set while the engine holds stamped messages that are not readable yet.
     stamping: AtomicBool,
@@ -101,12 +101,23 @@ impl CommitObserver for Shared {
         let taps = self.taps.lock().unwrap();
         for tap in taps.iter() {
             for c in batch {
-                if tap.try_send(c.message.clone()).is_err() {
+                let tapped = Tapped {
+                    message: c.message.clone(),
+                    recipients: c.recipients.clone().into(),
+                };
+                if tap.try_send(tapped).is_err() {
                     self.taps_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
     }
+}
+
+/// A committed message as a tap sees it: with the inboxes it landed in.
+#[derive(Debug, Clone)]
+pub struct Tapped {
+    pub message: Arc<Message>,
+    pub recipients: Arc<[AgentName]>,
 }
 
 /// How the broker treats a message's target.
@@ -658,7 +669,7 @@ impl Broker {
     /// Every committed message from now on, through a bounded queue of
     /// `capacity`; when the queue is full the tap misses messages (counted
     /// in [`Broker::taps_dropped`]) instead of slowing the bus.
-    pub fn tap(&self, capacity: usize) -> mpsc::Receiver<Arc<Message>> {
+    pub fn tap(&self, capacity: usize) -> mpsc::Receiver<Tapped> {
         let (tx, rx) = mpsc::channel(capacity);
         let mut taps = self.shared.taps.lock().unwrap();
         taps.retain(|t| !t.is_closed());

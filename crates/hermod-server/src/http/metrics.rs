@@ -63,6 +63,30 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
             .map(|(t, n)| (format!("{{transport=\"{t}\"}}"), n.to_string()))
             .collect(),
     );
+    let per_kind = |counters: &[std::sync::atomic::AtomicU64; 4]| {
+        crate::actions::KINDS
+            .iter()
+            .zip(counters)
+            .map(|(k, n)| {
+                (
+                    format!("{{kind=\"{k}\"}}"),
+                    n.load(std::sync::atomic::Ordering::Relaxed).to_string(),
+                )
+            })
+            .collect()
+    };
+    metric(
+        "hermod_action_runs_total",
+        "counter",
+        "Wake-up actions started, by kind.",
+        per_kind(&app.actions.runs),
+    );
+    metric(
+        "hermod_action_failures_total",
+        "counter",
+        "Wake-up actions that failed or timed out, by kind.",
+        per_kind(&app.actions.failures),
+    );
     metric(
         "hermod_commits_total",
         "counter",

@@ -58,6 +58,8 @@ pub struct AppState {
     /// Fires at shutdown: long-polls return and streams end.
     pub shutdown: CancellationToken,
     pub relay: relay::RelayHub,
+    /// Wake-up action counters, for `/metrics`.
+    pub actions: std::sync::Arc<crate::actions::ActionStats>,
 }
 
 impl AppState {

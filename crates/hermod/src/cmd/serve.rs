@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hermod_core::Broker;
-use hermod_server::{hooks::HookConfig, http::HttpConfig, unix::UnixConfig, ServerConfig};
+use hermod_server::actions::{self, ActionConfig, ActionSpec};
+use hermod_server::{http::HttpConfig, unix::UnixConfig, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
@@ -40,8 +41,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         let config = ServerConfig {
             unix,
             http,
-            hooks: HookConfig {
-                scripts: hermod_server::hooks::scripts_from_env(),
+            actions: ActionConfig {
+                actions: load_actions(&dir)?,
                 timeout: Duration::from_secs(args.hook_timeout),
                 concurrency: args.hook_concurrency,
             },
@@ -66,6 +67,35 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         tracing::info!("hermod stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// hermes-bus hooks from the environment, then the `[[action]]`s of
+/// `<data-dir>/config.toml`, else of `~/.config/hermod/config.toml`.
+fn load_actions(dir: &std::path::Path) -> Result<Vec<ActionSpec>> {
+    let mut all = actions::hooks_from_env();
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_default();
+    let candidates = [
+        dir.join("config.toml"),
+        home.join(".config/hermod/config.toml"),
+    ];
+    if let Some(path) = candidates.iter().find(|p| p.exists()) {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let file: actions::ActionsFile =
+            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+        for spec in &file.action {
+            if let Some(t) = &spec.topic {
+                hermod_events::Pattern::parse(t).with_context(|| {
+                    format!("invalid topic pattern {t:?} in {}", path.display())
+                })?;
+            }
+        }
+        tracing::info!(file = %path.display(), actions = file.action.len(), "wake-up actions loaded");
+        all.extend(file.action);
+    }
+    Ok(all)
 }
 
 /// Publishes the bound addresses (port 0 resolved) for clients and tests.

@@ -34,9 +34,21 @@ impl Daemon {
         Self::start_with(&[], envs)
     }
 
+    /// Starts with a `config.toml` in the data directory.
+    pub fn start_with_config(config: &str, envs: &[(&str, &str)]) -> Self {
+        Self::start_inner(&[], envs, Some(config))
+    }
+
     /// Starts with extra `serve` flags and environment.
     pub fn start_with(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start_inner(args, envs, None)
+    }
+
+    fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        }
         let socket = dir.path().join("hermod.sock");
         let mut d = Daemon {
             dir,

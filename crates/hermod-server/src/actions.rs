@@ -1,0 +1,436 @@
+//! Wake-up actions: after a message is stored, tell whoever should know —
+//! so an idle agent learns it has mail.
+//!
+//! Each action has a kind and an optional filter (recipient, channel, topic
+//! pattern):
+//! - `exec`: run a command with the message frame JSON on stdin (hermes-bus
+//!   hooks are `exec` actions: `HERMES_BUS_HOOKS`, else
+//!   `$HERMES_HOME/hermes-bus/hooks.yaml`; a `.py` hook runs under `python3`);
+//! - `append`: append the frame JSON as one line to a file or named pipe
+//!   (opened non-blocking: a pipe without a reader is skipped, never waited on);
+//! - `tmux`: type a one-line summary into a tmux pane and press Enter;
+//! - `webhook`: POST the frame JSON to a URL.
+//!
+//! Actions never delay routing: they read a bounded tap of committed
+//! messages (a runner that falls behind misses messages, counted), run at
+//! most [`ActionConfig::concurrency`] at once and are stopped after
+//! [`ActionConfig::timeout`]. Runs and failures are counted per kind for
+//! `/metrics`; failures are logged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hermod_core::broker::Tapped;
+use hermod_core::model::Message;
+use hermod_core::{wire, Broker};
+use hermod_events::Pattern;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Committed messages buffered for actions before they start missing some.
+const TAP_CAPACITY: usize = 4096;
+
+/// What an action does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Action {
+    Exec { command: Vec<String> },
+    Append { path: PathBuf },
+    Tmux { target: String },
+    Webhook { url: String },
+}
+
+impl Action {
+    fn kind(&self) -> usize {
+        match self {
+            Action::Exec { .. } => 0,
+            Action::Append { .. } => 1,
+            Action::Tmux { .. } => 2,
+            Action::Webhook { .. } => 3,
+        }
+    }
+}
+
+/// Names of the kinds, in [`Action::kind`] order (metric labels).
+pub const KINDS: [&str; 4] = ["exec", "append", "tmux", "webhook"];
+
+/// An action with its filter, as written in `config.toml`:
+///
+/// ```toml
+/// [[action]]
+/// kind = "tmux"          # exec | append | tmux | webhook
+/// target = "agents:0.1"  # exec: command = [...]; append: path; webhook: url
+/// to = "leo"             # optional: only messages landing in leo's inbox
+/// channel = "default"    # optional
+/// topic = "tui.**"       # optional: only topic events matching
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+pub struct ActionSpec {
+    #[serde(flatten)]
+    pub action: Action,
+    pub to: Option<String>,
+    pub channel: Option<String>,
+    pub topic: Option<String>,
+}
+
+impl ActionSpec {
+    fn matches(&self, t: &Tapped, topic: Option<&Pattern>) -> bool {
+        let m = &t.message;
+        self.to
+            .as_deref()
+            .is_none_or(|to| t.recipients.iter().any(|r| r.as_str() == to))
+            && self
+                .channel
+                .as_deref()
+                .is_none_or(|c| m.channel.as_str() == c)
+            && topic.is_none_or(|p| m.topic.as_deref().is_some_and(|t| p.matches(t)))
+    }
+}
+
+/// The `[[action]]` tables of `config.toml`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ActionsFile {
+    #[serde(default)]
+    pub action: Vec<ActionSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActionConfig {
+    pub actions: Vec<ActionSpec>,
+    /// An action still running after this is stopped.
+    pub timeout: Duration,
+    /// Actions running at once.
+    pub concurrency: usize,
+}
+
+impl Default for ActionConfig {
+    fn default() -> Self {
+        Self {
+            actions: Vec::new(),
+            timeout: Duration::from_secs(10),
+            concurrency: 8,
+        }
+    }
+}
+
+/// Runs and failures per kind, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ActionStats {
+    pub runs: [AtomicU64; 4],
+    pub failures: [AtomicU64; 4],
+}
+
+/// hermes-bus hooks as `exec` actions, resolved from the environment.
+pub fn hooks_from_env() -> Vec<ActionSpec> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let hermes_home = std::env::var_os("HERMES_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".hermes"));
+    let scripts = resolve_hooks(
+        std::env::var("HERMES_BUS_HOOKS").ok().as_deref(),
+        &hermes_home.join("hermes-bus").join("hooks.yaml"),
+        &home,
+    );
+    scripts
+        .into_iter()
+        .map(|script| {
+            let mut command = Vec::new();
+            if script.extension().is_some_and(|e| e == "py") {
+                command.push("python3".to_owned());
+            }
+            command.push(script.display().to_string());
+            ActionSpec {
+                action: Action::Exec { command },
+                to: None,
+                channel: None,
+                topic: None,
+            }
+        })
+        .collect()
+}
+
+fn resolve_hooks(env: Option<&str>, yaml: &Path, home: &Path) -> Vec<PathBuf> {
+    let expand = |s: &str| match s.strip_prefix("~/") {
+        Some(rest) => home.join(rest),
+        None => PathBuf::from(s),
+    };
+    if let Some(list) = env.map(str::trim).filter(|s| !s.is_empty()) {
+        if list.eq_ignore_ascii_case("none") {
+            return Vec::new();
+        }
+        if list.starts_with('[') {
+            if let Ok(paths) = serde_json::from_str::<Vec<String>>(list) {
+                return paths.iter().map(|p| expand(p)).collect();
+            }
+        }
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(expand)
+            .collect();
+    }
+    let Ok(text) = std::fs::read_to_string(yaml) else {
+        return Vec::new();
+    };
+    // hermes-bus reads this file line by line ("- path", optionally quoted;
+    // `#` comments), not as general YAML; the same rule keeps every file
+    // that worked there working here.
+    text.lines()
+        .map(str::trim)
+        .filter_map(|line| line.strip_prefix("- "))
+        .map(|p| p.trim().trim_matches(|c| c == '\'' || c == '"'))
+        .filter(|p| !p.is_empty())
+        .map(expand)
+        .collect()
+}
+
+/// Runs the actions for every committed message until `shutdown`.
+pub async fn run(
+    broker: Broker,
+    config: ActionConfig,
+    stats: Arc<ActionStats>,
+    shutdown: CancellationToken,
+) {
+    if config.actions.is_empty() {
+        return;
+    }
+    tracing::info!(actions = config.actions.len(), "wake-up actions enabled");
+    let patterns: Vec<Option<Pattern>> = config
+        .actions
+        .iter()
+        .map(|a| a.topic.as_deref().and_then(|t| Pattern::parse(t).ok()))
+        .collect();
+    let mut tap = broker.tap(TAP_CAPACITY);
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let http = reqwest::Client::new();
+    let tasks = TaskTracker::new();
+    let mut reported_drops = 0;
+    loop {
+        let tapped = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            t = tap.recv() => match t { Some(t) => t, None => break },
+        };
+        let dropped = broker.taps_dropped();
+        if dropped > reported_drops {
+            tracing::warn!(dropped, "actions fell behind; some messages ran no action");
+            reported_drops = dropped;
+        }
+        let frame = wire::message_bytes(&tapped.message);
+        for (spec, pattern) in config.actions.iter().zip(&patterns) {
+            if !spec.matches(&tapped, pattern.as_ref()) {
+                continue;
+            }
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let job = Job {
+                action: spec.action.clone(),
+                frame: frame.clone(),
+                message: tapped.message.clone(),
+                timeout: config.timeout,
+                http: http.clone(),
+            };
+            let stats = stats.clone();
+            tasks.spawn(async move {
+                let kind = job.action.kind();
+                stats.runs[kind].fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = job.run().await {
+                    stats.failures[kind].fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(action = KINDS[kind], error = %e, "wake-up action failed");
+                }
+                drop(permit);
+            });
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+struct Job {
+    action: Action,
+    frame: bytes::Bytes,
+    message: Arc<Message>,
+    timeout: Duration,
+    http: reqwest::Client,
+}
+
+impl Job {
+    async fn run(self) -> Result<(), String> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.act())
+            .await
+            .map_err(|_| format!("timed out after {timeout:?} and was stopped"))?
+    }
+
+    async fn act(self) -> Result<(), String> {
+        match &self.action {
+            Action::Exec { command } => exec(command, &self.frame).await,
+            Action::Append { path } => {
+                let (path, frame) = (path.clone(), self.frame.clone());
+                tokio::task::spawn_blocking(move || append(&path, &frame))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+            Action::Tmux { target } => tmux(target, &summary(&self.message)).await,
+            Action::Webhook { url } => {
+                let resp = self
+                    .http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(self.frame.clone())
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match resp.status() {
+                    s if s.is_success() => Ok(()),
+                    s => Err(format!("{url} answered {s}")),
+                }
+            }
+        }
+    }
+}
+
+async fn exec(command: &[String], input: &[u8]) -> Result<(), String> {
+    let (program, args) = command
+        .split_first()
+        .ok_or("exec action without a command")?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true) // a timed-out run is killed when dropped
+        .spawn()
+        .map_err(|e| format!("{program}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that never reads stdin must not block us.
+        let _ = stdin.write_all(input).await;
+    }
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Appends one line without ever blocking: a named pipe with no reader
+/// fails to open (ENXIO) and a full one refuses the write (EAGAIN).
+fn append(path: &Path, frame: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut line = frame.to_vec();
+    line.push(b'\n');
+    file.write_all(&line)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// One line an idle CLI agent reads as a prompt.
+fn summary(m: &Message) -> String {
+    let text = m.body.to_text();
+    let first: String = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect();
+    let to = m.to.as_deref().unwrap_or("*");
+    format!(
+        "[hermod] message from {} to {to} ({}): {first}",
+        m.from, m.channel
+    )
+}
+
+async fn tmux(target: &str, line: &str) -> Result<(), String> {
+    for args in [
+        vec!["send-keys", "-t", target, "-l", line],
+        vec!["send-keys", "-t", target, "Enter"],
+    ] {
+        let out = Command::new("tmux")
+            .args(&args)
+            .output()
+            .await
+            .map_err(|e| format!("tmux: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "tmux: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_resolution_order() {
+        let home = Path::new("/home/u");
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("hooks.yaml");
+        std::fs::write(&yaml, "# hooks\n- ~/a.py\n- '/b.sh'\n").unwrap();
+        assert_eq!(
+            resolve_hooks(None, &yaml, home),
+            [home.join("a.py"), PathBuf::from("/b.sh")]
+        );
+        assert_eq!(
+            resolve_hooks(Some("none"), &yaml, home),
+            Vec::<PathBuf>::new()
+        );
+        assert_eq!(
+            resolve_hooks(Some("/x, ~/y"), &yaml, home),
+            [PathBuf::from("/x"), home.join("y")]
+        );
+        assert_eq!(
+            resolve_hooks(Some(r#"["/j"]"#), &yaml, home),
+            [PathBuf::from("/j")]
+        );
+        assert!(resolve_hooks(None, &dir.path().join("missing.yaml"), home).is_empty());
+    }
+
+    #[test]
+    fn config_file_shapes() {
+        let file: ActionsFile = toml::from_str(
+            r#"
+            [[action]]
+            kind = "tmux"
+            target = "agents:0.1"
+            to = "leo"
+
+            [[action]]
+            kind = "exec"
+            command = ["notify-send", "mail"]
+            topic = "tui.**"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(file.action.len(), 2);
+        assert!(matches!(file.action[0].action, Action::Tmux { .. }));
+        assert_eq!(file.action[1].topic.as_deref(), Some("tui.**"));
+        assert!(toml::from_str::<ActionsFile>("[[action]]\nkind = \"nope\"\n").is_err());
+    }
+}
