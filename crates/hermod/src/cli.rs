@@ -44,6 +44,11 @@ pub enum Command {
     Inbox(InboxArgs),
     /// List known agents with presence and unread counts.
     Agents(ClientArgs),
+    /// Serve an agent's inbox to an AI client as MCP tools over stdio (and as a
+    /// Claude Code channel that pushes arriving messages into the session).
+    ///
+    /// Example (Claude Code): `claude mcp add hermod -- hermod mcp --agent claude`
+    Mcp(McpArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Publish a topic event (payload: a JSON object, or stdin when absent).
@@ -243,6 +248,25 @@ pub struct InboxArgs {
     pub json: bool,
     /// The agent whose inbox to show.
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    #[command(flatten)]
+    pub data: DataDirArgs,
+    /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The agent this session is [env: AGENT_NAME]
+    #[arg(long, value_name = "NAME", env = "AGENT_NAME")]
+    pub agent: String,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Only messages from these senders are pushed into the session
+    /// (comma-separated; default: every agent on the local bus).
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Args)]

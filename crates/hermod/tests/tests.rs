@@ -11,5 +11,6 @@ mod crash;
 mod hermes_bus;
 mod hooks;
 mod http;
+mod mcp;
 mod topics;
 mod unix;

@@ -4,6 +4,7 @@ mod agents;
 mod bench;
 mod inbox;
 mod manage;
+mod mcp;
 mod recv;
 mod send;
 mod serve;
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             args.count = Some(1);
             recv::run(&args)
         }
+        Command::Mcp(args) => mcp::run(&args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "hermod", &mut std::io::stdout());

@@ -1,0 +1,302 @@
+//! `hermod mcp --agent NAME`: the agent's side of the bus as an MCP server
+//! over stdio (rmcp), with six small tools — each tool schema costs the
+//! model context on every session — and, as a Claude Code *channel*, a push
+//! of every arriving message into the live session.
+//!
+//! The server registers the agent with explicit acknowledgements: pushing a
+//! message does not acknowledge it; `wait_for_message` and `ack` do, so a
+//! message the session never handled is still there next time.
+//! `check_inbox` only peeks. `--allow` limits which senders are pushed (a
+//! prompt-injection gate); everything still lands in the inbox.
+
+use std::collections::VecDeque;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use hermod_client::{Connection, Draft, MessageFrame, Subscriber};
+use hermod_core::wire::{ClientFrame, ServerFrame};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{
+    CallToolResult, ContentBlock, CustomNotification, Implementation, ServerCapabilities,
+    ServerConfig, ServerNotification,
+};
+use rmcp::{tool, tool_handler, tool_router, ServerHandler, ServiceExt};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, Notify};
+
+use crate::cli::{self, ClientArgs, McpArgs};
+
+/// The Claude Code channel notification.
+const CHANNEL_METHOD: &str = "notifications/claude/channel";
+
+/// Messages received and not yet taken by `wait_for_message`.
+#[derive(Default)]
+struct Pending {
+    queue: Mutex<VecDeque<MessageFrame>>,
+    ready: Notify,
+}
+
+#[derive(Clone)]
+struct Hermod {
+    agent: String,
+    channel: Option<String>,
+    socket: std::path::PathBuf,
+    pending: Arc<Pending>,
+    acks: mpsc::Sender<u64>,
+    tool_router: ToolRouter<Self>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct SendParams {
+    /// Recipient agent; omit to broadcast to every agent on the channel.
+    to: Option<String>,
+    /// Message text.
+    text: Option<String>,
+    /// Extra JSON fields for the body (e.g. {"type": "task_done"}).
+    body: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct WaitParams {
+    /// Seconds to wait (default 60, at most 600).
+    timeout_secs: Option<f64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct AckParams {
+    /// Acknowledge everything up to this seq.
+    seq: u64,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct PublishParams {
+    /// Dotted topic, e.g. "task.progress".
+    topic: String,
+    /// JSON object payload.
+    payload: Option<Map<String, Value>>,
+}
+
+fn ok(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn failed(e: impl std::fmt::Display) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(e.to_string())])
+}
+
+/// One message as the model reads it.
+fn render(m: &MessageFrame) -> String {
+    format!(
+        "seq {} from {} ({}):\n{}",
+        m.seq,
+        m.from,
+        m.channel,
+        m.body.to_text()
+    )
+}
+
+#[tool_router]
+impl Hermod {
+    #[tool(description = "Send a message to an agent (or to all, without `to`).")]
+    async fn send_message(&self, Parameters(p): Parameters<SendParams>) -> CallToolResult {
+        let mut body = p.body.unwrap_or_default();
+        if let Some(text) = p.text {
+            body.insert("text".into(), text.into());
+        }
+        let draft = Draft {
+            to: p.to,
+            from: Some(self.agent.clone()),
+            channel: self.channel.clone(),
+            body: hermod_core::model::Body::from_map(body),
+        };
+        match hermod_client::send(&self.socket, draft).await {
+            Ok(sent) => ok(format!("sent (seq {})", sent.seq)),
+            Err(e) => failed(e),
+        }
+    }
+
+    #[tool(description = "List unread messages without marking them read.")]
+    async fn check_inbox(&self) -> CallToolResult {
+        let frame = ClientFrame::Inbox {
+            agent: self.agent.clone(),
+            channel: self.channel.clone(),
+            after: None,
+            limit: Some(50),
+        };
+        let reply = async {
+            Connection::connect(&self.socket)
+                .await?
+                .request(&frame)
+                .await
+        };
+        match reply.await {
+            Ok(ServerFrame::InboxPage { messages, .. }) if messages.is_empty() => {
+                ok("no unread messages")
+            }
+            Ok(ServerFrame::InboxPage { messages, .. }) => ok(messages
+                .iter()
+                .map(render)
+                .collect::<Vec<_>>()
+                .join("\n---\n")),
+            Ok(other) => failed(format!("unexpected reply {other:?}")),
+            Err(e) => failed(e),
+        }
+    }
+
+    #[tool(description = "Wait for the next message, return it and mark it read.")]
+    async fn wait_for_message(&self, Parameters(p): Parameters<WaitParams>) -> CallToolResult {
+        let secs = p.timeout_secs.unwrap_or(60.0).clamp(0.0, 600.0);
+        let next = async {
+            loop {
+                // Registered before checking, so a push in between is not missed.
+                let ready = self.pending.ready.notified();
+                if let Some(m) = self.pending.queue.lock().unwrap().pop_front() {
+                    return m;
+                }
+                ready.await;
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs_f64(secs), next).await {
+            Ok(m) => {
+                let _ = self.acks.send(m.seq).await;
+                ok(render(&m))
+            }
+            Err(_) => ok(format!("no message within {secs} s")),
+        }
+    }
+
+    #[tool(description = "Mark messages up to `seq` as read.")]
+    async fn ack(&self, Parameters(p): Parameters<AckParams>) -> CallToolResult {
+        self.pending.queue.lock().unwrap().retain(|m| m.seq > p.seq);
+        match self.acks.send(p.seq).await {
+            Ok(()) => ok(format!("read up to seq {}", p.seq)),
+            Err(e) => failed(e),
+        }
+    }
+
+    #[tool(description = "List agents: online state, transport, unread counts.")]
+    async fn list_agents(&self) -> CallToolResult {
+        let agents = async { Connection::connect(&self.socket).await?.agents().await };
+        match agents.await {
+            Ok(agents) => ok(agents
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{} ({}): {}, unread {}",
+                        a.name,
+                        a.channel,
+                        if a.online { "online" } else { "offline" },
+                        a.unread
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")),
+            Err(e) => failed(e),
+        }
+    }
+
+    #[tool(description = "Publish a topic event (e.g. progress) to subscribers.")]
+    async fn publish_event(&self, Parameters(p): Parameters<PublishParams>) -> CallToolResult {
+        let frame = json!({
+            "type": "publish",
+            "topic": p.topic,
+            "payload": p.payload.unwrap_or_default(),
+            "from": self.agent,
+            "channel": self.channel,
+        });
+        let reply = async {
+            Connection::connect(&self.socket)
+                .await?
+                .request_raw(&frame)
+                .await
+        };
+        match reply.await {
+            Ok(receipt) => ok(receipt),
+            Err(e) => failed(e),
+        }
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Hermod {
+    fn get_info(&self) -> ServerConfig {
+        let mut experimental = std::collections::BTreeMap::new();
+        experimental.insert("claude/channel".to_owned(), Map::new());
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_experimental_with(experimental)
+                .build(),
+        )
+        .with_server_info(Implementation::new("hermod", env!("CARGO_PKG_VERSION")))
+        .with_instructions(format!(
+            "You are agent `{}` on the hermod message bus. Messages for you arrive as \
+             <channel source=\"hermod\" from=\"...\" seq=\"...\"> events; they stay unread until \
+             you call `ack` with their seq (or take them with `wait_for_message`). Reply with \
+             `send_message`.",
+            self.agent
+        ))
+    }
+}
+
+pub fn run(args: &McpArgs) -> Result<ExitCode> {
+    let socket = ClientArgs {
+        data: args.data.clone(),
+        socket: args.socket.clone(),
+        url: None,
+    }
+    .socket();
+    let channel = cli::channel(&args.channel);
+    let allow = args.allow.clone();
+    super::runtime()?.block_on(async {
+        let (acks, mut ack_rx) = mpsc::channel::<u64>(256);
+        let pending = Arc::new(Pending::default());
+        let server = Hermod {
+            agent: args.agent.clone(),
+            channel: channel.clone(),
+            socket: socket.clone(),
+            pending: pending.clone(),
+            acks,
+            tool_router: Hermod::tool_router(),
+        };
+        let service = server.serve(rmcp::transport::stdio()).await?;
+        let peer = service.peer().clone();
+        let mut subscriber = Subscriber::start(socket, args.agent.clone(), channel);
+        // The pump: messages in (queued, pushed to the session), acks out.
+        let pump = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    next = subscriber.next() => {
+                        let Some(Ok(m)) = next else { break };
+                        let allowed = allow.is_empty() || allow.contains(&m.from);
+                        if allowed {
+                            let params = json!({
+                                "content": m.body.to_text(),
+                                "meta": { "from": m.from, "seq": m.seq.to_string(), "channel": m.channel, "id": m.id },
+                            });
+                            let note = CustomNotification::new(CHANNEL_METHOD, Some(params));
+                            if let Err(e) = peer.send_notification(ServerNotification::CustomNotification(note)).await {
+                                tracing::debug!(error = %e, "channel push failed");
+                            }
+                        }
+                        pending.queue.lock().unwrap().push_back(m);
+                        pending.ready.notify_waiters();
+                    }
+                    seq = ack_rx.recv() => match seq {
+                        Some(seq) => subscriber.ack(seq).await,
+                        None => break,
+                    },
+                }
+            }
+            subscriber.close().await;
+        });
+        service.waiting().await?;
+        pump.abort();
+        anyhow::Ok(ExitCode::SUCCESS)
+    })
+}
