@@ -92,6 +92,9 @@ pub enum ClientFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },
+    /// Every message committed from now on, as it happens (for a human
+    /// watching; a watcher that falls behind misses messages).
+    Tail,
     /// Publish a topic event (hermes_events).
     Publish {
         topic: String,
@@ -161,6 +164,7 @@ pub enum Request {
         after: Option<Seq>,
         limit: usize,
     },
+    Tail,
 }
 
 /// Every field any client frame may carry. One flat struct (rather than a
@@ -233,6 +237,7 @@ pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request>
             after: frame.after,
             limit: frame.limit.unwrap_or(100).clamp(1, 1000),
         },
+        "tail" => Request::Tail,
         "subscribe" => Request::Subscribe {
             pattern: frame.pattern.ok_or_else(|| missing("pattern"))?,
             durable: frame.durable.unwrap_or(false),

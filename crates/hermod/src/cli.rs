@@ -19,14 +19,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the bus in the foreground.
+    ///
+    /// Example: `hermod serve --socket ~/.hermes/hermes-bus.sock --http 127.0.0.1:18900`
     Serve(ServeArgs),
     /// Start the bus in the background (pid and log file in the data dir).
+    ///
+    /// Example: `hermod start && hermod status`
     Start(ServeArgs),
     /// Stop the background bus.
+    ///
+    /// Example: `hermod stop`
     Stop(DataDirArgs),
     /// Is the bus running? Lists connected endpoints. Exit 3 when it is not.
+    ///
+    /// Example: `hermod status || hermod start`
     Status(ClientArgs),
     /// Stop, then start.
+    ///
+    /// Example: `hermod restart --relay-token "$TOKEN"`
     Restart(ServeArgs),
     /// Send a message; exits 0 once the bus has made it durable.
     ///
@@ -41,8 +51,16 @@ pub enum Command {
     /// Example: `hermod wait --timeout 600 leo`
     Wait(RecvArgs),
     /// Show what waits in an agent's inbox, without acknowledging anything.
+    ///
+    /// Example: `hermod inbox leo`
     Inbox(InboxArgs),
+    /// Watch every message on the bus as it is stored (for a human).
+    ///
+    /// Example: `hermod tail`
+    Tail(ClientArgs),
     /// List known agents with presence and unread counts.
+    ///
+    /// Example: `hermod agents --url http://127.0.0.1:18900`
     Agents(ClientArgs),
     /// Serve an agent's inbox to an AI client as MCP tools over stdio (and as a
     /// Claude Code channel that pushes arriving messages into the session).
@@ -50,6 +68,8 @@ pub enum Command {
     /// Example (Claude Code): `claude mcp add hermod -- hermod mcp --agent claude`
     Mcp(McpArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: `hermod completions zsh > ~/.zfunc/_hermod`
     Completions { shell: clap_complete::Shell },
     /// Publish a topic event (payload: a JSON object, or stdin when absent).
     ///
@@ -63,7 +83,9 @@ pub enum Command {
     ///
     /// Example: `hermod bridge --to ws://dash:18900/api/pub --token T`
     Bridge(BridgeArgs),
-    /// Measure durable throughput and latency over the Unix socket.
+    /// Measure throughput and latency (starts its own daemon unless --socket).
+    ///
+    /// Example: `hermod bench --only unix --messages 100000`
     Bench(BenchArgs),
 }
 

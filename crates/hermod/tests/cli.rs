@@ -258,3 +258,57 @@ fn wait_inbox_broadcast_and_json_bodies() {
         .unwrap();
     assert!(stdout(&out).contains("hermod"));
 }
+
+#[test]
+fn tail_shows_everything_as_it_is_stored() {
+    let d = Daemon::start();
+    let mut tail = Command::new(HERMOD)
+        .args(["tail", "--socket"])
+        .arg(&d.socket)
+        .env_remove("HERMOD_URL")
+        .env_remove("AGENT_BUS_URL")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The tail subscribes asynchronously: send until the first line shows.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut seen = String::new();
+    while !seen.contains("first for ann") {
+        d.cli(&["send", "--from", "bob", "ann", "first for ann"]);
+        while let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail printed nothing: {seen}"
+        );
+    }
+    d.cli(&["pub", "deploy.done", r#"{"ok":true}"#]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !seen.contains("[deploy.done]") {
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no topic event in: {seen}"
+        );
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert!(seen.contains("-> ann ["), "{seen}");
+    assert!(seen.contains("-> * [deploy.done] ["), "{seen}");
+}

@@ -224,6 +224,24 @@ impl Reader {
                 Ok(frame) => self.send(frame).await,
                 Err(e) => self.send(ServerFrame::error(&e, None)).await,
             },
+            Request::Tail => {
+                // A bounded tap: a watcher that cannot keep up misses messages.
+                let mut tap = self.broker.tap(1024);
+                let tx = self.tx.clone();
+                self.live
+                    .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                        while let Some(t) = tap.recv().await {
+                            if tx
+                                .send(Out::Frame(wire::message_bytes(&t.message)))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    })));
+                true
+            }
             Request::Publish(p) => self.publish(p).await,
             Request::Subscribe { pattern, durable } => self.subscribe(pattern, durable).await,
             Request::Agents => match self.broker.summaries().await {

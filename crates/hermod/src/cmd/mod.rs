@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Agents(args) => agents::run(&args),
         Command::Inbox(args) => inbox::run(&args),
+        Command::Tail(args) => inbox::tail(&args),
         Command::Pub(args) => topics::publish(&args),
         Command::Sub(args) => topics::subscribe(&args),
         Command::Bridge(args) => topics::bridge(&args),

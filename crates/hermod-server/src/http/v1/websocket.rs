@@ -141,12 +141,14 @@ pub(super) async fn ws_request(
         Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
             endpoints: app.broker.endpoints(),
         }),
-        Request::Agents | Request::Register { .. } | Request::Inbox { .. } => Err((
-            hermod_core::Error::InvalidRequest(
-                "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
-            ),
-            None,
-        )),
+        Request::Agents | Request::Register { .. } | Request::Inbox { .. } | Request::Tail => {
+            Err((
+                hermod_core::Error::InvalidRequest(
+                    "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
+                ),
+                None,
+            ))
+        }
     };
     Some(match reply {
         Ok(frame) => frame_json(frame),
