@@ -102,6 +102,14 @@ impl Default for Channel {
     }
 }
 
+impl Channel {
+    /// The shared `default` channel (no allocation per use).
+    pub fn default_ref() -> &'static Channel {
+        static DEFAULT: std::sync::LazyLock<Channel> = std::sync::LazyLock::new(Channel::default);
+        &DEFAULT
+    }
+}
+
 impl AgentName {
     /// The sender name the hermes-bus client uses for short-lived senders.
     pub fn anonymous() -> Self {

@@ -200,7 +200,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 
 /// Parses and validates one frame payload.
 pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
-    parse_client_frame_in(bytes, &Channel::default())
+    parse_client_frame_in(bytes, Channel::default_ref())
 }
 
 /// [`parse_client_frame`] on a connection bound to `channel`: messages

@@ -162,13 +162,30 @@ impl ServeArgs {
     }
 }
 
+/// How a command finds the daemon's Unix socket.
 #[derive(Debug, Clone, Args)]
-pub struct ClientArgs {
+pub struct SocketArgs {
     #[command(flatten)]
     pub data: DataDirArgs,
     /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    /// `--socket`, else `HERMOD_SOCKET`, else the data directory's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .or_else(|| std::env::var_os("HERMOD_SOCKET").map(PathBuf::from))
+            .unwrap_or_else(|| self.data.resolve().join("hermod.sock"))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
     /// Talk to the daemon over HTTP instead, e.g. http://127.0.0.1:18900
     /// [env: HERMOD_URL, AGENT_BUS_URL]
     #[arg(long, value_name = "URL", conflicts_with = "socket")]
@@ -188,7 +205,7 @@ impl ClientArgs {
         if let Some(url) = &self.url {
             return Endpoint::Http(url.clone());
         }
-        if self.socket.is_none() {
+        if self.local.socket.is_none() {
             for var in ["HERMOD_URL", "AGENT_BUS_URL"] {
                 if let Some(url) = std::env::var(var).ok().filter(|u| !u.is_empty()) {
                     return Endpoint::Http(url);
@@ -199,10 +216,7 @@ impl ClientArgs {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.socket
-            .clone()
-            .or_else(|| std::env::var_os("HERMOD_SOCKET").map(PathBuf::from))
-            .unwrap_or_else(|| self.data.resolve().join("hermod.sock"))
+        self.local.socket()
     }
 }
 
@@ -275,10 +289,7 @@ pub struct InboxArgs {
 #[derive(Debug, Args)]
 pub struct McpArgs {
     #[command(flatten)]
-    pub data: DataDirArgs,
-    /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    pub local: SocketArgs,
     /// The agent this session is [env: AGENT_NAME]
     #[arg(long, value_name = "NAME", env = "AGENT_NAME")]
     pub agent: String,
@@ -313,10 +324,7 @@ pub struct PubArgs {
 #[derive(Debug, Args)]
 pub struct SubArgs {
     #[command(flatten)]
-    pub data: DataDirArgs,
-    /// The daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    pub local: SocketArgs,
     /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
     #[arg(long, value_name = "CH")]
     pub channel: Option<String>,
@@ -330,10 +338,7 @@ pub struct SubArgs {
 #[derive(Debug, Args)]
 pub struct BridgeArgs {
     #[command(flatten)]
-    pub data: DataDirArgs,
-    /// The local daemon's socket [env: HERMOD_SOCKET] [default: <data-dir>/hermod.sock]
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
+    pub local: SocketArgs,
     /// The remote relay WebSocket, e.g. ws://host:18900/api/pub
     #[arg(long, value_name = "URL", env = "HERMES_DASHBOARD_EVENT_URL")]
     pub to: String,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
@@ -28,7 +28,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, JsonBody, Q};
-use super::AppState;
+use super::{last_event_id, AppState};
 
 /// Most messages one `/poll` returns.
 const POLL_MAX: usize = 1000;
@@ -205,20 +205,7 @@ async fn subscribe(
     };
     let notices = peer_notices(&app.broker, key.clone());
     let inbox = claimed_events(app.broker.clone(), key, after, replay_until, session);
-    let stream =
-        futures::stream::select(inbox, notices).take_until(app.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(stream).keep_alive(
-        KeepAlive::new()
-            .interval(app.config.keepalive)
-            .text("keepalive"),
-    ))
-}
-
-pub(crate) fn last_event_id(headers: &HeaderMap) -> Option<Seq> {
-    headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    Ok(app.sse(futures::stream::select(inbox, notices)))
 }
 
 /// `subscriber_connected` notices: another agent of this channel opened

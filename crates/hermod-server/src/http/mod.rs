@@ -77,6 +77,36 @@ impl AppState {
     }
 }
 
+/// The resume point an SSE client sent back (`Last-Event-ID` = a seq).
+pub(crate) fn last_event_id(headers: &axum::http::HeaderMap) -> Option<hermod_core::model::Seq> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl AppState {
+    /// An SSE response: ends at shutdown, keep-alive comments as configured.
+    pub(crate) fn sse<S>(
+        &self,
+        events: S,
+    ) -> axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >
+    where
+        S: futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+            + Send
+            + 'static,
+    {
+        use futures::StreamExt;
+        let keep_alive = axum::response::sse::KeepAlive::new()
+            .interval(self.config.keepalive)
+            .text("keepalive");
+        axum::response::sse::Sse::new(events.take_until(self.shutdown.clone().cancelled_owned()))
+            .keep_alive(keep_alive)
+    }
+}
+
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
     Router::new()

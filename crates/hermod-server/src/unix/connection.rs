@@ -22,7 +22,7 @@ use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use hermod_core::broker::{Session, Target};
 use hermod_core::engine::Durable;
-use hermod_core::model::{AgentName, InboxKey, Seq};
+use hermod_core::model::{AgentName, Channel, InboxKey, Seq};
 use hermod_core::wire::{self, AckMode, Envelope, Publication, Request, ServerFrame};
 use hermod_core::{Broker, Error};
 use hermod_events::Pattern;
@@ -193,9 +193,8 @@ impl Reader {
         let channel = self
             .session
             .as_ref()
-            .map(|s| s.key.channel.clone())
-            .unwrap_or_default();
-        let request = match wire::parse_client_frame_in(bytes, &channel) {
+            .map_or(Channel::default_ref(), |s| &s.key.channel);
+        let request = match wire::parse_client_frame_in(bytes, channel) {
             Ok(r) => r,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
         };

@@ -62,7 +62,7 @@ pub fn restart(args: &ServeArgs) -> Result<ExitCode> {
 }
 
 pub fn status(args: &ClientArgs) -> Result<ExitCode> {
-    let dir = args.data.resolve();
+    let dir = args.local.data.resolve();
     let Some(pid) = daemon::running_pid(&dir) else {
         println!("hermod is not running (data dir {})", dir.display());
         return Ok(ExitCode::from(EXIT_NOT_RUNNING));

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Notify};
 
-use crate::cli::{self, ClientArgs, McpArgs};
+use crate::cli::{self, McpArgs};
 
 /// The Claude Code channel notification.
 const CHANNEL_METHOD: &str = "notifications/claude/channel";
@@ -245,12 +245,7 @@ impl ServerHandler for Hermod {
 }
 
 pub fn run(args: &McpArgs) -> Result<ExitCode> {
-    let socket = ClientArgs {
-        data: args.data.clone(),
-        socket: args.socket.clone(),
-        url: None,
-    }
-    .socket();
+    let socket = args.local.socket();
     let channel = cli::channel(&args.channel);
     let allow = args.allow.clone();
     super::runtime()?.block_on(async {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hermod_client::bridge::{Bridge, BridgeConfig, Outbox};
 use hermod_core::model::RELAY_SENDER;
 
-use crate::cli::{self, BridgeArgs, ClientArgs, Endpoint, PubArgs, SubArgs};
+use crate::cli::{self, BridgeArgs, Endpoint, PubArgs, SubArgs};
 
 fn payload(args: &PubArgs) -> Result<Map<String, Value>> {
     let text = match &args.json {
@@ -83,12 +83,7 @@ fn with_from(frame: ClientFrame, from: Option<String>) -> Value {
 /// local daemon restarts (reconnecting with backoff), never blocks on the
 /// remote (the outbox drops its oldest frame when full).
 pub fn bridge(args: &BridgeArgs) -> Result<ExitCode> {
-    let client = ClientArgs {
-        data: args.data.clone(),
-        socket: args.socket.clone(),
-        url: None,
-    };
-    let socket = client.socket();
+    let socket = args.local.socket();
     let config = BridgeConfig {
         url: args.to.clone(),
         token: args.token.clone(),
@@ -132,12 +127,7 @@ async fn feed(socket: &std::path::Path, pattern: &str, outbox: &Outbox) -> Resul
 }
 
 pub fn subscribe(args: &SubArgs) -> Result<ExitCode> {
-    let client = ClientArgs {
-        data: args.data.clone(),
-        socket: args.socket.clone(),
-        url: None,
-    };
-    let socket = client.socket();
+    let socket = args.local.socket();
     let channel = cli::channel(&args.channel);
     super::runtime()?.block_on(async {
         let mut conn = Connection::connect(&socket).await?;

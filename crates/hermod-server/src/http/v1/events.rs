@@ -114,25 +114,10 @@ pub(super) async fn event_stream(
     let after = last_event_id(&headers)
         .or(q.after)
         .unwrap_or_else(|| app.broker.committed().0);
-    let events = app
-        .broker
-        .follow_topics(channel, after)
-        .map(move |batch| {
-            let events: Vec<Result<Event, Infallible>> = batch
-                .into_iter()
-                .flatten()
-                .filter(|m| m.topic.as_deref().is_some_and(|t| pattern.matches(t)))
-                .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(&m))))
-                .collect();
-            futures::stream::iter(events)
-        })
-        .flatten()
-        .take_until(app.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(
-        KeepAlive::new()
-            .interval(app.config.keepalive)
-            .text("keepalive"),
-    ))
+    let topics = app.broker.follow_topics(channel, after);
+    Ok(app.sse(message_events(topics, move |m| {
+        m.topic.as_deref().is_some_and(|t| pattern.matches(t))
+    })))
 }
 
 /// A durable subscription: matching events land in the agent's inbox.

@@ -267,28 +267,10 @@ pub(super) async fn stream(
         Some(seq) => seq,
         None => app.broker.cursor(&key).await?,
     };
-    let events = app
-        .broker
-        .follow(key, after)
-        .map(move |batch| {
-            let _presence = &session; // the stream holds the presence
-            let events: Vec<Result<Event, Infallible>> = match batch {
-                Ok(batch) => batch
-                    .iter()
-                    .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(m))))
-                    .collect(),
-                Err(e) => {
-                    tracing::error!(error = %e, "inbox read failed");
-                    Vec::new()
-                }
-            };
-            futures::stream::iter(events)
-        })
-        .flatten()
-        .take_until(app.shutdown.clone().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(
-        KeepAlive::new()
-            .interval(app.config.keepalive)
-            .text("keepalive"),
-    ))
+    let inbox = app.broker.follow(key, after);
+    // The stream holds the presence: the agent shows online while it is open.
+    Ok(app.sse(message_events(inbox, move |_| {
+        let _presence = &session;
+        true
+    })))
 }

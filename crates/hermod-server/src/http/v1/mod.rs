@@ -22,7 +22,7 @@ use std::convert::Infallible;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -36,7 +36,7 @@ use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use super::error::{ApiError, JsonBody, P, Q};
-use super::interop::last_event_id;
+use super::last_event_id;
 use super::AppState;
 
 /// Most messages one inbox read returns.
@@ -174,6 +174,30 @@ pub(super) async fn publish(
         seq: Some(m.seq),
         ts: Some(m.ts),
     })
+}
+
+/// Batches of the log as SSE events (`id:` = seq, `data:` = the message
+/// frame), keeping the messages `keep` accepts.
+pub(super) fn message_events(
+    batches: impl Stream<Item = hermod_core::Result<Vec<std::sync::Arc<Message>>>> + Send + 'static,
+    keep: impl Fn(&Message) -> bool + Send + 'static,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    batches
+        .map(move |batch| {
+            let events: Vec<Result<Event, Infallible>> = match batch {
+                Ok(batch) => batch
+                    .iter()
+                    .filter(|m| keep(m))
+                    .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(m))))
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(error = %e, "log read failed");
+                    Vec::new()
+                }
+            };
+            futures::stream::iter(events)
+        })
+        .flatten()
 }
 
 /// A `message` frame as text (the same JSON the Unix socket sends).
