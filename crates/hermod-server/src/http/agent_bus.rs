@@ -130,13 +130,25 @@ async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Va
         None => app.broker.watch_agent(&to),
     };
     let deadline = tokio::time::Instant::now() + app.config.max_wait;
+    // The ts cursor becomes a seq cursor once: a woken request reads on
+    // from it (often from the hot tail) instead of searching the log again.
+    let mut after = app.broker.seq_at_ts(since).await?;
     loop {
         let now = app.broker.now();
-        let after = app.broker.seq_at_ts(since).await?;
-        let messages: Vec<Arc<Message>> = match &key {
+        let mut messages: Vec<Arc<Message>> = match &key {
             Some(key) => app.broker.read(key, after, max).await?,
             None => app.broker.read_agent(&to, after, max).await?,
         };
+        // Only a `since` ahead of the bus clock lets a newer seq carry a ts
+        // that is not newer than it: skip those.
+        let stale = messages.partition_point(|m| m.ts <= since);
+        if stale > 0 {
+            after = messages[stale - 1].seq;
+            messages.drain(..stale);
+            if messages.is_empty() {
+                continue;
+            }
+        }
         let timed_out = tokio::time::Instant::now() >= deadline;
         if !messages.is_empty() || !block || timed_out {
             // A full batch may have more behind it: `now` must not pass them.

@@ -21,6 +21,9 @@ Proves:
 5. Channels: plain ``/recv`` sees only ``default``, ``channel=CH`` only CH,
    ``channel=*`` both (each item naming its channel, oldest first); a
    ``block=true&channel=*`` poll wakes up for a message on another channel.
+6. A ``since`` ahead of the bus clock: a held ``block=true`` poll does not
+   return a message sent meanwhile (its ts is not newer than ``since``), and
+   a poll from 0 still gets it.
 """
 import os
 import sys
@@ -302,6 +305,26 @@ def test_channels(http):
     log("channels: default / %s / * as specified" % chan)
 
 
+def test_since_ahead(http):
+    me = unique_name("lp-ahead")
+    peer = unique_name("lp-asrc")
+    recv(http, me, 0.0, context="initial")
+    ahead = time.time() + 3600.0
+    blocked = BlockedRecv(me, ahead)
+    time.sleep(0.5)
+    sent = send_ab(http, peer, me, "older than since")
+    time.sleep(1.5)
+    check(not blocked.finished(),
+          "block=true with since an hour ahead returned a message that is not newer: %r / %s"
+          % (blocked.result, blocked.error))
+    r = recv(http, me, ahead, context="since ahead, not blocking")
+    check(r["messages"] == [], "since an hour ahead returned %r" % r["messages"])
+    r = recv(http, me, 0.0, context="since 0 after")
+    check([m["seq"] for m in r["messages"]] == [sent["seq"]],
+          "since=0 returned %r, expected the one message" % r["messages"])
+    log("since ahead of the bus clock: nothing older returned")
+
+
 def main():
     t0 = time.monotonic()
     with httpbus.client() as http:
@@ -311,6 +334,7 @@ def main():
         test_paging(http)
         test_concurrent(http)
         test_channels(http)
+        test_since_ahead(http)
         expect_json(http.get("/healthz"), 200, "GET /healthz at the end")
     log("long_poll done in %.1fs" % (time.monotonic() - t0))
 
