@@ -8,20 +8,24 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-/// `messages` durable `/send`s from `clients` concurrent keep-alive clients.
-pub(super) async fn send_throughput(url: &str, messages: u64, clients: u64) -> Result<()> {
-    let http = reqwest::Client::new();
-    let per_client = messages / clients;
+/// `requests` requests from `clients` concurrent keep-alive clients, one
+/// in flight each; client `c`'s `n`-th request is `make(&http, c, n)`.
+/// Returns the requests made and the seconds they took.
+async fn closed_loop<F>(clients: u64, requests: u64, make: F) -> Result<(u64, f64)>
+where
+    F: Fn(&reqwest::Client, u64, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
+    let (http, make) = (reqwest::Client::new(), Arc::new(make));
+    let per_client = requests / clients;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (http, url) = (http.clone(), format!("{url}/send"));
+        let (http, make) = (http.clone(), make.clone());
         tasks.push(tokio::spawn(async move {
             for n in 0..per_client {
-                let body = json!({ "from": format!("bench-http-{c}"), "to": "bench-http-sink", "msg": format!("{c}-{n}") });
-                let resp = http.post(&url).json(&body).send().await?;
+                let resp = make(&http, c, n).send().await?;
                 if !resp.status().is_success() {
-                    bail!("/send answered {}", resp.status());
+                    bail!("{} answered {}", resp.url().path(), resp.status());
                 }
                 resp.bytes().await?;
             }
@@ -31,11 +35,30 @@ pub(super) async fn send_throughput(url: &str, messages: u64, clients: u64) -> R
     for t in tasks {
         t.await??;
     }
-    let total = per_client * clients;
-    let elapsed = start.elapsed().as_secs_f64();
+    Ok((per_client * clients, start.elapsed().as_secs_f64()))
+}
+
+/// `messages` durable `/send`s from `clients` concurrent keep-alive clients,
+/// then the same clients on `GET /healthz` (no storage, no routing): the
+/// ceiling this machine and client put on any HTTP request rate.
+pub(super) async fn send_throughput(url: &str, messages: u64, clients: u64) -> Result<()> {
+    let send = format!("{url}/send");
+    let (total, elapsed) = closed_loop(clients, messages, move |http, c, n| {
+        let body = json!({ "from": format!("bench-http-{c}"), "to": "bench-http-sink", "msg": format!("{c}-{n}") });
+        http.post(&send).json(&body)
+    })
+    .await?;
     println!(
         "http /send: {total} durable messages, {clients} concurrent keep-alive clients\n  \
          {:>9.0} msgs/s ({elapsed:.2} s)",
+        total as f64 / elapsed
+    );
+    let health = format!("{url}/healthz");
+    let (total, elapsed) =
+        closed_loop(clients, messages, move |http, _, _| http.get(&health)).await?;
+    println!(
+        "http GET /healthz (no-op ceiling): {total} requests, same {clients} clients\n  \
+         {:>9.0} req/s ({elapsed:.2} s)",
         total as f64 / elapsed
     );
     Ok(())

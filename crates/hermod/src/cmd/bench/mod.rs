@@ -4,14 +4,17 @@
 //! Without `--socket` it starts `hermod serve` (this same binary, SQLite
 //! store with fsync on every commit) on a temporary data directory, so the
 //! figures include everything a real client pays: framing, routing, group
-//! commit, delivery and the consumption check.
+//! commit, delivery and the consumption check. It first times a 4 KiB
+//! `fdatasync` in that directory: the disk's floor under every durable
+//! acknowledgement, to read the figures against.
 //!
 //! Runs, each reported with what it measured:
 //! - unix throughput: `--senders` connections pipeline `--messages` durable
 //!   `send`s to one registered receiver (receipts/s, deliveries/s);
 //! - unix latency: one sender at `--rate` msgs/s for `--seconds` (send →
 //!   durable receipt, send → delivery);
-//! - HTTP `/send` throughput with 16 concurrent keep-alive clients;
+//! - HTTP `/send` throughput with 16 concurrent keep-alive clients, and the
+//!   same clients on the no-op `GET /healthz` (the machine's ceiling);
 //! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
 //! - SSE fan-out: `/broadcast`s to 1,000 `/subscribe` streams;
 //! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
@@ -98,6 +101,10 @@ impl Server {
             "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
             dir.path().display()
         );
+        report(
+            "disk: 4 KiB write + fdatasync there",
+            flush_latency(dir.path())?,
+        );
         Ok(Self {
             child,
             socket,
@@ -112,6 +119,22 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What one flush costs on the disk under `dir` (500 samples): the floor
+/// under every durable acknowledgement, whatever the server does.
+fn flush_latency(dir: &std::path::Path) -> Result<Vec<u64>> {
+    use std::io::Write;
+    let mut file = tempfile::tempfile_in(dir)?;
+    let page = [0x5au8; 4096];
+    (0..500)
+        .map(|_| {
+            file.write_all(&page)?;
+            let start = Instant::now();
+            file.sync_data()?;
+            Ok(start.elapsed().as_nanos() as u64)
+        })
+        .collect()
 }
 
 pub(super) fn report(label: &str, mut nanos: Vec<u64>) {
