@@ -139,6 +139,8 @@ async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Va
             Some(key) => app.broker.read(key, after, max).await?,
             None => app.broker.read_agent(&to, after, max).await?,
         };
+        // A full batch may have more behind it: `now` must not pass them.
+        let full = messages.len() == max;
         // Only a `since` ahead of the bus clock lets a newer seq carry a ts
         // that is not newer than it: skip those.
         let stale = messages.partition_point(|m| m.ts <= since);
@@ -151,9 +153,8 @@ async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Va
         }
         let timed_out = tokio::time::Instant::now() >= deadline;
         if !messages.is_empty() || !block || timed_out {
-            // A full batch may have more behind it: `now` must not pass them.
             let now = match messages.last() {
-                Some(last) if messages.len() == max => last.ts,
+                Some(last) if full => last.ts,
                 _ => now,
             };
             let items: Vec<Value> = messages.iter().map(|m| recv_item(m)).collect();
