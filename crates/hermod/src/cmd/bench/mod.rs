@@ -22,7 +22,7 @@
 mod http;
 mod unix;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -123,7 +123,7 @@ impl Drop for Server {
 
 /// What one flush costs on the disk under `dir` (500 samples): the floor
 /// under every durable acknowledgement, whatever the server does.
-fn flush_latency(dir: &std::path::Path) -> Result<Vec<u64>> {
+fn flush_latency(dir: &Path) -> Result<Vec<u64>> {
     use std::io::Write;
     let mut file = tempfile::tempfile_in(dir)?;
     let page = [0x5au8; 4096];
