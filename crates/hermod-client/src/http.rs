@@ -55,6 +55,8 @@ struct V1Message {
     to: Option<String>,
     topic: Option<String>,
     sent_ts: Option<f64>,
+    #[serde(default)]
+    auth: hermod_core::model::Auth,
     body: Body,
 }
 
@@ -69,6 +71,7 @@ impl From<V1Message> for MessageFrame {
             topic: m.topic,
             channel: m.channel,
             seq: m.seq,
+            auth: m.auth,
             body: m.body,
         }
     }

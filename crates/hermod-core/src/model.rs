@@ -219,6 +219,53 @@ impl InboxKey {
     }
 }
 
+/// How a message's sender was verified; delivered as `"auth"` on every
+/// transport (legacy clients ignore the extra field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Auth {
+    /// The sender presented its agent's token: `from` *is* that agent.
+    Token,
+    /// The sender runs as the daemon's own user (proved by peer
+    /// credentials); `from` is the name it claimed.
+    Owner,
+    /// Nothing was verified (`--auth open`, or stored before hermod
+    /// verified senders).
+    #[default]
+    Open,
+}
+
+impl Auth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Auth::Token => "token",
+            Auth::Owner => "owner",
+            Auth::Open => "open",
+        }
+    }
+
+    /// Parses the stored spelling; anything unknown reads as `open`.
+    pub fn from_stored(s: Option<&str>) -> Self {
+        match s {
+            Some("token") => Auth::Token,
+            Some("owner") => Auth::Owner,
+            _ => Auth::Open,
+        }
+    }
+
+    /// True when `from` was proved by a token (the only proof of a name).
+    pub fn verified(self) -> bool {
+        self == Auth::Token
+    }
+}
+
+impl fmt::Display for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An accepted message as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -238,6 +285,9 @@ pub struct Message {
     /// The `ts` the sender put on the message, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_ts: Option<f64>,
+    /// How `from` was verified.
+    #[serde(default)]
+    pub auth: Auth,
     pub body: Body,
 }
 
@@ -250,6 +300,7 @@ pub struct NewMessage {
     pub to: Option<AgentName>,
     pub topic: Option<String>,
     pub sent_ts: Option<f64>,
+    pub auth: Auth,
     pub body: Body,
     /// Whose inboxes it lands in (resolved by the broker at send time).
     pub recipients: Vec<AgentName>,
@@ -267,6 +318,7 @@ impl NewMessage {
             to: self.to,
             topic: self.topic,
             sent_ts: self.sent_ts,
+            auth: self.auth,
             body: self.body,
         }
     }

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
+use crate::model::{AgentName, Auth, Body, Channel, InboxKey, Message, Seq};
 
 /// Largest frame payload: 10 MiB, as the original hermes-bus.
 pub const MAX_FRAME: usize = 10 * 1024 * 1024;
@@ -350,6 +350,9 @@ pub struct MessageFrame {
     pub topic: Option<String>,
     pub channel: String,
     pub seq: Seq,
+    /// How the sender was verified.
+    #[serde(default)]
+    pub auth: Auth,
     pub body: Body,
 }
 
@@ -364,6 +367,7 @@ impl From<&Message> for MessageFrame {
             topic: m.topic.clone(),
             channel: m.channel.to_string(),
             seq: m.seq,
+            auth: m.auth,
             body: m.body.clone(),
         }
     }
@@ -470,6 +474,7 @@ pub fn message_bytes(m: &Message) -> bytes::Bytes {
         topic: Option<&'a str>,
         channel: &'a str,
         seq: Seq,
+        auth: &'static str,
         body: &'a RawValue,
     }
     let frame = Frame {
@@ -482,6 +487,7 @@ pub fn message_bytes(m: &Message) -> bytes::Bytes {
         topic: m.topic.as_deref(),
         channel: &m.channel,
         seq: m.seq,
+        auth: m.auth.as_str(),
         body: m.body.as_raw(),
     };
     serde_json::to_vec(&frame)

@@ -239,6 +239,7 @@ impl Broker {
             to: env.to,
             topic: None,
             sent_ts: env.sent_ts,
+            auth: model::Auth::Open,
             body: env.body,
             recipients,
         };
@@ -280,6 +281,7 @@ impl Broker {
             to: None,
             topic: Some(topic.to_owned()),
             sent_ts: None,
+            auth: model::Auth::Open,
             body,
             recipients,
         };

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
 /// Most queued operations applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS messages (
     recipient TEXT,
     topic     TEXT,
     sent_ts   REAL,
-    body      TEXT NOT NULL
+    body      TEXT NOT NULL,
+    auth      TEXT
 );
 -- The inbox index: which inboxes each message landed in.
 CREATE TABLE IF NOT EXISTS inbox (
@@ -96,6 +97,7 @@ impl SqliteEngine {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let (seq, ts): (Seq, f64) = conn.query_row(
             "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(ts), 0.0) FROM messages",
             [],
@@ -146,6 +148,20 @@ impl SqliteEngine {
     }
 }
 
+/// Brings a database made by an older hermod up to [`SCHEMA`].
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_auth: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'auth'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_auth {
+        // Older rows keep NULL: their senders were never verified (`open`).
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN auth TEXT")?;
+    }
+    Ok(())
+}
+
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     let text = |i: usize| r.get::<_, String>(i);
     let name = |i: usize, s: String| {
@@ -168,6 +184,7 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         },
         topic: r.get(6)?,
         sent_ts: r.get(7)?,
+        auth: Auth::from_stored(r.get::<_, Option<String>>(9)?.as_deref()),
         body: Body::from_json(body).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
         })?,
@@ -185,7 +202,7 @@ impl Engine for SqliteEngine {
     fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body
+                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth
                  FROM inbox i JOIN messages m ON m.seq = i.seq
                  WHERE i.channel = ?1 AND i.agent = ?2 AND i.seq > ?3
                  ORDER BY i.seq LIMIT ?4",
@@ -206,7 +223,7 @@ impl Engine for SqliteEngine {
     ) -> Result<Vec<Arc<Message>>> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body
+                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
                  FROM messages
                  WHERE topic IS NOT NULL AND channel = ?1 AND seq > ?2
                  ORDER BY seq LIMIT ?3",
@@ -429,8 +446,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         {
             let mut insert_msg = tx.prepare_cached(
-                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
@@ -458,6 +475,7 @@ impl Writer {
                                 m.topic,
                                 m.sent_ts,
                                 m.body.as_str(),
+                                m.auth.as_str(),
                             ])?;
                             for r in &m.recipients {
                                 insert_inbox.execute(params![
@@ -530,6 +548,7 @@ mod tests {
             to: Some(AgentName::parse(to).unwrap()),
             topic: None,
             sent_ts: None,
+            auth: Default::default(),
             body,
             recipients: vec![AgentName::parse(to).unwrap()],
         }

@@ -124,6 +124,8 @@ pub(super) struct MessageView {
     /// Set for topic events (the body is then the envelope).
     topic: Option<String>,
     sent_ts: Option<f64>,
+    /// How the sender was verified: `token`, `owner` or `open`.
+    auth: hermod_core::model::Auth,
     #[schema(value_type = Object)]
     body: Box<RawValue>,
 }
@@ -139,6 +141,7 @@ impl From<&Message> for MessageView {
             to: m.to.as_ref().map(|t| t.to_string()),
             topic: m.topic.clone(),
             sent_ts: m.sent_ts,
+            auth: m.auth,
             body: m.body.as_raw().to_owned(),
         }
     }
