@@ -25,6 +25,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct HttpClient {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer` (`HERMOD_TOKEN`).
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -83,6 +85,7 @@ impl HttpClient {
         Self {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
+            token: crate::env_token(),
         }
     }
 
@@ -90,6 +93,10 @@ impl HttpClient {
         &self,
         req: reqwest::RequestBuilder,
     ) -> Result<T> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
         let resp = req.send().await.map_err(|e| Error::Unreachable {
             path: self.base.clone().into(),
             source: std::io::Error::other(e),

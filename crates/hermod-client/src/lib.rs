@@ -81,21 +81,46 @@ impl Draft {
     }
 }
 
+/// The agent token this process presents: `HERMOD_TOKEN` (never a command
+/// line flag, so it does not show in `ps`).
+pub fn env_token() -> Option<String> {
+    std::env::var("HERMOD_TOKEN").ok().filter(|t| !t.is_empty())
+}
+
 /// Writing half of a split [`Connection`].
-pub struct FrameWriter(FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>);
+pub struct FrameWriter {
+    sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
+    /// Added as the `token` field of every frame.
+    token: Option<std::sync::Arc<str>>,
+}
 /// Reading half of a split [`Connection`].
 pub struct FrameReader(FramedRead<OwnedReadHalf, LengthDelimitedCodec>);
 
 impl FrameWriter {
     /// Queues a frame without flushing (see [`FrameWriter::flush`]).
     pub async fn feed(&mut self, frame: &ClientFrame) -> Result<()> {
-        let bytes = serde_json::to_vec(frame).expect("client frames serialize");
-        self.0.feed(bytes::Bytes::from(bytes)).await?;
+        let bytes = match &self.token {
+            None => serde_json::to_vec(frame).expect("client frames serialize"),
+            Some(_) => {
+                let value = serde_json::to_value(frame).expect("client frames serialize");
+                return self.feed_value(value).await;
+            }
+        };
+        self.sink.feed(bytes::Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    async fn feed_value(&mut self, mut value: serde_json::Value) -> Result<()> {
+        if let (Some(token), Some(map)) = (&self.token, value.as_object_mut()) {
+            map.insert("token".into(), token.as_ref().into());
+        }
+        let bytes = serde_json::to_vec(&value).expect("JSON values serialize");
+        self.sink.feed(bytes::Bytes::from(bytes)).await?;
         Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<()> {
-        SinkExt::<bytes::Bytes>::flush(&mut self.0).await?;
+        SinkExt::<bytes::Bytes>::flush(&mut self.sink).await?;
         Ok(())
     }
 
@@ -135,7 +160,13 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Connects, presenting `HERMOD_TOKEN` if it is set.
     pub async fn connect(path: &Path) -> Result<Self> {
+        Self::connect_with_token(path, env_token()).await
+    }
+
+    /// Connects; every frame carries `token` when given.
+    pub async fn connect_with_token(path: &Path, token: Option<String>) -> Result<Self> {
         let stream = UnixStream::connect(path)
             .await
             .map_err(|source| Error::Unreachable {
@@ -145,7 +176,10 @@ impl Connection {
         let (rd, wr) = stream.into_split();
         Ok(Self {
             reader: FrameReader(FramedRead::new(rd, wire::codec())),
-            writer: FrameWriter(FramedWrite::new(wr, wire::codec())),
+            writer: FrameWriter {
+                sink: FramedWrite::new(wr, wire::codec()),
+                token: token.map(Into::into),
+            },
         })
     }
 
@@ -170,8 +204,8 @@ impl Connection {
     /// Sends any JSON frame and returns the reply as JSON text (for frames
     /// the typed API does not cover); error frames become [`Error::Server`].
     pub async fn request_raw(&mut self, frame: &serde_json::Value) -> Result<String> {
-        let bytes = serde_json::to_vec(frame).expect("JSON values serialize");
-        self.writer.0.send(bytes::Bytes::from(bytes)).await?;
+        self.writer.feed_value(frame.clone()).await?;
+        self.writer.flush().await?;
         let reply = self.reader.next_raw().await?.ok_or(Error::Closed)?;
         if let Ok(ServerFrame::Error { code, detail, .. }) = serde_json::from_slice(&reply) {
             return Err(Error::Server { code, detail });

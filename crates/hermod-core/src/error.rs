@@ -31,6 +31,24 @@ pub enum Error {
     /// The daemon is shutting down.
     #[error("the bus is shutting down")]
     ShuttingDown,
+    /// The caller proved no identity the bus accepts (no token where one is
+    /// needed, or a token that is unknown or revoked).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A token's sender is its agent: it may not send as another name, and a
+    /// name that has an identity is only usable with its token.
+    #[error("forbidden sender: {0}")]
+    ForbiddenSender(String),
+    /// An ACL rule denied the request; `rule` names it.
+    #[error("forbidden by rule {rule}: {detail}")]
+    Forbidden { rule: &'static str, detail: String },
+    /// The sender is over its send rate; retry after `retry_after` seconds.
+    #[error("rate limited: {sender} is over {rate} messages/s; retry in {retry_after:.3} s")]
+    RateLimited {
+        sender: String,
+        rate: f64,
+        retry_after: f64,
+    },
 }
 
 impl Error {
@@ -46,6 +64,10 @@ impl Error {
             Error::EndpointNotFound(_) => "endpoint_not_found",
             Error::Storage(_) => "storage_error",
             Error::ShuttingDown => "shutting_down",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::ForbiddenSender(_) => "forbidden_sender",
+            Error::Forbidden { .. } => "forbidden",
+            Error::RateLimited { .. } => "rate_limited",
         }
     }
 }

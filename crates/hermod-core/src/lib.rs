@@ -7,11 +7,14 @@
 //! - [`error`]: the one error type, with stable wire codes.
 //! - [`engine`]: persistence behind the [`engine::Engine`] trait — the SQLite
 //!   log with group commit (default) and an in-memory store.
+//! - [`auth`]: who is calling (`--auth` mode, agent identities and tokens),
+//!   the ACL rules and send rates every transport goes through.
 //! - [`broker`]: routing, inboxes as views of the log, cursors, presence and
 //!   wake-ups. Transports talk only to the [`broker::Broker`].
 //!
 //! Nothing in this crate opens a socket, so all of it is testable without IO.
 
+pub mod auth;
 pub mod broker;
 pub mod engine;
 pub mod error;

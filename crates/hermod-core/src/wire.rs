@@ -15,6 +15,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::codec::LengthDelimitedCodec;
 
+use crate::auth::{Identity, IdentitySpec};
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Body, Channel, InboxKey, Message, Seq};
 
@@ -112,6 +113,21 @@ pub enum ClientFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         durable: Option<bool>,
     },
+    /// Create an agent identity (owner or admin token); answered with
+    /// `identity` carrying the token, shown once.
+    IdentityAdd {
+        identity: IdentitySpec,
+    },
+    /// Every identity (without tokens).
+    IdentityList,
+    /// A new token for `name`; the old one stops working.
+    IdentityRotate {
+        name: String,
+    },
+    /// Delete `name`'s identity.
+    IdentityRevoke {
+        name: String,
+    },
 }
 
 /// A validated topic event to publish.
@@ -165,6 +181,10 @@ pub enum Request {
         limit: usize,
     },
     Tail,
+    IdentityAdd(IdentitySpec),
+    IdentityList,
+    IdentityRotate(AgentName),
+    IdentityRevoke(AgentName),
 }
 
 /// Every field any client frame may carry. One flat struct (rather than a
@@ -192,6 +212,11 @@ struct RawFrame<'a> {
     agent: Option<String>,
     after: Option<Seq>,
     limit: Option<usize>,
+    /// An agent token on any frame: it authenticates that frame (and, on
+    /// `register`, the whole connection).
+    token: Option<String>,
+    identity: Option<IdentitySpec>,
+    name: Option<String>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -206,6 +231,14 @@ pub fn parse_client_frame(bytes: &[u8]) -> Result<Request> {
 /// [`parse_client_frame`] on a connection bound to `channel`: messages
 /// without a `channel` field go there.
 pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request> {
+    parse_client_frame_with_token(bytes, channel).map(|(request, _)| request)
+}
+
+/// [`parse_client_frame_in`], also returning the frame's `token` field.
+pub fn parse_client_frame_with_token(
+    bytes: &[u8],
+    channel: &Channel,
+) -> Result<(Request, Option<String>)> {
     // serde_json skips unknown fields without checking their UTF-8, so the
     // whole payload is validated first: a frame is UTF-8 JSON or an error.
     let text = std::str::from_utf8(bytes)
@@ -216,7 +249,8 @@ pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request>
     };
     let missing = |field: &str| Error::InvalidRequest(format!("missing \"{field}\""));
     let kind = frame.kind.as_deref().ok_or_else(|| missing("type"))?;
-    Ok(match kind {
+    let token = frame.token.clone();
+    let request = match kind {
         "register" => Request::Register {
             endpoint: AgentName::parse(frame.endpoint.ok_or_else(|| missing("endpoint"))?)?,
             channel: parse_channel(frame.channel)?,
@@ -242,8 +276,17 @@ pub fn parse_client_frame_in(bytes: &[u8], channel: &Channel) -> Result<Request>
             pattern: frame.pattern.ok_or_else(|| missing("pattern"))?,
             durable: frame.durable.unwrap_or(false),
         },
+        "identity_add" => Request::IdentityAdd(frame.identity.ok_or_else(|| missing("identity"))?),
+        "identity_list" => Request::IdentityList,
+        "identity_rotate" => Request::IdentityRotate(AgentName::parse(
+            frame.name.ok_or_else(|| missing("name"))?,
+        )?),
+        "identity_revoke" => Request::IdentityRevoke(AgentName::parse(
+            frame.name.ok_or_else(|| missing("name"))?,
+        )?),
         other => return Err(Error::UnknownType(other.chars().take(64).collect())),
-    })
+    };
+    Ok((request, token))
 }
 
 /// Why a frame did not parse, as one of the stable error codes.
@@ -425,6 +468,17 @@ pub enum ServerFrame {
     Subscribed {
         pattern: String,
         durable: bool,
+    },
+    /// Reply to `identity_add` / `identity_rotate` (with the token, shown
+    /// once) and `identity_revoke` (without).
+    Identity {
+        identity: Identity,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Reply to `identity_list`.
+    Identities {
+        identities: Vec<Identity>,
     },
     /// Reply to the `send` extension: the message is durable.
     Sent {

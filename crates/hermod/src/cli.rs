@@ -83,10 +83,73 @@ pub enum Command {
     ///
     /// Example: `hermod bridge --to ws://dash:18900/api/pub --token T`
     Bridge(BridgeArgs),
+    /// Manage agent identities: tokens that prove an agent's name.
+    ///
+    /// Example: `hermod agent add worker --may-send 'boss,worker-*'`
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Measure throughput and latency (starts its own daemon unless --socket).
     ///
     /// Example: `hermod bench --only unix --messages 100000`
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Create an identity and print its token (once: only its hash is kept).
+    ///
+    /// Example: `hermod agent add ci --channel ops --may-publish 'ci.**'`
+    Add(AgentAddArgs),
+    /// List identities and their rules (never their tokens).
+    List(AgentListArgs),
+    /// Issue a new token; the old one stops working at once.
+    Rotate(AgentNameArgs),
+    /// Delete an identity; its token stops working at once.
+    Revoke(AgentNameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentAddArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// The only channel it may use [default: any]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// Agent-name globs it may send to; a broadcast needs `*` [default: *]
+    #[arg(long, value_name = "GLOBS", value_delimiter = ',')]
+    pub may_send: Option<Vec<String>>,
+    /// Topic patterns it may publish [default: **]
+    #[arg(long, value_name = "GLOBS", value_delimiter = ',')]
+    pub may_publish: Option<Vec<String>>,
+    /// Topic patterns it may subscribe within [default: **]
+    #[arg(long, value_name = "GLOBS", value_delimiter = ',')]
+    pub may_subscribe: Option<Vec<String>>,
+    /// May manage identities and read /metrics.
+    #[arg(long)]
+    pub admin: bool,
+    /// Print the identity and token as JSON.
+    #[arg(long)]
+    pub json: bool,
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentListArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentNameArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -152,6 +215,29 @@ pub struct ServeArgs {
     /// Unix connections accepted at once.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub max_connections: usize,
+    /// Who is trusted: `open` (whoever connects), `owner` (this user's
+    /// processes; everyone else needs a token) or `tokens` (every request
+    /// needs a token).
+    #[arg(long, env = "HERMOD_AUTH", default_value = "owner", value_name = "MODE",
+          value_parser = ["open", "owner", "tokens"])]
+    pub auth: String,
+    /// Also trust processes of this uid like the owner's (repeatable).
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uids: Vec<u32>,
+    /// A web origin (e.g. http://127.0.0.1:3000) whose pages may call the
+    /// bus; by default only hermod's own origin (repeatable).
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// A Host header value accepted besides loopback names and addresses
+    /// (for a bus reached by name; repeatable).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    pub allow_hosts: Vec<String>,
+    /// Messages per second one sender may send on average (0: no limit).
+    #[arg(long, default_value_t = 1000.0, value_name = "N")]
+    pub send_rate: f64,
+    /// Messages one sender may send in a burst above its rate.
+    #[arg(long, default_value_t = 5000.0, value_name = "N")]
+    pub send_burst: f64,
 }
 
 impl ServeArgs {

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use registry::{AgentInfo, Connection};
 
+use crate::auth::{self, AuthMode, Caller, Identity, IdentitySpec, RateLimit, Trust};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{CommitObserver, Committed, Durable, Engine};
@@ -31,6 +32,10 @@ use crate::wire::Envelope;
 use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;
+
+fn no_identity(name: &AgentName) -> Error {
+    Error::InvalidRequest(format!("{name} has no identity"))
+}
 
 /// Messages per batch of [`Broker::follow`].
 const FOLLOW_BATCH: usize = 256;
@@ -154,23 +159,38 @@ impl Drop for Session {
 pub struct Broker {
     shared: Arc<Shared>,
     engine: Arc<dyn Engine>,
+    trust: Arc<Trust>,
 }
 
 impl Broker {
-    /// A broker over the SQLite log at `path`.
+    /// A broker over the SQLite log at `path`, with the default trust policy.
     pub fn open_sqlite(path: &Path) -> Result<Self> {
-        Self::with_engine(|observer| Ok(Arc::new(SqliteEngine::open(path, observer)?)))
+        Self::open_sqlite_with(path, Trust::new(AuthMode::default(), RateLimit::default()))
+    }
+
+    /// A broker over the SQLite log at `path`.
+    pub fn open_sqlite_with(path: &Path, trust: Trust) -> Result<Self> {
+        Self::with_engine(
+            |observer| Ok(Arc::new(SqliteEngine::open(path, observer)?)),
+            trust,
+        )
+    }
+
+    /// A broker over a throwaway in-memory store, with the default trust policy.
+    pub fn open_memory() -> Result<Self> {
+        Self::open_memory_with(Trust::new(AuthMode::default(), RateLimit::default()))
     }
 
     /// A broker over a throwaway in-memory store.
-    pub fn open_memory() -> Result<Self> {
-        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))))
+    pub fn open_memory_with(trust: Trust) -> Result<Self> {
+        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))), trust)
     }
 
     /// Builds a broker over the engine `make` returns, given the observer
     /// it must report commits to.
     pub fn with_engine(
         make: impl FnOnce(Arc<dyn CommitObserver>) -> Result<Arc<dyn Engine>>,
+        trust: Trust,
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -190,6 +210,9 @@ impl Broker {
         let last = engine.last()?;
         let agents = engine.agents()?;
         let subscriptions = engine.subscriptions()?;
+        for identity in engine.identities()? {
+            trust.set(&identity.name.clone(), Some(identity));
+        }
         {
             let mut state = shared.state.lock().unwrap();
             state.committed = last;
@@ -206,12 +229,25 @@ impl Broker {
                 }
             }
         }
-        Ok(Self { shared, engine })
+        Ok(Self {
+            shared,
+            engine,
+            trust: Arc::new(trust),
+        })
     }
 
-    /// Routes and submits a message; the returned future resolves once it
-    /// is durable. `from` is the resolved sender.
-    pub async fn send(&self, env: Envelope, from: AgentName, target: Target) -> Result<Durable> {
+    /// The trust policy: authenticate callers, check what they may do.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Routes and submits a message from `caller` (its sender is the
+    /// caller's verified name, or `env.from` for a trusted caller); the
+    /// returned future resolves once it is durable.
+    pub async fn send(&self, caller: &Caller, env: Envelope, target: Target) -> Result<Durable> {
+        let from = self.trust.sender(caller, env.from.clone())?;
+        self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
+        self.trust.take_send(&from)?;
         let now = model::now();
         let (recipients, newly_known) = {
             let mut state = self.shared.state.lock().unwrap();
@@ -239,7 +275,7 @@ impl Broker {
             to: env.to,
             topic: None,
             sent_ts: env.sent_ts,
-            auth: model::Auth::Open,
+            auth: caller.auth(),
             body: env.body,
             recipients,
         };
@@ -252,13 +288,16 @@ impl Broker {
     /// in the inbox of every agent with a matching durable subscription.
     pub async fn publish(
         &self,
+        caller: &Caller,
         channel: Channel,
-        from: AgentName,
+        from: Option<AgentName>,
         topic: &str,
         payload: serde_json::Map<String, serde_json::Value>,
         id: Option<String>,
     ) -> Result<Durable> {
         pattern::validate_topic(topic)?;
+        let from = self.trust.sender(caller, from)?;
+        self.trust.may_publish(caller, &channel, topic)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
         let recipients = {
             let state = self.shared.state.lock().unwrap();
@@ -281,7 +320,7 @@ impl Broker {
             to: None,
             topic: Some(topic.to_owned()),
             sent_ts: None,
-            auth: model::Auth::Open,
+            auth: caller.auth(),
             body,
             recipients,
         };
@@ -290,8 +329,10 @@ impl Broker {
 
     /// Adds a durable subscription: events matching `pattern` published on
     /// the agent's channel land in its inbox. Returns false if it existed.
-    pub async fn subscribe(&self, key: InboxKey, pattern: &str) -> Result<bool> {
+    pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
         let parsed = Pattern::parse(pattern)?;
+        self.trust.may_act_as(caller, &key)?;
+        self.trust.may_subscribe(caller, &key.channel, pattern)?;
         let now = model::now();
         let (added, new_agent) = {
             let mut state = self.shared.state.lock().unwrap();
@@ -317,8 +358,9 @@ impl Broker {
     }
 
     /// Removes a durable subscription; false if there was none.
-    pub async fn unsubscribe(&self, key: InboxKey, pattern: &str) -> Result<bool> {
+    pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
         Pattern::parse(pattern)?;
+        self.trust.may_act_as(caller, &key)?;
         let removed = {
             let mut state = self.shared.state.lock().unwrap();
             let subs = state.subscriptions.entry(key.channel.clone()).or_default();
@@ -350,12 +392,12 @@ impl Broker {
     /// [`Broker::send`], then waits until the message is durable.
     pub async fn send_durable(
         &self,
+        caller: &Caller,
         env: Envelope,
-        from: AgentName,
         target: Target,
     ) -> Result<Arc<Message>> {
         let stored = self
-            .send(env, from, target)
+            .send(caller, env, target)
             .await?
             .await
             .map_err(|_| Error::ShuttingDown)??;
@@ -571,14 +613,17 @@ impl Broker {
         self.blocking(move |e| e.count_inbox(&key, cursor)).await
     }
 
-    /// Registers a connection of `key` over `transport`. An `exclusive`
-    /// connection replaces (kicks) the agent's older exclusive one.
+    /// Registers a connection of `key` over `transport` for `caller` (who
+    /// must be allowed to act as `key`: nobody kicks a verified agent). An
+    /// `exclusive` connection replaces (kicks) the agent's older exclusive one.
     pub async fn connect(
         &self,
+        caller: &Caller,
         key: InboxKey,
         transport: &'static str,
         exclusive: bool,
     ) -> Result<Session> {
+        self.trust.may_act_as(caller, &key)?;
         let now = model::now();
         let session = Session {
             id: uuid::Uuid::new_v4().to_string(),
@@ -688,6 +733,49 @@ impl Broker {
         self.shared.taps_dropped.load(Ordering::Relaxed)
     }
 
+    /// Creates an identity and returns it with its token (shown once; only
+    /// its hash is stored). Resolves once the identity is durable.
+    pub async fn add_identity(&self, spec: IdentitySpec) -> Result<(Identity, String)> {
+        let (identity, token) = spec.issue()?;
+        if self.trust.identity(&identity.name).is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "{} already has an identity (rotate or revoke it)",
+                identity.name
+            )));
+        }
+        self.store_identity(&identity.name.clone(), Some(identity.clone()))
+            .await?;
+        Ok((identity, token))
+    }
+
+    /// Issues a new token for `name`; the old one stops working and the
+    /// agent's open connections are closed.
+    pub async fn rotate_identity(&self, name: &AgentName) -> Result<(Identity, String)> {
+        let mut identity = self.trust.identity(name).ok_or_else(|| no_identity(name))?;
+        let (token, hash) = auth::new_token();
+        identity.token_hash = hash;
+        self.store_identity(name, Some(identity.clone())).await?;
+        Ok((identity, token))
+    }
+
+    /// Deletes `name`'s identity and closes its open connections.
+    pub async fn revoke_identity(&self, name: &AgentName) -> Result<Identity> {
+        let identity = self.trust.identity(name).ok_or_else(|| no_identity(name))?;
+        self.store_identity(name, None).await?;
+        Ok(identity)
+    }
+
+    async fn store_identity(&self, name: &AgentName, identity: Option<Identity>) -> Result<()> {
+        // Durable first: a token is never printed for an identity a crash
+        // would forget, and a revoked one never comes back.
+        self.engine
+            .set_identity(name.clone(), identity.clone())
+            .await?;
+        self.trust.set(name, identity);
+        self.shared.state.lock().unwrap().registry.kick_agent(name);
+        Ok(())
+    }
+
     /// Lets queued writes finish. Call once at shutdown.
     pub async fn close(&self) {
         self.engine.close().await;
@@ -703,11 +791,15 @@ mod tests {
         AgentName::parse(s).unwrap()
     }
 
-    fn env(to: Option<&str>, n: i64) -> Envelope {
+    fn owner() -> Caller {
+        Caller::trusted(model::Auth::Owner)
+    }
+
+    fn env(from: &str, to: Option<&str>, n: i64) -> Envelope {
         let body = Body::from_json(format!("{{\"n\":{n}}}")).unwrap();
         Envelope {
             to: to.map(name),
-            from: None,
+            from: Some(name(from)),
             id: None,
             sent_ts: None,
             channel: Channel::default(),
@@ -726,11 +818,13 @@ mod tests {
         for (b, _dir) in brokers().await {
             let key_b = InboxKey::new(Channel::default(), name("b"));
             // Typo protection for legacy senders; `Any` makes the target known.
-            let err = b.send(env(Some("b"), 0), name("a"), Target::Known).await;
+            let err = b
+                .send(&owner(), env("a", Some("b"), 0), Target::Known)
+                .await;
             assert_eq!(err.unwrap_err().code(), "endpoint_not_found");
             let mut w = b.watch(&key_b);
             let stored = b
-                .send(env(Some("b"), 1), name("a"), Target::Any)
+                .send(&owner(), env("a", Some("b"), 1), Target::Any)
                 .await
                 .unwrap()
                 .await
@@ -740,10 +834,15 @@ mod tests {
             assert_eq!(*w.borrow_and_update(), stored[0].seq);
 
             let _s = b
-                .connect(InboxKey::new(Channel::default(), name("c")), "unix", true)
+                .connect(
+                    &owner(),
+                    InboxKey::new(Channel::default(), name("c")),
+                    "unix",
+                    true,
+                )
                 .await
                 .unwrap();
-            b.send(env(None, 2), name("c"), Target::Known)
+            b.send(&owner(), env("c", None, 2), Target::Known)
                 .await
                 .unwrap()
                 .await
@@ -761,8 +860,14 @@ mod tests {
     async fn exclusive_sessions_kick() {
         let b = Broker::open_memory().unwrap();
         let key = InboxKey::new(Channel::default(), name("x"));
-        let s1 = b.connect(key.clone(), "unix", true).await.unwrap();
-        let s2 = b.connect(key.clone(), "unix", true).await.unwrap();
+        let s1 = b
+            .connect(&owner(), key.clone(), "unix", true)
+            .await
+            .unwrap();
+        let s2 = b
+            .connect(&owner(), key.clone(), "unix", true)
+            .await
+            .unwrap();
         assert!(s1.kicked.is_cancelled());
         assert!(!s2.kicked.is_cancelled());
         drop(s1);
@@ -776,13 +881,16 @@ mod tests {
     async fn topics_reach_durable_subscribers_and_the_topic_view() {
         for (b, _dir) in brokers().await {
             let dash = InboxKey::new(Channel::default(), name("dash"));
-            assert!(b.subscribe(dash.clone(), "tui.**").await.unwrap());
+            assert!(b.subscribe(&owner(), dash.clone(), "tui.**").await.unwrap());
             assert!(
-                !b.subscribe(dash.clone(), "tui.**").await.unwrap(),
+                !b.subscribe(&owner(), dash.clone(), "tui.**").await.unwrap(),
                 "idempotent"
             );
             assert_eq!(
-                b.subscribe(dash.clone(), "a..b").await.unwrap_err().code(),
+                b.subscribe(&owner(), dash.clone(), "a..b")
+                    .await
+                    .unwrap_err()
+                    .code(),
                 "invalid_topic"
             );
             let payload = |v: serde_json::Value| v.as_object().unwrap().clone();
@@ -793,12 +901,19 @@ mod tests {
                     serde_json::json!({"ts": 1.5, "src": "orig"}),
                 ),
             ] {
-                b.publish(Channel::default(), name("gw"), topic, payload(p), None)
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap()
-                    .unwrap();
+                b.publish(
+                    &owner(),
+                    Channel::default(),
+                    Some(name("gw")),
+                    topic,
+                    payload(p),
+                    None,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
             }
             let inbox = b.read(&dash, 0, 10).await.unwrap();
             assert_eq!(inbox.len(), 1);
@@ -812,7 +927,10 @@ mod tests {
                 (kept["ts"].as_f64(), kept["src"].as_str()),
                 (Some(1.5), Some("orig"))
             );
-            assert!(b.unsubscribe(dash.clone(), "tui.**").await.unwrap());
+            assert!(b
+                .unsubscribe(&owner(), dash.clone(), "tui.**")
+                .await
+                .unwrap());
             assert!(b.subscriptions(&dash).is_empty());
         }
     }

@@ -136,6 +136,16 @@ impl Registry {
         persist
     }
 
+    /// Closes every connection of `agent`, on every channel (its identity
+    /// was revoked or rotated).
+    pub(crate) fn kick_agent(&self, agent: &AgentName) {
+        for info in self.channels.values().filter_map(|c| c.get(agent)) {
+            for c in &info.connections {
+                c.kick.cancel();
+            }
+        }
+    }
+
     pub(crate) fn disconnect(&mut self, key: &InboxKey, session_id: &str, now: f64) {
         if let Some(info) = self
             .channels

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
+use crate::auth::Identity;
 use crate::error::Result;
-use crate::model::{BusClock, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
 #[derive(Default)]
 struct State {
@@ -19,6 +20,7 @@ struct State {
     cursors: HashMap<InboxKey, Seq>,
     agents: BTreeMap<InboxKey, (f64, f64)>,
     subscriptions: std::collections::BTreeSet<(InboxKey, String)>,
+    identities: BTreeMap<AgentName, Identity>,
     seq: Seq,
     clock: BusClock,
 }
@@ -149,6 +151,26 @@ impl Engine for MemoryEngine {
             .unwrap()
             .subscriptions
             .iter()
+            .cloned()
+            .collect())
+    }
+
+    async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        match identity {
+            Some(i) => state.identities.insert(name, i),
+            None => state.identities.remove(&name),
+        };
+        Ok(())
+    }
+
+    fn identities(&self) -> Result<Vec<Identity>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .identities
+            .values()
             .cloned()
             .collect())
     }

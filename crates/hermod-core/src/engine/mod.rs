@@ -1,7 +1,7 @@
 //! Persistence: the [`Engine`] trait and its implementations.
 //!
 //! An engine owns the log (append, inbox reads), cursors and the agent
-//! registry. It assigns `seq` and bus `ts` in commit order and reports every
+//! registry and agent identities. It assigns `seq` and bus `ts` in commit order and reports every
 //! commit, in order, to a [`CommitObserver`] (the broker) *before* it
 //! acknowledges the senders, so nobody can see an acknowledgement for a
 //! message that readers cannot find yet.
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
+use crate::auth::Identity;
 use crate::error::Result;
 use crate::model::{AgentName, Channel, InboxKey, Message, NewMessage, Seq};
 
@@ -92,6 +93,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Every durable topic subscription.
     fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>>;
+
+    /// Stores (or with `None` deletes) the identity of `name`; resolves once
+    /// the change is durable.
+    async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()>;
+
+    /// Every stored agent identity.
+    fn identities(&self) -> Result<Vec<Identity>>;
 
     /// Every agent the store knows, on every channel.
     fn agents(&self) -> Result<Vec<KnownAgent>>;

@@ -18,6 +18,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
+use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
@@ -62,6 +63,18 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     pattern TEXT NOT NULL,
     PRIMARY KEY (channel, agent, pattern)
 ) WITHOUT ROWID;
+-- Agent identities: the token's SHA-256 (never the token) and the ACL
+-- rules, each a JSON array of globs.
+CREATE TABLE IF NOT EXISTS identities (
+    name          TEXT PRIMARY KEY,
+    channel       TEXT,
+    token_hash    TEXT NOT NULL UNIQUE,
+    may_send      TEXT NOT NULL,
+    may_publish   TEXT NOT NULL,
+    may_subscribe TEXT NOT NULL,
+    admin         INTEGER NOT NULL,
+    created       REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -79,6 +92,12 @@ enum Op {
     Cursor(InboxKey, Seq),
     Agent(InboxKey, f64),
     Subscription(InboxKey, String, bool),
+    /// Answered once durable: a caller prints a token only after this.
+    Identity {
+        name: AgentName,
+        identity: Option<Identity>,
+        reply: oneshot::Sender<Result<()>>,
+    },
     Close(oneshot::Sender<()>),
 }
 
@@ -326,6 +345,66 @@ impl Engine for SqliteEngine {
         })
     }
 
+    async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(Op::Identity {
+            name,
+            identity,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    fn identities(&self) -> Result<Vec<Identity>> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, channel, token_hash, may_send, may_publish, may_subscribe, admin, created
+                 FROM identities ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let globs = |i: usize| -> rusqlite::Result<Vec<String>> {
+                    serde_json::from_str(&r.get::<_, String>(i)?).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            i,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })
+                };
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    Identity {
+                        name: AgentName::anonymous(),
+                        channel: None,
+                        token_hash: r.get(2)?,
+                        may_send: globs(3)?,
+                        may_publish: globs(4)?,
+                        may_subscribe: globs(5)?,
+                        admin: r.get::<_, i64>(6)? != 0,
+                        created: r.get(7)?,
+                    },
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, channel, mut identity) = row?;
+                // Rows were validated on the way in; skip anything foreign.
+                let Ok(name) = AgentName::parse(name) else { continue };
+                let channel = match channel.map(Channel::parse) {
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(_)) => continue,
+                    None => None,
+                };
+                identity.name = name;
+                identity.channel = channel;
+                out.push(identity);
+            }
+            Ok(out)
+        })
+    }
+
     fn agents(&self) -> Result<Vec<KnownAgent>> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached(
@@ -419,6 +498,9 @@ impl Writer {
                             let mine: Vec<_> = stored.by_ref().take(batch.len()).collect();
                             let _ = reply.send(Ok(mine));
                         }
+                        Op::Identity { reply, .. } => {
+                            let _ = reply.send(Ok(()));
+                        }
                         Op::Close(done) => closing = Some(done),
                         Op::Cursor(..) | Op::Agent(..) | Op::Subscription(..) => {}
                     }
@@ -431,6 +513,9 @@ impl Writer {
                 for op in ops.drain(..) {
                     match op {
                         Op::Append { reply, .. } => {
+                            let _ = reply.send(Err(Error::Storage(e.to_string())));
+                        }
+                        Op::Identity { reply, .. } => {
                             let _ = reply.send(Err(Error::Storage(e.to_string())));
                         }
                         Op::Close(done) => closing = Some(done),
@@ -516,6 +601,32 @@ impl Writer {
                             pattern
                         ])?;
                     }
+                    Op::Identity { name, identity, .. } => match identity {
+                        Some(i) => {
+                            let globs = |g: &Vec<String>| {
+                                serde_json::to_string(g).expect("strings serialize")
+                            };
+                            tx.prepare_cached(
+                                "INSERT OR REPLACE INTO identities (name, channel, token_hash, may_send,
+                                     may_publish, may_subscribe, admin, created)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                            )?
+                            .execute(params![
+                                name.as_str(),
+                                i.channel.as_deref(),
+                                i.token_hash,
+                                globs(&i.may_send),
+                                globs(&i.may_publish),
+                                globs(&i.may_subscribe),
+                                i.admin as i64,
+                                i.created,
+                            ])?;
+                        }
+                        None => {
+                            tx.prepare_cached("DELETE FROM identities WHERE name = ?1")?
+                                .execute(params![name.as_str()])?;
+                        }
+                    },
                     Op::Close(_) => {}
                 }
             }

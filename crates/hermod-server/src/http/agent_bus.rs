@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
+use hermod_core::auth::Caller;
 use hermod_core::broker::Target;
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message};
 use hermod_core::wire::{parse_channel, Envelope};
@@ -45,6 +47,7 @@ fn required_str<'a>(body: &'a Value, field: &str) -> Result<&'a str, ApiError> {
 
 async fn send(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
     if !req.is_object() {
@@ -62,7 +65,7 @@ async fn send(
     };
     let env = Envelope {
         to: Some(to),
-        from: Some(from.clone()),
+        from: Some(from),
         id: None,
         sent_ts: None,
         channel: channel.clone(),
@@ -71,7 +74,7 @@ async fn send(
             msg.into(),
         )])),
     };
-    let m = app.broker.send_durable(env, from, Target::Any).await?;
+    let m = app.broker.send_durable(&caller, env, Target::Any).await?;
     Ok(Json(
         json!({ "ok": true, "ts": m.ts, "channel": channel, "seq": m.seq, "id": m.id }),
     ))
@@ -95,10 +98,15 @@ fn recv_item(m: &Message) -> Value {
         "channel": m.channel,
         "seq": m.seq,
         "id": m.id,
+        "auth": m.auth,
     })
 }
 
-async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Value>, ApiError> {
+async fn recv(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Q(q): Q<RecvQuery>,
+) -> Result<Json<Value>, ApiError> {
     let to = AgentName::parse(q.to.ok_or_else(|| ApiError::bad_request("\"to\" is required"))?)?;
     let block = match q.block.as_deref() {
         None | Some("false" | "0" | "no" | "") => false,
@@ -122,8 +130,15 @@ async fn recv(State(app): State<AppState>, Q(q): Q<RecvQuery>) -> Result<Json<Va
     // A receiver is a participant: it becomes known (broadcasts reach it)
     // and shows as connected while its request is held.
     let _presence = match &key {
-        Some(key) => Some(app.broker.connect(key.clone(), "http", false).await?),
-        None => None,
+        Some(key) => Some(
+            app.broker
+                .connect(&caller, key.clone(), "http", false)
+                .await?,
+        ),
+        None => {
+            app.broker.trust().may_act_as_agent(&caller, &to)?;
+            None
+        }
     };
     let mut newest = match &key {
         Some(key) => app.broker.watch(key),

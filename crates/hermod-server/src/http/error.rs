@@ -15,23 +15,26 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
+    /// Seconds for a `Retry-After` header (rate limits).
+    pub retry_after: Option<f64>,
 }
 
 impl ApiError {
-    pub fn bad_request(detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_request",
+            status,
+            code,
             detail: detail.into(),
+            retry_after: None,
         }
     }
 
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
+    }
+
     pub fn not_found(detail: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::NOT_FOUND,
-            code: "not_found",
-            detail: detail.into(),
-        }
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 }
 
@@ -47,6 +50,13 @@ impl From<Error> for ApiError {
             Error::EndpointNotFound(_) => StatusCode::NOT_FOUND,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::ForbiddenSender(_) | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        };
+        let retry_after = match &e {
+            Error::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
@@ -55,6 +65,7 @@ impl From<Error> for ApiError {
             status,
             code: e.code(),
             detail: e.to_string(),
+            retry_after,
         }
     }
 }
@@ -63,6 +74,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.detail, "code": self.code });
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            // Whole seconds, rounded up, as RFC 9110 asks.
+            let secs = (secs.ceil() as u64).max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The unread body makes the connection unusable: say so.
             response.headers_mut().insert(
@@ -131,11 +149,11 @@ pub async fn fallback(uri: axum::http::Uri) -> ApiError {
 
 /// A known route with the wrong method answers 405 with a JSON body.
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        code: "method_not_allowed",
-        detail: format!("{method} is not allowed on {}", uri.path()),
-    }
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 /// `Query<T>` with a JSON 400 on bad parameters.

@@ -17,8 +17,10 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
+use hermod_core::auth::Caller;
 use hermod_core::broker::{Session, Target};
 use hermod_core::model::{AgentName, Body, InboxKey, Message, Seq};
 use hermod_core::wire::{parse_channel, Envelope};
@@ -73,6 +75,7 @@ pub fn interop_json(m: &Message) -> String {
         "seq": m.seq,
         "channel": m.channel,
         "to": m.to,
+        "auth": m.auth,
     });
     let body = m.body.as_str();
     if body.contains("\"_meta\"") {
@@ -131,9 +134,16 @@ async fn status(
     })))
 }
 
-async fn poll(State(app): State<AppState>, Q(q): Q<AgentQuery>) -> Result<Json<Value>, ApiError> {
+async fn poll(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Q(q): Q<AgentQuery>,
+) -> Result<Json<Value>, ApiError> {
     let key = q.key()?;
-    let _presence = app.broker.connect(key.clone(), "http", false).await?;
+    let _presence = app
+        .broker
+        .connect(&caller, key.clone(), "http", false)
+        .await?;
     let cursor = app.broker.cursor(&key).await?;
     let batch = app.broker.read(&key, cursor, POLL_MAX).await?;
     let Some(last) = batch.last() else {
@@ -157,6 +167,7 @@ struct BroadcastQuery {
 
 async fn broadcast(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Q(q): Q<BroadcastQuery>,
     JsonBody(body): JsonBody<Box<RawValue>>,
 ) -> Result<Json<Value>, ApiError> {
@@ -179,7 +190,7 @@ async fn broadcast(
         channel,
         body: Body::from_raw(&body)?,
     };
-    let m = app.broker.send_durable(env, from, Target::Any).await?;
+    let m = app.broker.send_durable(&caller, env, Target::Any).await?;
     Ok(Json(json!({
         "delivered": true,
         "recipients": recipients,
@@ -191,11 +202,15 @@ async fn broadcast(
 
 async fn subscribe(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Q(q): Q<AgentQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let key = q.key()?;
-    let session = app.broker.connect(key.clone(), "sse", false).await?;
+    let session = app
+        .broker
+        .connect(&caller, key.clone(), "sse", false)
+        .await?;
     let cursor = app.broker.cursor(&key).await?;
     let resume = last_event_id(&headers);
     // With Last-Event-ID, replay what an earlier stream claimed after it.

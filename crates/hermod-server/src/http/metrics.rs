@@ -9,13 +9,21 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use super::error::ApiError;
 use super::AppState;
+use axum::Extension;
+use hermod_core::auth::Caller;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
-async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+/// Bus-wide figures: for the owner and admin identities only.
+async fn metrics(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<impl IntoResponse, ApiError> {
+    app.broker.trust().may_admin(&caller)?;
     let (seq, ts) = app.broker.committed();
     let agents = app.broker.agents();
     let online = agents.iter().filter(|a| a.online()).count();
@@ -99,5 +107,5 @@ async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
         "Committed messages a slow hook runner missed.",
         vec![(String::new(), app.broker.taps_dropped().to_string())],
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -1,7 +1,8 @@
 //! The HTTP front: one axum server for every HTTP protocol.
 //!
 //! Each protocol is a module exporting `router()`; [`app`] merges them
-//! under the shared limits (10 MiB bodies) and a JSON 404.
+//! under the shared limits (10 MiB bodies) and a JSON 404, behind the
+//! [`guard`] (browser boundary, tokens, who is calling).
 //!
 //! - [`agent_bus`]: `POST /send`, `GET /recv`, `GET /inbox`, `GET /healthz`.
 //! - [`interop`]: the SSE-interop protocol (`/subscribe`, `/poll`, ...).
@@ -12,6 +13,7 @@
 
 pub mod agent_bus;
 pub mod error;
+pub mod guard;
 pub mod interop;
 pub mod metrics;
 pub mod relay;
@@ -37,6 +39,13 @@ pub struct HttpConfig {
     pub max_wait: Duration,
     /// Token the relay endpoints require; `None` refuses every relay.
     pub relay_token: Option<String>,
+    /// Peers running as these uids are the owner: the daemon's own uid plus
+    /// `--allow-uid`.
+    pub owner_uids: Vec<u32>,
+    /// Web origins besides hermod's own that may call (`--allow-origin`).
+    pub allow_origins: Vec<String>,
+    /// `Host` values besides loopback names and addresses (`--allow-host`).
+    pub allow_hosts: Vec<String>,
 }
 
 impl HttpConfig {
@@ -46,6 +55,9 @@ impl HttpConfig {
             keepalive: Duration::from_secs(30),
             max_wait: Duration::from_secs(30),
             relay_token: None,
+            owner_uids: vec![crate::unix::peer::own_uid()],
+            allow_origins: Vec::new(),
+            allow_hosts: Vec::new(),
         }
     }
 }
@@ -109,7 +121,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(agent_bus::router())
         .merge(interop::router())
         .merge(v1::router())
@@ -118,7 +130,12 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::fallback)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_FRAME))
-        .with_state(state)
+        .with_state(state.clone());
+    // The guard wraps the whole router (not each route) so that it runs
+    // before routing: it may strip a `/a/TOKEN` prefix from the path.
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn_with_state(state, guard::guard))
 }
 
 /// Serves `app` on `listener` until `shutdown`.

@@ -11,8 +11,9 @@
 //! that channel. The relay channel is the bus channel the events land on.
 //!
 //! Both endpoints need the token set with `serve --relay-token` (or
-//! `HERMOD_RELAY_TOKEN`); without it, or with a wrong one, they answer 401
-//! before upgrading.
+//! `HERMOD_RELAY_TOKEN`), or an agent's token (then the agent's
+//! `may_publish` / `may_subscribe` rules apply and events carry its name);
+//! without either they answer 401 before upgrading.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,9 +23,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use futures::{SinkExt, StreamExt};
-use hermod_core::model::{AgentName, Channel, RELAY_SENDER};
+use hermod_core::auth::{secrets_equal, Caller};
+use hermod_core::model::{AgentName, Auth, Channel, RELAY_SENDER};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
@@ -64,41 +67,77 @@ struct RelayQuery {
     channel: Option<String>,
 }
 
+/// Who feeds or reads a relay: the holder of the relay token, or an agent.
+enum Relayer {
+    /// The shared relay secret: events are published as `relay`, unverified.
+    Relay,
+    /// An agent's token (the guard verified it).
+    Agent(Caller),
+}
+
+impl Relayer {
+    fn caller(&self) -> Caller {
+        match self {
+            Relayer::Relay => Caller::trusted(Auth::Open),
+            Relayer::Agent(c) => c.clone(),
+        }
+    }
+
+    /// The publisher name: `relay` (so a bridge never ships these back), or
+    /// the agent itself.
+    fn sender(&self) -> Option<AgentName> {
+        match self {
+            Relayer::Relay => Some(AgentName::parse(RELAY_SENDER).expect("valid name")),
+            Relayer::Agent(_) => None,
+        }
+    }
+}
+
 impl RelayQuery {
-    /// The relay channel, once the token checks out.
-    fn authorize(self, app: &AppState) -> Result<Channel, ApiError> {
-        let valid = match (&app.config.relay_token, &self.token) {
-            (Some(expected), Some(given)) => expected == given,
+    /// Who is relaying, and the relay channel, once a token checks out.
+    fn authorize(
+        self,
+        app: &AppState,
+        caller: Option<Caller>,
+    ) -> Result<(Relayer, Channel), ApiError> {
+        let relay_token = match (&app.config.relay_token, &self.token) {
+            (Some(expected), Some(given)) => secrets_equal(expected, given),
             _ => false,
         };
-        if !valid {
-            return Err(ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                code: "unauthorized",
-                detail: "a valid relay token is required (serve --relay-token)".into(),
-            });
-        }
-        Ok(Channel::parse(
-            self.channel.unwrap_or_else(|| "gateway".into()),
-        )?)
+        let relayer = match caller.filter(|c| c.identity().is_some()) {
+            _ if relay_token => Relayer::Relay,
+            Some(agent) => Relayer::Agent(agent),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid relay token (serve --relay-token) or agent token is required",
+                ))
+            }
+        };
+        let channel = Channel::parse(self.channel.unwrap_or_else(|| "gateway".into()))?;
+        Ok((relayer, channel))
     }
 }
 
 async fn publish(
     State(app): State<AppState>,
+    caller: Option<Extension<Caller>>,
     Q(q): Q<RelayQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let channel = q.authorize(&app)?;
+    let (relayer, channel) = q.authorize(&app, caller.map(|c| c.0))?;
+    let caller = relayer.caller();
+    app.broker.trust().may_use_channel(&caller, &channel)?;
     Ok(upgrade
         .max_message_size(hermod_core::wire::MAX_FRAME)
-        .on_upgrade(move |socket| relay_in(app, channel, socket))
+        .on_upgrade(move |socket| relay_in(app, relayer, channel, socket))
         .into_response())
 }
 
-async fn relay_in(app: AppState, channel: Channel, mut socket: WebSocket) {
+async fn relay_in(app: AppState, relayer: Relayer, channel: Channel, mut socket: WebSocket) {
     let fanout = app.relay.sender(&channel);
-    let from = AgentName::parse(RELAY_SENDER).expect("valid name");
+    let (caller, from) = (relayer.caller(), relayer.sender());
     loop {
         let frame = tokio::select! {
             _ = app.shutdown.cancelled() => break,
@@ -116,7 +155,14 @@ async fn relay_in(app: AppState, channel: Channel, mut socket: WebSocket) {
         };
         if let Err(e) = app
             .broker
-            .publish(channel.clone(), from.clone(), &topic, payload, None)
+            .publish(
+                &caller,
+                channel.clone(),
+                from.clone(),
+                &topic,
+                payload,
+                None,
+            )
             .await
         {
             tracing::debug!(error = %e, %topic, "relay event refused");
@@ -153,10 +199,15 @@ pub fn parse_relay_frame(text: &str) -> Option<(String, Map<String, Value>)> {
 
 async fn events(
     State(app): State<AppState>,
+    caller: Option<Extension<Caller>>,
     Q(q): Q<RelayQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let channel = q.authorize(&app)?;
+    let (relayer, channel) = q.authorize(&app, caller.map(|c| c.0))?;
+    // Raw frames of every topic: an agent needs to be allowed them all.
+    app.broker
+        .trust()
+        .may_subscribe(&relayer.caller(), &channel, "**")?;
     Ok(upgrade
         .on_upgrade(move |socket| relay_out(app, channel, socket))
         .into_response())

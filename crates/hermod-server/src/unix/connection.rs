@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
+use hermod_core::auth::Caller;
 use hermod_core::broker::{Session, Target};
 use hermod_core::engine::Durable;
 use hermod_core::model::{AgentName, Channel, InboxKey, Seq};
@@ -94,11 +95,21 @@ pub(super) async fn handle(
     shutdown: CancellationToken,
 ) {
     let fd = stream.as_raw_fd();
+    // Who is calling, by the kernel's word (SO_PEERCRED), not the client's.
+    let owner = match stream.peer_cred() {
+        Ok(cred) => config.owner_uids.contains(&cred.uid()),
+        Err(e) => {
+            tracing::debug!(error = %e, "no peer credentials; treating the peer as a stranger");
+            false
+        }
+    };
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let writer_done = CancellationToken::new();
     let shutdown_r = shutdown.clone();
     let reader = Reader {
+        caller: broker.trust().authenticate(owner, None).ok(),
+        owner,
         broker: broker.clone(),
         tx,
         session: None,
@@ -124,6 +135,11 @@ pub(super) async fn handle(
 }
 
 struct Reader {
+    /// The peer runs as the daemon's user (or an allowed uid).
+    owner: bool,
+    /// Who this connection speaks for without a per-frame token: from the
+    /// peer credentials, or the identity whose token registered it.
+    caller: Option<Caller>,
     broker: Broker,
     tx: mpsc::Sender<Out>,
     session: Option<Session>,
@@ -194,36 +210,62 @@ impl Reader {
             .session
             .as_ref()
             .map_or(Channel::default_ref(), |s| &s.key.channel);
-        let request = match wire::parse_client_frame_in(bytes, channel) {
+        let (request, token) = match wire::parse_client_frame_with_token(bytes, channel) {
             Ok(r) => r,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
         };
-        match request {
+        let caller = match (token.as_deref(), &self.caller) {
+            (None, Some(c)) => Ok(c.clone()),
+            (token, _) => self.broker.trust().authenticate(self.owner, token),
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => {
+                return self
+                    .send(ServerFrame::error(&e, request_id(&request)))
+                    .await
+            }
+        };
+        match self.dispatch(request, caller).await {
+            Ok(more) => more,
+            Err(e) => self.send(ServerFrame::error(&e, None)).await,
+        }
+    }
+
+    /// Applies one authenticated request; an `Err` is answered as an error frame.
+    async fn dispatch(&mut self, request: Request, caller: Caller) -> hermod_core::Result<bool> {
+        let trust = self.broker.trust();
+        Ok(match request {
             Request::Register {
                 endpoint,
                 channel,
                 ack,
             } => {
                 if self.session.is_some() {
-                    let e = Error::InvalidRequest("this connection is already registered".into());
-                    return self.send(ServerFrame::error(&e, None)).await;
+                    return Err(Error::InvalidRequest(
+                        "this connection is already registered".into(),
+                    ));
                 }
-                self.register(InboxKey::new(channel, endpoint), ack).await
+                self.register(InboxKey::new(channel, endpoint), ack, caller)
+                    .await
             }
             Request::Ping => self.send(ServerFrame::Pong).await,
-            Request::Message(env) => self.submit(env, false).await,
-            Request::Send(env) => self.submit(env, true).await,
+            Request::Message(env) => self.submit(env, false, &caller).await,
+            Request::Send(env) => self.submit(env, true, &caller).await,
             Request::ListEndpoints => {
                 self.send(ServerFrame::EndpointsList {
                     endpoints: self.broker.endpoints(),
                 })
                 .await
             }
-            Request::Inbox { key, after, limit } => match self.peek(&key, after, limit).await {
-                Ok(frame) => self.send(frame).await,
-                Err(e) => self.send(ServerFrame::error(&e, None)).await,
-            },
+            Request::Inbox { key, after, limit } => {
+                trust.may_act_as(&caller, &key)?;
+                let frame = self.peek(&key, after, limit).await?;
+                self.send(frame).await
+            }
             Request::Tail => {
+                // Every message on the bus: for the owner and admins only.
+                trust.may_admin(&caller)?;
                 // A bounded tap: a watcher that cannot keep up misses messages.
                 let mut tap = self.broker.tap(1024);
                 let tx = self.tx.clone();
@@ -241,31 +283,73 @@ impl Reader {
                     })));
                 true
             }
-            Request::Publish(p) => self.publish(p).await,
-            Request::Subscribe { pattern, durable } => self.subscribe(pattern, durable).await,
-            Request::Agents => match self.broker.summaries().await {
-                Ok(agents) => self.send(ServerFrame::AgentsList { agents }).await,
-                Err(e) => self.send(ServerFrame::error(&e, None)).await,
-            },
+            Request::Publish(p) => self.publish(p, &caller).await,
+            Request::Subscribe { pattern, durable } => {
+                self.subscribe(pattern, durable, &caller).await?
+            }
+            Request::Agents => {
+                let agents = self.broker.summaries().await?;
+                self.send(ServerFrame::AgentsList { agents }).await
+            }
             Request::Ack(seq) => match &self.session {
-                Some(s) => match self.broker.ack(&s.key, seq).await {
-                    Ok(_) => true,
-                    Err(e) => self.send(ServerFrame::error(&e, None)).await,
-                },
+                Some(s) => {
+                    self.broker.ack(&s.key, seq).await?;
+                    true
+                }
                 None => {
-                    let e = Error::InvalidRequest("ack needs a registered connection".into());
-                    self.send(ServerFrame::error(&e, None)).await
+                    return Err(Error::InvalidRequest(
+                        "ack needs a registered connection".into(),
+                    ))
                 }
             },
-        }
+            Request::IdentityAdd(spec) => {
+                self.may_manage(&caller)?;
+                let (identity, token) = self.broker.add_identity(spec).await?;
+                let token = Some(token);
+                self.send(ServerFrame::Identity { identity, token }).await
+            }
+            Request::IdentityRotate(name) => {
+                self.may_manage(&caller)?;
+                let (identity, token) = self.broker.rotate_identity(&name).await?;
+                let token = Some(token);
+                self.send(ServerFrame::Identity { identity, token }).await
+            }
+            Request::IdentityRevoke(name) => {
+                self.may_manage(&caller)?;
+                let identity = self.broker.revoke_identity(&name).await?;
+                let token = None;
+                self.send(ServerFrame::Identity { identity, token }).await
+            }
+            Request::IdentityList => {
+                self.may_manage(&caller)?;
+                let identities = trust.identities();
+                self.send(ServerFrame::Identities { identities }).await
+            }
+        })
     }
 
-    async fn publish(&mut self, p: Publication) -> bool {
+    /// Identity management: the owner's processes (in every mode: they own
+    /// the database file anyway) or an admin identity.
+    fn may_manage(&self, caller: &Caller) -> hermod_core::Result<()> {
+        if self.owner {
+            return Ok(());
+        }
+        self.broker.trust().may_admin(caller)
+    }
+
+    async fn publish(&mut self, p: Publication, caller: &Caller) -> bool {
         let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
-        let from = p.from.clone().unwrap_or_else(|| self.sender());
+        let from = p.from.clone().or_else(|| self.registered_name());
         let submitted = self
             .broker
-            .publish(p.channel, from, &p.topic, p.payload, Some(id.clone()))
+            .publish(
+                caller,
+                p.channel,
+                from,
+                &p.topic,
+                p.payload,
+                Some(id.clone()),
+            )
             .await;
         let durable = match submitted {
             Ok(d) => d,
@@ -296,24 +380,23 @@ impl Reader {
                 .await
     }
 
-    async fn subscribe(&mut self, pattern: String, durable: bool) -> bool {
-        let parsed = match Pattern::parse(&pattern) {
-            Ok(p) => p,
-            Err(e) => return self.send(ServerFrame::error(&e.into(), None)).await,
-        };
+    async fn subscribe(
+        &mut self,
+        pattern: String,
+        durable: bool,
+        caller: &Caller,
+    ) -> hermod_core::Result<bool> {
+        let parsed = Pattern::parse(&pattern)?;
         if durable {
             let Some(key) = self.session.as_ref().map(|s| s.key.clone()) else {
-                let e = Error::InvalidRequest(
+                return Err(Error::InvalidRequest(
                     "a durable subscription needs a registered connection".into(),
-                );
-                return self.send(ServerFrame::error(&e, None)).await;
+                ));
             };
-            if let Err(e) = self.broker.subscribe(key, &pattern).await {
-                return self.send(ServerFrame::error(&e, None)).await;
-            }
-            return self
+            self.broker.subscribe(caller, key, &pattern).await?;
+            return Ok(self
                 .send(ServerFrame::Subscribed { pattern, durable })
-                .await;
+                .await);
         }
         // The start point is fixed before the client hears `subscribed`.
         let channel = self
@@ -321,6 +404,9 @@ impl Reader {
             .as_ref()
             .map(|s| s.key.channel.clone())
             .unwrap_or_default();
+        self.broker
+            .trust()
+            .may_subscribe(caller, &channel, &pattern)?;
         let events = self
             .broker
             .follow_topics(channel, self.broker.committed().0);
@@ -328,7 +414,7 @@ impl Reader {
             .send(ServerFrame::Subscribed { pattern, durable })
             .await
         {
-            return false;
+            return Ok(false);
         }
         let tx = self.tx.clone();
         self.live
@@ -345,7 +431,7 @@ impl Reader {
                     }
                 }
             })));
-        true
+        Ok(true)
     }
 
     async fn peek(
@@ -368,19 +454,23 @@ impl Reader {
         })
     }
 
-    /// The sender name of this connection's messages without a `from`.
-    fn sender(&self) -> AgentName {
-        match &self.session {
-            Some(s) => s.key.agent.clone(),
-            None => AgentName::anonymous(),
-        }
+    /// The sender name of this connection's messages without a `from`
+    /// (hermes-bus fills it for registered senders).
+    fn registered_name(&self) -> Option<AgentName> {
+        self.session.as_ref().map(|s| s.key.agent.clone())
     }
 
-    async fn register(&mut self, key: InboxKey, mode: AckMode) -> bool {
-        let session = match self.broker.connect(key.clone(), "unix", true).await {
+    async fn register(&mut self, key: InboxKey, mode: AckMode, caller: Caller) -> bool {
+        let session = match self
+            .broker
+            .connect(&caller, key.clone(), "unix", true)
+            .await
+        {
             Ok(s) => s,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
         };
+        // A token that registered the connection speaks for all its frames.
+        self.caller = Some(caller);
         let cursor = match self.broker.cursor(&key).await {
             Ok(c) => c,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
@@ -394,17 +484,18 @@ impl Reader {
         self.send(registered).await && self.out(Out::Deliver { key, cursor, mode }).await
     }
 
-    async fn submit(&mut self, mut env: Envelope, reply: bool) -> bool {
+    async fn submit(&mut self, mut env: Envelope, reply: bool, caller: &Caller) -> bool {
         let id = env
             .id
             .get_or_insert_with(hermod_core::model::new_id)
             .clone();
-        // hermes-bus fills `from` for registered senders.
-        let from = env.from.clone().unwrap_or_else(|| self.sender());
+        if env.from.is_none() {
+            env.from = self.registered_name();
+        }
         // Legacy frames keep the original's typo protection; `send` may
         // address an agent that has not connected yet.
         let target = if reply { Target::Any } else { Target::Known };
-        match self.broker.send(env, from, target).await {
+        match self.broker.send(caller, env, target).await {
             Ok(durable) => {
                 let reply = if reply {
                     Reply::Sent
@@ -423,6 +514,15 @@ impl Reader {
 
     async fn out(&self, out: Out) -> bool {
         self.tx.send(out).await.is_ok()
+    }
+}
+
+/// The id an error reply should carry, for requests that name one.
+fn request_id(request: &Request) -> Option<String> {
+    match request {
+        Request::Message(env) | Request::Send(env) => env.id.clone(),
+        Request::Publish(p) => p.id.clone(),
+        _ => None,
     }
 }
 

@@ -5,7 +5,7 @@
 //! up to a limit and runs one [`connection`] handler each.
 
 mod connection;
-mod peer;
+pub(crate) mod peer;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -32,6 +32,9 @@ pub struct UnixConfig {
     pub idle_timeout: Duration,
     /// A client that does not read for this long is disconnected.
     pub write_timeout: Duration,
+    /// Peers running as these uids are the owner (by `SO_PEERCRED`): the
+    /// daemon's own uid plus `--allow-uid`. Anyone else needs a token.
+    pub owner_uids: Vec<u32>,
 }
 
 impl UnixConfig {
@@ -41,6 +44,7 @@ impl UnixConfig {
             max_connections: 4096,
             idle_timeout: Duration::from_secs(90),
             write_timeout: Duration::from_secs(30),
+            owner_uids: vec![peer::own_uid()],
         }
     }
 }

@@ -18,6 +18,12 @@ pub fn consumed_by_live_peer(fd: RawFd) -> bool {
     unread_bytes(fd) == Some(0) && !hung_up(fd)
 }
 
+/// The uid this daemon runs as.
+pub fn own_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 fn unread_bytes(fd: RawFd) -> Option<i32> {
     let mut n: libc::c_int = 0;
     // SAFETY: TIOCOUTQ writes one c_int through the pointer, which points to

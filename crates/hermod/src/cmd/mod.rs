@@ -1,5 +1,6 @@
 //! One module per subcommand; [`run`] dispatches.
 
+mod agent;
 mod agents;
 mod bench;
 mod inbox;
@@ -44,6 +45,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pub(args) => topics::publish(&args),
         Command::Sub(args) => topics::subscribe(&args),
         Command::Bridge(args) => topics::bridge(&args),
+        Command::Agent(command) => agent::run(command),
         Command::Bench(args) => bench::run(&args),
     }
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use hermod_core::auth::{AuthMode, RateLimit, Trust};
 use hermod_core::Broker;
 use hermod_server::actions::{self, ActionConfig, ActionSpec};
 use hermod_server::{http::HttpConfig, unix::UnixConfig, ServerConfig};
@@ -22,20 +23,33 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     let _lock = daemon::lock(&dir)?;
     let socket = args.socket();
     let runtime = super::runtime()?;
+    let mode: AuthMode = args.auth.parse().map_err(anyhow::Error::msg)?;
+    let trust = || {
+        let rate = RateLimit {
+            rate: args.send_rate.max(0.0),
+            burst: args.send_burst.max(1.0),
+        };
+        Trust::new(mode, rate)
+    };
     runtime.block_on(async {
         let broker = if args.memory {
-            Broker::open_memory()?
+            Broker::open_memory_with(trust())?
         } else {
             let db = dir.join(DB_FILE);
-            Broker::open_sqlite(&db).with_context(|| format!("cannot open {}", db.display()))?
+            Broker::open_sqlite_with(&db, trust())
+                .with_context(|| format!("cannot open {}", db.display()))?
         };
         let mut unix = UnixConfig::new(socket.clone());
         unix.max_connections = args.max_connections;
+        unix.owner_uids.extend(&args.allow_uids);
         let http = (!args.no_http).then(|| {
             let mut http = HttpConfig::new(args.http);
             http.keepalive = Duration::from_secs(args.sse_keepalive.max(1));
             http.max_wait = Duration::from_secs(args.long_poll_max);
             http.relay_token = args.relay_token.clone();
+            http.owner_uids.extend(&args.allow_uids);
+            http.allow_origins = args.allow_origins.clone();
+            http.allow_hosts = args.allow_hosts.clone();
             http
         });
         let config = ServerConfig {
@@ -58,6 +72,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             http = %http.map(|a| format!("http://{a}")).unwrap_or_else(|| "off".into()),
             data_dir = %dir.display(),
             store = if args.memory { "memory" } else { "sqlite" },
+            auth = mode.as_str(),
             log_seq = seq,
             "hermod listening"
         );

@@ -54,12 +54,10 @@ pub(super) struct PublishReceipt {
 )]
 pub(super) async fn publish_event(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<PublishRequest>,
 ) -> Result<Json<PublishReceipt>, ApiError> {
-    let from = match req.from {
-        Some(f) => AgentName::parse(f)?,
-        None => AgentName::anonymous(),
-    };
+    let from = req.from.map(AgentName::parse).transpose()?;
     let publication = Publication {
         topic: req.topic,
         payload: req.payload.unwrap_or_default(),
@@ -68,7 +66,7 @@ pub(super) async fn publish_event(
         id: req.id.filter(|i| !i.is_empty()),
         durable: req.durable,
     };
-    match publish(&app, publication, from).await? {
+    match publish(&app, &caller, publication, from).await? {
         ServerFrame::Published { id, seq, ts } => Ok(Json(PublishReceipt { id, seq, ts })),
         _ => Err(hermod_core::Error::ShuttingDown.into()),
     }
@@ -105,12 +103,14 @@ pub(super) struct EventsQuery {
 )]
 pub(super) async fn event_stream(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Q(q): Q<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let pattern =
-        Pattern::parse(q.pattern.as_deref().unwrap_or("**")).map_err(hermod_core::Error::from)?;
+    let text = q.pattern.as_deref().unwrap_or("**");
+    let pattern = Pattern::parse(text).map_err(hermod_core::Error::from)?;
     let channel = strict_channel(q.channel)?;
+    app.broker.trust().may_subscribe(&caller, &channel, text)?;
     let after = last_event_id(&headers)
         .or(q.after)
         .unwrap_or_else(|| app.broker.committed().0);
@@ -163,10 +163,12 @@ pub(super) struct ChannelParam {
 )]
 pub(super) async fn list_subscriptions(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(AgentPath { name }): P<AgentPath>,
     Q(q): Q<ChannelParam>,
 ) -> Result<Json<Subscriptions>, ApiError> {
     let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    app.broker.trust().may_act_as(&caller, &key)?;
     Ok(Json(Subscriptions {
         patterns: app.broker.subscriptions(&key),
     }))
@@ -186,11 +188,14 @@ pub(super) async fn list_subscriptions(
 )]
 pub(super) async fn add_subscription(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(AgentPath { name }): P<AgentPath>,
     JsonBody(req): JsonBody<SubscriptionRequest>,
 ) -> Result<Json<Subscriptions>, ApiError> {
     let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
-    app.broker.subscribe(key.clone(), &req.pattern).await?;
+    app.broker
+        .subscribe(&caller, key.clone(), &req.pattern)
+        .await?;
     Ok(Json(Subscriptions {
         patterns: app.broker.subscriptions(&key),
     }))
@@ -210,11 +215,14 @@ pub(super) async fn add_subscription(
 )]
 pub(super) async fn remove_subscription(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(AgentPath { name }): P<AgentPath>,
     JsonBody(req): JsonBody<SubscriptionRequest>,
 ) -> Result<Json<Subscriptions>, ApiError> {
     let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
-    app.broker.unsubscribe(key.clone(), &req.pattern).await?;
+    app.broker
+        .unsubscribe(&caller, key.clone(), &req.pattern)
+        .await?;
     Ok(Json(Subscriptions {
         patterns: app.broker.subscriptions(&key),
     }))

@@ -58,19 +58,20 @@ pub(super) struct SendReceipt {
 )]
 pub(super) async fn send_message(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JsonBody(req): JsonBody<SendRequest>,
 ) -> Result<Json<SendReceipt>, ApiError> {
     let from = AgentName::parse(req.from)?;
     let to = req.to.map(AgentName::parse).transpose()?;
     let env = Envelope {
         to,
-        from: Some(from.clone()),
+        from: Some(from),
         id: req.id.filter(|i| !i.is_empty()),
         sent_ts: None,
         channel: strict_channel(req.channel)?,
         body: Body::from_raw(&req.body)?,
     };
-    let m = app.broker.send_durable(env, from, Target::Any).await?;
+    let m = app.broker.send_durable(&caller, env, Target::Any).await?;
     Ok(Json(SendReceipt {
         id: m.id.clone(),
         seq: m.seq,
@@ -166,10 +167,12 @@ pub(super) struct InboxPage {
 )]
 pub(super) async fn read_inbox(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(AgentPath { name }): P<AgentPath>,
     Q(q): Q<InboxQuery>,
 ) -> Result<Json<InboxPage>, ApiError> {
     let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    app.broker.trust().may_act_as(&caller, &key)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -242,10 +245,12 @@ pub(super) struct AckReply {
 )]
 pub(super) async fn ack(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(AgentPath { name }): P<AgentPath>,
     JsonBody(req): JsonBody<AckRequest>,
 ) -> Result<Json<AckReply>, ApiError> {
     let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
+    app.broker.trust().may_act_as(&caller, &key)?;
     let previous = app.broker.ack(&key, req.seq).await?;
     let cursor = app.broker.cursor(&key).await?.max(previous);
     Ok(Json(AckReply { cursor }))
@@ -260,12 +265,16 @@ pub(super) struct StreamQuery {
 /// SSE: the inbox from `Last-Event-ID`, else `after`, else the cursor.
 pub(super) async fn stream(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(name): P<String>,
     Q(q): Q<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
-    let session = app.broker.connect(key.clone(), "sse", false).await?;
+    let session = app
+        .broker
+        .connect(&caller, key.clone(), "sse", false)
+        .await?;
     let after = match last_event_id(&headers).or(q.after) {
         Some(seq) => seq,
         None => app.broker.cursor(&key).await?,

@@ -25,8 +25,10 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
+use hermod_core::auth::Caller;
 use hermod_core::broker::Target;
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
@@ -150,13 +152,21 @@ struct ErrorBody {
 /// Publishes; answers at once (fast class) or once durable.
 pub(super) async fn publish(
     app: &AppState,
+    caller: &Caller,
     p: Publication,
-    from: AgentName,
+    from: Option<AgentName>,
 ) -> Result<ServerFrame, hermod_core::Error> {
     let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
     let durable = app
         .broker
-        .publish(p.channel, from, &p.topic, p.payload, Some(id.clone()))
+        .publish(
+            caller,
+            p.channel,
+            from,
+            &p.topic,
+            p.payload,
+            Some(id.clone()),
+        )
         .await?;
     if !p.durable {
         return Ok(ServerFrame::Published {

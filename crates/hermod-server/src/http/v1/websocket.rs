@@ -12,22 +12,31 @@ pub(super) struct ChannelQuery {
 
 pub(super) async fn upgrade(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     P(name): P<String>,
     Q(q): Q<ChannelQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
+    // Refused before the upgrade, with a status the client can read.
+    let session = app
+        .broker
+        .connect(&caller, key.clone(), "ws", false)
+        .await?;
     Ok(upgrade
         .max_message_size(wire::MAX_FRAME)
-        .on_upgrade(move |socket| ws_session(app, key, socket))
+        .on_upgrade(move |socket| ws_session(app, caller, key, session, socket))
         .into_response())
 }
 
-pub(super) async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) {
+pub(super) async fn ws_session(
+    app: AppState,
+    caller: Caller,
+    key: InboxKey,
+    _session: hermod_core::broker::Session,
+    socket: WebSocket,
+) {
     let broker = app.broker.clone();
-    let Ok(_session) = broker.connect(key.clone(), "ws", false).await else {
-        return;
-    };
     let Ok(cursor) = broker.cursor(&key).await else {
         return;
     };
@@ -43,7 +52,7 @@ pub(super) async fn ws_session(app: AppState, key: InboxKey, socket: WebSocket) 
             },
             Some(events) = live.next(), if !live.is_empty() => events,
             incoming = rx.next() => match incoming {
-                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &key, text.as_bytes(), &mut live).await.into_iter().collect(),
+                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &caller, &key, text.as_bytes(), &mut live).await.into_iter().collect(),
                 Some(Ok(ws::Message::Binary(_))) => {
                     let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
                     vec![frame_json(ServerFrame::error(&e, None))]
@@ -94,6 +103,7 @@ pub(super) fn topic_frames(
 /// Frames without a `channel` use the socket's channel.
 pub(super) async fn ws_request(
     app: &AppState,
+    caller: &Caller,
     key: &InboxKey,
     bytes: &[u8],
     live: &mut TopicStreams,
@@ -105,9 +115,9 @@ pub(super) async fn ws_request(
     let reply = match request {
         Request::Ping => Ok(ServerFrame::Pong),
         Request::Send(mut env) | Request::Message(mut env) => {
-            let from = env.from.take().unwrap_or_else(|| key.agent.clone());
+            env.from = env.from.or_else(|| Some(key.agent.clone()));
             let id = env.id.clone();
-            match app.broker.send_durable(env, from, Target::Any).await {
+            match app.broker.send_durable(caller, env, Target::Any).await {
                 Ok(m) => Ok(ServerFrame::Sent {
                     id: m.id.clone(),
                     seq: m.seq,
@@ -117,22 +127,29 @@ pub(super) async fn ws_request(
             }
         }
         Request::Publish(p) => {
-            let from = p.from.clone().unwrap_or_else(|| key.agent.clone());
-            match publish(app, p, from).await {
+            let from = p.from.clone().or_else(|| Some(key.agent.clone()));
+            match publish(app, caller, p, from).await {
                 Ok(frame) => Ok(frame),
                 Err(e) => Err((e, None)),
             }
         }
         Request::Subscribe { pattern, durable } => match Pattern::parse(&pattern) {
             Err(e) => Err((e.into(), None)),
-            Ok(_) if durable => match app.broker.subscribe(key.clone(), &pattern).await {
+            Ok(_) if durable => match app.broker.subscribe(caller, key.clone(), &pattern).await {
                 Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
                 Err(e) => Err((e, None)),
             },
-            Ok(parsed) => {
-                live.push(topic_frames(app, key.channel.clone(), parsed));
-                Ok(ServerFrame::Subscribed { pattern, durable })
-            }
+            Ok(parsed) => match app
+                .broker
+                .trust()
+                .may_subscribe(caller, &key.channel, &pattern)
+            {
+                Ok(()) => {
+                    live.push(topic_frames(app, key.channel.clone(), parsed));
+                    Ok(ServerFrame::Subscribed { pattern, durable })
+                }
+                Err(e) => Err((e, None)),
+            },
         },
         Request::Ack(seq) => match app.broker.ack(key, seq).await {
             Ok(_) => return None,
@@ -141,14 +158,19 @@ pub(super) async fn ws_request(
         Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
             endpoints: app.broker.endpoints(),
         }),
-        Request::Agents | Request::Register { .. } | Request::Inbox { .. } | Request::Tail => {
-            Err((
-                hermod_core::Error::InvalidRequest(
-                    "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
-                ),
-                None,
-            ))
-        }
+        Request::Agents
+        | Request::Register { .. }
+        | Request::Inbox { .. }
+        | Request::Tail
+        | Request::IdentityAdd(_)
+        | Request::IdentityList
+        | Request::IdentityRotate(_)
+        | Request::IdentityRevoke(_) => Err((
+            hermod_core::Error::InvalidRequest(
+                "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
+            ),
+            None,
+        )),
     };
     Some(match reply {
         Ok(frame) => frame_json(frame),
