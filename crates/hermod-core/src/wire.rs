@@ -187,6 +187,19 @@ pub enum Request {
     IdentityRevoke(AgentName),
 }
 
+impl Request {
+    /// Creating, listing, rotating or revoking agent identities.
+    pub fn manages_identities(&self) -> bool {
+        matches!(
+            self,
+            Request::IdentityAdd(_)
+                | Request::IdentityList
+                | Request::IdentityRotate(_)
+                | Request::IdentityRevoke(_)
+        )
+    }
+}
+
 /// Every field any client frame may carry. One flat struct (rather than a
 /// tagged enum) so the body can be borrowed as raw JSON text.
 #[derive(Deserialize)]

@@ -13,4 +13,5 @@ mod hooks;
 mod http;
 mod mcp;
 mod topics;
+mod trust;
 mod unix;

@@ -23,7 +23,7 @@ use futures::{SinkExt, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Session, Target};
 use hermod_core::engine::Durable;
-use hermod_core::model::{AgentName, Channel, InboxKey, Seq};
+use hermod_core::model::{AgentName, Auth, Channel, InboxKey, Seq};
 use hermod_core::wire::{self, AckMode, Envelope, Publication, Request, ServerFrame};
 use hermod_core::{Broker, Error};
 use hermod_events::Pattern;
@@ -216,6 +216,12 @@ impl Reader {
         };
         let caller = match (token.as_deref(), &self.caller) {
             (None, Some(c)) => Ok(c.clone()),
+            // The owner manages identities in every mode, even `tokens`,
+            // where its other requests need a token: how else would the
+            // first token be made?
+            (None, None) if self.owner && request.manages_identities() => {
+                Ok(Caller::trusted(Auth::Owner))
+            }
             (token, _) => self.broker.trust().authenticate(self.owner, token),
         };
         let caller = match caller {

@@ -168,8 +168,22 @@ impl Daemon {
     }
 
     pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        self.cli_as(args, stdin, None)
+    }
+
+    /// Runs the CLI with `HERMOD_TOKEN` set to `token`.
+    pub fn cli_token(&self, args: &[&str], token: &str) -> Output {
+        self.cli_as(args, None, Some(token))
+    }
+
+    fn cli_as(&self, args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Output {
         use std::io::Write;
-        let mut child = Command::new(HERMOD)
+        let mut cmd = Command::new(HERMOD);
+        match token {
+            Some(t) => cmd.env("HERMOD_TOKEN", t),
+            None => cmd.env_remove("HERMOD_TOKEN"),
+        };
+        let mut child = cmd
             .args(args)
             .env("HERMOD_SOCKET", &self.socket)
             .env("HERMOD_HOME", self.dir.path())
