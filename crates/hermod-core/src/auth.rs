@@ -570,10 +570,17 @@ impl Trust {
                 buckets.clear();
             }
         }
-        let bucket = buckets.entry(sender.clone()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
+        // Looked up before inserting: no name allocation per message.
+        if !buckets.contains_key(sender) {
+            buckets.insert(
+                sender.clone(),
+                Bucket {
+                    tokens: burst,
+                    at: now,
+                },
+            );
+        }
+        let bucket = buckets.get_mut(sender).expect("just inserted");
         bucket.tokens = level(bucket);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
