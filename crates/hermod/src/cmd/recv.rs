@@ -1,4 +1,4 @@
-//! `hermod recv`: print messages as they arrive, one block each.
+//! `hermod recv`: print messages as they arrive, one line each.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use hermod_client::http::{HttpClient, HttpPoller};
 use hermod_client::{MessageFrame, Subscriber};
+use hermod_core::text;
 use serde_json::Value;
 
 use crate::cli::{self, Endpoint, RecvArgs};
@@ -82,7 +83,8 @@ async fn print_messages(source: &mut Source, args: &RecvArgs) -> Result<ExitCode
         if args.json {
             writeln!(stdout, "{}", serde_json::to_string(&message)?)?;
         } else {
-            write!(stdout, "{}", block(&message, saved.as_deref()))?;
+            let line = line(&message, saved.as_deref(), TEXT_MAX_CHARS, CUT_HINT);
+            write!(stdout, "{line}")?;
         }
         stdout.flush()?;
         // Acknowledged only once printed: a crash re-prints, never skips.
@@ -92,33 +94,68 @@ async fn print_messages(source: &mut Source, args: &RecvArgs) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// `[HH:MM:SSZ] from SENDER (CHANNEL):`, the text, `---`. A message with
-/// an attachment shows its text and one line describing the file.
-pub fn block(m: &MessageFrame, saved: Option<&str>) -> String {
+/// Longest text `recv`, `wait` and `inbox` print of one message: generous,
+/// since an agent reads its mail through them; `--json` has all of it.
+pub const TEXT_MAX_CHARS: usize = 16_000;
+
+/// Said after a cut text, so the reader knows where the rest is.
+pub const CUT_HINT: &str = " (--json shows all of it)";
+
+/// Longest attachment name or topic shown.
+const NAME_MAX_CHARS: usize = 256;
+
+/// One line per message: `[HH:MM:SSZ] from SENDER [AUTH] (CHANNEL): TEXT`,
+/// AUTH being how the sender was verified (`token`, `owner`, `open`). A
+/// message with an attachment adds `[attachment NAME (SIZE bytes, sha256
+/// HASH) SAVED]` after its text.
+///
+/// Everything the sender chose goes through [`text::terminal_line`]: a
+/// line break shows as `\n`, an escape sequence as `\e[…`, so a message
+/// can neither fake a second message nor drive the terminal, and the text
+/// is cut after `max_chars` (with `hint` appended when it was).
+pub fn line(m: &MessageFrame, saved: Option<&str>, max_chars: usize, hint: &str) -> String {
     let secs = m.ts.floor() as i64;
     let (h, min, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let body = m.body.to_map();
-    let text = match body.get("attachment").and_then(Value::as_object) {
-        Some(a) => {
-            let mut text = body
-                .get("text")
+    let (text, attachment) = match body.get("attachment").and_then(Value::as_object) {
+        Some(a) => (
+            body.get("text")
                 .and_then(Value::as_str)
-                .map(|t| format!("{t}\n"))
-                .unwrap_or_default();
-            text.push_str(&format!(
+                .unwrap_or_default()
+                .to_owned(),
+            Some(format!(
                 "[attachment {} ({} bytes, sha256 {}){}]",
-                a.get("name").and_then(Value::as_str).unwrap_or("?"),
+                text::terminal_line(
+                    a.get("name").and_then(Value::as_str).unwrap_or("?"),
+                    NAME_MAX_CHARS
+                ),
                 a.get("size").and_then(Value::as_u64).unwrap_or(0),
-                a.get("sha256").and_then(Value::as_str).unwrap_or("?"),
-                saved.map(|s| format!(" {s}")).unwrap_or_default(),
-            ));
-            text
-        }
-        None => m.body.to_text(),
+                text::terminal_line(
+                    a.get("sha256").and_then(Value::as_str).unwrap_or("?"),
+                    NAME_MAX_CHARS
+                ),
+                saved
+                    .map(|s| format!(" {}", text::terminal_line(s, 2 * NAME_MAX_CHARS)))
+                    .unwrap_or_default(),
+            )),
+        ),
+        None => (m.body.to_text(), None),
     };
+    let (mut shown, cut) = text::terminal_line_cut(&text, max_chars);
+    if cut > 0 {
+        shown.push_str(hint);
+    }
+    if let Some(a) = attachment {
+        if !shown.is_empty() {
+            shown.push(' ');
+        }
+        shown.push_str(&a);
+    }
     format!(
-        "[{h:02}:{min:02}:{s:02}Z] from {} ({}):\n{text}\n---\n",
-        m.from, m.channel
+        "[{h:02}:{min:02}:{s:02}Z] from {} [{}] ({}): {shown}\n",
+        text::terminal_line(&m.from, NAME_MAX_CHARS),
+        m.auth,
+        text::terminal_line(&m.channel, NAME_MAX_CHARS),
     )
 }
 
