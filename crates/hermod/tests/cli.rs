@@ -322,3 +322,124 @@ fn tail_shows_everything_as_it_is_stored() {
     assert!(seen.contains("-> ann ["), "{seen}");
     assert!(seen.contains("-> * [deploy.done] ["), "{seen}");
 }
+
+/// An attachment field as `hermod send --file` makes it, under any name.
+fn attachment_json(name: &str, data: &[u8]) -> serde_json::Value {
+    use base64::Engine;
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "size": data.len(),
+        "sha256": sha,
+        "data": base64::engine::general_purpose::STANDARD.encode(data),
+    })
+}
+
+#[test]
+fn saved_attachments_never_escape_overwrite_or_follow_a_symlink() {
+    let d = Daemon::start();
+    let root = tempfile::tempdir().unwrap();
+    let save = root.path().join("a").join("b").join("inbox");
+    std::fs::create_dir_all(&save).unwrap();
+    // Already there: a file of the user's, a symlink planted to a file
+    // outside the directory, and a dangling one pointing outside.
+    std::fs::write(save.join("report.txt"), "mine").unwrap();
+    let secret = root.path().join("secret.txt");
+    std::fs::write(&secret, "precious").unwrap();
+    std::os::unix::fs::symlink(&secret, save.join("notes.txt")).unwrap();
+    let dangling = root.path().join("made-through-a-symlink");
+    std::os::unix::fs::symlink(&dangling, save.join("dangling.txt")).unwrap();
+
+    let sent = [
+        ("../../.bashrc", "evil rc"),
+        ("report.txt", "theirs"),
+        ("notes.txt", "through the link"),
+        ("dangling.txt", "through the dangling link"),
+        ("\u{1b}[2J/..", "no name left"),
+    ];
+    for (name, data) in sent {
+        let body = serde_json::json!({
+            "text": "file",
+            "attachment": attachment_json(name, data.as_bytes()),
+        });
+        let out = d.cli(&[
+            "send",
+            "--from",
+            "mallory",
+            "--json",
+            &body.to_string(),
+            "lead",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = d.cli(&[
+        "recv",
+        "--count",
+        "5",
+        "--timeout",
+        "30",
+        "--save-dir",
+        save.to_str().unwrap(),
+        "lead",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 5, "{text}");
+
+    // Nothing outside was written, nothing existing was changed.
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "precious");
+    assert!(!dangling.exists(), "a symlink was followed");
+    assert_eq!(
+        std::fs::read_to_string(save.join("report.txt")).unwrap(),
+        "mine"
+    );
+    assert!(std::fs::symlink_metadata(save.join("notes.txt"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let mut everywhere = Vec::new();
+    let mut stack = vec![root.path().to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+            everywhere.push(entry.path());
+        }
+    }
+    for path in &everywhere {
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert!(
+            !name.starts_with('.'),
+            "a dotfile was written: {}",
+            path.display()
+        );
+        assert!(
+            path.starts_with(&save) || ["a", "b", "inbox", "secret.txt"].contains(&&*name),
+            "written outside the save dir: {}",
+            path.display()
+        );
+    }
+    // Each arrived as a new file, under a plain name; a taken one numbered.
+    let read = |n: &str| std::fs::read_to_string(save.join(n)).unwrap();
+    assert_eq!(read("bashrc"), "evil rc");
+    assert_eq!(read("report (1).txt"), "theirs");
+    assert_eq!(read("notes (1).txt"), "through the link");
+    assert_eq!(read("dangling (1).txt"), "through the dangling link");
+    assert_eq!(read("attachment-5"), "no name left");
+    // And the output says where each went.
+    let report = save.join("report (1).txt");
+    assert!(
+        text.contains(&format!(
+            "saved to {} (report.txt was taken)",
+            report.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains(r"[attachment \e[2J/.. ("), "{text}");
+}
