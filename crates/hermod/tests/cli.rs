@@ -145,8 +145,20 @@ fn start_status_stop_manage_a_background_daemon() {
             .output()
             .unwrap()
     };
+    // A data directory an older version left open to everyone.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = run(&["start"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "start tightens the data directory");
+    assert_eq!(mode("hermod.log"), 0o600, "the log is born private");
     let status = run(&["status"]);
     assert!(status.status.success());
     let text = stdout(&status);
@@ -442,4 +454,67 @@ fn saved_attachments_never_escape_overwrite_or_follow_a_symlink() {
         "{text}"
     );
     assert!(text.contains(r"[attachment \e[2J/.. ("), "{text}");
+}
+
+/// Asserts the data directory is 0700 and everything hermod made in it is
+/// accessible to its owner only: regular files 0600, the socket without
+/// any group or other bit (a socket's x bit means nothing).
+fn assert_private(dir: &std::path::Path) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+    // Compared as octal text, so a failure reads `755` rather than `493`.
+    assert_eq!(
+        format!("{:o}", mode(dir) & 0o777),
+        "700",
+        "{}",
+        dir.display()
+    );
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "test-daemon.log" {
+            continue; // the harness's own capture of the daemon's output
+        }
+        let path = entry.path();
+        let m = mode(&path) & 0o777;
+        if entry.file_type().unwrap().is_socket() {
+            assert_eq!(m & 0o077, 0, "{name} is {m:o}");
+            assert_eq!(m & 0o600, 0o600, "{name} is {m:o}");
+        } else {
+            assert_eq!(format!("{m:o}"), "600", "{name}");
+        }
+        seen.push(name);
+    }
+    for wanted in ["hermod.db", "hermod.pid", "runtime.json", "hermod.sock"] {
+        assert!(seen.iter().any(|n| n == wanted), "no {wanted} in {seen:?}");
+    }
+}
+
+#[test]
+fn the_data_dir_and_everything_in_it_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start();
+    let out = d.cli(&["send", "--from", "a", "b", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_private(d.data_dir());
+
+    // As an older version left it: a 0755 directory, 0644 files.
+    d.stop();
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    chmod(d.data_dir(), 0o755);
+    for entry in std::fs::read_dir(d.data_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            chmod(&entry.path(), 0o644);
+        }
+    }
+    d.spawn();
+    let out = d.cli(&["send", "--from", "a", "b", "again"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_private(d.data_dir());
+    let out = d.cli(&["recv", "--count", "2", "--timeout", "20", "b"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "the old log is still read");
 }
