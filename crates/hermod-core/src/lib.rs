@@ -11,6 +11,8 @@
 //!   the ACL rules and send rates every transport goes through.
 //! - [`broker`]: routing, inboxes as views of the log, cursors, presence and
 //!   wake-ups. Transports talk only to the [`broker::Broker`].
+//! - [`text`]: message text made safe to show on a terminal, to type into a
+//!   tmux pane, or to use as a file name.
 //!
 //! Nothing in this crate opens a socket, so all of it is testable without IO.
 
@@ -19,6 +21,7 @@ pub mod broker;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod text;
 pub mod wire;
 
 pub use broker::Broker;

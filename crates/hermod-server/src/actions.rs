@@ -8,7 +8,8 @@
 //!   `$HERMES_HOME/hermes-bus/hooks.yaml`; a `.py` hook runs under `python3`);
 //! - `append`: append the frame JSON as one line to a file or named pipe
 //!   (opened non-blocking: a pipe without a reader is skipped, never waited on);
-//! - `tmux`: type a one-line summary into a tmux pane and press Enter;
+//! - `tmux`: type a one-line summary into a tmux pane and press Enter (the
+//!   line is made inert for a shell, see [`hermod_core::text::pane_line`]);
 //! - `webhook`: POST the frame JSON to a URL.
 //!
 //! Actions never delay routing: they read a bounded tap of committed
@@ -26,7 +27,7 @@ use std::time::Duration;
 
 use hermod_core::broker::Tapped;
 use hermod_core::model::Message;
-use hermod_core::{wire, Broker};
+use hermod_core::{text, wire, Broker};
 use hermod_events::Pattern;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -346,20 +347,30 @@ fn append(path: &Path, frame: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// One line an idle CLI agent reads as a prompt.
+/// Longest line a wake-up types into a pane: enough to tell what the
+/// message is about; the agent reads all of it with `hermod recv`.
+const PANE_MAX_CHARS: usize = 300;
+
+/// One line an idle CLI agent reads as a prompt. All of it goes through
+/// [`text::pane_line`], so it starts with the fixed word
+/// [`text::PANE_PREFIX`] and is inert should the pane be a plain shell;
+/// a line break in the text shows as `␊` instead of pressing Enter.
 fn summary(m: &Message) -> String {
-    let text = m.body.to_text();
-    let first: String = text
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .chars()
-        .take(200)
-        .collect();
     let to = m.to.as_deref().unwrap_or("*");
-    format!(
-        "[hermod] message from {} to {to} ({}): {first}",
-        m.from, m.channel
+    // Only a token proves a name; anyone else may have typed any `from`.
+    let unverified = if m.auth.verified() {
+        ""
+    } else {
+        " (unverified)"
+    };
+    text::pane_line(
+        &format!(
+            "[hermod] message from {}{unverified} to {to} ({}): {}",
+            m.from,
+            m.channel,
+            m.body.to_text()
+        ),
+        PANE_MAX_CHARS,
     )
 }
 

@@ -5,6 +5,14 @@
 //! server holds an exclusive OS file lock on it for its whole life and
 //! writes its pid into it. The lock, not the pid, decides whether a server
 //! runs, so a stale pid file from a crash never blocks a restart.
+//!
+//! Everything in the data directory is its user's alone: the log holds
+//! every message, the socket lets whoever can open it act as that user.
+//! The daemon runs under umask 077 ([`private_umask`]), so whatever it
+//! creates — directory, database and its `-wal`/`-shm`, log, pid file,
+//! `runtime.json`, the socket — is *born* without group or other access
+//! (no window between creating and chmod-ing), and [`lock`] tightens a
+//! data directory and files left by an older, laxer version.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -22,8 +30,57 @@ pub struct DataDirLock {
     _file: File,
 }
 
-fn open_pid_file(dir: &Path) -> Result<File> {
+/// Files in the data directory that older versions created with the
+/// default umask (world-readable) and that [`prepare_data_dir`] tightens.
+fn private_files() -> Vec<String> {
+    use crate::cmd::serve::{DB_FILE, RUNTIME_FILE};
+    let mut names = vec![LOG_FILE.to_owned(), PID_FILE.to_owned()];
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        names.push(format!("{DB_FILE}{suffix}"));
+    }
+    for suffix in ["", ".tmp"] {
+        names.push(format!("{RUNTIME_FILE}{suffix}"));
+    }
+    names
+}
+
+/// From now on this process creates files 0600 and directories 0700 (and
+/// a socket without group/other access) whatever mode it asks for; called
+/// first thing by `serve` and `start`, before any thread exists.
+#[allow(unsafe_code)]
+pub fn private_umask() {
+    // SAFETY: umask(2) only swaps the process's file-creation mask; it
+    // cannot fail and reads or writes no memory of ours.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Creates `dir` (0700 under [`private_umask`]) or tightens an existing
+/// one to 0700, and the daemon's files in it to 0600. SQLite gives new
+/// `-wal`/`-shm` files the database's mode, so a tightened database stays
+/// private too. A data directory given as a symlink is the directory it
+/// names; a symlink planted under one of the files' names is not followed.
+pub fn prepare_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let chmod = |path: &Path, meta: std::io::Result<std::fs::Metadata>, mode: u32| match meta {
+        Ok(m) if (m.is_dir() || m.is_file()) && m.permissions().mode() & 0o7777 != mode => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("cannot make {} private", path.display()))
+        }
+        _ => Ok(()),
+    };
+    chmod(dir, std::fs::metadata(dir), 0o700)?;
+    for name in private_files() {
+        let path = dir.join(name);
+        chmod(&path, std::fs::symlink_metadata(&path), 0o600)?;
+    }
+    Ok(())
+}
+
+fn open_pid_file(dir: &Path) -> Result<File> {
+    prepare_data_dir(dir)?;
     let path = dir.join(PID_FILE);
     OpenOptions::new()
         .read(true)
@@ -108,7 +165,9 @@ pub fn start(dir: &Path, socket: &Path, serve_args: &[String]) -> Result<u32> {
         println!("hermod is already running (pid {pid})");
         return Ok(pid);
     }
-    std::fs::create_dir_all(dir)?;
+    // The log is created here, before the server sets its own umask.
+    private_umask();
+    prepare_data_dir(dir)?;
     let log_path = dir.join(LOG_FILE);
     let log = OpenOptions::new()
         .create(true)

@@ -89,38 +89,65 @@ fn a_named_pipe_gets_each_message_and_an_absent_reader_blocks_nothing() {
     );
 }
 
-#[test]
-fn a_tmux_pane_gets_a_one_line_summary() {
-    let tmp = tempfile::tempdir().unwrap();
-    let tmux = |args: &[&str]| {
+/// A private tmux server (its own `TMUX_TMPDIR`), killed on drop.
+struct Tmux {
+    tmp: tempfile::TempDir,
+}
+
+impl Tmux {
+    fn new() -> Self {
+        Tmux {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn tmpdir(&self) -> &str {
+        self.tmp.path().to_str().unwrap()
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new("tmux")
             .args(args)
-            .env("TMUX_TMPDIR", tmp.path())
+            .env("TMUX_TMPDIR", self.tmp.path())
             .env_remove("TMUX")
             .output()
             .expect("tmux is installed (.ci/run installs it)")
-    };
+    }
+
+    /// A detached session `name` running `command`, wide enough that the
+    /// capped summary (fullwidth characters take two columns) fits.
+    fn session(&self, name: &str, cwd: &std::path::Path, command: &[&str]) {
+        let mut args = vec!["new-session", "-d", "-s", name, "-x", "800", "-y", "40"];
+        args.extend(["-c", cwd.to_str().unwrap()]);
+        args.extend(command);
+        let out = self.run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    /// The pane's text, wrapped lines joined (`-J`).
+    fn screen(&self, target: &str) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-J", "-t", target]).stdout)
+            .into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.run(&["kill-server"]);
+    }
+}
+
+#[test]
+fn a_tmux_pane_gets_a_one_line_summary() {
+    let tmux = Tmux::new();
     // A pane running `cat`: whatever is typed into it shows on the screen.
-    let out = tmux(&[
-        "new-session",
-        "-d",
-        "-s",
-        "agent",
-        "-x",
-        "220",
-        "-y",
-        "20",
-        "cat",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    tmux.session("agent", tmux.tmp.path(), &["cat"]);
     let config = "[[action]]\nkind = \"tmux\"\ntarget = \"agent:0.0\"\nto = \"claude\"\n";
-    let d = Daemon::start_with_config(config, &[("TMUX_TMPDIR", tmp.path().to_str().unwrap())]);
-    send(&d, "claude", "please review PR 42\nsecond line stays out");
+    let d = Daemon::start_with_config(config, &[("TMUX_TMPDIR", tmux.tmpdir())]);
+    send(&d, "claude", "please review PR 42\nsecond line stays on it");
     let deadline = Instant::now() + Duration::from_secs(20);
     let screen = loop {
-        let screen =
-            String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", "agent:0.0"]).stdout)
-                .into_owned();
+        let screen = tmux.screen("agent:0.0");
         if screen.contains("please review PR 42") {
             break screen;
         }
@@ -131,12 +158,127 @@ fn a_tmux_pane_gets_a_one_line_summary() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    tmux(&["kill-server"]);
+    // The CLI's sender is not token-verified, so the line says so; the
+    // line break shows as ␊ instead of pressing Enter.
     assert!(
-        screen.contains("[hermod] message from boss to claude (default): please review PR 42"),
+        screen.contains(
+            "［hermod］ message from boss （unverified） to claude （default）: \
+             please review PR 42␊second line stays on it"
+        ),
         "{screen}"
     );
-    assert!(!screen.contains("second line stays out"), "{screen}");
+    assert!(
+        !screen.lines().any(|l| l.starts_with("second line")),
+        "{screen}"
+    );
+}
+
+/// The shells a pane may fall back to, as they start without any rc file;
+/// those not installed here are skipped (bash and dash always are).
+fn plain_shells() -> Vec<(&'static str, Vec<&'static str>)> {
+    let candidates: [(&str, &[&str]); 4] = [
+        ("bash", &["bash", "--norc", "--noprofile"]),
+        ("dash", &["dash"]),
+        ("zsh", &["zsh", "-f"]),
+        ("fish", &["fish", "--no-config"]),
+    ];
+    candidates
+        .into_iter()
+        .filter(|(name, _)| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {name}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(name, cmd)| (name, cmd.to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_hostile_message_typed_into_a_plain_shell_runs_nothing() {
+    let tmux = Tmux::new();
+    let work = tempfile::tempdir().unwrap();
+    // Relative to the panes' working directory, which keeps the text short
+    // enough for the summary's cap.
+    let target = format!("pwned-{}", std::process::id());
+    let pwned = work.path().join(&target);
+    let shells = plain_shells();
+    assert!(shells.iter().any(|(n, _)| *n == "bash"), "bash is needed");
+    let mut config = String::new();
+    for (name, command) in &shells {
+        tmux.session(name, work.path(), command);
+        config.push_str(&format!(
+            "[[action]]\nkind = \"tmux\"\ntarget = \"{name}:0.0\"\nto = \"victim\"\n"
+        ));
+    }
+    let d = Daemon::start_with_config(&config, &[("TMUX_TMPDIR", tmux.tmpdir())]);
+    // Every way to end, cancel or extend a command line. The old summary
+    // typed the first line only, and its `(default)` made that first
+    // command line a syntax error, so the attack starts after a `\r`; ^C
+    // comes on the second line, as the tty would flush everything typed
+    // before it.
+    let p = &target;
+    let text = format!(
+        "x\rtouch {p}; $(touch {p}) `touch {p}` | sh\r\u{1b}[2J\u{1b}]0;x\u{7} && touch {p} \
+         # !! ~ * %1 {{a,b}} > {p}\nsecond line \u{3}; touch {p}\r\n"
+    );
+    send(&d, "victim", &text);
+
+    for (name, _) in &shells {
+        let pane = format!("{name}:0.0");
+        // Synchronise without fixed sleeps: first the shell answers the
+        // typed line (its command word is not found), then a marker we
+        // type ourselves comes back, so the shell has finished everything
+        // typed before it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut synced = false;
+        let screen = loop {
+            assert!(
+                !pwned.exists(),
+                "{name}: the message ran a command:\n{}",
+                tmux.screen(&pane)
+            );
+            let screen = tmux.screen(&pane);
+            let answered = screen.contains("message from boss")
+                && screen
+                    .lines()
+                    .any(|l| l.contains("not found") || l.contains("Unknown command"));
+            if answered && !synced {
+                tmux.run(&["send-keys", "-t", &pane, "-l", "echo sync-42"]);
+                tmux.run(&["send-keys", "-t", &pane, "Enter"]);
+                synced = true;
+            }
+            if synced && screen.lines().any(|l| l.trim() == "sync-42") {
+                break screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the pane never answered:\n{screen}\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(!pwned.exists(), "{name}: the message ran a command");
+        // Exactly one line shows the message, with everything escaped.
+        let shown: Vec<&str> = screen
+            .lines()
+            .filter(|l| l.contains("message from boss"))
+            .collect();
+        assert_eq!(shown.len(), 1, "{name}:\n{screen}");
+        let line = shown[0];
+        for part in [
+            "［hermod］ message from boss （unverified） to victim （default）: x␍touch ",
+            "； ＄（touch ",
+            "｀touch ",
+            "｀ ｜ sh␍␛［2J␛］0；x␇ ＆＆ touch ",
+            "＃ ！！ ～ ＊ ％1 ｛a,b｝ ＞ ",
+            "␊second line ␃； touch ",
+        ] {
+            assert!(line.contains(part), "{name}: {part:?} missing in\n{line}");
+        }
+        assert!(!screen.lines().any(|l| l.starts_with("second line")));
+    }
+    assert!(!pwned.exists());
 }
 
 #[test]

@@ -5,6 +5,14 @@ use std::process::Command;
 
 use crate::support::{stderr, stdout, Daemon, HERMOD};
 
+/// `line` with how its sender was verified (`[token]`, `[owner]`,
+/// `[open]`: which one depends on the transport) written `[AUTH]`.
+fn any_auth(line: &str) -> String {
+    ["[token]", "[owner]", "[open]"]
+        .iter()
+        .fold(line.to_owned(), |l, a| l.replacen(a, "[AUTH]", 1))
+}
+
 #[test]
 fn a_second_server_on_the_same_data_dir_is_refused() {
     let d = Daemon::start();
@@ -25,7 +33,7 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
 }
 
 #[test]
-fn send_then_recv_prints_blocks_and_resumes_from_the_cursor() {
+fn send_then_recv_prints_lines_and_resumes_from_the_cursor() {
     let d = Daemon::start();
     let out = d.cli(&["send", "--from", "alice", "bob", "hello bob"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -37,16 +45,17 @@ fn send_then_recv_prints_blocks_and_resumes_from_the_cursor() {
     let out = d.cli(&["recv", "--count", "2", "--timeout", "20", "bob"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    let blocks: Vec<&str> = text.split("---\n").filter(|b| !b.is_empty()).collect();
-    assert_eq!(blocks.len(), 2, "{text}");
+    let lines: Vec<String> = text.lines().map(any_auth).collect();
+    assert_eq!(lines.len(), 2, "one line per message: {text}");
+    assert!(lines[0].starts_with('['), "{text}");
     assert!(
-        blocks[0].ends_with("Z] from alice (default):\nhello bob\n"),
+        lines[0].ends_with("Z] from alice [AUTH] (default): hello bob"),
         "{text}"
     );
-    assert!(blocks[0].starts_with('['));
-    // stdin's one trailing newline is dropped, inner newlines kept.
+    // stdin's one trailing newline is dropped, inner newlines kept (and
+    // shown escaped, on the message's one line).
     assert!(
-        blocks[1].ends_with("Z] from anonymous (default):\nlínea 1 🚀\n第二行\n"),
+        lines[1].ends_with(r"Z] from anonymous [AUTH] (default): línea 1 🚀\n第二行"),
         "{text}"
     );
 
@@ -136,8 +145,20 @@ fn start_status_stop_manage_a_background_daemon() {
             .output()
             .unwrap()
     };
+    // A data directory an older version left open to everyone.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = run(&["start"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(""), 0o700, "start tightens the data directory");
+    assert_eq!(mode("hermod.log"), 0o600, "the log is born private");
     let status = run(&["status"]);
     assert!(status.status.success());
     let text = stdout(&status);
@@ -189,15 +210,16 @@ fn attachments_arrive_byte_identical_with_a_verified_sha256() {
         "lead",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    let text = any_auth(&stdout(&out));
+    assert_eq!(text.lines().count(), 1, "{text}");
     assert!(
         text.contains(
-            "Z] from ci (default):\nbuild artefact\n[attachment report.bin (5242880 bytes, sha256 "
+            "Z] from ci [AUTH] (default): build artefact [attachment report.bin (5242880 bytes, sha256 "
         ),
         "{text}"
     );
     assert!(
-        text.contains("saved to ") && text.contains("sha256 verified]\n---\n"),
+        text.contains("saved to ") && text.ends_with("sha256 verified]\n"),
         "{text}"
     );
     assert_eq!(std::fs::read(save.join("report.bin")).unwrap(), data);
@@ -311,4 +333,188 @@ fn tail_shows_everything_as_it_is_stored() {
     let _ = tail.wait();
     assert!(seen.contains("-> ann ["), "{seen}");
     assert!(seen.contains("-> * [deploy.done] ["), "{seen}");
+}
+
+/// An attachment field as `hermod send --file` makes it, under any name.
+fn attachment_json(name: &str, data: &[u8]) -> serde_json::Value {
+    use base64::Engine;
+    use sha2::Digest;
+    let sha: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    serde_json::json!({
+        "name": name,
+        "size": data.len(),
+        "sha256": sha,
+        "data": base64::engine::general_purpose::STANDARD.encode(data),
+    })
+}
+
+#[test]
+fn saved_attachments_never_escape_overwrite_or_follow_a_symlink() {
+    let d = Daemon::start();
+    let root = tempfile::tempdir().unwrap();
+    let save = root.path().join("a").join("b").join("inbox");
+    std::fs::create_dir_all(&save).unwrap();
+    // Already there: a file of the user's, a symlink planted to a file
+    // outside the directory, and a dangling one pointing outside.
+    std::fs::write(save.join("report.txt"), "mine").unwrap();
+    let secret = root.path().join("secret.txt");
+    std::fs::write(&secret, "precious").unwrap();
+    std::os::unix::fs::symlink(&secret, save.join("notes.txt")).unwrap();
+    let dangling = root.path().join("made-through-a-symlink");
+    std::os::unix::fs::symlink(&dangling, save.join("dangling.txt")).unwrap();
+
+    let sent = [
+        ("../../.bashrc", "evil rc"),
+        ("report.txt", "theirs"),
+        ("notes.txt", "through the link"),
+        ("dangling.txt", "through the dangling link"),
+        ("\u{1b}[2J/..", "no name left"),
+    ];
+    for (name, data) in sent {
+        let body = serde_json::json!({
+            "text": "file",
+            "attachment": attachment_json(name, data.as_bytes()),
+        });
+        let out = d.cli(&[
+            "send",
+            "--from",
+            "mallory",
+            "--json",
+            &body.to_string(),
+            "lead",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = d.cli(&[
+        "recv",
+        "--count",
+        "5",
+        "--timeout",
+        "30",
+        "--save-dir",
+        save.to_str().unwrap(),
+        "lead",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 5, "{text}");
+
+    // Nothing outside was written, nothing existing was changed.
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "precious");
+    assert!(!dangling.exists(), "a symlink was followed");
+    assert_eq!(
+        std::fs::read_to_string(save.join("report.txt")).unwrap(),
+        "mine"
+    );
+    assert!(std::fs::symlink_metadata(save.join("notes.txt"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let mut everywhere = Vec::new();
+    let mut stack = vec![root.path().to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            }
+            everywhere.push(entry.path());
+        }
+    }
+    for path in &everywhere {
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert!(
+            !name.starts_with('.'),
+            "a dotfile was written: {}",
+            path.display()
+        );
+        assert!(
+            path.starts_with(&save) || ["a", "b", "inbox", "secret.txt"].contains(&&*name),
+            "written outside the save dir: {}",
+            path.display()
+        );
+    }
+    // Each arrived as a new file, under a plain name; a taken one numbered.
+    let read = |n: &str| std::fs::read_to_string(save.join(n)).unwrap();
+    assert_eq!(read("bashrc"), "evil rc");
+    assert_eq!(read("report (1).txt"), "theirs");
+    assert_eq!(read("notes (1).txt"), "through the link");
+    assert_eq!(read("dangling (1).txt"), "through the dangling link");
+    assert_eq!(read("attachment-5"), "no name left");
+    // And the output says where each went.
+    let report = save.join("report (1).txt");
+    assert!(
+        text.contains(&format!(
+            "saved to {} (report.txt was taken)",
+            report.display()
+        )),
+        "{text}"
+    );
+    assert!(text.contains(r"[attachment \e[2J/.. ("), "{text}");
+}
+
+/// Asserts the data directory is 0700 and everything hermod made in it is
+/// accessible to its owner only: regular files 0600, the socket without
+/// any group or other bit (a socket's x bit means nothing).
+fn assert_private(dir: &std::path::Path) {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mode = |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode();
+    // Compared as octal text, so a failure reads `755` rather than `493`.
+    assert_eq!(
+        format!("{:o}", mode(dir) & 0o777),
+        "700",
+        "{}",
+        dir.display()
+    );
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "test-daemon.log" {
+            continue; // the harness's own capture of the daemon's output
+        }
+        let path = entry.path();
+        let m = mode(&path) & 0o777;
+        if entry.file_type().unwrap().is_socket() {
+            assert_eq!(m & 0o077, 0, "{name} is {m:o}");
+            assert_eq!(m & 0o600, 0o600, "{name} is {m:o}");
+        } else {
+            assert_eq!(format!("{m:o}"), "600", "{name}");
+        }
+        seen.push(name);
+    }
+    for wanted in ["hermod.db", "hermod.pid", "runtime.json", "hermod.sock"] {
+        assert!(seen.iter().any(|n| n == wanted), "no {wanted} in {seen:?}");
+    }
+}
+
+#[test]
+fn the_data_dir_and_everything_in_it_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start();
+    let out = d.cli(&["send", "--from", "a", "b", "hello"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_private(d.data_dir());
+
+    // As an older version left it: a 0755 directory, 0644 files.
+    d.stop();
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    chmod(d.data_dir(), 0o755);
+    for entry in std::fs::read_dir(d.data_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            chmod(&entry.path(), 0o644);
+        }
+    }
+    d.spawn();
+    let out = d.cli(&["send", "--from", "a", "b", "again"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_private(d.data_dir());
+    let out = d.cli(&["recv", "--count", "2", "--timeout", "20", "b"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "the old log is still read");
 }

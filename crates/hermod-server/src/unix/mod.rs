@@ -49,7 +49,7 @@ impl UnixConfig {
     }
 }
 
-/// Binds the socket at `path` with mode 0600.
+/// Binds the socket at `path`, accessible to its owner only.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -64,7 +64,22 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         std::fs::create_dir_all(dir)?;
     }
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // The mode comes from the process umask (077 in `hermod serve`): a
+    // chmod after bind would leave a moment in which anyone could connect.
+    // Should a caller run without that umask, refuse rather than serve a
+    // socket others can open.
+    let mode = std::fs::symlink_metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        let _ = std::fs::remove_file(path);
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} would be open to other users (mode {:o}); run under umask 077",
+                path.display(),
+                mode & 0o777
+            ),
+        ));
+    }
     Ok(listener)
 }
 

@@ -1,6 +1,6 @@
 //! `hermod inbox`: what waits for an agent (after its cursor), printed like
-//! `recv` prints it but without acknowledging anything; `hermod tail`:
-//! everything stored from now on, for a human watching.
+//! `recv` prints it (one line each) but without acknowledging anything;
+//! `hermod tail`: everything stored from now on, for a human watching.
 
 use std::process::ExitCode;
 
@@ -9,7 +9,13 @@ use hermod_client::http::HttpClient;
 use hermod_client::{Connection, MessageFrame};
 use hermod_core::wire::{ClientFrame, ServerFrame};
 
+use hermod_core::text;
+
+use super::recv;
 use crate::cli::{self, ClientArgs, Endpoint, InboxArgs};
+
+/// Longest text `hermod tail` shows of one message.
+const TAIL_MAX_CHARS: usize = 1000;
 
 pub fn run(args: &InboxArgs) -> Result<ExitCode> {
     let channel = cli::channel(&args.channel);
@@ -38,7 +44,8 @@ pub fn run(args: &InboxArgs) -> Result<ExitCode> {
         if args.json {
             println!("{}", serde_json::to_string(m)?);
         } else {
-            print!("{}", super::recv::block(m, None));
+            let line = recv::line(m, None, recv::TEXT_MAX_CHARS, recv::CUT_HINT);
+            print!("{line}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -54,13 +61,20 @@ pub fn tail(args: &ClientArgs) -> Result<ExitCode> {
         loop {
             match conn.next_frame().await? {
                 ServerFrame::Message(m) => {
-                    let to = if m.to.is_empty() { "*" } else { m.to.as_str() };
+                    let to = if m.to.is_empty() {
+                        "*".to_owned()
+                    } else {
+                        text::terminal_line(&m.to, 256)
+                    };
                     let what = m
                         .topic
                         .as_deref()
-                        .map(|t| format!(" [{t}]"))
+                        .map(|t| format!(" [{}]", text::terminal_line(t, 256)))
                         .unwrap_or_default();
-                    print!("-> {to}{what} {}", super::recv::block(&m, None));
+                    // For a human watching everything: a screenful per
+                    // message at most.
+                    let line = recv::line(&m, None, TAIL_MAX_CHARS, "");
+                    print!("-> {to}{what} {line}");
                     std::io::Write::flush(&mut std::io::stdout())?;
                 }
                 ServerFrame::Error { code, detail, .. } => bail!("{detail} ({code})"),

@@ -8,7 +8,7 @@ mod manage;
 mod mcp;
 mod recv;
 mod send;
-mod serve;
+pub(crate) mod serve;
 mod topics;
 
 use std::process::ExitCode;

@@ -1,12 +1,15 @@
-//! `hermod recv`: print messages as they arrive, one block each.
+//! `hermod recv`: print messages as they arrive, one line each.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use hermod_client::http::{HttpClient, HttpPoller};
 use hermod_client::{MessageFrame, Subscriber};
+use hermod_core::text;
 use serde_json::Value;
 
 use crate::cli::{self, Endpoint, RecvArgs};
@@ -82,7 +85,8 @@ async fn print_messages(source: &mut Source, args: &RecvArgs) -> Result<ExitCode
         if args.json {
             writeln!(stdout, "{}", serde_json::to_string(&message)?)?;
         } else {
-            write!(stdout, "{}", block(&message, saved.as_deref()))?;
+            let line = line(&message, saved.as_deref(), TEXT_MAX_CHARS, CUT_HINT);
+            write!(stdout, "{line}")?;
         }
         stdout.flush()?;
         // Acknowledged only once printed: a crash re-prints, never skips.
@@ -92,39 +96,88 @@ async fn print_messages(source: &mut Source, args: &RecvArgs) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// `[HH:MM:SSZ] from SENDER (CHANNEL):`, the text, `---`. A message with
-/// an attachment shows its text and one line describing the file.
-pub fn block(m: &MessageFrame, saved: Option<&str>) -> String {
+/// Longest text `recv`, `wait` and `inbox` print of one message: generous,
+/// since an agent reads its mail through them; `--json` has all of it.
+pub const TEXT_MAX_CHARS: usize = 16_000;
+
+/// Said after a cut text, so the reader knows where the rest is.
+pub const CUT_HINT: &str = " (--json shows all of it)";
+
+/// Longest attachment name or topic shown.
+const NAME_MAX_CHARS: usize = 256;
+
+/// One line per message: `[HH:MM:SSZ] from SENDER [AUTH] (CHANNEL): TEXT`,
+/// AUTH being how the sender was verified (`token`, `owner`, `open`). A
+/// message with an attachment adds `[attachment NAME (SIZE bytes, sha256
+/// HASH) SAVED]` after its text.
+///
+/// Everything the sender chose goes through [`text::terminal_line`]: a
+/// line break shows as `\n`, an escape sequence as `\e[…`, so a message
+/// can neither fake a second message nor drive the terminal, and the text
+/// is cut after `max_chars` (with `hint` appended when it was).
+pub fn line(m: &MessageFrame, saved: Option<&str>, max_chars: usize, hint: &str) -> String {
     let secs = m.ts.floor() as i64;
     let (h, min, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let body = m.body.to_map();
-    let text = match body.get("attachment").and_then(Value::as_object) {
-        Some(a) => {
-            let mut text = body
-                .get("text")
+    let (text, attachment) = match body.get("attachment").and_then(Value::as_object) {
+        Some(a) => (
+            body.get("text")
                 .and_then(Value::as_str)
-                .map(|t| format!("{t}\n"))
-                .unwrap_or_default();
-            text.push_str(&format!(
+                .unwrap_or_default()
+                .to_owned(),
+            Some(format!(
                 "[attachment {} ({} bytes, sha256 {}){}]",
-                a.get("name").and_then(Value::as_str).unwrap_or("?"),
+                text::terminal_line(
+                    a.get("name").and_then(Value::as_str).unwrap_or("?"),
+                    NAME_MAX_CHARS
+                ),
                 a.get("size").and_then(Value::as_u64).unwrap_or(0),
-                a.get("sha256").and_then(Value::as_str).unwrap_or("?"),
-                saved.map(|s| format!(" {s}")).unwrap_or_default(),
-            ));
-            text
-        }
-        None => m.body.to_text(),
+                text::terminal_line(
+                    a.get("sha256").and_then(Value::as_str).unwrap_or("?"),
+                    NAME_MAX_CHARS
+                ),
+                saved
+                    .map(|s| format!(" {}", text::terminal_line(s, 2 * NAME_MAX_CHARS)))
+                    .unwrap_or_default(),
+            )),
+        ),
+        None => (m.body.to_text(), None),
     };
+    let (mut shown, cut) = text::terminal_line_cut(&text, max_chars);
+    if cut > 0 {
+        shown.push_str(hint);
+    }
+    if let Some(a) = attachment {
+        if !shown.is_empty() {
+            shown.push(' ');
+        }
+        shown.push_str(&a);
+    }
     format!(
-        "[{h:02}:{min:02}:{s:02}Z] from {} ({}):\n{text}\n---\n",
-        m.from, m.channel
+        "[{h:02}:{min:02}:{s:02}Z] from {} [{}] ({}): {shown}\n",
+        text::terminal_line(&m.from, NAME_MAX_CHARS),
+        m.auth,
+        text::terminal_line(&m.channel, NAME_MAX_CHARS),
     )
 }
 
+/// Tries for a free name after a collision: `name (1).ext` … `name (99).ext`.
+const MAX_NAME_TRIES: u32 = 99;
+
+/// Longest saved file name, in bytes: below NAME_MAX (255) with room for
+/// ` (99)`.
+const FILE_NAME_MAX_BYTES: usize = 200;
+
 /// Saves a message's attachment into `dir` if its sha256 checks out;
 /// returns what to print about it (`None` without an attachment).
-fn save_attachment(m: &MessageFrame, dir: &std::path::Path) -> Result<Option<String>> {
+///
+/// The sender picks the name, so it is only a hint: reduced to a plain
+/// visible basename ([`text::file_name`]; `attachment-<seq>` if nothing is
+/// left), and the file is always *new*: created with `O_CREAT | O_EXCL |
+/// O_NOFOLLOW`, so an existing file is never overwritten and a symlink
+/// planted under the name is never followed. A taken name becomes
+/// `name (1).ext`, `name (2).ext` …; the printed line says where it went.
+fn save_attachment(m: &MessageFrame, dir: &Path) -> Result<Option<String>> {
     use base64::Engine;
     use sha2::Digest;
     let body = m.body.to_map();
@@ -138,16 +191,66 @@ fn save_attachment(m: &MessageFrame, dir: &std::path::Path) -> Result<Option<Str
     if super::send::hex(&sha2::Sha256::digest(&bytes)) != field("sha256") {
         return Ok(Some("NOT saved: sha256 mismatch".into()));
     }
-    // Only the file name: a sender cannot write outside `dir`.
-    let name = std::path::Path::new(field("name"))
-        .file_name()
-        .map(|n| n.to_owned())
-        .unwrap_or_else(|| format!("attachment-{}", m.seq).into());
+    let name = text::file_name(field("name"), FILE_NAME_MAX_BYTES)
+        .unwrap_or_else(|| format!("attachment-{}", m.seq));
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(name);
-    std::fs::write(&path, &bytes)?;
+    for n in 0..=MAX_NAME_TRIES {
+        let path = dir.join(numbered(&name, n));
+        let mut file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true) // O_CREAT | O_EXCL: never an existing file
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600) // someone's mail: private, like the rest of it
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            // O_NOFOLLOW's answer on a symlink when O_EXCL did not say EEXIST.
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+        };
+        if let Err(e) = file.write_all(&bytes).and_then(|()| file.sync_all()) {
+            // Ours (we just created it): leave no truncated file behind.
+            let _ = std::fs::remove_file(&path);
+            return Err(e).with_context(|| format!("cannot write {}", path.display()));
+        }
+        let renamed = if n > 0 {
+            format!(" ({} was taken)", name)
+        } else {
+            String::new()
+        };
+        return Ok(Some(format!(
+            "saved to {}{renamed}, sha256 verified",
+            path.display()
+        )));
+    }
     Ok(Some(format!(
-        "saved to {}, sha256 verified",
-        path.display()
+        "NOT saved: {name} and {MAX_NAME_TRIES} numbered variants exist in {}",
+        dir.display()
     )))
+}
+
+/// `name` for try 0, then `stem (n).ext` (the extension is what follows
+/// the last dot, if that dot is not the first character).
+fn numbered(name: &str, n: u32) -> String {
+    if n == 0 {
+        return name.to_owned();
+    }
+    match name.rfind('.') {
+        Some(i) if i > 0 => format!("{} ({n}){}", &name[..i], &name[i..]),
+        _ => format!("{name} ({n})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn collisions_are_numbered_before_the_extension() {
+        assert_eq!(numbered("a.txt", 0), "a.txt");
+        assert_eq!(numbered("a.txt", 1), "a (1).txt");
+        assert_eq!(numbered("a.tar.gz", 2), "a.tar (2).gz");
+        assert_eq!(numbered("README", 3), "README (3)");
+    }
 }

@@ -19,6 +19,9 @@ pub const DB_FILE: &str = "hermod.db";
 pub const RUNTIME_FILE: &str = "runtime.json";
 
 pub fn run(args: &ServeArgs) -> Result<ExitCode> {
+    // Before anything is created (and before the runtime's threads exist):
+    // see `daemon` for why everything is born private.
+    daemon::private_umask();
     let dir = args.data.resolve();
     let _lock = daemon::lock(&dir)?;
     let socket = args.socket();
