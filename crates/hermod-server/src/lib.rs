@@ -60,7 +60,11 @@ impl Bound {
             shutdown.clone(),
         ));
         let http = match (self.http, self.config.http) {
-            (Some(listener), Some(config)) => {
+            (Some(listener), Some(mut config)) => {
+                // The bound address (port 0 resolved): the guard's own origin.
+                if let Ok(addr) = listener.local_addr() {
+                    config.addr = addr;
+                }
                 let state = http::AppState {
                     broker: broker.clone(),
                     config: std::sync::Arc::new(config),

@@ -224,8 +224,10 @@ pub struct ServeArgs {
     /// Also trust processes of this uid like the owner's (repeatable).
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uids: Vec<u32>,
-    /// A web origin (e.g. http://127.0.0.1:3000) whose pages may call the
-    /// bus; by default only hermod's own origin (repeatable).
+    /// A web origin (e.g. http://127.0.0.1:3000) whose pages the bus
+    /// accepts requests from (no CORS headers are sent, so such a page can
+    /// send and use WebSockets but not read fetch answers); by default only
+    /// hermod's own origin (repeatable).
     #[arg(long = "allow-origin", value_name = "ORIGIN")]
     pub allow_origins: Vec<String>,
     /// A Host header value accepted besides loopback names and addresses

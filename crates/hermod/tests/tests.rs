@@ -6,6 +6,7 @@ mod support;
 
 mod actions;
 mod bridge;
+mod browser;
 mod cli;
 mod crash;
 mod hermes_bus;
