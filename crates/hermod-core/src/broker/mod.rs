@@ -857,6 +857,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn identities_persist_and_their_tokens_prove_the_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let spec = |n: &str| IdentitySpec {
+            name: n.into(),
+            ..IdentitySpec::default()
+        };
+        let token = {
+            let b = Broker::open_sqlite(&path).unwrap();
+            let (_, token) = b.add_identity(spec("alice")).await.unwrap();
+            assert!(b.add_identity(spec("alice")).await.is_err(), "one per name");
+            let (_, gone) = b.add_identity(spec("temp")).await.unwrap();
+            b.revoke_identity(&name("temp")).await.unwrap();
+            assert!(b.trust().authenticate(false, Some(&gone)).is_err());
+            b.close().await;
+            token
+        };
+        // Reopened: the identity is back, its token still proves alice.
+        let b = Broker::open_sqlite(&path).unwrap();
+        assert_eq!(b.trust().identities().len(), 1);
+        let alice = b.trust().authenticate(false, Some(&token)).unwrap();
+        let to_bob = env("alice", Some("bob"), 1);
+        let stored = b
+            .send_durable(
+                &alice,
+                Envelope {
+                    from: None,
+                    ..to_bob
+                },
+                Target::Any,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (stored.from.as_str(), stored.auth),
+            ("alice", model::Auth::Token)
+        );
+        let read = b
+            .read(&InboxKey::new(Channel::default(), name("bob")), 0, 10)
+            .await
+            .unwrap();
+        assert_eq!(read[0].auth, model::Auth::Token, "auth survives the log");
+        // Rotating closes the agent's sessions and retires the old token.
+        let s = b
+            .connect(
+                &alice,
+                InboxKey::new(Channel::default(), name("alice")),
+                "unix",
+                true,
+            )
+            .await
+            .unwrap();
+        let (_, new) = b.rotate_identity(&name("alice")).await.unwrap();
+        assert!(s.kicked.is_cancelled());
+        assert!(b.trust().authenticate(false, Some(&token)).is_err());
+        assert!(b.trust().authenticate(false, Some(&new)).is_ok());
+    }
+
+    #[tokio::test]
     async fn exclusive_sessions_kick() {
         let b = Broker::open_memory().unwrap();
         let key = InboxKey::new(Channel::default(), name("x"));
