@@ -11,6 +11,7 @@ mod crash;
 mod hermes_bus;
 mod hooks;
 mod http;
+mod limits;
 mod mcp;
 mod topics;
 mod unix;

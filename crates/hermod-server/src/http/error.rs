@@ -63,7 +63,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.detail, "code": self.code });
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
             // The unread body makes the connection unusable: say so.
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
@@ -97,7 +100,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             axum::body::Bytes::from_request(req, state)
                 .await
                 .map_err(|e: BytesRejection| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    if body_timed_out(&e) {
+                        ApiError {
+                            status: StatusCode::REQUEST_TIMEOUT,
+                            code: "request_timeout",
+                            detail: "the request body stopped arriving".into(),
+                        }
+                    } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                         ApiError::from(Error::TooLarge {
                             size: limit + 1,
                             limit,
@@ -122,6 +131,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             )
         })
     }
+}
+
+/// Did reading the body fail on the body timeout (`RequestBodyTimeoutLayer`
+/// in [`app`](super::app))? The timeout error sits somewhere down the
+/// rejection's source chain.
+fn body_timed_out(e: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Unknown routes answer 404 with a JSON body.
