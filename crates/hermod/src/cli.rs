@@ -240,6 +240,21 @@ pub struct ServeArgs {
     /// Messages one sender may send in a burst above its rate.
     #[arg(long, default_value_t = 5000.0, value_name = "N")]
     pub send_burst: f64,
+    // HTTP connection limits (hermod_server::http::listener).
+    /// HTTP connections served at once; past it: 503 too_many_connections.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub http_max_connections: usize,
+    /// Seconds a request head may take from its first byte; then the
+    /// connection is closed.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub http_header_timeout: u64,
+    /// Seconds an HTTP connection may sit with no request in flight and no
+    /// byte received (long-polls, SSE and WebSockets are never cut).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub http_idle_timeout: u64,
+    /// Seconds to wait for the next piece of a request body; then 408.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub http_body_timeout: u64,
 }
 
 impl ServeArgs {

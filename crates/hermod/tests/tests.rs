@@ -12,6 +12,7 @@ mod crash;
 mod hermes_bus;
 mod hooks;
 mod http;
+mod limits;
 mod mcp;
 mod topics;
 mod trust;

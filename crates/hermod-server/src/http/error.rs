@@ -81,7 +81,10 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
         }
-        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+        if matches!(
+            self.status,
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+        ) {
             // The unread body makes the connection unusable: say so.
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,
@@ -115,7 +118,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             axum::body::Bytes::from_request(req, state)
                 .await
                 .map_err(|e: BytesRejection| {
-                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    if body_timed_out(&e) {
+                        ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request_timeout",
+                            "the request body stopped arriving",
+                        )
+                    } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                         ApiError::from(Error::TooLarge {
                             size: limit + 1,
                             limit,
@@ -140,6 +149,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             )
         })
     }
+}
+
+/// Did reading the body fail on the body timeout (`RequestBodyTimeoutLayer`
+/// in [`app`](super::app))? The timeout error sits somewhere down the
+/// rejection's source chain.
+fn body_timed_out(e: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Unknown routes answer 404 with a JSON body.

@@ -23,14 +23,8 @@ use axum::response::{IntoResponse, Response};
 use hermod_core::auth::Caller;
 
 use super::error::ApiError;
+use super::listener::Peer;
 use super::AppState;
-
-/// Who is on the other end of an HTTP connection, found once per connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer {
-    pub addr: std::net::SocketAddr,
-    pub uid: Option<u32>,
-}
 
 /// The path prefix that carries a token: `/a/TOKEN/send`.
 const TOKEN_PREFIX: &str = "/a/";

@@ -10,11 +10,16 @@
 //!   generated OpenAPI document.
 //! - [`relay`]: the hermes_events relay WebSockets (`/api/pub`, `/api/events`).
 //! - [`metrics`]: `GET /metrics` in Prometheus text format.
+//!
+//! [`listener`] owns the TCP connections under all of them: the accept
+//! loop, connection cap, header/idle timeouts and each connection's
+//! [`Peer`].
 
 pub mod agent_bus;
 pub mod error;
 pub mod guard;
 pub mod interop;
+pub mod listener;
 pub mod metrics;
 pub mod relay;
 pub mod v1;
@@ -23,11 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use axum::Router;
 use hermod_core::wire::MAX_FRAME;
 use hermod_core::Broker;
 use tokio_util::sync::CancellationToken;
+
+pub use listener::Peer;
 
 /// Limits of the HTTP front.
 #[derive(Debug, Clone)]
@@ -46,6 +52,20 @@ pub struct HttpConfig {
     pub allow_origins: Vec<String>,
     /// `Host` values besides loopback names and addresses (`--allow-host`).
     pub allow_hosts: Vec<String>,
+    /// TCP connections served at once; past it a connection is answered
+    /// `503 too_many_connections` and closed (`--http-max-connections`).
+    pub max_connections: usize,
+    /// Longest from the first byte of a request head to its end; a
+    /// slower (or half-sent) head closes the connection
+    /// (`--http-header-timeout`).
+    pub header_timeout: Duration,
+    /// Longest a connection may sit with no request in flight and no byte
+    /// received; long-polls, SSE and WebSockets are never idle in this
+    /// sense (`--http-idle-timeout`).
+    pub idle_timeout: Duration,
+    /// Longest wait for the next piece of a request body; then `408
+    /// request_timeout` (`--http-body-timeout`).
+    pub body_timeout: Duration,
 }
 
 impl HttpConfig {
@@ -58,6 +78,10 @@ impl HttpConfig {
             owner_uids: vec![crate::unix::peer::own_uid()],
             allow_origins: Vec::new(),
             allow_hosts: Vec::new(),
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -121,6 +145,7 @@ impl AppState {
 
 /// The whole HTTP application.
 pub fn app(state: AppState) -> Router {
+    let body_timeout = state.config.body_timeout;
     let routes = Router::new()
         .merge(agent_bus::router())
         .merge(interop::router())
@@ -130,6 +155,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(error::fallback)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_FRAME))
+        // A body that stops coming fails its read; `JsonBody` answers 408.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
         .with_state(state.clone());
     // The guard wraps the whole router (not each route) so that it runs
     // before routing: it may strip a `/a/TOKEN` prefix from the path.
@@ -138,18 +167,9 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state, guard::guard))
 }
 
-/// Serves `app` on `listener` until `shutdown`.
+/// Serves `app` on `listener` until `shutdown` (see [`listener::serve`]).
 pub async fn serve(listener: tokio::net::TcpListener, state: AppState) {
     let shutdown = state.shutdown.clone();
-    // Small request/response pairs: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server =
-        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.cancelled_owned());
-    if let Err(e) = server.await {
-        tracing::error!(error = %e, "HTTP server failed");
-    }
+    let config = state.config.clone();
+    listener::serve(listener, app(state), &config, shutdown).await;
 }

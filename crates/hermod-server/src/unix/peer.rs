@@ -20,8 +20,7 @@ pub fn consumed_by_live_peer(fd: RawFd) -> bool {
 
 /// The uid this daemon runs as.
 pub fn own_uid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
+    rustix::process::getuid().as_raw()
 }
 
 fn unread_bytes(fd: RawFd) -> Option<i32> {

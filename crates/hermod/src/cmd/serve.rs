@@ -25,6 +25,12 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     let dir = args.data.resolve();
     let _lock = daemon::lock(&dir)?;
     let socket = args.socket();
+    // Once, before any listener: the connection caps, not the fd table,
+    // decide who is refused.
+    match hermod_server::http::listener::raise_fd_limit() {
+        Ok(n) => tracing::info!(nofile = n, "file descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let runtime = super::runtime()?;
     let mode: AuthMode = args.auth.parse().map_err(anyhow::Error::msg)?;
     let trust = || {
@@ -53,6 +59,11 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             http.owner_uids.extend(&args.allow_uids);
             http.allow_origins = args.allow_origins.clone();
             http.allow_hosts = args.allow_hosts.clone();
+            // Connection limits; zero timeouts would close everything.
+            http.max_connections = args.http_max_connections.max(1);
+            http.header_timeout = Duration::from_secs(args.http_header_timeout.max(1));
+            http.idle_timeout = Duration::from_secs(args.http_idle_timeout.max(1));
+            http.body_timeout = Duration::from_secs(args.http_body_timeout.max(1));
             http
         });
         let config = ServerConfig {
