@@ -87,7 +87,7 @@ fn a_connection_flood_starves_nobody_and_is_closed_by_the_timeouts() {
     for i in 0..2000 {
         let mut s = TcpStream::connect(addr).unwrap();
         if i % 2 == 1 {
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 .unwrap();
             half_socks.push(s);
         } else {
@@ -101,14 +101,14 @@ fn a_connection_flood_starves_nobody_and_is_closed_by_the_timeouts() {
     assert!(out.status.success(), "unix send failed: {}", stderr(&out));
     let health = request(
         addr,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
     );
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     let body = r#"{"from":"a","to":"b","msg":"over http"}"#;
     let sent = request(
         addr,
         &format!(
-            "POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+            "POST /send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         ),
@@ -120,7 +120,7 @@ fn a_connection_flood_starves_nobody_and_is_closed_by_the_timeouts() {
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     slow.write_all(
-        b"POST /send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"from\":",
+        b"POST /send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"from\":",
     )
     .unwrap();
     let t0 = Instant::now();
@@ -174,7 +174,7 @@ fn a_connection_over_the_cap_gets_503_json() {
     let text = loop {
         let text = request(
             addr,
-            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         );
         if text.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
             break text;
@@ -189,7 +189,7 @@ fn a_connection_over_the_cap_gets_503_json() {
     loop {
         let text = request(
             addr,
-            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
         );
         if text.starts_with("HTTP/1.1 200") {
             break;

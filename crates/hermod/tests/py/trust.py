@@ -48,10 +48,10 @@ def error_code(obj):
 def unix_identities(alice, bob, carol):
     # A token's sender is its agent: claiming another name is refused.
     c = RawConn()
-    c.send_obj({"type": "send", "to": carol, "from": bob, "token": alice["token"], "body": {"text": "spoof"}})
+    c.send_obj({"type": "send", "to": carol, "from": bob["name"], "token": alice["token"], "body": {"text": "spoof"}})
     check(error_code(reply(c)) == "forbidden_sender", "send as bob with alice's token")
     # ... and so is registering as another name, so nobody kicks bob.
-    c.send_obj({"type": "register", "endpoint": bob, "token": alice["token"]})
+    c.send_obj({"type": "register", "endpoint": bob["name"], "token": alice["token"]})
     check(error_code(reply(c)) == "forbidden", "register as bob with alice's token")
     # A name with an identity is reserved, even for the owner's processes.
     o = RawConn()
