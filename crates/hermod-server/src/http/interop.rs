@@ -14,8 +14,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
@@ -78,11 +79,18 @@ pub fn interop_json(m: &Message) -> String {
         "auth": m.auth,
     });
     let body = m.body.as_str();
-    if body.contains("\"_meta\"") {
-        // Rare: the body has its own `_meta`; ours replaces it.
-        let mut map = m.body.to_map();
-        map.insert("_meta".into(), meta);
-        return Value::Object(map).to_string();
+    if body.contains("\"_meta\"") || body.contains("\\u") {
+        // Rare: the body may have its own `_meta` (perhaps spelled with
+        // `\u` escapes); ours replaces it. The other fields keep their text.
+        let mut out = format!("{{\"_meta\":{meta}");
+        for (key, value) in raw_fields(body).iter().filter(|(k, _)| k != "_meta") {
+            out.push(',');
+            out.push_str(&Value::from(key.as_str()).to_string());
+            out.push(':');
+            out.push_str(value.get());
+        }
+        out.push('}');
+        return out;
     }
     // Splice `_meta` in front of the sender's fields without re-encoding them.
     let rest = body[1..].trim_start();
@@ -91,6 +99,49 @@ pub fn interop_json(m: &Message) -> String {
     } else {
         format!("{{\"_meta\":{meta},{rest}")
     }
+}
+
+/// The fields of a JSON object, keys unescaped, values as written (a
+/// `Value` would refuse numbers it cannot hold, like `1e400`).
+fn raw_fields(object: &str) -> Vec<(String, Box<RawValue>)> {
+    struct Fields(Vec<(String, Box<RawValue>)>);
+    impl<'de> Deserialize<'de> for Fields {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Fields;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Fields, A::Error> {
+                    let mut fields = Vec::new();
+                    while let Some(field) = map.next_entry()? {
+                        fields.push(field);
+                    }
+                    Ok(Fields(fields))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    // A stored body is always a JSON object.
+    serde_json::from_str::<Fields>(object).map_or_else(|_| Vec::new(), |f| f.0)
+}
+
+/// A JSON array of already-encoded items, sent as they are.
+fn json_array(items: impl Iterator<Item = String>) -> Response {
+    let mut body = String::from("[");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&item);
+    }
+    body.push(']');
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn health(State(app): State<AppState>) -> Json<Value> {
@@ -138,7 +189,7 @@ async fn poll(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     Q(q): Q<AgentQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = q.key()?;
     let _presence = app
         .broker
@@ -147,16 +198,17 @@ async fn poll(
     let cursor = app.broker.cursor(&key).await?;
     let batch = app.broker.read(&key, cursor, POLL_MAX).await?;
     let Some(last) = batch.last() else {
-        return Ok(Json(json!([])));
+        return Ok(json_array(std::iter::empty()));
     };
     // Claim the batch: anything a concurrent stream already sent is skipped.
     let previous = app.broker.ack(&key, last.seq).await?;
-    let items: Vec<Value> = batch
-        .iter()
-        .filter(|m| m.seq > previous)
-        .map(|m| serde_json::from_str(&interop_json(m)).expect("valid JSON"))
-        .collect();
-    Ok(Json(Value::Array(items)))
+    // Sent as written: re-parsing the bodies could fail (and lose the batch).
+    Ok(json_array(
+        batch
+            .iter()
+            .filter(|m| m.seq > previous)
+            .map(|m| interop_json(m)),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -301,4 +353,78 @@ fn claimed_events(
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{relay::RelayHub, HttpConfig};
+    use std::collections::HashMap;
+
+    /// Broadcasts `body` from alice to the default channel (where bob is
+    /// known), then answers bob's `/poll` body.
+    async fn broadcast_then_poll(body: &str) -> String {
+        let app = AppState {
+            broker: Broker::open_memory().unwrap(),
+            config: Arc::new(HttpConfig::new(([127, 0, 0, 1], 0).into())),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            relay: RelayHub::default(),
+            actions: Arc::new(crate::actions::ActionStats::default()),
+        };
+        let bob = InboxKey::new(Default::default(), AgentName::parse("bob").unwrap());
+        drop(app.broker.connect(bob, "http", false).await.unwrap());
+        let query = BroadcastQuery {
+            from: Some("alice".into()),
+            channel: None,
+        };
+        let raw = RawValue::from_string(body.to_owned()).unwrap();
+        let Json(sent) = broadcast(State(app.clone()), Q(query), JsonBody(raw))
+            .await
+            .unwrap();
+        assert_eq!(sent["delivered"], true);
+        let query = AgentQuery {
+            agent: Some("bob".into()),
+            channel: None,
+        };
+        let response = poll(State(app), Q(query)).await.unwrap().into_response();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// `_meta.from` of each polled item, reading duplicate keys as most
+    /// JSON parsers do (the last one wins).
+    fn senders(poll: &str) -> Vec<Value> {
+        let items: Vec<HashMap<String, Box<RawValue>>> = serde_json::from_str(poll).unwrap();
+        items
+            .iter()
+            .map(|i| serde_json::from_str::<Value>(i["_meta"].get()).unwrap()["from"].clone())
+            .collect()
+    }
+
+    // Seen while writing the `http` fuzz target: a number a
+    // `serde_json::Value` cannot hold is valid JSON, so the body was stored,
+    // and `/poll` panicked re-parsing it (after claiming the batch, so the
+    // batch was lost).
+    #[tokio::test]
+    async fn poll_delivers_numbers_a_json_value_cannot_hold() {
+        let text = broadcast_then_poll(r#"{"n":1e400}"#).await;
+        assert!(text.contains(r#""n":1e400"#), "{text}");
+        assert_eq!(senders(&text), ["alice"]);
+    }
+
+    // A body key spelled with `\u` escapes is still `_meta`: ours must
+    // replace it, or a sender could pose as another in `_meta.from`.
+    #[tokio::test]
+    async fn an_escaped_meta_key_cannot_spoof_the_sender() {
+        for body in [
+            r#"{"\u005fmeta":{"from":"mallory"},"x":1}"#,
+            r#"{"_\u006d\u0065ta":{"from":"mallory"}}"#,
+            r#"{"_meta":{"from":"mallory"},"y":[1e400]}"#,
+        ] {
+            let text = broadcast_then_poll(body).await;
+            assert_eq!(senders(&text), ["alice"], "{body} -> {text}");
+        }
+    }
 }
