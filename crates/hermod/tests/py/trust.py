@@ -160,6 +160,44 @@ def acl_rules():
     log("acl: every rule refuses with 403 naming itself")
 
 
+def relay_with_an_agent_token():
+    """`?token=` on the relay WebSockets takes an agent token too: events then
+    carry the agent's name and its may_publish rule applies."""
+    import time
+
+    import websockets.exceptions
+    import websockets.sync.client as ws
+    pub, dash = unique_name("relay-pub"), unique_name("dash")
+    token = add(pub, "--may-publish", "gateway.**")
+    with client() as h:
+        r = h.post("/v1/agents/%s/subscriptions" % dash, json={"pattern": "**", "channel": "gateway"})
+        expect_json(r, 200, "dash subscribes")
+    url = base_url().replace("http", "ws", 1) + "/api/pub?channel=gateway&token="
+    frame = lambda topic: json.dumps({"_bus_relay": True, "topic": topic,
+                                      "envelope": {"type": topic, "ts": 1.0, "src": topic.split(".")[0]}})
+    with ws.connect(url + token, open_timeout=10) as conn:
+        conn.send(frame("gateway.agent.start"))
+        conn.send(frame("tui.forbidden"))  # outside may_publish: dropped
+        conn.send(frame("gateway.agent.end"))
+    try:
+        ws.connect(url + "hmd_wrong", open_timeout=10).close()
+        check(False, "a wrong relay token was accepted")
+    except websockets.exceptions.InvalidStatus as e:
+        check(e.response.status_code == 401, "wrong relay token: %s" % e.response.status_code)
+    deadline = time.monotonic() + 10
+    with client() as h:
+        while True:
+            page = expect_json(h.get("/v1/agents/%s/inbox" % dash, params={"channel": "gateway"}), 200, "dash inbox")
+            topics = [m["topic"] for m in page["messages"]]
+            if "gateway.agent.end" in topics:
+                break
+            check(time.monotonic() < deadline, "relayed events never arrived: %r" % topics)
+            time.sleep(0.05)
+    check(topics == ["gateway.agent.start", "gateway.agent.end"], "relayed topics: %r" % topics)
+    check(all(m["from"] == pub and m["auth"] == "token" for m in page["messages"]), "relayed: %r" % page)
+    log("relay: an agent token opens /api/pub within its rules; a wrong one gets 401")
+
+
 def rotate_and_revoke(alice):
     old = alice["token"]
     new = json.loads(cli("agent", "rotate", "--json", alice["name"]).stdout)["token"]
@@ -187,6 +225,7 @@ def main():
     unix_identities(alice, bob, carol)
     http_identities(alice, bob, carol)
     acl_rules()
+    relay_with_an_agent_token()
     rotate_and_revoke(alice)
 
 
