@@ -117,12 +117,15 @@ fn check_parse(payload: &[u8]) {
                 check_channel(&key.channel);
                 assert!((1..=1000).contains(&limit), "limit {limit} not clamped");
             }
+            Request::IdentityRotate(name) | Request::IdentityRevoke(name) => check_name(&name),
             Request::Ping
             | Request::ListEndpoints
             | Request::Ack(_)
             | Request::Agents
             | Request::Subscribe { .. }
-            | Request::Tail => {}
+            | Request::Tail
+            | Request::IdentityAdd(_)
+            | Request::IdentityList => {}
         },
     }
 }
