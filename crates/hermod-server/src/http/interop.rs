@@ -371,14 +371,21 @@ mod tests {
             relay: RelayHub::default(),
             actions: Arc::new(crate::actions::ActionStats::default()),
         };
+        let owner = Caller::trusted(hermod_core::model::Auth::Owner);
         let bob = InboxKey::new(Default::default(), AgentName::parse("bob").unwrap());
-        drop(app.broker.connect(bob, "http", false).await.unwrap());
+        drop(
+            app.broker
+                .connect(&owner, bob, "http", false)
+                .await
+                .unwrap(),
+        );
         let query = BroadcastQuery {
             from: Some("alice".into()),
             channel: None,
         };
         let raw = RawValue::from_string(body.to_owned()).unwrap();
-        let Json(sent) = broadcast(State(app.clone()), Q(query), JsonBody(raw))
+        let as_owner = || Extension(owner.clone());
+        let Json(sent) = broadcast(State(app.clone()), as_owner(), Q(query), JsonBody(raw))
             .await
             .unwrap();
         assert_eq!(sent["delivered"], true);
@@ -386,7 +393,10 @@ mod tests {
             agent: Some("bob".into()),
             channel: None,
         };
-        let response = poll(State(app), Q(query)).await.unwrap().into_response();
+        let response = poll(State(app), as_owner(), Q(query))
+            .await
+            .unwrap()
+            .into_response();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .unwrap();
