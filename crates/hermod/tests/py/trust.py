@@ -18,14 +18,12 @@ HERMOD = os.environ["HERMOD_BIN"]
 SOCK = os.environ["HERMOD_SOCKET"]
 
 
-def cli(*args, token=None, ok=True):
-    env = {k: v for k, v in os.environ.items() if k not in ("HERMOD_TOKEN", "HERMOD_URL")}
-    if token:
-        env["HERMOD_TOKEN"] = token
-    out = subprocess.run([HERMOD, *args, "--socket", SOCK] if args[0] == "agent" else [HERMOD, *args],
-                         capture_output=True, text=True, timeout=30, env=env)
-    if ok:
-        check(out.returncode == 0, "hermod %s: %s" % (" ".join(args), out.stderr))
+def cli(*args):
+    """`hermod agent ...` as the owner (no token)."""
+    env = {k: v for k, v in os.environ.items() if k != "HERMOD_TOKEN"}
+    out = subprocess.run([HERMOD, *args, "--socket", SOCK], capture_output=True, text=True,
+                         timeout=30, env=env)
+    check(out.returncode == 0, "hermod %s: %s" % (" ".join(args), out.stderr))
     return out
 
 
