@@ -117,11 +117,7 @@ impl SqliteEngine {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
-        let (seq, ts): (Seq, f64) = conn.query_row(
-            "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(ts), 0.0) FROM messages",
-            [],
-            |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
-        )?;
+        let (seq, ts) = newest(&conn)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let writer = Writer {
             conn,
@@ -165,6 +161,19 @@ impl SqliteEngine {
     async fn queue(&self, op: Op) -> Result<()> {
         self.tx.send(op).await.map_err(|_| Error::ShuttingDown)
     }
+}
+
+/// The newest (seq, ts) in the log, (0, 0.0) when empty. One B-tree step
+/// from the end: `ts` grows with `seq`, so the last row holds both maxima
+/// (`MAX(ts)` would scan every row: 0.4 s per 3 million messages at start).
+fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
+    conn.query_row(
+        "SELECT seq, ts FROM messages ORDER BY seq DESC LIMIT 1",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
+    )
+    .optional()
+    .map(|row| row.unwrap_or((0, 0.0)))
 }
 
 /// Brings a database made by an older hermod up to [`SCHEMA`].
@@ -436,13 +445,7 @@ impl Engine for SqliteEngine {
     }
 
     fn last(&self) -> Result<(Seq, f64)> {
-        self.with_reader(|c| {
-            c.query_row(
-                "SELECT COALESCE(MAX(seq), 0), COALESCE(MAX(ts), 0.0) FROM messages",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
-            )
-        })
+        self.with_reader(newest)
     }
 
     async fn close(&self) {
