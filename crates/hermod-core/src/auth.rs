@@ -368,14 +368,15 @@ impl Trust {
         }
     }
 
-    /// The caller of an identity-management request: the owner's processes
-    /// (whatever the mode: they own the database file anyway) or an admin token.
-    pub fn authenticate_admin(&self, owner: bool, token: Option<&str>) -> Result<Caller> {
-        let caller = match token.filter(|t| !t.is_empty()) {
-            Some(token) => self.verify(token)?,
-            None if owner => Caller::trusted(Auth::Owner),
-            None => self.authenticate(false, None)?,
-        };
+    /// The caller of an identity-management request, given the caller the
+    /// request would otherwise have: the owner's processes in every mode,
+    /// even `tokens` (they own the database file anyway, and the first token
+    /// has to be made somehow), else an admin identity.
+    pub fn manager(&self, owner: bool, caller: Result<Caller>) -> Result<Caller> {
+        if owner {
+            return Ok(caller.unwrap_or_else(|_| Caller::trusted(Auth::Owner)));
+        }
+        let caller = caller?;
         self.may_admin(&caller)?;
         Ok(caller)
     }
@@ -723,9 +724,11 @@ mod tests {
         assert_eq!(deny(trust.may_admin(&c).unwrap_err()), "admin");
         assert!(trust.authenticate(true, None).is_err(), "tokens mode");
         assert!(
-            trust.authenticate_admin(true, None).is_ok(),
+            trust.manager(true, trust.authenticate(true, None)).is_ok(),
             "the owner manages"
         );
+        let worker = trust.authenticate(false, Some(&token));
+        assert!(trust.manager(false, worker).is_err(), "a non-admin token does not");
     }
 
     #[test]

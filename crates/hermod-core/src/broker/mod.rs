@@ -524,8 +524,34 @@ impl Broker {
         self.follow_view(ViewKey::Inbox(key), after)
     }
 
+    /// The topic events of `channel` matching `pattern` after `after`, for
+    /// `caller` (within its `may_subscribe` rule), as batches that are never
+    /// empty: what every live pattern subscriber reads.
+    pub fn follow_pattern(
+        &self,
+        caller: &Caller,
+        channel: Channel,
+        pattern: &str,
+        after: Seq,
+    ) -> Result<impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static> {
+        use futures::StreamExt;
+        let parsed = Pattern::parse(pattern)?;
+        self.trust.may_subscribe(caller, &channel, pattern)?;
+        Ok(self.follow_topics(channel, after).filter_map(move |batch| {
+            let kept = batch.map(|b| {
+                b.into_iter()
+                    .filter(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)))
+                    .collect::<Vec<_>>()
+            });
+            futures::future::ready(match kept {
+                Ok(b) if b.is_empty() => None,
+                other => Some(other),
+            })
+        }))
+    }
+
     /// [`Broker::follow`] for the topic events of `channel`.
-    pub fn follow_topics(
+    fn follow_topics(
         &self,
         channel: Channel,
         after: Seq,

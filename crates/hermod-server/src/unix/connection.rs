@@ -23,7 +23,7 @@ use futures::{SinkExt, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Session, Target};
 use hermod_core::engine::Durable;
-use hermod_core::model::{AgentName, Auth, Channel, InboxKey, Seq};
+use hermod_core::model::{AgentName, Channel, InboxKey, Seq};
 use hermod_core::wire::{self, AckMode, Envelope, Publication, Request, ServerFrame};
 use hermod_core::{Broker, Error};
 use hermod_events::Pattern;
@@ -214,15 +214,14 @@ impl Reader {
             Ok(r) => r,
             Err(e) => return self.send(ServerFrame::error(&e, None)).await,
         };
+        let trust = self.broker.trust();
         let caller = match (token.as_deref(), &self.caller) {
             (None, Some(c)) => Ok(c.clone()),
-            // The owner manages identities in every mode, even `tokens`,
-            // where its other requests need a token: how else would the
-            // first token be made?
-            (None, None) if self.owner && request.manages_identities() => {
-                Ok(Caller::trusted(Auth::Owner))
-            }
-            (token, _) => self.broker.trust().authenticate(self.owner, token),
+            (token, _) => trust.authenticate(self.owner, token),
+        };
+        let caller = match request.manages_identities() {
+            true => trust.manager(self.owner, caller),
+            false => caller,
         };
         let caller = match caller {
             Ok(c) => c,
@@ -309,38 +308,25 @@ impl Reader {
                 }
             },
             Request::IdentityAdd(spec) => {
-                self.may_manage(&caller)?;
                 let (identity, token) = self.broker.add_identity(spec).await?;
                 let token = Some(token);
                 self.send(ServerFrame::Identity { identity, token }).await
             }
             Request::IdentityRotate(name) => {
-                self.may_manage(&caller)?;
                 let (identity, token) = self.broker.rotate_identity(&name).await?;
                 let token = Some(token);
                 self.send(ServerFrame::Identity { identity, token }).await
             }
             Request::IdentityRevoke(name) => {
-                self.may_manage(&caller)?;
                 let identity = self.broker.revoke_identity(&name).await?;
                 let token = None;
                 self.send(ServerFrame::Identity { identity, token }).await
             }
             Request::IdentityList => {
-                self.may_manage(&caller)?;
                 let identities = trust.identities();
                 self.send(ServerFrame::Identities { identities }).await
             }
         })
-    }
-
-    /// Identity management: the owner's processes (in every mode: they own
-    /// the database file anyway) or an admin identity.
-    fn may_manage(&self, caller: &Caller) -> hermod_core::Result<()> {
-        if self.owner {
-            return Ok(());
-        }
-        self.broker.trust().may_admin(caller)
     }
 
     async fn publish(&mut self, p: Publication, caller: &Caller) -> bool {
@@ -392,7 +378,8 @@ impl Reader {
         durable: bool,
         caller: &Caller,
     ) -> hermod_core::Result<bool> {
-        let parsed = Pattern::parse(&pattern)?;
+        // A bad pattern is reported before anything else.
+        Pattern::parse(&pattern)?;
         if durable {
             let Some(key) = self.session.as_ref().map(|s| s.key.clone()) else {
                 return Err(Error::InvalidRequest(
@@ -410,12 +397,9 @@ impl Reader {
             .as_ref()
             .map(|s| s.key.channel.clone())
             .unwrap_or_default();
-        self.broker
-            .trust()
-            .may_subscribe(caller, &channel, &pattern)?;
-        let events = self
-            .broker
-            .follow_topics(channel, self.broker.committed().0);
+        let events =
+            self.broker
+                .follow_pattern(caller, channel, &pattern, self.broker.committed().0)?;
         if !self
             .send(ServerFrame::Subscribed { pattern, durable })
             .await
@@ -427,10 +411,7 @@ impl Reader {
             .push(AbortOnDropHandle::new(tokio::spawn(async move {
                 let mut events = std::pin::pin!(events);
                 while let Some(Ok(batch)) = events.next().await {
-                    for m in batch
-                        .iter()
-                        .filter(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)))
-                    {
+                    for m in &batch {
                         if tx.send(Out::Frame(wire::message_bytes(m))).await.is_err() {
                             return;
                         }

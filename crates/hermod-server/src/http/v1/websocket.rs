@@ -81,22 +81,21 @@ pub(super) type TopicStreams =
 /// Topic events of `channel` matching `pattern`, from now on, as frames.
 pub(super) fn topic_frames(
     app: &AppState,
+    caller: &Caller,
     channel: Channel,
-    pattern: Pattern,
-) -> futures::stream::BoxStream<'static, Vec<String>> {
+    pattern: &str,
+) -> hermod_core::Result<futures::stream::BoxStream<'static, Vec<String>>> {
     let start = app.broker.committed().0;
-    app.broker
-        .follow_topics(channel, start)
-        .filter_map(move |batch| {
-            let frames: Vec<String> = batch
-                .into_iter()
-                .flatten()
-                .filter(|m| m.topic.as_deref().is_some_and(|t| pattern.matches(t)))
-                .map(|m| frame_text(&m))
-                .collect();
-            futures::future::ready((!frames.is_empty()).then_some(frames))
+    let events = app.broker.follow_pattern(caller, channel, pattern, start)?;
+    Ok(events
+        .filter_map(|batch| {
+            futures::future::ready(
+                batch
+                    .ok()
+                    .map(|b| b.iter().map(|m| frame_text(m)).collect()),
+            )
         })
-        .boxed()
+        .boxed())
 }
 
 /// Handles one client frame on a v1 WebSocket; returns the reply, if any.
@@ -139,13 +138,9 @@ pub(super) async fn ws_request(
                 Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
                 Err(e) => Err((e, None)),
             },
-            Ok(parsed) => match app
-                .broker
-                .trust()
-                .may_subscribe(caller, &key.channel, &pattern)
-            {
-                Ok(()) => {
-                    live.push(topic_frames(app, key.channel.clone(), parsed));
+            Ok(_) => match topic_frames(app, caller, key.channel.clone(), &pattern) {
+                Ok(frames) => {
+                    live.push(frames);
                     Ok(ServerFrame::Subscribed { pattern, durable })
                 }
                 Err(e) => Err((e, None)),
