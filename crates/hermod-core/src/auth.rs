@@ -728,7 +728,10 @@ mod tests {
             "the owner manages"
         );
         let worker = trust.authenticate(false, Some(&token));
-        assert!(trust.manager(false, worker).is_err(), "a non-admin token does not");
+        assert!(
+            trust.manager(false, worker).is_err(),
+            "a non-admin token does not"
+        );
     }
 
     #[test]
