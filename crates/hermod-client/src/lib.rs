@@ -231,6 +231,14 @@ impl Connection {
         }
     }
 
+    /// `None` while the daemon's store accepts writes, else why not.
+    pub async fn degraded(&mut self) -> Result<Option<String>> {
+        match self.request(&ClientFrame::Status).await? {
+            ServerFrame::Status { reason, .. } => Ok(reason),
+            other => Err(Error::Protocol(format!("expected `status`, got {other:?}"))),
+        }
+    }
+
     /// Every known agent with its presence and unread count.
     pub async fn agents(&mut self) -> Result<Vec<wire::AgentSummary>> {
         match self.request(&ClientFrame::Agents).await? {

@@ -25,9 +25,14 @@ pub enum Error {
     /// A short-lived sender addressed a name the bus has never known.
     #[error("endpoint {0:?} is not known to the bus (never connected, no waiting messages)")]
     EndpointNotFound(String),
-    /// The store failed; the message was not acknowledged.
+    /// The store failed (disk full, an I/O error, writes stopped after an
+    /// fsync failure); nothing was acknowledged.
     #[error("storage error: {0}")]
     Storage(String),
+    /// Another process holds the store's write lock; nothing was
+    /// acknowledged and the caller may retry.
+    #[error("storage busy: {0}")]
+    StorageBusy(String),
     /// The daemon is shutting down.
     #[error("the bus is shutting down")]
     ShuttingDown,
@@ -63,6 +68,7 @@ impl Error {
             Error::TooLarge { .. } => "frame_too_large",
             Error::EndpointNotFound(_) => "endpoint_not_found",
             Error::Storage(_) => "storage_error",
+            Error::StorageBusy(_) => "storage_busy",
             Error::ShuttingDown => "shutting_down",
             Error::Unauthorized(_) => "unauthorized",
             Error::ForbiddenSender(_) => "forbidden_sender",
@@ -80,7 +86,12 @@ impl From<hermod_events::Error> for Error {
 
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
-        Error::Storage(e.to_string())
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::StorageBusy(e.to_string())
+            }
+            _ => Error::Storage(e.to_string()),
+        }
     }
 }
 

@@ -74,6 +74,8 @@ pub enum ClientFrame {
         ack: Option<AckMode>,
     },
     Ping,
+    /// The daemon's health.
+    Status,
     Message(Outgoing),
     /// Like `message`, answered with `sent` once durable.
     Send(Outgoing),
@@ -163,6 +165,8 @@ pub enum Request {
         ack: AckMode,
     },
     Ping,
+    /// Extension: the daemon's health (`status` reply).
+    Status,
     /// Legacy message: no reply unless it fails.
     Message(Envelope),
     /// Extension: reply `sent` once durable.
@@ -270,6 +274,7 @@ pub fn parse_client_frame_with_token(
             ack: frame.ack.unwrap_or_default(),
         },
         "ping" => Request::Ping,
+        "status" => Request::Status,
         "message" => Request::Message(frame.envelope(channel)?),
         "send" => Request::Send(frame.envelope(channel)?),
         "list_endpoints" => Request::ListEndpoints,
@@ -456,6 +461,12 @@ pub enum ServerFrame {
         session_id: String,
     },
     Pong,
+    /// Reply to `status`: `ok`, or `degraded` with the reason.
+    Status {
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
     Message(MessageFrame),
     EndpointsList {
         endpoints: BTreeMap<String, String>,
@@ -508,6 +519,14 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// The `status` reply for a store that is healthy (`None`) or degraded.
+    pub fn status(degraded: Option<String>) -> Self {
+        ServerFrame::Status {
+            status: if degraded.is_some() { "degraded" } else { "ok" }.into(),
+            reason: degraded,
+        }
+    }
+
     pub fn error(e: &Error, id: Option<String>) -> Self {
         ServerFrame::Error {
             code: e.code().to_owned(),

@@ -78,6 +78,15 @@ struct State {
     subscriptions: HashMap<Channel, Vec<(AgentName, Pattern)>>,
 }
 
+impl State {
+    fn has_subscription(&self, key: &InboxKey, pattern: &str) -> bool {
+        self.subscriptions.get(&key.channel).is_some_and(|subs| {
+            subs.iter()
+                .any(|(a, p)| a == &key.agent && p.as_str() == pattern)
+        })
+    }
+}
+
 impl CommitObserver for Shared {
     fn stamping(&self) {
         self.stamping.store(true, Ordering::SeqCst);
@@ -164,31 +173,32 @@ pub struct Broker {
 
 impl Broker {
     /// A broker over the SQLite log at `path`, with the default trust policy.
-    pub fn open_sqlite(path: &Path) -> Result<Self> {
-        Self::open_sqlite_with(path, Trust::new(AuthMode::default(), RateLimit::default()))
+    pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        Self::open_sqlite_with(path, Trust::new(AuthMode::default(), RateLimit::default())).await
     }
 
     /// A broker over the SQLite log at `path`.
-    pub fn open_sqlite_with(path: &Path, trust: Trust) -> Result<Self> {
+    pub async fn open_sqlite_with(path: &Path, trust: Trust) -> Result<Self> {
         Self::with_engine(
             |observer| Ok(Arc::new(SqliteEngine::open(path, observer)?)),
             trust,
         )
+        .await
     }
 
     /// A broker over a throwaway in-memory store, with the default trust policy.
-    pub fn open_memory() -> Result<Self> {
-        Self::open_memory_with(Trust::new(AuthMode::default(), RateLimit::default()))
+    pub async fn open_memory() -> Result<Self> {
+        Self::open_memory_with(Trust::new(AuthMode::default(), RateLimit::default())).await
     }
 
     /// A broker over a throwaway in-memory store.
-    pub fn open_memory_with(trust: Trust) -> Result<Self> {
-        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))), trust)
+    pub async fn open_memory_with(trust: Trust) -> Result<Self> {
+        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))), trust).await
     }
 
     /// Builds a broker over the engine `make` returns, given the observer
     /// it must report commits to.
-    pub fn with_engine(
+    pub async fn with_engine(
         make: impl FnOnce(Arc<dyn CommitObserver>) -> Result<Arc<dyn Engine>>,
         trust: Trust,
     ) -> Result<Self> {
@@ -207,10 +217,10 @@ impl Broker {
             commits: AtomicU64::new(0),
         });
         let engine = make(shared.clone())?;
-        let last = engine.last()?;
-        let agents = engine.agents()?;
-        let subscriptions = engine.subscriptions()?;
-        for identity in engine.identities()? {
+        let last = engine.last().await?;
+        let agents = engine.agents().await?;
+        let subscriptions = engine.subscriptions().await?;
+        for identity in engine.identities().await? {
             trust.set(&identity.name.clone(), Some(identity));
         }
         {
@@ -249,8 +259,8 @@ impl Broker {
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(&from)?;
         let now = model::now();
-        let (recipients, newly_known) = {
-            let mut state = self.shared.state.lock().unwrap();
+        let (recipients, unknown) = {
+            let state = self.shared.state.lock().unwrap();
             match &env.to {
                 Some(to) => {
                     let key = InboxKey::new(env.channel.clone(), to.clone());
@@ -258,15 +268,21 @@ impl Broker {
                     if !known && target == Target::Known {
                         return Err(Error::EndpointNotFound(to.to_string()));
                     }
-                    let new = !known && state.registry.know(&key, now, now);
-                    (vec![to.clone()], new.then_some(key))
+                    (vec![to.clone()], (!known).then_some(key))
                 }
                 None => (state.registry.broadcast_targets(&env.channel, &from), None),
             }
         };
-        if let Some(key) = newly_known {
-            // Queued before the append, so it commits no later than the message.
-            self.engine.remember_agent(key, now).await?;
+        if let Some(key) = unknown {
+            // Durable before it is known here: memory never claims a name
+            // the store would forget (and the message follows it).
+            self.engine.remember_agent(key.clone(), now).await?;
+            self.shared
+                .state
+                .lock()
+                .unwrap()
+                .registry
+                .know(&key, now, now);
         }
         let message = NewMessage {
             id: env.id.unwrap_or_else(model::new_id),
@@ -329,51 +345,63 @@ impl Broker {
 
     /// Adds a durable subscription: events matching `pattern` published on
     /// the agent's channel land in its inbox. Returns false if it existed.
+    /// Resolves once the subscription is durable; only then does routing
+    /// use it.
     pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
         let parsed = Pattern::parse(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         self.trust.may_subscribe(caller, &key.channel, pattern)?;
         let now = model::now();
-        let (added, new_agent) = {
-            let mut state = self.shared.state.lock().unwrap();
-            let new_agent = state.registry.know(&key, now, now);
-            let subs = state.subscriptions.entry(key.channel.clone()).or_default();
-            let added = !subs
-                .iter()
-                .any(|(a, p)| a == &key.agent && p.as_str() == pattern);
-            if added {
-                subs.push((key.agent.clone(), parsed));
-            }
-            (added, new_agent)
+        let (exists, known) = {
+            let state = self.shared.state.lock().unwrap();
+            (
+                state.has_subscription(&key, pattern),
+                state.registry.is_known(&key),
+            )
         };
-        if new_agent {
+        if exists {
+            return Ok(false);
+        }
+        if !known {
             self.engine.remember_agent(key.clone(), now).await?;
         }
-        if added {
-            self.engine
-                .set_subscription(key, pattern.to_owned(), true)
-                .await?;
+        self.engine
+            .set_subscription(key.clone(), pattern.to_owned(), true)
+            .await?;
+        let mut state = self.shared.state.lock().unwrap();
+        state.registry.know(&key, now, now);
+        if state.has_subscription(&key, pattern) {
+            return Ok(false); // a concurrent call added it first
         }
-        Ok(added)
+        state
+            .subscriptions
+            .entry(key.channel.clone())
+            .or_default()
+            .push((key.agent, parsed));
+        Ok(true)
     }
 
     /// Removes a durable subscription; false if there was none.
     pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
         Pattern::parse(pattern)?;
         self.trust.may_act_as(caller, &key)?;
-        let removed = {
-            let mut state = self.shared.state.lock().unwrap();
-            let subs = state.subscriptions.entry(key.channel.clone()).or_default();
-            let before = subs.len();
-            subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
-            subs.len() != before
-        };
-        if removed {
-            self.engine
-                .set_subscription(key, pattern.to_owned(), false)
-                .await?;
+        if !self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .has_subscription(&key, pattern)
+        {
+            return Ok(false);
         }
-        Ok(removed)
+        self.engine
+            .set_subscription(key.clone(), pattern.to_owned(), false)
+            .await?;
+        let mut state = self.shared.state.lock().unwrap();
+        let subs = state.subscriptions.entry(key.channel.clone()).or_default();
+        let before = subs.len();
+        subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
+        Ok(subs.len() != before)
     }
 
     /// The durable subscriptions of `key`.
@@ -442,12 +470,10 @@ impl Broker {
                 return Ok(hit);
             }
         }
-        let key = key.clone();
-        self.blocking(move |e| match &key {
-            ViewKey::Inbox(k) => e.read_inbox(k, after, limit),
-            ViewKey::Topics(c) => e.read_topics(c, after, limit),
-        })
-        .await
+        match key {
+            ViewKey::Inbox(k) => self.engine.read_inbox(k, after, limit).await,
+            ViewKey::Topics(c) => self.engine.read_topics(c, after, limit).await,
+        }
     }
 
     /// Up to `limit` messages for `agent` on every channel after `after`.
@@ -480,7 +506,7 @@ impl Broker {
         if ts >= last_ts {
             return Ok(seq); // the common long-poll case: nothing newer yet
         }
-        self.blocking(move |e| e.seq_at_ts(ts)).await
+        self.engine.seq_at_ts(ts).await
     }
 
     /// Bus "now" for `since` cursors: never later than the ts of a message
@@ -494,17 +520,6 @@ impl Broker {
         // Anything stamped after this point gets ts >= wall: step back 1 µs
         // so that `ts > now` holds for it.
         (wall - 1e-6).max(committed)
-    }
-
-    /// Runs a blocking engine call off the async threads.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn Engine) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || f(engine.as_ref()))
-            .await
-            .map_err(|e| Error::Storage(format!("engine task failed: {e}")))?
     }
 
     /// Changes whenever any inbox of `agent` (any channel) receives a message.
@@ -600,15 +615,18 @@ impl Broker {
         if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
             return Ok(seq);
         }
-        let key = key.clone();
-        self.blocking(move |e| e.cursor(&key)).await
+        self.engine.cursor(key).await
     }
 
-    /// Moves an inbox cursor forward (never back) and returns where it was.
+    /// Moves an inbox cursor forward (never back) and returns where it was;
+    /// resolves once the new cursor is durable.
     ///
-    /// The move is atomic, so readers sharing one cursor (SSE-interop
-    /// `/poll` and `/subscribe`) can *claim* a batch: each delivers only the
-    /// messages after the cursor it moved from, and no message goes out twice.
+    /// The move is a compare-and-set in memory, so readers sharing one
+    /// cursor (SSE-interop `/poll` and `/subscribe`) can *claim* a batch:
+    /// each delivers only the messages after the cursor it moved from, and
+    /// no message goes out twice. If the store refuses the write, the claim
+    /// is undone (unless a later claim moved past it) and the caller gets
+    /// the error, so the messages stay unread rather than lost.
     pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
         let stored = self.cursor(key).await?;
         let (previous, seq) = {
@@ -621,22 +639,28 @@ impl Broker {
             (previous, *c)
         };
         if seq > previous {
-            self.engine.set_cursor(key.clone(), seq).await?;
+            if let Err(e) = self.engine.set_cursor(key.clone(), seq).await {
+                let mut state = self.shared.state.lock().unwrap();
+                if let Some(c) = state.cursors.get_mut(key) {
+                    if *c == seq {
+                        *c = previous;
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(previous)
     }
 
     /// How many messages `key`'s inbox holds after `after`.
     pub async fn count(&self, key: &InboxKey, after: Seq) -> Result<u64> {
-        let key = key.clone();
-        self.blocking(move |e| e.count_inbox(&key, after)).await
+        self.engine.count_inbox(key, after).await
     }
 
     /// How many messages wait in `key`'s inbox after its cursor.
     pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
         let cursor = self.cursor(key).await?;
-        let key = key.clone();
-        self.blocking(move |e| e.count_inbox(&key, cursor)).await
+        self.engine.count_inbox(key, cursor).await
     }
 
     /// Registers a connection of `key` over `transport` for `caller` (who
@@ -668,6 +692,7 @@ impl Broker {
             },
         );
         if persist {
+            // On failure the session drops here, ending the connection.
             self.engine.remember_agent(key.clone(), now).await?;
         }
         // Nobody listening is fine: presence is live-only.
@@ -732,6 +757,11 @@ impl Broker {
             }
         }
         out
+    }
+
+    /// `None` while the store accepts writes, else why it does not.
+    pub fn degraded(&self) -> Option<String> {
+        self.engine.health().degraded()
     }
 
     /// The newest committed (seq, ts).
@@ -835,8 +865,13 @@ mod tests {
 
     async fn brokers() -> Vec<(Broker, Option<tempfile::TempDir>)> {
         let dir = tempfile::tempdir().unwrap();
-        let sqlite = Broker::open_sqlite(&dir.path().join("log.db")).unwrap();
-        vec![(Broker::open_memory().unwrap(), None), (sqlite, Some(dir))]
+        let sqlite = Broker::open_sqlite(&dir.path().join("log.db"))
+            .await
+            .unwrap();
+        vec![
+            (Broker::open_memory().await.unwrap(), None),
+            (sqlite, Some(dir)),
+        ]
     }
 
     #[tokio::test]
@@ -891,7 +926,7 @@ mod tests {
             ..IdentitySpec::default()
         };
         let token = {
-            let b = Broker::open_sqlite(&path).unwrap();
+            let b = Broker::open_sqlite(&path).await.unwrap();
             let (_, token) = b.add_identity(spec("alice")).await.unwrap();
             assert!(b.add_identity(spec("alice")).await.is_err(), "one per name");
             let (_, gone) = b.add_identity(spec("temp")).await.unwrap();
@@ -901,7 +936,7 @@ mod tests {
             token
         };
         // Reopened: the identity is back, its token still proves alice.
-        let b = Broker::open_sqlite(&path).unwrap();
+        let b = Broker::open_sqlite(&path).await.unwrap();
         assert_eq!(b.trust().identities().len(), 1);
         let alice = b.trust().authenticate(false, Some(&token)).unwrap();
         let to_bob = env("alice", Some("bob"), 1);
@@ -943,7 +978,7 @@ mod tests {
 
     #[tokio::test]
     async fn exclusive_sessions_kick() {
-        let b = Broker::open_memory().unwrap();
+        let b = Broker::open_memory().await.unwrap();
         let key = InboxKey::new(Channel::default(), name("x"));
         let s1 = b
             .connect(&owner(), key.clone(), "unix", true)

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
+use super::{CommitObserver, Committed, Durable, Engine, Health, KnownAgent};
 use crate::auth::Identity;
 use crate::error::Result;
 use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
@@ -29,6 +29,8 @@ struct State {
 pub struct MemoryEngine {
     state: Mutex<State>,
     observer: Arc<dyn CommitObserver>,
+    /// Always healthy: memory does not fill up or lock.
+    health: Health,
 }
 
 impl MemoryEngine {
@@ -36,6 +38,7 @@ impl MemoryEngine {
         Self {
             state: Mutex::default(),
             observer,
+            health: Health::default(),
         }
     }
 
@@ -75,7 +78,12 @@ impl Engine for MemoryEngine {
         Ok(rx)
     }
 
-    fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+    async fn read_inbox(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
         let state = self.state.lock().unwrap();
         Ok(Self::inbox_after(&state, key, after)
             .iter()
@@ -84,7 +92,7 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
-    fn read_topics(
+    async fn read_topics(
         &self,
         channel: &Channel,
         after: Seq,
@@ -101,7 +109,7 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
-    fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+    async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
         let state = self.state.lock().unwrap();
         Ok(state
             .log
@@ -111,12 +119,12 @@ impl Engine for MemoryEngine {
             .map_or(0, |m| m.seq))
     }
 
-    fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+    async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
         let state = self.state.lock().unwrap();
         Ok(Self::inbox_after(&state, key, after).len() as u64)
     }
 
-    fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+    async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
         Ok(*self.state.lock().unwrap().cursors.get(key).unwrap_or(&0))
     }
 
@@ -144,7 +152,7 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+    async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
         Ok(self
             .state
             .lock()
@@ -164,7 +172,7 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn identities(&self) -> Result<Vec<Identity>> {
+    async fn identities(&self) -> Result<Vec<Identity>> {
         Ok(self
             .state
             .lock()
@@ -175,7 +183,7 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
-    fn agents(&self) -> Result<Vec<KnownAgent>> {
+    async fn agents(&self) -> Result<Vec<KnownAgent>> {
         let state = self.state.lock().unwrap();
         Ok(state
             .agents
@@ -188,7 +196,7 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
-    fn last(&self) -> Result<(Seq, f64)> {
+    async fn last(&self) -> Result<(Seq, f64)> {
         let state = self.state.lock().unwrap();
         Ok((
             state.seq,
@@ -196,5 +204,21 @@ impl Engine for MemoryEngine {
         ))
     }
 
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
     async fn close(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn conformance() {
+        super::super::conformance::run(
+            |observer| std::sync::Arc::new(super::MemoryEngine::new(observer)),
+            false,
+        )
+        .await;
+    }
 }

@@ -13,6 +13,7 @@
 //! A distributed engine (NATS JetStream) implements the same trait: `submit`
 //! publishes, the stream subscription feeds the observer.
 
+pub mod conformance;
 pub mod memory;
 pub mod sqlite;
 
@@ -54,11 +55,39 @@ pub struct KnownAgent {
     pub last_seen: f64,
 }
 
+/// Whether the store accepts writes right now, and if not, why.
+///
+/// Engines report trouble here as it happens (a full disk, a lock held
+/// by another process, an fsync failure) and clear it once a write
+/// succeeds again; `/healthz` and `hermod status` show it.
+#[derive(Debug, Default)]
+pub struct Health {
+    degraded: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    /// `None` when healthy, else the reason.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().unwrap().clone()
+    }
+
+    pub fn set_degraded(&self, reason: impl Into<String>) {
+        *self.degraded.lock().unwrap() = Some(reason.into());
+    }
+
+    pub fn clear(&self) {
+        self.degraded.lock().unwrap().take();
+    }
+}
+
 /// What a storage engine does for the broker.
 ///
-/// Read methods may block briefly (SQLite); the broker calls them from
-/// `spawn_blocking`. Write methods queue work for the engine's writer and
-/// return once it is queued (applying back-pressure when the queue is full).
+/// Every write resolves only once it is durable (or failed, with nothing
+/// of it applied): the broker acknowledges nothing to a client before
+/// that. Reads are async and never block the caller's thread. Errors are
+/// [`Error::Storage`](crate::Error::Storage) (disk full, I/O, writes
+/// stopped) or [`Error::StorageBusy`](crate::Error::StorageBusy) (the
+/// store is locked by someone else; retry later).
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Queues messages for a durable append. Batches submitted from one task
@@ -66,46 +95,60 @@ pub trait Engine: Send + Sync + 'static {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable>;
 
     /// Messages in `key`'s inbox with `seq > after`, oldest first, at most `limit`.
-    fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
+    async fn read_inbox(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>>;
 
     /// Topic events published on `channel` with `seq > after`, oldest first.
-    fn read_topics(&self, channel: &Channel, after: Seq, limit: usize)
-        -> Result<Vec<Arc<Message>>>;
+    async fn read_topics(
+        &self,
+        channel: &Channel,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>>;
 
     /// The last seq whose ts is `<= ts` (0 if none): turns a `since=ts`
     /// cursor into a seq cursor.
-    fn seq_at_ts(&self, ts: f64) -> Result<Seq>;
+    async fn seq_at_ts(&self, ts: f64) -> Result<Seq>;
 
     /// Number of messages in `key`'s inbox with `seq > after`.
-    fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64>;
+    async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64>;
 
     /// The stored cursor of an inbox (0 if never acknowledged).
-    fn cursor(&self, key: &InboxKey) -> Result<Seq>;
+    async fn cursor(&self, key: &InboxKey) -> Result<Seq>;
 
-    /// Queues a cursor update; the stored cursor only moves forward.
+    /// Moves a stored cursor forward (never back); resolves once durable.
     async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()>;
 
-    /// Queues an update to the agent registry (first/last seen).
+    /// Records an agent in the registry (first/last seen); resolves once
+    /// durable.
     async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()>;
 
-    /// Adds (`on`) or removes a durable topic subscription of an agent.
+    /// Adds (`on`) or removes a durable topic subscription of an agent;
+    /// resolves once durable.
     async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()>;
 
     /// Every durable topic subscription.
-    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>>;
+    async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>>;
 
     /// Stores (or with `None` deletes) the identity of `name`; resolves once
     /// the change is durable.
     async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()>;
 
     /// Every stored agent identity.
-    fn identities(&self) -> Result<Vec<Identity>>;
+    async fn identities(&self) -> Result<Vec<Identity>>;
 
     /// Every agent the store knows, on every channel.
-    fn agents(&self) -> Result<Vec<KnownAgent>>;
+    async fn agents(&self) -> Result<Vec<KnownAgent>>;
 
     /// The newest seq and ts in the log.
-    fn last(&self) -> Result<(Seq, f64)>;
+    async fn last(&self) -> Result<(Seq, f64)>;
+
+    /// Whether writes work now.
+    fn health(&self) -> &Health;
 
     /// Finishes queued writes; called once at shutdown.
     async fn close(&self);

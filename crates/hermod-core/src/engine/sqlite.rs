@@ -7,17 +7,30 @@
 //! batch to the observer and completes every sender. No timer is involved:
 //! under light load a batch is one message, under heavy load batches grow.
 //!
-//! Readers use a small pool of read-only connections; WAL lets them run
-//! alongside the writer.
+//! Readers use a small pool of read-only connections on blocking threads;
+//! WAL lets them run alongside the writer.
+//!
+//! Failure is loud and loses nothing acknowledged. A failed transaction is
+//! rolled back and every operation in it is answered with the error, so
+//! no cursor, registry or subscription change is reported as done unless
+//! it is on disk. A full disk or an I/O error marks the store degraded
+//! ([`Health`]) until a write succeeds again; while degraded a probe write
+//! runs every second, so health recovers by itself when space returns.
+//! Another process holding the write lock costs at most [`BUSY_WAIT`] per
+//! batch, answered with `storage_busy`. An fsync failure stops all writes
+//! for good (the kernel may have dropped the dirty pages it could not
+//! write, so what SQLite believes is on disk can no longer be trusted —
+//! the PostgreSQL "fsyncgate" lesson); a restart re-reads the file.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CommitObserver, Committed, Durable, Engine, KnownAgent};
+use super::{CommitObserver, Committed, Durable, Engine, Health, KnownAgent};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
@@ -28,6 +41,10 @@ pub const MAX_BATCH: usize = 4096;
 const QUEUE: usize = 8192;
 /// Read connections kept open.
 const READERS: usize = 4;
+/// Longest wait for a database lock held by another process.
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// How often a degraded store probes whether writes work again.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -75,6 +92,11 @@ CREATE TABLE IF NOT EXISTS identities (
     admin         INTEGER NOT NULL,
     created       REAL NOT NULL
 );
+-- Small facts about the store itself (the health probe's row).
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -84,61 +106,40 @@ CREATE TABLE IF NOT EXISTS agents (
 ) WITHOUT ROWID;
 ";
 
+/// Answered once the operation is durable, or failed with nothing applied.
+type Ack = oneshot::Sender<Result<()>>;
+
 enum Op {
     Append {
         batch: Vec<NewMessage>,
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
-    Cursor(InboxKey, Seq),
-    Agent(InboxKey, f64),
-    Subscription(InboxKey, String, bool),
-    /// Answered once durable: a caller prints a token only after this.
-    Identity {
-        name: AgentName,
-        identity: Option<Identity>,
-        reply: oneshot::Sender<Result<()>>,
-    },
+    Cursor(InboxKey, Seq, Ack),
+    Agent(InboxKey, f64, Ack),
+    Subscription(InboxKey, String, bool, Ack),
+    Identity(AgentName, Option<Identity>, Ack),
+    /// A one-row write that tells whether writes work again.
+    Probe,
     Close(oneshot::Sender<()>),
 }
 
 /// See the module docs.
 pub struct SqliteEngine {
     tx: mpsc::Sender<Op>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Arc<Readers>,
+    health: Arc<Health>,
+}
+
+/// The pool of read-only connections.
+struct Readers {
+    pool: Mutex<Vec<Connection>>,
     path: PathBuf,
 }
 
-impl SqliteEngine {
-    /// Opens (creating if needed) the database at `path` and starts the writer.
-    pub fn open(path: &Path, observer: Arc<dyn CommitObserver>) -> Result<Self> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
-        let (seq, ts) = newest(&conn)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let writer = Writer {
-            conn,
-            seq,
-            clock: BusClock::starting_after(ts),
-            observer,
-        };
-        std::thread::Builder::new()
-            .name("hermod-sqlite-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| Error::Storage(format!("cannot start writer: {e}")))?;
-        Ok(Self {
-            tx,
-            readers: Mutex::new(Vec::new()),
-            path: path.to_owned(),
-        })
-    }
-
-    /// Runs `f` on a pooled read connection.
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let pooled = self.readers.lock().unwrap().pop();
+impl Readers {
+    /// Runs `f` on a pooled read connection (on a blocking thread).
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let pooled = self.pool.lock().unwrap().pop();
         let conn = match pooled {
             Some(c) => c,
             None => {
@@ -146,20 +147,91 @@ impl SqliteEngine {
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                 )?;
-                c.busy_timeout(std::time::Duration::from_secs(5))?;
+                c.busy_timeout(BUSY_WAIT)?;
                 c
             }
         };
         let result = f(&conn);
-        let mut pool = self.readers.lock().unwrap();
+        let mut pool = self.pool.lock().unwrap();
         if pool.len() < READERS {
             pool.push(conn);
         }
         Ok(result?)
     }
+}
+
+impl SqliteEngine {
+    /// Opens (creating if needed) the database at `path` and starts the writer.
+    pub fn open(path: &Path, observer: Arc<dyn CommitObserver>) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_WAIT)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        let (seq, ts) = newest(&conn)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let health = Arc::new(Health::default());
+        let writer = Writer {
+            conn,
+            seq,
+            clock: BusClock::starting_after(ts),
+            observer,
+            health: health.clone(),
+            stopped: None,
+        };
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| Error::Storage(format!("cannot start {name}: {e}")))
+        };
+        spawn("hermod-sqlite-writer", Box::new(move || writer.run(rx)))?;
+        let (probe_tx, probe_health) = (tx.downgrade(), health.clone());
+        spawn(
+            "hermod-sqlite-probe",
+            Box::new(move || {
+                // Lives as long as the engine: the weak sender stops
+                // upgrading once the engine is dropped.
+                loop {
+                    std::thread::sleep(PROBE_EVERY);
+                    let Some(tx) = probe_tx.upgrade() else { return };
+                    if probe_health.degraded().is_some() {
+                        let _ = tx.try_send(Op::Probe);
+                    }
+                }
+            }),
+        )?;
+        Ok(Self {
+            tx,
+            readers: Arc::new(Readers {
+                pool: Mutex::new(Vec::new()),
+                path: path.to_owned(),
+            }),
+            health,
+        })
+    }
+
+    /// Runs `f` on a read connection, off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(f))
+            .await
+            .map_err(|e| Error::Storage(format!("read task failed: {e}")))?
+    }
 
     async fn queue(&self, op: Op) -> Result<()> {
         self.tx.send(op).await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Queues `op` (built around its reply) and waits until it is durable.
+    async fn write(&self, op: impl FnOnce(Ack) -> Op) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(op(reply)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
     }
 }
 
@@ -219,6 +291,126 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     })
 }
 
+fn read_identities(c: &Connection) -> rusqlite::Result<Vec<Identity>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT name, channel, token_hash, may_send, may_publish, may_subscribe, admin, created
+         FROM identities ORDER BY name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let globs = |i: usize| -> rusqlite::Result<Vec<String>> {
+            serde_json::from_str(&r.get::<_, String>(i)?).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    i,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })
+        };
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Option<String>>(1)?,
+            Identity {
+                name: AgentName::anonymous(),
+                channel: None,
+                token_hash: r.get(2)?,
+                may_send: globs(3)?,
+                may_publish: globs(4)?,
+                may_subscribe: globs(5)?,
+                admin: r.get::<_, i64>(6)? != 0,
+                created: r.get(7)?,
+            },
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, channel, mut identity) = row?;
+        // Rows were validated on the way in; skip anything foreign.
+        let Ok(name) = AgentName::parse(name) else {
+            continue;
+        };
+        let channel = match channel.map(Channel::parse) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(_)) => continue,
+            None => None,
+        };
+        identity.name = name;
+        identity.channel = channel;
+        out.push(identity);
+    }
+    Ok(out)
+}
+
+fn read_agents(c: &Connection) -> rusqlite::Result<Vec<KnownAgent>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT channel, name, first_seen, last_seen FROM agents ORDER BY channel, name",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, f64>(2)?,
+            r.get::<_, f64>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (channel, name, first_seen, last_seen) = row?;
+        // Rows were validated on the way in; skip anything foreign.
+        if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(name)) {
+            out.push(KnownAgent {
+                key: InboxKey { channel, agent },
+                first_seen,
+                last_seen,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_subscriptions(c: &Connection) -> rusqlite::Result<Vec<(InboxKey, String)>> {
+    let mut stmt = c.prepare_cached("SELECT channel, agent, pattern FROM subscriptions")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (channel, agent, pattern) = row?;
+        if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(agent)) {
+            out.push((InboxKey { channel, agent }, pattern));
+        }
+    }
+    Ok(out)
+}
+
+/// The last seq whose ts is `<= ts`, by binary search over seq: ts grows
+/// with seq, so no ts index is needed (one less index per message).
+fn seq_at_ts(c: &Connection, ts: f64) -> rusqlite::Result<Seq> {
+    let mut next =
+        c.prepare_cached("SELECT seq, ts FROM messages WHERE seq >= ?1 ORDER BY seq LIMIT 1")?;
+    let mut at_or_after = |seq: i64| -> rusqlite::Result<Option<(i64, f64)>> {
+        next.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    };
+    let (mut lo, mut hi) = match (at_or_after(0)?, newest(c)?) {
+        (Some((first, first_ts)), (last, _)) if first_ts <= ts => (first, last as i64),
+        _ => return Ok(0),
+    };
+    // Invariant: the row at `lo` has ts <= `ts`; find the last such row.
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        match at_or_after(mid)? {
+            Some((seq, row_ts)) if row_ts <= ts => lo = seq,
+            // Every row from `mid` on is newer than `ts`.
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo as Seq)
+}
+
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
@@ -227,8 +419,14 @@ impl Engine for SqliteEngine {
         Ok(rx)
     }
 
-    fn read_inbox(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
-        self.with_reader(|c| {
+    async fn read_inbox(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Arc<Message>>> {
+        let key = key.clone();
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth
                  FROM inbox i JOIN messages m ON m.seq = i.seq
@@ -241,15 +439,17 @@ impl Engine for SqliteEngine {
             )?;
             rows.map(|r| r.map(Arc::new)).collect()
         })
+        .await
     }
 
-    fn read_topics(
+    async fn read_topics(
         &self,
         channel: &Channel,
         after: Seq,
         limit: usize,
     ) -> Result<Vec<Arc<Message>>> {
-        self.with_reader(|c| {
+        let channel = channel.clone();
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
                  FROM messages
@@ -262,43 +462,16 @@ impl Engine for SqliteEngine {
             )?;
             rows.map(|r| r.map(Arc::new)).collect()
         })
+        .await
     }
 
-    fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
-        // ts grows with seq, so a binary search over seq needs no ts index
-        // (one less index to write per message).
-        self.with_reader(|c| {
-            let mut next = c.prepare_cached(
-                "SELECT seq, ts FROM messages WHERE seq >= ?1 ORDER BY seq LIMIT 1",
-            )?;
-            let mut at_or_after = |seq: i64| -> rusqlite::Result<Option<(i64, f64)>> {
-                next.query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            };
-            let (mut lo, mut hi) = match (
-                at_or_after(0)?,
-                c.query_row("SELECT MAX(seq) FROM messages", [], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })?,
-            ) {
-                (Some((first, first_ts)), Some(last)) if first_ts <= ts => (first, last),
-                _ => return Ok(0),
-            };
-            // Invariant: the row at `lo` has ts <= `ts`; find the last such row.
-            while lo < hi {
-                let mid = lo + (hi - lo + 1) / 2;
-                match at_or_after(mid)? {
-                    Some((seq, row_ts)) if row_ts <= ts => lo = seq,
-                    // Every row from `mid` on is newer than `ts`.
-                    _ => hi = mid - 1,
-                }
-            }
-            Ok(lo as Seq)
-        })
+    async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        self.read(move |c| seq_at_ts(c, ts)).await
     }
 
-    fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
-        self.with_reader(|c| {
+    async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+        let key = key.clone();
+        self.read(move |c| {
             c.prepare_cached(
                 "SELECT COUNT(*) FROM inbox WHERE channel = ?1 AND agent = ?2 AND seq > ?3",
             )?
@@ -307,10 +480,12 @@ impl Engine for SqliteEngine {
                 |r| r.get::<_, i64>(0).map(|n| n as u64),
             )
         })
+        .await
     }
 
-    fn cursor(&self, key: &InboxKey) -> Result<Seq> {
-        self.with_reader(|c| {
+    async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        let key = key.clone();
+        self.read(move |c| {
             c.prepare_cached("SELECT seq FROM cursors WHERE channel = ?1 AND agent = ?2")?
                 .query_row(params![key.channel.as_str(), key.agent.as_str()], |r| {
                     r.get::<_, i64>(0)
@@ -318,134 +493,44 @@ impl Engine for SqliteEngine {
                 .optional()
                 .map(|s| s.unwrap_or(0) as Seq)
         })
+        .await
     }
 
     async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()> {
-        self.queue(Op::Cursor(key, seq)).await
+        self.write(|ack| Op::Cursor(key, seq, ack)).await
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()> {
-        self.queue(Op::Agent(key, seen)).await
+        self.write(|ack| Op::Agent(key, seen, ack)).await
     }
 
     async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
-        self.queue(Op::Subscription(key, pattern, on)).await
+        self.write(|ack| Op::Subscription(key, pattern, on, ack))
+            .await
     }
 
-    fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
-        self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT channel, agent, pattern FROM subscriptions")?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (channel, agent, pattern) = row?;
-                if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(agent))
-                {
-                    out.push((InboxKey { channel, agent }, pattern));
-                }
-            }
-            Ok(out)
-        })
+    async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+        self.read(read_subscriptions).await
     }
 
     async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.queue(Op::Identity {
-            name,
-            identity,
-            reply,
-        })
-        .await?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.write(|ack| Op::Identity(name, identity, ack)).await
     }
 
-    fn identities(&self) -> Result<Vec<Identity>> {
-        self.with_reader(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT name, channel, token_hash, may_send, may_publish, may_subscribe, admin, created
-                 FROM identities ORDER BY name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                let globs = |i: usize| -> rusqlite::Result<Vec<String>> {
-                    serde_json::from_str(&r.get::<_, String>(i)?).map_err(|e| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            i,
-                            rusqlite::types::Type::Text,
-                            Box::new(e),
-                        )
-                    })
-                };
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    Identity {
-                        name: AgentName::anonymous(),
-                        channel: None,
-                        token_hash: r.get(2)?,
-                        may_send: globs(3)?,
-                        may_publish: globs(4)?,
-                        may_subscribe: globs(5)?,
-                        admin: r.get::<_, i64>(6)? != 0,
-                        created: r.get(7)?,
-                    },
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, channel, mut identity) = row?;
-                // Rows were validated on the way in; skip anything foreign.
-                let Ok(name) = AgentName::parse(name) else { continue };
-                let channel = match channel.map(Channel::parse) {
-                    Some(Ok(c)) => Some(c),
-                    Some(Err(_)) => continue,
-                    None => None,
-                };
-                identity.name = name;
-                identity.channel = channel;
-                out.push(identity);
-            }
-            Ok(out)
-        })
+    async fn identities(&self) -> Result<Vec<Identity>> {
+        self.read(read_identities).await
     }
 
-    fn agents(&self) -> Result<Vec<KnownAgent>> {
-        self.with_reader(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT channel, name, first_seen, last_seen FROM agents ORDER BY channel, name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, f64>(2)?,
-                    r.get::<_, f64>(3)?,
-                ))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (channel, name, first_seen, last_seen) = row?;
-                // Rows were validated on the way in; skip anything foreign.
-                if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(name))
-                {
-                    out.push(KnownAgent {
-                        key: InboxKey { channel, agent },
-                        first_seen,
-                        last_seen,
-                    });
-                }
-            }
-            Ok(out)
-        })
+    async fn agents(&self) -> Result<Vec<KnownAgent>> {
+        self.read(read_agents).await
     }
 
-    fn last(&self) -> Result<(Seq, f64)> {
-        self.with_reader(newest)
+    async fn last(&self) -> Result<(Seq, f64)> {
+        self.read(newest).await
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     async fn close(&self) {
@@ -462,6 +547,37 @@ struct Writer {
     seq: Seq,
     clock: BusClock,
     observer: Arc<dyn CommitObserver>,
+    health: Arc<Health>,
+    /// Set after an fsync failure: every later write is refused with it.
+    stopped: Option<String>,
+}
+
+/// How a failed transaction is reported.
+enum Failure {
+    /// Another process holds the lock: retry later.
+    Busy,
+    /// The disk is full or an I/O call failed: retry once it is fixed.
+    Storage,
+    /// fsync failed: what is on disk can no longer be trusted.
+    Fsync,
+}
+
+fn failure(e: &rusqlite::Error) -> Failure {
+    use rusqlite::ffi;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.extended_code {
+            ffi::SQLITE_IOERR_FSYNC | ffi::SQLITE_IOERR_DIR_FSYNC => Failure::Fsync,
+            _ if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+            {
+                Failure::Busy
+            }
+            _ => Failure::Storage,
+        },
+        _ => Failure::Storage,
+    }
 }
 
 impl Writer {
@@ -488,11 +604,18 @@ impl Writer {
     fn commit(&mut self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let start_seq = self.seq;
         let mut committed: Vec<Committed> = Vec::new();
-        self.observer.stamping();
-        let result = self.apply(ops, &mut committed);
+        let result = match &self.stopped {
+            Some(reason) => Err(Error::Storage(reason.clone())),
+            None => {
+                self.observer.stamping();
+                let applied = self.apply(ops, &mut committed);
+                applied.map_err(|e| self.failed(&e))
+            }
+        };
         let mut closing = None;
         match result {
             Ok(()) => {
+                self.health.clear();
                 self.observer.committed(&committed);
                 let mut stored = committed.into_iter().map(|c| c.message);
                 for op in ops.drain(..) {
@@ -501,33 +624,75 @@ impl Writer {
                             let mine: Vec<_> = stored.by_ref().take(batch.len()).collect();
                             let _ = reply.send(Ok(mine));
                         }
-                        Op::Identity { reply, .. } => {
-                            let _ = reply.send(Ok(()));
+                        Op::Cursor(.., ack)
+                        | Op::Agent(.., ack)
+                        | Op::Subscription(.., ack)
+                        | Op::Identity(.., ack) => {
+                            let _ = ack.send(Ok(()));
                         }
                         Op::Close(done) => closing = Some(done),
-                        Op::Cursor(..) | Op::Agent(..) | Op::Subscription(..) => {}
+                        Op::Probe => {}
                     }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; {} operations refused", ops.len());
-                self.observer.committed(&[]);
+                if self.stopped.is_none() {
+                    self.observer.committed(&[]);
+                }
                 self.seq = start_seq;
+                let refused = || match &e {
+                    Error::StorageBusy(d) => Error::StorageBusy(d.clone()),
+                    other => Error::Storage(other.to_string()),
+                };
                 for op in ops.drain(..) {
                     match op {
                         Op::Append { reply, .. } => {
-                            let _ = reply.send(Err(Error::Storage(e.to_string())));
+                            let _ = reply.send(Err(refused()));
                         }
-                        Op::Identity { reply, .. } => {
-                            let _ = reply.send(Err(Error::Storage(e.to_string())));
+                        Op::Cursor(.., ack)
+                        | Op::Agent(.., ack)
+                        | Op::Subscription(.., ack)
+                        | Op::Identity(.., ack) => {
+                            let _ = ack.send(Err(refused()));
                         }
                         Op::Close(done) => closing = Some(done),
-                        Op::Cursor(..) | Op::Agent(..) | Op::Subscription(..) => {}
+                        Op::Probe => {}
                     }
                 }
             }
         }
         closing
+    }
+
+    /// Classifies a failed transaction, marks the store degraded (or
+    /// stopped) and returns the error every operation in it gets.
+    fn failed(&mut self, e: &rusqlite::Error) -> Error {
+        let (error, reason) = match failure(e) {
+            Failure::Busy => (
+                Error::StorageBusy(format!(
+                    "the database is locked by another process (waited {} ms): {e}",
+                    BUSY_WAIT.as_millis()
+                )),
+                "storage busy: the database is locked by another process".to_owned(),
+            ),
+            Failure::Storage => (
+                Error::Storage(format!("{e}; nothing was stored")),
+                format!("storage error: {e}"),
+            ),
+            Failure::Fsync => {
+                let reason = format!(
+                    "writes stopped: fsync failed ({e}); data the kernel could not write may be lost, \
+                     so no more writes are accepted; check the disk and restart hermod"
+                );
+                self.stopped = Some(reason.clone());
+                (Error::Storage(reason.clone()), reason)
+            }
+        };
+        if self.health.degraded().as_deref() != Some(&reason) {
+            tracing::error!(error = %e, "write failed; the store is degraded: {reason}");
+        }
+        self.health.set_degraded(reason);
+        error
     }
 
     fn apply(&mut self, ops: &[Op], committed: &mut Vec<Committed>) -> rusqlite::Result<()> {
@@ -578,21 +743,21 @@ impl Writer {
                             });
                         }
                     }
-                    Op::Cursor(key, seq) => {
+                    Op::Cursor(key, seq, _) => {
                         upsert_cursor.execute(params![
                             key.channel.as_str(),
                             key.agent.as_str(),
                             *seq as i64
                         ])?;
                     }
-                    Op::Agent(key, seen) => {
+                    Op::Agent(key, seen, _) => {
                         upsert_agent.execute(params![
                             key.channel.as_str(),
                             key.agent.as_str(),
                             seen
                         ])?;
                     }
-                    Op::Subscription(key, pattern, on) => {
+                    Op::Subscription(key, pattern, on, _) => {
                         let sql = if *on {
                             "INSERT OR IGNORE INTO subscriptions (channel, agent, pattern) VALUES (?1, ?2, ?3)"
                         } else {
@@ -604,7 +769,7 @@ impl Writer {
                             pattern
                         ])?;
                     }
-                    Op::Identity { name, identity, .. } => match identity {
+                    Op::Identity(name, identity, _) => match identity {
                         Some(i) => {
                             let globs = |g: &Vec<String>| {
                                 serde_json::to_string(g).expect("strings serialize")
@@ -630,6 +795,12 @@ impl Writer {
                                 .execute(params![name.as_str()])?;
                         }
                     },
+                    Op::Probe => {
+                        tx.prepare_cached(
+                            "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)",
+                        )?
+                        .execute([crate::model::now()])?;
+                    }
                     Op::Close(_) => {}
                 }
             }
@@ -642,69 +813,14 @@ impl Writer {
 mod tests {
     use super::*;
 
-    struct Sink(Mutex<Vec<Seq>>);
-    impl CommitObserver for Sink {
-        fn stamping(&self) {}
-        fn committed(&self, batch: &[Committed]) {
-            self.0
-                .lock()
-                .unwrap()
-                .extend(batch.iter().map(|c| c.message.seq));
-        }
-    }
-
-    fn msg(to: &str, n: i64) -> NewMessage {
-        let body = Body::from_json(format!("{{\"n\":{n}}}")).unwrap();
-        NewMessage {
-            id: format!("id-{n}"),
-            channel: Channel::default(),
-            from: AgentName::parse("a").unwrap(),
-            to: Some(AgentName::parse(to).unwrap()),
-            topic: None,
-            sent_ts: None,
-            auth: Default::default(),
-            body,
-            recipients: vec![AgentName::parse(to).unwrap()],
-        }
-    }
-
     #[tokio::test]
-    async fn append_read_reopen() {
+    async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
-        let sink = Arc::new(Sink(Mutex::default()));
-        let key = InboxKey::new(Channel::default(), AgentName::parse("b").unwrap());
-        {
-            let e = SqliteEngine::open(&path, sink.clone()).unwrap();
-            let mut pending = Vec::new();
-            for n in 0..100 {
-                pending.push(e.submit(vec![msg("b", n)]).await.unwrap());
-            }
-            for p in pending {
-                p.await.unwrap().unwrap();
-            }
-            e.set_cursor(key.clone(), 40).await.unwrap();
-            e.set_cursor(key.clone(), 30).await.unwrap();
-            e.close().await;
-        }
-        assert_eq!(*sink.0.lock().unwrap(), (1..=100).collect::<Vec<_>>());
-        let e = SqliteEngine::open(&path, sink.clone()).unwrap();
-        assert_eq!(e.cursor(&key).unwrap(), 40);
-        let got = e.read_inbox(&key, 40, 1000).unwrap();
-        assert_eq!(got.len(), 60);
-        assert_eq!(got[0].body.as_str(), r#"{"n":40}"#);
-        assert!(got.windows(2).all(|w| w[0].ts < w[1].ts));
-        assert_eq!(e.count_inbox(&key, 90).unwrap(), 10);
-        assert_eq!(e.seq_at_ts(got[5].ts).unwrap(), 46);
-        let next = e
-            .submit(vec![msg("b", 100)])
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(next[0].seq, 101);
-        assert!(next[0].ts > got.last().unwrap().ts);
-        e.close().await;
+        super::super::conformance::run(
+            |observer| Arc::new(SqliteEngine::open(&path, observer).unwrap()),
+            true,
+        )
+        .await;
     }
 }

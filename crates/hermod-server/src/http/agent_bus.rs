@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
@@ -194,6 +196,16 @@ async fn inbox(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     ))
 }
 
-async fn healthz(State(app): State<AppState>) -> Json<Value> {
-    Json(json!({ "ok": true, "now": app.broker.now() }))
+/// `{"ok": true, "status": "ok"}`, or 503 with `"status": "degraded"` and
+/// the reason while the store refuses writes (disk full, locked, stopped).
+async fn healthz(State(app): State<AppState>) -> Response {
+    let now = app.broker.now();
+    match app.broker.degraded() {
+        None => Json(json!({ "ok": true, "status": "ok", "now": now })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ok": false, "status": "degraded", "reason": reason, "now": now })),
+        )
+            .into_response(),
+    }
 }

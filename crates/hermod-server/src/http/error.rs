@@ -49,13 +49,15 @@ impl From<Error> for ApiError {
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::EndpointNotFound(_) => StatusCode::NOT_FOUND,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::StorageBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::ForbiddenSender(_) | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
             Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
         let retry_after = match &e {
             Error::RateLimited { retry_after, .. } => Some(*retry_after),
+            Error::StorageBusy(_) => Some(1.0),
             _ => None,
         };
         if status.is_server_error() {

@@ -365,7 +365,7 @@ mod tests {
     /// known), then answers bob's `/poll` body.
     async fn broadcast_then_poll(body: &str) -> String {
         let app = AppState {
-            broker: Broker::open_memory().unwrap(),
+            broker: Broker::open_memory().await.unwrap(),
             config: Arc::new(HttpConfig::new(([127, 0, 0, 1], 0).into())),
             shutdown: tokio_util::sync::CancellationToken::new(),
             relay: RelayHub::default(),

@@ -255,6 +255,7 @@ impl Reader {
                     .await
             }
             Request::Ping => self.send(ServerFrame::Pong).await,
+            Request::Status => self.send(ServerFrame::status(self.broker.degraded())).await,
             Request::Message(env) => self.submit(env, false, &caller).await,
             Request::Send(env) => self.submit(env, true, &caller).await,
             Request::ListEndpoints => {

@@ -7,6 +7,8 @@ use anyhow::Result;
 use crate::cli::{ClientArgs, DataDirArgs, ServeArgs};
 use crate::daemon;
 
+/// Exit code of `status` when the daemon runs but its store refuses writes.
+const EXIT_DEGRADED: u8 = 1;
 /// Exit code of `status` when no daemon runs (as LSB init scripts).
 const EXIT_NOT_RUNNING: u8 = 3;
 
@@ -71,15 +73,22 @@ pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     println!("hermod is running (pid {pid})");
     println!("data dir: {}", dir.display());
     println!("socket:   {}", socket.display());
-    let endpoints = super::runtime()?.block_on(async {
-        hermod_client::Connection::connect(&socket)
-            .await?
-            .list_endpoints()
-            .await
+    let (degraded, endpoints) = super::runtime()?.block_on(async {
+        let mut c = hermod_client::Connection::connect(&socket).await?;
+        anyhow::Ok((c.degraded().await?, c.list_endpoints().await?))
     })?;
+    match &degraded {
+        None => println!("store:    ok"),
+        Some(reason) => println!("store:    degraded: {reason}"),
+    }
     println!("connected endpoints: {}", endpoints.len());
     for (name, session) in endpoints {
         println!("  {name}  (session {session})");
     }
-    Ok(ExitCode::SUCCESS)
+    // Running but not accepting writes is not a success.
+    Ok(if degraded.is_some() {
+        ExitCode::from(EXIT_DEGRADED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

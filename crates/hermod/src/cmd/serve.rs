@@ -42,10 +42,11 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     };
     runtime.block_on(async {
         let broker = if args.memory {
-            Broker::open_memory_with(trust())?
+            Broker::open_memory_with(trust()).await?
         } else {
             let db = dir.join(DB_FILE);
             Broker::open_sqlite_with(&db, trust())
+                .await
                 .with_context(|| format!("cannot open {}", db.display()))?
         };
         let mut unix = UnixConfig::new(socket.clone());

@@ -44,8 +44,21 @@ impl Daemon {
         Self::start_inner(args, envs, None)
     }
 
+    /// Starts with extra `serve` flags on the data directory `dir`.
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        Self::start_dir(dir, args, &[], None)
+    }
+
     fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_dir(tempfile::tempdir().unwrap(), args, envs, config)
+    }
+
+    fn start_dir(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        config: Option<&str>,
+    ) -> Self {
         if let Some(config) = config {
             std::fs::write(dir.path().join("config.toml"), config).unwrap();
         }

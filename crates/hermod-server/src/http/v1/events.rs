@@ -49,7 +49,8 @@ pub(super) struct PublishReceipt {
         (status = 200, description = "Accepted (durable when asked)", body = PublishReceipt),
         (status = 400, description = "Invalid request or topic", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn publish_event(
@@ -181,7 +182,8 @@ pub(super) async fn list_subscriptions(
         (status = 200, description = "Durable subscriptions after adding", body = Subscriptions),
         (status = 400, description = "Invalid name or pattern", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn add_subscription(
@@ -208,7 +210,8 @@ pub(super) async fn add_subscription(
         (status = 200, description = "Durable subscriptions after removing", body = Subscriptions),
         (status = 400, description = "Invalid name", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn remove_subscription(

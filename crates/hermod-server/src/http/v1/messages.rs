@@ -53,7 +53,8 @@ pub(super) struct SendReceipt {
         (status = 200, description = "Durable", body = SendReceipt),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn send_message(
@@ -162,7 +163,8 @@ pub(super) struct InboxPage {
     responses(
         (status = 200, description = "Messages after `after`, oldest first", body = InboxPage),
         (status = 400, description = "Invalid name or parameter", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn read_inbox(
@@ -240,7 +242,8 @@ pub(super) struct AckReply {
         (status = 200, description = "The cursor after the acknowledgement", body = AckReply),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
-        (status = 503, description = "Shutting down", body = ErrorBody),
+        (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
+        (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),
     )
 )]
 pub(super) async fn ack(

@@ -113,6 +113,7 @@ pub(super) async fn ws_request(
     };
     let reply = match request {
         Request::Ping => Ok(ServerFrame::Pong),
+        Request::Status => Ok(ServerFrame::status(app.broker.degraded())),
         Request::Send(mut env) | Request::Message(mut env) => {
             env.from = env.from.or_else(|| Some(key.agent.clone()));
             let id = env.id.clone();

@@ -1,0 +1,195 @@
+//! The engine conformance suite: what every [`Engine`] must do, as one
+//! test that each engine runs against itself (`memory` and `sqlite` in
+//! their own test modules; a distributed engine in its crate's tests).
+//!
+//! [`run`] takes a factory that opens the engine under test with a given
+//! commit observer. For a `persistent` engine it is called again on the
+//! same store after [`Engine::close`], and everything acknowledged must
+//! be there.
+
+use std::sync::{Arc, Mutex};
+
+use super::{CommitObserver, Committed, Engine};
+use crate::auth::IdentitySpec;
+use crate::model::{AgentName, Body, Channel, InboxKey, NewMessage, Seq};
+
+/// Records what the engine reports.
+#[derive(Default)]
+pub struct Recorder {
+    /// Every committed seq, in report order.
+    pub seqs: Mutex<Vec<Seq>>,
+}
+
+impl CommitObserver for Recorder {
+    fn stamping(&self) {}
+
+    fn committed(&self, batch: &[Committed]) {
+        self.seqs
+            .lock()
+            .unwrap()
+            .extend(batch.iter().map(|c| c.message.seq));
+    }
+}
+
+fn name(s: &str) -> AgentName {
+    AgentName::parse(s).unwrap()
+}
+
+/// A direct message `n` to `to` (or a topic event when `topic` is set).
+pub fn message(to: &str, n: u64, topic: Option<&str>) -> NewMessage {
+    NewMessage {
+        id: format!("id-{n}"),
+        channel: Channel::default(),
+        from: name("sender"),
+        to: topic.is_none().then(|| name(to)),
+        topic: topic.map(str::to_owned),
+        sent_ts: None,
+        auth: Default::default(),
+        body: Body::from_json(format!("{{\"n\":{n}}}")).unwrap(),
+        recipients: vec![name(to)],
+    }
+}
+
+/// Runs the whole suite. `open` opens the engine under test (on the same
+/// store each time, for a `persistent` engine).
+pub async fn run<F>(open: F, persistent: bool)
+where
+    F: Fn(Arc<dyn CommitObserver>) -> Arc<dyn Engine>,
+{
+    let recorder = Arc::new(Recorder::default());
+    let e = open(recorder.clone());
+    let bob = InboxKey::new(Channel::default(), name("bob"));
+    let eve = InboxKey::new(Channel::default(), name("eve"));
+
+    // Append: seq is the engine's, ascending from 1, ts strictly ascending;
+    // batches keep submission order; the observer saw each commit before
+    // its acknowledgement resolved.
+    let mut pending = Vec::new();
+    for n in 1..=50 {
+        let mut batch = vec![message("bob", n, None)];
+        if n % 10 == 0 {
+            batch.push(message("eve", 1000 + n, Some("work.done")));
+        }
+        pending.push(e.submit(batch).await.unwrap());
+    }
+    let mut acked = Vec::new();
+    for p in pending {
+        let stored = p.await.unwrap().unwrap();
+        for m in &stored {
+            assert!(
+                recorder.seqs.lock().unwrap().contains(&m.seq),
+                "seq {} acknowledged before the observer saw it",
+                m.seq
+            );
+        }
+        acked.extend(stored);
+    }
+    assert_eq!(
+        acked.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=55).collect::<Vec<_>>()
+    );
+    assert!(acked.windows(2).all(|w| w[0].ts < w[1].ts), "ts ascends");
+    assert_eq!(*recorder.seqs.lock().unwrap(), (1..=55).collect::<Vec<_>>());
+    assert_eq!(e.last().await.unwrap(), (55, acked[54].ts));
+
+    // Reads: by seq, bounded, per inbox and per channel's topics.
+    let inbox = e.read_inbox(&bob, 0, 1000).await.unwrap();
+    assert_eq!(inbox.len(), 50);
+    assert_eq!(inbox[0].body.as_str(), r#"{"n":1}"#);
+    let page = e.read_inbox(&bob, inbox[9].seq, 5).await.unwrap();
+    assert_eq!(page.len(), 5);
+    assert_eq!(page[0].body.as_str(), r#"{"n":11}"#);
+    assert_eq!(e.count_inbox(&bob, inbox[39].seq).await.unwrap(), 10);
+    let topics = e.read_topics(&Channel::default(), 0, 100).await.unwrap();
+    assert_eq!(topics.len(), 5);
+    assert!(topics
+        .iter()
+        .all(|m| m.topic.as_deref() == Some("work.done")));
+    let other = Channel::parse("other").unwrap();
+    assert!(e.read_topics(&other, 0, 100).await.unwrap().is_empty());
+    assert_eq!(e.read_inbox(&eve, 0, 100).await.unwrap().len(), 5);
+
+    // `since=ts`: the last seq at or before a ts, 0 before the first.
+    assert_eq!(e.seq_at_ts(acked[20].ts).await.unwrap(), acked[20].seq);
+    assert_eq!(e.seq_at_ts(acked[0].ts - 1.0).await.unwrap(), 0);
+    assert_eq!(e.seq_at_ts(f64::MAX).await.unwrap(), 55);
+
+    // Cursors only move forward.
+    assert_eq!(e.cursor(&bob).await.unwrap(), 0);
+    e.set_cursor(bob.clone(), 40).await.unwrap();
+    e.set_cursor(bob.clone(), 30).await.unwrap();
+    assert_eq!(e.cursor(&bob).await.unwrap(), 40);
+
+    // Registry, subscriptions and identities, each durable on resolve.
+    e.remember_agent(bob.clone(), 1.0).await.unwrap();
+    e.remember_agent(bob.clone(), 5.0).await.unwrap();
+    e.remember_agent(bob.clone(), 3.0).await.unwrap();
+    e.set_subscription(eve.clone(), "work.**".into(), true)
+        .await
+        .unwrap();
+    e.set_subscription(eve.clone(), "tmp.*".into(), true)
+        .await
+        .unwrap();
+    e.set_subscription(eve.clone(), "tmp.*".into(), false)
+        .await
+        .unwrap();
+    let (alice, _token) = IdentitySpec {
+        name: "alice".into(),
+        ..IdentitySpec::default()
+    }
+    .issue()
+    .unwrap();
+    let (gone, _) = IdentitySpec {
+        name: "gone".into(),
+        ..IdentitySpec::default()
+    }
+    .issue()
+    .unwrap();
+    e.set_identity(name("alice"), Some(alice.clone()))
+        .await
+        .unwrap();
+    e.set_identity(name("gone"), Some(gone)).await.unwrap();
+    e.set_identity(name("gone"), None).await.unwrap();
+
+    let after_cursor = inbox.iter().filter(|m| m.seq > 40).count();
+    let (bob, eve, alice) = (&bob, &eve, &alice);
+    let check = |e: Arc<dyn Engine>| async move {
+        let agents = e.agents().await.unwrap();
+        let b = agents.iter().find(|a| &a.key == bob).expect("bob is known");
+        assert_eq!((b.first_seen, b.last_seen), (1.0, 5.0));
+        assert_eq!(
+            e.subscriptions().await.unwrap(),
+            vec![(eve.clone(), "work.**".to_owned())]
+        );
+        let ids = e.identities().await.unwrap();
+        assert_eq!(ids.len(), 1);
+        assert_eq!(
+            (ids[0].name.as_str(), &ids[0].token_hash),
+            ("alice", &alice.token_hash)
+        );
+        assert_eq!(e.cursor(bob).await.unwrap(), 40);
+        assert_eq!(
+            e.read_inbox(bob, 40, 100).await.unwrap().len(),
+            after_cursor
+        );
+        assert!(e.health().degraded().is_none());
+        e
+    };
+    let e = check(e).await;
+    if persistent {
+        e.close().await;
+        drop(e);
+        let e = check(open(Arc::new(Recorder::default()))).await;
+        // The log goes on after the newest stored seq and ts.
+        let next = e
+            .submit(vec![message("bob", 56, None)])
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next[0].seq, 56);
+        assert!(next[0].ts > acked[54].ts);
+        e.close().await;
+    }
+}

@@ -1,0 +1,266 @@
+//! Honest failure: a full disk and a database locked by another process
+//! get clear errors (`storage_error` 507, `storage_busy` 503), `/healthz`
+//! says `degraded` while it lasts, reads keep working, writes resume by
+//! themselves, and every acknowledged message survives a restart.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::Daemon;
+
+/// A small tmpfs mounted for one test (the tests run as root), unmounted
+/// on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `POST /v1/messages` to `sink`; the status and the JSON answer.
+async fn send(http: &reqwest::Client, base: &str, id: &str, pad: usize) -> (u16, Value) {
+    let body = json!({"from": "writer", "to": "sink", "id": id,
+                      "body": {"pad": "x".repeat(pad)}});
+    let r = http
+        .post(format!("{base}/v1/messages"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
+    let r = http.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Every message id in `sink`'s inbox, read in pages.
+async fn inbox_ids(http: &reqwest::Client, base: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut after = 0;
+    loop {
+        let (status, page) = get(
+            http,
+            format!("{base}/v1/agents/sink/inbox?after={after}&limit=1000"),
+        )
+        .await;
+        assert_eq!(status, 200, "{page}");
+        let messages = page["messages"].as_array().unwrap().clone();
+        let Some(last) = messages.last() else {
+            return ids;
+        };
+        after = last["seq"].as_u64().unwrap();
+        ids.extend(
+            messages
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned()),
+        );
+    }
+}
+
+/// Fills the file system under `dir` to the last byte.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    // Smaller pieces into whatever the last chunk did not fit.
+    while f.write_all(&chunk[..512]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn a_full_disk_refuses_sends_keeps_reads_and_recovers_by_itself() {
+    let fs = Tmpfs::mount("24m");
+    let data = tempfile::tempdir_in(fs.path()).unwrap();
+    let mut d = Daemon::start_in(data, &[]);
+    let rt = runtime();
+    let http = reqwest::Client::new();
+    let mut acked: Vec<String> = Vec::new();
+    rt.block_on(async {
+        for n in 0..20 {
+            let id = format!("before-{n}");
+            let (status, r) = send(&http, &d.http, &id, 100).await;
+            assert_eq!(status, 200, "{r}");
+            acked.push(id);
+        }
+        let filler = fill(fs.path());
+        // The WAL may still have room for a few; large bodies outgrow it.
+        let mut refused = None;
+        for n in 0..400 {
+            let id = format!("full-{n}");
+            match send(&http, &d.http, &id, 256 << 10).await {
+                (200, _) => acked.push(id),
+                (status, r) => {
+                    refused = Some((status, r));
+                    break;
+                }
+            }
+        }
+        let (status, r) = refused.expect("a full disk refused nothing");
+        assert_eq!(
+            (status, r["code"].as_str()),
+            (507, Some("storage_error")),
+            "{r}"
+        );
+        let (status, health) = get(&http, format!("{}/healthz", d.http)).await;
+        assert_eq!(status, 503, "{health}");
+        assert_eq!(health["status"], "degraded");
+        assert!(
+            health["reason"].as_str().unwrap().contains("full"),
+            "{health}"
+        );
+        let status_cli = d.cli(&["status"]);
+        let text = String::from_utf8_lossy(&status_cli.stdout).into_owned();
+        assert!(
+            !status_cli.status.success() && text.contains("degraded"),
+            "{text}"
+        );
+        // Reads keep working while writes are refused.
+        let ids = inbox_ids(&http, &d.http).await;
+        assert_eq!(ids, acked, "every acknowledged message is readable");
+
+        // Space returns: the probe clears the state, sends work again.
+        std::fs::remove_file(filler).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, health) = get(&http, format!("{}/healthz", d.http)).await;
+            if status == 200 {
+                assert_eq!(health["status"], "ok");
+                break;
+            }
+            assert!(Instant::now() < deadline, "still degraded: {health}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for n in 0..5 {
+            let id = format!("after-{n}");
+            let (status, r) = send(&http, &d.http, &id, 100).await;
+            assert_eq!(status, 200, "{r}");
+            acked.push(id);
+        }
+    });
+    d.stop();
+    d.spawn();
+    let ids = rt.block_on(inbox_ids(&http, &d.http));
+    assert_eq!(
+        ids, acked,
+        "after a restart, every acknowledged message is there"
+    );
+}
+
+#[test]
+fn a_database_locked_by_another_process_answers_storage_busy_in_bounded_time() {
+    let mut d = Daemon::start();
+    let rt = runtime();
+    let http = reqwest::Client::new();
+    let mut acked = Vec::new();
+    rt.block_on(async {
+        for n in 0..5 {
+            let id = format!("before-{n}");
+            assert_eq!(send(&http, &d.http, &id, 10).await.0, 200);
+            acked.push(id);
+        }
+    });
+    // A second process takes the write lock and holds it for 10 s.
+    let db = d.data_dir().join("hermod.db");
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(10)\n\
+             c.execute('COMMIT')\n",
+        ])
+        .arg(&db)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let locked_at = Instant::now();
+    rt.block_on(async {
+        let mut busy = 0;
+        // Every send while the lock is held is answered, quickly, with
+        // `storage_busy`; none hangs for the lock's whole 10 s.
+        while locked_at.elapsed() < Duration::from_secs(7) {
+            let started = Instant::now();
+            let id = format!("during-{busy}");
+            let (status, r) = send(&http, &d.http, &id, 10).await;
+            let took = started.elapsed();
+            assert!(took < Duration::from_secs(3), "a send waited {took:?}");
+            assert_eq!(
+                (status, r["code"].as_str()),
+                (503, Some("storage_busy")),
+                "{r}"
+            );
+            busy += 1;
+        }
+        assert!(busy >= 3, "only {busy} sends in 7 s");
+        let (status, health) = get(&http, format!("{}/healthz", d.http)).await;
+        assert_eq!((status, health["status"].as_str()), (503, Some("degraded")));
+        assert!(
+            health["reason"].as_str().unwrap().contains("locked"),
+            "{health}"
+        );
+        // Reads work meanwhile (WAL readers do not need the write lock).
+        assert_eq!(inbox_ids(&http, &d.http).await, acked);
+    });
+    assert!(holder.wait().unwrap().success());
+    rt.block_on(async {
+        let (status, r) = send(&http, &d.http, "after", 10).await;
+        assert_eq!(status, 200, "{r}");
+        acked.push("after".into());
+        let (status, _) = get(&http, format!("{}/healthz", d.http)).await;
+        assert_eq!(status, 200);
+    });
+    d.stop();
+    d.spawn();
+    assert_eq!(rt.block_on(inbox_ids(&http, &d.http)), acked);
+}
