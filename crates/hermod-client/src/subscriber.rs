@@ -130,6 +130,7 @@ async fn session(
             endpoint: endpoint.to_owned(),
             channel: channel.clone(),
             ack: Some(AckMode::Explicit),
+            gaps: None,
         })
         .await?;
     if !matches!(reply, ServerFrame::Registered { .. }) {

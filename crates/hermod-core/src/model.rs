@@ -206,6 +206,15 @@ impl<'de> Deserialize<'de> for Body {
 /// Log position. Strictly increasing across the bus; 0 means "before the first".
 pub type Seq = u64;
 
+/// A reader asked to resume after `after`, but retention already removed
+/// that view's messages up to `pruned_through`: whatever lay in between
+/// is gone, and the read went on from there. Put on the wire as is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub after: Seq,
+    pub pruned_through: Seq,
+}
+
 /// An inbox is the log filtered for one agent on one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InboxKey {

@@ -72,6 +72,10 @@ pub enum ClientFrame {
         channel: Option<String>,
         #[serde(skip_serializing_if = "Option::is_none")]
         ack: Option<AckMode>,
+        /// Extension: also send `gap` frames when retention removed
+        /// messages this connection would have received.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gaps: Option<bool>,
     },
     Ping,
     /// The daemon's health.
@@ -163,6 +167,8 @@ pub enum Request {
         endpoint: AgentName,
         channel: Channel,
         ack: AckMode,
+        /// The client wants `gap` frames.
+        gaps: bool,
     },
     Ping,
     /// Extension: the daemon's health (`status` reply).
@@ -213,6 +219,7 @@ struct RawFrame<'a> {
     endpoint: Option<String>,
     channel: Option<String>,
     ack: Option<AckMode>,
+    gaps: Option<bool>,
     to: Option<String>,
     from: Option<String>,
     id: Option<Value>,
@@ -272,6 +279,7 @@ pub fn parse_client_frame_with_token(
             endpoint: AgentName::parse(frame.endpoint.ok_or_else(|| missing("endpoint"))?)?,
             channel: parse_channel(frame.channel)?,
             ack: frame.ack.unwrap_or_default(),
+            gaps: frame.gaps.unwrap_or(false),
         },
         "ping" => Request::Ping,
         "status" => Request::Status,
@@ -468,6 +476,10 @@ pub enum ServerFrame {
         reason: Option<String>,
     },
     Message(MessageFrame),
+    /// Retention removed messages this reader asked for (from `after` up
+    /// to `pruned_through`); delivery goes on after them. Unix clients get
+    /// it only if they asked at `register` (`gaps: true`).
+    Gap(crate::model::Gap),
     EndpointsList {
         endpoints: BTreeMap<String, String>,
     },
@@ -478,6 +490,9 @@ pub enum ServerFrame {
     InboxPage {
         messages: Vec<MessageFrame>,
         cursor: Seq,
+        /// Retention removed messages after `after` (see [`ServerFrame::Gap`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gap: Option<crate::model::Gap>,
     },
     /// Reply to `publish`: `seq`/`ts` once durable (`durable: true`), else
     /// only the id (the event is queued for the next commit).

@@ -255,6 +255,22 @@ pub struct ServeArgs {
     /// Seconds to wait for the next piece of a request body; then 408.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub http_body_timeout: u64,
+    // Retention (also `[retention]` in config.toml; a flag wins; `0` or
+    // `off` keeps everything).
+    /// Messages older than this are removed [default: 30d; config: age].
+    #[arg(long, value_name = "DURATION")]
+    pub retention_age: Option<String>,
+    /// Newest messages kept per inbox [default: 100000; config: messages].
+    #[arg(long, value_name = "N")]
+    pub retention_messages: Option<String>,
+    /// Size the whole store is kept under, oldest removed first
+    /// [default: 10GiB; config: bytes].
+    #[arg(long, value_name = "SIZE")]
+    pub retention_bytes: Option<String>,
+    /// Topic events leave topic streams after this [default: 7d; config:
+    /// topic_age]; durable subscribers keep theirs by the inbox rules.
+    #[arg(long, value_name = "DURATION")]
+    pub retention_topic_age: Option<String>,
 }
 
 impl ServeArgs {

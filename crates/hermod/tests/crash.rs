@@ -116,6 +116,7 @@ fn kill_9_at_random_points_loses_no_acknowledged_message() {
             endpoint: "sink".into(),
             channel: None,
             ack: Some(AckMode::Explicit),
+            gaps: None,
         })
         .await
         .unwrap();

@@ -38,6 +38,7 @@ async fn hooks_get_the_message_json_and_a_hanging_hook_delays_nothing() {
         endpoint: "woken".into(),
         channel: None,
         ack: Some(AckMode::Auto),
+        gaps: None,
     })
     .await
     .unwrap();

@@ -264,3 +264,12 @@ fn a_database_locked_by_another_process_answers_storage_busy_in_bounded_time() {
     d.spawn();
     assert_eq!(rt.block_on(inbox_ids(&http, &d.http)), acked);
 }
+
+/// `--retention-messages 100`: 500 messages to one agent, and every
+/// reader from the start gets the newest 100 and a gap (v1 read, v1 SSE,
+/// interop SSE, agent-bus `/recv`, a Unix client that opted in).
+#[test]
+fn retention_keeps_the_newest_and_every_reader_is_told_of_the_gap() {
+    let d = Daemon::start_with(&["--retention-messages", "100"], &[]);
+    println!("{}", crate::support::run_python(&d, "retention.py"));
+}

@@ -32,6 +32,7 @@ async fn register(d: &Daemon, name: &str, ack: AckMode) -> Connection {
             endpoint: name.into(),
             channel: None,
             ack: Some(ack),
+            gaps: None,
         })
         .await
         .unwrap();

@@ -13,16 +13,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::model::{AgentName, Channel, InboxKey, Message, Seq};
+use crate::model::{AgentName, Message, Seq};
 
-/// A filtered view of the log.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ViewKey {
-    /// One agent's inbox on one channel.
-    Inbox(InboxKey),
-    /// Every topic event published on a channel.
-    Topics(Channel),
-}
+pub use crate::engine::View as ViewKey;
 
 /// Messages kept in memory per inbox.
 pub const TAIL_LEN: usize = 512;
@@ -40,6 +33,8 @@ pub(crate) struct InboxView {
 #[derive(Default)]
 pub(crate) struct Inboxes {
     views: HashMap<ViewKey, InboxView>,
+    /// Retention's mark per view: everything at or below it is gone.
+    pruned: HashMap<ViewKey, Seq>,
     /// Newest seq per agent over all its channels (for `channel=*` readers).
     agents: HashMap<AgentName, watch::Sender<Seq>>,
 }
@@ -90,6 +85,24 @@ impl Inboxes {
     /// A receiver that changes whenever view `key` grows.
     pub(crate) fn watch(&mut self, key: &ViewKey, committed: Seq) -> watch::Receiver<Seq> {
         self.view(key, committed).newest.subscribe()
+    }
+
+    /// How far retention pruned view `key` (0: never).
+    pub(crate) fn pruned(&self, key: &ViewKey) -> Seq {
+        self.pruned.get(key).copied().unwrap_or(0)
+    }
+
+    /// Retention removed view `key` up to `seq`: the tail drops it too.
+    pub(crate) fn set_pruned(&mut self, key: ViewKey, seq: Seq) {
+        if let Some(view) = self.views.get_mut(&key) {
+            while view.tail.front().is_some_and(|m| m.seq <= seq) {
+                let old = view.tail.pop_front().expect("front exists");
+                view.bytes -= old.body.as_str().len();
+            }
+            view.floor = view.floor.max(seq);
+        }
+        let mark = self.pruned.entry(key).or_default();
+        *mark = (*mark).max(seq);
     }
 
     /// Serves a read from memory if the tail covers it.

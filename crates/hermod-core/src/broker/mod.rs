@@ -25,9 +25,9 @@ pub use registry::{AgentInfo, Connection};
 use crate::auth::{self, AuthMode, Caller, Identity, IdentitySpec, RateLimit, Trust};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
-use crate::engine::{CommitObserver, Committed, Durable, Engine};
+use crate::engine::{CommitObserver, Committed, Durable, Engine, Retention};
 use crate::error::{Error, Result};
-use crate::model::{self, AgentName, Body, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
 use crate::wire::Envelope;
 use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
@@ -53,6 +53,10 @@ struct Shared {
     presence: broadcast::Sender<Presence>,
     /// Engine commits that stored messages (batch size = messages / commits).
     commits: AtomicU64,
+    /// Reads told that retention removed part of what they asked for.
+    gaps: AtomicU64,
+    /// Messages retention removed since start.
+    pruned: AtomicU64,
 }
 
 /// An agent connected: a live notice for whoever is listening now.
@@ -126,6 +130,17 @@ impl CommitObserver for Shared {
         }
     }
 }
+
+/// What a read returns: messages, and the gap before them when retention
+/// removed some of what the reader asked for.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub messages: Vec<Arc<Message>>,
+    pub gap: Option<Gap>,
+}
+
+/// How often the retention task looks for work.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A committed message as a tap sees it: with the inboxes it landed in.
 #[derive(Debug, Clone)]
@@ -215,9 +230,12 @@ impl Broker {
             stamping: AtomicBool::new(false),
             presence: broadcast::channel(PRESENCE_BUFFER).0,
             commits: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            pruned: AtomicU64::new(0),
         });
         let engine = make(shared.clone())?;
         let last = engine.last().await?;
+        let floors = engine.floors().await?;
         let agents = engine.agents().await?;
         let subscriptions = engine.subscriptions().await?;
         for identity in engine.identities().await? {
@@ -226,6 +244,9 @@ impl Broker {
         {
             let mut state = shared.state.lock().unwrap();
             state.committed = last;
+            for (view, seq) in floors {
+                state.inboxes.set_pruned(view, seq);
+            }
             for a in agents {
                 state.registry.know(&a.key, a.first_seen, a.last_seen);
             }
@@ -432,57 +453,52 @@ impl Broker {
         stored.into_iter().next().ok_or(Error::ShuttingDown)
     }
 
-    /// Up to `limit` messages of `key`'s inbox after `after`, oldest first.
-    pub async fn read(
-        &self,
-        key: &InboxKey,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    /// Up to `limit` messages of `key`'s inbox after `after`, oldest
+    /// first, with the gap if retention removed some of what was asked.
+    pub async fn read(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Batch> {
         self.read_view(&ViewKey::Inbox(key.clone()), after, limit)
             .await
     }
 
     /// Up to `limit` topic events of `channel` after `after`, oldest first.
-    pub async fn read_topics(
-        &self,
-        channel: &Channel,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    pub async fn read_topics(&self, channel: &Channel, after: Seq, limit: usize) -> Result<Batch> {
         self.read_view(&ViewKey::Topics(channel.clone()), after, limit)
             .await
     }
 
-    /// Reads a view from its hot tail when it covers `after`, else from the log.
-    async fn read_view(
-        &self,
-        key: &ViewKey,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
-        {
+    /// Reads a view from its hot tail when it covers `after`, else from
+    /// the log; never from before retention's mark, which it reports.
+    async fn read_view(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
+        let (cached, mut pruned) = {
             let state = self.shared.state.lock().unwrap();
-            if let Some(hit) = state
+            let pruned = state.inboxes.pruned(key);
+            let start = after.max(pruned);
+            let cached = state
                 .inboxes
-                .read_cached(key, after, limit, state.committed.0)
-            {
-                return Ok(hit);
+                .read_cached(key, start, limit, state.committed.0);
+            (cached, pruned)
+        };
+        let messages = match cached {
+            Some(hit) => hit,
+            None => {
+                let page = self.engine.read(key, after.max(pruned), limit).await?;
+                pruned = pruned.max(page.pruned);
+                page.messages
             }
+        };
+        let gap = (after < pruned).then_some(Gap {
+            after,
+            pruned_through: pruned,
+        });
+        if gap.is_some() {
+            self.shared.gaps.fetch_add(1, Ordering::Relaxed);
         }
-        match key {
-            ViewKey::Inbox(k) => self.engine.read_inbox(k, after, limit).await,
-            ViewKey::Topics(c) => self.engine.read_topics(c, after, limit).await,
-        }
+        Ok(Batch { messages, gap })
     }
 
-    /// Up to `limit` messages for `agent` on every channel after `after`.
-    pub async fn read_agent(
-        &self,
-        agent: &AgentName,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    /// Up to `limit` messages for `agent` on every channel after `after`
+    /// (the widest gap of any of its inboxes, if any).
+    pub async fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Batch> {
         let channels = self
             .shared
             .state
@@ -490,13 +506,20 @@ impl Broker {
             .unwrap()
             .registry
             .channels_of(agent);
-        let mut all = Vec::new();
+        let mut all = Batch::default();
         for channel in channels {
             let key = InboxKey::new(channel, agent.clone());
-            all.extend(self.read(&key, after, limit).await?);
+            let batch = self.read(&key, after, limit).await?;
+            all.messages.extend(batch.messages);
+            if let Some(gap) = batch.gap {
+                let widest = all.gap.map_or(0, |g| g.pruned_through);
+                if gap.pruned_through > widest {
+                    all.gap = Some(gap);
+                }
+            }
         }
-        all.sort_by_key(|m| m.seq);
-        all.truncate(limit);
+        all.messages.sort_by_key(|m| m.seq);
+        all.messages.truncate(limit);
         Ok(all)
     }
 
@@ -530,55 +553,48 @@ impl Broker {
     }
 
     /// `key`'s inbox after `after` as a stream of batches: first what is
-    /// there, then each new commit as it lands. Never ends by itself.
+    /// there, then each new commit as it lands. Never ends by itself. A
+    /// batch carries a gap whenever retention overtook the stream.
     pub fn follow(
         &self,
         key: InboxKey,
         after: Seq,
-    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
+    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
         self.follow_view(ViewKey::Inbox(key), after)
     }
 
     /// The topic events of `channel` matching `pattern` after `after`, for
     /// `caller` (within its `may_subscribe` rule), as batches that are never
-    /// empty: what every live pattern subscriber reads.
+    /// empty (a gap alone counts): what every live pattern subscriber reads.
     pub fn follow_pattern(
         &self,
         caller: &Caller,
         channel: Channel,
         pattern: &str,
         after: Seq,
-    ) -> Result<impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static> {
+    ) -> Result<impl futures::Stream<Item = Result<Batch>> + Send + 'static> {
         use futures::StreamExt;
         let parsed = Pattern::parse(pattern)?;
         self.trust.may_subscribe(caller, &channel, pattern)?;
-        Ok(self.follow_topics(channel, after).filter_map(move |batch| {
-            let kept = batch.map(|b| {
-                b.into_iter()
-                    .filter(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)))
-                    .collect::<Vec<_>>()
+        let events = self.follow_view(ViewKey::Topics(channel), after);
+        Ok(events.filter_map(move |batch| {
+            let kept = batch.map(|mut b| {
+                b.messages
+                    .retain(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)));
+                b
             });
             futures::future::ready(match kept {
-                Ok(b) if b.is_empty() => None,
+                Ok(b) if b.messages.is_empty() && b.gap.is_none() => None,
                 other => Some(other),
             })
         }))
-    }
-
-    /// [`Broker::follow`] for the topic events of `channel`.
-    fn follow_topics(
-        &self,
-        channel: Channel,
-        after: Seq,
-    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
-        self.follow_view(ViewKey::Topics(channel), after)
     }
 
     fn follow_view(
         &self,
         key: ViewKey,
         after: Seq,
-    ) -> impl futures::Stream<Item = Result<Vec<Arc<Message>>>> + Send + 'static {
+    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
         // Subscribed before the first read, so no commit falls in between.
         let newest = self.watch_view(&key);
         let state = (self.clone(), key, after, newest);
@@ -587,9 +603,14 @@ impl Broker {
             |(broker, key, mut position, mut newest)| async move {
                 loop {
                     match broker.read_view(&key, position, FOLLOW_BATCH).await {
-                        Ok(batch) if batch.is_empty() => newest.changed().await.ok()?,
+                        Ok(batch) if batch.messages.is_empty() && batch.gap.is_none() => {
+                            newest.changed().await.ok()?
+                        }
                         Ok(batch) => {
-                            position = batch.last().map_or(position, |m| m.seq);
+                            if let Some(gap) = batch.gap {
+                                position = position.max(gap.pruned_through);
+                            }
+                            position = batch.messages.last().map_or(position, |m| m.seq);
                             return Some((Ok(batch), (broker, key, position, newest)));
                         }
                         Err(e) => return Some((Err(e), (broker, key, position, newest))),
@@ -832,6 +853,60 @@ impl Broker {
         Ok(())
     }
 
+    /// Applies `rules` from now on: a background task prunes in bounded
+    /// steps (each one engine write, so sends interleave), and moves the
+    /// views' marks so readers that start before them are told.
+    pub fn start_retention(&self, rules: Retention) {
+        if rules == Retention::default() {
+            return;
+        }
+        // Weak: the task ends with the broker.
+        let shared = Arc::downgrade(&self.shared);
+        let engine = Arc::downgrade(&self.engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                loop {
+                    let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
+                        return;
+                    };
+                    match engine.prune(&rules, model::now()).await {
+                        Ok(step) => {
+                            shared.pruned.fetch_add(step.removed, Ordering::Relaxed);
+                            if !step.floors.is_empty() {
+                                let mut state = shared.state.lock().unwrap();
+                                for (view, seq) in step.floors {
+                                    state.inboxes.set_pruned(view, seq);
+                                }
+                            }
+                            if !step.more {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        Err(Error::ShuttingDown) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "retention step failed; retrying later");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Reads told of a gap since start.
+    pub fn gaps(&self) -> u64 {
+        self.shared.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Messages retention removed since start.
+    pub fn pruned(&self) -> u64 {
+        self.shared.pruned.load(Ordering::Relaxed)
+    }
+
     /// Lets queued writes finish. Call once at shutdown.
     pub async fn close(&self) {
         self.engine.close().await;
@@ -909,10 +984,13 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            let got = b.read(&key_b, 0, 10).await.unwrap();
+            let got = b.read(&key_b, 0, 10).await.unwrap().messages;
             assert_eq!(got.len(), 2);
             let key_c = InboxKey::new(Channel::default(), name("c"));
-            assert!(b.read(&key_c, 0, 10).await.unwrap().is_empty(), "no echo");
+            assert!(
+                b.read(&key_c, 0, 10).await.unwrap().messages.is_empty(),
+                "no echo"
+            );
             assert_eq!(b.endpoints().len(), 1);
         }
     }
@@ -958,7 +1036,8 @@ mod tests {
         let read = b
             .read(&InboxKey::new(Channel::default(), name("bob")), 0, 10)
             .await
-            .unwrap();
+            .unwrap()
+            .messages;
         assert_eq!(read[0].auth, model::Auth::Token, "auth survives the log");
         // Rotating closes the agent's sessions and retires the old token.
         let s = b
@@ -1035,12 +1114,16 @@ mod tests {
                 .unwrap()
                 .unwrap();
             }
-            let inbox = b.read(&dash, 0, 10).await.unwrap();
+            let inbox = b.read(&dash, 0, 10).await.unwrap().messages;
             assert_eq!(inbox.len(), 1);
             let env = inbox[0].body.to_map();
             assert_eq!(env["type"], "tui.tool.start");
             assert_eq!(env["src"], "tui");
-            let all = b.read_topics(&Channel::default(), 0, 10).await.unwrap();
+            let all = b
+                .read_topics(&Channel::default(), 0, 10)
+                .await
+                .unwrap()
+                .messages;
             assert_eq!(all.len(), 2);
             let kept = all[1].body.to_map();
             assert_eq!(

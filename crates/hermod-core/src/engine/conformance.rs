@@ -9,9 +9,21 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{CommitObserver, Committed, Engine};
+use super::{CommitObserver, Committed, Engine, Retention, View};
 use crate::auth::IdentitySpec;
-use crate::model::{AgentName, Body, Channel, InboxKey, NewMessage, Seq};
+use crate::model::{AgentName, Body, Channel, InboxKey, Message, NewMessage, Seq};
+
+async fn read_inbox(
+    e: &Arc<dyn Engine>,
+    key: &InboxKey,
+    after: Seq,
+    limit: usize,
+) -> Vec<Arc<Message>> {
+    e.read(&View::Inbox(key.clone()), after, limit)
+        .await
+        .unwrap()
+        .messages
+}
 
 /// Records what the engine reports.
 #[derive(Default)]
@@ -93,21 +105,30 @@ where
     assert_eq!(e.last().await.unwrap(), (55, acked[54].ts));
 
     // Reads: by seq, bounded, per inbox and per channel's topics.
-    let inbox = e.read_inbox(&bob, 0, 1000).await.unwrap();
+    let inbox = read_inbox(&e, &bob, 0, 1000).await;
     assert_eq!(inbox.len(), 50);
     assert_eq!(inbox[0].body.as_str(), r#"{"n":1}"#);
-    let page = e.read_inbox(&bob, inbox[9].seq, 5).await.unwrap();
+    let page = read_inbox(&e, &bob, inbox[9].seq, 5).await;
     assert_eq!(page.len(), 5);
     assert_eq!(page[0].body.as_str(), r#"{"n":11}"#);
     assert_eq!(e.count_inbox(&bob, inbox[39].seq).await.unwrap(), 10);
-    let topics = e.read_topics(&Channel::default(), 0, 100).await.unwrap();
+    let topics = e
+        .read(&View::Topics(Channel::default()), 0, 100)
+        .await
+        .unwrap()
+        .messages;
     assert_eq!(topics.len(), 5);
     assert!(topics
         .iter()
         .all(|m| m.topic.as_deref() == Some("work.done")));
     let other = Channel::parse("other").unwrap();
-    assert!(e.read_topics(&other, 0, 100).await.unwrap().is_empty());
-    assert_eq!(e.read_inbox(&eve, 0, 100).await.unwrap().len(), 5);
+    assert!(e
+        .read(&View::Topics(other), 0, 100)
+        .await
+        .unwrap()
+        .messages
+        .is_empty());
+    assert_eq!(read_inbox(&e, &eve, 0, 100).await.len(), 5);
 
     // `since=ts`: the last seq at or before a ts, 0 before the first.
     assert_eq!(e.seq_at_ts(acked[20].ts).await.unwrap(), acked[20].seq);
@@ -168,10 +189,7 @@ where
             ("alice", &alice.token_hash)
         );
         assert_eq!(e.cursor(bob).await.unwrap(), 40);
-        assert_eq!(
-            e.read_inbox(bob, 40, 100).await.unwrap().len(),
-            after_cursor
-        );
+        assert_eq!(read_inbox(&e, bob, 40, 100).await.len(), after_cursor);
         assert!(e.health().degraded().is_none());
         e
     };
@@ -192,4 +210,115 @@ where
         assert!(next[0].ts > acked[54].ts);
         e.close().await;
     }
+}
+
+/// Runs prune steps until the engine says nothing more is due.
+async fn prune_all(e: &Arc<dyn Engine>, rules: &Retention, now: f64) -> u64 {
+    let mut removed = 0;
+    for _ in 0..1000 {
+        let step = e.prune(rules, now).await.unwrap();
+        removed += step.removed;
+        if !step.more {
+            return removed;
+        }
+    }
+    panic!("prune never finished");
+}
+
+/// Retention: the per-inbox count, age and topic-view rules; every view's
+/// mark says how far it was pruned, in the same answer as its messages.
+pub async fn retention<F>(open: F)
+where
+    F: Fn(Arc<dyn CommitObserver>) -> Arc<dyn Engine>,
+{
+    let e = open(Arc::new(Recorder::default()));
+    let bob = View::Inbox(InboxKey::new(Channel::default(), name("bob")));
+    let carol = View::Inbox(InboxKey::new(Channel::default(), name("carol")));
+    let topics = View::Topics(Channel::default());
+    let mut to_bob = Vec::new();
+    for n in 0..700u64 {
+        let batch = match n % 100 {
+            0 => vec![message("carol", n, None)],
+            1 => vec![message("nobody", n, Some("note.made"))],
+            _ => vec![message("bob", n, None)],
+        };
+        let stored = e.submit(batch).await.unwrap().await.unwrap().unwrap();
+        if n % 100 > 1 {
+            to_bob.push(stored[0].seq);
+        }
+    }
+    let now = crate::model::now();
+    // 676 over the limit: more than one step's budget, so `more` must
+    // keep the caller going until all of it is done.
+    let keep = Retention {
+        inbox_messages: Some(10),
+        ..Retention::default()
+    };
+    prune_all(&e, &keep, now).await;
+    let page = e.read(&bob, 0, 100).await.unwrap();
+    assert_eq!(
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        to_bob[to_bob.len() - 10..],
+        "bob keeps his newest 10"
+    );
+    assert_eq!(
+        page.pruned,
+        to_bob[to_bob.len() - 11],
+        "the mark is the newest removed"
+    );
+    let carols = e.read(&carol, 0, 100).await.unwrap();
+    assert_eq!(
+        (carols.messages.len(), carols.pruned),
+        (7, 0),
+        "under the limit: untouched"
+    );
+    // Reading from past the mark is no gap and loses nothing.
+    let later = e.read(&bob, page.pruned, 100).await.unwrap();
+    assert_eq!(later.messages.len(), 10);
+    assert_eq!(
+        e.floors()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(v, _)| v == &bob)
+            .unwrap()
+            .1,
+        page.pruned
+    );
+
+    // Topic events leave the topic view after their age.
+    let t = e.read(&topics, 0, 100).await.unwrap();
+    assert_eq!(t.messages.len(), 7);
+    let newest_topic = t.messages.last().unwrap().seq;
+    let topic_rules = Retention {
+        topic_age: Some(60.0),
+        ..Retention::default()
+    };
+    prune_all(&e, &topic_rules, now + 120.0).await;
+    let t = e.read(&topics, 0, 100).await.unwrap();
+    assert!(t.messages.is_empty());
+    assert_eq!(t.pruned, newest_topic);
+
+    // Age: everything older goes, from every view.
+    let age = Retention {
+        age: Some(60.0),
+        ..Retention::default()
+    };
+    assert!(prune_all(&e, &age, now + 120.0).await > 0);
+    let carols = e.read(&carol, 0, 100).await.unwrap();
+    assert!(carols.messages.is_empty());
+    assert!(carols.pruned > 0);
+    let bobs = e.read(&bob, 0, 100).await.unwrap();
+    assert!(bobs.messages.is_empty());
+    assert_eq!(bobs.pruned, *to_bob.last().unwrap());
+    // The log goes on: seq never goes back after a prune.
+    let next = e
+        .submit(vec![message("bob", 9999, None)])
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next[0].seq, 701);
+    e.close().await;
 }

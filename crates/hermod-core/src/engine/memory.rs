@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use super::{CommitObserver, Committed, Durable, Engine, Health, KnownAgent};
+use super::{
+    CommitObserver, Committed, Durable, Engine, Health, KnownAgent, Page, Pruned, Retention, View,
+    PRUNE_BUDGET,
+};
 use crate::auth::Identity;
 use crate::error::Result;
 use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
@@ -16,7 +19,12 @@ use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, 
 #[derive(Default)]
 struct State {
     log: BTreeMap<Seq, Arc<Message>>,
-    inboxes: HashMap<InboxKey, Vec<Seq>>,
+    /// Inbox entries pointing at each logged message.
+    refs: HashMap<Seq, usize>,
+    inboxes: HashMap<InboxKey, std::collections::VecDeque<Seq>>,
+    floors: HashMap<View, Seq>,
+    /// Body bytes in the log (the size rule's measure here).
+    bytes: u64,
     cursors: HashMap<InboxKey, Seq>,
     agents: BTreeMap<InboxKey, (f64, f64)>,
     subscriptions: std::collections::BTreeSet<(InboxKey, String)>,
@@ -42,9 +50,36 @@ impl MemoryEngine {
         }
     }
 
-    fn inbox_after<'a>(state: &'a State, key: &InboxKey, after: Seq) -> &'a [Seq] {
-        let seqs = state.inboxes.get(key).map(Vec::as_slice).unwrap_or(&[]);
-        &seqs[seqs.partition_point(|&s| s <= after)..]
+    fn inbox_after<'a>(
+        state: &'a State,
+        key: &InboxKey,
+        after: Seq,
+    ) -> impl Iterator<Item = Seq> + 'a {
+        let seqs = state.inboxes.get(key);
+        let start = seqs.map_or(0, |q| q.partition_point(|&s| s <= after));
+        seqs.into_iter()
+            .flat_map(move |q| q.range(start..).copied())
+    }
+}
+
+impl State {
+    fn bump(&mut self, view: View, seq: Seq) {
+        let f = self.floors.entry(view).or_default();
+        *f = (*f).max(seq);
+    }
+
+    fn unlog(&mut self, seq: Seq) -> bool {
+        match self.log.remove(&seq) {
+            Some(m) => {
+                self.bytes -= m.body.as_str().len() as u64;
+                self.refs.remove(&seq);
+                if m.topic.is_some() {
+                    self.bump(View::Topics(m.channel.clone()), seq);
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -63,8 +98,10 @@ impl Engine for MemoryEngine {
             let message = Arc::new(m.into_message(seq, ts));
             for r in &recipients {
                 let key = InboxKey::new(message.channel.clone(), r.clone());
-                state.inboxes.entry(key).or_default().push(seq);
+                state.inboxes.entry(key).or_default().push_back(seq);
             }
+            state.refs.insert(seq, recipients.len());
+            state.bytes += message.body.as_str().len() as u64;
             state.log.insert(seq, message.clone());
             committed.push(Committed {
                 message,
@@ -78,35 +115,119 @@ impl Engine for MemoryEngine {
         Ok(rx)
     }
 
-    async fn read_inbox(
-        &self,
-        key: &InboxKey,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
         let state = self.state.lock().unwrap();
-        Ok(Self::inbox_after(&state, key, after)
-            .iter()
-            .take(limit)
-            .filter_map(|s| state.log.get(s).cloned())
-            .collect())
+        let pruned = state.floors.get(view).copied().unwrap_or(0);
+        let after = after.max(pruned);
+        let messages = match view {
+            View::Inbox(key) => Self::inbox_after(&state, key, after)
+                .take(limit)
+                .filter_map(|s| state.log.get(&s).cloned())
+                .collect(),
+            View::Topics(channel) => state
+                .log
+                .range(after + 1..)
+                .map(|(_, m)| m)
+                .filter(|m| m.topic.is_some() && &m.channel == channel)
+                .take(limit)
+                .cloned()
+                .collect(),
+        };
+        Ok(Page { messages, pruned })
     }
 
-    async fn read_topics(
-        &self,
-        channel: &Channel,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    async fn floors(&self) -> Result<Vec<(View, Seq)>> {
         let state = self.state.lock().unwrap();
-        Ok(state
-            .log
-            .range(after + 1..)
-            .map(|(_, m)| m)
-            .filter(|m| m.topic.is_some() && &m.channel == channel)
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(state.floors.iter().map(|(v, s)| (v.clone(), *s)).collect())
+    }
+
+    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned> {
+        let mut state = self.state.lock().unwrap();
+        let before = state.floors.clone();
+        let mut removed = 0u64;
+        let mut more = false;
+        // Age and size: the oldest messages, from every view.
+        for step in 1..=PRUNE_BUDGET {
+            let Some((&seq, oldest)) = state.log.iter().next() else {
+                break;
+            };
+            let too_old = rules.age.is_some_and(|age| oldest.ts < now - age);
+            let too_big = rules.bytes.is_some_and(|limit| state.bytes > limit);
+            if !(too_old || too_big) {
+                break;
+            }
+            let channel = oldest.channel.clone();
+            let keys: Vec<InboxKey> = state
+                .inboxes
+                .iter()
+                .filter(|(k, q)| k.channel == channel && q.front() == Some(&seq))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in keys {
+                state.inboxes.get_mut(&key).unwrap().pop_front();
+                state.bump(View::Inbox(key), seq);
+            }
+            removed += state.unlog(seq) as u64;
+            more = step == PRUNE_BUDGET;
+        }
+        // The per-inbox count.
+        if let Some(keep) = rules.inbox_messages {
+            let over: Vec<(InboxKey, usize)> = state
+                .inboxes
+                .iter()
+                .filter(|(_, q)| q.len() as u64 > keep)
+                .map(|(k, q)| (k.clone(), (q.len() - keep as usize).min(PRUNE_BUDGET)))
+                .collect();
+            for (key, n) in over {
+                for _ in 0..n {
+                    let seq = state.inboxes.get_mut(&key).unwrap().pop_front().unwrap();
+                    state.bump(View::Inbox(key.clone()), seq);
+                    let refs = state.refs.get_mut(&seq).map(|r| {
+                        *r -= 1;
+                        *r
+                    });
+                    let topic = state.log.get(&seq).is_some_and(|m| m.topic.is_some());
+                    if refs == Some(0) && !topic {
+                        removed += state.unlog(seq) as u64;
+                    }
+                }
+                more |= n == PRUNE_BUDGET;
+            }
+        }
+        // Topic events leave the topic views (durable subscribers keep theirs).
+        if let Some(age) = rules.topic_age {
+            let due: Vec<(Seq, Channel, bool)> = state
+                .log
+                .values()
+                .filter(|m| m.topic.is_some() && m.ts < now - age)
+                .filter(|m| {
+                    state
+                        .floors
+                        .get(&View::Topics(m.channel.clone()))
+                        .is_none_or(|&f| m.seq > f)
+                })
+                .take(PRUNE_BUDGET)
+                .map(|m| (m.seq, m.channel.clone(), state.refs.get(&m.seq) == Some(&0)))
+                .collect();
+            more |= due.len() == PRUNE_BUDGET;
+            for (seq, channel, unreferenced) in due {
+                state.bump(View::Topics(channel), seq);
+                if unreferenced {
+                    removed += state.unlog(seq) as u64;
+                }
+            }
+        }
+        let floors = state
+            .floors
+            .iter()
+            .filter(|(v, s)| before.get(*v) != Some(*s))
+            .map(|(v, s)| (v.clone(), *s))
+            .collect();
+        Ok(Pruned {
+            removed,
+            floors,
+            more,
+        })
     }
 
     async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
@@ -121,7 +242,7 @@ impl Engine for MemoryEngine {
 
     async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
         let state = self.state.lock().unwrap();
-        Ok(Self::inbox_after(&state, key, after).len() as u64)
+        Ok(Self::inbox_after(&state, key, after).count() as u64)
     }
 
     async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
@@ -213,6 +334,14 @@ impl Engine for MemoryEngine {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn retention() {
+        super::super::conformance::retention(|observer| {
+            std::sync::Arc::new(super::MemoryEngine::new(observer))
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn conformance() {
         super::super::conformance::run(

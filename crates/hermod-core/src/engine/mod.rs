@@ -47,6 +47,52 @@ pub trait CommitObserver: Send + Sync + 'static {
     fn committed(&self, batch: &[Committed]);
 }
 
+/// A filtered view of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum View {
+    /// One agent's inbox on one channel.
+    Inbox(InboxKey),
+    /// Every topic event published on a channel.
+    Topics(Channel),
+}
+
+/// Messages of a view after some seq, and how far retention has pruned
+/// that view: every message of the view with `seq <= pruned` is gone.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub messages: Vec<Arc<Message>>,
+    pub pruned: Seq,
+}
+
+/// What the store keeps; `None` keeps everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retention {
+    /// Messages older than this many seconds are removed.
+    pub age: Option<f64>,
+    /// Each inbox keeps its newest this many messages.
+    pub inbox_messages: Option<u64>,
+    /// The whole store stays under this many bytes (oldest removed first).
+    pub bytes: Option<u64>,
+    /// Topic events leave the topic views after this many seconds (they
+    /// stay in the inboxes of durable subscribers under the rules above).
+    pub topic_age: Option<f64>,
+}
+
+/// What one [`Engine::prune`] step did.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Message rows removed.
+    pub removed: u64,
+    /// Views whose pruned mark moved, with the new mark.
+    pub floors: Vec<(View, Seq)>,
+    /// More is due: call again (after letting other work run).
+    pub more: bool,
+}
+
+/// Rows one prune step touches at most, so a step never holds the writer
+/// long enough to stall sends.
+pub const PRUNE_BUDGET: usize = 512;
+
 /// An agent the store remembers on a channel.
 #[derive(Debug, Clone)]
 pub struct KnownAgent {
@@ -94,21 +140,18 @@ pub trait Engine: Send + Sync + 'static {
     /// are stored in submission order.
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable>;
 
-    /// Messages in `key`'s inbox with `seq > after`, oldest first, at most `limit`.
-    async fn read_inbox(
-        &self,
-        key: &InboxKey,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>>;
+    /// Messages of `view` with `seq > after`, oldest first, at most
+    /// `limit`, with the view's pruned mark from the same snapshot (so a
+    /// reader can never miss a prune that happened before its read).
+    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page>;
 
-    /// Topic events published on `channel` with `seq > after`, oldest first.
-    async fn read_topics(
-        &self,
-        channel: &Channel,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>>;
+    /// Every view's pruned mark (views never pruned are absent).
+    async fn floors(&self) -> Result<Vec<(View, Seq)>>;
+
+    /// One bounded step of retention under `rules` at time `now`;
+    /// resolves once durable. Never removes more than [`PRUNE_BUDGET`]
+    /// rows of a kind per step.
+    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned>;
 
     /// The last seq whose ts is `<= ts` (0 if none): turns a `since=ts`
     /// cursor into a seq cursor.

@@ -22,7 +22,9 @@
 //! write, so what SQLite believes is on disk can no longer be trusted —
 //! the PostgreSQL "fsyncgate" lesson); a restart re-reads the file.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +32,10 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{CommitObserver, Committed, Durable, Engine, Health, KnownAgent};
+use super::{
+    CommitObserver, Committed, Durable, Engine, Health, KnownAgent, Page, Pruned, Retention, View,
+    PRUNE_BUDGET,
+};
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
@@ -39,6 +44,8 @@ use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, 
 pub const MAX_BATCH: usize = 4096;
 /// Capacity of the writer's queue; senders wait when it is full.
 const QUEUE: usize = 8192;
+/// Inboxes one prune step checks against the per-inbox count.
+const PRUNE_INBOXES: usize = 32;
 /// Read connections kept open.
 const READERS: usize = 4;
 /// Longest wait for a database lock held by another process.
@@ -57,7 +64,10 @@ CREATE TABLE IF NOT EXISTS messages (
     topic     TEXT,
     sent_ts   REAL,
     body      TEXT NOT NULL,
-    auth      TEXT
+    auth      TEXT,
+    -- Inbox rows that point here; the row goes when the last one does
+    -- (NULL in rows of older versions: those go by age or size only).
+    refs      INTEGER
 );
 -- The inbox index: which inboxes each message landed in.
 CREATE TABLE IF NOT EXISTS inbox (
@@ -65,6 +75,18 @@ CREATE TABLE IF NOT EXISTS inbox (
     agent   TEXT NOT NULL,
     seq     INTEGER NOT NULL,
     PRIMARY KEY (channel, agent, seq)
+) WITHOUT ROWID;
+-- Inbox rows by seq, for pruning the oldest messages.
+CREATE INDEX IF NOT EXISTS inbox_seq ON inbox(seq);
+-- How far retention pruned each view ('i' inbox of channel/agent, 't'
+-- topic events of channel with agent ''): a reader starting before it
+-- is told it missed messages.
+CREATE TABLE IF NOT EXISTS floors (
+    kind    TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    agent   TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (kind, channel, agent)
 ) WITHOUT ROWID;
 -- Topic events per channel, for pattern subscribers resuming from a seq.
 CREATE INDEX IF NOT EXISTS messages_topics ON messages(channel, seq) WHERE topic IS NOT NULL;
@@ -120,6 +142,7 @@ enum Op {
     Identity(AgentName, Option<Identity>, Ack),
     /// A one-row write that tells whether writes work again.
     Probe,
+    Prune(Plan, oneshot::Sender<Result<Pruned>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -128,6 +151,26 @@ pub struct SqliteEngine {
     tx: mpsc::Sender<Op>,
     readers: Arc<Readers>,
     health: Arc<Health>,
+    /// Inboxes that grew since the last prune step looked at them.
+    touched: Touched,
+    track_inboxes: Arc<AtomicBool>,
+}
+
+/// Inboxes the writer added to, for per-inbox retention (one entry per
+/// inbox, so bounded by the number of inboxes).
+type Touched = Arc<Mutex<HashSet<InboxKey>>>;
+
+/// What one prune step removes, worked out on a read connection so the
+/// writer only deletes.
+struct Plan {
+    /// Every message with `seq <= cut` goes (age and size rules).
+    cut: Seq,
+    /// Inbox rows with `seq <=` this go (the per-inbox count rule).
+    inboxes: Vec<(InboxKey, Seq)>,
+    /// Topic events with `lo < seq <= hi` leave the topic views.
+    topics: Option<(Seq, Seq)>,
+    /// The rules want more than this step's budget.
+    more: bool,
 }
 
 /// The pool of read-only connections.
@@ -172,7 +215,11 @@ impl SqliteEngine {
         let (seq, ts) = newest(&conn)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let health = Arc::new(Health::default());
+        let touched = Touched::default();
+        let track_inboxes = Arc::new(AtomicBool::new(false));
         let writer = Writer {
+            touched: touched.clone(),
+            track_inboxes: track_inboxes.clone(),
             conn,
             seq,
             clock: BusClock::starting_after(ts),
@@ -209,11 +256,13 @@ impl SqliteEngine {
                 path: path.to_owned(),
             }),
             health,
+            touched,
+            track_inboxes,
         })
     }
 
     /// Runs `f` on a read connection, off the async threads.
-    async fn read<T: Send + 'static>(
+    async fn on_reader<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
@@ -258,6 +307,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_auth {
         // Older rows keep NULL: their senders were never verified (`open`).
         conn.execute_batch("ALTER TABLE messages ADD COLUMN auth TEXT")?;
+    }
+    let has_refs: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'refs'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_refs {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN refs INTEGER")?;
     }
     Ok(())
 }
@@ -411,6 +468,252 @@ fn seq_at_ts(c: &Connection, ts: f64) -> rusqlite::Result<Seq> {
     Ok(lo as Seq)
 }
 
+/// The `floors` row of a view: kind, channel, agent.
+fn view_parts(view: &View) -> (&'static str, &str, &str) {
+    match view {
+        View::Inbox(k) => ("i", k.channel.as_str(), k.agent.as_str()),
+        View::Topics(c) => ("t", c.as_str(), ""),
+    }
+}
+
+fn view_of(kind: &str, channel: String, agent: String) -> Option<View> {
+    let channel = Channel::parse(channel).ok()?;
+    match kind {
+        "i" => Some(View::Inbox(InboxKey::new(
+            channel,
+            AgentName::parse(agent).ok()?,
+        ))),
+        "t" => Some(View::Topics(channel)),
+        _ => None,
+    }
+}
+
+/// Every inbox that holds a message: one index step per inbox (a skip
+/// scan over the primary key), not a scan of the rows.
+fn every_inbox(c: &Connection) -> rusqlite::Result<Vec<InboxKey>> {
+    let mut next = c.prepare_cached(
+        "SELECT channel, agent FROM inbox WHERE (channel, agent) > (?1, ?2)
+         ORDER BY channel, agent LIMIT 1",
+    )?;
+    let mut out = Vec::new();
+    let (mut channel, mut agent) = (String::new(), String::new());
+    while let Some((c, a)) = next
+        .query_row([&channel, &agent], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
+        .optional()?
+    {
+        if let Some(View::Inbox(key)) = view_of("i", c.clone(), a.clone()) {
+            out.push(key);
+        }
+        (channel, agent) = (c, a);
+    }
+    Ok(out)
+}
+
+/// How far retention pruned `view` (0: never).
+fn floor(c: &Connection, view: &View) -> rusqlite::Result<Seq> {
+    let (kind, channel, agent) = view_parts(view);
+    c.prepare_cached("SELECT seq FROM floors WHERE kind = ?1 AND channel = ?2 AND agent = ?3")?
+        .query_row(params![kind, channel, agent], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|s| s.unwrap_or(0) as Seq)
+}
+
+/// Works out one prune step on a read connection: index walks (the
+/// per-inbox count) are the slow part and must not hold the writer.
+fn plan(
+    c: &Connection,
+    rules: &Retention,
+    now: f64,
+    touched: Vec<InboxKey>,
+) -> rusqlite::Result<Plan> {
+    let budget = PRUNE_BUDGET as Seq;
+    let oldest: Option<i64> = c
+        .query_row("SELECT seq FROM messages ORDER BY seq LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let mut plan = Plan {
+        cut: 0,
+        inboxes: Vec::new(),
+        topics: None,
+        more: false,
+    };
+    if let Some(oldest) = oldest.map(|s| s as Seq) {
+        let mut want = 0;
+        if let Some(age) = rules.age {
+            want = want.max(seq_at_ts(c, now - age)?);
+        }
+        if let Some(limit) = rules.bytes {
+            let pages: i64 = c.query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count())",
+                [],
+                |r| r.get(0),
+            )?;
+            let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            if (pages * page_size) as u64 > limit {
+                want = want.max(oldest + budget - 1);
+            }
+        }
+        if want >= oldest {
+            plan.cut = want.min(oldest + budget - 1);
+            plan.more = want > plan.cut;
+        }
+    }
+    if let Some(keep) = rules.inbox_messages {
+        let mut nth = c.prepare_cached(
+            "SELECT seq FROM inbox WHERE channel = ?1 AND agent = ?2 ORDER BY seq DESC LIMIT 1 OFFSET ?3",
+        )?;
+        for key in touched {
+            let cutoff: Option<i64> = nth
+                .query_row(
+                    params![key.channel.as_str(), key.agent.as_str(), keep as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(cutoff) = cutoff {
+                plan.inboxes.push((key, cutoff as Seq));
+            }
+        }
+    }
+    if let Some(age) = rules.topic_age {
+        let done: Seq = c
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'topic_pruned'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0) as Seq;
+        let due = seq_at_ts(c, now - age)?;
+        if due > done {
+            let hi = due.min(done + budget);
+            plan.topics = Some((done, hi));
+            plan.more |= due > hi;
+        }
+    }
+    Ok(plan)
+}
+
+/// Applies a prune [`Plan`] inside the writer's transaction. Returns what
+/// it did and the inboxes that are still over their count.
+fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<InboxKey>)> {
+    let mut floors: HashMap<View, Seq> = HashMap::new();
+    let mut bump = |view: View, seq: i64| {
+        let f = floors.entry(view).or_default();
+        *f = (*f).max(seq as Seq);
+    };
+    let mut removed = 0u64;
+    let mut again = Vec::new();
+    if plan.cut > 0 {
+        let mut rows =
+            tx.prepare_cached("DELETE FROM inbox WHERE seq <= ?1 RETURNING channel, agent, seq")?;
+        let deleted = rows.query_map([plan.cut as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in deleted {
+            let (channel, agent, seq) = row?;
+            if let Some(view) = view_of("i", channel, agent) {
+                bump(view, seq);
+            }
+        }
+        let mut rows = tx.prepare_cached(
+            "DELETE FROM messages WHERE seq <= ?1 RETURNING channel, topic IS NOT NULL, seq",
+        )?;
+        let deleted = rows.query_map([plan.cut as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        for row in deleted {
+            let (channel, topic, seq) = row?;
+            removed += 1;
+            if topic {
+                if let Some(view) = view_of("t", channel, String::new()) {
+                    bump(view, seq);
+                }
+            }
+        }
+    }
+    for (key, cutoff) in &plan.inboxes {
+        let mut rows = tx.prepare_cached(
+            "DELETE FROM inbox WHERE channel = ?1 AND agent = ?2 AND seq IN
+                (SELECT seq FROM inbox WHERE channel = ?1 AND agent = ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4)
+             RETURNING seq",
+        )?;
+        let seqs = rows
+            .query_map(
+                params![
+                    key.channel.as_str(),
+                    key.agent.as_str(),
+                    *cutoff as i64,
+                    PRUNE_BUDGET as i64
+                ],
+                |r| r.get::<_, i64>(0),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        if seqs.len() == PRUNE_BUDGET {
+            again.push(key.clone());
+        }
+        let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
+        let mut orphan = tx.prepare_cached(
+            "DELETE FROM messages WHERE seq = ?1 AND refs <= 0 AND topic IS NULL",
+        )?;
+        for seq in seqs {
+            bump(View::Inbox(key.clone()), seq);
+            unref.execute([seq])?;
+            removed += orphan.execute([seq])? as u64;
+        }
+    }
+    if let Some((lo, hi)) = plan.topics {
+        let mut rows = tx.prepare_cached(
+            "SELECT channel, MAX(seq) FROM messages
+             WHERE seq > ?1 AND seq <= ?2 AND topic IS NOT NULL GROUP BY channel",
+        )?;
+        let marks = rows.query_map([lo as i64, hi as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in marks {
+            let (channel, seq) = row?;
+            if let Some(view) = view_of("t", channel, String::new()) {
+                bump(view, seq);
+            }
+        }
+        // Events still in a durable subscriber's inbox stay for it.
+        removed += tx
+            .prepare_cached(
+                "DELETE FROM messages WHERE seq > ?1 AND seq <= ?2 AND topic IS NOT NULL AND refs = 0",
+            )?
+            .execute([lo as i64, hi as i64])? as u64;
+        tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('topic_pruned', ?1)")?
+            .execute([hi as i64])?;
+    }
+    let mut mark = tx.prepare_cached(
+        "INSERT INTO floors (kind, channel, agent, seq) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (kind, channel, agent) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+    )?;
+    for (view, seq) in &floors {
+        let (kind, channel, agent) = view_parts(view);
+        mark.execute(params![kind, channel, agent, *seq as i64])?;
+    }
+    let more = plan.more || !again.is_empty();
+    Ok((
+        Pruned {
+            removed,
+            floors: floors.into_iter().collect(),
+            more,
+        },
+        again,
+    ))
+}
+
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
@@ -419,59 +722,109 @@ impl Engine for SqliteEngine {
         Ok(rx)
     }
 
-    async fn read_inbox(
-        &self,
-        key: &InboxKey,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
-        let key = key.clone();
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth
-                 FROM inbox i JOIN messages m ON m.seq = i.seq
-                 WHERE i.channel = ?1 AND i.agent = ?2 AND i.seq > ?3
-                 ORDER BY i.seq LIMIT ?4",
-            )?;
-            let rows = stmt.query_map(
-                params![key.channel.as_str(), key.agent.as_str(), after as i64, limit as i64],
-                row_to_message,
-            )?;
-            rows.map(|r| r.map(Arc::new)).collect()
+    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
+        let view = view.clone();
+        self.on_reader(move |c| {
+            // One snapshot for the mark and the rows.
+            let snapshot = c.unchecked_transaction()?;
+            let pruned = floor(&snapshot, &view)?;
+            let after = after.max(pruned) as i64;
+            let messages = match &view {
+                View::Inbox(key) => {
+                    let mut stmt = snapshot.prepare_cached(
+                        "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth
+                         FROM inbox i JOIN messages m ON m.seq = i.seq
+                         WHERE i.channel = ?1 AND i.agent = ?2 AND i.seq > ?3
+                         ORDER BY i.seq LIMIT ?4",
+                    )?;
+                    let rows = stmt.query_map(
+                        params![key.channel.as_str(), key.agent.as_str(), after, limit as i64],
+                        row_to_message,
+                    )?;
+                    rows.map(|r| r.map(Arc::new)).collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                View::Topics(channel) => {
+                    let mut stmt = snapshot.prepare_cached(
+                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
+                         FROM messages
+                         WHERE topic IS NOT NULL AND channel = ?1 AND seq > ?2
+                         ORDER BY seq LIMIT ?3",
+                    )?;
+                    let rows =
+                        stmt.query_map(params![channel.as_str(), after, limit as i64], row_to_message)?;
+                    rows.map(|r| r.map(Arc::new)).collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
+            Ok(Page { messages, pruned })
         })
         .await
     }
 
-    async fn read_topics(
-        &self,
-        channel: &Channel,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
-        let channel = channel.clone();
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
-                 FROM messages
-                 WHERE topic IS NOT NULL AND channel = ?1 AND seq > ?2
-                 ORDER BY seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(
-                params![channel.as_str(), after as i64, limit as i64],
-                row_to_message,
-            )?;
-            rows.map(|r| r.map(Arc::new)).collect()
+    async fn floors(&self) -> Result<Vec<(View, Seq)>> {
+        self.on_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT kind, channel, agent, seq FROM floors")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)? as Seq,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (kind, channel, agent, seq) = row?;
+                if let Some(view) = view_of(&kind, channel, agent) {
+                    out.push((view, seq));
+                }
+            }
+            Ok(out)
         })
         .await
+    }
+
+    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned> {
+        let tracking = rules.inbox_messages.is_some();
+        if tracking && !self.track_inboxes.swap(true, Ordering::Relaxed) {
+            // From now on the writer notes inboxes that grow; the ones
+            // that exist already are looked at once.
+            let existing = self.on_reader(every_inbox).await?;
+            self.touched.lock().unwrap().extend(existing);
+        }
+        self.track_inboxes.store(tracking, Ordering::Relaxed);
+        let (touched, untouched_left) = {
+            let mut set = self.touched.lock().unwrap();
+            if rules.inbox_messages.is_none() {
+                set.clear();
+            }
+            let take: Vec<InboxKey> = set.iter().take(PRUNE_INBOXES).cloned().collect();
+            for k in &take {
+                set.remove(k);
+            }
+            (take, !set.is_empty())
+        };
+        let rules = rules.clone();
+        let plan = self
+            .on_reader(move |c| plan(c, &rules, now, touched))
+            .await?;
+        let mut pruned = if plan.cut == 0 && plan.inboxes.is_empty() && plan.topics.is_none() {
+            Pruned::default()
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.queue(Op::Prune(plan, reply)).await?;
+            rx.await.map_err(|_| Error::ShuttingDown)??
+        };
+        pruned.more |= untouched_left;
+        Ok(pruned)
     }
 
     async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
-        self.read(move |c| seq_at_ts(c, ts)).await
+        self.on_reader(move |c| seq_at_ts(c, ts)).await
     }
 
     async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
         let key = key.clone();
-        self.read(move |c| {
+        self.on_reader(move |c| {
             c.prepare_cached(
                 "SELECT COUNT(*) FROM inbox WHERE channel = ?1 AND agent = ?2 AND seq > ?3",
             )?
@@ -485,7 +838,7 @@ impl Engine for SqliteEngine {
 
     async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
         let key = key.clone();
-        self.read(move |c| {
+        self.on_reader(move |c| {
             c.prepare_cached("SELECT seq FROM cursors WHERE channel = ?1 AND agent = ?2")?
                 .query_row(params![key.channel.as_str(), key.agent.as_str()], |r| {
                     r.get::<_, i64>(0)
@@ -510,7 +863,7 @@ impl Engine for SqliteEngine {
     }
 
     async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
-        self.read(read_subscriptions).await
+        self.on_reader(read_subscriptions).await
     }
 
     async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
@@ -518,15 +871,15 @@ impl Engine for SqliteEngine {
     }
 
     async fn identities(&self) -> Result<Vec<Identity>> {
-        self.read(read_identities).await
+        self.on_reader(read_identities).await
     }
 
     async fn agents(&self) -> Result<Vec<KnownAgent>> {
-        self.read(read_agents).await
+        self.on_reader(read_agents).await
     }
 
     async fn last(&self) -> Result<(Seq, f64)> {
-        self.read(newest).await
+        self.on_reader(newest).await
     }
 
     fn health(&self) -> &Health {
@@ -550,6 +903,9 @@ struct Writer {
     health: Arc<Health>,
     /// Set after an fsync failure: every later write is refused with it.
     stopped: Option<String>,
+    touched: Touched,
+    /// Set once per-inbox retention is on: only then is `touched` kept.
+    track_inboxes: Arc<AtomicBool>,
 }
 
 /// How a failed transaction is reported.
@@ -604,11 +960,12 @@ impl Writer {
     fn commit(&mut self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let start_seq = self.seq;
         let mut committed: Vec<Committed> = Vec::new();
+        let mut pruned = Vec::new();
         let result = match &self.stopped {
             Some(reason) => Err(Error::Storage(reason.clone())),
             None => {
                 self.observer.stamping();
-                let applied = self.apply(ops, &mut committed);
+                let applied = self.apply(ops, &mut committed, &mut pruned);
                 applied.map_err(|e| self.failed(&e))
             }
         };
@@ -617,6 +974,15 @@ impl Writer {
             Ok(()) => {
                 self.health.clear();
                 self.observer.committed(&committed);
+                if self.track_inboxes.load(Ordering::Relaxed) {
+                    let mut touched = self.touched.lock().unwrap();
+                    for c in &committed {
+                        for r in &c.recipients {
+                            touched.insert(InboxKey::new(c.message.channel.clone(), r.clone()));
+                        }
+                    }
+                }
+                let mut pruned = pruned.into_iter();
                 let mut stored = committed.into_iter().map(|c| c.message);
                 for op in ops.drain(..) {
                     match op {
@@ -629,6 +995,11 @@ impl Writer {
                         | Op::Subscription(.., ack)
                         | Op::Identity(.., ack) => {
                             let _ = ack.send(Ok(()));
+                        }
+                        Op::Prune(_, reply) => {
+                            let (done, again) = pruned.next().expect("one result per prune");
+                            self.touched.lock().unwrap().extend(again);
+                            let _ = reply.send(Ok(done));
                         }
                         Op::Close(done) => closing = Some(done),
                         Op::Probe => {}
@@ -654,6 +1025,9 @@ impl Writer {
                         | Op::Subscription(.., ack)
                         | Op::Identity(.., ack) => {
                             let _ = ack.send(Err(refused()));
+                        }
+                        Op::Prune(_, reply) => {
+                            let _ = reply.send(Err(refused()));
                         }
                         Op::Close(done) => closing = Some(done),
                         Op::Probe => {}
@@ -695,12 +1069,17 @@ impl Writer {
         error
     }
 
-    fn apply(&mut self, ops: &[Op], committed: &mut Vec<Committed>) -> rusqlite::Result<()> {
+    fn apply(
+        &mut self,
+        ops: &[Op],
+        committed: &mut Vec<Committed>,
+        pruned: &mut Vec<(Pruned, Vec<InboxKey>)>,
+    ) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut insert_msg = tx.prepare_cached(
-                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, refs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
@@ -729,6 +1108,7 @@ impl Writer {
                                 m.sent_ts,
                                 m.body.as_str(),
                                 m.auth.as_str(),
+                                m.recipients.len() as i64,
                             ])?;
                             for r in &m.recipients {
                                 insert_inbox.execute(params![
@@ -801,6 +1181,7 @@ impl Writer {
                         )?
                         .execute([crate::model::now()])?;
                     }
+                    Op::Prune(plan, _) => pruned.push(prune_rows(&tx, plan)?),
                     Op::Close(_) => {}
                 }
             }
@@ -812,6 +1193,16 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        super::super::conformance::retention(|observer| {
+            Arc::new(SqliteEngine::open(&path, observer).unwrap())
+        })
+        .await;
+    }
 
     #[tokio::test]
     async fn conformance() {

@@ -8,7 +8,6 @@
 //! cursor to it never skips a message that was still being committed.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -150,12 +149,16 @@ async fn recv(
     // The ts cursor becomes a seq cursor once: a woken request reads on
     // from it (often from the hot tail) instead of searching the log again.
     let mut after = app.broker.seq_at_ts(since).await?;
+    // Told once per request, on the answer that follows it.
+    let mut gap = None;
     loop {
         let now = app.broker.now();
-        let mut messages: Vec<Arc<Message>> = match &key {
+        let batch = match &key {
             Some(key) => app.broker.read(key, after, max).await?,
             None => app.broker.read_agent(&to, after, max).await?,
         };
+        gap = gap.or(batch.gap);
+        let mut messages = batch.messages;
         // A full batch may have more behind it: `now` must not pass them.
         let full = messages.len() == max;
         // Only a `since` ahead of the bus clock lets a newer seq carry a ts
@@ -169,13 +172,18 @@ async fn recv(
             }
         }
         let timed_out = tokio::time::Instant::now() >= deadline;
-        if !messages.is_empty() || !block || timed_out {
+        if !messages.is_empty() || gap.is_some() || !block || timed_out {
             let now = match messages.last() {
                 Some(last) if full => last.ts,
                 _ => now,
             };
             let items: Vec<Value> = messages.iter().map(|m| recv_item(m)).collect();
-            return Ok(Json(json!({ "messages": items, "now": now })));
+            let mut answer = json!({ "messages": items, "now": now });
+            if let Some(gap) = gap {
+                // An extra field: agent-bus clients ignore what they do not know.
+                answer["gap"] = json!(gap);
+            }
+            return Ok(Json(answer));
         }
         app.wait_for(&mut newest, deadline).await?;
     }

@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap};
@@ -196,19 +195,31 @@ async fn poll(
         .connect(&caller, key.clone(), "http", false)
         .await?;
     let cursor = app.broker.cursor(&key).await?;
-    let batch = app.broker.read(&key, cursor, POLL_MAX).await?;
-    let Some(last) = batch.last() else {
-        return Ok(json_array(std::iter::empty()));
+    let read = app.broker.read(&key, cursor, POLL_MAX).await?;
+    let batch = read.messages;
+    let mut response = match batch.last() {
+        None => json_array(std::iter::empty()),
+        Some(last) => {
+            // Claim the batch: anything a concurrent stream already sent is skipped.
+            let previous = app.broker.ack(&key, last.seq).await?;
+            // Sent as written: re-parsing the bodies could fail (and lose the batch).
+            json_array(
+                batch
+                    .iter()
+                    .filter(|m| m.seq > previous)
+                    .map(|m| interop_json(m)),
+            )
+        }
     };
-    // Claim the batch: anything a concurrent stream already sent is skipped.
-    let previous = app.broker.ack(&key, last.seq).await?;
-    // Sent as written: re-parsing the bodies could fail (and lose the batch).
-    Ok(json_array(
-        batch
-            .iter()
-            .filter(|m| m.seq > previous)
-            .map(|m| interop_json(m)),
-    ))
+    // The body is the bare array interop clients expect; a gap goes in a
+    // header they can ignore.
+    if let Some(gap) = read.gap {
+        let value = serde_json::to_string(&gap).expect("a gap serializes");
+        if let Ok(value) = header::HeaderValue::from_str(&value) {
+            response.headers_mut().insert("hermod-gap", value);
+        }
+    }
+    Ok(response)
 }
 
 #[derive(Deserialize)]
@@ -313,21 +324,12 @@ fn claimed_events(
     session: Session,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let batches = Box::pin(broker.follow(key.clone(), after));
-    let state = (
-        batches,
-        VecDeque::<Arc<Message>>::new(),
-        broker,
-        key,
-        session,
-    );
+    let state = (batches, VecDeque::<Event>::new(), broker, key, session);
     futures::stream::unfold(
         state,
         move |(mut batches, mut queue, broker, key, session)| async move {
             loop {
-                if let Some(m) = queue.pop_front() {
-                    let event = Event::default()
-                        .id(m.seq.to_string())
-                        .data(interop_json(&m));
+                if let Some(event) = queue.pop_front() {
                     return Some((Ok(event), (batches, queue, broker, key, session)));
                 }
                 let batch = match batches.next().await? {
@@ -337,7 +339,10 @@ fn claimed_events(
                         return None;
                     }
                 };
-                let last = batch.last().map_or(0, |m| m.seq);
+                queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
+                let Some(last) = batch.messages.last().map(|m| m.seq) else {
+                    continue;
+                };
                 let previous = match broker.ack(&key, last).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -347,8 +352,10 @@ fn claimed_events(
                 };
                 queue.extend(
                     batch
-                        .into_iter()
-                        .filter(|m| m.seq <= replay_until || m.seq > previous),
+                        .messages
+                        .iter()
+                        .filter(|m| m.seq <= replay_until || m.seq > previous)
+                        .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
                 );
             }
         },
@@ -366,10 +373,10 @@ mod tests {
     async fn broadcast_then_poll(body: &str) -> String {
         let app = AppState {
             broker: Broker::open_memory().await.unwrap(),
-            config: Arc::new(HttpConfig::new(([127, 0, 0, 1], 0).into())),
+            config: std::sync::Arc::new(HttpConfig::new(([127, 0, 0, 1], 0).into())),
             shutdown: tokio_util::sync::CancellationToken::new(),
             relay: RelayHub::default(),
-            actions: Arc::new(crate::actions::ActionStats::default()),
+            actions: std::sync::Arc::new(crate::actions::ActionStats::default()),
         };
         let owner = Caller::trusted(hermod_core::model::Auth::Owner);
         let bob = InboxKey::new(Default::default(), AgentName::parse("bob").unwrap());

@@ -121,6 +121,15 @@ pub(crate) fn last_event_id(headers: &axum::http::HeaderMap) -> Option<hermod_co
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `event: gap`: retention removed messages the stream asked for, from
+/// `after` up to `pruned_through`; the stream goes on after that. Without
+/// an `id:`, so it does not move the client's `Last-Event-ID`.
+pub(crate) fn gap_event(gap: &hermod_core::model::Gap) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .event("gap")
+        .data(serde_json::to_string(gap).expect("a gap serializes"))
+}
+
 impl AppState {
     /// An SSE response: ends at shutdown, keep-alive comments as configured.
     pub(crate) fn sse<S>(

@@ -71,6 +71,7 @@ enum Out {
         key: InboxKey,
         cursor: Seq,
         mode: AckMode,
+        gaps: bool,
     },
     /// Send what is queued, then close.
     Close,
@@ -113,6 +114,7 @@ pub(super) async fn handle(
         broker: broker.clone(),
         tx,
         session: None,
+        gaps: false,
         idle_timeout: config.idle_timeout,
         live: Vec::new(),
     };
@@ -143,6 +145,8 @@ struct Reader {
     broker: Broker,
     tx: mpsc::Sender<Out>,
     session: Option<Session>,
+    /// The client asked for `gap` frames at `register`.
+    gaps: bool,
     idle_timeout: Duration,
     /// Live topic subscriptions; each forwards matching events to the writer
     /// and stops when the connection ends.
@@ -245,12 +249,14 @@ impl Reader {
                 endpoint,
                 channel,
                 ack,
+                gaps,
             } => {
                 if self.session.is_some() {
                     return Err(Error::InvalidRequest(
                         "this connection is already registered".into(),
                     ));
                 }
+                self.gaps = gaps;
                 self.register(InboxKey::new(channel, endpoint), ack, caller)
                     .await
             }
@@ -407,12 +413,21 @@ impl Reader {
         {
             return Ok(false);
         }
-        let tx = self.tx.clone();
+        let (tx, gaps) = (self.tx.clone(), self.gaps);
         self.live
             .push(AbortOnDropHandle::new(tokio::spawn(async move {
                 let mut events = std::pin::pin!(events);
                 while let Some(Ok(batch)) = events.next().await {
-                    for m in &batch {
+                    if let Some(gap) = batch.gap.filter(|_| gaps) {
+                        if tx
+                            .send(Out::Frame(ServerFrame::Gap(gap).to_bytes()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    for m in &batch.messages {
                         if tx.send(Out::Frame(wire::message_bytes(m))).await.is_err() {
                             return;
                         }
@@ -429,16 +444,18 @@ impl Reader {
         limit: usize,
     ) -> hermod_core::Result<ServerFrame> {
         let cursor = self.broker.cursor(key).await?;
-        let messages = self
+        let batch = self
             .broker
             .read(key, after.unwrap_or(cursor), limit)
             .await?;
         Ok(ServerFrame::InboxPage {
-            messages: messages
+            messages: batch
+                .messages
                 .iter()
                 .map(|m| wire::MessageFrame::from(m.as_ref()))
                 .collect(),
             cursor,
+            gap: batch.gap,
         })
     }
 
@@ -469,7 +486,16 @@ impl Reader {
             session_id: session.id.clone(),
         };
         self.session = Some(session);
-        self.send(registered).await && self.out(Out::Deliver { key, cursor, mode }).await
+        let gaps = self.gaps;
+        self.send(registered).await
+            && self
+                .out(Out::Deliver {
+                    key,
+                    cursor,
+                    mode,
+                    gaps,
+                })
+                .await
     }
 
     async fn submit(&mut self, mut env: Envelope, reply: bool, caller: &Caller) -> bool {
@@ -528,6 +554,8 @@ struct Delivery {
     newest: watch::Receiver<Seq>,
     /// Written but not yet known to be consumed (auto mode).
     unconfirmed: Option<Seq>,
+    /// The client asked for `gap` frames at `register`.
+    gaps: bool,
 }
 
 struct Writer {
@@ -576,9 +604,9 @@ impl Writer {
                     Some(Out::Pending { durable, id, reply }) => {
                         pending.push_back(reply_when_durable(durable, id, reply));
                     }
-                    Some(Out::Deliver { key, cursor, mode }) => {
+                    Some(Out::Deliver { key, cursor, mode, gaps }) => {
                         let newest = self.broker.watch(&key);
-                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None });
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps });
                         need_read = true;
                     }
                     Some(Out::Close) => return Ok(()),
@@ -619,12 +647,25 @@ impl Writer {
                 return Ok(false);
             }
         };
-        let Some(last) = batch.last() else {
+        let mut frames = Vec::with_capacity(batch.messages.len() + 1);
+        if let Some(gap) = batch.gap {
+            d.position = d.position.max(gap.pruned_through);
+            if d.gaps {
+                frames.push(ServerFrame::Gap(gap).to_bytes());
+            } else {
+                // Legacy clients cannot be told; the log and the counter can.
+                tracing::warn!(inbox = %d.key.agent, after = gap.after, pruned_through = gap.pruned_through,
+                    "retention removed messages this client had not received");
+            }
+        }
+        let more = batch.messages.len() == DELIVERY_BATCH;
+        if let Some(last) = batch.messages.last() {
+            d.position = last.seq;
+        }
+        frames.extend(batch.messages.iter().map(|m| wire::message_bytes(m)));
+        if frames.is_empty() {
             return Ok(false);
-        };
-        d.position = last.seq;
-        let more = batch.len() == DELIVERY_BATCH;
-        let frames = batch.iter().map(|m| wire::message_bytes(m)).collect();
+        }
         self.write(frames).await?;
         if d.mode == AckMode::Auto {
             d.unconfirmed = Some(d.position);

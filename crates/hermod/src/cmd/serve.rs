@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hermod_core::auth::{AuthMode, RateLimit, Trust};
+use hermod_core::engine::Retention;
 use hermod_core::Broker;
-use hermod_server::actions::{self, ActionConfig, ActionSpec};
+use hermod_server::actions::{self, ActionConfig};
 use hermod_server::{http::HttpConfig, unix::UnixConfig, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +41,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         };
         Trust::new(mode, rate)
     };
+    let config_file = load_config(&dir)?;
+    let rules = retention(args, &config_file.retention)?;
     runtime.block_on(async {
         let broker = if args.memory {
             Broker::open_memory_with(trust()).await?
@@ -49,6 +52,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot open {}", db.display()))?
         };
+        tracing::info!(?rules, "retention");
+        broker.start_retention(rules);
         let mut unix = UnixConfig::new(socket.clone());
         unix.max_connections = args.max_connections;
         unix.owner_uids.extend(&args.allow_uids);
@@ -71,7 +76,11 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             unix,
             http,
             actions: ActionConfig {
-                actions: load_actions(&dir)?,
+                actions: {
+                    let mut all = actions::hooks_from_env();
+                    all.extend(config_file.actions.action);
+                    all
+                },
                 timeout: Duration::from_secs(args.hook_timeout),
                 concurrency: args.hook_concurrency,
             },
@@ -99,10 +108,27 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     })
 }
 
-/// hermes-bus hooks from the environment, then the `[[action]]`s of
-/// `<data-dir>/config.toml`, else of `~/.config/hermod/config.toml`.
-fn load_actions(dir: &std::path::Path) -> Result<Vec<ActionSpec>> {
-    let mut all = actions::hooks_from_env();
+/// `config.toml`: wake-up actions and retention.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ConfigFile {
+    #[serde(flatten)]
+    actions: actions::ActionsFile,
+    #[serde(default)]
+    retention: RetentionFile,
+}
+
+/// `[retention]`: the same values as the `--retention-*` flags.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionFile {
+    age: Option<toml::Value>,
+    messages: Option<toml::Value>,
+    bytes: Option<toml::Value>,
+    topic_age: Option<toml::Value>,
+}
+
+/// `<data-dir>/config.toml`, else `~/.config/hermod/config.toml`, if any.
+fn load_config(dir: &std::path::Path) -> Result<ConfigFile> {
     let home = std::env::var_os("HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_default();
@@ -110,22 +136,78 @@ fn load_actions(dir: &std::path::Path) -> Result<Vec<ActionSpec>> {
         dir.join("config.toml"),
         home.join(".config/hermod/config.toml"),
     ];
-    if let Some(path) = candidates.iter().find(|p| p.exists()) {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let file: actions::ActionsFile =
-            toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
-        for spec in &file.action {
-            if let Some(t) = &spec.topic {
-                hermod_events::Pattern::parse(t).with_context(|| {
-                    format!("invalid topic pattern {t:?} in {}", path.display())
-                })?;
-            }
+    let Some(path) = candidates.iter().find(|p| p.exists()) else {
+        return Ok(ConfigFile::default());
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    for spec in &file.actions.action {
+        if let Some(t) = &spec.topic {
+            hermod_events::Pattern::parse(t)
+                .with_context(|| format!("invalid topic pattern {t:?} in {}", path.display()))?;
         }
-        tracing::info!(file = %path.display(), actions = file.action.len(), "wake-up actions loaded");
-        all.extend(file.action);
     }
-    Ok(all)
+    tracing::info!(file = %path.display(), actions = file.actions.action.len(), "config loaded");
+    Ok(file)
+}
+
+/// The retention rules: a flag, else `[retention]`, else the default.
+fn retention(args: &ServeArgs, file: &RetentionFile) -> Result<Retention> {
+    fn pick(flag: &Option<String>, file: &Option<toml::Value>, default: &str) -> String {
+        match (flag, file) {
+            (Some(f), _) => f.clone(),
+            (None, Some(toml::Value::String(s))) => s.clone(),
+            (None, Some(v)) => v.to_string(),
+            (None, None) => default.to_owned(),
+        }
+    }
+    let off = |s: &str| matches!(s.trim(), "0" | "off" | "none");
+    let duration = |what: &str, s: String| -> Result<Option<f64>> {
+        if off(&s) {
+            return Ok(None);
+        }
+        let d = humantime::parse_duration(s.trim())
+            .with_context(|| format!("invalid {what} {s:?} (try 30d, 12h, 90m)"))?;
+        Ok(Some(d.as_secs_f64()))
+    };
+    let count = |what: &str, s: String| -> Result<Option<u64>> {
+        if off(&s) {
+            return Ok(None);
+        }
+        let n: u64 = s
+            .trim()
+            .replace('_', "")
+            .parse()
+            .with_context(|| format!("invalid {what} {s:?} (a whole number)"))?;
+        Ok(Some(n))
+    };
+    let size = |what: &str, s: String| -> Result<Option<u64>> {
+        if off(&s) {
+            return Ok(None);
+        }
+        let b: bytesize::ByteSize = s
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid {what} {s:?} (try 10GiB, 500MB): {e}"))?;
+        Ok(Some(b.as_u64()))
+    };
+    Ok(Retention {
+        age: duration("retention age", pick(&args.retention_age, &file.age, "30d"))?,
+        inbox_messages: count(
+            "retention messages",
+            pick(&args.retention_messages, &file.messages, "100000"),
+        )?,
+        bytes: size(
+            "retention bytes",
+            pick(&args.retention_bytes, &file.bytes, "10GiB"),
+        )?,
+        topic_age: duration(
+            "retention topic age",
+            pick(&args.retention_topic_age, &file.topic_age, "7d"),
+        )?,
+    })
 }
 
 /// Publishes the bound addresses (port 0 resolved) for clients and tests.

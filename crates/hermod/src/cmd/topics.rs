@@ -137,6 +137,7 @@ pub fn subscribe(args: &SubArgs) -> Result<ExitCode> {
                 endpoint: format!("sub-{}", std::process::id()),
                 channel: Some(channel),
                 ack: Some(hermod_core::wire::AckMode::Explicit),
+                gaps: None,
             };
             conn.request(&frame).await?;
         }

@@ -154,6 +154,19 @@ pub(super) struct InboxPage {
     messages: Vec<MessageView>,
     /// The agent's acknowledged position.
     cursor: Seq,
+    /// Present when retention already removed messages after `after`:
+    /// those up to `pruned_through` are gone, `messages` start after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gap: Option<GapView>,
+}
+
+/// Messages a reader asked for that retention removed.
+#[derive(Serialize, ToSchema)]
+pub(super) struct GapView {
+    /// Where the read asked to start.
+    after: Seq,
+    /// Every message of the inbox up to this seq is gone.
+    pruned_through: Seq,
 }
 
 #[utoipa::path(
@@ -197,19 +210,27 @@ pub(super) async fn read_inbox(
     let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
     let mut newest = app.broker.watch(&key);
     let deadline = tokio::time::Instant::now() + wait;
-    let messages = loop {
+    let batch = loop {
         let batch = app.broker.read(&key, after, limit).await?;
-        if !batch.is_empty() || tokio::time::Instant::now() >= deadline {
+        if !batch.messages.is_empty()
+            || batch.gap.is_some()
+            || tokio::time::Instant::now() >= deadline
+        {
             break batch;
         }
         app.wait_for(&mut newest, deadline).await?;
     };
     Ok(Json(InboxPage {
-        messages: messages
+        messages: batch
+            .messages
             .iter()
             .map(|m| MessageView::from(m.as_ref()))
             .collect(),
         cursor,
+        gap: batch.gap.map(|g| GapView {
+            after: g.after,
+            pruned_through: g.pruned_through,
+        }),
     }))
 }
 

@@ -29,7 +29,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::auth::Caller;
-use hermod_core::broker::Target;
+use hermod_core::broker::{Batch, Target};
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
 use hermod_events::Pattern;
@@ -126,6 +126,7 @@ pub fn router() -> Router<AppState> {
         messages::SendRequest,
         messages::SendReceipt,
         messages::InboxPage,
+        messages::GapView,
         messages::MessageView,
         messages::AckRequest,
         messages::AckReply,
@@ -189,22 +190,26 @@ pub(super) async fn publish(
 /// Batches of the log as SSE events (`id:` = seq, `data:` = the message
 /// frame), keeping the messages `keep` accepts.
 pub(super) fn message_events(
-    batches: impl Stream<Item = hermod_core::Result<Vec<std::sync::Arc<Message>>>> + Send + 'static,
+    batches: impl Stream<Item = hermod_core::Result<Batch>> + Send + 'static,
     keep: impl Fn(&Message) -> bool + Send + 'static,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
     batches
         .map(move |batch| {
-            let events: Vec<Result<Event, Infallible>> = match batch {
-                Ok(batch) => batch
-                    .iter()
-                    .filter(|m| keep(m))
-                    .map(|m| Ok(Event::default().id(m.seq.to_string()).data(frame_text(m))))
-                    .collect(),
-                Err(e) => {
-                    tracing::error!(error = %e, "log read failed");
-                    Vec::new()
-                }
-            };
+            let events: Vec<Result<Event, Infallible>> =
+                match batch {
+                    Ok(batch) => batch
+                        .gap
+                        .iter()
+                        .map(|g| Ok(crate::http::gap_event(g)))
+                        .chain(batch.messages.iter().filter(|m| keep(m)).map(|m| {
+                            Ok(Event::default().id(m.seq.to_string()).data(frame_text(m)))
+                        }))
+                        .collect(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "log read failed");
+                        Vec::new()
+                    }
+                };
             futures::stream::iter(events)
         })
         .flatten()

@@ -47,7 +47,7 @@ pub(super) async fn ws_session(
         let out: Vec<String> = tokio::select! {
             _ = app.shutdown.cancelled() => break,
             batch = inbox.next() => match batch {
-                Some(Ok(batch)) => batch.iter().map(|m| frame_text(m)).collect(),
+                Some(Ok(batch)) => batch_frames(&batch).collect(),
                 _ => break,
             },
             Some(events) = live.next(), if !live.is_empty() => events,
@@ -70,6 +70,13 @@ pub(super) async fn ws_session(
     let _ = tx.close().await;
 }
 
+/// A batch as WebSocket text frames: the gap first, if any.
+fn batch_frames(batch: &Batch) -> impl Iterator<Item = String> + '_ {
+    let gap = batch.gap.map(|g| frame_json(ServerFrame::Gap(g)));
+    gap.into_iter()
+        .chain(batch.messages.iter().map(|m| frame_text(m)))
+}
+
 pub(super) fn frame_json(frame: ServerFrame) -> String {
     String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
 }
@@ -88,13 +95,7 @@ pub(super) fn topic_frames(
     let start = app.broker.committed().0;
     let events = app.broker.follow_pattern(caller, channel, pattern, start)?;
     Ok(events
-        .filter_map(|batch| {
-            futures::future::ready(
-                batch
-                    .ok()
-                    .map(|b| b.iter().map(|m| frame_text(m)).collect()),
-            )
-        })
+        .filter_map(|batch| futures::future::ready(batch.ok().map(|b| batch_frames(&b).collect())))
         .boxed())
 }
 

@@ -27,6 +27,7 @@ async fn receiver(socket: &Path, name: &str) -> Result<(FrameReader, hermod_clie
         endpoint: name.into(),
         channel: None,
         ack: Some(AckMode::Auto),
+        gaps: None,
     })
     .await?;
     Ok(c.split())
