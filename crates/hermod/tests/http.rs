@@ -108,3 +108,68 @@ fn cli_sends_and_receives_over_http() {
     let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
     assert_eq!(line["body"]["text"], "via agent-bus env");
 }
+
+/// `POST /v1/messages` with an array: one commit, one outcome per element
+/// in order; a bad element fails alone.
+#[test]
+fn batch_ingest_answers_per_message_and_keeps_order() {
+    let d = Daemon::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let mut batch: Vec<serde_json::Value> = (0..300)
+            .map(|n| serde_json::json!({"from": "loader", "to": "bulk", "body": {"n": n}}))
+            .collect();
+        batch[7] = serde_json::json!({"from": "no spaces", "to": "bulk", "body": {}});
+        let r = http
+            .post(format!("{}/v1/messages", d.http))
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let out: Vec<serde_json::Value> = r.json().await.unwrap();
+        assert_eq!(out.len(), 300);
+        assert_eq!(out[7]["code"], "invalid_name", "{}", out[7]);
+        let seqs: Vec<u64> = out
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 7)
+            .map(|(_, o)| o["seq"].as_u64().expect("a receipt"))
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "stored in order");
+        let page: serde_json::Value = http
+            .get(format!(
+                "{}/v1/agents/bulk/inbox?after=0&limit=1000",
+                d.http
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let got: Vec<u64> = page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["body"]["n"].as_u64().unwrap())
+            .collect();
+        let want: Vec<u64> = (0..300).filter(|&n| n != 7).collect();
+        assert_eq!(got, want);
+        // Over the limit: refused whole, nothing stored.
+        let too_many: Vec<serde_json::Value> = (0..1001)
+            .map(|n| serde_json::json!({"from": "loader", "to": "bulk", "body": {"n": n}}))
+            .collect();
+        let r = http
+            .post(format!("{}/v1/messages", d.http))
+            .json(&too_many)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    });
+}

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use registry::{AgentInfo, Connection};
@@ -49,8 +49,11 @@ struct Shared {
     taps_dropped: AtomicU64,
     /// Set while the engine holds stamped messages that are not readable yet.
     stamping: AtomicBool,
-    /// Live presence events (not stored: a reader that falls behind skips).
-    presence: broadcast::Sender<Presence>,
+    /// The newest connection per channel and transport, live only. A
+    /// `watch`, not a queue: a connect costs one store whatever the number
+    /// of listeners, and a listener woken late sees only the newest (so
+    /// 10,000 streams opening do not push 10,000² notices).
+    presence: Mutex<HashMap<(Channel, &'static str), watch::Sender<Option<Presence>>>>,
     /// Engine commits that stored messages (batch size = messages / commits).
     commits: AtomicU64,
     /// Reads told that retention removed part of what they asked for.
@@ -66,9 +69,6 @@ pub struct Presence {
     pub transport: &'static str,
     pub ts: f64,
 }
-
-/// Presence events buffered per listener before it starts skipping.
-const PRESENCE_BUFFER: usize = 1024;
 
 struct State {
     inboxes: Inboxes,
@@ -228,7 +228,7 @@ impl Broker {
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
             stamping: AtomicBool::new(false),
-            presence: broadcast::channel(PRESENCE_BUFFER).0,
+            presence: Mutex::default(),
             commits: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             pruned: AtomicU64::new(0),
@@ -276,6 +276,47 @@ impl Broker {
     /// caller's verified name, or `env.from` for a trusted caller); the
     /// returned future resolves once it is durable.
     pub async fn send(&self, caller: &Caller, env: Envelope, target: Target) -> Result<Durable> {
+        let message = self.route(caller, env, target).await?;
+        self.engine.submit(vec![message]).await
+    }
+
+    /// Sends many messages in one engine append (one commit under light
+    /// load): each is checked and routed on its own, so one bad message
+    /// fails alone; the rest are stored in order and resolve together.
+    pub async fn send_many(
+        &self,
+        caller: &Caller,
+        envs: Vec<Envelope>,
+        target: Target,
+    ) -> Result<Vec<Result<Arc<Message>>>> {
+        let mut routed = Vec::with_capacity(envs.len());
+        let mut batch = Vec::with_capacity(envs.len());
+        for env in envs {
+            match self.route(caller, env, target).await {
+                Ok(m) => {
+                    routed.push(Ok(batch.len()));
+                    batch.push(m);
+                }
+                Err(e) => routed.push(Err(e)),
+            }
+        }
+        let stored = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.engine
+                .submit(batch)
+                .await?
+                .await
+                .map_err(|_| Error::ShuttingDown)??
+        };
+        Ok(routed
+            .into_iter()
+            .map(|r| r.map(|i| stored[i].clone()))
+            .collect())
+    }
+
+    /// Checks what `caller` may send and resolves the recipients.
+    async fn route(&self, caller: &Caller, env: Envelope, target: Target) -> Result<NewMessage> {
         let from = self.trust.sender(caller, env.from.clone())?;
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(&from)?;
@@ -305,7 +346,7 @@ impl Broker {
                 .registry
                 .know(&key, now, now);
         }
-        let message = NewMessage {
+        Ok(NewMessage {
             id: env.id.unwrap_or_else(model::new_id),
             channel: env.channel,
             from,
@@ -315,8 +356,7 @@ impl Broker {
             auth: caller.auth(),
             body: env.body,
             recipients,
-        };
-        self.engine.submit(vec![message]).await
+        })
     }
 
     /// Publishes a topic event on `channel`. The payload becomes the
@@ -717,17 +757,36 @@ impl Broker {
             self.engine.remember_agent(key.clone(), now).await?;
         }
         // Nobody listening is fine: presence is live-only.
-        let _ = self.shared.presence.send(Presence {
-            key,
-            transport,
-            ts: now,
-        });
+        if let Some(tx) = self
+            .shared
+            .presence
+            .lock()
+            .unwrap()
+            .get(&(key.channel.clone(), transport))
+        {
+            tx.send_replace(Some(Presence {
+                key,
+                transport,
+                ts: now,
+            }));
+        }
         Ok(session)
     }
 
-    /// Every connection from now on, as it happens.
-    pub fn presence(&self) -> broadcast::Receiver<Presence> {
-        self.shared.presence.subscribe()
+    /// The newest connection over `transport` on `channel` from now on
+    /// (listeners that fall behind see only the newest).
+    pub fn presence(
+        &self,
+        channel: &Channel,
+        transport: &'static str,
+    ) -> watch::Receiver<Option<Presence>> {
+        self.shared
+            .presence
+            .lock()
+            .unwrap()
+            .entry((channel.clone(), transport))
+            .or_insert_with(|| watch::Sender::new(None))
+            .subscribe()
     }
 
     /// Notes activity of a connected agent.

@@ -290,26 +290,23 @@ async fn subscribe(
 /// its stream. Live only (not stored, no `id:`), so a waiting agent learns
 /// its peer is back without filling every inbox with stale notices.
 fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures::stream::unfold(broker.presence(), move |mut rx| {
+    futures::stream::unfold(broker.presence(&me.channel, "sse"), move |mut rx| {
         let me = me.clone();
         async move {
             loop {
-                match rx.recv().await {
-                    Ok(p)
-                        if p.transport == "sse"
-                            && p.key.channel == me.channel
-                            && p.key.agent != me.agent =>
-                    {
-                        let notice = json!({
-                            "type": "subscriber_connected",
-                            "agent": p.key.agent,
-                            "_meta": { "from": INTEROP, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
-                        });
-                        return Some((Ok(Event::default().data(notice.to_string())), rx));
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                rx.changed().await.ok()?;
+                let Some(p) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                if p.key.agent == me.agent {
+                    continue;
                 }
+                let notice = json!({
+                    "type": "subscriber_connected",
+                    "agent": p.key.agent,
+                    "_meta": { "from": INTEROP, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
+                });
+                return Some((Ok(Event::default().data(notice.to_string())), rx));
             }
         }
     })

@@ -45,12 +45,93 @@ pub(super) struct SendReceipt {
     channel: String,
 }
 
+/// One message, or an array of them stored in one commit.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // the schema's shape; requests parse into `SendBody`
+pub(super) enum SendMany {
+    One(SendRequest),
+    Many(Vec<SendRequest>),
+}
+
+/// The answer: a receipt, or for an array one outcome per element.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(super) enum SendReply {
+    One(SendReceipt),
+    Many(Vec<SendOutcome>),
+}
+
+/// One element's outcome: stored, or why not.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(super) enum SendOutcome {
+    Sent(SendReceipt),
+    Failed(ErrorBody),
+}
+
+/// Most messages in one `POST /v1/messages` array.
+pub(super) const MAX_BATCH: usize = 1000;
+
+/// The request body: an object sends one message, an array many (each
+/// element judged alone). Told apart by the first token, so a single
+/// send keeps its precise field errors.
+pub(super) enum SendBody {
+    One(SendRequest),
+    Many(Vec<SendRequest>),
+}
+
+impl<'de> Deserialize<'de> for SendBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = SendBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message object or an array of them")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<SendBody, A::Error> {
+                SendRequest::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(SendBody::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<SendBody, A::Error> {
+                Vec::<SendRequest>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(SendBody::Many)
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
+impl SendRequest {
+    fn envelope(self) -> hermod_core::Result<Envelope> {
+        Ok(Envelope {
+            to: self.to.map(AgentName::parse).transpose()?,
+            from: Some(AgentName::parse(self.from)?),
+            id: self.id.filter(|i| !i.is_empty()),
+            sent_ts: None,
+            channel: strict_channel(self.channel)?,
+            body: Body::from_raw(&self.body)?,
+        })
+    }
+}
+
+impl From<&Message> for SendReceipt {
+    fn from(m: &Message) -> Self {
+        SendReceipt {
+            id: m.id.clone(),
+            seq: m.seq,
+            ts: m.ts,
+            channel: m.channel.to_string(),
+        }
+    }
+}
+
 #[utoipa::path(
     post,
     path = "/v1/messages",
-    request_body = SendRequest,
+    request_body = SendMany,
     responses(
-        (status = 200, description = "Durable", body = SendReceipt),
+        (status = 200, description = "Durable (for an array: one receipt or error per element, in order)", body = SendReply),
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
         (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
@@ -60,25 +141,52 @@ pub(super) struct SendReceipt {
 pub(super) async fn send_message(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    JsonBody(req): JsonBody<SendRequest>,
-) -> Result<Json<SendReceipt>, ApiError> {
-    let from = AgentName::parse(req.from)?;
-    let to = req.to.map(AgentName::parse).transpose()?;
-    let env = Envelope {
-        to,
-        from: Some(from),
-        id: req.id.filter(|i| !i.is_empty()),
-        sent_ts: None,
-        channel: strict_channel(req.channel)?,
-        body: Body::from_raw(&req.body)?,
-    };
-    let m = app.broker.send_durable(&caller, env, Target::Any).await?;
-    Ok(Json(SendReceipt {
-        id: m.id.clone(),
-        seq: m.seq,
-        ts: m.ts,
-        channel: m.channel.to_string(),
-    }))
+    JsonBody(req): JsonBody<SendBody>,
+) -> Result<Json<SendReply>, ApiError> {
+    match req {
+        SendBody::One(req) => {
+            let m = app
+                .broker
+                .send_durable(&caller, req.envelope()?, Target::Any)
+                .await?;
+            Ok(Json(SendReply::One(SendReceipt::from(m.as_ref()))))
+        }
+        SendBody::Many(reqs) => {
+            if reqs.len() > MAX_BATCH {
+                return Err(ApiError::bad_request(format!(
+                    "at most {MAX_BATCH} messages per request"
+                )));
+            }
+            let mut envs = Vec::with_capacity(reqs.len());
+            let mut invalid = Vec::new();
+            for (i, req) in reqs.into_iter().enumerate() {
+                match req.envelope() {
+                    Ok(env) => envs.push(env),
+                    Err(e) => invalid.push((i, e)),
+                }
+            }
+            let mut sent = app
+                .broker
+                .send_many(&caller, envs, Target::Any)
+                .await?
+                .into_iter();
+            let mut invalid = invalid.into_iter().peekable();
+            let total = sent.len() + invalid.len();
+            let results = (0..total)
+                .map(|i| {
+                    let result = match invalid.next_if(|(at, _)| *at == i) {
+                        Some((_, e)) => Err(e),
+                        None => sent.next().expect("one result per valid message"),
+                    };
+                    match result {
+                        Ok(m) => SendOutcome::Sent(SendReceipt::from(m.as_ref())),
+                        Err(e) => SendOutcome::Failed(ErrorBody::from(&e)),
+                    }
+                })
+                .collect();
+            Ok(Json(SendReply::Many(results)))
+        }
+    }
 }
 
 #[utoipa::path(

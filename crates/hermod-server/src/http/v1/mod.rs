@@ -124,6 +124,9 @@ pub fn router() -> Router<AppState> {
     ),
     components(schemas(
         messages::SendRequest,
+        messages::SendMany,
+        messages::SendReply,
+        messages::SendOutcome,
         messages::SendReceipt,
         messages::InboxPage,
         messages::GapView,
@@ -146,9 +149,18 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 
 /// An error: `error` is for humans, `code` is stable.
 #[derive(Serialize, ToSchema)]
-struct ErrorBody {
+pub(super) struct ErrorBody {
     error: String,
     code: String,
+}
+
+impl From<&hermod_core::Error> for ErrorBody {
+    fn from(e: &hermod_core::Error) -> Self {
+        ErrorBody {
+            error: e.to_string(),
+            code: e.code().to_owned(),
+        }
+    }
 }
 /// Publishes; answers at once (fast class) or once durable.
 pub(super) async fn publish(

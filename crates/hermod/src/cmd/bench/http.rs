@@ -64,6 +64,29 @@ pub(super) async fn send_throughput(url: &str, messages: u64, clients: u64) -> R
     Ok(())
 }
 
+/// Batch ingest: `messages` durable messages as `POST /v1/messages`
+/// arrays of `batch`, from `clients` concurrent keep-alive clients.
+pub(super) async fn batch_ingest(url: &str, messages: u64, clients: u64, batch: u64) -> Result<()> {
+    let send = format!("{url}/v1/messages");
+    let (requests, elapsed) = closed_loop(clients, messages / batch, move |http, c, n| {
+        let body: Vec<Value> = (0..batch)
+            .map(|i| {
+                json!({ "from": format!("bench-batch-{c}"), "to": "bench-batch-sink",
+                             "body": { "n": n * batch + i } })
+            })
+            .collect();
+        http.post(&send).json(&body)
+    })
+    .await?;
+    let total = requests * batch;
+    println!(
+        "http POST /v1/messages arrays of {batch}: {total} durable messages, {clients} clients\n  \
+         {:>9.0} msgs/s ({elapsed:.2} s)",
+        total as f64 / elapsed
+    );
+    Ok(())
+}
+
 /// A `/recv?block=true` loop woken by `/send`s every 5 ms: send → return.
 pub(super) async fn long_poll_latency(url: &str, samples: usize) -> Result<()> {
     let http = reqwest::Client::new();

@@ -15,6 +15,7 @@
 //!   durable receipt, send → delivery);
 //! - HTTP `/send` throughput with 16 concurrent keep-alive clients, and the
 //!   same clients on the no-op `GET /healthz` (the machine's ceiling);
+//! - batch ingest: `POST /v1/messages` arrays of 500 from 4 clients;
 //! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
 //! - SSE fan-out: `/broadcast`s to 1,000 `/subscribe` streams;
 //! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
@@ -50,6 +51,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
         if let (Some(url), true) = (http_url, args.only.as_deref().is_none_or(|o| o == "http")) {
             http::send_throughput(&url, args.messages / 2, 16).await?;
+            http::batch_ingest(&url, args.messages * 2, 4, 500).await?;
             http::long_poll_latency(&url, 1000).await?;
             http::sse_fanout(&url, 1000, 10).await?;
             http::pattern_fanout(&url, 1000, 10).await?;
