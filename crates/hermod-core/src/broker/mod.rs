@@ -53,7 +53,7 @@ struct Shared {
     /// `watch`, not a queue: a connect costs one store whatever the number
     /// of listeners, and a listener woken late sees only the newest (so
     /// 10,000 streams opening do not push 10,000² notices).
-    presence: Mutex<HashMap<(Channel, &'static str), watch::Sender<Option<Presence>>>>,
+    presence: Mutex<HashMap<(Channel, &'static str), PresenceWatch>>,
     /// Engine commits that stored messages (batch size = messages / commits).
     commits: AtomicU64,
     /// Reads told that retention removed part of what they asked for.
@@ -61,6 +61,9 @@ struct Shared {
     /// Messages retention removed since start.
     pruned: AtomicU64,
 }
+
+/// The newest connection of one channel over one transport.
+type PresenceWatch = watch::Sender<Option<Presence>>;
 
 /// An agent connected: a live notice for whoever is listening now.
 #[derive(Debug, Clone)]
