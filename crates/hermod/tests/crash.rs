@@ -1,5 +1,7 @@
 //! Crash safety: concurrent senders, `kill -9` at random points, restart —
-//! every message the daemon acknowledged (a `sent` receipt) is still there.
+//! every message the daemon acknowledged (a `sent` receipt) is still there,
+//! and so is every acknowledged cursor move and durable subscription: a
+//! cursor never moves backwards across a crash.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,16 @@ use serde_json::json;
 
 use crate::support::Daemon;
 
+/// Rounds in the suite; the soak command sets `HERMOD_CRASH_ROUNDS=100`
+/// (see the README).
 const ROUNDS: usize = 20;
+
+fn rounds() -> usize {
+    std::env::var("HERMOD_CRASH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS)
+}
 const SENDERS: usize = 4;
 /// Per sender per round; bounds the test whatever the kill timing.
 const MAX_PER_ROUND: usize = 3000;
@@ -71,6 +82,101 @@ async fn sender(socket: std::path::PathBuf, tag: String, acked: Arc<Mutex<Vec<St
     }
 }
 
+/// What the cursor-and-subscription client got acknowledged.
+#[derive(Default)]
+struct Acked {
+    /// The highest cursor an ack answer reported.
+    cursor: u64,
+    patterns: Vec<String>,
+}
+
+/// Over HTTP (until the daemon dies): moves `reader`'s cursor forward and
+/// adds durable subscriptions, recording what each answer acknowledged.
+async fn cursor_mover(url: String, round: usize, acked: Arc<Mutex<Acked>>) {
+    let http = reqwest::Client::new();
+    for n in 0..10_000u64 {
+        let target = acked.lock().unwrap().cursor + 1 + n % 7;
+        let Ok(r) = http
+            .post(format!("{url}/v1/agents/reader/ack"))
+            .json(&json!({ "seq": target }))
+            .send()
+            .await
+        else {
+            return;
+        };
+        let Ok(reply) = r.json::<serde_json::Value>().await else {
+            return;
+        };
+        let Some(cursor) = reply["cursor"].as_u64() else {
+            return;
+        };
+        {
+            let mut a = acked.lock().unwrap();
+            a.cursor = a.cursor.max(cursor);
+        }
+        if n % 5 == 0 {
+            let pattern = format!("crash.r{round}.n{n}");
+            let Ok(r) = http
+                .post(format!("{url}/v1/agents/reader/subscriptions"))
+                .json(&json!({ "pattern": pattern }))
+                .send()
+                .await
+            else {
+                return;
+            };
+            if r.status().is_success() {
+                acked.lock().unwrap().patterns.push(pattern);
+            }
+        }
+    }
+}
+
+/// The stored cursor and subscriptions of `reader` hold everything
+/// acknowledged so far.
+fn check_reader(rt: &tokio::runtime::Runtime, url: &str, acked: &Mutex<Acked>, when: &str) {
+    let (cursor, patterns) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let page: serde_json::Value = http
+            .get(format!("{url}/v1/agents/reader/inbox?limit=1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let subs: serde_json::Value = http
+            .get(format!("{url}/v1/agents/reader/subscriptions"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let patterns: HashSet<String> = subs["patterns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect();
+        (page["cursor"].as_u64().unwrap(), patterns)
+    });
+    let acked = acked.lock().unwrap();
+    assert!(
+        cursor >= acked.cursor,
+        "{when}: the cursor moved back from an acknowledged {} to {cursor}",
+        acked.cursor
+    );
+    let lost: Vec<_> = acked
+        .patterns
+        .iter()
+        .filter(|p| !patterns.contains(*p))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{when}: acknowledged subscriptions lost: {lost:?}"
+    );
+}
+
 #[test]
 fn kill_9_at_random_points_loses_no_acknowledged_message() {
     let seed = SystemTime::now()
@@ -82,8 +188,10 @@ fn kill_9_at_random_points_loses_no_acknowledged_message() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut d = Daemon::start();
     let acked = Arc::new(Mutex::new(Vec::new()));
-    for round in 0..ROUNDS {
-        let tasks: Vec<_> = (0..SENDERS)
+    let reader = Arc::new(Mutex::new(Acked::default()));
+    let rounds = rounds();
+    for round in 0..rounds {
+        let mut tasks: Vec<_> = (0..SENDERS)
             .map(|s| {
                 rt.spawn(sender(
                     d.socket.clone(),
@@ -92,20 +200,34 @@ fn kill_9_at_random_points_loses_no_acknowledged_message() {
                 ))
             })
             .collect();
+        tasks.push(rt.spawn(cursor_mover(d.http.clone(), round, reader.clone())));
         std::thread::sleep(Duration::from_millis(5 + rng.next() % 120));
         d.kill9();
         for t in tasks {
             rt.block_on(t).unwrap();
         }
         d.spawn();
+        check_reader(&rt, &d.http, &reader, &format!("after round {round}"));
+    }
+    {
+        let r = reader.lock().unwrap();
+        println!(
+            "cursor acknowledged up to {}, {} subscriptions acknowledged",
+            r.cursor,
+            r.patterns.len()
+        );
+        assert!(
+            r.cursor > 0 && !r.patterns.is_empty(),
+            "the test must get cursor moves and subscriptions acknowledged"
+        );
     }
     let acked: HashSet<String> = acked.lock().unwrap().drain(..).collect();
     println!(
-        "{} messages acknowledged over {ROUNDS} kill -9 rounds",
+        "{} messages acknowledged over {rounds} kill -9 rounds",
         acked.len()
     );
     assert!(
-        acked.len() > ROUNDS,
+        acked.len() > rounds,
         "the test must actually get messages acknowledged"
     );
 

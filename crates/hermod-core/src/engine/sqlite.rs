@@ -133,7 +133,9 @@ type Ack = oneshot::Sender<Result<()>>;
 
 enum Op {
     Append {
+        /// Taken by the writer as it stores them (`len` stays).
         batch: Vec<NewMessage>,
+        len: usize,
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
     Cursor(InboxKey, Seq, Ack),
@@ -718,7 +720,8 @@ fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<Inb
 impl Engine for SqliteEngine {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
         let (reply, rx) = oneshot::channel();
-        self.queue(Op::Append { batch, reply }).await?;
+        let len = batch.len();
+        self.queue(Op::Append { batch, len, reply }).await?;
         Ok(rx)
     }
 
@@ -986,8 +989,8 @@ impl Writer {
                 let mut stored = committed.into_iter().map(|c| c.message);
                 for op in ops.drain(..) {
                     match op {
-                        Op::Append { batch, reply } => {
-                            let mine: Vec<_> = stored.by_ref().take(batch.len()).collect();
+                        Op::Append { len, reply, .. } => {
+                            let mine: Vec<_> = stored.by_ref().take(len).collect();
                             let _ = reply.send(Ok(mine));
                         }
                         Op::Cursor(.., ack)
@@ -1071,7 +1074,7 @@ impl Writer {
 
     fn apply(
         &mut self,
-        ops: &[Op],
+        ops: &mut [Op],
         committed: &mut Vec<Committed>,
         pruned: &mut Vec<(Pruned, Vec<InboxKey>)>,
     ) -> rusqlite::Result<()> {
@@ -1094,13 +1097,16 @@ impl Writer {
             for op in ops {
                 match op {
                     Op::Append { batch, .. } => {
-                        for m in batch {
+                        // Moved, not copied: a failed commit answers with
+                        // an error and never retries the batch.
+                        for mut new in std::mem::take(batch) {
                             self.seq += 1;
-                            let ts = self.clock.stamp();
+                            let recipients = std::mem::take(&mut new.recipients);
+                            let m = Arc::new(new.into_message(self.seq, self.clock.stamp()));
                             insert_msg.execute(params![
-                                self.seq as i64,
+                                m.seq as i64,
                                 m.id,
-                                ts,
+                                m.ts,
                                 m.channel.as_str(),
                                 m.from.as_str(),
                                 m.to.as_deref(),
@@ -1108,18 +1114,18 @@ impl Writer {
                                 m.sent_ts,
                                 m.body.as_str(),
                                 m.auth.as_str(),
-                                m.recipients.len() as i64,
+                                recipients.len() as i64,
                             ])?;
-                            for r in &m.recipients {
+                            for r in &recipients {
                                 insert_inbox.execute(params![
                                     m.channel.as_str(),
                                     r.as_str(),
-                                    self.seq as i64
+                                    m.seq as i64
                                 ])?;
                             }
                             committed.push(Committed {
-                                recipients: m.recipients.clone(),
-                                message: Arc::new(m.clone().into_message(self.seq, ts)),
+                                recipients,
+                                message: m,
                             });
                         }
                     }
@@ -1134,7 +1140,7 @@ impl Writer {
                         upsert_agent.execute(params![
                             key.channel.as_str(),
                             key.agent.as_str(),
-                            seen
+                            *seen
                         ])?;
                     }
                     Op::Subscription(key, pattern, on, _) => {
@@ -1146,7 +1152,7 @@ impl Writer {
                         tx.prepare_cached(sql)?.execute(params![
                             key.channel.as_str(),
                             key.agent.as_str(),
-                            pattern
+                            pattern.as_str()
                         ])?;
                     }
                     Op::Identity(name, identity, _) => match identity {
