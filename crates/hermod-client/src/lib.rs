@@ -239,6 +239,20 @@ impl Connection {
         }
     }
 
+    /// Removes an offline agent with its inbox, cursor and subscriptions.
+    pub async fn forget(&mut self, agent: &str, channel: Option<&str>) -> Result<()> {
+        let frame = ClientFrame::Forget {
+            agent: agent.to_owned(),
+            channel: channel.map(str::to_owned),
+        };
+        match self.request(&frame).await? {
+            ServerFrame::Forgotten { .. } => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "expected `forgotten`, got {other:?}"
+            ))),
+        }
+    }
+
     /// Every known agent with its presence and unread count.
     pub async fn agents(&mut self) -> Result<Vec<wire::AgentSummary>> {
         match self.request(&ClientFrame::Agents).await? {

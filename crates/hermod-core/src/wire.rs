@@ -89,6 +89,12 @@ pub enum ClientFrame {
     },
     /// Every known agent with presence and unread counts.
     Agents,
+    /// Remove an offline agent with its inbox, cursor and subscriptions.
+    Forget {
+        agent: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+    },
     /// Peek at an agent's inbox after its cursor (or `after`); acknowledges nothing.
     Inbox {
         agent: String,
@@ -180,6 +186,7 @@ pub enum Request {
     ListEndpoints,
     Ack(Seq),
     Agents,
+    Forget(InboxKey),
     Publish(Publication),
     Subscribe {
         pattern: String,
@@ -288,6 +295,10 @@ pub fn parse_client_frame_with_token(
         "list_endpoints" => Request::ListEndpoints,
         "ack" => Request::Ack(frame.seq.ok_or_else(|| missing("seq"))?),
         "agents" => Request::Agents,
+        "forget" => Request::Forget(InboxKey::new(
+            parse_channel(frame.channel)?,
+            AgentName::parse(frame.agent.ok_or_else(|| missing("agent"))?)?,
+        )),
         "publish" => Request::Publish(frame.publication(channel)?),
         "inbox" => Request::Inbox {
             key: InboxKey::new(
@@ -485,6 +496,11 @@ pub enum ServerFrame {
     },
     AgentsList {
         agents: Vec<AgentSummary>,
+    },
+    /// Reply to `forget`.
+    Forgotten {
+        agent: String,
+        channel: String,
     },
     /// Reply to `inbox`: messages after the cursor (or `after`), unacknowledged.
     InboxPage {

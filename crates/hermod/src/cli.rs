@@ -58,10 +58,10 @@ pub enum Command {
     ///
     /// Example: `hermod tail`
     Tail(ClientArgs),
-    /// List known agents with presence and unread counts.
+    /// List known agents with presence and unread counts (or forget one).
     ///
     /// Example: `hermod agents --url http://127.0.0.1:18900`
-    Agents(ClientArgs),
+    Agents(AgentsArgs),
     /// Serve an agent's inbox to an AI client as MCP tools over stdio (and as a
     /// Claude Code channel that pushes arriving messages into the session).
     ///
@@ -92,6 +92,34 @@ pub enum Command {
     ///
     /// Example: `hermod bench --only unix --messages 100000`
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub action: Option<AgentsAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// Remove an offline agent from the bus: its name (broadcasts stop
+    /// reaching it), inbox, cursor and subscriptions. Names that never
+    /// connected and hold nothing go by themselves after an hour.
+    ///
+    /// Example: `hermod agents forget reviwer`
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// Channel [default: default].
+    #[arg(long)]
+    pub channel: Option<String>,
+    pub name: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -518,3 +518,29 @@ fn the_data_dir_and_everything_in_it_are_private() {
     let out = d.cli(&["recv", "--count", "2", "--timeout", "20", "b"]);
     assert_eq!(stdout(&out).lines().count(), 2, "the old log is still read");
 }
+
+/// A mistyped `to` becomes a name that receives every later broadcast;
+/// `hermod agents forget` removes it with its inbox.
+#[test]
+fn agents_forget_removes_a_mistyped_name_and_its_inbox() {
+    let d = Daemon::start();
+    let out = d.cli(&["send", "--from", "boss", "reviwer", "please review"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&d.cli(&["agents"])).contains("reviwer"));
+    assert!(stdout(&d.cli(&["inbox", "reviwer"])).contains("please review"));
+    let out = d.cli(&["agents", "forget", "reviwer"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&d.cli(&["agents"])).contains("reviwer"));
+    assert_eq!(
+        stdout(&d.cli(&["inbox", "reviwer"])),
+        "",
+        "its inbox went too"
+    );
+    // Broadcasts no longer reach it; forgetting it again is an error.
+    let out = d.cli(&["send", "--broadcast", "--from", "boss", "all hands"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&d.cli(&["inbox", "reviwer"])), "");
+    let out = d.cli(&["agents", "forget", "reviwer"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not known"), "{}", stderr(&out));
+}

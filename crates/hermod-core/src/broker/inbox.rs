@@ -87,6 +87,13 @@ impl Inboxes {
         self.view(key, committed).newest.subscribe()
     }
 
+    /// Drops view `key` (its inbox was forgotten); waiters keep their
+    /// receivers and simply see nothing more.
+    pub(crate) fn forget(&mut self, key: &ViewKey) {
+        self.views.remove(key);
+        self.pruned.remove(key);
+    }
+
     /// How far retention pruned view `key` (0: never).
     pub(crate) fn pruned(&self, key: &ViewKey) -> Seq {
         self.pruned.get(key).copied().unwrap_or(0)

@@ -86,6 +86,19 @@ struct State {
 }
 
 impl State {
+    /// Drops everything held in memory for `key` (it was forgotten or
+    /// expired in the store); an agent connected meanwhile stays.
+    fn forget(&mut self, key: &InboxKey) {
+        if !self.registry.forget(key) {
+            return;
+        }
+        self.cursors.remove(key);
+        if let Some(subs) = self.subscriptions.get_mut(&key.channel) {
+            subs.retain(|(a, _)| a != &key.agent);
+        }
+        self.inboxes.forget(&ViewKey::Inbox(key.clone()));
+    }
+
     fn has_subscription(&self, key: &InboxKey, pattern: &str) -> bool {
         self.subscriptions.get(&key.channel).is_some_and(|subs| {
             subs.iter()
@@ -141,6 +154,12 @@ pub struct Batch {
     pub messages: Vec<Arc<Message>>,
     pub gap: Option<Gap>,
 }
+
+/// A name that never connected must be this old (seconds) to expire, so
+/// a message on its way to it always finds it known.
+const EXPIRE_AFTER: f64 = 3600.0;
+/// Names expired per retention tick at most.
+const EXPIRE_BATCH: usize = 256;
 
 /// How often the retention task looks for work.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -251,7 +270,9 @@ impl Broker {
                 state.inboxes.set_pruned(view, seq);
             }
             for a in agents {
-                state.registry.know(&a.key, a.first_seen, a.last_seen);
+                state
+                    .registry
+                    .know_as(&a.key, a.first_seen, a.last_seen, a.connected);
             }
             for (key, pattern) in subscriptions {
                 if let Ok(pattern) = Pattern::parse(&pattern) {
@@ -341,7 +362,7 @@ impl Broker {
         if let Some(key) = unknown {
             // Durable before it is known here: memory never claims a name
             // the store would forget (and the message follows it).
-            self.engine.remember_agent(key.clone(), now).await?;
+            self.engine.remember_agent(key.clone(), now, false).await?;
             self.shared
                 .state
                 .lock()
@@ -427,7 +448,7 @@ impl Broker {
             return Ok(false);
         }
         if !known {
-            self.engine.remember_agent(key.clone(), now).await?;
+            self.engine.remember_agent(key.clone(), now, false).await?;
         }
         self.engine
             .set_subscription(key.clone(), pattern.to_owned(), true)
@@ -757,7 +778,7 @@ impl Broker {
         );
         if persist {
             // On failure the session drops here, ending the connection.
-            self.engine.remember_agent(key.clone(), now).await?;
+            self.engine.remember_agent(key.clone(), now, true).await?;
         }
         // Nobody listening is fine: presence is live-only.
         if let Some(tx) = self
@@ -930,10 +951,25 @@ impl Broker {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
+                    return;
+                };
+                // Names that never connected and hold nothing (a mistyped
+                // `to` whose message expired) stop receiving broadcasts.
+                match engine
+                    .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
+                    .await
+                {
+                    Ok(gone) => {
+                        let mut state = shared.state.lock().unwrap();
+                        for key in gone {
+                            state.forget(&key);
+                        }
+                    }
+                    Err(Error::ShuttingDown) => return,
+                    Err(e) => tracing::warn!(error = %e, "expiring names failed; retrying later"),
+                }
                 loop {
-                    let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
-                        return;
-                    };
                     match engine.prune(&rules, model::now()).await {
                         Ok(step) => {
                             shared.pruned.fetch_add(step.removed, Ordering::Relaxed);
@@ -957,6 +993,31 @@ impl Broker {
                 }
             }
         });
+    }
+
+    /// Removes `key` from the bus: its registry entry, inbox, cursor and
+    /// subscriptions (`hermod agents forget`). Owner or admin only; an
+    /// agent that is connected is refused.
+    pub async fn forget(&self, caller: &Caller, key: InboxKey) -> Result<()> {
+        self.trust.may_admin(caller)?;
+        {
+            let state = self.shared.state.lock().unwrap();
+            if !state.registry.is_known(&key) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} is not known on channel {}",
+                    key.agent, key.channel
+                )));
+            }
+            if state.registry.is_online(&key) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} is connected; it can be forgotten once it is offline",
+                    key.agent
+                )));
+            }
+        }
+        self.engine.forget_agent(key.clone()).await?;
+        self.shared.state.lock().unwrap().forget(&key);
+        Ok(())
     }
 
     /// Reads told of a gap since start.

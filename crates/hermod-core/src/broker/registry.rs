@@ -40,6 +40,10 @@ pub struct AgentInfo {
     /// When the store last recorded this agent (see [`PERSIST_EVERY`]).
     #[serde(skip)]
     persisted: f64,
+    /// The store knows the agent has connected at least once (a name that
+    /// never did and holds nothing expires).
+    #[serde(skip)]
+    connected: bool,
 }
 
 /// How stale the stored `last_seen` may get before a connection refreshes
@@ -66,10 +70,22 @@ impl Registry {
 
     /// Marks `key` known; returns true if it was not known before.
     pub(crate) fn know(&mut self, key: &InboxKey, first_seen: f64, last_seen: f64) -> bool {
+        self.know_as(key, first_seen, last_seen, false)
+    }
+
+    /// [`Registry::know`], noting whether the store has it as connected.
+    pub(crate) fn know_as(
+        &mut self,
+        key: &InboxKey,
+        first_seen: f64,
+        last_seen: f64,
+        connected: bool,
+    ) -> bool {
         let agents = self.channels.entry(key.channel.clone()).or_default();
         match agents.get_mut(&key.agent) {
             Some(info) => {
                 info.last_seen = info.last_seen.max(last_seen);
+                info.connected |= connected;
                 false
             }
             None => {
@@ -82,6 +98,7 @@ impl Registry {
                         last_seen,
                         connections: Vec::new(),
                         persisted: last_seen,
+                        connected,
                     },
                 );
                 true
@@ -128,9 +145,12 @@ impl Registry {
                 !old.exclusive
             });
         }
-        let persist = new || conn.since - info.persisted >= PERSIST_EVERY;
+        // The first connection is always stored: it saves the name from
+        // expiring.
+        let persist = new || !info.connected || conn.since - info.persisted >= PERSIST_EVERY;
         if persist {
             info.persisted = conn.since;
+            info.connected = true;
         }
         info.connections.push(conn);
         persist
@@ -155,6 +175,25 @@ impl Registry {
             info.connections.retain(|c| c.session_id != session_id);
             info.last_seen = info.last_seen.max(now);
         }
+    }
+
+    /// Forgets `key` unless it is connected; true if it was known.
+    pub(crate) fn forget(&mut self, key: &InboxKey) -> bool {
+        let Some(agents) = self.channels.get_mut(&key.channel) else {
+            return false;
+        };
+        if agents.get(&key.agent).is_some_and(AgentInfo::online) {
+            return false;
+        }
+        agents.remove(&key.agent).is_some()
+    }
+
+    /// Is `key` connected right now?
+    pub(crate) fn is_online(&self, key: &InboxKey) -> bool {
+        self.channels
+            .get(&key.channel)
+            .and_then(|c| c.get(&key.agent))
+            .is_some_and(AgentInfo::online)
     }
 
     pub(crate) fn touch(&mut self, key: &InboxKey, now: f64) {

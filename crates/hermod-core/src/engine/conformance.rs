@@ -142,9 +142,22 @@ where
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
 
     // Registry, subscriptions and identities, each durable on resolve.
-    e.remember_agent(bob.clone(), 1.0).await.unwrap();
-    e.remember_agent(bob.clone(), 5.0).await.unwrap();
-    e.remember_agent(bob.clone(), 3.0).await.unwrap();
+    e.remember_agent(bob.clone(), 1.0, false).await.unwrap();
+    e.remember_agent(bob.clone(), 5.0, true).await.unwrap();
+    e.remember_agent(bob.clone(), 3.0, false).await.unwrap();
+    // Names that never connected and hold nothing expire; others stay.
+    let typo = InboxKey::new(Channel::default(), name("typo"));
+    e.remember_agent(typo.clone(), 1.0, false).await.unwrap();
+    e.remember_agent(eve.clone(), 1.0, false).await.unwrap();
+    assert!(
+        e.expire_agents(0.5, 100).await.unwrap().is_empty(),
+        "too young"
+    );
+    assert_eq!(
+        e.expire_agents(10.0, 100).await.unwrap(),
+        vec![typo.clone()]
+    );
+    assert!(!e.forget_agent(typo).await.unwrap(), "already gone");
     e.set_subscription(eve.clone(), "work.**".into(), true)
         .await
         .unwrap();
@@ -177,7 +190,8 @@ where
     let check = |e: Arc<dyn Engine>| async move {
         let agents = e.agents().await.unwrap();
         let b = agents.iter().find(|a| &a.key == bob).expect("bob is known");
-        assert_eq!((b.first_seen, b.last_seen), (1.0, 5.0));
+        assert_eq!((b.first_seen, b.last_seen, b.connected), (1.0, 5.0, true));
+        assert_eq!(agents.len(), 2, "bob and eve (who holds messages)");
         assert_eq!(
             e.subscriptions().await.unwrap(),
             vec![(eve.clone(), "work.**".to_owned())]
@@ -311,6 +325,32 @@ where
     let bobs = e.read(&bob, 0, 100).await.unwrap();
     assert!(bobs.messages.is_empty());
     assert_eq!(bobs.pruned, *to_bob.last().unwrap());
+    // Forgetting a name takes its inbox, cursor and subscriptions along.
+    let dave = InboxKey::new(Channel::default(), name("dave"));
+    e.remember_agent(dave.clone(), 1.0, true).await.unwrap();
+    let kept = e
+        .submit(vec![message("dave", 5000, None)])
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    e.set_cursor(dave.clone(), 1).await.unwrap();
+    e.set_subscription(dave.clone(), "x.*".into(), true)
+        .await
+        .unwrap();
+    assert!(e.forget_agent(dave.clone()).await.unwrap());
+    let gone = e.read(&View::Inbox(dave.clone()), 0, 10).await.unwrap();
+    assert!(gone.messages.is_empty());
+    assert_eq!(e.cursor(&dave).await.unwrap(), 0);
+    assert!(e
+        .subscriptions()
+        .await
+        .unwrap()
+        .iter()
+        .all(|(k, _)| k != &dave));
+    assert!(e.agents().await.unwrap().iter().all(|a| a.key != dave));
+    assert!(kept[0].seq > 700);
     // The log goes on: seq never goes back after a prune.
     let next = e
         .submit(vec![message("bob", 9999, None)])
@@ -319,6 +359,6 @@ where
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(next[0].seq, 701);
+    assert_eq!(next[0].seq, 702);
     e.close().await;
 }

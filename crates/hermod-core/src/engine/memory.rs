@@ -26,7 +26,8 @@ struct State {
     /// Body bytes in the log (the size rule's measure here).
     bytes: u64,
     cursors: HashMap<InboxKey, Seq>,
-    agents: BTreeMap<InboxKey, (f64, f64)>,
+    /// first seen, last seen, connected.
+    agents: BTreeMap<InboxKey, (f64, f64, bool)>,
     subscriptions: std::collections::BTreeSet<(InboxKey, String)>,
     identities: BTreeMap<AgentName, Identity>,
     seq: Seq,
@@ -256,11 +257,50 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()> {
+    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
         let mut state = self.state.lock().unwrap();
-        let e = state.agents.entry(key).or_insert((seen, seen));
+        let e = state.agents.entry(key).or_insert((seen, seen, connected));
         e.1 = e.1.max(seen);
+        e.2 |= connected;
         Ok(())
+    }
+
+    async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
+        let mut state = self.state.lock().unwrap();
+        for seq in state.inboxes.remove(&key).unwrap_or_default() {
+            let left = state.refs.get_mut(&seq).map(|r| {
+                *r -= 1;
+                *r
+            });
+            let topic = state.log.get(&seq).is_some_and(|m| m.topic.is_some());
+            if left == Some(0) && !topic {
+                state.unlog(seq);
+            }
+        }
+        state.cursors.remove(&key);
+        state.subscriptions.retain(|(k, _)| k != &key);
+        state.floors.remove(&View::Inbox(key.clone()));
+        Ok(state.agents.remove(&key).is_some())
+    }
+
+    async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
+        let mut state = self.state.lock().unwrap();
+        let gone: Vec<InboxKey> = state
+            .agents
+            .iter()
+            .filter(|(k, &(first, _, connected))| {
+                !connected
+                    && first < before
+                    && state.inboxes.get(*k).is_none_or(|q| q.is_empty())
+                    && !state.subscriptions.iter().any(|(s, _)| s == *k)
+            })
+            .take(limit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &gone {
+            state.agents.remove(k);
+        }
+        Ok(gone)
     }
 
     async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
@@ -309,10 +349,11 @@ impl Engine for MemoryEngine {
         Ok(state
             .agents
             .iter()
-            .map(|(k, &(first_seen, last_seen))| KnownAgent {
+            .map(|(k, &(first_seen, last_seen, connected))| KnownAgent {
                 key: k.clone(),
                 first_seen,
                 last_seen,
+                connected,
             })
             .collect())
     }

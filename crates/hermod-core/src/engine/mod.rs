@@ -99,6 +99,8 @@ pub struct KnownAgent {
     pub key: InboxKey,
     pub first_seen: f64,
     pub last_seen: f64,
+    /// It connected at least once (else it is only a name messages went to).
+    pub connected: bool,
 }
 
 /// Whether the store accepts writes right now, and if not, why.
@@ -166,9 +168,18 @@ pub trait Engine: Send + Sync + 'static {
     /// Moves a stored cursor forward (never back); resolves once durable.
     async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()>;
 
-    /// Records an agent in the registry (first/last seen); resolves once
-    /// durable.
-    async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()>;
+    /// Records an agent in the registry (first/last seen, and whether it
+    /// has `connected`: once set it stays); resolves once durable.
+    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()>;
+
+    /// Removes an agent from the registry with its inbox, cursor and
+    /// subscriptions; resolves once durable. False if it was not known.
+    async fn forget_agent(&self, key: InboxKey) -> Result<bool>;
+
+    /// Removes (at most `limit`) agents that never connected, were first
+    /// seen before `before`, and hold nothing (no inbox rows, no
+    /// subscriptions); returns them once durable.
+    async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>>;
 
     /// Adds (`on`) or removes a durable topic subscription of an agent;
     /// resolves once durable.

@@ -124,6 +124,8 @@ CREATE TABLE IF NOT EXISTS agents (
     name       TEXT NOT NULL,
     first_seen REAL NOT NULL,
     last_seen  REAL NOT NULL,
+    -- 1 once it connected (rows of older versions: 1, so they never expire).
+    connected  INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (channel, name)
 ) WITHOUT ROWID;
 ";
@@ -139,7 +141,9 @@ enum Op {
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
     Cursor(InboxKey, Seq, Ack),
-    Agent(InboxKey, f64, Ack),
+    Agent(InboxKey, f64, bool, Ack),
+    Forget(InboxKey, oneshot::Sender<Result<bool>>),
+    Expire(f64, usize, oneshot::Sender<Result<Vec<InboxKey>>>),
     Subscription(InboxKey, String, bool, Ack),
     Identity(AgentName, Option<Identity>, Ack),
     /// A one-row write that tells whether writes work again.
@@ -318,6 +322,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has_refs {
         conn.execute_batch("ALTER TABLE messages ADD COLUMN refs INTEGER")?;
     }
+    let has_connected: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('agents') WHERE name = 'connected'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_connected {
+        conn.execute_batch("ALTER TABLE agents ADD COLUMN connected INTEGER NOT NULL DEFAULT 1")?;
+    }
     Ok(())
 }
 
@@ -401,7 +413,7 @@ fn read_identities(c: &Connection) -> rusqlite::Result<Vec<Identity>> {
 
 fn read_agents(c: &Connection) -> rusqlite::Result<Vec<KnownAgent>> {
     let mut stmt = c.prepare_cached(
-        "SELECT channel, name, first_seen, last_seen FROM agents ORDER BY channel, name",
+        "SELECT channel, name, first_seen, last_seen, connected FROM agents ORDER BY channel, name",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -409,17 +421,19 @@ fn read_agents(c: &Connection) -> rusqlite::Result<Vec<KnownAgent>> {
             r.get::<_, String>(1)?,
             r.get::<_, f64>(2)?,
             r.get::<_, f64>(3)?,
+            r.get::<_, bool>(4)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (channel, name, first_seen, last_seen) = row?;
+        let (channel, name, first_seen, last_seen, connected) = row?;
         // Rows were validated on the way in; skip anything foreign.
         if let (Ok(channel), Ok(agent)) = (Channel::parse(channel), AgentName::parse(name)) {
             out.push(KnownAgent {
                 key: InboxKey { channel, agent },
                 first_seen,
                 last_seen,
+                connected,
             });
         }
     }
@@ -856,8 +870,20 @@ impl Engine for SqliteEngine {
         self.write(|ack| Op::Cursor(key, seq, ack)).await
     }
 
-    async fn remember_agent(&self, key: InboxKey, seen: f64) -> Result<()> {
-        self.write(|ack| Op::Agent(key, seen, ack)).await
+    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
+        self.write(|ack| Op::Agent(key, seen, connected, ack)).await
+    }
+
+    async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(Op::Forget(key, reply)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(Op::Expire(before, limit, reply)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
     async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
@@ -911,6 +937,69 @@ struct Writer {
     track_inboxes: Arc<AtomicBool>,
 }
 
+/// What one transaction produced, in op order per kind, for the replies.
+#[derive(Default)]
+struct Applied {
+    committed: Vec<Committed>,
+    pruned: Vec<(Pruned, Vec<InboxKey>)>,
+    forgotten: Vec<bool>,
+    expired: Vec<Vec<InboxKey>>,
+}
+
+/// Removes an agent and everything of its inbox (inside the writer's
+/// transaction): true if it was known.
+fn forget_rows(tx: &Connection, key: &InboxKey) -> rusqlite::Result<bool> {
+    let (channel, agent) = (key.channel.as_str(), key.agent.as_str());
+    let seqs = tx
+        .prepare_cached("DELETE FROM inbox WHERE channel = ?1 AND agent = ?2 RETURNING seq")?
+        .query_map([channel, agent], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
+    let mut orphan =
+        tx.prepare_cached("DELETE FROM messages WHERE seq = ?1 AND refs <= 0 AND topic IS NULL")?;
+    for seq in seqs {
+        unref.execute([seq])?;
+        orphan.execute([seq])?;
+    }
+    for sql in [
+        "DELETE FROM cursors WHERE channel = ?1 AND agent = ?2",
+        "DELETE FROM subscriptions WHERE channel = ?1 AND agent = ?2",
+        "DELETE FROM floors WHERE kind = 'i' AND channel = ?1 AND agent = ?2",
+    ] {
+        tx.prepare_cached(sql)?.execute([channel, agent])?;
+    }
+    Ok(tx
+        .prepare_cached("DELETE FROM agents WHERE channel = ?1 AND name = ?2")?
+        .execute([channel, agent])?
+        > 0)
+}
+
+/// Removes up to `limit` names that never connected, were first seen
+/// before `before` and hold nothing.
+fn expire_rows(tx: &Connection, before: f64, limit: usize) -> rusqlite::Result<Vec<InboxKey>> {
+    let rows = tx
+        .prepare_cached(
+            "DELETE FROM agents WHERE (channel, name) IN (
+                SELECT channel, name FROM agents a
+                WHERE connected = 0 AND first_seen < ?1
+                  AND NOT EXISTS (SELECT 1 FROM inbox i WHERE i.channel = a.channel AND i.agent = a.name)
+                  AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.channel = a.channel AND s.agent = a.name)
+                LIMIT ?2)
+             RETURNING channel, name",
+        )?
+        .query_map(params![before, limit as i64], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(c, a)| match view_of("i", c, a) {
+            Some(View::Inbox(key)) => Some(key),
+            _ => None,
+        })
+        .collect())
+}
+
 /// How a failed transaction is reported.
 enum Failure {
     /// Another process holds the lock: retry later.
@@ -962,16 +1051,21 @@ impl Writer {
     /// the close handshake if one was queued.
     fn commit(&mut self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let start_seq = self.seq;
-        let mut committed: Vec<Committed> = Vec::new();
-        let mut pruned = Vec::new();
+        let mut out = Applied::default();
         let result = match &self.stopped {
             Some(reason) => Err(Error::Storage(reason.clone())),
             None => {
                 self.observer.stamping();
-                let applied = self.apply(ops, &mut committed, &mut pruned);
+                let applied = self.apply(ops, &mut out);
                 applied.map_err(|e| self.failed(&e))
             }
         };
+        let Applied {
+            committed,
+            pruned,
+            forgotten,
+            expired,
+        } = out;
         let mut closing = None;
         match result {
             Ok(()) => {
@@ -985,7 +1079,11 @@ impl Writer {
                         }
                     }
                 }
-                let mut pruned = pruned.into_iter();
+                let (mut pruned, mut forgotten, mut expired) = (
+                    pruned.into_iter(),
+                    forgotten.into_iter(),
+                    expired.into_iter(),
+                );
                 let mut stored = committed.into_iter().map(|c| c.message);
                 for op in ops.drain(..) {
                     match op {
@@ -1004,6 +1102,12 @@ impl Writer {
                             self.touched.lock().unwrap().extend(again);
                             let _ = reply.send(Ok(done));
                         }
+                        Op::Forget(_, reply) => {
+                            let _ = reply.send(Ok(forgotten.next().expect("one per forget")));
+                        }
+                        Op::Expire(.., reply) => {
+                            let _ = reply.send(Ok(expired.next().expect("one per expire")));
+                        }
                         Op::Close(done) => closing = Some(done),
                         Op::Probe => {}
                     }
@@ -1016,6 +1120,7 @@ impl Writer {
                 self.seq = start_seq;
                 let refused = || match &e {
                     Error::StorageBusy(d) => Error::StorageBusy(d.clone()),
+                    Error::Storage(d) => Error::Storage(d.clone()),
                     other => Error::Storage(other.to_string()),
                 };
                 for op in ops.drain(..) {
@@ -1030,6 +1135,12 @@ impl Writer {
                             let _ = ack.send(Err(refused()));
                         }
                         Op::Prune(_, reply) => {
+                            let _ = reply.send(Err(refused()));
+                        }
+                        Op::Forget(_, reply) => {
+                            let _ = reply.send(Err(refused()));
+                        }
+                        Op::Expire(.., reply) => {
                             let _ = reply.send(Err(refused()));
                         }
                         Op::Close(done) => closing = Some(done),
@@ -1072,12 +1183,7 @@ impl Writer {
         error
     }
 
-    fn apply(
-        &mut self,
-        ops: &mut [Op],
-        committed: &mut Vec<Committed>,
-        pruned: &mut Vec<(Pruned, Vec<InboxKey>)>,
-    ) -> rusqlite::Result<()> {
+    fn apply(&mut self, ops: &mut [Op], out: &mut Applied) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut insert_msg = tx.prepare_cached(
@@ -1091,8 +1197,9 @@ impl Writer {
                  ON CONFLICT (channel, agent) DO UPDATE SET seq = MAX(seq, excluded.seq)",
             )?;
             let mut upsert_agent = tx.prepare_cached(
-                "INSERT INTO agents (channel, name, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
-                 ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+                "INSERT INTO agents (channel, name, first_seen, last_seen, connected) VALUES (?1, ?2, ?3, ?3, ?4)
+                 ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
+                     connected = MAX(connected, excluded.connected)",
             )?;
             for op in ops {
                 match op {
@@ -1123,7 +1230,7 @@ impl Writer {
                                     m.seq as i64
                                 ])?;
                             }
-                            committed.push(Committed {
+                            out.committed.push(Committed {
                                 recipients,
                                 message: m,
                             });
@@ -1136,12 +1243,17 @@ impl Writer {
                             *seq as i64
                         ])?;
                     }
-                    Op::Agent(key, seen, _) => {
+                    Op::Agent(key, seen, connected, _) => {
                         upsert_agent.execute(params![
                             key.channel.as_str(),
                             key.agent.as_str(),
-                            *seen
+                            *seen,
+                            *connected
                         ])?;
+                    }
+                    Op::Forget(key, _) => out.forgotten.push(forget_rows(&tx, key)?),
+                    Op::Expire(before, limit, _) => {
+                        out.expired.push(expire_rows(&tx, *before, *limit)?)
                     }
                     Op::Subscription(key, pattern, on, _) => {
                         let sql = if *on {
@@ -1187,7 +1299,7 @@ impl Writer {
                         )?
                         .execute([crate::model::now()])?;
                     }
-                    Op::Prune(plan, _) => pruned.push(prune_rows(&tx, plan)?),
+                    Op::Prune(plan, _) => out.pruned.push(prune_rows(&tx, plan)?),
                     Op::Close(_) => {}
                 }
             }

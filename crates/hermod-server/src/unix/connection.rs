@@ -303,6 +303,14 @@ impl Reader {
                 let agents = self.broker.summaries().await?;
                 self.send(ServerFrame::AgentsList { agents }).await
             }
+            Request::Forget(key) => {
+                self.broker.forget(&caller, key.clone()).await?;
+                self.send(ServerFrame::Forgotten {
+                    agent: key.agent.to_string(),
+                    channel: key.channel.to_string(),
+                })
+                .await
+            }
             Request::Ack(seq) => match &self.session {
                 Some(s) => {
                     self.broker.ack(&s.key, seq).await?;

@@ -4,9 +4,21 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use crate::cli::{ClientArgs, Endpoint};
+use crate::cli::{AgentsAction, AgentsArgs, Endpoint};
 
-pub fn run(args: &ClientArgs) -> Result<ExitCode> {
+pub fn run(args: &AgentsArgs) -> Result<ExitCode> {
+    if let Some(AgentsAction::Forget(f)) = &args.action {
+        let socket = f.local.socket();
+        super::runtime()?.block_on(async {
+            hermod_client::Connection::connect(&socket)
+                .await?
+                .forget(&f.name, f.channel.as_deref())
+                .await
+        })?;
+        println!("forgot {}", f.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let args = &args.client;
     let agents = super::runtime()?.block_on(async {
         match args.endpoint() {
             Endpoint::Unix(socket) => {

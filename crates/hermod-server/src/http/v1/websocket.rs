@@ -162,7 +162,8 @@ pub(super) async fn ws_request(
         | Request::IdentityAdd(_)
         | Request::IdentityList
         | Request::IdentityRotate(_)
-        | Request::IdentityRevoke(_) => Err((
+        | Request::IdentityRevoke(_)
+        | Request::Forget(_) => Err((
             hermod_core::Error::InvalidRequest(
                 "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
             ),
