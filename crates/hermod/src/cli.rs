@@ -283,6 +283,10 @@ pub struct ServeArgs {
     /// Seconds to wait for the next piece of a request body; then 408.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub http_body_timeout: u64,
+    /// Seconds a response write may stay blocked because the client
+    /// stopped reading (a stalled stream); then the connection is closed.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub http_write_timeout: u64,
     // Retention (also `[retention]` in config.toml; a flag wins; `0` or
     // `off` keeps everything).
     /// Messages older than this are removed [default: 30d; config: age].

@@ -713,28 +713,47 @@ impl Broker {
     /// is undone (unless a later claim moved past it) and the caller gets
     /// the error, so the messages stay unread rather than lost.
     pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
-        let stored = self.cursor(key).await?;
-        let (previous, seq) = {
-            let mut state = self.shared.state.lock().unwrap();
-            // Never past the log: an ack from the future would skip messages.
-            let seq = seq.min(state.committed.0);
-            let c = state.cursors.entry(key.clone()).or_insert(stored);
-            let previous = *c;
-            *c = (*c).max(seq);
-            (previous, *c)
-        };
-        if seq > previous {
-            if let Err(e) = self.engine.set_cursor(key.clone(), seq).await {
-                let mut state = self.shared.state.lock().unwrap();
-                if let Some(c) = state.cursors.get_mut(key) {
-                    if *c == seq {
-                        *c = previous;
-                    }
-                }
+        let previous = self.claim(key, seq).await?;
+        if seq.min(self.committed().0) > previous {
+            if let Err(e) = self.confirm(key, seq).await {
+                self.release(key, previous, seq);
                 return Err(e);
             }
         }
         Ok(previous)
+    }
+
+    /// The in-memory half of [`Broker::ack`]: moves the cursor (the claim
+    /// every reader of the inbox sees at once) and returns where it was.
+    /// Nothing is stored until [`Broker::confirm`]; [`Broker::release`]
+    /// undoes a claim whose messages did not reach the client.
+    pub async fn claim(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
+        let stored = self.cursor(key).await?;
+        let mut state = self.shared.state.lock().unwrap();
+        // Never past the log: an ack from the future would skip messages.
+        let seq = seq.min(state.committed.0);
+        let c = state.cursors.entry(key.clone()).or_insert(stored);
+        let previous = *c;
+        *c = (*c).max(seq);
+        Ok(previous)
+    }
+
+    /// Makes a claim up to `seq` durable.
+    pub async fn confirm(&self, key: &InboxKey, seq: Seq) -> Result<()> {
+        let seq = seq.min(self.committed().0);
+        self.engine.set_cursor(key.clone(), seq).await
+    }
+
+    /// Undoes a claim from `previous` to `seq`, unless a later claim has
+    /// moved the cursor on since.
+    pub fn release(&self, key: &InboxKey, previous: Seq, seq: Seq) {
+        let mut state = self.shared.state.lock().unwrap();
+        let committed = state.committed.0;
+        if let Some(c) = state.cursors.get_mut(key) {
+            if *c == seq.min(committed) {
+                *c = previous;
+            }
+        }
     }
 
     /// How many messages `key`'s inbox holds after `after`.

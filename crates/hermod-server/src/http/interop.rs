@@ -30,6 +30,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::error::{ApiError, JsonBody, Q};
+use super::listener::Flushes;
 use super::{last_event_id, AppState};
 
 /// Most messages one `/poll` returns.
@@ -266,6 +267,7 @@ async fn broadcast(
 async fn subscribe(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    flushes: Option<Extension<Flushes>>,
     Q(q): Q<AgentQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -282,7 +284,15 @@ async fn subscribe(
         _ => (cursor, 0),
     };
     let notices = peer_notices(&app.broker, key.clone());
-    let inbox = claimed_events(app.broker.clone(), key, after, replay_until, session);
+    let flushes = flushes.map(|Extension(f)| f);
+    let inbox = claimed_events(
+        app.broker.clone(),
+        key,
+        after,
+        replay_until,
+        session,
+        flushes,
+    );
     Ok(app.sse(futures::stream::select(inbox, notices)))
 }
 
@@ -312,48 +322,98 @@ fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Even
     })
 }
 
-/// The inbox as SSE events, each claimed through the shared cursor.
+/// A claim of the shared cursor whose messages may not have reached the
+/// client yet: undone if the stream ends before it is confirmed.
+struct Pending {
+    broker: Broker,
+    key: InboxKey,
+    claim: Option<(Seq, Seq)>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some((previous, last)) = self.claim.take() {
+            // The connection died with these in a buffer of ours: the
+            // next reader of the inbox gets them again.
+            self.broker.release(&self.key, previous, last);
+        }
+    }
+}
+
+/// The inbox as SSE events, each batch claimed through the shared cursor.
+///
+/// A batch is claimed (in memory, so `/poll` skips it) before it is
+/// written, and confirmed (stored) only once hyper has flushed it to the
+/// kernel (`flushes`). If the stream ends first — the client stopped
+/// reading and the write timeout closed the connection — the claim is
+/// released, so a reader that reconnects without `Last-Event-ID` misses
+/// nothing (it may see part of that one batch twice).
 fn claimed_events(
     broker: Broker,
     key: InboxKey,
     after: Seq,
     replay_until: Seq,
     session: Session,
+    flushes: Option<Flushes>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let batches = Box::pin(broker.follow(key.clone(), after));
-    let state = (batches, VecDeque::<Event>::new(), broker, key, session);
+    let pending = Pending {
+        broker,
+        key,
+        claim: None,
+    };
+    let state = (batches, VecDeque::<Event>::new(), pending, session);
     futures::stream::unfold(
         state,
-        move |(mut batches, mut queue, broker, key, session)| async move {
-            loop {
-                if let Some(event) = queue.pop_front() {
-                    return Some((Ok(event), (batches, queue, broker, key, session)));
+        move |(mut batches, mut queue, mut pending, session)| {
+            let flushes = flushes.clone();
+            async move {
+                loop {
+                    if let Some(event) = queue.pop_front() {
+                        return Some((Ok(event), (batches, queue, pending, session)));
+                    }
+                    // Polled with the queue empty: all of the claimed batch
+                    // is in hyper's buffer or beyond; wait for the flush.
+                    if let Some((_, last)) = pending.claim {
+                        if let Some(f) = &flushes {
+                            let seen = f.count();
+                            f.after(seen).await;
+                        }
+                        if let Err(e) = pending.broker.confirm(&pending.key, last).await {
+                            tracing::error!(error = %e, "cursor update failed; ending the stream");
+                            return None;
+                        }
+                        pending.claim = None;
+                    }
+                    let batch = match batches.next().await? {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "inbox read failed; ending the stream");
+                            return None;
+                        }
+                    };
+                    queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
+                    let Some(last) = batch.messages.last().map(|m| m.seq) else {
+                        continue;
+                    };
+                    let previous = match pending.broker.claim(&pending.key, last).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cursor read failed; ending the stream");
+                            return None;
+                        }
+                    };
+                    if last > previous {
+                        pending.claim = Some((previous, last));
+                    }
+                    queue.extend(
+                        batch
+                            .messages
+                            .iter()
+                            .filter(|m| m.seq <= replay_until || m.seq > previous)
+                            .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
+                    );
                 }
-                let batch = match batches.next().await? {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "inbox read failed; ending the stream");
-                        return None;
-                    }
-                };
-                queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
-                let Some(last) = batch.messages.last().map(|m| m.seq) else {
-                    continue;
-                };
-                let previous = match broker.ack(&key, last).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cursor update failed; ending the stream");
-                        return None;
-                    }
-                };
-                queue.extend(
-                    batch
-                        .messages
-                        .iter()
-                        .filter(|m| m.seq <= replay_until || m.seq > previous)
-                        .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
-                );
             }
         },
     )

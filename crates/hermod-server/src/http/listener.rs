@@ -116,6 +116,7 @@ pub async fn serve(
     let timeouts = Timeouts {
         header: config.header_timeout,
         idle: config.idle_timeout,
+        write: config.write_timeout,
     };
     let connections = TaskTracker::new();
     let mut at_cap = false;
@@ -205,6 +206,7 @@ async fn reject(mut tcp: TcpStream, _permit: OwnedSemaphorePermit) {
 struct Timeouts {
     header: Duration,
     idle: Duration,
+    write: Duration,
 }
 
 /// One connection, from its peer lookup to its close.
@@ -231,6 +233,7 @@ async fn connection(
         app,
         peer,
         state: state.clone(),
+        flushes: Flushes(state.clone()),
     };
     // hyper's own header timer stays off (it would also cut idle
     // keep-alive connections at the header timeout: see the module doc);
@@ -280,7 +283,14 @@ struct ConnState {
     head_started: AtomicU64,
     /// Milliseconds after `born` the last request ended (0: none yet).
     last_done: AtomicU64,
+    /// Milliseconds after `born` a write started waiting on a full
+    /// socket, else [`NONE`].
+    write_blocked: AtomicU64,
     changed: Notify,
+    /// Flushes that completed: each means everything hyper had buffered
+    /// when it started is in the kernel ([`Flushes`]).
+    flushed: AtomicU64,
+    flush_done: Notify,
 }
 
 const NONE: u64 = u64::MAX;
@@ -292,7 +302,10 @@ impl ConnState {
             in_flight: AtomicUsize::new(0),
             head_started: AtomicU64::new(NONE),
             last_done: AtomicU64::new(0),
+            write_blocked: AtomicU64::new(NONE),
             changed: Notify::new(),
+            flushed: AtomicU64::new(0),
+            flush_done: Notify::new(),
         }
     }
 
@@ -310,14 +323,29 @@ impl ConnState {
         }
     }
 
-    /// Resolves with the name of the timeout that expired; never while a
-    /// request is in flight.
+    /// A write returned `Pending` (`true`) or made progress (`false`).
+    fn write_waits(&self, blocked: bool) {
+        let was = self.write_blocked.load(Ordering::Acquire);
+        if blocked && was == NONE {
+            self.write_blocked.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        } else if !blocked && was != NONE {
+            self.write_blocked.store(NONE, Ordering::Release);
+        }
+    }
+
+    /// Resolves with the name of the timeout that expired: header and idle
+    /// never while a request is in flight; a write blocked for longer than
+    /// the write timeout always (the client stopped reading).
     async fn expired(&self, t: Timeouts) -> &'static str {
         loop {
             // `notify_one` stores a permit, so a change between reading the
             // state and awaiting is not lost.
             let changed = self.changed.notified();
-            let deadline = if self.in_flight.load(Ordering::Acquire) > 0 {
+            let blocked = self.write_blocked.load(Ordering::Acquire);
+            let deadline = if blocked != NONE {
+                Some((blocked, t.write, "write"))
+            } else if self.in_flight.load(Ordering::Acquire) > 0 {
                 None
             } else {
                 match self.head_started.load(Ordering::Acquire) {
@@ -393,7 +421,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
+        self.state.write_waits(polled.is_pending());
+        polled
     }
 
     fn poll_write_vectored(
@@ -401,7 +431,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.state.write_waits(polled.is_pending());
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -409,7 +441,15 @@ impl AsyncWrite for Watched {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        // hyper flushes the socket only after writing out all it buffered
+        // (`Buffered::poll_flush`), so a completed flush means every byte
+        // handed to hyper before it began is in the kernel.
+        let polled = Pin::new(&mut self.tcp).poll_flush(cx);
+        if polled.is_ready() {
+            self.state.flushed.fetch_add(1, Ordering::AcqRel);
+            self.state.flush_done.notify_waiters();
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -424,6 +464,33 @@ struct ConnService {
     app: Router,
     peer: Peer,
     state: Arc<ConnState>,
+    flushes: Flushes,
+}
+
+/// A request extension: tells a streaming response when what it yielded
+/// has reached the kernel. A destructive stream (`/subscribe`) confirms a
+/// claim only then, and releases what it cannot confirm when it ends, so
+/// a client that stalls loses nothing to buffers in this process.
+#[derive(Clone)]
+pub struct Flushes(Arc<ConnState>);
+
+impl Flushes {
+    /// Flushes completed so far. Read it while being polled by hyper (so
+    /// everything yielded before is in hyper's buffer or beyond).
+    pub fn count(&self) -> u64 {
+        self.0.flushed.load(Ordering::Acquire)
+    }
+
+    /// Waits until a flush completes after `count` was read.
+    pub async fn after(&self, count: u64) {
+        loop {
+            let done = self.0.flush_done.notified();
+            if self.count() > count {
+                return;
+            }
+            done.await;
+        }
+    }
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
@@ -434,6 +501,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
     fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
         let guard = InFlight::start(self.state.clone());
         req.extensions_mut().insert(self.peer);
+        req.extensions_mut().insert(self.flushes.clone());
         // `Router` is always ready, so `oneshot` never waits.
         let response = tower::ServiceExt::oneshot(self.app.clone(), req);
         Box::pin(async move {

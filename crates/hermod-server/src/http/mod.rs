@@ -66,6 +66,9 @@ pub struct HttpConfig {
     /// Longest wait for the next piece of a request body; then `408
     /// request_timeout` (`--http-body-timeout`).
     pub body_timeout: Duration,
+    /// Longest a response write may stay blocked (the client stopped
+    /// reading); then the connection is closed (`--http-write-timeout`).
+    pub write_timeout: Duration,
 }
 
 impl HttpConfig {
@@ -81,6 +84,7 @@ impl HttpConfig {
             max_connections: 4096,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
         }
     }

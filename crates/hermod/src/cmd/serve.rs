@@ -70,6 +70,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             http.header_timeout = Duration::from_secs(args.http_header_timeout.max(1));
             http.idle_timeout = Duration::from_secs(args.http_idle_timeout.max(1));
             http.body_timeout = Duration::from_secs(args.http_body_timeout.max(1));
+            http.write_timeout = Duration::from_secs(args.http_write_timeout.max(1));
             http
         });
         let config = ServerConfig {

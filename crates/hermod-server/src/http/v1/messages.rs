@@ -73,9 +73,10 @@ pub(super) enum SendOutcome {
 /// Most messages in one `POST /v1/messages` array.
 pub(super) const MAX_BATCH: usize = 1000;
 
-/// The request body: an object sends one message, an array many (each
-/// element judged alone). Told apart by the first token, so a single
-/// send keeps its precise field errors.
+/// The request body: an object sends one message, an array many (a
+/// malformed element refuses the request; each valid one then succeeds or
+/// fails on its own, e.g. `rate_limited`). Told apart by the first token,
+/// so a single send keeps its precise field errors.
 pub(super) enum SendBody {
     One(SendRequest),
     Many(Vec<SendRequest>),
@@ -157,31 +158,27 @@ pub(super) async fn send_message(
                     "at most {MAX_BATCH} messages per request"
                 )));
             }
-            let mut envs = Vec::with_capacity(reqs.len());
-            let mut invalid = Vec::new();
-            for (i, req) in reqs.into_iter().enumerate() {
-                match req.envelope() {
-                    Ok(env) => envs.push(env),
-                    Err(e) => invalid.push((i, e)),
-                }
-            }
-            let mut sent = app
+            // A malformed element (bad name, bad body) refuses the whole
+            // request, nothing stored: it is a client bug, not an outcome.
+            let envs = reqs
+                .into_iter()
+                .enumerate()
+                .map(|(i, req)| {
+                    req.envelope().map_err(|e| {
+                        let mut api = ApiError::from(e);
+                        api.detail = format!("message {i}: {}", api.detail);
+                        api
+                    })
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            let results = app
                 .broker
                 .send_many(&caller, envs, Target::Any)
                 .await?
-                .into_iter();
-            let mut invalid = invalid.into_iter().peekable();
-            let total = sent.len() + invalid.len();
-            let results = (0..total)
-                .map(|i| {
-                    let result = match invalid.next_if(|(at, _)| *at == i) {
-                        Some((_, e)) => Err(e),
-                        None => sent.next().expect("one result per valid message"),
-                    };
-                    match result {
-                        Ok(m) => SendOutcome::Sent(SendReceipt::from(m.as_ref())),
-                        Err(e) => SendOutcome::Failed(ErrorBody::from(&e)),
-                    }
+                .into_iter()
+                .map(|result| match result {
+                    Ok(m) => SendOutcome::Sent(SendReceipt::from(m.as_ref())),
+                    Err(e) => SendOutcome::Failed(ErrorBody::from(&e)),
                 })
                 .collect();
             Ok(Json(SendReply::Many(results)))
