@@ -540,6 +540,18 @@ impl Trust {
         })
     }
 
+    /// May `caller` follow `pattern` on every channel at once? Only a
+    /// caller bound to no channel may.
+    pub fn may_subscribe_everywhere(&self, caller: &Caller, pattern: &str) -> Result<()> {
+        if let Some(bound) = caller.identity().and_then(|i| i.channel.as_ref()) {
+            return Err(Error::Forbidden {
+                rule: "channel",
+                detail: format!("bound to channel {bound}: cannot follow every channel"),
+            });
+        }
+        self.may_subscribe(caller, &Channel::default(), pattern)
+    }
+
     /// May `caller` manage identities and read metrics?
     pub fn may_admin(&self, caller: &Caller) -> Result<()> {
         match caller.identity() {

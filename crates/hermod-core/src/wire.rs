@@ -124,6 +124,9 @@ pub enum ClientFrame {
         pattern: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         durable: Option<bool>,
+        /// `*`: live events of every channel (else the connection's).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
     },
     /// Create an agent identity (owner or admin token); answered with
     /// `identity` carrying the token, shown once.
@@ -191,6 +194,8 @@ pub enum Request {
     Subscribe {
         pattern: String,
         durable: bool,
+        /// `"channel":"*"`: follow every channel (live subscriptions only).
+        every_channel: bool,
     },
     Inbox {
         key: InboxKey,
@@ -312,6 +317,7 @@ pub fn parse_client_frame_with_token(
         "subscribe" => Request::Subscribe {
             pattern: frame.pattern.ok_or_else(|| missing("pattern"))?,
             durable: frame.durable.unwrap_or(false),
+            every_channel: frame.channel.as_deref() == Some("*"),
         },
         "identity_add" => Request::IdentityAdd(frame.identity.ok_or_else(|| missing("identity"))?),
         "identity_list" => Request::IdentityList,

@@ -123,6 +123,7 @@ impl CommitObserver for Shared {
                 if c.message.topic.is_some() {
                     let key = ViewKey::Topics(c.message.channel.clone());
                     state.inboxes.push(&key, &c.message);
+                    state.inboxes.push(&ViewKey::AllTopics, &c.message);
                 }
             }
             if let Some(last) = batch.last() {
@@ -627,20 +628,30 @@ impl Broker {
         self.follow_view(ViewKey::Inbox(key), after)
     }
 
-    /// The topic events of `channel` matching `pattern` after `after`, for
-    /// `caller` (within its `may_subscribe` rule), as batches that are never
-    /// empty (a gap alone counts): what every live pattern subscriber reads.
+    /// The topic events of `channel` (`None`: every channel) matching
+    /// `pattern` after `after`, for `caller` (within its `may_subscribe`
+    /// rule), as batches that are never empty (a gap alone counts): what
+    /// every live pattern subscriber reads.
     pub fn follow_pattern(
         &self,
         caller: &Caller,
-        channel: Channel,
+        channel: Option<Channel>,
         pattern: &str,
         after: Seq,
     ) -> Result<impl futures::Stream<Item = Result<Batch>> + Send + 'static> {
         use futures::StreamExt;
         let parsed = Pattern::parse(pattern)?;
-        self.trust.may_subscribe(caller, &channel, pattern)?;
-        let events = self.follow_view(ViewKey::Topics(channel), after);
+        let view = match channel {
+            Some(channel) => {
+                self.trust.may_subscribe(caller, &channel, pattern)?;
+                ViewKey::Topics(channel)
+            }
+            None => {
+                self.trust.may_subscribe_everywhere(caller, pattern)?;
+                ViewKey::AllTopics
+            }
+        };
+        let events = self.follow_view(view, after);
         Ok(events.filter_map(move |batch| {
             let kept = batch.map(|mut b| {
                 b.messages

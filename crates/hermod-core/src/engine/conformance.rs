@@ -121,6 +121,12 @@ where
     assert!(topics
         .iter()
         .all(|m| m.topic.as_deref() == Some("work.done")));
+    let every = e.read(&View::AllTopics, 0, 100).await.unwrap().messages;
+    assert_eq!(
+        every.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        topics.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        "every channel's topic events, in log order"
+    );
     let other = Channel::parse("other").unwrap();
     assert!(e
         .read(&View::Topics(other), 0, 100)
@@ -312,6 +318,9 @@ where
     let t = e.read(&topics, 0, 100).await.unwrap();
     assert!(t.messages.is_empty());
     assert_eq!(t.pruned, newest_topic);
+    let all = e.read(&View::AllTopics, 0, 100).await.unwrap();
+    assert!(all.messages.is_empty());
+    assert_eq!(all.pruned, newest_topic, "the firehose's mark moves too");
 
     // Age: everything older goes, from every view.
     let age = Retention {

@@ -65,6 +65,10 @@ impl MemoryEngine {
 
 impl State {
     fn bump(&mut self, view: View, seq: Seq) {
+        if matches!(view, View::Topics(_)) {
+            let all = self.floors.entry(View::AllTopics).or_default();
+            *all = (*all).max(seq);
+        }
         let f = self.floors.entry(view).or_default();
         *f = (*f).max(seq);
     }
@@ -130,6 +134,14 @@ impl Engine for MemoryEngine {
                 .range(after + 1..)
                 .map(|(_, m)| m)
                 .filter(|m| m.topic.is_some() && &m.channel == channel)
+                .take(limit)
+                .cloned()
+                .collect(),
+            View::AllTopics => state
+                .log
+                .range(after + 1..)
+                .map(|(_, m)| m)
+                .filter(|m| m.topic.is_some())
                 .take(limit)
                 .cloned()
                 .collect(),

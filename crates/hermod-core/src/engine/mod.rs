@@ -54,6 +54,9 @@ pub enum View {
     Inbox(InboxKey),
     /// Every topic event published on a channel.
     Topics(Channel),
+    /// Every topic event on every channel (`channel=*`: the hermes_events
+    /// firehose, which has no channels).
+    AllTopics,
 }
 
 /// Messages of a view after some seq, and how far retention has pruned

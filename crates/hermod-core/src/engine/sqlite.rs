@@ -88,6 +88,8 @@ CREATE TABLE IF NOT EXISTS floors (
     seq     INTEGER NOT NULL,
     PRIMARY KEY (kind, channel, agent)
 ) WITHOUT ROWID;
+-- Topic events of every channel, for `channel=*` readers.
+CREATE INDEX IF NOT EXISTS messages_every_topic ON messages(seq) WHERE topic IS NOT NULL;
 -- Topic events per channel, for pattern subscribers resuming from a seq.
 CREATE INDEX IF NOT EXISTS messages_topics ON messages(channel, seq) WHERE topic IS NOT NULL;
 CREATE TABLE IF NOT EXISTS cursors (
@@ -489,10 +491,15 @@ fn view_parts(view: &View) -> (&'static str, &str, &str) {
     match view {
         View::Inbox(k) => ("i", k.channel.as_str(), k.agent.as_str()),
         View::Topics(c) => ("t", c.as_str(), ""),
+        // `*` is no channel name, so the row cannot clash.
+        View::AllTopics => ("t", "*", ""),
     }
 }
 
 fn view_of(kind: &str, channel: String, agent: String) -> Option<View> {
+    if kind == "t" && channel == "*" {
+        return Some(View::AllTopics);
+    }
     let channel = Channel::parse(channel).ok()?;
     match kind {
         "i" => Some(View::Inbox(InboxKey::new(
@@ -617,6 +624,10 @@ fn plan(
 fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<InboxKey>)> {
     let mut floors: HashMap<View, Seq> = HashMap::new();
     let mut bump = |view: View, seq: i64| {
+        if matches!(view, View::Topics(_)) {
+            let all = floors.entry(View::AllTopics).or_default();
+            *all = (*all).max(seq as Seq);
+        }
         let f = floors.entry(view).or_default();
         *f = (*f).max(seq as Seq);
     };
@@ -758,6 +769,16 @@ impl Engine for SqliteEngine {
                         params![key.channel.as_str(), key.agent.as_str(), after, limit as i64],
                         row_to_message,
                     )?;
+                    rows.map(|r| r.map(Arc::new)).collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                View::AllTopics => {
+                    let mut stmt = snapshot.prepare_cached(
+                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
+                         FROM messages INDEXED BY messages_every_topic
+                         WHERE topic IS NOT NULL AND seq > ?1
+                         ORDER BY seq LIMIT ?2",
+                    )?;
+                    let rows = stmt.query_map(params![after, limit as i64], row_to_message)?;
                     rows.map(|r| r.map(Arc::new)).collect::<rusqlite::Result<Vec<_>>>()?
                 }
                 View::Topics(channel) => {

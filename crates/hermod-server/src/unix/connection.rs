@@ -296,8 +296,13 @@ impl Reader {
                 true
             }
             Request::Publish(p) => self.publish(p, &caller).await,
-            Request::Subscribe { pattern, durable } => {
-                self.subscribe(pattern, durable, &caller).await?
+            Request::Subscribe {
+                pattern,
+                durable,
+                every_channel,
+            } => {
+                self.subscribe(pattern, durable, every_channel, &caller)
+                    .await?
             }
             Request::Agents => {
                 let agents = self.broker.summaries().await?;
@@ -391,6 +396,7 @@ impl Reader {
         &mut self,
         pattern: String,
         durable: bool,
+        every_channel: bool,
         caller: &Caller,
     ) -> hermod_core::Result<bool> {
         // A bad pattern is reported before anything else.
@@ -407,11 +413,12 @@ impl Reader {
                 .await);
         }
         // The start point is fixed before the client hears `subscribed`.
-        let channel = self
-            .session
-            .as_ref()
-            .map(|s| s.key.channel.clone())
-            .unwrap_or_default();
+        let channel = (!every_channel).then(|| {
+            self.session
+                .as_ref()
+                .map(|s| s.key.channel.clone())
+                .unwrap_or_default()
+        });
         let events =
             self.broker
                 .follow_pattern(caller, channel, &pattern, self.broker.committed().0)?;

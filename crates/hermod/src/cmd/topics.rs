@@ -111,6 +111,7 @@ pub fn bridge(args: &BridgeArgs) -> Result<ExitCode> {
 async fn feed(socket: &std::path::Path, pattern: &str, outbox: &Outbox) -> Result<()> {
     let mut conn = Connection::connect(socket).await?;
     conn.request(&ClientFrame::Subscribe {
+        channel: None,
         pattern: pattern.to_owned(),
         durable: None,
     })
@@ -131,7 +132,8 @@ pub fn subscribe(args: &SubArgs) -> Result<ExitCode> {
     let channel = cli::channel(&args.channel);
     super::runtime()?.block_on(async {
         let mut conn = Connection::connect(&socket).await?;
-        if let Some(channel) = channel {
+        let every = channel.as_deref() == Some("*");
+        if let Some(channel) = channel.filter(|_| !every) {
             // Live subscriptions follow the connection's channel.
             let frame = ClientFrame::Register {
                 endpoint: format!("sub-{}", std::process::id()),
@@ -144,6 +146,7 @@ pub fn subscribe(args: &SubArgs) -> Result<ExitCode> {
         conn.request(&ClientFrame::Subscribe {
             pattern: args.pattern.clone(),
             durable: None,
+            channel: every.then(|| "*".to_owned()),
         })
         .await?;
         let mut stdout = std::io::stdout();

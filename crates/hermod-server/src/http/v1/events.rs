@@ -79,8 +79,9 @@ pub(super) struct EventsQuery {
     /// `*` matches one segment, `**` any number (default `**`).
     #[param(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
     pattern: Option<String>,
+    /// Channel (default `default`); `*` follows every channel.
     #[param(
-        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        pattern = "^([A-Za-z0-9._:@-]{1,128}|[*])$",
         min_length = 1,
         max_length = 128
     )]
@@ -109,7 +110,11 @@ pub(super) async fn event_stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let pattern = q.pattern.as_deref().unwrap_or("**");
-    let channel = strict_channel(q.channel)?;
+    // `*`: every channel at once (the hermes_events firehose has none).
+    let channel = match q.channel.as_deref() {
+        Some("*") => None,
+        _ => Some(strict_channel(q.channel)?),
+    };
     let after = last_event_id(&headers)
         .or(q.after)
         .unwrap_or_else(|| app.broker.committed().0);

@@ -93,7 +93,9 @@ pub(super) fn topic_frames(
     pattern: &str,
 ) -> hermod_core::Result<futures::stream::BoxStream<'static, Vec<String>>> {
     let start = app.broker.committed().0;
-    let events = app.broker.follow_pattern(caller, channel, pattern, start)?;
+    let events = app
+        .broker
+        .follow_pattern(caller, Some(channel), pattern, start)?;
     Ok(events
         .filter_map(|batch| futures::future::ready(batch.ok().map(|b| batch_frames(&b).collect())))
         .boxed())
@@ -134,7 +136,9 @@ pub(super) async fn ws_request(
                 Err(e) => Err((e, None)),
             }
         }
-        Request::Subscribe { pattern, durable } => match Pattern::parse(&pattern) {
+        Request::Subscribe {
+            pattern, durable, ..
+        } => match Pattern::parse(&pattern) {
             Err(e) => Err((e.into(), None)),
             Ok(_) if durable => match app.broker.subscribe(caller, key.clone(), &pattern).await {
                 Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
