@@ -117,8 +117,13 @@ fn check_parse(payload: &[u8]) {
                 check_channel(&key.channel);
                 assert!((1..=1000).contains(&limit), "limit {limit} not clamped");
             }
+            Request::Forget(key) => {
+                check_name(&key.agent);
+                check_channel(&key.channel);
+            }
             Request::IdentityRotate(name) | Request::IdentityRevoke(name) => check_name(&name),
             Request::Ping
+            | Request::Status
             | Request::ListEndpoints
             | Request::Ack(_)
             | Request::Agents

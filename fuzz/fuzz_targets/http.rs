@@ -62,7 +62,9 @@ async fn fresh_app() -> Router {
         rate: 0.0,
         burst: 1.0,
     };
-    let broker = Broker::open_memory_with(Trust::new(AuthMode::Open, no_limit)).unwrap();
+    let broker = Broker::open_memory_with(Trust::new(AuthMode::Open, no_limit))
+        .await
+        .unwrap();
     let open = Caller::trusted(Auth::Open);
     for agent in ["alice", "bob"] {
         let key = InboxKey::new(Channel::default(), AgentName::parse(agent).unwrap());

@@ -67,7 +67,7 @@ fuzz_target!(|text: &str| {
     };
     let valid = hermod_events::pattern::is_valid_topic(&topic);
     runtime().block_on(async {
-        let broker = Broker::open_memory().unwrap();
+        let broker = Broker::open_memory().await.unwrap();
         let from = AgentName::parse(hermod_core::model::RELAY_SENDER).unwrap();
         let channel = Channel::parse("gateway").unwrap();
         let relay = hermod_core::auth::Caller::trusted(hermod_core::model::Auth::Open);

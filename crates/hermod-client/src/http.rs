@@ -8,8 +8,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use hermod_core::model::Body;
-use hermod_core::wire::{AgentSummary, MessageFrame};
+use hermod_proto::model::Body;
+use hermod_proto::wire::{AgentSummary, MessageFrame};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -58,7 +58,7 @@ struct V1Message {
     topic: Option<String>,
     sent_ts: Option<f64>,
     #[serde(default)]
-    auth: hermod_core::model::Auth,
+    auth: hermod_proto::model::Auth,
     body: Body,
 }
 

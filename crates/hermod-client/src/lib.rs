@@ -1,4 +1,4 @@
-//! The Rust client for hermod's Unix socket, reusing [`hermod_core::wire`].
+//! The Rust client for hermod's Unix socket, reusing [`hermod_proto::wire`].
 //!
 //! - [`Connection`]: one framed connection; send [`ClientFrame`]s, read
 //!   [`ServerFrame`]s, or [`Connection::split`] it to pipeline.
@@ -17,13 +17,13 @@ mod subscriber;
 use std::path::{Path, PathBuf};
 
 use futures::{SinkExt, StreamExt};
-use hermod_core::model::Body;
-use hermod_core::wire::{self, ClientFrame, Outgoing, ServerFrame};
+use hermod_proto::model::Body;
+use hermod_proto::wire::{self, ClientFrame, Outgoing, ServerFrame};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-pub use hermod_core::wire::MessageFrame;
+pub use hermod_proto::wire::MessageFrame;
 pub use subscriber::Subscriber;
 
 /// What went wrong, matchable without parsing strings.

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hermod_core::wire::{AckMode, ClientFrame, MessageFrame, ServerFrame};
+use hermod_proto::wire::{AckMode, ClientFrame, MessageFrame, ServerFrame};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 

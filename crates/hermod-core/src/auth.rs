@@ -24,14 +24,13 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use hermod_events::Pattern;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Channel, InboxKey};
+use hermod_proto::identity::digest;
+pub use hermod_proto::identity::{new_token, secrets_equal, Identity, IdentitySpec};
 
 /// What the bus requires of a caller (`hermod serve --auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,116 +64,6 @@ impl AuthMode {
             AuthMode::Tokens => "tokens",
         }
     }
-}
-
-/// An agent identity: a name whose token proves it, and what it may do.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Identity {
-    pub name: AgentName,
-    /// The one channel it may use; `None` = any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channel: Option<Channel>,
-    /// Agent-name globs (`*` any run, `?` one character) it may send to; a
-    /// broadcast needs `*`.
-    pub may_send: Vec<String>,
-    /// Topic patterns it may publish to.
-    pub may_publish: Vec<String>,
-    /// Topic patterns it may subscribe within.
-    pub may_subscribe: Vec<String>,
-    /// May manage identities and read `/metrics`.
-    pub admin: bool,
-    pub created: f64,
-    /// Hex SHA-256 of the token; never serialized to clients.
-    #[serde(skip)]
-    pub token_hash: String,
-}
-
-/// What `hermod agent add` asks for; `None` rules mean "everything".
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct IdentitySpec {
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channel: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub may_send: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub may_publish: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub may_subscribe: Option<Vec<String>>,
-    #[serde(default)]
-    pub admin: bool,
-}
-
-impl IdentitySpec {
-    /// Validates every rule and issues a fresh token: `(identity, token)`.
-    pub fn issue(self) -> Result<(Identity, String)> {
-        let name = AgentName::parse(self.name)?;
-        let channel = match self.channel {
-            Some(c) if !c.is_empty() => Some(Channel::parse(c)?),
-            _ => None,
-        };
-        let may_send = self.may_send.unwrap_or_else(|| vec!["*".into()]);
-        for g in &may_send {
-            check_name_glob(g)?;
-        }
-        let topics = |rules: Option<Vec<String>>| -> Result<Vec<String>> {
-            let rules = rules.unwrap_or_else(|| vec!["**".into()]);
-            for r in &rules {
-                Pattern::parse(r)?;
-            }
-            Ok(rules)
-        };
-        let (token, token_hash) = new_token();
-        let identity = Identity {
-            name,
-            channel,
-            may_send,
-            may_publish: topics(self.may_publish)?,
-            may_subscribe: topics(self.may_subscribe)?,
-            admin: self.admin,
-            created: crate::model::now(),
-            token_hash,
-        };
-        Ok((identity, token))
-    }
-}
-
-/// A fresh token and its stored hash.
-pub fn new_token() -> (String, String) {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the OS random source is available");
-    let token = format!(
-        "hmd_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
-    let hash = hex(&digest(&token));
-    (token, hash)
-}
-
-fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Compares two secrets in constant time (through their hashes, so the
-/// lengths leak nothing either).
-pub fn secrets_equal(a: &str, b: &str) -> bool {
-    digest(a).ct_eq(&digest(b)).into()
-}
-
-fn check_name_glob(g: &str) -> Result<()> {
-    let plain: String = g.chars().filter(|c| !matches!(c, '*' | '?')).collect();
-    if plain.is_empty() {
-        return if g.is_empty() {
-            Err(Error::InvalidRequest("an empty may-send glob".into()))
-        } else {
-            Ok(())
-        };
-    }
-    AgentName::parse(plain).map(|_| ())
 }
 
 /// `*` matches any run of characters, `?` exactly one.

@@ -1,10 +1,9 @@
 //! The socket-free heart of hermod.
 //!
 //! # Layout
-//! - [`model`]: validated names, the [`model::Message`] every transport carries.
-//! - [`wire`]: the hermes-bus frame format (4-byte big-endian length + JSON),
-//!   shared by the daemon and the Rust client.
-//! - [`error`]: the one error type, with stable wire codes.
+//! - [`model`], [`wire`], [`error`]: the protocol, from `hermod-proto`
+//!   (re-exported, so the daemon's code says `hermod_core::model` and the
+//!   client depends on the protocol alone).
 //! - [`engine`]: persistence behind the [`engine::Engine`] trait — the SQLite
 //!   log with group commit (default) and an in-memory store.
 //! - [`auth`]: who is calling (`--auth` mode, agent identities and tokens),
@@ -19,10 +18,9 @@
 pub mod auth;
 pub mod broker;
 pub mod engine;
-pub mod error;
-pub mod model;
 pub mod text;
-pub mod wire;
+
+pub use hermod_proto::{error, model, wire};
 
 pub use broker::Broker;
 pub use error::{Error, Result};

@@ -197,8 +197,9 @@ impl Readers {
                 let c = Connection::open_with_flags(
                     &self.path,
                     OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                c.busy_timeout(BUSY_WAIT)?;
+                )
+                .map_err(db)?;
+                c.busy_timeout(BUSY_WAIT).map_err(db)?;
                 c
             }
         };
@@ -207,20 +208,26 @@ impl Readers {
         if pool.len() < READERS {
             pool.push(conn);
         }
-        Ok(result?)
+        result.map_err(db)
+    }
+}
+
+/// A SQLite error as the bus reports it: a lock held elsewhere is
+/// `storage_busy` (retry), anything else `storage_error`.
+fn db(e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+            Error::StorageBusy(e.to_string())
+        }
+        _ => Error::Storage(e.to_string()),
     }
 }
 
 impl SqliteEngine {
     /// Opens (creating if needed) the database at `path` and starts the writer.
     pub fn open(path: &Path, observer: Arc<dyn CommitObserver>) -> Result<Self> {
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_WAIT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
-        let (seq, ts) = newest(&conn)?;
+        let conn = Connection::open(path).map_err(db)?;
+        let (seq, ts) = prepare(&conn).map_err(db)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let health = Arc::new(Health::default());
         let touched = Touched::default();
@@ -290,6 +297,17 @@ impl SqliteEngine {
         self.queue(op(reply)).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
+}
+
+/// Makes the write connection ready (WAL, full sync, schema) and returns
+/// the newest (seq, ts).
+fn prepare(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
+    conn.busy_timeout(BUSY_WAIT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)?;
+    migrate(conn)?;
+    newest(conn)
 }
 
 /// The newest (seq, ts) in the log, (0, 0.0) when empty. One B-tree step

@@ -84,16 +84,5 @@ impl From<hermod_events::Error> for Error {
     }
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
-                Error::StorageBusy(e.to_string())
-            }
-            _ => Error::Storage(e.to_string()),
-        }
-    }
-}
-
 /// Result alias for the core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

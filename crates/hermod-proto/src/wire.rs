@@ -15,8 +15,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::auth::{Identity, IdentitySpec};
 use crate::error::{Error, Result};
+use crate::identity::{Identity, IdentitySpec};
 use crate::model::{AgentName, Auth, Body, Channel, InboxKey, Message, Seq};
 
 /// Largest frame payload: 10 MiB, as the original hermes-bus.
