@@ -1,16 +1,31 @@
 //! The broker: the one place that routes, reads and acknowledges.
 //!
 //! Transports parse their wire format into calls on [`Broker`] and format
-//! what it returns; they hold no routing or storage logic. The broker
+//! what it returns; they hold no routing or storage logic. One concept per
+//! module: `routing` (who gets a message, subscriptions), `reads` (views,
+//! gaps, follow streams, the bus clock), `cursors` (ack, claim / confirm /
+//! release), `presence` (connections, registry, forgetting names),
+//! `identities`, `retention` (the pruning task); `inbox` holds the views'
+//! state and `registry` the agents'. The broker
 //! resolves recipients, hands messages to the [`Engine`], serves inbox reads
 //! (from the hot tail when it can), tracks cursors and presence, and wakes
 //! waiters when the engine reports a commit.
 //!
-//! Locking: one `std::sync::Mutex` guards the in-memory state. Every critical
-//! section is a few map operations and never spans an `.await` or engine IO.
+//! Locking: two `std::sync::Mutex`es, never held together: `state` (the
+//! registry, cursors, subscriptions: routing) and `views` (hot tails,
+//! pruned marks, the commit watermark: what the engine's commit report
+//! writes), so the writer pushing a batch into the views never stalls a
+//! send's routing. Every critical section is a few map operations and
+//! never spans an `.await` or engine IO.
 
+mod cursors;
+mod identities;
 mod inbox;
+mod presence;
+mod reads;
 mod registry;
+mod retention;
+mod routing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -33,16 +48,14 @@ use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;
 
-fn no_identity(name: &AgentName) -> Error {
-    Error::InvalidRequest(format!("{name} has no identity"))
-}
-
-/// Messages per batch of [`Broker::follow`].
-const FOLLOW_BATCH: usize = 256;
-
 /// State shared by the broker handle and the engine's commit observer.
 struct Shared {
+    /// Routing state: the registry, cursors and subscriptions.
     state: Mutex<State>,
+    /// The views of the log and the commit watermark, which the engine's
+    /// commit report writes: a lock of its own, so pushing a batch into
+    /// the views never holds up routing, and never taken with `state`.
+    views: Mutex<Views>,
     /// Subscribers to every committed message (hooks, metrics); each has a
     /// bounded queue and misses messages rather than slowing commits.
     taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
@@ -73,11 +86,15 @@ pub struct Presence {
     pub ts: f64,
 }
 
-struct State {
+/// The log as readers see it: hot tails, pruned marks, wake-ups.
+struct Views {
     inboxes: Inboxes,
-    registry: Registry,
     /// Newest committed seq and ts (the commit watermark).
     committed: (Seq, f64),
+}
+
+struct State {
+    registry: Registry,
     /// Cursors acknowledged since start (the engine stores them too, a
     /// batch later); read first so a quick re-registration resumes exactly.
     cursors: HashMap<InboxKey, Seq>,
@@ -88,15 +105,16 @@ struct State {
 impl State {
     /// Drops everything held in memory for `key` (it was forgotten or
     /// expired in the store); an agent connected meanwhile stays.
-    fn forget(&mut self, key: &InboxKey) {
+    /// Returns whether it was forgotten (then its view goes too).
+    fn forget(&mut self, key: &InboxKey) -> bool {
         if !self.registry.forget(key) {
-            return;
+            return false;
         }
         self.cursors.remove(key);
         if let Some(subs) = self.subscriptions.get_mut(&key.channel) {
             subs.retain(|(a, _)| a != &key.agent);
         }
-        self.inboxes.forget(&ViewKey::Inbox(key.clone()));
+        true
     }
 
     fn has_subscription(&self, key: &InboxKey, pattern: &str) -> bool {
@@ -107,6 +125,20 @@ impl State {
     }
 }
 
+impl Shared {
+    /// Drops what memory holds for `key` (forgotten or expired in the
+    /// store), unless it connected meanwhile. One lock at a time.
+    fn forget(&self, key: &InboxKey) {
+        if self.state.lock().unwrap().forget(key) {
+            self.views
+                .lock()
+                .unwrap()
+                .inboxes
+                .forget(&ViewKey::Inbox(key.clone()));
+        }
+    }
+}
+
 impl CommitObserver for Shared {
     fn stamping(&self) {
         self.stamping.store(true, Ordering::SeqCst);
@@ -114,20 +146,20 @@ impl CommitObserver for Shared {
 
     fn committed(&self, batch: &[Committed]) {
         {
-            let mut state = self.state.lock().unwrap();
+            let mut views = self.views.lock().unwrap();
             for c in batch {
                 for r in &c.recipients {
                     let key = ViewKey::Inbox(InboxKey::new(c.message.channel.clone(), r.clone()));
-                    state.inboxes.push(&key, &c.message);
+                    views.inboxes.push(&key, &c.message);
                 }
                 if c.message.topic.is_some() {
                     let key = ViewKey::Topics(c.message.channel.clone());
-                    state.inboxes.push(&key, &c.message);
-                    state.inboxes.push(&ViewKey::AllTopics, &c.message);
+                    views.inboxes.push(&key, &c.message);
+                    views.inboxes.push(&ViewKey::AllTopics, &c.message);
                 }
             }
             if let Some(last) = batch.last() {
-                state.committed = (last.message.seq, last.message.ts);
+                views.committed = (last.message.seq, last.message.ts);
                 self.commits.fetch_add(1, Ordering::Relaxed);
             }
             // Cleared under the lock, after the watermark moved.
@@ -155,15 +187,6 @@ pub struct Batch {
     pub messages: Vec<Arc<Message>>,
     pub gap: Option<Gap>,
 }
-
-/// A name that never connected must be this old (seconds) to expire, so
-/// a message on its way to it always finds it known.
-const EXPIRE_AFTER: f64 = 3600.0;
-/// Names expired per retention tick at most.
-const EXPIRE_BATCH: usize = 256;
-
-/// How often the retention task looks for work.
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A committed message as a tap sees it: with the inboxes it landed in.
 #[derive(Debug, Clone)]
@@ -242,11 +265,13 @@ impl Broker {
     ) -> Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                inboxes: Inboxes::default(),
                 registry: Registry::default(),
-                committed: (0, 0.0),
                 cursors: HashMap::new(),
                 subscriptions: HashMap::new(),
+            }),
+            views: Mutex::new(Views {
+                inboxes: Inboxes::default(),
+                committed: (0, 0.0),
             }),
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
@@ -265,11 +290,14 @@ impl Broker {
             trust.set(&identity.name.clone(), Some(identity));
         }
         {
-            let mut state = shared.state.lock().unwrap();
-            state.committed = last;
+            let mut views = shared.views.lock().unwrap();
+            views.committed = last;
             for (view, seq) in floors {
-                state.inboxes.set_pruned(view, seq);
+                views.inboxes.set_pruned(view, seq);
             }
+        }
+        {
+            let mut state = shared.state.lock().unwrap();
             for a in agents {
                 state
                     .registry
@@ -297,602 +325,6 @@ impl Broker {
         &self.trust
     }
 
-    /// Routes and submits a message from `caller` (its sender is the
-    /// caller's verified name, or `env.from` for a trusted caller); the
-    /// returned future resolves once it is durable.
-    pub async fn send(&self, caller: &Caller, env: Envelope, target: Target) -> Result<Durable> {
-        let message = self.route(caller, env, target).await?;
-        self.engine.submit(vec![message]).await
-    }
-
-    /// Sends many messages in one engine append (one commit under light
-    /// load): each is checked and routed on its own, so one bad message
-    /// fails alone; the rest are stored in order and resolve together.
-    pub async fn send_many(
-        &self,
-        caller: &Caller,
-        envs: Vec<Envelope>,
-        target: Target,
-    ) -> Result<Vec<Result<Arc<Message>>>> {
-        let mut routed = Vec::with_capacity(envs.len());
-        let mut batch = Vec::with_capacity(envs.len());
-        for env in envs {
-            match self.route(caller, env, target).await {
-                Ok(m) => {
-                    routed.push(Ok(batch.len()));
-                    batch.push(m);
-                }
-                Err(e) => routed.push(Err(e)),
-            }
-        }
-        let stored = if batch.is_empty() {
-            Vec::new()
-        } else {
-            self.engine
-                .submit(batch)
-                .await?
-                .await
-                .map_err(|_| Error::ShuttingDown)??
-        };
-        Ok(routed
-            .into_iter()
-            .map(|r| r.map(|i| stored[i].clone()))
-            .collect())
-    }
-
-    /// Checks what `caller` may send and resolves the recipients.
-    async fn route(&self, caller: &Caller, env: Envelope, target: Target) -> Result<NewMessage> {
-        let from = self.trust.sender(caller, env.from.clone())?;
-        self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
-        self.trust.take_send(&from)?;
-        let now = model::now();
-        let (recipients, unknown) = {
-            let state = self.shared.state.lock().unwrap();
-            match &env.to {
-                Some(to) => {
-                    let key = InboxKey::new(env.channel.clone(), to.clone());
-                    let known = state.registry.is_known(&key);
-                    if !known && target == Target::Known {
-                        return Err(Error::EndpointNotFound(to.to_string()));
-                    }
-                    (vec![to.clone()], (!known).then_some(key))
-                }
-                None => (state.registry.broadcast_targets(&env.channel, &from), None),
-            }
-        };
-        if let Some(key) = unknown {
-            // Durable before it is known here: memory never claims a name
-            // the store would forget (and the message follows it).
-            self.engine.remember_agent(key.clone(), now, false).await?;
-            self.shared
-                .state
-                .lock()
-                .unwrap()
-                .registry
-                .know(&key, now, now);
-        }
-        Ok(NewMessage {
-            id: env.id.unwrap_or_else(model::new_id),
-            channel: env.channel,
-            from,
-            to: env.to,
-            topic: None,
-            sent_ts: env.sent_ts,
-            auth: caller.auth(),
-            body: env.body,
-            recipients,
-        })
-    }
-
-    /// Publishes a topic event on `channel`. The payload becomes the
-    /// hermes_events envelope (`type`, `ts`, `src` filled only where
-    /// missing); the event lands in the log (so pattern readers see it) and
-    /// in the inbox of every agent with a matching durable subscription.
-    pub async fn publish(
-        &self,
-        caller: &Caller,
-        channel: Channel,
-        from: Option<AgentName>,
-        topic: &str,
-        payload: serde_json::Map<String, serde_json::Value>,
-        id: Option<String>,
-    ) -> Result<Durable> {
-        pattern::validate_topic(topic)?;
-        let from = self.trust.sender(caller, from)?;
-        self.trust.may_publish(caller, &channel, topic)?;
-        let body = Body::from_map(hermod_events::envelope(topic, payload));
-        let recipients = {
-            let state = self.shared.state.lock().unwrap();
-            let mut matching: Vec<AgentName> = state
-                .subscriptions
-                .get(&channel)
-                .into_iter()
-                .flatten()
-                .filter(|(_, p)| p.matches(topic))
-                .map(|(agent, _)| agent.clone())
-                .collect();
-            matching.sort();
-            matching.dedup();
-            matching
-        };
-        let message = NewMessage {
-            id: id.unwrap_or_else(model::new_id),
-            channel,
-            from,
-            to: None,
-            topic: Some(topic.to_owned()),
-            sent_ts: None,
-            auth: caller.auth(),
-            body,
-            recipients,
-        };
-        self.engine.submit(vec![message]).await
-    }
-
-    /// Adds a durable subscription: events matching `pattern` published on
-    /// the agent's channel land in its inbox. Returns false if it existed.
-    /// Resolves once the subscription is durable; only then does routing
-    /// use it.
-    pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        let parsed = Pattern::parse(pattern)?;
-        self.trust.may_act_as(caller, &key)?;
-        self.trust.may_subscribe(caller, &key.channel, pattern)?;
-        let now = model::now();
-        let (exists, known) = {
-            let state = self.shared.state.lock().unwrap();
-            (
-                state.has_subscription(&key, pattern),
-                state.registry.is_known(&key),
-            )
-        };
-        if exists {
-            return Ok(false);
-        }
-        if !known {
-            self.engine.remember_agent(key.clone(), now, false).await?;
-        }
-        self.engine
-            .set_subscription(key.clone(), pattern.to_owned(), true)
-            .await?;
-        let mut state = self.shared.state.lock().unwrap();
-        state.registry.know(&key, now, now);
-        if state.has_subscription(&key, pattern) {
-            return Ok(false); // a concurrent call added it first
-        }
-        state
-            .subscriptions
-            .entry(key.channel.clone())
-            .or_default()
-            .push((key.agent, parsed));
-        Ok(true)
-    }
-
-    /// Removes a durable subscription; false if there was none.
-    pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        Pattern::parse(pattern)?;
-        self.trust.may_act_as(caller, &key)?;
-        if !self
-            .shared
-            .state
-            .lock()
-            .unwrap()
-            .has_subscription(&key, pattern)
-        {
-            return Ok(false);
-        }
-        self.engine
-            .set_subscription(key.clone(), pattern.to_owned(), false)
-            .await?;
-        let mut state = self.shared.state.lock().unwrap();
-        let subs = state.subscriptions.entry(key.channel.clone()).or_default();
-        let before = subs.len();
-        subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
-        Ok(subs.len() != before)
-    }
-
-    /// The durable subscriptions of `key`.
-    pub fn subscriptions(&self, key: &InboxKey) -> Vec<String> {
-        let state = self.shared.state.lock().unwrap();
-        state
-            .subscriptions
-            .get(&key.channel)
-            .into_iter()
-            .flatten()
-            .filter(|(a, _)| a == &key.agent)
-            .map(|(_, p)| p.as_str().to_owned())
-            .collect()
-    }
-
-    /// [`Broker::send`], then waits until the message is durable.
-    pub async fn send_durable(
-        &self,
-        caller: &Caller,
-        env: Envelope,
-        target: Target,
-    ) -> Result<Arc<Message>> {
-        let stored = self
-            .send(caller, env, target)
-            .await?
-            .await
-            .map_err(|_| Error::ShuttingDown)??;
-        stored.into_iter().next().ok_or(Error::ShuttingDown)
-    }
-
-    /// Up to `limit` messages of `key`'s inbox after `after`, oldest
-    /// first, with the gap if retention removed some of what was asked.
-    pub async fn read(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Batch> {
-        self.read_view(&ViewKey::Inbox(key.clone()), after, limit)
-            .await
-    }
-
-    /// Up to `limit` topic events of `channel` after `after`, oldest first.
-    pub async fn read_topics(&self, channel: &Channel, after: Seq, limit: usize) -> Result<Batch> {
-        self.read_view(&ViewKey::Topics(channel.clone()), after, limit)
-            .await
-    }
-
-    /// Reads a view from its hot tail when it covers `after`, else from
-    /// the log; never from before retention's mark, which it reports.
-    async fn read_view(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
-        let (cached, mut pruned) = {
-            let state = self.shared.state.lock().unwrap();
-            let pruned = state.inboxes.pruned(key);
-            let start = after.max(pruned);
-            let cached = state
-                .inboxes
-                .read_cached(key, start, limit, state.committed.0);
-            (cached, pruned)
-        };
-        let messages = match cached {
-            Some(hit) => hit,
-            None => {
-                let page = self.engine.read(key, after.max(pruned), limit).await?;
-                pruned = pruned.max(page.pruned);
-                page.messages
-            }
-        };
-        let gap = (after < pruned).then_some(Gap {
-            after,
-            pruned_through: pruned,
-        });
-        if gap.is_some() {
-            self.shared.gaps.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(Batch { messages, gap })
-    }
-
-    /// Up to `limit` messages for `agent` on every channel after `after`
-    /// (the widest gap of any of its inboxes, if any).
-    pub async fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Batch> {
-        let channels = self
-            .shared
-            .state
-            .lock()
-            .unwrap()
-            .registry
-            .channels_of(agent);
-        let mut all = Batch::default();
-        for channel in channels {
-            let key = InboxKey::new(channel, agent.clone());
-            let batch = self.read(&key, after, limit).await?;
-            all.messages.extend(batch.messages);
-            if let Some(gap) = batch.gap {
-                let widest = all.gap.map_or(0, |g| g.pruned_through);
-                if gap.pruned_through > widest {
-                    all.gap = Some(gap);
-                }
-            }
-        }
-        all.messages.sort_by_key(|m| m.seq);
-        all.messages.truncate(limit);
-        Ok(all)
-    }
-
-    /// The last seq whose ts is `<= ts`: turns a `since=ts` cursor into a seq.
-    pub async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
-        let (seq, last_ts) = self.committed();
-        if ts >= last_ts {
-            return Ok(seq); // the common long-poll case: nothing newer yet
-        }
-        self.engine.seq_at_ts(ts).await
-    }
-
-    /// Bus "now" for `since` cursors: never later than the ts of a message
-    /// that is accepted but not readable yet.
-    pub fn now(&self) -> f64 {
-        let wall = model::now();
-        let committed = self.committed().1;
-        if self.shared.stamping.load(Ordering::SeqCst) {
-            return committed;
-        }
-        // Anything stamped after this point gets ts >= wall: step back 1 µs
-        // so that `ts > now` holds for it.
-        (wall - 1e-6).max(committed)
-    }
-
-    /// Changes whenever any inbox of `agent` (any channel) receives a message.
-    pub fn watch_agent(&self, agent: &AgentName) -> watch::Receiver<Seq> {
-        let mut state = self.shared.state.lock().unwrap();
-        let committed = state.committed.0;
-        state.inboxes.watch_agent(agent, committed)
-    }
-
-    /// `key`'s inbox after `after` as a stream of batches: first what is
-    /// there, then each new commit as it lands. Never ends by itself. A
-    /// batch carries a gap whenever retention overtook the stream.
-    pub fn follow(
-        &self,
-        key: InboxKey,
-        after: Seq,
-    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
-        self.follow_view(ViewKey::Inbox(key), after)
-    }
-
-    /// The topic events of `channel` (`None`: every channel) matching
-    /// `pattern` after `after`, for `caller` (within its `may_subscribe`
-    /// rule), as batches that are never empty (a gap alone counts): what
-    /// every live pattern subscriber reads.
-    pub fn follow_pattern(
-        &self,
-        caller: &Caller,
-        channel: Option<Channel>,
-        pattern: &str,
-        after: Seq,
-    ) -> Result<impl futures::Stream<Item = Result<Batch>> + Send + 'static> {
-        use futures::StreamExt;
-        let parsed = Pattern::parse(pattern)?;
-        let view = match channel {
-            Some(channel) => {
-                self.trust.may_subscribe(caller, &channel, pattern)?;
-                ViewKey::Topics(channel)
-            }
-            None => {
-                self.trust.may_subscribe_everywhere(caller, pattern)?;
-                ViewKey::AllTopics
-            }
-        };
-        let events = self.follow_view(view, after);
-        Ok(events.filter_map(move |batch| {
-            let kept = batch.map(|mut b| {
-                b.messages
-                    .retain(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)));
-                b
-            });
-            futures::future::ready(match kept {
-                Ok(b) if b.messages.is_empty() && b.gap.is_none() => None,
-                other => Some(other),
-            })
-        }))
-    }
-
-    fn follow_view(
-        &self,
-        key: ViewKey,
-        after: Seq,
-    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
-        // Subscribed before the first read, so no commit falls in between.
-        let newest = self.watch_view(&key);
-        let state = (self.clone(), key, after, newest);
-        futures::stream::unfold(
-            state,
-            |(broker, key, mut position, mut newest)| async move {
-                loop {
-                    match broker.read_view(&key, position, FOLLOW_BATCH).await {
-                        Ok(batch) if batch.messages.is_empty() && batch.gap.is_none() => {
-                            newest.changed().await.ok()?
-                        }
-                        Ok(batch) => {
-                            if let Some(gap) = batch.gap {
-                                position = position.max(gap.pruned_through);
-                            }
-                            position = batch.messages.last().map_or(position, |m| m.seq);
-                            return Some((Ok(batch), (broker, key, position, newest)));
-                        }
-                        Err(e) => return Some((Err(e), (broker, key, position, newest))),
-                    }
-                }
-            },
-        )
-    }
-
-    /// Changes whenever `key`'s inbox receives a committed message.
-    pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
-        self.watch_view(&ViewKey::Inbox(key.clone()))
-    }
-
-    fn watch_view(&self, key: &ViewKey) -> watch::Receiver<Seq> {
-        let mut state = self.shared.state.lock().unwrap();
-        let committed = state.committed.0;
-        state.inboxes.watch(key, committed)
-    }
-
-    /// The stored cursor of an inbox.
-    pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
-        if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
-            return Ok(seq);
-        }
-        self.engine.cursor(key).await
-    }
-
-    /// Moves an inbox cursor forward (never back) and returns where it was;
-    /// resolves once the new cursor is durable.
-    ///
-    /// The move is a compare-and-set in memory, so readers sharing one
-    /// cursor (SSE-interop `/poll` and `/subscribe`) can *claim* a batch:
-    /// each delivers only the messages after the cursor it moved from, and
-    /// no message goes out twice. If the store refuses the write, the claim
-    /// is undone (unless a later claim moved past it) and the caller gets
-    /// the error, so the messages stay unread rather than lost.
-    pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
-        let previous = self.claim(key, seq).await?;
-        if seq.min(self.committed().0) > previous {
-            if let Err(e) = self.confirm(key, seq).await {
-                self.release(key, previous, seq);
-                return Err(e);
-            }
-        }
-        Ok(previous)
-    }
-
-    /// The in-memory half of [`Broker::ack`]: moves the cursor (the claim
-    /// every reader of the inbox sees at once) and returns where it was.
-    /// Nothing is stored until [`Broker::confirm`]; [`Broker::release`]
-    /// undoes a claim whose messages did not reach the client.
-    pub async fn claim(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
-        let stored = self.cursor(key).await?;
-        let mut state = self.shared.state.lock().unwrap();
-        // Never past the log: an ack from the future would skip messages.
-        let seq = seq.min(state.committed.0);
-        let c = state.cursors.entry(key.clone()).or_insert(stored);
-        let previous = *c;
-        *c = (*c).max(seq);
-        Ok(previous)
-    }
-
-    /// Makes a claim up to `seq` durable.
-    pub async fn confirm(&self, key: &InboxKey, seq: Seq) -> Result<()> {
-        let seq = seq.min(self.committed().0);
-        self.engine.set_cursor(key.clone(), seq).await
-    }
-
-    /// Undoes a claim from `previous` to `seq`, unless a later claim has
-    /// moved the cursor on since.
-    pub fn release(&self, key: &InboxKey, previous: Seq, seq: Seq) {
-        let mut state = self.shared.state.lock().unwrap();
-        let committed = state.committed.0;
-        if let Some(c) = state.cursors.get_mut(key) {
-            if *c == seq.min(committed) {
-                *c = previous;
-            }
-        }
-    }
-
-    /// How many messages `key`'s inbox holds after `after`.
-    pub async fn count(&self, key: &InboxKey, after: Seq) -> Result<u64> {
-        self.engine.count_inbox(key, after).await
-    }
-
-    /// How many messages wait in `key`'s inbox after its cursor.
-    pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
-        let cursor = self.cursor(key).await?;
-        self.engine.count_inbox(key, cursor).await
-    }
-
-    /// Registers a connection of `key` over `transport` for `caller` (who
-    /// must be allowed to act as `key`: nobody kicks a verified agent). An
-    /// `exclusive` connection replaces (kicks) the agent's older exclusive one.
-    pub async fn connect(
-        &self,
-        caller: &Caller,
-        key: InboxKey,
-        transport: &'static str,
-        exclusive: bool,
-    ) -> Result<Session> {
-        self.trust.may_act_as(caller, &key)?;
-        let now = model::now();
-        let session = Session {
-            id: uuid::Uuid::new_v4().to_string(),
-            key: key.clone(),
-            kicked: CancellationToken::new(),
-            shared: self.shared.clone(),
-        };
-        let persist = self.shared.state.lock().unwrap().registry.connect(
-            &key,
-            Connection {
-                session_id: session.id.clone(),
-                transport,
-                since: now,
-                exclusive,
-                kick: session.kicked.clone(),
-            },
-        );
-        if persist {
-            // On failure the session drops here, ending the connection.
-            self.engine.remember_agent(key.clone(), now, true).await?;
-        }
-        // Nobody listening is fine: presence is live-only.
-        if let Some(tx) = self
-            .shared
-            .presence
-            .lock()
-            .unwrap()
-            .get(&(key.channel.clone(), transport))
-        {
-            tx.send_replace(Some(Presence {
-                key,
-                transport,
-                ts: now,
-            }));
-        }
-        Ok(session)
-    }
-
-    /// The newest connection over `transport` on `channel` from now on
-    /// (listeners that fall behind see only the newest).
-    pub fn presence(
-        &self,
-        channel: &Channel,
-        transport: &'static str,
-    ) -> watch::Receiver<Option<Presence>> {
-        self.shared
-            .presence
-            .lock()
-            .unwrap()
-            .entry((channel.clone(), transport))
-            .or_insert_with(|| watch::Sender::new(None))
-            .subscribe()
-    }
-
-    /// Notes activity of a connected agent.
-    pub fn touch(&self, key: &InboxKey) {
-        self.shared
-            .state
-            .lock()
-            .unwrap()
-            .registry
-            .touch(key, model::now());
-    }
-
-    /// Every known agent with its presence.
-    pub fn agents(&self) -> Vec<AgentInfo> {
-        self.shared.state.lock().unwrap().registry.agents()
-    }
-
-    /// Every known agent with presence and unread count.
-    pub async fn summaries(&self) -> Result<Vec<crate::wire::AgentSummary>> {
-        let mut out = Vec::new();
-        for a in self.agents() {
-            let key = InboxKey::new(a.channel.clone(), a.name.clone());
-            out.push(crate::wire::AgentSummary {
-                unread: self.unread(&key).await?,
-                online: a.online(),
-                transports: a
-                    .connections
-                    .iter()
-                    .map(|c| c.transport.to_owned())
-                    .collect(),
-                connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
-                first_seen: a.first_seen,
-                last_seen: a.last_seen,
-                name: a.name.to_string(),
-                channel: a.channel.to_string(),
-            });
-        }
-        Ok(out)
-    }
-
-    /// Registered exclusive endpoints: name → session id (hermes-bus
-    /// `list_endpoints`).
-    pub fn endpoints(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        for agent in self.agents() {
-            for c in agent.connections.iter().filter(|c| c.exclusive) {
-                out.insert(agent.name.to_string(), c.session_id.clone());
-            }
-        }
-        out
-    }
-
     /// `None` while the store accepts writes, else why it does not.
     pub fn degraded(&self) -> Option<String> {
         self.engine.health().degraded()
@@ -900,7 +332,7 @@ impl Broker {
 
     /// The newest committed (seq, ts).
     pub fn committed(&self) -> (Seq, f64) {
-        self.shared.state.lock().unwrap().committed
+        self.shared.views.lock().unwrap().committed
     }
 
     /// Every committed message from now on, through a bounded queue of
@@ -921,143 +353,6 @@ impl Broker {
 
     pub fn taps_dropped(&self) -> u64 {
         self.shared.taps_dropped.load(Ordering::Relaxed)
-    }
-
-    /// Creates an identity and returns it with its token (shown once; only
-    /// its hash is stored). Resolves once the identity is durable.
-    pub async fn add_identity(&self, spec: IdentitySpec) -> Result<(Identity, String)> {
-        let (identity, token) = spec.issue()?;
-        if self.trust.identity(&identity.name).is_some() {
-            return Err(Error::InvalidRequest(format!(
-                "{} already has an identity (rotate or revoke it)",
-                identity.name
-            )));
-        }
-        self.store_identity(&identity.name.clone(), Some(identity.clone()))
-            .await?;
-        Ok((identity, token))
-    }
-
-    /// Issues a new token for `name`; the old one stops working and the
-    /// agent's open connections are closed.
-    pub async fn rotate_identity(&self, name: &AgentName) -> Result<(Identity, String)> {
-        let mut identity = self.trust.identity(name).ok_or_else(|| no_identity(name))?;
-        let (token, hash) = auth::new_token();
-        identity.token_hash = hash;
-        self.store_identity(name, Some(identity.clone())).await?;
-        Ok((identity, token))
-    }
-
-    /// Deletes `name`'s identity and closes its open connections.
-    pub async fn revoke_identity(&self, name: &AgentName) -> Result<Identity> {
-        let identity = self.trust.identity(name).ok_or_else(|| no_identity(name))?;
-        self.store_identity(name, None).await?;
-        Ok(identity)
-    }
-
-    async fn store_identity(&self, name: &AgentName, identity: Option<Identity>) -> Result<()> {
-        // Durable first: a token is never printed for an identity a crash
-        // would forget, and a revoked one never comes back.
-        self.engine
-            .set_identity(name.clone(), identity.clone())
-            .await?;
-        self.trust.set(name, identity);
-        self.shared.state.lock().unwrap().registry.kick_agent(name);
-        Ok(())
-    }
-
-    /// Applies `rules` from now on: a background task prunes in bounded
-    /// steps (each one engine write, so sends interleave), and moves the
-    /// views' marks so readers that start before them are told.
-    pub fn start_retention(&self, rules: Retention) {
-        if rules == Retention::default() {
-            return;
-        }
-        // Weak: the task ends with the broker.
-        let shared = Arc::downgrade(&self.shared);
-        let engine = Arc::downgrade(&self.engine);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PRUNE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
-                    return;
-                };
-                // Names that never connected and hold nothing (a mistyped
-                // `to` whose message expired) stop receiving broadcasts.
-                match engine
-                    .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
-                    .await
-                {
-                    Ok(gone) => {
-                        let mut state = shared.state.lock().unwrap();
-                        for key in gone {
-                            state.forget(&key);
-                        }
-                    }
-                    Err(Error::ShuttingDown) => return,
-                    Err(e) => tracing::warn!(error = %e, "expiring names failed; retrying later"),
-                }
-                loop {
-                    match engine.prune(&rules, model::now()).await {
-                        Ok(step) => {
-                            shared.pruned.fetch_add(step.removed, Ordering::Relaxed);
-                            if !step.floors.is_empty() {
-                                let mut state = shared.state.lock().unwrap();
-                                for (view, seq) in step.floors {
-                                    state.inboxes.set_pruned(view, seq);
-                                }
-                            }
-                            if !step.more {
-                                break;
-                            }
-                            tokio::task::yield_now().await;
-                        }
-                        Err(Error::ShuttingDown) => return,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "retention step failed; retrying later");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-
-    /// Removes `key` from the bus: its registry entry, inbox, cursor and
-    /// subscriptions (`hermod agents forget`). Owner or admin only; an
-    /// agent that is connected is refused.
-    pub async fn forget(&self, caller: &Caller, key: InboxKey) -> Result<()> {
-        self.trust.may_admin(caller)?;
-        {
-            let state = self.shared.state.lock().unwrap();
-            if !state.registry.is_known(&key) {
-                return Err(Error::InvalidRequest(format!(
-                    "{} is not known on channel {}",
-                    key.agent, key.channel
-                )));
-            }
-            if state.registry.is_online(&key) {
-                return Err(Error::InvalidRequest(format!(
-                    "{} is connected; it can be forgotten once it is offline",
-                    key.agent
-                )));
-            }
-        }
-        self.engine.forget_agent(key.clone()).await?;
-        self.shared.state.lock().unwrap().forget(&key);
-        Ok(())
-    }
-
-    /// Reads told of a gap since start.
-    pub fn gaps(&self) -> u64 {
-        self.shared.gaps.load(Ordering::Relaxed)
-    }
-
-    /// Messages retention removed since start.
-    pub fn pruned(&self) -> u64 {
-        self.shared.pruned.load(Ordering::Relaxed)
     }
 
     /// Lets queued writes finish. Call once at shutdown.

@@ -1,0 +1,146 @@
+//! Presence: connections, the registry view of who is known and online,
+//! live connect notices, and forgetting a name.
+
+use super::*;
+
+impl Broker {
+    /// Registers a connection of `key` over `transport` for `caller` (who
+    /// must be allowed to act as `key`: nobody kicks a verified agent). An
+    /// `exclusive` connection replaces (kicks) the agent's older exclusive one.
+    pub async fn connect(
+        &self,
+        caller: &Caller,
+        key: InboxKey,
+        transport: &'static str,
+        exclusive: bool,
+    ) -> Result<Session> {
+        self.trust.may_act_as(caller, &key)?;
+        let now = model::now();
+        let session = Session {
+            id: uuid::Uuid::new_v4().to_string(),
+            key: key.clone(),
+            kicked: CancellationToken::new(),
+            shared: self.shared.clone(),
+        };
+        let persist = self.shared.state.lock().unwrap().registry.connect(
+            &key,
+            Connection {
+                session_id: session.id.clone(),
+                transport,
+                since: now,
+                exclusive,
+                kick: session.kicked.clone(),
+            },
+        );
+        if persist {
+            // On failure the session drops here, ending the connection.
+            self.engine.remember_agent(key.clone(), now, true).await?;
+        }
+        // Nobody listening is fine: presence is live-only.
+        if let Some(tx) = self
+            .shared
+            .presence
+            .lock()
+            .unwrap()
+            .get(&(key.channel.clone(), transport))
+        {
+            tx.send_replace(Some(Presence {
+                key,
+                transport,
+                ts: now,
+            }));
+        }
+        Ok(session)
+    }
+
+    /// The newest connection over `transport` on `channel` from now on
+    /// (listeners that fall behind see only the newest).
+    pub fn presence(
+        &self,
+        channel: &Channel,
+        transport: &'static str,
+    ) -> watch::Receiver<Option<Presence>> {
+        self.shared
+            .presence
+            .lock()
+            .unwrap()
+            .entry((channel.clone(), transport))
+            .or_insert_with(|| watch::Sender::new(None))
+            .subscribe()
+    }
+
+    /// Notes activity of a connected agent.
+    pub fn touch(&self, key: &InboxKey) {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .touch(key, model::now());
+    }
+
+    /// Every known agent with its presence.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.shared.state.lock().unwrap().registry.agents()
+    }
+
+    /// Every known agent with presence and unread count.
+    pub async fn summaries(&self) -> Result<Vec<crate::wire::AgentSummary>> {
+        let mut out = Vec::new();
+        for a in self.agents() {
+            let key = InboxKey::new(a.channel.clone(), a.name.clone());
+            out.push(crate::wire::AgentSummary {
+                unread: self.unread(&key).await?,
+                online: a.online(),
+                transports: a
+                    .connections
+                    .iter()
+                    .map(|c| c.transport.to_owned())
+                    .collect(),
+                connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
+                first_seen: a.first_seen,
+                last_seen: a.last_seen,
+                name: a.name.to_string(),
+                channel: a.channel.to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Registered exclusive endpoints: name → session id (hermes-bus
+    /// `list_endpoints`).
+    pub fn endpoints(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for agent in self.agents() {
+            for c in agent.connections.iter().filter(|c| c.exclusive) {
+                out.insert(agent.name.to_string(), c.session_id.clone());
+            }
+        }
+        out
+    }
+
+    /// Removes `key` from the bus: its registry entry, inbox, cursor and
+    /// subscriptions (`hermod agents forget`). Owner or admin only; an
+    /// agent that is connected is refused.
+    pub async fn forget(&self, caller: &Caller, key: InboxKey) -> Result<()> {
+        self.trust.may_admin(caller)?;
+        {
+            let state = self.shared.state.lock().unwrap();
+            if !state.registry.is_known(&key) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} is not known on channel {}",
+                    key.agent, key.channel
+                )));
+            }
+            if state.registry.is_online(&key) {
+                return Err(Error::InvalidRequest(format!(
+                    "{} is connected; it can be forgotten once it is offline",
+                    key.agent
+                )));
+            }
+        }
+        self.engine.forget_agent(key.clone()).await?;
+        self.shared.forget(&key);
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Reads: inbox and topic views from the hot tail or the log, with gap
+//! signals; follow streams and wake-ups; the bus clock for `since` readers.
+
+use super::*;
+
+/// Messages per batch of [`Broker::follow`].
+const FOLLOW_BATCH: usize = 256;
+
+impl Broker {
+    /// Up to `limit` messages of `key`'s inbox after `after`, oldest
+    /// first, with the gap if retention removed some of what was asked.
+    pub async fn read(&self, key: &InboxKey, after: Seq, limit: usize) -> Result<Batch> {
+        self.read_view(&ViewKey::Inbox(key.clone()), after, limit)
+            .await
+    }
+
+    /// Up to `limit` topic events of `channel` after `after`, oldest first.
+    pub async fn read_topics(&self, channel: &Channel, after: Seq, limit: usize) -> Result<Batch> {
+        self.read_view(&ViewKey::Topics(channel.clone()), after, limit)
+            .await
+    }
+
+    /// Reads a view from its hot tail when it covers `after`, else from
+    /// the log; never from before retention's mark, which it reports.
+    async fn read_view(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
+        let (cached, mut pruned) = {
+            let views = self.shared.views.lock().unwrap();
+            let pruned = views.inboxes.pruned(key);
+            let start = after.max(pruned);
+            let cached = views
+                .inboxes
+                .read_cached(key, start, limit, views.committed.0);
+            (cached, pruned)
+        };
+        let messages = match cached {
+            Some(hit) => hit,
+            None => {
+                let page = self.engine.read(key, after.max(pruned), limit).await?;
+                pruned = pruned.max(page.pruned);
+                page.messages
+            }
+        };
+        let gap = (after < pruned).then_some(Gap {
+            after,
+            pruned_through: pruned,
+        });
+        if gap.is_some() {
+            self.shared.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Batch { messages, gap })
+    }
+
+    /// Up to `limit` messages for `agent` on every channel after `after`
+    /// (the widest gap of any of its inboxes, if any).
+    pub async fn read_agent(&self, agent: &AgentName, after: Seq, limit: usize) -> Result<Batch> {
+        let channels = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .channels_of(agent);
+        let mut all = Batch::default();
+        for channel in channels {
+            let key = InboxKey::new(channel, agent.clone());
+            let batch = self.read(&key, after, limit).await?;
+            all.messages.extend(batch.messages);
+            if let Some(gap) = batch.gap {
+                let widest = all.gap.map_or(0, |g| g.pruned_through);
+                if gap.pruned_through > widest {
+                    all.gap = Some(gap);
+                }
+            }
+        }
+        all.messages.sort_by_key(|m| m.seq);
+        all.messages.truncate(limit);
+        Ok(all)
+    }
+
+    /// The last seq whose ts is `<= ts`: turns a `since=ts` cursor into a seq.
+    pub async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        let (seq, last_ts) = self.committed();
+        if ts >= last_ts {
+            return Ok(seq); // the common long-poll case: nothing newer yet
+        }
+        self.engine.seq_at_ts(ts).await
+    }
+
+    /// Bus "now" for `since` cursors: never later than the ts of a message
+    /// that is accepted but not readable yet.
+    pub fn now(&self) -> f64 {
+        let wall = model::now();
+        let committed = self.committed().1;
+        if self.shared.stamping.load(Ordering::SeqCst) {
+            return committed;
+        }
+        // Anything stamped after this point gets ts >= wall: step back 1 µs
+        // so that `ts > now` holds for it.
+        (wall - 1e-6).max(committed)
+    }
+
+    /// Changes whenever any inbox of `agent` (any channel) receives a message.
+    pub fn watch_agent(&self, agent: &AgentName) -> watch::Receiver<Seq> {
+        let mut views = self.shared.views.lock().unwrap();
+        let committed = views.committed.0;
+        views.inboxes.watch_agent(agent, committed)
+    }
+
+    /// `key`'s inbox after `after` as a stream of batches: first what is
+    /// there, then each new commit as it lands. Never ends by itself. A
+    /// batch carries a gap whenever retention overtook the stream.
+    pub fn follow(
+        &self,
+        key: InboxKey,
+        after: Seq,
+    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
+        self.follow_view(ViewKey::Inbox(key), after)
+    }
+
+    /// The topic events of `channel` (`None`: every channel) matching
+    /// `pattern` after `after`, for `caller` (within its `may_subscribe`
+    /// rule), as batches that are never empty (a gap alone counts): what
+    /// every live pattern subscriber reads.
+    pub fn follow_pattern(
+        &self,
+        caller: &Caller,
+        channel: Option<Channel>,
+        pattern: &str,
+        after: Seq,
+    ) -> Result<impl futures::Stream<Item = Result<Batch>> + Send + 'static> {
+        use futures::StreamExt;
+        let parsed = Pattern::parse(pattern)?;
+        let view = match channel {
+            Some(channel) => {
+                self.trust.may_subscribe(caller, &channel, pattern)?;
+                ViewKey::Topics(channel)
+            }
+            None => {
+                self.trust.may_subscribe_everywhere(caller, pattern)?;
+                ViewKey::AllTopics
+            }
+        };
+        let events = self.follow_view(view, after);
+        Ok(events.filter_map(move |batch| {
+            let kept = batch.map(|mut b| {
+                b.messages
+                    .retain(|m| m.topic.as_deref().is_some_and(|t| parsed.matches(t)));
+                b
+            });
+            futures::future::ready(match kept {
+                Ok(b) if b.messages.is_empty() && b.gap.is_none() => None,
+                other => Some(other),
+            })
+        }))
+    }
+
+    fn follow_view(
+        &self,
+        key: ViewKey,
+        after: Seq,
+    ) -> impl futures::Stream<Item = Result<Batch>> + Send + 'static {
+        // Subscribed before the first read, so no commit falls in between.
+        let newest = self.watch_view(&key);
+        let state = (self.clone(), key, after, newest);
+        futures::stream::unfold(
+            state,
+            |(broker, key, mut position, mut newest)| async move {
+                loop {
+                    match broker.read_view(&key, position, FOLLOW_BATCH).await {
+                        Ok(batch) if batch.messages.is_empty() && batch.gap.is_none() => {
+                            newest.changed().await.ok()?
+                        }
+                        Ok(batch) => {
+                            if let Some(gap) = batch.gap {
+                                position = position.max(gap.pruned_through);
+                            }
+                            position = batch.messages.last().map_or(position, |m| m.seq);
+                            return Some((Ok(batch), (broker, key, position, newest)));
+                        }
+                        Err(e) => return Some((Err(e), (broker, key, position, newest))),
+                    }
+                }
+            },
+        )
+    }
+
+    /// Changes whenever `key`'s inbox receives a committed message.
+    pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
+        self.watch_view(&ViewKey::Inbox(key.clone()))
+    }
+
+    fn watch_view(&self, key: &ViewKey) -> watch::Receiver<Seq> {
+        let mut views = self.shared.views.lock().unwrap();
+        let committed = views.committed.0;
+        views.inboxes.watch(key, committed)
+    }
+}

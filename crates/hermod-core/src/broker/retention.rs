@@ -1,0 +1,83 @@
+//! Retention: the background task that prunes in bounded steps, moves
+//! the views' pruned marks and expires names that hold nothing.
+
+use super::*;
+
+/// A name that never connected must be this old (seconds) to expire, so
+/// a message on its way to it always finds it known.
+const EXPIRE_AFTER: f64 = 3600.0;
+/// Names expired per retention tick at most.
+const EXPIRE_BATCH: usize = 256;
+
+/// How often the retention task looks for work.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Broker {
+    /// Applies `rules` from now on: a background task prunes in bounded
+    /// steps (each one engine write, so sends interleave), and moves the
+    /// views' marks so readers that start before them are told.
+    pub fn start_retention(&self, rules: Retention) {
+        if rules == Retention::default() {
+            return;
+        }
+        // Weak: the task ends with the broker.
+        let shared = Arc::downgrade(&self.shared);
+        let engine = Arc::downgrade(&self.engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
+                    return;
+                };
+                // Names that never connected and hold nothing (a mistyped
+                // `to` whose message expired) stop receiving broadcasts.
+                match engine
+                    .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
+                    .await
+                {
+                    Ok(gone) => {
+                        for key in gone {
+                            shared.forget(&key);
+                        }
+                    }
+                    Err(Error::ShuttingDown) => return,
+                    Err(e) => tracing::warn!(error = %e, "expiring names failed; retrying later"),
+                }
+                loop {
+                    match engine.prune(&rules, model::now()).await {
+                        Ok(step) => {
+                            shared.pruned.fetch_add(step.removed, Ordering::Relaxed);
+                            if !step.floors.is_empty() {
+                                let mut views = shared.views.lock().unwrap();
+                                for (view, seq) in step.floors {
+                                    views.inboxes.set_pruned(view, seq);
+                                }
+                            }
+                            if !step.more {
+                                break;
+                            }
+                            tokio::task::yield_now().await;
+                        }
+                        Err(Error::ShuttingDown) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "retention step failed; retrying later");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Reads told of a gap since start.
+    pub fn gaps(&self) -> u64 {
+        self.shared.gaps.load(Ordering::Relaxed)
+    }
+
+    /// Messages retention removed since start.
+    pub fn pruned(&self) -> u64 {
+        self.shared.pruned.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,227 @@
+//! Routing: who a message goes to (and who may send it), durable topic
+//! subscriptions, and the hand-off to the engine.
+
+use super::*;
+
+impl Broker {
+    /// Routes and submits a message from `caller` (its sender is the
+    /// caller's verified name, or `env.from` for a trusted caller); the
+    /// returned future resolves once it is durable.
+    pub async fn send(&self, caller: &Caller, env: Envelope, target: Target) -> Result<Durable> {
+        let message = self.route(caller, env, target).await?;
+        self.engine.submit(vec![message]).await
+    }
+
+    /// Sends many messages in one engine append (one commit under light
+    /// load): each is checked and routed on its own, so one bad message
+    /// fails alone; the rest are stored in order and resolve together.
+    pub async fn send_many(
+        &self,
+        caller: &Caller,
+        envs: Vec<Envelope>,
+        target: Target,
+    ) -> Result<Vec<Result<Arc<Message>>>> {
+        let mut routed = Vec::with_capacity(envs.len());
+        let mut batch = Vec::with_capacity(envs.len());
+        for env in envs {
+            match self.route(caller, env, target).await {
+                Ok(m) => {
+                    routed.push(Ok(batch.len()));
+                    batch.push(m);
+                }
+                Err(e) => routed.push(Err(e)),
+            }
+        }
+        let stored = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.engine
+                .submit(batch)
+                .await?
+                .await
+                .map_err(|_| Error::ShuttingDown)??
+        };
+        Ok(routed
+            .into_iter()
+            .map(|r| r.map(|i| stored[i].clone()))
+            .collect())
+    }
+
+    /// Checks what `caller` may send and resolves the recipients.
+    async fn route(&self, caller: &Caller, env: Envelope, target: Target) -> Result<NewMessage> {
+        let from = self.trust.sender(caller, env.from.clone())?;
+        self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
+        self.trust.take_send(&from)?;
+        let now = model::now();
+        let (recipients, unknown) = {
+            let state = self.shared.state.lock().unwrap();
+            match &env.to {
+                Some(to) => {
+                    let key = InboxKey::new(env.channel.clone(), to.clone());
+                    let known = state.registry.is_known(&key);
+                    if !known && target == Target::Known {
+                        return Err(Error::EndpointNotFound(to.to_string()));
+                    }
+                    (vec![to.clone()], (!known).then_some(key))
+                }
+                None => (state.registry.broadcast_targets(&env.channel, &from), None),
+            }
+        };
+        if let Some(key) = unknown {
+            // Durable before it is known here: memory never claims a name
+            // the store would forget (and the message follows it).
+            self.engine.remember_agent(key.clone(), now, false).await?;
+            self.shared
+                .state
+                .lock()
+                .unwrap()
+                .registry
+                .know(&key, now, now);
+        }
+        Ok(NewMessage {
+            id: env.id.unwrap_or_else(model::new_id),
+            channel: env.channel,
+            from,
+            to: env.to,
+            topic: None,
+            sent_ts: env.sent_ts,
+            auth: caller.auth(),
+            body: env.body,
+            recipients,
+        })
+    }
+
+    /// Publishes a topic event on `channel`. The payload becomes the
+    /// hermes_events envelope (`type`, `ts`, `src` filled only where
+    /// missing); the event lands in the log (so pattern readers see it) and
+    /// in the inbox of every agent with a matching durable subscription.
+    pub async fn publish(
+        &self,
+        caller: &Caller,
+        channel: Channel,
+        from: Option<AgentName>,
+        topic: &str,
+        payload: serde_json::Map<String, serde_json::Value>,
+        id: Option<String>,
+    ) -> Result<Durable> {
+        pattern::validate_topic(topic)?;
+        let from = self.trust.sender(caller, from)?;
+        self.trust.may_publish(caller, &channel, topic)?;
+        let body = Body::from_map(hermod_events::envelope(topic, payload));
+        let recipients = {
+            let state = self.shared.state.lock().unwrap();
+            let mut matching: Vec<AgentName> = state
+                .subscriptions
+                .get(&channel)
+                .into_iter()
+                .flatten()
+                .filter(|(_, p)| p.matches(topic))
+                .map(|(agent, _)| agent.clone())
+                .collect();
+            matching.sort();
+            matching.dedup();
+            matching
+        };
+        let message = NewMessage {
+            id: id.unwrap_or_else(model::new_id),
+            channel,
+            from,
+            to: None,
+            topic: Some(topic.to_owned()),
+            sent_ts: None,
+            auth: caller.auth(),
+            body,
+            recipients,
+        };
+        self.engine.submit(vec![message]).await
+    }
+
+    /// Adds a durable subscription: events matching `pattern` published on
+    /// the agent's channel land in its inbox. Returns false if it existed.
+    /// Resolves once the subscription is durable; only then does routing
+    /// use it.
+    pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
+        let parsed = Pattern::parse(pattern)?;
+        self.trust.may_act_as(caller, &key)?;
+        self.trust.may_subscribe(caller, &key.channel, pattern)?;
+        let now = model::now();
+        let (exists, known) = {
+            let state = self.shared.state.lock().unwrap();
+            (
+                state.has_subscription(&key, pattern),
+                state.registry.is_known(&key),
+            )
+        };
+        if exists {
+            return Ok(false);
+        }
+        if !known {
+            self.engine.remember_agent(key.clone(), now, false).await?;
+        }
+        self.engine
+            .set_subscription(key.clone(), pattern.to_owned(), true)
+            .await?;
+        let mut state = self.shared.state.lock().unwrap();
+        state.registry.know(&key, now, now);
+        if state.has_subscription(&key, pattern) {
+            return Ok(false); // a concurrent call added it first
+        }
+        state
+            .subscriptions
+            .entry(key.channel.clone())
+            .or_default()
+            .push((key.agent, parsed));
+        Ok(true)
+    }
+
+    /// Removes a durable subscription; false if there was none.
+    pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
+        Pattern::parse(pattern)?;
+        self.trust.may_act_as(caller, &key)?;
+        if !self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .has_subscription(&key, pattern)
+        {
+            return Ok(false);
+        }
+        self.engine
+            .set_subscription(key.clone(), pattern.to_owned(), false)
+            .await?;
+        let mut state = self.shared.state.lock().unwrap();
+        let subs = state.subscriptions.entry(key.channel.clone()).or_default();
+        let before = subs.len();
+        subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
+        Ok(subs.len() != before)
+    }
+
+    /// The durable subscriptions of `key`.
+    pub fn subscriptions(&self, key: &InboxKey) -> Vec<String> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .subscriptions
+            .get(&key.channel)
+            .into_iter()
+            .flatten()
+            .filter(|(a, _)| a == &key.agent)
+            .map(|(_, p)| p.as_str().to_owned())
+            .collect()
+    }
+
+    /// [`Broker::send`], then waits until the message is durable.
+    pub async fn send_durable(
+        &self,
+        caller: &Caller,
+        env: Envelope,
+        target: Target,
+    ) -> Result<Arc<Message>> {
+        let stored = self
+            .send(caller, env, target)
+            .await?
+            .await
+            .map_err(|_| Error::ShuttingDown)??;
+        stored.into_iter().next().ok_or(Error::ShuttingDown)
+    }
+}
