@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
 
 use crate::auth::{self, AuthMode, Caller, Identity, IdentitySpec, RateLimit, Trust};

@@ -195,3 +195,119 @@ impl Broker {
         views.inboxes.watch(key, committed)
     }
 }
+
+/// Whose messages a long-poll reads: one inbox, or an agent's inboxes on
+/// every channel (agent-bus `channel=*`).
+#[derive(Debug, Clone)]
+pub enum Reader {
+    Inbox(InboxKey),
+    Agent(AgentName),
+}
+
+/// An agent-bus `since` answer: the messages with `ts > since` and the
+/// `now` to send back as the next `since`.
+#[derive(Debug)]
+pub struct SinceBatch {
+    pub messages: Vec<Arc<Message>>,
+    pub now: f64,
+    pub gap: Option<Gap>,
+}
+
+impl Broker {
+    /// The long-poll every transport uses: `reader`'s messages after
+    /// `after`; with none (and no gap), waits for a commit until
+    /// `deadline`, then answers what is there (perhaps nothing). Dropping
+    /// the future (a transport's shutdown) cancels nothing but the wait.
+    pub async fn read_wait(
+        &self,
+        reader: &Reader,
+        after: Seq,
+        limit: usize,
+        deadline: tokio::time::Instant,
+    ) -> Result<Batch> {
+        // Subscribed before the first read, so no commit falls in between.
+        let mut newest = self.watch_reader(reader);
+        loop {
+            let batch = self.read_reader(reader, after, limit).await?;
+            if !batch.messages.is_empty()
+                || batch.gap.is_some()
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(batch);
+            }
+            self.wait_until(&mut newest, deadline).await?;
+        }
+    }
+
+    /// The agent-bus rule for `since` cursors (bus ts, not seq): messages
+    /// with `ts > since`, oldest first; `now` never passes a message that
+    /// is accepted but not readable yet, nor the last of a full batch (more
+    /// may be behind it). Waits like [`Broker::read_wait`] when `block`.
+    pub async fn read_since(
+        &self,
+        reader: &Reader,
+        since: f64,
+        limit: usize,
+        block: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<SinceBatch> {
+        let mut newest = self.watch_reader(reader);
+        // The ts cursor becomes a seq cursor once: a woken request reads on
+        // from it (often from the hot tail) instead of searching the log again.
+        let mut after = self.seq_at_ts(since).await?;
+        // Told once per request, on the answer that follows it.
+        let mut gap = None;
+        loop {
+            let now = self.now();
+            let batch = self.read_reader(reader, after, limit).await?;
+            gap = gap.or(batch.gap);
+            let mut messages = batch.messages;
+            let full = messages.len() == limit;
+            // Only a `since` ahead of the bus clock lets a newer seq carry a
+            // ts that is not newer than it: skip those.
+            let stale = messages.partition_point(|m| m.ts <= since);
+            if stale > 0 {
+                after = messages[stale - 1].seq;
+                messages.drain(..stale);
+                if messages.is_empty() {
+                    continue;
+                }
+            }
+            let timed_out = tokio::time::Instant::now() >= deadline;
+            if !messages.is_empty() || gap.is_some() || !block || timed_out {
+                let now = match messages.last() {
+                    Some(last) if full => last.ts,
+                    _ => now,
+                };
+                return Ok(SinceBatch { messages, now, gap });
+            }
+            self.wait_until(&mut newest, deadline).await?;
+        }
+    }
+
+    fn watch_reader(&self, reader: &Reader) -> watch::Receiver<Seq> {
+        match reader {
+            Reader::Inbox(key) => self.watch(key),
+            Reader::Agent(agent) => self.watch_agent(agent),
+        }
+    }
+
+    async fn read_reader(&self, reader: &Reader, after: Seq, limit: usize) -> Result<Batch> {
+        match reader {
+            Reader::Inbox(key) => self.read(key, after, limit).await,
+            Reader::Agent(agent) => self.read_agent(agent, after, limit).await,
+        }
+    }
+
+    /// Until `newest` changes or `deadline` passes.
+    async fn wait_until(
+        &self,
+        newest: &mut watch::Receiver<Seq>,
+        deadline: tokio::time::Instant,
+    ) -> Result<()> {
+        tokio::select! {
+            changed = newest.changed() => changed.map_err(|_| Error::ShuttingDown),
+            _ = tokio::time::sleep_until(deadline) => Ok(()),
+        }
+    }
+}

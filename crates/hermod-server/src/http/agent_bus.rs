@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
 use hermod_core::auth::Caller;
-use hermod_core::broker::Target;
+use hermod_core::broker::{Reader, Target};
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message};
 use hermod_core::wire::{parse_channel, Envelope};
 use serde::Deserialize;
@@ -141,52 +141,20 @@ async fn recv(
             None
         }
     };
-    let mut newest = match &key {
-        Some(key) => app.broker.watch(key),
-        None => app.broker.watch_agent(&to),
+    let reader = match key {
+        Some(key) => Reader::Inbox(key),
+        None => Reader::Agent(to),
     };
     let deadline = tokio::time::Instant::now() + app.config.max_wait;
-    // The ts cursor becomes a seq cursor once: a woken request reads on
-    // from it (often from the hot tail) instead of searching the log again.
-    let mut after = app.broker.seq_at_ts(since).await?;
-    // Told once per request, on the answer that follows it.
-    let mut gap = None;
-    loop {
-        let now = app.broker.now();
-        let batch = match &key {
-            Some(key) => app.broker.read(key, after, max).await?,
-            None => app.broker.read_agent(&to, after, max).await?,
-        };
-        gap = gap.or(batch.gap);
-        let mut messages = batch.messages;
-        // A full batch may have more behind it: `now` must not pass them.
-        let full = messages.len() == max;
-        // Only a `since` ahead of the bus clock lets a newer seq carry a ts
-        // that is not newer than it: skip those.
-        let stale = messages.partition_point(|m| m.ts <= since);
-        if stale > 0 {
-            after = messages[stale - 1].seq;
-            messages.drain(..stale);
-            if messages.is_empty() {
-                continue;
-            }
-        }
-        let timed_out = tokio::time::Instant::now() >= deadline;
-        if !messages.is_empty() || gap.is_some() || !block || timed_out {
-            let now = match messages.last() {
-                Some(last) if full => last.ts,
-                _ => now,
-            };
-            let items: Vec<Value> = messages.iter().map(|m| recv_item(m)).collect();
-            let mut answer = json!({ "messages": items, "now": now });
-            if let Some(gap) = gap {
-                // An extra field: agent-bus clients ignore what they do not know.
-                answer["gap"] = json!(gap);
-            }
-            return Ok(Json(answer));
-        }
-        app.wait_for(&mut newest, deadline).await?;
+    let read = app.broker.read_since(&reader, since, max, block, deadline);
+    let got = app.until_shutdown(read).await?;
+    let items: Vec<Value> = got.messages.iter().map(|m| recv_item(m)).collect();
+    let mut answer = json!({ "messages": items, "now": got.now });
+    if let Some(gap) = got.gap {
+        // An extra field: agent-bus clients ignore what they do not know.
+        answer["gap"] = json!(gap);
     }
+    Ok(Json(answer))
 }
 
 async fn inbox(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {

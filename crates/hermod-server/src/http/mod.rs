@@ -103,15 +103,14 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Waits until `newest` changes, `deadline` passes, or shutdown (an error).
-    pub async fn wait_for(
+    /// `work` (a broker long-poll), cut short by shutdown (an error), so a
+    /// held request never delays the daemon's exit.
+    pub async fn until_shutdown<T>(
         &self,
-        newest: &mut tokio::sync::watch::Receiver<hermod_core::model::Seq>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), error::ApiError> {
+        work: impl std::future::Future<Output = hermod_core::Result<T>>,
+    ) -> Result<T, error::ApiError> {
         tokio::select! {
-            changed = newest.changed() => changed.map_err(|_| hermod_core::Error::ShuttingDown.into()),
-            _ = tokio::time::sleep_until(deadline) => Ok(()),
+            done = work => Ok(done?),
             _ = self.shutdown.cancelled() => Err(hermod_core::Error::ShuttingDown.into()),
         }
     }

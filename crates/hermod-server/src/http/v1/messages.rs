@@ -313,18 +313,10 @@ pub(super) async fn read_inbox(
     let cursor = app.broker.cursor(&key).await?;
     let after = q.after.unwrap_or(cursor);
     let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
-    let mut newest = app.broker.watch(&key);
     let deadline = tokio::time::Instant::now() + wait;
-    let batch = loop {
-        let batch = app.broker.read(&key, after, limit).await?;
-        if !batch.messages.is_empty()
-            || batch.gap.is_some()
-            || tokio::time::Instant::now() >= deadline
-        {
-            break batch;
-        }
-        app.wait_for(&mut newest, deadline).await?;
-    };
+    let reader = Reader::Inbox(key);
+    let read = app.broker.read_wait(&reader, after, limit, deadline);
+    let batch = app.until_shutdown(read).await?;
     Ok(Json(InboxPage {
         messages: batch
             .messages

@@ -29,7 +29,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::auth::Caller;
-use hermod_core::broker::{Batch, Target};
+use hermod_core::broker::{Batch, Reader, Target};
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
 use hermod_events::Pattern;
