@@ -22,7 +22,7 @@
 //! write, so what SQLite believes is on disk can no longer be trusted —
 //! the PostgreSQL "fsyncgate" lesson); a restart re-reads the file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -164,9 +164,31 @@ pub struct SqliteEngine {
     track_inboxes: Arc<AtomicBool>,
 }
 
-/// Inboxes the writer added to, for per-inbox retention (one entry per
-/// inbox, so bounded by the number of inboxes).
-type Touched = Arc<Mutex<HashSet<InboxKey>>>;
+/// Inboxes the writer added to since the per-inbox count last looked at
+/// them, with how much they grew (one entry per inbox, so bounded by the
+/// number of inboxes).
+type Touched = Arc<Mutex<HashMap<InboxKey, Growth>>>;
+
+/// Rows added to an inbox since it was last counted.
+#[derive(Debug, Default, Clone, Copy)]
+struct Growth {
+    pending: u64,
+    /// A cutoff found earlier whose rows are not all deleted yet (one
+    /// step deletes at most [`PRUNE_BUDGET`]): used again, not walked for.
+    cutoff: Option<Seq>,
+    /// `pending` at the previous prune step: unchanged means the inbox went
+    /// quiet, and is counted even below the threshold (so the rule ends up
+    /// exact once the burst is over).
+    seen: u64,
+}
+
+impl Growth {
+    /// Worth an index walk (an `OFFSET keep` costs `keep` steps): only
+    /// after it grew by a sixteenth of the limit, or went quiet.
+    fn due(&self, keep: u64) -> bool {
+        self.pending >= (keep / 16).max(1) || (self.pending > 0 && self.pending == self.seen)
+    }
+}
 
 /// What one prune step removes, worked out on a read connection so the
 /// writer only deletes.
@@ -567,7 +589,7 @@ fn plan(
     c: &Connection,
     rules: &Retention,
     now: f64,
-    touched: Vec<InboxKey>,
+    touched: Vec<(InboxKey, Option<Seq>)>,
 ) -> rusqlite::Result<Plan> {
     let budget = PRUNE_BUDGET as Seq;
     let oldest: Option<i64> = c
@@ -606,7 +628,11 @@ fn plan(
         let mut nth = c.prepare_cached(
             "SELECT seq FROM inbox WHERE channel = ?1 AND agent = ?2 ORDER BY seq DESC LIMIT 1 OFFSET ?3",
         )?;
-        for key in touched {
+        for (key, known) in touched {
+            if let Some(cutoff) = known {
+                plan.inboxes.push((key, cutoff));
+                continue;
+            }
             let cutoff: Option<i64> = nth
                 .query_row(
                     params![key.channel.as_str(), key.agent.as_str(), keep as i64],
@@ -639,7 +665,7 @@ fn plan(
 
 /// Applies a prune [`Plan`] inside the writer's transaction. Returns what
 /// it did and the inboxes that are still over their count.
-fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<InboxKey>)> {
+fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<(InboxKey, Seq)>)> {
     let mut floors: HashMap<View, Seq> = HashMap::new();
     let mut bump = |view: View, seq: i64| {
         if matches!(view, View::Topics(_)) {
@@ -705,7 +731,7 @@ fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<Inb
             )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         if seqs.len() == PRUNE_BUDGET {
-            again.push(key.clone());
+            again.push((key.clone(), *cutoff));
         }
         let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
         let mut orphan = tx.prepare_cached(
@@ -845,19 +871,32 @@ impl Engine for SqliteEngine {
             // From now on the writer notes inboxes that grow; the ones
             // that exist already are looked at once.
             let existing = self.on_reader(every_inbox).await?;
-            self.touched.lock().unwrap().extend(existing);
+            let mut touched = self.touched.lock().unwrap();
+            for key in existing {
+                touched.entry(key).or_default().pending = u64::MAX / 2;
+            }
         }
         self.track_inboxes.store(tracking, Ordering::Relaxed);
+        let keep = rules.inbox_messages.unwrap_or(0);
         let (touched, untouched_left) = {
-            let mut set = self.touched.lock().unwrap();
-            if rules.inbox_messages.is_none() {
-                set.clear();
+            let mut map = self.touched.lock().unwrap();
+            if !tracking {
+                map.clear();
             }
-            let take: Vec<InboxKey> = set.iter().take(PRUNE_INBOXES).cloned().collect();
-            for k in &take {
-                set.remove(k);
+            let due: Vec<(InboxKey, Option<Seq>)> = map
+                .iter()
+                .filter(|(_, g)| g.due(keep))
+                .take(PRUNE_INBOXES)
+                .map(|(k, g)| (k.clone(), g.cutoff))
+                .collect();
+            for (k, _) in &due {
+                map.remove(k);
             }
-            (take, !set.is_empty())
+            for g in map.values_mut() {
+                g.seen = g.pending;
+            }
+            let left = map.values().any(|g| g.due(keep));
+            (due, left)
         };
         let rules = rules.clone();
         let plan = self
@@ -980,7 +1019,7 @@ struct Writer {
 #[derive(Default)]
 struct Applied {
     committed: Vec<Committed>,
-    pruned: Vec<(Pruned, Vec<InboxKey>)>,
+    pruned: Vec<(Pruned, Vec<(InboxKey, Seq)>)>,
     forgotten: Vec<bool>,
     expired: Vec<Vec<InboxKey>>,
 }
@@ -1111,11 +1150,18 @@ impl Writer {
                 self.health.clear();
                 self.observer.committed(&committed);
                 if self.track_inboxes.load(Ordering::Relaxed) {
-                    let mut touched = self.touched.lock().unwrap();
+                    // Counted per distinct inbox first: one key (and one
+                    // map update) per inbox per commit, not per message.
+                    let mut grown: HashMap<(&Channel, &AgentName), u64> = HashMap::new();
                     for c in &committed {
                         for r in &c.recipients {
-                            touched.insert(InboxKey::new(c.message.channel.clone(), r.clone()));
+                            *grown.entry((&c.message.channel, r)).or_default() += 1;
                         }
+                    }
+                    let mut touched = self.touched.lock().unwrap();
+                    for ((channel, agent), n) in grown {
+                        let key = InboxKey::new(channel.clone(), agent.clone());
+                        touched.entry(key).or_default().pending += n;
                     }
                 }
                 let (mut pruned, mut forgotten, mut expired) = (
@@ -1138,7 +1184,12 @@ impl Writer {
                         }
                         Op::Prune(_, reply) => {
                             let (done, again) = pruned.next().expect("one result per prune");
-                            self.touched.lock().unwrap().extend(again);
+                            let mut touched = self.touched.lock().unwrap();
+                            for (key, cutoff) in again {
+                                let g = touched.entry(key).or_default();
+                                g.pending = u64::MAX / 2;
+                                g.cutoff = Some(cutoff);
+                            }
                             let _ = reply.send(Ok(done));
                         }
                         Op::Forget(_, reply) => {
