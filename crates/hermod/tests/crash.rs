@@ -136,22 +136,19 @@ async fn cursor_mover(url: String, round: usize, acked: Arc<Mutex<Acked>>) {
 fn check_reader(rt: &tokio::runtime::Runtime, url: &str, acked: &Mutex<Acked>, when: &str) {
     let (cursor, patterns) = rt.block_on(async {
         let http = reqwest::Client::new();
-        let page: serde_json::Value = http
-            .get(format!("{url}/v1/agents/reader/inbox?limit=1"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let subs: serde_json::Value = http
-            .get(format!("{url}/v1/agents/reader/subscriptions"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let get = |path: &str| {
+            let request = http.get(format!("{url}{path}")).send();
+            async move {
+                request
+                    .await
+                    .unwrap()
+                    .json::<serde_json::Value>()
+                    .await
+                    .unwrap()
+            }
+        };
+        let page = get("/v1/agents/reader/inbox?limit=1").await;
+        let subs = get("/v1/agents/reader/subscriptions").await;
         let patterns: HashSet<String> = subs["patterns"]
             .as_array()
             .unwrap()

@@ -127,14 +127,14 @@ fn batch_ingest_answers_per_message_and_keeps_order() {
         let mut batch: Vec<serde_json::Value> = (0..300)
             .map(|n| serde_json::json!({"from": "loader", "to": "bulk", "body": {"n": n}}))
             .collect();
+        let post = |batch: &Vec<serde_json::Value>| {
+            http.post(format!("{}/v1/messages", d.http))
+                .json(batch)
+                .send()
+        };
         let good = batch[7].clone();
         batch[7] = serde_json::json!({"from": "no spaces", "to": "bulk", "body": {}});
-        let r = http
-            .post(format!("{}/v1/messages", d.http))
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
+        let r = post(&batch).await.unwrap();
         assert_eq!(r.status(), 400);
         let e: serde_json::Value = r.json().await.unwrap();
         assert_eq!(e["code"], "invalid_name");
@@ -143,12 +143,7 @@ fn batch_ingest_answers_per_message_and_keeps_order() {
             "{e}"
         );
         batch[7] = good;
-        let r = http
-            .post(format!("{}/v1/messages", d.http))
-            .json(&batch)
-            .send()
-            .await
-            .unwrap();
+        let r = post(&batch).await.unwrap();
         assert_eq!(r.status(), 200);
         let out: Vec<serde_json::Value> = r.json().await.unwrap();
         assert_eq!(out.len(), 300);
@@ -180,12 +175,7 @@ fn batch_ingest_answers_per_message_and_keeps_order() {
         let too_many: Vec<serde_json::Value> = (0..1001)
             .map(|n| serde_json::json!({"from": "loader", "to": "bulk", "body": {"n": n}}))
             .collect();
-        let r = http
-            .post(format!("{}/v1/messages", d.http))
-            .json(&too_many)
-            .send()
-            .await
-            .unwrap();
+        let r = post(&too_many).await.unwrap();
         assert_eq!(r.status(), 400);
     });
 }

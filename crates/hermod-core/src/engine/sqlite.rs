@@ -345,32 +345,31 @@ fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
     .map(|row| row.unwrap_or((0, 0.0)))
 }
 
+/// Columns older versions lacked, with how to add them: `auth` (older
+/// rows keep NULL: their senders were never verified, `open`), `refs`
+/// (NULL: such rows go by age or size only), `connected` (1: names from
+/// before are never expired).
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("messages", "auth", "auth TEXT"),
+    ("messages", "refs", "refs INTEGER"),
+    (
+        "agents",
+        "connected",
+        "connected INTEGER NOT NULL DEFAULT 1",
+    ),
+];
+
 /// Brings a database made by an older hermod up to [`SCHEMA`].
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_auth: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'auth'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_auth {
-        // Older rows keep NULL: their senders were never verified (`open`).
-        conn.execute_batch("ALTER TABLE messages ADD COLUMN auth TEXT")?;
-    }
-    let has_refs: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('messages') WHERE name = 'refs'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_refs {
-        conn.execute_batch("ALTER TABLE messages ADD COLUMN refs INTEGER")?;
-    }
-    let has_connected: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('agents') WHERE name = 'connected'",
-        [],
-        |r| r.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_connected {
-        conn.execute_batch("ALTER TABLE agents ADD COLUMN connected INTEGER NOT NULL DEFAULT 1")?;
+    for (table, column, definition) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {definition}"))?;
+        }
     }
     Ok(())
 }
