@@ -1,17 +1,32 @@
 //! Persistence: the [`Engine`] trait and its implementations.
 //!
-//! An engine owns the log (append, inbox reads), cursors and the agent
-//! registry and agent identities. It assigns `seq` and bus `ts` in commit order and reports every
-//! commit, in order, to a [`CommitObserver`] (the broker) *before* it
-//! acknowledges the senders, so nobody can see an acknowledgement for a
-//! message that readers cannot find yet.
+//! An engine owns the log (append, reads by view), cursors, the agent
+//! registry, durable subscriptions, agent identities and retention. It
+//! assigns `seq` and bus `ts` in commit order and reports every commit, in
+//! order, to a [`CommitObserver`] (the broker) *before* it acknowledges the
+//! senders, so nobody can see an acknowledgement for a message that
+//! readers cannot find yet. Every write resolves only once durable, or
+//! fails with nothing of it applied. [`conformance`] is the contract as a
+//! test every engine runs.
 //!
 //! - [`sqlite::SqliteEngine`]: the embedded default, a SQLite WAL database
 //!   written by one thread with group commit.
 //! - [`memory::MemoryEngine`]: a throwaway store for tests and `--memory`.
 //!
-//! A distributed engine (NATS JetStream) implements the same trait: `submit`
-//! publishes, the stream subscription feeds the observer.
+//! **The `ts` rule.** `seq` is the one log order. `ts` is stamped by whoever
+//! assigns `seq` (the single writer here; for a distributed log, the node
+//! that learns the stream sequence stamps `max(wall clock, previous ts +
+//! 1 µs)` in that order — a stream's own timestamp would do only if it is
+//! strictly increasing), so `ts` grows strictly with `seq` across nodes
+//! and clock skew. That is what keeps agent-bus `since=ts` readers exact:
+//! `seq_at_ts` is a search over a monotone column, and the broker's `now`
+//! never passes the `ts` of a message that is accepted but not readable
+//! yet (the `stamping` window), so a reader can neither skip nor repeat.
+//!
+//! A distributed engine (NATS JetStream) implements the same trait:
+//! `submit` publishes and resolves after the PubAck *and* the local commit
+//! report for its seq (read-your-writes); its stream subscription feeds the
+//! observer, for local and remote appends alike.
 
 pub mod conformance;
 pub mod memory;

@@ -1290,7 +1290,15 @@ impl Writer {
                  ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
                      connected = MAX(connected, excluded.connected)",
             )?;
-            for op in ops {
+            // The furthest move per inbox among the batch's cursor ops.
+            let mut newest_cursor: HashMap<InboxKey, Seq> = HashMap::new();
+            for op in ops.iter() {
+                if let Op::Cursor(key, seq, _) = op {
+                    let c = newest_cursor.entry(key.clone()).or_default();
+                    *c = (*c).max(*seq);
+                }
+            }
+            for op in ops.iter_mut() {
                 match op {
                     Op::Append { batch, .. } => {
                         // Moved, not copied: a failed commit answers with
@@ -1326,11 +1334,16 @@ impl Writer {
                         }
                     }
                     Op::Cursor(key, seq, _) => {
-                        upsert_cursor.execute(params![
-                            key.channel.as_str(),
-                            key.agent.as_str(),
-                            *seq as i64
-                        ])?;
+                        // One write per inbox per commit: a later move in
+                        // the same batch supersedes this one.
+                        if newest_cursor.get(key) == Some(seq) {
+                            newest_cursor.remove(key);
+                            upsert_cursor.execute(params![
+                                key.channel.as_str(),
+                                key.agent.as_str(),
+                                *seq as i64
+                            ])?;
+                        }
                     }
                     Op::Agent(key, seen, connected, _) => {
                         upsert_agent.execute(params![
