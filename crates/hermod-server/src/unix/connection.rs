@@ -571,6 +571,11 @@ struct Delivery {
     unconfirmed: Option<Seq>,
     /// The client asked for `gap` frames at `register`.
     gaps: bool,
+    /// A claim (consumed, cursor moved in memory) not stored yet.
+    unstored: Option<(Seq, Seq)>,
+    /// The one store of a claim in flight: stores run beside delivery, so
+    /// an fsync never holds up the next batch.
+    storing: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct Writer {
@@ -600,7 +605,9 @@ impl Writer {
         let mut confirm = tokio::time::interval(CONFIRM_EVERY);
         confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let unconfirmed = delivery.as_ref().is_some_and(|d| d.unconfirmed.is_some());
+            let unconfirmed = delivery
+                .as_ref()
+                .is_some_and(|d| d.unconfirmed.is_some() || d.unstored.is_some());
             let watching = delivery.is_some() && !need_read;
             tokio::select! {
                 _ = shutdown.cancelled(), if reader_open && !closing => {
@@ -621,7 +628,7 @@ impl Writer {
                     }
                     Some(Out::Deliver { key, cursor, mode, gaps }) => {
                         let newest = self.broker.watch(&key);
-                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps });
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps, unstored: None, storing: None });
                         need_read = true;
                     }
                     Some(Out::Close) => return Ok(()),
@@ -637,10 +644,22 @@ impl Writer {
             }
             if !reader_open {
                 // The connection is over: no more deliveries, only owed replies.
-                if let Some(d) = delivery.as_mut() {
-                    self.confirm(d).await;
+                if let Some(mut d) = delivery.take() {
+                    self.confirm(&mut d).await;
+                    // Whatever is still unstored follows the store in flight.
+                    if let Some((previous, seq)) = d.unstored.take() {
+                        let (broker, key, storing) = (self.broker.clone(), d.key, d.storing.take());
+                        tokio::spawn(async move {
+                            if let Some(h) = storing {
+                                let _ = h.await;
+                            }
+                            if let Err(e) = broker.confirm(&key, seq).await {
+                                tracing::warn!(error = %e, "cursor update failed");
+                                broker.release(&key, previous, seq);
+                            }
+                        });
+                    }
                 }
-                delivery = None;
                 if pending.is_empty() {
                     return Ok(());
                 }
@@ -688,14 +707,34 @@ impl Writer {
         Ok(more)
     }
 
-    /// Advances the cursor if the client consumed everything written.
+    /// Advances the cursor if the client consumed everything written: the
+    /// claim at once (in memory), its store in the background, one at a
+    /// time (a store that fails releases its claim: redelivered, not lost).
     async fn confirm(&mut self, d: &mut Delivery) {
-        let Some(seq) = d.unconfirmed else { return };
-        if peer::consumed_by_live_peer(self.fd) {
-            d.unconfirmed = None;
-            if let Err(e) = self.broker.ack(&d.key, seq).await {
-                tracing::warn!(error = %e, "cursor update failed");
+        if let Some(seq) = d.unconfirmed {
+            if peer::consumed_by_live_peer(self.fd) {
+                d.unconfirmed = None;
+                match self.broker.claim(&d.key, seq).await {
+                    Ok(previous) => {
+                        let from = d.unstored.map_or(previous, |(from, _)| from);
+                        d.unstored = Some((from, seq));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cursor update failed"),
+                }
             }
+        }
+        if d.storing.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if let Some((previous, seq)) = d.unstored.take() {
+            let (broker, key) = (self.broker.clone(), d.key.clone());
+            // Not aborted with the connection: a consumed claim is stored.
+            d.storing = Some(tokio::spawn(async move {
+                if let Err(e) = broker.confirm(&key, seq).await {
+                    tracing::warn!(error = %e, "cursor update failed");
+                    broker.release(&key, previous, seq);
+                }
+            }));
         }
     }
 
