@@ -11,6 +11,9 @@ const EXPIRE_BATCH: usize = 256;
 
 /// How often the retention task looks for work.
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// Expiry (a write even when there is nothing to expire) runs on every
+/// this many ticks, so an idle bus does not sync once a second.
+const EXPIRE_EVERY_TICKS: u64 = 60;
 
 impl Broker {
     /// Applies `rules` from now on: a background task prunes in bounded
@@ -26,24 +29,28 @@ impl Broker {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PRUNE_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for ticks in 0u64.. {
                 tick.tick().await;
                 let (Some(shared), Some(engine)) = (shared.upgrade(), engine.upgrade()) else {
                     return;
                 };
-                // Names that never connected and hold nothing (a mistyped
-                // `to` whose message expired) stop receiving broadcasts.
-                match engine
-                    .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
-                    .await
-                {
-                    Ok(gone) => {
-                        for key in gone {
-                            shared.forget(&key);
+                if ticks % EXPIRE_EVERY_TICKS == 0 {
+                    // Names that never connected and hold nothing (a mistyped
+                    // `to` whose message expired) stop receiving broadcasts.
+                    match engine
+                        .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
+                        .await
+                    {
+                        Ok(gone) => {
+                            for key in gone {
+                                shared.forget(&key);
+                            }
+                        }
+                        Err(Error::ShuttingDown) => return,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "expiring names failed; retrying later")
                         }
                     }
-                    Err(Error::ShuttingDown) => return,
-                    Err(e) => tracing::warn!(error = %e, "expiring names failed; retrying later"),
                 }
                 loop {
                     match engine.prune(&rules, model::now()).await {
