@@ -44,7 +44,7 @@ use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{CommitObserver, Committed, Durable, Engine, Retention};
 use crate::error::{Error, Result};
 use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
-use crate::wire::Envelope;
+use crate::wire::{Envelope, Publication};
 use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;

@@ -91,6 +91,30 @@ impl Broker {
         })
     }
 
+    /// [`Broker::publish`] of a `publish` frame, as `from` when the frame
+    /// names no sender; its id is assigned (if absent) before anything can
+    /// fail, so an error can name it. Returns the id and the durability.
+    pub async fn publish_frame(
+        &self,
+        caller: &Caller,
+        p: Publication,
+        from: Option<AgentName>,
+    ) -> (String, Result<Durable>) {
+        let id = p.id.unwrap_or_else(model::new_id);
+        let from = p.from.or(from);
+        let durable = self
+            .publish(
+                caller,
+                p.channel,
+                from,
+                &p.topic,
+                p.payload,
+                Some(id.clone()),
+            )
+            .await;
+        (id, durable)
+    }
+
     /// Publishes a topic event on `channel`. The payload becomes the
     /// hermes_events envelope (`type`, `ts`, `src` filled only where
     /// missing); the event lands in the log (so pattern readers see it) and

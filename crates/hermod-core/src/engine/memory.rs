@@ -73,6 +73,17 @@ impl State {
         *f = (*f).max(seq);
     }
 
+    /// An inbox entry at `seq` went: the message loses a reference and
+    /// goes once no inbox (nor a topic view) holds it. True if it went.
+    fn unref(&mut self, seq: Seq) -> bool {
+        let left = self.refs.get_mut(&seq).map(|r| {
+            *r -= 1;
+            *r
+        });
+        let topic = self.log.get(&seq).is_some_and(|m| m.topic.is_some());
+        left == Some(0) && !topic && self.unlog(seq)
+    }
+
     fn unlog(&mut self, seq: Seq) -> bool {
         match self.log.remove(&seq) {
             Some(m) => {
@@ -195,14 +206,7 @@ impl Engine for MemoryEngine {
                 for _ in 0..n {
                     let seq = state.inboxes.get_mut(&key).unwrap().pop_front().unwrap();
                     state.bump(View::Inbox(key.clone()), seq);
-                    let refs = state.refs.get_mut(&seq).map(|r| {
-                        *r -= 1;
-                        *r
-                    });
-                    let topic = state.log.get(&seq).is_some_and(|m| m.topic.is_some());
-                    if refs == Some(0) && !topic {
-                        removed += state.unlog(seq) as u64;
-                    }
+                    removed += state.unref(seq) as u64;
                 }
                 more |= n == PRUNE_BUDGET;
             }
@@ -280,14 +284,7 @@ impl Engine for MemoryEngine {
     async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
         let mut state = self.state.lock().unwrap();
         for seq in state.inboxes.remove(&key).unwrap_or_default() {
-            let left = state.refs.get_mut(&seq).map(|r| {
-                *r -= 1;
-                *r
-            });
-            let topic = state.log.get(&seq).is_some_and(|m| m.topic.is_some());
-            if left == Some(0) && !topic {
-                state.unlog(seq);
-            }
+            state.unref(seq);
         }
         state.cursors.remove(&key);
         state.subscriptions.retain(|(k, _)| k != &key);

@@ -732,15 +732,11 @@ fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<(In
         if seqs.len() == PRUNE_BUDGET {
             again.push((key.clone(), *cutoff));
         }
-        let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
-        let mut orphan = tx.prepare_cached(
-            "DELETE FROM messages WHERE seq = ?1 AND refs <= 0 AND topic IS NULL",
-        )?;
-        for seq in seqs {
-            bump(View::Inbox(key.clone()), seq);
-            unref.execute([seq])?;
-            removed += orphan.execute([seq])? as u64;
+        // RETURNING has no order: the mark is the largest.
+        if let Some(&newest) = seqs.iter().max() {
+            bump(View::Inbox(key.clone()), newest);
         }
+        removed += unref(tx, &seqs)?;
     }
     if let Some((lo, hi)) = plan.topics {
         let mut rows = tx.prepare_cached(
@@ -1023,6 +1019,21 @@ struct Applied {
     expired: Vec<Vec<InboxKey>>,
 }
 
+/// The inbox rows at `seqs` were deleted: each message loses a reference,
+/// and one that no inbox (nor a topic view) holds any more goes. Returns
+/// the messages removed.
+fn unref(tx: &Connection, seqs: &[i64]) -> rusqlite::Result<u64> {
+    let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
+    let mut orphan =
+        tx.prepare_cached("DELETE FROM messages WHERE seq = ?1 AND refs <= 0 AND topic IS NULL")?;
+    let mut removed = 0;
+    for &seq in seqs {
+        unref.execute([seq])?;
+        removed += orphan.execute([seq])? as u64;
+    }
+    Ok(removed)
+}
+
 /// Removes an agent and everything of its inbox (inside the writer's
 /// transaction): true if it was known.
 fn forget_rows(tx: &Connection, key: &InboxKey) -> rusqlite::Result<bool> {
@@ -1031,13 +1042,7 @@ fn forget_rows(tx: &Connection, key: &InboxKey) -> rusqlite::Result<bool> {
         .prepare_cached("DELETE FROM inbox WHERE channel = ?1 AND agent = ?2 RETURNING seq")?
         .query_map([channel, agent], |r| r.get::<_, i64>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut unref = tx.prepare_cached("UPDATE messages SET refs = refs - 1 WHERE seq = ?1")?;
-    let mut orphan =
-        tx.prepare_cached("DELETE FROM messages WHERE seq = ?1 AND refs <= 0 AND topic IS NULL")?;
-    for seq in seqs {
-        unref.execute([seq])?;
-        orphan.execute([seq])?;
-    }
+    unref(tx, &seqs)?;
     for sql in [
         "DELETE FROM cursors WHERE channel = ?1 AND agent = ?2",
         "DELETE FROM subscriptions WHERE channel = ?1 AND agent = ?2",

@@ -350,24 +350,16 @@ impl Reader {
     }
 
     async fn publish(&mut self, p: Publication, caller: &Caller) -> bool {
-        let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
-        let from = p.from.clone().or_else(|| self.registered_name());
-        let submitted = self
+        let wait = p.durable;
+        let (id, submitted) = self
             .broker
-            .publish(
-                caller,
-                p.channel,
-                from,
-                &p.topic,
-                p.payload,
-                Some(id.clone()),
-            )
+            .publish_frame(caller, p, self.registered_name())
             .await;
         let durable = match submitted {
             Ok(d) => d,
             Err(e) => return self.send(ServerFrame::error(&e, Some(id))).await,
         };
-        if p.durable {
+        if wait {
             return self
                 .out(Out::Pending {
                     durable,
@@ -647,17 +639,8 @@ impl Writer {
                 if let Some(mut d) = delivery.take() {
                     self.confirm(&mut d).await;
                     // Whatever is still unstored follows the store in flight.
-                    if let Some((previous, seq)) = d.unstored.take() {
-                        let (broker, key, storing) = (self.broker.clone(), d.key, d.storing.take());
-                        tokio::spawn(async move {
-                            if let Some(h) = storing {
-                                let _ = h.await;
-                            }
-                            if let Err(e) = broker.confirm(&key, seq).await {
-                                tracing::warn!(error = %e, "cursor update failed");
-                                broker.release(&key, previous, seq);
-                            }
-                        });
+                    if let Some(claim) = d.unstored.take() {
+                        store_claim(self.broker.clone(), d.key, claim, d.storing.take());
                     }
                 }
                 if pending.is_empty() {
@@ -726,15 +709,9 @@ impl Writer {
         if d.storing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        if let Some((previous, seq)) = d.unstored.take() {
-            let (broker, key) = (self.broker.clone(), d.key.clone());
-            // Not aborted with the connection: a consumed claim is stored.
-            d.storing = Some(tokio::spawn(async move {
-                if let Err(e) = broker.confirm(&key, seq).await {
-                    tracing::warn!(error = %e, "cursor update failed");
-                    broker.release(&key, previous, seq);
-                }
-            }));
+        if let Some(claim) = d.unstored.take() {
+            let key = d.key.clone();
+            d.storing = Some(store_claim(self.broker.clone(), key, claim, None));
         }
     }
 
@@ -750,6 +727,27 @@ impl Writer {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
     }
+}
+
+/// Stores a consumed claim `(previous, seq)` of `key`'s cursor in the
+/// background, after the store `before` (if any) is done; a store that
+/// fails releases the claim (redelivered, not lost). Not aborted with the
+/// connection: what the client consumed stays consumed.
+fn store_claim(
+    broker: Broker,
+    key: InboxKey,
+    (previous, seq): (Seq, Seq),
+    before: Option<tokio::task::JoinHandle<()>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Some(h) = before {
+            let _ = h.await;
+        }
+        if let Err(e) = broker.confirm(&key, seq).await {
+            tracing::warn!(error = %e, "cursor update failed");
+            broker.release(&key, previous, seq);
+        }
+    })
 }
 
 /// Waits for durability and returns the frame owed to the sender, if any.

@@ -169,19 +169,10 @@ pub(super) async fn publish(
     p: Publication,
     from: Option<AgentName>,
 ) -> Result<ServerFrame, hermod_core::Error> {
-    let id = p.id.clone().unwrap_or_else(hermod_core::model::new_id);
-    let durable = app
-        .broker
-        .publish(
-            caller,
-            p.channel,
-            from,
-            &p.topic,
-            p.payload,
-            Some(id.clone()),
-        )
-        .await?;
-    if !p.durable {
+    let wait = p.durable;
+    let (id, durable) = app.broker.publish_frame(caller, p, from).await;
+    let durable = durable?;
+    if !wait {
         return Ok(ServerFrame::Published {
             id,
             seq: None,
