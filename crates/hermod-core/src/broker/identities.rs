@@ -41,12 +41,9 @@ impl Broker {
 
     async fn store_identity(&self, name: &AgentName, identity: Option<Identity>) -> Result<()> {
         // Durable first: a token is never printed for an identity a crash
-        // would forget, and a revoked one never comes back.
-        self.engine
-            .set_identity(name.clone(), identity.clone())
-            .await?;
-        self.trust.set(name, identity);
-        self.shared.state.lock().unwrap().registry.kick_agent(name);
-        Ok(())
+        // would forget, and a revoked one never comes back. Trust takes it
+        // (and the agent's sessions are closed) as the feed reports it,
+        // before this resolves — on every node alike.
+        self.engine.set_identity(name.clone(), identity).await
     }
 }

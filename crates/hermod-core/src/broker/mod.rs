@@ -9,13 +9,15 @@
 //! state and `registry` the agents'. The broker
 //! resolves recipients, hands messages to the [`Engine`], serves inbox reads
 //! (from the hot tail when it can), tracks cursors and presence, and wakes
-//! waiters when the engine reports a commit.
+//! waiters as it follows the engine's feed: one task applies every commit
+//! (messages, registry, subscriptions, identities, pruned marks — local or
+//! from another node) to memory, and only then are its writers answered.
 //!
 //! Locking: two `std::sync::Mutex`es, never held together: `state` (the
 //! registry, cursors, subscriptions: routing) and `views` (hot tails,
-//! pruned marks, the commit watermark: what the engine's commit report
-//! writes), so the writer pushing a batch into the views never stalls a
-//! send's routing. Every critical section is a few map operations and
+//! pruned marks, the commit watermark: what the feed's messages write), so
+//! the follower pushing a batch into the views never stalls a send's
+//! routing. Every critical section is a few map operations and
 //! never spans an `.await` or engine IO.
 
 mod cursors;
@@ -29,7 +31,7 @@ mod routing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
@@ -41,7 +43,7 @@ pub use registry::{AgentInfo, Connection};
 use crate::auth::{self, AuthMode, Caller, Identity, IdentitySpec, RateLimit, Trust};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
-use crate::engine::{CommitObserver, Committed, Durable, Engine, Retention};
+use crate::engine::{Change, Commit, Durable, Engine, Retention};
 use crate::error::{Error, Result};
 use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
 use crate::wire::{Envelope, Publication};
@@ -49,20 +51,18 @@ use hermod_events::pattern::{self, Pattern};
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;
 
-/// State shared by the broker handle and the engine's commit observer.
+/// State shared by the broker handles and the feed's follower.
 struct Shared {
     /// Routing state: the registry, cursors and subscriptions.
     state: Mutex<State>,
-    /// The views of the log and the commit watermark, which the engine's
-    /// commit report writes: a lock of its own, so pushing a batch into
-    /// the views never holds up routing, and never taken with `state`.
+    /// The views of the log and the commit watermark, which the follower
+    /// writes: a lock of its own, so pushing a batch into the views never
+    /// holds up routing, and never taken with `state`.
     views: Mutex<Views>,
     /// Subscribers to every committed message (hooks, metrics); each has a
     /// bounded queue and misses messages rather than slowing commits.
     taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
     taps_dropped: AtomicU64,
-    /// Set while the engine holds stamped messages that are not readable yet.
-    stamping: AtomicBool,
     /// The newest connection per channel and transport, live only. A
     /// `watch`, not a queue: a connect costs one store whatever the number
     /// of listeners, and a listener woken late sees only the newest (so
@@ -140,12 +140,48 @@ impl Shared {
     }
 }
 
-impl CommitObserver for Shared {
-    fn stamping(&self) {
-        self.stamping.store(true, Ordering::SeqCst);
-    }
-
-    fn committed(&self, batch: &[Committed]) {
+impl Shared {
+    /// Applies one commit of the engine's feed: changes first, then the
+    /// messages into their views (waking their readers) and the taps.
+    fn apply(&self, commit: &Commit, trust: &Trust) {
+        for change in &commit.changes {
+            match change {
+                Change::Agent {
+                    key,
+                    seen,
+                    connected,
+                } => {
+                    let mut state = self.state.lock().unwrap();
+                    state.registry.know_as(key, *seen, *seen, *connected);
+                }
+                Change::Forgotten(key) => self.forget(key),
+                Change::Subscription { key, pattern, on } => {
+                    let mut state = self.state.lock().unwrap();
+                    let exists = state.has_subscription(key, pattern);
+                    let subs = state.subscriptions.entry(key.channel.clone()).or_default();
+                    if !*on {
+                        subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
+                    } else if let (false, Ok(parsed)) = (exists, Pattern::parse(pattern)) {
+                        subs.push((key.agent.clone(), parsed));
+                    }
+                }
+                Change::Identity { name, identity } => {
+                    trust.set(name, identity.clone());
+                    self.state.lock().unwrap().registry.kick_agent(name);
+                }
+                Change::Floor(view, seq) => {
+                    self.views
+                        .lock()
+                        .unwrap()
+                        .inboxes
+                        .set_pruned(view.clone(), *seq);
+                }
+            }
+        }
+        let batch = &commit.messages;
+        if batch.is_empty() {
+            return;
+        }
         {
             let mut views = self.views.lock().unwrap();
             for c in batch {
@@ -163,8 +199,6 @@ impl CommitObserver for Shared {
                 views.committed = (last.message.seq, last.message.ts);
                 self.commits.fetch_add(1, Ordering::Relaxed);
             }
-            // Cleared under the lock, after the watermark moved.
-            self.stamping.store(false, Ordering::SeqCst);
         }
         let taps = self.taps.lock().unwrap();
         for tap in taps.iter() {
@@ -241,11 +275,7 @@ impl Broker {
 
     /// A broker over the SQLite log at `path`.
     pub async fn open_sqlite_with(path: &Path, trust: Trust) -> Result<Self> {
-        Self::with_engine(
-            |observer| Ok(Arc::new(SqliteEngine::open(path, observer)?)),
-            trust,
-        )
-        .await
+        Self::with_engine(Arc::new(SqliteEngine::open(path)?), trust).await
     }
 
     /// A broker over a throwaway in-memory store, with the default trust policy.
@@ -255,15 +285,15 @@ impl Broker {
 
     /// A broker over a throwaway in-memory store.
     pub async fn open_memory_with(trust: Trust) -> Result<Self> {
-        Self::with_engine(|observer| Ok(Arc::new(MemoryEngine::new(observer))), trust).await
+        Self::with_engine(Arc::new(MemoryEngine::new()), trust).await
     }
 
-    /// Builds a broker over the engine `make` returns, given the observer
-    /// it must report commits to.
-    pub async fn with_engine(
-        make: impl FnOnce(Arc<dyn CommitObserver>) -> Result<Arc<dyn Engine>>,
-        trust: Trust,
-    ) -> Result<Self> {
+    /// Builds a broker over `engine` (freshly opened: the broker takes its
+    /// feed and follows it from what it holds now).
+    pub async fn with_engine(engine: Arc<dyn Engine>, trust: Trust) -> Result<Self> {
+        let mut feed = engine
+            .feed()
+            .ok_or_else(|| Error::Storage("the engine's feed is already followed".into()))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 registry: Registry::default(),
@@ -276,13 +306,11 @@ impl Broker {
             }),
             taps: Mutex::default(),
             taps_dropped: AtomicU64::new(0),
-            stamping: AtomicBool::new(false),
             presence: Mutex::default(),
             commits: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             pruned: AtomicU64::new(0),
         });
-        let engine = make(shared.clone())?;
         let last = engine.last().await?;
         let floors = engine.floors().await?;
         let agents = engine.agents().await?;
@@ -314,10 +342,19 @@ impl Broker {
                 }
             }
         }
+        let trust = Arc::new(trust);
+        let (follower, trusted) = (shared.clone(), trust.clone());
+        // Ends when the engine drops its end of the feed (closed or gone).
+        tokio::spawn(async move {
+            while let Some(commit) = feed.recv().await {
+                follower.apply(&commit, &trusted);
+                // Dropping the commit answers its writers: after it applied.
+            }
+        });
         Ok(Self {
             shared,
             engine,
-            trust: Arc::new(trust),
+            trust,
         })
     }
 

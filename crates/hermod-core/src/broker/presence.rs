@@ -139,8 +139,8 @@ impl Broker {
                 )));
             }
         }
-        self.engine.forget_agent(key.clone()).await?;
-        self.shared.forget(&key);
+        // Memory lets go as the feed reports it, before this resolves.
+        self.engine.forget_agent(key).await?;
         Ok(())
     }
 }

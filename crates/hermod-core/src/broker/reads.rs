@@ -87,11 +87,14 @@ impl Broker {
     }
 
     /// Bus "now" for `since` cursors: never later than the ts of a message
-    /// that is accepted but not readable yet.
+    /// that is accepted but not applied here yet (see the engine docs'
+    /// `ts` rule).
     pub fn now(&self) -> f64 {
+        // Read in this order: wall clock, watermark, then whether anything
+        // is in flight; a commit stamped after that check gets ts >= wall.
         let wall = model::now();
         let committed = self.committed().1;
-        if self.shared.stamping.load(Ordering::SeqCst) {
+        if !self.engine.settled() {
             return committed;
         }
         // Anything stamped after this point gets ts >= wall: step back 1 µs

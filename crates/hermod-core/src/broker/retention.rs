@@ -37,15 +37,12 @@ impl Broker {
                 if ticks % EXPIRE_EVERY_TICKS == 0 {
                     // Names that never connected and hold nothing (a mistyped
                     // `to` whose message expired) stop receiving broadcasts.
+                    // Memory lets go of them as the feed reports it.
                     match engine
                         .expire_agents(model::now() - EXPIRE_AFTER, EXPIRE_BATCH)
                         .await
                     {
-                        Ok(gone) => {
-                            for key in gone {
-                                shared.forget(&key);
-                            }
-                        }
+                        Ok(_) => {}
                         Err(Error::ShuttingDown) => return,
                         Err(e) => {
                             tracing::warn!(error = %e, "expiring names failed; retrying later")
@@ -55,13 +52,8 @@ impl Broker {
                 loop {
                     match engine.prune(&rules, model::now()).await {
                         Ok(step) => {
+                            // The marks that moved came through the feed.
                             shared.pruned.fetch_add(step.removed, Ordering::Relaxed);
-                            if !step.floors.is_empty() {
-                                let mut views = shared.views.lock().unwrap();
-                                for (view, seq) in step.floors {
-                                    views.inboxes.set_pruned(view, seq);
-                                }
-                            }
                             if !step.more {
                                 break;
                             }

@@ -71,12 +71,6 @@ impl Broker {
             // Durable before it is known here: memory never claims a name
             // the store would forget (and the message follows it).
             self.engine.remember_agent(key.clone(), now, false).await?;
-            self.shared
-                .state
-                .lock()
-                .unwrap()
-                .registry
-                .know(&key, now, now);
         }
         Ok(NewMessage {
             id: env.id.unwrap_or_else(model::new_id),
@@ -162,10 +156,9 @@ impl Broker {
 
     /// Adds a durable subscription: events matching `pattern` published on
     /// the agent's channel land in its inbox. Returns false if it existed.
-    /// Resolves once the subscription is durable; only then does routing
-    /// use it.
+    /// Resolves once the subscription is durable and routing uses it.
     pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        let parsed = Pattern::parse(pattern)?;
+        Pattern::parse(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         self.trust.may_subscribe(caller, &key.channel, pattern)?;
         let now = model::now();
@@ -183,18 +176,8 @@ impl Broker {
             self.engine.remember_agent(key.clone(), now, false).await?;
         }
         self.engine
-            .set_subscription(key.clone(), pattern.to_owned(), true)
+            .set_subscription(key, pattern.to_owned(), true)
             .await?;
-        let mut state = self.shared.state.lock().unwrap();
-        state.registry.know(&key, now, now);
-        if state.has_subscription(&key, pattern) {
-            return Ok(false); // a concurrent call added it first
-        }
-        state
-            .subscriptions
-            .entry(key.channel.clone())
-            .or_default()
-            .push((key.agent, parsed));
         Ok(true)
     }
 
@@ -212,13 +195,9 @@ impl Broker {
             return Ok(false);
         }
         self.engine
-            .set_subscription(key.clone(), pattern.to_owned(), false)
+            .set_subscription(key, pattern.to_owned(), false)
             .await?;
-        let mut state = self.shared.state.lock().unwrap();
-        let subs = state.subscriptions.entry(key.channel.clone()).or_default();
-        let before = subs.len();
-        subs.retain(|(a, p)| !(a == &key.agent && p.as_str() == pattern));
-        Ok(subs.len() != before)
+        Ok(true)
     }
 
     /// The durable subscriptions of `key`.

@@ -2,14 +2,14 @@
 //! test that each engine runs against itself (`memory` and `sqlite` in
 //! their own test modules; a distributed engine in its crate's tests).
 //!
-//! [`run`] takes a factory that opens the engine under test with a given
-//! commit observer. For a `persistent` engine it is called again on the
-//! same store after [`Engine::close`], and everything acknowledged must
-//! be there.
+//! [`run`] takes a factory that opens the engine under test; the suite
+//! follows its feed the way the broker does. For a `persistent` engine
+//! it is called again on the same store after [`Engine::close`], and
+//! everything acknowledged must be there.
 
 use std::sync::{Arc, Mutex};
 
-use super::{CommitObserver, Committed, Engine, Retention, View};
+use super::{Change, Engine, Retention, View};
 use crate::auth::IdentitySpec;
 use crate::model::{AgentName, Body, Channel, InboxKey, Message, NewMessage, Seq};
 
@@ -25,22 +25,32 @@ async fn read_inbox(
         .messages
 }
 
-/// Records what the engine reports.
+/// Records what the engine's feed reports.
 #[derive(Default)]
 pub struct Recorder {
-    /// Every committed seq, in report order.
+    /// Every committed seq, in feed order.
     pub seqs: Mutex<Vec<Seq>>,
+    /// Every change, in feed order.
+    pub changes: Mutex<Vec<Change>>,
 }
 
-impl CommitObserver for Recorder {
-    fn stamping(&self) {}
-
-    fn committed(&self, batch: &[Committed]) {
-        self.seqs
-            .lock()
-            .unwrap()
-            .extend(batch.iter().map(|c| c.message.seq));
-    }
+/// Follows `e`'s feed in a task, as the broker would.
+pub fn follow(e: &Arc<dyn Engine>) -> Arc<Recorder> {
+    let recorder = Arc::new(Recorder::default());
+    let mut feed = e.feed().expect("the feed is there to take once");
+    assert!(e.feed().is_none(), "the feed has one follower");
+    let r = recorder.clone();
+    tokio::spawn(async move {
+        while let Some(commit) = feed.recv().await {
+            r.seqs
+                .lock()
+                .unwrap()
+                .extend(commit.messages.iter().map(|c| c.message.seq));
+            r.changes.lock().unwrap().extend(commit.changes.clone());
+            // Dropped here: only now are its writers answered.
+        }
+    });
+    recorder
 }
 
 fn name(s: &str) -> AgentName {
@@ -66,15 +76,15 @@ pub fn message(to: &str, n: u64, topic: Option<&str>) -> NewMessage {
 /// store each time, for a `persistent` engine).
 pub async fn run<F>(open: F, persistent: bool)
 where
-    F: Fn(Arc<dyn CommitObserver>) -> Arc<dyn Engine>,
+    F: Fn() -> Arc<dyn Engine>,
 {
-    let recorder = Arc::new(Recorder::default());
-    let e = open(recorder.clone());
+    let e = open();
+    let recorder = follow(&e);
     let bob = InboxKey::new(Channel::default(), name("bob"));
     let eve = InboxKey::new(Channel::default(), name("eve"));
 
     // Append: seq is the engine's, ascending from 1, ts strictly ascending;
-    // batches keep submission order; the observer saw each commit before
+    // batches keep submission order; the feed carried each commit before
     // its acknowledgement resolved.
     let mut pending = Vec::new();
     for n in 1..=50 {
@@ -90,7 +100,7 @@ where
         for m in &stored {
             assert!(
                 recorder.seqs.lock().unwrap().contains(&m.seq),
-                "seq {} acknowledged before the observer saw it",
+                "seq {} acknowledged before the feed carried it",
                 m.seq
             );
         }
@@ -146,6 +156,25 @@ where
     e.set_cursor(bob.clone(), 40).await.unwrap();
     e.set_cursor(bob.clone(), 30).await.unwrap();
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
+    // Compare-and-set: of two claims from the same value, one wins.
+    let carl = InboxKey::new(Channel::default(), name("carl"));
+    assert_eq!(e.swap_cursor(carl.clone(), 0, 10).await.unwrap(), 10);
+    assert_eq!(
+        e.swap_cursor(carl.clone(), 0, 12).await.unwrap(),
+        10,
+        "lost"
+    );
+    assert_eq!(e.swap_cursor(carl.clone(), 10, 20).await.unwrap(), 20);
+    let (a, b) = tokio::join!(
+        e.swap_cursor(carl.clone(), 20, 30),
+        e.swap_cursor(carl.clone(), 20, 31)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        (a, b) == (30, 30) || (a, b) == (31, 31),
+        "exactly one won: {a} {b}"
+    );
+    assert_eq!(e.cursor(&carl).await.unwrap(), a);
 
     // Registry, subscriptions and identities, each durable on resolve.
     e.remember_agent(bob.clone(), 1.0, false).await.unwrap();
@@ -190,6 +219,29 @@ where
         .unwrap();
     e.set_identity(name("gone"), Some(gone)).await.unwrap();
     e.set_identity(name("gone"), None).await.unwrap();
+    // Each change came through the feed before its write resolved.
+    {
+        let changes = recorder.changes.lock().unwrap();
+        let has = |c: &Change| changes.contains(c);
+        assert!(has(&Change::Agent {
+            key: bob.clone(),
+            seen: 5.0,
+            connected: true
+        }));
+        assert!(has(&Change::Forgotten(InboxKey::new(
+            Channel::default(),
+            name("typo")
+        ))));
+        assert!(has(&Change::Subscription {
+            key: eve.clone(),
+            pattern: "tmp.*".into(),
+            on: false
+        }));
+        assert!(matches!(
+            changes.last(),
+            Some(Change::Identity { name, identity: None }) if name.as_str() == "gone"
+        ));
+    }
 
     let after_cursor = inbox.iter().filter(|m| m.seq > 40).count();
     let (bob, eve, alice) = (&bob, &eve, &alice);
@@ -217,7 +269,9 @@ where
     if persistent {
         e.close().await;
         drop(e);
-        let e = check(open(Arc::new(Recorder::default()))).await;
+        let e = open();
+        follow(&e);
+        let e = check(e).await;
         // The log goes on after the newest stored seq and ts.
         let next = e
             .submit(vec![message("bob", 56, None)])
@@ -249,9 +303,10 @@ async fn prune_all(e: &Arc<dyn Engine>, rules: &Retention, now: f64) -> u64 {
 /// mark says how far it was pruned, in the same answer as its messages.
 pub async fn retention<F>(open: F)
 where
-    F: Fn(Arc<dyn CommitObserver>) -> Arc<dyn Engine>,
+    F: Fn() -> Arc<dyn Engine>,
 {
-    let e = open(Arc::new(Recorder::default()));
+    let e = open();
+    let recorder = follow(&e);
     let bob = View::Inbox(InboxKey::new(Channel::default(), name("bob")));
     let carol = View::Inbox(InboxKey::new(Channel::default(), name("carol")));
     let topics = View::Topics(Channel::default());
@@ -304,6 +359,14 @@ where
             .unwrap()
             .1,
         page.pruned
+    );
+    assert!(
+        recorder
+            .changes
+            .lock()
+            .unwrap()
+            .contains(&Change::Floor(bob.clone(), page.pruned)),
+        "the feed reports the mark"
     );
 
     // Topic events leave the topic view after their age.

@@ -1,19 +1,24 @@
 //! The in-memory engine: everything in one mutex, gone when the process
 //! exits. Used by `hermod serve --memory` and by unit tests. "Durable" here
 //! means "in the log", which is as durable as this engine gets.
+//!
+//! Every write reserves a slot in the feed first, then changes the state
+//! and sends its [`Commit`] under the one lock, so the feed's order is the
+//! commit order and the lock is never held while waiting for the follower.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CommitObserver, Committed, Durable, Engine, Health, KnownAgent, Page, Pruned, Retention, View,
-    PRUNE_BUDGET,
+    Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
+    View, FEED_CAPACITY, PRUNE_BUDGET,
 };
 use crate::auth::Identity;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
 
 #[derive(Default)]
@@ -37,18 +42,66 @@ struct State {
 /// See the module docs.
 pub struct MemoryEngine {
     state: Mutex<State>,
-    observer: Arc<dyn CommitObserver>,
+    feed_tx: mpsc::Sender<Commit>,
+    feed: Mutex<Option<Feed>>,
+    /// Commits sent down the feed and not applied by the follower yet.
+    unapplied: Arc<AtomicUsize>,
     /// Always healthy: memory does not fill up or lock.
     health: Health,
 }
 
+impl Default for MemoryEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one write did: its answer, and what the feed reports of it.
+type Applied<T> = (T, Vec<Committed>, Vec<Change>);
+
 impl MemoryEngine {
-    pub fn new(observer: Arc<dyn CommitObserver>) -> Self {
+    pub fn new() -> Self {
+        let (feed_tx, feed) = mpsc::channel(FEED_CAPACITY);
         Self {
             state: Mutex::default(),
-            observer,
+            feed_tx,
+            feed: Mutex::new(Some(feed)),
+            unapplied: Arc::default(),
             health: Health::default(),
         }
+    }
+
+    /// Applies `f` to the state and sends its commit down the feed, both
+    /// under the lock (a feed slot is reserved before, so nothing waits
+    /// while holding it); resolves with `f`'s answer once the follower has
+    /// applied the commit.
+    async fn commit<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> Applied<T>,
+    ) -> Result<oneshot::Receiver<T>> {
+        let permit = self
+            .feed_tx
+            .reserve()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.state.lock().unwrap();
+        let (answer, messages, changes) = f(&mut state);
+        self.unapplied.fetch_add(1, Ordering::SeqCst);
+        let unapplied = self.unapplied.clone();
+        permit.send(Commit::new(messages, changes, move || {
+            unapplied.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(answer);
+        }));
+        Ok(rx)
+    }
+
+    /// [`MemoryEngine::commit`], waiting for the answer.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> Applied<T>,
+    ) -> Result<T> {
+        self.commit(f).await?.await.map_err(|_| Error::ShuttingDown)
     }
 
     fn inbox_after<'a>(
@@ -63,110 +116,9 @@ impl MemoryEngine {
     }
 }
 
-impl State {
-    fn bump(&mut self, view: View, seq: Seq) {
-        if matches!(view, View::Topics(_)) {
-            let all = self.floors.entry(View::AllTopics).or_default();
-            *all = (*all).max(seq);
-        }
-        let f = self.floors.entry(view).or_default();
-        *f = (*f).max(seq);
-    }
-
-    /// An inbox entry at `seq` went: the message loses a reference and
-    /// goes once no inbox (nor a topic view) holds it. True if it went.
-    fn unref(&mut self, seq: Seq) -> bool {
-        let left = self.refs.get_mut(&seq).map(|r| {
-            *r -= 1;
-            *r
-        });
-        let topic = self.log.get(&seq).is_some_and(|m| m.topic.is_some());
-        left == Some(0) && !topic && self.unlog(seq)
-    }
-
-    fn unlog(&mut self, seq: Seq) -> bool {
-        match self.log.remove(&seq) {
-            Some(m) => {
-                self.bytes -= m.body.as_str().len() as u64;
-                self.refs.remove(&seq);
-                if m.topic.is_some() {
-                    self.bump(View::Topics(m.channel.clone()), seq);
-                }
-                true
-            }
-            None => false,
-        }
-    }
-}
-
-#[async_trait]
-impl Engine for MemoryEngine {
-    async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
-        let (tx, rx) = oneshot::channel();
-        let mut state = self.state.lock().unwrap();
-        self.observer.stamping();
-        let mut committed = Vec::with_capacity(batch.len());
-        for m in batch {
-            state.seq += 1;
-            let seq = state.seq;
-            let ts = state.clock.stamp();
-            let recipients = m.recipients.clone();
-            let message = Arc::new(m.into_message(seq, ts));
-            for r in &recipients {
-                let key = InboxKey::new(message.channel.clone(), r.clone());
-                state.inboxes.entry(key).or_default().push_back(seq);
-            }
-            state.refs.insert(seq, recipients.len());
-            state.bytes += message.body.as_str().len() as u64;
-            state.log.insert(seq, message.clone());
-            committed.push(Committed {
-                message,
-                recipients,
-            });
-        }
-        // Observer first, then the acknowledgement (see the engine docs).
-        self.observer.committed(&committed);
-        drop(state);
-        let _ = tx.send(Ok(committed.into_iter().map(|c| c.message).collect()));
-        Ok(rx)
-    }
-
-    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
-        let state = self.state.lock().unwrap();
-        let pruned = state.floors.get(view).copied().unwrap_or(0);
-        let after = after.max(pruned);
-        let messages = match view {
-            View::Inbox(key) => Self::inbox_after(&state, key, after)
-                .take(limit)
-                .filter_map(|s| state.log.get(&s).cloned())
-                .collect(),
-            View::Topics(channel) => state
-                .log
-                .range(after + 1..)
-                .map(|(_, m)| m)
-                .filter(|m| m.topic.is_some() && &m.channel == channel)
-                .take(limit)
-                .cloned()
-                .collect(),
-            View::AllTopics => state
-                .log
-                .range(after + 1..)
-                .map(|(_, m)| m)
-                .filter(|m| m.topic.is_some())
-                .take(limit)
-                .cloned()
-                .collect(),
-        };
-        Ok(Page { messages, pruned })
-    }
-
-    async fn floors(&self) -> Result<Vec<(View, Seq)>> {
-        let state = self.state.lock().unwrap();
-        Ok(state.floors.iter().map(|(v, s)| (v.clone(), *s)).collect())
-    }
-
-    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned> {
-        let mut state = self.state.lock().unwrap();
+impl MemoryEngine {
+    /// One prune step (see [`Engine::prune`]) on the state.
+    fn prune_step(state: &mut State, rules: &Retention, now: f64) -> Applied<Result<Pruned>> {
         let before = state.floors.clone();
         let mut removed = 0u64;
         let mut more = false;
@@ -238,13 +190,115 @@ impl Engine for MemoryEngine {
             .floors
             .iter()
             .filter(|(v, s)| before.get(*v) != Some(*s))
-            .map(|(v, s)| (v.clone(), *s))
+            .map(|(v, s)| Change::Floor(v.clone(), *s))
             .collect();
-        Ok(Pruned {
-            removed,
-            floors,
-            more,
+        (Ok(Pruned { removed, more }), Vec::new(), floors)
+    }
+}
+
+impl State {
+    fn bump(&mut self, view: View, seq: Seq) {
+        if matches!(view, View::Topics(_)) {
+            let all = self.floors.entry(View::AllTopics).or_default();
+            *all = (*all).max(seq);
+        }
+        let f = self.floors.entry(view).or_default();
+        *f = (*f).max(seq);
+    }
+
+    /// An inbox entry at `seq` went: the message loses a reference and
+    /// goes once no inbox (nor a topic view) holds it. True if it went.
+    fn unref(&mut self, seq: Seq) -> bool {
+        let left = self.refs.get_mut(&seq).map(|r| {
+            *r -= 1;
+            *r
+        });
+        let topic = self.log.get(&seq).is_some_and(|m| m.topic.is_some());
+        left == Some(0) && !topic && self.unlog(seq)
+    }
+
+    fn unlog(&mut self, seq: Seq) -> bool {
+        match self.log.remove(&seq) {
+            Some(m) => {
+                self.bytes -= m.body.as_str().len() as u64;
+                self.refs.remove(&seq);
+                if m.topic.is_some() {
+                    self.bump(View::Topics(m.channel.clone()), seq);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
+        self.commit(move |state| {
+            let mut committed = Vec::with_capacity(batch.len());
+            for m in batch {
+                state.seq += 1;
+                let seq = state.seq;
+                let ts = state.clock.stamp();
+                let recipients = m.recipients.clone();
+                let message = Arc::new(m.into_message(seq, ts));
+                for r in &recipients {
+                    let key = InboxKey::new(message.channel.clone(), r.clone());
+                    state.inboxes.entry(key).or_default().push_back(seq);
+                }
+                state.refs.insert(seq, recipients.len());
+                state.bytes += message.body.as_str().len() as u64;
+                state.log.insert(seq, message.clone());
+                committed.push(Committed {
+                    message,
+                    recipients,
+                });
+            }
+            let stored = committed.iter().map(|c| c.message.clone()).collect();
+            (Ok(stored), committed, Vec::new())
         })
+        .await
+    }
+
+    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
+        let state = self.state.lock().unwrap();
+        let pruned = state.floors.get(view).copied().unwrap_or(0);
+        let after = after.max(pruned);
+        let messages = match view {
+            View::Inbox(key) => Self::inbox_after(&state, key, after)
+                .take(limit)
+                .filter_map(|s| state.log.get(&s).cloned())
+                .collect(),
+            View::Topics(channel) => state
+                .log
+                .range(after + 1..)
+                .map(|(_, m)| m)
+                .filter(|m| m.topic.is_some() && &m.channel == channel)
+                .take(limit)
+                .cloned()
+                .collect(),
+            View::AllTopics => state
+                .log
+                .range(after + 1..)
+                .map(|(_, m)| m)
+                .filter(|m| m.topic.is_some())
+                .take(limit)
+                .cloned()
+                .collect(),
+        };
+        Ok(Page { messages, pruned })
+    }
+
+    async fn floors(&self) -> Result<Vec<(View, Seq)>> {
+        let state = self.state.lock().unwrap();
+        Ok(state.floors.iter().map(|(v, s)| (v.clone(), *s)).collect())
+    }
+
+    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned> {
+        let rules = rules.clone();
+        self.write(move |state| Self::prune_step(state, &rules, now))
+            .await?
     }
 
     async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
@@ -273,53 +327,87 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
         let mut state = self.state.lock().unwrap();
-        let e = state.agents.entry(key).or_insert((seen, seen, connected));
-        e.1 = e.1.max(seen);
-        e.2 |= connected;
-        Ok(())
+        let c = state.cursors.entry(key).or_default();
+        if *c == expected {
+            *c = new;
+        }
+        Ok(*c)
+    }
+
+    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
+        self.write(move |state| {
+            let e = state
+                .agents
+                .entry(key.clone())
+                .or_insert((seen, seen, connected));
+            e.1 = e.1.max(seen);
+            e.2 |= connected;
+            let change = Change::Agent {
+                key,
+                seen,
+                connected,
+            };
+            ((), Vec::new(), vec![change])
+        })
+        .await
     }
 
     async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
-        let mut state = self.state.lock().unwrap();
-        for seq in state.inboxes.remove(&key).unwrap_or_default() {
-            state.unref(seq);
-        }
-        state.cursors.remove(&key);
-        state.subscriptions.retain(|(k, _)| k != &key);
-        state.floors.remove(&View::Inbox(key.clone()));
-        Ok(state.agents.remove(&key).is_some())
+        self.write(move |state| {
+            for seq in state.inboxes.remove(&key).unwrap_or_default() {
+                state.unref(seq);
+            }
+            state.cursors.remove(&key);
+            state.subscriptions.retain(|(k, _)| k != &key);
+            state.floors.remove(&View::Inbox(key.clone()));
+            let known = state.agents.remove(&key).is_some();
+            let changes = if known {
+                vec![Change::Forgotten(key)]
+            } else {
+                Vec::new()
+            };
+            (known, Vec::new(), changes)
+        })
+        .await
     }
 
     async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
-        let mut state = self.state.lock().unwrap();
-        let gone: Vec<InboxKey> = state
-            .agents
-            .iter()
-            .filter(|(k, &(first, _, connected))| {
-                !connected
-                    && first < before
-                    && state.inboxes.get(*k).is_none_or(|q| q.is_empty())
-                    && !state.subscriptions.iter().any(|(s, _)| s == *k)
-            })
-            .take(limit)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &gone {
-            state.agents.remove(k);
-        }
-        Ok(gone)
+        self.write(move |state| {
+            let gone: Vec<InboxKey> = state
+                .agents
+                .iter()
+                .filter(|(k, &(first, _, connected))| {
+                    !connected
+                        && first < before
+                        && state.inboxes.get(*k).is_none_or(|q| q.is_empty())
+                        && !state.subscriptions.iter().any(|(s, _)| s == *k)
+                })
+                .take(limit)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &gone {
+                state.agents.remove(k);
+            }
+            let changes = gone.iter().cloned().map(Change::Forgotten).collect();
+            (gone, Vec::new(), changes)
+        })
+        .await
     }
 
     async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
-        let mut state = self.state.lock().unwrap();
-        if on {
-            state.subscriptions.insert((key, pattern));
-        } else {
-            state.subscriptions.remove(&(key, pattern));
-        }
-        Ok(())
+        self.write(move |state| {
+            let entry = (key.clone(), pattern.clone());
+            if on {
+                state.subscriptions.insert(entry);
+            } else {
+                state.subscriptions.remove(&entry);
+            }
+            let change = Change::Subscription { key, pattern, on };
+            ((), Vec::new(), vec![change])
+        })
+        .await
     }
 
     async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
@@ -334,12 +422,14 @@ impl Engine for MemoryEngine {
     }
 
     async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
-        let mut state = self.state.lock().unwrap();
-        match identity {
-            Some(i) => state.identities.insert(name, i),
-            None => state.identities.remove(&name),
-        };
-        Ok(())
+        self.write(move |state| {
+            match &identity {
+                Some(i) => state.identities.insert(name.clone(), i.clone()),
+                None => state.identities.remove(&name),
+            };
+            ((), Vec::new(), vec![Change::Identity { name, identity }])
+        })
+        .await
     }
 
     async fn identities(&self) -> Result<Vec<Identity>> {
@@ -379,6 +469,14 @@ impl Engine for MemoryEngine {
         &self.health
     }
 
+    fn feed(&self) -> Option<Feed> {
+        self.feed.lock().unwrap().take()
+    }
+
+    fn settled(&self) -> bool {
+        self.unapplied.load(Ordering::SeqCst) == 0
+    }
+
     async fn close(&self) {}
 }
 
@@ -386,18 +484,13 @@ impl Engine for MemoryEngine {
 mod tests {
     #[tokio::test]
     async fn retention() {
-        super::super::conformance::retention(|observer| {
-            std::sync::Arc::new(super::MemoryEngine::new(observer))
-        })
-        .await;
+        super::super::conformance::retention(|| std::sync::Arc::new(super::MemoryEngine::new()))
+            .await;
     }
 
     #[tokio::test]
     async fn conformance() {
-        super::super::conformance::run(
-            |observer| std::sync::Arc::new(super::MemoryEngine::new(observer)),
-            false,
-        )
-        .await;
+        super::super::conformance::run(|| std::sync::Arc::new(super::MemoryEngine::new()), false)
+            .await;
     }
 }

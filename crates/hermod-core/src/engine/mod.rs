@@ -2,12 +2,21 @@
 //!
 //! An engine owns the log (append, reads by view), cursors, the agent
 //! registry, durable subscriptions, agent identities and retention. It
-//! assigns `seq` and bus `ts` in commit order and reports every commit, in
-//! order, to a [`CommitObserver`] (the broker) *before* it acknowledges the
-//! senders, so nobody can see an acknowledgement for a message that
-//! readers cannot find yet. Every write resolves only once durable, or
-//! fails with nothing of it applied. [`conformance`] is the contract as a
-//! test every engine runs.
+//! assigns `seq` and bus `ts` in commit order. Every write resolves only
+//! once durable, or fails with nothing of it applied. [`conformance`] is
+//! the contract as a test every engine runs.
+//!
+//! **The feed.** Every commit — messages appended and changes to the
+//! registry, subscriptions, identities and pruned marks, whether this
+//! process wrote them or another node did — comes out of
+//! [`Engine::feed`] once, in commit order, as a [`Commit`]. The broker
+//! follows it to wake readers and keep its routing state; nothing else
+//! tells it what the store holds after start. A write made here resolves
+//! only once its commit has been through the feed (the follower drops the
+//! [`Commit`] after applying it, which answers the writers), so whoever
+//! is acknowledged can read their own write at once (read-your-writes):
+//! nobody sees an acknowledgement for a message that readers cannot find,
+//! nor for a subscription that routing does not use yet.
 //!
 //! - [`sqlite::SqliteEngine`]: the embedded default, a SQLite WAL database
 //!   written by one thread with group commit.
@@ -20,13 +29,18 @@
 //! strictly increasing), so `ts` grows strictly with `seq` across nodes
 //! and clock skew. That is what keeps agent-bus `since=ts` readers exact:
 //! `seq_at_ts` is a search over a monotone column, and the broker's `now`
-//! never passes the `ts` of a message that is accepted but not readable
-//! yet (the `stamping` window), so a reader can neither skip nor repeat.
+//! never passes the ts of a commit it has not applied yet: while
+//! [`Engine::settled`] is false it answers with the ts of the newest commit
+//! it applied, so a reader can neither skip nor repeat.
+//!
+//! **Cursors** are compare-and-set ([`Engine::swap_cursor`]): a destructive
+//! read (`/poll`, interop `/subscribe`) moves the cursor only from the
+//! value it read, so two nodes serving one agent never hand out a message
+//! twice.
 //!
 //! A distributed engine (NATS JetStream) implements the same trait:
-//! `submit` publishes and resolves after the PubAck *and* the local commit
-//! report for its seq (read-your-writes); its stream subscription feeds the
-//! observer, for local and remote appends alike.
+//! `submit` publishes and resolves after the PubAck *and* after its seq has
+//! come through the node's own log subscription, which is also the feed.
 
 pub mod conformance;
 pub mod memory;
@@ -35,7 +49,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Identity;
 use crate::error::Result;
@@ -51,16 +65,72 @@ pub struct Committed {
     pub recipients: Vec<AgentName>,
 }
 
-/// Receives every commit, in seq order, before senders are acknowledged.
-pub trait CommitObserver: Send + Sync + 'static {
-    /// The engine is about to stamp messages (assign seq and ts) that are
-    /// not readable yet; `committed` follows, with an empty batch if the
-    /// write failed. Between the two, "now" must not run ahead of the
-    /// commit watermark.
-    fn stamping(&self);
-
-    fn committed(&self, batch: &[Committed]);
+/// A change to what the store keeps beside the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// An agent was recorded as seen at `seen` (`connected` once it connected).
+    Agent {
+        key: InboxKey,
+        seen: f64,
+        connected: bool,
+    },
+    /// An agent went, with its inbox, cursor and subscriptions.
+    Forgotten(InboxKey),
+    /// A durable subscription was added (`on`) or removed.
+    Subscription {
+        key: InboxKey,
+        pattern: String,
+        on: bool,
+    },
+    /// An identity was stored, or deleted (`None`).
+    Identity {
+        name: AgentName,
+        identity: Option<Identity>,
+    },
+    /// Retention moved a view's pruned mark.
+    Floor(View, Seq),
 }
+
+/// One commit as the store applied it: what the feed carries.
+///
+/// Dropping it answers the writers of this commit that are waiting in this
+/// process, so the follower drops it only after applying it.
+pub struct Commit {
+    /// Appended messages, seq ascending (and after every earlier commit's).
+    pub messages: Vec<Committed>,
+    pub changes: Vec<Change>,
+    answer: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Commit {
+    /// A commit whose local writers `answer` resolves.
+    pub fn new(
+        messages: Vec<Committed>,
+        changes: Vec<Change>,
+        answer: impl FnOnce() + Send + 'static,
+    ) -> Self {
+        Self {
+            messages,
+            changes,
+            answer: Some(Box::new(answer)),
+        }
+    }
+}
+
+impl Drop for Commit {
+    fn drop(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            answer();
+        }
+    }
+}
+
+/// Every commit in order, from the one after what the store held when it
+/// opened: see the module docs.
+pub type Feed = mpsc::Receiver<Commit>;
+
+/// Commits the feed holds before the engine waits for its follower.
+pub const FEED_CAPACITY: usize = 256;
 
 /// A filtered view of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -99,10 +169,9 @@ pub struct Retention {
 /// What one [`Engine::prune`] step did.
 #[derive(Debug, Default)]
 pub struct Pruned {
-    /// Message rows removed.
+    /// Message rows removed (the views' marks that moved come through
+    /// the feed as [`Change::Floor`]).
     pub removed: u64,
-    /// Views whose pruned mark moved, with the new mark.
-    pub floors: Vec<(View, Seq)>,
     /// More is due: call again (after letting other work run).
     pub more: bool,
 }
@@ -186,6 +255,12 @@ pub trait Engine: Send + Sync + 'static {
     /// Moves a stored cursor forward (never back); resolves once durable.
     async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()>;
 
+    /// Compare-and-set: moves the cursor of `key` to `new` only if it is
+    /// `expected` now, and returns the cursor as it is afterwards (`new`
+    /// when the swap happened, else the value someone else stored);
+    /// resolves once durable.
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq>;
+
     /// Records an agent in the registry (first/last seen, and whether it
     /// has `connected`: once set it stays); resolves once durable.
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()>;
@@ -221,6 +296,15 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Whether writes work now.
     fn health(&self) -> &Health;
+
+    /// The feed of every commit (see the module docs); `None` once taken:
+    /// it has one follower, the broker.
+    fn feed(&self) -> Option<Feed>;
+
+    /// True when no commit this engine stamped is still on its way through
+    /// the feed. A distributed engine, which cannot know what other nodes
+    /// are stamping, answers false.
+    fn settled(&self) -> bool;
 
     /// Finishes queued writes; called once at shutdown.
     async fn close(&self);

@@ -4,7 +4,7 @@
 //! blocks for one queued operation, drains whatever else is queued (up to
 //! [`MAX_BATCH`]), applies all of it in one transaction and commits once —
 //! one fsync (`synchronous=FULL`) for the whole batch — then reports the
-//! batch to the observer and completes every sender. No timer is involved:
+//! batch to the feed, whose follower completes every sender. No timer is involved:
 //! under light load a batch is one message, under heavy load batches grow.
 //!
 //! Readers use a small pool of read-only connections on blocking threads;
@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,8 +33,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    CommitObserver, Committed, Durable, Engine, Health, KnownAgent, Page, Pruned, Retention, View,
-    PRUNE_BUDGET,
+    Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
+    View, FEED_CAPACITY, PRUNE_BUDGET,
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
@@ -143,6 +143,8 @@ enum Op {
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
     Cursor(InboxKey, Seq, Ack),
+    /// Compare-and-set of a cursor: (key, expected, new).
+    Swap(InboxKey, Seq, Seq, oneshot::Sender<Result<Seq>>),
     Agent(InboxKey, f64, bool, Ack),
     Forget(InboxKey, oneshot::Sender<Result<bool>>),
     Expire(f64, usize, oneshot::Sender<Result<Vec<InboxKey>>>),
@@ -151,7 +153,8 @@ enum Op {
     /// A one-row write that tells whether writes work again.
     Probe,
     Prune(Plan, oneshot::Sender<Result<Pruned>>),
-    Close(oneshot::Sender<()>),
+    /// Taken by the writer, which answers it after the commit.
+    Close(Option<oneshot::Sender<()>>),
 }
 
 /// See the module docs.
@@ -162,6 +165,9 @@ pub struct SqliteEngine {
     /// Inboxes that grew since the last prune step looked at them.
     touched: Touched,
     track_inboxes: Arc<AtomicBool>,
+    feed: Mutex<Option<Feed>>,
+    /// See [`Writer::unapplied`].
+    unapplied: Arc<AtomicUsize>,
 }
 
 /// Inboxes the writer added to since the per-inbox count last looked at
@@ -247,20 +253,23 @@ fn db(e: rusqlite::Error) -> Error {
 
 impl SqliteEngine {
     /// Opens (creating if needed) the database at `path` and starts the writer.
-    pub fn open(path: &Path, observer: Arc<dyn CommitObserver>) -> Result<Self> {
+    pub fn open(path: &Path) -> Result<Self> {
         let conn = Connection::open(path).map_err(db)?;
         let (seq, ts) = prepare(&conn).map_err(db)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let health = Arc::new(Health::default());
         let touched = Touched::default();
         let track_inboxes = Arc::new(AtomicBool::new(false));
+        let (feed_tx, feed) = mpsc::channel(FEED_CAPACITY);
+        let unapplied = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             touched: touched.clone(),
             track_inboxes: track_inboxes.clone(),
             conn,
             seq,
             clock: BusClock::starting_after(ts),
-            observer,
+            feed: feed_tx,
+            unapplied: unapplied.clone(),
             health: health.clone(),
             stopped: None,
         };
@@ -295,6 +304,8 @@ impl SqliteEngine {
             health,
             touched,
             track_inboxes,
+            feed: Mutex::new(Some(feed)),
+            unapplied,
         })
     }
 
@@ -664,7 +675,11 @@ fn plan(
 
 /// Applies a prune [`Plan`] inside the writer's transaction. Returns what
 /// it did and the inboxes that are still over their count.
-fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<(InboxKey, Seq)>)> {
+fn prune_rows(
+    tx: &Connection,
+    plan: &Plan,
+    changes: &mut Vec<Change>,
+) -> rusqlite::Result<(Pruned, Vec<(InboxKey, Seq)>)> {
     let mut floors: HashMap<View, Seq> = HashMap::new();
     let mut bump = |view: View, seq: i64| {
         if matches!(view, View::Topics(_)) {
@@ -769,15 +784,13 @@ fn prune_rows(tx: &Connection, plan: &Plan) -> rusqlite::Result<(Pruned, Vec<(In
         let (kind, channel, agent) = view_parts(view);
         mark.execute(params![kind, channel, agent, *seq as i64])?;
     }
+    changes.extend(
+        floors
+            .into_iter()
+            .map(|(view, seq)| Change::Floor(view, seq)),
+    );
     let more = plan.more || !again.is_empty();
-    Ok((
-        Pruned {
-            removed,
-            floors: floors.into_iter().collect(),
-            more,
-        },
-        again,
-    ))
+    Ok((Pruned { removed, more }, again))
 }
 
 #[async_trait]
@@ -943,6 +956,12 @@ impl Engine for SqliteEngine {
         self.write(|ack| Op::Cursor(key, seq, ack)).await
     }
 
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
+        let (reply, rx) = oneshot::channel();
+        self.queue(Op::Swap(key, expected, new, reply)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
         self.write(|ack| Op::Agent(key, seen, connected, ack)).await
     }
@@ -988,9 +1007,17 @@ impl Engine for SqliteEngine {
         &self.health
     }
 
+    fn feed(&self) -> Option<Feed> {
+        self.feed.lock().unwrap().take()
+    }
+
+    fn settled(&self) -> bool {
+        self.unapplied.load(Ordering::SeqCst) == 0
+    }
+
     async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Op::Close(tx)).await.is_ok() {
+        if self.tx.send(Op::Close(Some(tx))).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -1001,7 +1028,9 @@ struct Writer {
     conn: Connection,
     seq: Seq,
     clock: BusClock,
-    observer: Arc<dyn CommitObserver>,
+    feed: mpsc::Sender<Commit>,
+    /// Commits stamped and not yet applied by the feed's follower.
+    unapplied: Arc<AtomicUsize>,
     health: Arc<Health>,
     /// Set after an fsync failure: every later write is refused with it.
     stopped: Option<String>,
@@ -1014,9 +1043,58 @@ struct Writer {
 #[derive(Default)]
 struct Applied {
     committed: Vec<Committed>,
+    /// What the feed reports beside the messages.
+    changes: Vec<Change>,
     pruned: Vec<(Pruned, Vec<(InboxKey, Seq)>)>,
     forgotten: Vec<bool>,
     expired: Vec<Vec<InboxKey>>,
+    /// The cursor after each swap.
+    swapped: Vec<Seq>,
+}
+
+/// Answers every operation of a durable commit, in op order per kind.
+fn answer(ops: Vec<Op>, stored: Vec<Arc<Message>>, out: Applied, touched: &Touched) {
+    let (mut pruned, mut forgotten, mut expired, mut swapped) = (
+        out.pruned.into_iter(),
+        out.forgotten.into_iter(),
+        out.expired.into_iter(),
+        out.swapped.into_iter(),
+    );
+    let mut stored = stored.into_iter();
+    for op in ops {
+        match op {
+            Op::Append { len, reply, .. } => {
+                let mine: Vec<_> = stored.by_ref().take(len).collect();
+                let _ = reply.send(Ok(mine));
+            }
+            Op::Cursor(.., ack)
+            | Op::Agent(.., ack)
+            | Op::Subscription(.., ack)
+            | Op::Identity(.., ack) => {
+                let _ = ack.send(Ok(()));
+            }
+            Op::Swap(.., reply) => {
+                let _ = reply.send(Ok(swapped.next().expect("one per swap")));
+            }
+            Op::Prune(_, reply) => {
+                let (done, again) = pruned.next().expect("one result per prune");
+                let mut touched = touched.lock().unwrap();
+                for (key, cutoff) in again {
+                    let g = touched.entry(key).or_default();
+                    g.pending = u64::MAX / 2;
+                    g.cutoff = Some(cutoff);
+                }
+                let _ = reply.send(Ok(done));
+            }
+            Op::Forget(_, reply) => {
+                let _ = reply.send(Ok(forgotten.next().expect("one per forget")));
+            }
+            Op::Expire(.., reply) => {
+                let _ = reply.send(Ok(expired.next().expect("one per expire")));
+            }
+            Op::Close(_) | Op::Probe => {}
+        }
+    }
 }
 
 /// The inbox rows at `seqs` were deleted: each message loses a reference,
@@ -1129,89 +1207,55 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` in one transaction and answers every sender. Returns
-    /// the close handshake if one was queued.
+    /// Applies `ops` in one transaction and answers every sender — through
+    /// the feed when the commit changed anything the broker follows, so
+    /// they are answered only once it has applied it. Returns the close
+    /// handshake if one was queued.
     fn commit(&mut self, ops: &mut Vec<Op>) -> Option<oneshot::Sender<()>> {
         let start_seq = self.seq;
         let mut out = Applied::default();
+        // Counted before any ts is stamped, so the broker's `now` holds
+        // back from here until the follower has applied this commit.
+        self.unapplied.fetch_add(1, Ordering::SeqCst);
         let result = match &self.stopped {
             Some(reason) => Err(Error::Storage(reason.clone())),
             None => {
-                self.observer.stamping();
                 let applied = self.apply(ops, &mut out);
                 applied.map_err(|e| self.failed(&e))
             }
         };
-        let Applied {
-            committed,
-            pruned,
-            forgotten,
-            expired,
-        } = out;
-        let mut closing = None;
+        let closing = ops.iter_mut().find_map(|op| match op {
+            Op::Close(done) => done.take(),
+            _ => None,
+        });
         match result {
             Ok(()) => {
                 self.health.clear();
-                self.observer.committed(&committed);
-                if self.track_inboxes.load(Ordering::Relaxed) {
-                    // Counted per distinct inbox first: one key (and one
-                    // map update) per inbox per commit, not per message.
-                    let mut grown: HashMap<(&Channel, &AgentName), u64> = HashMap::new();
-                    for c in &committed {
-                        for r in &c.recipients {
-                            *grown.entry((&c.message.channel, r)).or_default() += 1;
-                        }
-                    }
-                    let mut touched = self.touched.lock().unwrap();
-                    for ((channel, agent), n) in grown {
-                        let key = InboxKey::new(channel.clone(), agent.clone());
-                        touched.entry(key).or_default().pending += n;
-                    }
-                }
-                let (mut pruned, mut forgotten, mut expired) = (
-                    pruned.into_iter(),
-                    forgotten.into_iter(),
-                    expired.into_iter(),
-                );
-                let mut stored = committed.into_iter().map(|c| c.message);
-                for op in ops.drain(..) {
-                    match op {
-                        Op::Append { len, reply, .. } => {
-                            let mine: Vec<_> = stored.by_ref().take(len).collect();
-                            let _ = reply.send(Ok(mine));
-                        }
-                        Op::Cursor(.., ack)
-                        | Op::Agent(.., ack)
-                        | Op::Subscription(.., ack)
-                        | Op::Identity(.., ack) => {
-                            let _ = ack.send(Ok(()));
-                        }
-                        Op::Prune(_, reply) => {
-                            let (done, again) = pruned.next().expect("one result per prune");
-                            let mut touched = self.touched.lock().unwrap();
-                            for (key, cutoff) in again {
-                                let g = touched.entry(key).or_default();
-                                g.pending = u64::MAX / 2;
-                                g.cutoff = Some(cutoff);
-                            }
-                            let _ = reply.send(Ok(done));
-                        }
-                        Op::Forget(_, reply) => {
-                            let _ = reply.send(Ok(forgotten.next().expect("one per forget")));
-                        }
-                        Op::Expire(.., reply) => {
-                            let _ = reply.send(Ok(expired.next().expect("one per expire")));
-                        }
-                        Op::Close(done) => closing = Some(done),
-                        Op::Probe => {}
-                    }
+                self.note_growth(&out.committed);
+                let ops = std::mem::take(ops);
+                let (touched, unapplied) = (self.touched.clone(), self.unapplied.clone());
+                let messages = std::mem::take(&mut out.committed);
+                let stored: Vec<Arc<Message>> =
+                    messages.iter().map(|c| c.message.clone()).collect();
+                let changes = std::mem::take(&mut out.changes);
+                let answer = move || {
+                    answer(ops, stored, out, &touched);
+                    unapplied.fetch_sub(1, Ordering::SeqCst);
+                };
+                if messages.is_empty() && changes.is_empty() {
+                    answer();
+                } else {
+                    // Bounded: when the follower lags, the writer waits.
+                    // A feed nobody follows any more (shutdown) hands the
+                    // commit back, and dropping it answers the writers.
+                    let _ = self
+                        .feed
+                        .blocking_send(Commit::new(messages, changes, answer));
                 }
             }
             Err(e) => {
-                if self.stopped.is_none() {
-                    self.observer.committed(&[]);
-                }
                 self.seq = start_seq;
+                self.unapplied.fetch_sub(1, Ordering::SeqCst);
                 let refused = || match &e {
                     Error::StorageBusy(d) => Error::StorageBusy(d.clone()),
                     Error::Storage(d) => Error::Storage(d.clone()),
@@ -1228,6 +1272,9 @@ impl Writer {
                         | Op::Identity(.., ack) => {
                             let _ = ack.send(Err(refused()));
                         }
+                        Op::Swap(.., reply) => {
+                            let _ = reply.send(Err(refused()));
+                        }
                         Op::Prune(_, reply) => {
                             let _ = reply.send(Err(refused()));
                         }
@@ -1237,13 +1284,32 @@ impl Writer {
                         Op::Expire(.., reply) => {
                             let _ = reply.send(Err(refused()));
                         }
-                        Op::Close(done) => closing = Some(done),
-                        Op::Probe => {}
+                        Op::Close(_) | Op::Probe => {}
                     }
                 }
             }
         }
         closing
+    }
+
+    /// Counts what each inbox grew by, for the per-inbox retention rule.
+    fn note_growth(&self, committed: &[Committed]) {
+        if !self.track_inboxes.load(Ordering::Relaxed) {
+            return;
+        }
+        // Counted per distinct inbox first: one key (and one map update)
+        // per inbox per commit, not per message.
+        let mut grown: HashMap<(&Channel, &AgentName), u64> = HashMap::new();
+        for c in committed {
+            for r in &c.recipients {
+                *grown.entry((&c.message.channel, r)).or_default() += 1;
+            }
+        }
+        let mut touched = self.touched.lock().unwrap();
+        for ((channel, agent), n) in grown {
+            let key = InboxKey::new(channel.clone(), agent.clone());
+            touched.entry(key).or_default().pending += n;
+        }
     }
 
     /// Classifies a failed transaction, marks the store degraded (or
@@ -1295,12 +1361,20 @@ impl Writer {
                  ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
                      connected = MAX(connected, excluded.connected)",
             )?;
-            // The furthest move per inbox among the batch's cursor ops.
+            // The furthest move per inbox among the batch's cursor ops
+            // (inboxes with a swap in the batch keep every move in order).
             let mut newest_cursor: HashMap<InboxKey, Seq> = HashMap::new();
+            let mut swapping = std::collections::HashSet::new();
             for op in ops.iter() {
-                if let Op::Cursor(key, seq, _) = op {
-                    let c = newest_cursor.entry(key.clone()).or_default();
-                    *c = (*c).max(*seq);
+                match op {
+                    Op::Cursor(key, seq, _) => {
+                        let c = newest_cursor.entry(key.clone()).or_default();
+                        *c = (*c).max(*seq);
+                    }
+                    Op::Swap(key, ..) => {
+                        swapping.insert(key.clone());
+                    }
+                    _ => {}
                 }
             }
             for op in ops.iter_mut() {
@@ -1341,13 +1415,32 @@ impl Writer {
                     Op::Cursor(key, seq, _) => {
                         // One write per inbox per commit: a later move in
                         // the same batch supersedes this one.
-                        if newest_cursor.get(key) == Some(seq) {
+                        if swapping.contains(key) || newest_cursor.get(key) == Some(seq) {
                             newest_cursor.remove(key);
                             upsert_cursor.execute(params![
                                 key.channel.as_str(),
                                 key.agent.as_str(),
                                 *seq as i64
                             ])?;
+                        }
+                    }
+                    Op::Swap(key, expected, new, _) => {
+                        let (channel, agent) = (key.channel.as_str(), key.agent.as_str());
+                        let now: Seq = tx
+                            .prepare_cached(
+                                "SELECT seq FROM cursors WHERE channel = ?1 AND agent = ?2",
+                            )?
+                            .query_row([channel, agent], |r| r.get::<_, i64>(0))
+                            .optional()?
+                            .map_or(0, |s| s as Seq);
+                        if now == *expected {
+                            tx.prepare_cached(
+                                "INSERT OR REPLACE INTO cursors (channel, agent, seq) VALUES (?1, ?2, ?3)",
+                            )?
+                            .execute(params![channel, agent, *new as i64])?;
+                            out.swapped.push(*new);
+                        } else {
+                            out.swapped.push(now);
                         }
                     }
                     Op::Agent(key, seen, connected, _) => {
@@ -1357,10 +1450,24 @@ impl Writer {
                             *seen,
                             *connected
                         ])?;
+                        out.changes.push(Change::Agent {
+                            key: key.clone(),
+                            seen: *seen,
+                            connected: *connected,
+                        });
                     }
-                    Op::Forget(key, _) => out.forgotten.push(forget_rows(&tx, key)?),
+                    Op::Forget(key, _) => {
+                        let known = forget_rows(&tx, key)?;
+                        if known {
+                            out.changes.push(Change::Forgotten(key.clone()));
+                        }
+                        out.forgotten.push(known);
+                    }
                     Op::Expire(before, limit, _) => {
-                        out.expired.push(expire_rows(&tx, *before, *limit)?)
+                        let gone = expire_rows(&tx, *before, *limit)?;
+                        out.changes
+                            .extend(gone.iter().cloned().map(Change::Forgotten));
+                        out.expired.push(gone);
                     }
                     Op::Subscription(key, pattern, on, _) => {
                         let sql = if *on {
@@ -1373,13 +1480,19 @@ impl Writer {
                             key.agent.as_str(),
                             pattern.as_str()
                         ])?;
+                        out.changes.push(Change::Subscription {
+                            key: key.clone(),
+                            pattern: pattern.clone(),
+                            on: *on,
+                        });
                     }
-                    Op::Identity(name, identity, _) => match identity {
-                        Some(i) => {
-                            let globs = |g: &Vec<String>| {
-                                serde_json::to_string(g).expect("strings serialize")
-                            };
-                            tx.prepare_cached(
+                    Op::Identity(name, identity, _) => {
+                        match identity {
+                            Some(i) => {
+                                let globs = |g: &Vec<String>| {
+                                    serde_json::to_string(g).expect("strings serialize")
+                                };
+                                tx.prepare_cached(
                                 "INSERT OR REPLACE INTO identities (name, channel, token_hash, may_send,
                                      may_publish, may_subscribe, admin, created)
                                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -1394,19 +1507,24 @@ impl Writer {
                                 i.admin as i64,
                                 i.created,
                             ])?;
+                            }
+                            None => {
+                                tx.prepare_cached("DELETE FROM identities WHERE name = ?1")?
+                                    .execute(params![name.as_str()])?;
+                            }
                         }
-                        None => {
-                            tx.prepare_cached("DELETE FROM identities WHERE name = ?1")?
-                                .execute(params![name.as_str()])?;
-                        }
-                    },
+                        out.changes.push(Change::Identity {
+                            name: name.clone(),
+                            identity: identity.clone(),
+                        });
+                    }
                     Op::Probe => {
                         tx.prepare_cached(
                             "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)",
                         )?
                         .execute([crate::model::now()])?;
                     }
-                    Op::Prune(plan, _) => out.pruned.push(prune_rows(&tx, plan)?),
+                    Op::Prune(plan, _) => out.pruned.push(prune_rows(&tx, plan, &mut out.changes)?),
                     Op::Close(_) => {}
                 }
             }
@@ -1423,20 +1541,13 @@ mod tests {
     async fn retention() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
-        super::super::conformance::retention(|observer| {
-            Arc::new(SqliteEngine::open(&path, observer).unwrap())
-        })
-        .await;
+        super::super::conformance::retention(|| Arc::new(SqliteEngine::open(&path).unwrap())).await;
     }
 
     #[tokio::test]
     async fn conformance() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
-        super::super::conformance::run(
-            |observer| Arc::new(SqliteEngine::open(&path, observer).unwrap()),
-            true,
-        )
-        .await;
+        super::super::conformance::run(|| Arc::new(SqliteEngine::open(&path).unwrap()), true).await;
     }
 }
