@@ -1,10 +1,17 @@
 //! Cursors: acknowledgement, and the claim / confirm / release steps a
 //! destructive reader (`/poll`, `/subscribe`) takes on the shared cursor.
+//!
+//! Two layers. In memory, a *claim* moves this node's cursor at once, so
+//! readers on this node never hand out one message twice. In the store,
+//! a claim is *confirmed* with compare-and-set from the value the store
+//! holds, so a cursor another node moved meanwhile is never overwritten:
+//! the claim then covers only what lies after that node's.
 
 use super::*;
 
 impl Broker {
-    /// The stored cursor of an inbox.
+    /// The cursor of an inbox as readers on this node see it (claims
+    /// included).
     pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
         if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
             return Ok(seq);
@@ -12,28 +19,31 @@ impl Broker {
         self.engine.cursor(key).await
     }
 
-    /// Moves an inbox cursor forward (never back) and returns where it was;
-    /// resolves once the new cursor is durable.
+    /// Moves an inbox cursor forward (never back) and returns where this
+    /// caller's share begins: it owns the messages after that, up to
+    /// `seq`. Resolves once the new cursor is durable.
     ///
-    /// The move is a compare-and-set in memory, so readers sharing one
-    /// cursor (SSE-interop `/poll` and `/subscribe`) can *claim* a batch:
-    /// each delivers only the messages after the cursor it moved from, and
-    /// no message goes out twice. If the store refuses the write, the claim
+    /// Readers sharing one cursor (SSE-interop `/poll` and `/subscribe`,
+    /// here or on another node) each deliver only their share, so no
+    /// message goes out twice. If the store refuses the write, the claim
     /// is undone (unless a later claim moved past it) and the caller gets
     /// the error, so the messages stay unread rather than lost.
     pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
         let previous = self.claim(key, seq).await?;
-        if seq.min(self.committed().0) > previous {
-            if let Err(e) = self.confirm(key, seq).await {
+        if seq.min(self.committed().0) <= previous {
+            return Ok(previous);
+        }
+        match self.confirm(key, previous, seq).await {
+            Ok(from) => Ok(from),
+            Err(e) => {
                 self.release(key, previous, seq);
-                return Err(e);
+                Err(e)
             }
         }
-        Ok(previous)
     }
 
     /// The in-memory half of [`Broker::ack`]: moves the cursor (the claim
-    /// every reader of the inbox sees at once) and returns where it was.
+    /// every reader on this node sees at once) and returns where it was.
     /// Nothing is stored until [`Broker::confirm`]; [`Broker::release`]
     /// undoes a claim whose messages did not reach the client.
     pub async fn claim(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
@@ -47,10 +57,42 @@ impl Broker {
         Ok(previous)
     }
 
-    /// Makes a claim up to `seq` durable.
-    pub async fn confirm(&self, key: &InboxKey, seq: Seq) -> Result<()> {
+    /// Makes a claim from `previous` up to `seq` durable, by
+    /// compare-and-set against the stored cursor. Returns where the
+    /// caller's share begins: `previous`, or later when another node
+    /// stored a cursor inside the claim meanwhile (`>= seq`: it took all
+    /// of it). A share that went out already then went out twice, which
+    /// the caller may log; a `/poll` confirms before it answers, so it
+    /// never does.
+    pub async fn confirm(&self, key: &InboxKey, previous: Seq, seq: Seq) -> Result<Seq> {
         let seq = seq.min(self.committed().0);
-        self.engine.set_cursor(key.clone(), seq).await
+        loop {
+            let stored = self.engine.cursor(key).await?;
+            if stored >= seq {
+                // Already stored: by this node's own later claim (which
+                // covered this one: the share stands), or by another's.
+                let mut state = self.shared.state.lock().unwrap();
+                let from = match state.stores.get(key) {
+                    Some(&(from, to)) if to >= seq && from < seq => previous.max(from),
+                    _ => previous.max(stored),
+                };
+                let c = state.cursors.entry(key.clone()).or_insert(stored);
+                *c = (*c).max(stored);
+                return Ok(from);
+            }
+            if self.engine.swap_cursor(key.clone(), stored, seq).await? == seq {
+                let mut state = self.shared.state.lock().unwrap();
+                let own = state.stores.entry(key.clone()).or_insert((stored, stored));
+                *own = if own.1 == stored {
+                    (own.0, seq)
+                } else {
+                    (stored, seq)
+                };
+                return Ok(previous.max(stored));
+            }
+            // Someone stored another value between the read and the swap:
+            // read it again.
+        }
     }
 
     /// Undoes a claim from `previous` to `seq`, unless a later claim has

@@ -96,9 +96,12 @@ struct Views {
 
 struct State {
     registry: Registry,
-    /// Cursors acknowledged since start (the engine stores them too, a
-    /// batch later); read first so a quick re-registration resumes exactly.
+    /// Cursors claimed since start (the engine stores them once
+    /// confirmed); read first so a quick re-registration resumes exactly.
     cursors: HashMap<InboxKey, Seq>,
+    /// Per inbox, the newest run of stored cursor values this node wrote
+    /// itself, `(from, to)`: tells its own stores from another node's.
+    stores: HashMap<InboxKey, (Seq, Seq)>,
     /// Durable topic subscriptions: matching events land in these inboxes.
     subscriptions: HashMap<Channel, Vec<(AgentName, Pattern)>>,
 }
@@ -112,6 +115,7 @@ impl State {
             return false;
         }
         self.cursors.remove(key);
+        self.stores.remove(key);
         if let Some(subs) = self.subscriptions.get_mut(&key.channel) {
             subs.retain(|(a, _)| a != &key.agent);
         }
@@ -298,6 +302,7 @@ impl Broker {
             state: Mutex::new(State {
                 registry: Registry::default(),
                 cursors: HashMap::new(),
+                stores: HashMap::new(),
                 subscriptions: HashMap::new(),
             }),
             views: Mutex::new(Views {
@@ -539,6 +544,35 @@ mod tests {
         assert!(s.kicked.is_cancelled());
         assert!(b.trust().authenticate(false, Some(&token)).is_err());
         assert!(b.trust().authenticate(false, Some(&new)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn claims_confirmed_out_of_order_keep_their_shares() {
+        for (b, _dir) in brokers().await {
+            let key = InboxKey::new(Channel::default(), name("q"));
+            for n in 0..20 {
+                b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
+                    .await
+                    .unwrap();
+            }
+            let first = b.claim(&key, 10).await.unwrap();
+            let second = b.claim(&key, 20).await.unwrap();
+            assert_eq!((first, second), (0, 10));
+            // The later claim is stored first; the earlier one's share stands.
+            assert_eq!(b.confirm(&key, second, 20).await.unwrap(), 10);
+            assert_eq!(b.confirm(&key, first, 10).await.unwrap(), 0);
+            assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
+            // Another writer of the same store (another node) moves it on:
+            // a claim from a stale cursor gets only what lies after.
+            assert_eq!(b.engine.swap_cursor(key.clone(), 20, 25).await.unwrap(), 25);
+            for n in 20..30 {
+                b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(b.ack(&key, 30).await.unwrap(), 25, "20..25 went elsewhere");
+            assert_eq!(b.ack(&key, 30).await.unwrap(), 30, "nothing twice");
+        }
     }
 
     #[tokio::test]

@@ -151,10 +151,10 @@ where
     assert_eq!(e.seq_at_ts(acked[0].ts - 1.0).await.unwrap(), 0);
     assert_eq!(e.seq_at_ts(f64::MAX).await.unwrap(), 55);
 
-    // Cursors only move forward.
+    // Cursors move by compare-and-set from the value stored.
     assert_eq!(e.cursor(&bob).await.unwrap(), 0);
-    e.set_cursor(bob.clone(), 40).await.unwrap();
-    e.set_cursor(bob.clone(), 30).await.unwrap();
+    assert_eq!(e.swap_cursor(bob.clone(), 0, 40).await.unwrap(), 40);
+    assert_eq!(e.swap_cursor(bob.clone(), 0, 30).await.unwrap(), 40);
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
     // Compare-and-set: of two claims from the same value, one wins.
     let carl = InboxKey::new(Channel::default(), name("carl"));
@@ -407,7 +407,7 @@ where
         .await
         .unwrap()
         .unwrap();
-    e.set_cursor(dave.clone(), 1).await.unwrap();
+    e.swap_cursor(dave.clone(), 0, 1).await.unwrap();
     e.set_subscription(dave.clone(), "x.*".into(), true)
         .await
         .unwrap();

@@ -320,13 +320,6 @@ impl Engine for MemoryEngine {
         Ok(*self.state.lock().unwrap().cursors.get(key).unwrap_or(&0))
     }
 
-    async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()> {
-        let mut state = self.state.lock().unwrap();
-        let c = state.cursors.entry(key).or_default();
-        *c = (*c).max(seq);
-        Ok(())
-    }
-
     async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
         let mut state = self.state.lock().unwrap();
         let c = state.cursors.entry(key).or_default();

@@ -252,9 +252,6 @@ pub trait Engine: Send + Sync + 'static {
     /// The stored cursor of an inbox (0 if never acknowledged).
     async fn cursor(&self, key: &InboxKey) -> Result<Seq>;
 
-    /// Moves a stored cursor forward (never back); resolves once durable.
-    async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()>;
-
     /// Compare-and-set: moves the cursor of `key` to `new` only if it is
     /// `expected` now, and returns the cursor as it is afterwards (`new`
     /// when the swap happened, else the value someone else stored);

@@ -142,7 +142,6 @@ enum Op {
         len: usize,
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
-    Cursor(InboxKey, Seq, Ack),
     /// Compare-and-set of a cursor: (key, expected, new).
     Swap(InboxKey, Seq, Seq, oneshot::Sender<Result<Seq>>),
     Agent(InboxKey, f64, bool, Ack),
@@ -952,10 +951,6 @@ impl Engine for SqliteEngine {
         .await
     }
 
-    async fn set_cursor(&self, key: InboxKey, seq: Seq) -> Result<()> {
-        self.write(|ack| Op::Cursor(key, seq, ack)).await
-    }
-
     async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
         let (reply, rx) = oneshot::channel();
         self.queue(Op::Swap(key, expected, new, reply)).await?;
@@ -1067,10 +1062,7 @@ fn answer(ops: Vec<Op>, stored: Vec<Arc<Message>>, out: Applied, touched: &Touch
                 let mine: Vec<_> = stored.by_ref().take(len).collect();
                 let _ = reply.send(Ok(mine));
             }
-            Op::Cursor(.., ack)
-            | Op::Agent(.., ack)
-            | Op::Subscription(.., ack)
-            | Op::Identity(.., ack) => {
+            Op::Agent(.., ack) | Op::Subscription(.., ack) | Op::Identity(.., ack) => {
                 let _ = ack.send(Ok(()));
             }
             Op::Swap(.., reply) => {
@@ -1266,10 +1258,7 @@ impl Writer {
                         Op::Append { reply, .. } => {
                             let _ = reply.send(Err(refused()));
                         }
-                        Op::Cursor(.., ack)
-                        | Op::Agent(.., ack)
-                        | Op::Subscription(.., ack)
-                        | Op::Identity(.., ack) => {
+                        Op::Agent(.., ack) | Op::Subscription(.., ack) | Op::Identity(.., ack) => {
                             let _ = ack.send(Err(refused()));
                         }
                         Op::Swap(.., reply) => {
@@ -1352,31 +1341,11 @@ impl Writer {
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
-            let mut upsert_cursor = tx.prepare_cached(
-                "INSERT INTO cursors (channel, agent, seq) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (channel, agent) DO UPDATE SET seq = MAX(seq, excluded.seq)",
-            )?;
             let mut upsert_agent = tx.prepare_cached(
                 "INSERT INTO agents (channel, name, first_seen, last_seen, connected) VALUES (?1, ?2, ?3, ?3, ?4)
                  ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
                      connected = MAX(connected, excluded.connected)",
             )?;
-            // The furthest move per inbox among the batch's cursor ops
-            // (inboxes with a swap in the batch keep every move in order).
-            let mut newest_cursor: HashMap<InboxKey, Seq> = HashMap::new();
-            let mut swapping = std::collections::HashSet::new();
-            for op in ops.iter() {
-                match op {
-                    Op::Cursor(key, seq, _) => {
-                        let c = newest_cursor.entry(key.clone()).or_default();
-                        *c = (*c).max(*seq);
-                    }
-                    Op::Swap(key, ..) => {
-                        swapping.insert(key.clone());
-                    }
-                    _ => {}
-                }
-            }
             for op in ops.iter_mut() {
                 match op {
                     Op::Append { batch, .. } => {
@@ -1410,18 +1379,6 @@ impl Writer {
                                 recipients,
                                 message: m,
                             });
-                        }
-                    }
-                    Op::Cursor(key, seq, _) => {
-                        // One write per inbox per commit: a later move in
-                        // the same batch supersedes this one.
-                        if swapping.contains(key) || newest_cursor.get(key) == Some(seq) {
-                            newest_cursor.remove(key);
-                            upsert_cursor.execute(params![
-                                key.channel.as_str(),
-                                key.agent.as_str(),
-                                *seq as i64
-                            ])?;
                         }
                     }
                     Op::Swap(key, expected, new, _) => {

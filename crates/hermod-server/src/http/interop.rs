@@ -374,14 +374,23 @@ fn claimed_events(
                     }
                     // Polled with the queue empty: all of the claimed batch
                     // is in hyper's buffer or beyond; wait for the flush.
-                    if let Some((_, last)) = pending.claim {
+                    if let Some((previous, last)) = pending.claim {
                         if let Some(f) = &flushes {
                             let seen = f.count();
                             f.after(seen).await;
                         }
-                        if let Err(e) = pending.broker.confirm(&pending.key, last).await {
-                            tracing::error!(error = %e, "cursor update failed; ending the stream");
-                            return None;
+                        match pending.broker.confirm(&pending.key, previous, last).await {
+                            Ok(from) if from > previous => tracing::warn!(
+                                agent = %pending.key.agent,
+                                from = previous,
+                                to = from,
+                                "another node delivered part of this batch as well"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(error = %e, "cursor update failed; ending the stream");
+                                return None;
+                            }
                         }
                         pending.claim = None;
                     }

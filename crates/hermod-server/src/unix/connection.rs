@@ -743,7 +743,7 @@ fn store_claim(
         if let Some(h) = before {
             let _ = h.await;
         }
-        if let Err(e) = broker.confirm(&key, seq).await {
+        if let Err(e) = broker.confirm(&key, previous, seq).await {
             tracing::warn!(error = %e, "cursor update failed");
             broker.release(&key, previous, seq);
         }
