@@ -5,10 +5,13 @@
 //! - [`unix`]: the hermes-bus protocol over a Unix socket.
 //! - [`http`]: agent-bus, SSE-interop, the v1 API and metrics on one port.
 //! - [`actions`]: wake-up actions (and hermes-bus hooks) run after each commit.
+//! - `frames`: the one dispatcher of request frames, for the Unix socket and
+//!   the v1 WebSocket alike.
 //!
 //! [`serve`] runs all of them until a shutdown token fires.
 
 pub mod actions;
+mod frames;
 pub mod http;
 pub mod unix;
 

@@ -21,12 +21,11 @@ use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{SinkExt, StreamExt};
 use hermod_core::auth::Caller;
-use hermod_core::broker::{Session, Target};
+use hermod_core::broker::Session;
 use hermod_core::engine::Durable;
-use hermod_core::model::{AgentName, Channel, InboxKey, Seq};
-use hermod_core::wire::{self, AckMode, Envelope, Publication, Request, ServerFrame};
+use hermod_core::model::{Channel, InboxKey, Seq};
+use hermod_core::wire::{self, AckMode, Request, ServerFrame};
 use hermod_core::{Broker, Error};
-use hermod_events::Pattern;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
@@ -35,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{peer, UnixConfig};
+use crate::frames::{self, reply_when_durable, Outcome, Reply};
 
 /// Frames queued from the reader to the writer.
 const OUT_QUEUE: usize = 256;
@@ -45,17 +45,6 @@ const DELIVERY_BATCH: usize = 512;
 /// How often an auto-ack connection checks whether the client consumed what
 /// was written (only while something is unconfirmed).
 const CONFIRM_EVERY: Duration = Duration::from_millis(5);
-
-/// What a durable commit is answered with.
-#[derive(Clone, Copy)]
-enum Reply {
-    /// `sent` (the `send` extension).
-    Sent,
-    /// `published` with seq and ts (`publish` with `durable: true`).
-    Published,
-    /// Nothing unless it failed (legacy `message`, fast `publish`).
-    ErrorsOnly,
-}
 
 enum Out {
     Frame(Bytes),
@@ -231,7 +220,7 @@ impl Reader {
             Ok(c) => c,
             Err(e) => {
                 return self
-                    .send(ServerFrame::error(&e, request_id(&request)))
+                    .send(ServerFrame::error(&e, frames::request_id(&request)))
                     .await
             }
         };
@@ -241,235 +230,66 @@ impl Reader {
         }
     }
 
-    /// Applies one authenticated request; an `Err` is answered as an error frame.
+    /// Applies one authenticated request through the shared dispatcher;
+    /// an `Err` is answered as an error frame.
     async fn dispatch(&mut self, request: Request, caller: Caller) -> hermod_core::Result<bool> {
-        let trust = self.broker.trust();
-        Ok(match request {
-            Request::Register {
-                endpoint,
-                channel,
-                ack,
-                gaps,
+        let id = frames::request_id(&request);
+        let conn = frames::Conn {
+            broker: &self.broker,
+            caller: &caller,
+            agent: self.session.as_ref().map(|s| &s.key),
+            gaps: self.gaps,
+        };
+        let outcome = match frames::dispatch(conn, request).await {
+            Ok(o) => o,
+            Err(e) => return Ok(self.send(ServerFrame::error(&e, id)).await),
+        };
+        Ok(match outcome {
+            Outcome::Reply(None) => true,
+            Outcome::Reply(Some(frame)) => self.send(frame).await,
+            Outcome::Pending {
+                first,
+                durable,
+                id,
+                reply,
             } => {
+                if let Some(frame) = first {
+                    if !self.send(frame).await {
+                        return Ok(false);
+                    }
+                }
+                self.out(Out::Pending { durable, id, reply }).await
+            }
+            Outcome::Stream { reply, frames } => {
+                if let Some(frame) = reply {
+                    if !self.send(frame).await {
+                        return Ok(false);
+                    }
+                }
+                let tx = self.tx.clone();
+                self.live
+                    .push(AbortOnDropHandle::new(tokio::spawn(async move {
+                        let mut frames = frames;
+                        while let Some(batch) = frames.next().await {
+                            for f in batch {
+                                if tx.send(Out::Frame(f)).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    })));
+                true
+            }
+            Outcome::Register { key, ack, gaps } => {
                 if self.session.is_some() {
                     return Err(Error::InvalidRequest(
                         "this connection is already registered".into(),
                     ));
                 }
                 self.gaps = gaps;
-                self.register(InboxKey::new(channel, endpoint), ack, caller)
-                    .await
-            }
-            Request::Ping => self.send(ServerFrame::Pong).await,
-            Request::Status => self.send(ServerFrame::status(self.broker.degraded())).await,
-            Request::Message(env) => self.submit(env, false, &caller).await,
-            Request::Send(env) => self.submit(env, true, &caller).await,
-            Request::ListEndpoints => {
-                self.send(ServerFrame::EndpointsList {
-                    endpoints: self.broker.endpoints(),
-                })
-                .await
-            }
-            Request::Inbox { key, after, limit } => {
-                trust.may_act_as(&caller, &key)?;
-                let frame = self.peek(&key, after, limit).await?;
-                self.send(frame).await
-            }
-            Request::Tail => {
-                // Every message on the bus: for the owner and admins only.
-                trust.may_admin(&caller)?;
-                // A bounded tap: a watcher that cannot keep up misses messages.
-                let mut tap = self.broker.tap(1024);
-                let tx = self.tx.clone();
-                self.live
-                    .push(AbortOnDropHandle::new(tokio::spawn(async move {
-                        while let Some(t) = tap.recv().await {
-                            if tx
-                                .send(Out::Frame(wire::message_bytes(&t.message)))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                    })));
-                true
-            }
-            Request::Publish(p) => self.publish(p, &caller).await,
-            Request::Subscribe {
-                pattern,
-                durable,
-                every_channel,
-            } => {
-                self.subscribe(pattern, durable, every_channel, &caller)
-                    .await?
-            }
-            Request::Agents => {
-                let agents = self.broker.summaries().await?;
-                self.send(ServerFrame::AgentsList { agents }).await
-            }
-            Request::Forget(key) => {
-                self.broker.forget(&caller, key.clone()).await?;
-                self.send(ServerFrame::Forgotten {
-                    agent: key.agent.to_string(),
-                    channel: key.channel.to_string(),
-                })
-                .await
-            }
-            Request::Ack(seq) => match &self.session {
-                Some(s) => {
-                    self.broker.ack(&s.key, seq).await?;
-                    true
-                }
-                None => {
-                    return Err(Error::InvalidRequest(
-                        "ack needs a registered connection".into(),
-                    ))
-                }
-            },
-            Request::IdentityAdd(spec) => {
-                let (identity, token) = self.broker.add_identity(spec).await?;
-                let token = Some(token);
-                self.send(ServerFrame::Identity { identity, token }).await
-            }
-            Request::IdentityRotate(name) => {
-                let (identity, token) = self.broker.rotate_identity(&name).await?;
-                let token = Some(token);
-                self.send(ServerFrame::Identity { identity, token }).await
-            }
-            Request::IdentityRevoke(name) => {
-                let identity = self.broker.revoke_identity(&name).await?;
-                let token = None;
-                self.send(ServerFrame::Identity { identity, token }).await
-            }
-            Request::IdentityList => {
-                let identities = trust.identities();
-                self.send(ServerFrame::Identities { identities }).await
+                self.register(key, ack, caller).await
             }
         })
-    }
-
-    async fn publish(&mut self, p: Publication, caller: &Caller) -> bool {
-        let wait = p.durable;
-        let (id, submitted) = self
-            .broker
-            .publish_frame(caller, p, self.registered_name())
-            .await;
-        let durable = match submitted {
-            Ok(d) => d,
-            Err(e) => return self.send(ServerFrame::error(&e, Some(id))).await,
-        };
-        if wait {
-            return self
-                .out(Out::Pending {
-                    durable,
-                    id,
-                    reply: Reply::Published,
-                })
-                .await;
-        }
-        // Fast class: answered now; a failed commit is still reported.
-        let accepted = ServerFrame::Published {
-            id: id.clone(),
-            seq: None,
-            ts: None,
-        };
-        self.send(accepted).await
-            && self
-                .out(Out::Pending {
-                    durable,
-                    id,
-                    reply: Reply::ErrorsOnly,
-                })
-                .await
-    }
-
-    async fn subscribe(
-        &mut self,
-        pattern: String,
-        durable: bool,
-        every_channel: bool,
-        caller: &Caller,
-    ) -> hermod_core::Result<bool> {
-        // A bad pattern is reported before anything else.
-        Pattern::parse(&pattern)?;
-        if durable {
-            let Some(key) = self.session.as_ref().map(|s| s.key.clone()) else {
-                return Err(Error::InvalidRequest(
-                    "a durable subscription needs a registered connection".into(),
-                ));
-            };
-            self.broker.subscribe(caller, key, &pattern).await?;
-            return Ok(self
-                .send(ServerFrame::Subscribed { pattern, durable })
-                .await);
-        }
-        // The start point is fixed before the client hears `subscribed`.
-        let channel = (!every_channel).then(|| {
-            self.session
-                .as_ref()
-                .map(|s| s.key.channel.clone())
-                .unwrap_or_default()
-        });
-        let events =
-            self.broker
-                .follow_pattern(caller, channel, &pattern, self.broker.committed().0)?;
-        if !self
-            .send(ServerFrame::Subscribed { pattern, durable })
-            .await
-        {
-            return Ok(false);
-        }
-        let (tx, gaps) = (self.tx.clone(), self.gaps);
-        self.live
-            .push(AbortOnDropHandle::new(tokio::spawn(async move {
-                let mut events = std::pin::pin!(events);
-                while let Some(Ok(batch)) = events.next().await {
-                    if let Some(gap) = batch.gap.filter(|_| gaps) {
-                        if tx
-                            .send(Out::Frame(ServerFrame::Gap(gap).to_bytes()))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    for m in &batch.messages {
-                        if tx.send(Out::Frame(wire::message_bytes(m))).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            })));
-        Ok(true)
-    }
-
-    async fn peek(
-        &self,
-        key: &InboxKey,
-        after: Option<Seq>,
-        limit: usize,
-    ) -> hermod_core::Result<ServerFrame> {
-        let cursor = self.broker.cursor(key).await?;
-        let batch = self
-            .broker
-            .read(key, after.unwrap_or(cursor), limit)
-            .await?;
-        Ok(ServerFrame::InboxPage {
-            messages: batch
-                .messages
-                .iter()
-                .map(|m| wire::MessageFrame::from(m.as_ref()))
-                .collect(),
-            cursor,
-            gap: batch.gap,
-        })
-    }
-
-    /// The sender name of this connection's messages without a `from`
-    /// (hermes-bus fills it for registered senders).
-    fn registered_name(&self) -> Option<AgentName> {
-        self.session.as_ref().map(|s| s.key.agent.clone())
     }
 
     async fn register(&mut self, key: InboxKey, mode: AckMode, caller: Caller) -> bool {
@@ -505,45 +325,12 @@ impl Reader {
                 .await
     }
 
-    async fn submit(&mut self, mut env: Envelope, reply: bool, caller: &Caller) -> bool {
-        let id = env
-            .id
-            .get_or_insert_with(hermod_core::model::new_id)
-            .clone();
-        if env.from.is_none() {
-            env.from = self.registered_name();
-        }
-        // Legacy frames keep the original's typo protection; `send` may
-        // address an agent that has not connected yet.
-        let target = if reply { Target::Any } else { Target::Known };
-        match self.broker.send(caller, env, target).await {
-            Ok(durable) => {
-                let reply = if reply {
-                    Reply::Sent
-                } else {
-                    Reply::ErrorsOnly
-                };
-                self.out(Out::Pending { durable, id, reply }).await
-            }
-            Err(e) => self.send(ServerFrame::error(&e, Some(id))).await,
-        }
-    }
-
     async fn send(&self, frame: ServerFrame) -> bool {
         self.out(Out::Frame(frame.to_bytes())).await
     }
 
     async fn out(&self, out: Out) -> bool {
         self.tx.send(out).await.is_ok()
-    }
-}
-
-/// The id an error reply should carry, for requests that name one.
-fn request_id(request: &Request) -> Option<String> {
-    match request {
-        Request::Message(env) | Request::Send(env) => env.id.clone(),
-        Request::Publish(p) => p.id.clone(),
-        _ => None,
     }
 }
 
@@ -748,29 +535,4 @@ fn store_claim(
             broker.release(&key, previous, seq);
         }
     })
-}
-
-/// Waits for durability and returns the frame owed to the sender, if any.
-async fn reply_when_durable(durable: Durable, id: String, reply: Reply) -> Option<Bytes> {
-    let frame = match durable.await {
-        Ok(Ok(stored)) => {
-            let m = stored.first()?;
-            match reply {
-                Reply::Sent => Some(ServerFrame::Sent {
-                    id: m.id.clone(),
-                    seq: m.seq,
-                    ts: m.ts,
-                }),
-                Reply::Published => Some(ServerFrame::Published {
-                    id: m.id.clone(),
-                    seq: Some(m.seq),
-                    ts: Some(m.ts),
-                }),
-                Reply::ErrorsOnly => None,
-            }
-        }
-        Ok(Err(e)) => Some(ServerFrame::error(&e, Some(id))),
-        Err(_) => Some(ServerFrame::error(&Error::ShuttingDown, Some(id))),
-    };
-    frame.map(|f| f.to_bytes())
 }

@@ -32,7 +32,6 @@ use hermod_core::auth::Caller;
 use hermod_core::broker::{Batch, Reader, Target};
 use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
 use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
-use hermod_events::Pattern;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};

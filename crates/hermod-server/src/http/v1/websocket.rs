@@ -3,7 +3,9 @@
 //! answered on the same socket.
 
 use super::*;
+use crate::frames::{self, Outcome};
 use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use bytes::Bytes;
 
 #[derive(Deserialize)]
 pub(super) struct ChannelQuery {
@@ -29,6 +31,10 @@ pub(super) async fn upgrade(
         .into_response())
 }
 
+/// Replies waiting for durability at once; beyond it the socket is not
+/// read until some resolve.
+const MAX_PENDING: usize = 8192;
+
 pub(super) async fn ws_session(
     app: AppState,
     caller: Caller,
@@ -41,27 +47,45 @@ pub(super) async fn ws_session(
         return;
     };
     let mut inbox = Box::pin(broker.follow(key.clone(), cursor));
-    let mut live = TopicStreams::new();
+    let mut live = futures::stream::SelectAll::<frames::Frames>::new();
+    let mut pending = futures::stream::FuturesOrdered::<
+        futures::future::BoxFuture<'static, Option<Bytes>>,
+    >::new();
     let (mut tx, mut rx) = socket.split();
     loop {
-        let out: Vec<String> = tokio::select! {
+        let out: Vec<Bytes> = tokio::select! {
             _ = app.shutdown.cancelled() => break,
             batch = inbox.next() => match batch {
-                Some(Ok(batch)) => batch_frames(&batch).collect(),
+                Some(Ok(batch)) => frames::batch_frames(&batch, true),
                 _ => break,
             },
-            Some(events) = live.next(), if !live.is_empty() => events,
-            incoming = rx.next() => match incoming {
-                Some(Ok(ws::Message::Text(text))) => ws_request(&app, &caller, &key, text.as_bytes(), &mut live).await.into_iter().collect(),
+            Some(batch) = live.next(), if !live.is_empty() => batch,
+            Some(reply) = pending.next(), if !pending.is_empty() => reply.into_iter().collect(),
+            incoming = rx.next(), if pending.len() < MAX_PENDING => match incoming {
+                Some(Ok(ws::Message::Text(text))) => {
+                    match ws_request(&app, &caller, &key, text.as_bytes()).await {
+                        Outcome::Reply(frame) => frame.map(|f| f.to_bytes()).into_iter().collect(),
+                        Outcome::Pending { first, durable, id, reply } => {
+                            pending.push_back(Box::pin(frames::reply_when_durable(durable, id, reply)));
+                            first.map(|f| f.to_bytes()).into_iter().collect()
+                        }
+                        Outcome::Stream { reply, frames } => {
+                            live.push(frames);
+                            reply.map(|f| f.to_bytes()).into_iter().collect()
+                        }
+                        Outcome::Register { .. } => unreachable!("answered in ws_request"),
+                    }
+                }
                 Some(Ok(ws::Message::Binary(_))) => {
                     let e = hermod_core::Error::InvalidJson("frames are JSON text".into());
-                    vec![frame_json(ServerFrame::error(&e, None))]
+                    vec![ServerFrame::error(&e, None).to_bytes()]
                 }
                 Some(Ok(_)) => continue, // ping/pong are answered by axum
                 _ => break,
             },
         };
-        for text in out {
+        for frame in out {
+            let text = String::from_utf8(frame.to_vec()).expect("frames are JSON text");
             if tx.send(ws::Message::Text(text.into())).await.is_err() {
                 return;
             }
@@ -70,112 +94,34 @@ pub(super) async fn ws_session(
     let _ = tx.close().await;
 }
 
-/// A batch as WebSocket text frames: the gap first, if any.
-fn batch_frames(batch: &Batch) -> impl Iterator<Item = String> + '_ {
-    let gap = batch.gap.map(|g| frame_json(ServerFrame::Gap(g)));
-    gap.into_iter()
-        .chain(batch.messages.iter().map(|m| frame_text(m)))
-}
-
-pub(super) fn frame_json(frame: ServerFrame) -> String {
-    String::from_utf8(frame.to_bytes().to_vec()).expect("serde_json writes UTF-8")
-}
-/// Live topic subscriptions of one WebSocket: each yields the frames of the
-/// matching events of a batch.
-pub(super) type TopicStreams =
-    futures::stream::SelectAll<futures::stream::BoxStream<'static, Vec<String>>>;
-
-/// Topic events of `channel` matching `pattern`, from now on, as frames.
-pub(super) fn topic_frames(
-    app: &AppState,
-    caller: &Caller,
-    channel: Channel,
-    pattern: &str,
-) -> hermod_core::Result<futures::stream::BoxStream<'static, Vec<String>>> {
-    let start = app.broker.committed().0;
-    let events = app
-        .broker
-        .follow_pattern(caller, Some(channel), pattern, start)?;
-    Ok(events
-        .filter_map(|batch| futures::future::ready(batch.ok().map(|b| batch_frames(&b).collect())))
-        .boxed())
-}
-
-/// Handles one client frame on a v1 WebSocket; returns the reply, if any.
-/// Frames without a `channel` use the socket's channel.
-pub(super) async fn ws_request(
-    app: &AppState,
-    caller: &Caller,
-    key: &InboxKey,
-    bytes: &[u8],
-    live: &mut TopicStreams,
-) -> Option<String> {
+/// Handles one client frame on a v1 WebSocket through the shared
+/// dispatcher, as the socket's agent; frames without a `channel` use the
+/// socket's channel. Never [`Outcome::Register`]: that is answered here.
+async fn ws_request(app: &AppState, caller: &Caller, key: &InboxKey, bytes: &[u8]) -> Outcome {
+    let error = |e: &hermod_core::Error, id| Outcome::Reply(Some(ServerFrame::error(e, id)));
     let request = match wire::parse_client_frame_in(bytes, &key.channel) {
         Ok(r) => r,
-        Err(e) => return Some(frame_json(ServerFrame::error(&e, None))),
+        Err(e) => return error(&e, None),
     };
-    let reply = match request {
-        Request::Ping => Ok(ServerFrame::Pong),
-        Request::Status => Ok(ServerFrame::status(app.broker.degraded())),
-        Request::Send(mut env) | Request::Message(mut env) => {
-            env.from = env.from.or_else(|| Some(key.agent.clone()));
-            let id = env.id.clone();
-            match app.broker.send_durable(caller, env, Target::Any).await {
-                Ok(m) => Ok(ServerFrame::Sent {
-                    id: m.id.clone(),
-                    seq: m.seq,
-                    ts: m.ts,
-                }),
-                Err(e) => Err((e, id)),
-            }
+    let refused = match &request {
+        Request::Register { .. } => Some("the agent of a WebSocket is in its URL"),
+        r if r.manages_identities() => {
+            Some("identities are managed over the Unix socket (`hermod identity`)")
         }
-        Request::Publish(p) => {
-            let from = p.from.clone().or_else(|| Some(key.agent.clone()));
-            match publish(app, caller, p, from).await {
-                Ok(frame) => Ok(frame),
-                Err(e) => Err((e, None)),
-            }
-        }
-        Request::Subscribe {
-            pattern, durable, ..
-        } => match Pattern::parse(&pattern) {
-            Err(e) => Err((e.into(), None)),
-            Ok(_) if durable => match app.broker.subscribe(caller, key.clone(), &pattern).await {
-                Ok(_) => Ok(ServerFrame::Subscribed { pattern, durable }),
-                Err(e) => Err((e, None)),
-            },
-            Ok(_) => match topic_frames(app, caller, key.channel.clone(), &pattern) {
-                Ok(frames) => {
-                    live.push(frames);
-                    Ok(ServerFrame::Subscribed { pattern, durable })
-                }
-                Err(e) => Err((e, None)),
-            },
-        },
-        Request::Ack(seq) => match app.broker.ack(key, seq).await {
-            Ok(_) => return None,
-            Err(e) => Err((e, None)),
-        },
-        Request::ListEndpoints => Ok(ServerFrame::EndpointsList {
-            endpoints: app.broker.endpoints(),
-        }),
-        Request::Agents
-        | Request::Register { .. }
-        | Request::Inbox { .. }
-        | Request::Tail
-        | Request::IdentityAdd(_)
-        | Request::IdentityList
-        | Request::IdentityRotate(_)
-        | Request::IdentityRevoke(_)
-        | Request::Forget(_) => Err((
-            hermod_core::Error::InvalidRequest(
-                "use GET /v1/agents; the agent of a WebSocket is in its URL".into(),
-            ),
-            None,
-        )),
+        _ => None,
     };
-    Some(match reply {
-        Ok(frame) => frame_json(frame),
-        Err((e, id)) => frame_json(ServerFrame::error(&e, id)),
-    })
+    if let Some(why) = refused {
+        return error(&hermod_core::Error::InvalidRequest(why.into()), None);
+    }
+    let id = frames::request_id(&request);
+    let conn = frames::Conn {
+        broker: &app.broker,
+        caller,
+        agent: Some(key),
+        gaps: true,
+    };
+    match frames::dispatch(conn, request).await {
+        Ok(outcome) => outcome,
+        Err(e) => error(&e, id),
+    }
 }
