@@ -95,6 +95,22 @@ impl Broker {
         }
     }
 
+    /// [`Broker::claim`] for a destructive stream (interop `/subscribe`),
+    /// as a guard: the stream delivers the messages after
+    /// [`Claim::previous`] up to `seq`, then [`Claim::confirm`]s once they
+    /// reached the client. Dropped unconfirmed (the stream died with them
+    /// in a buffer), the claim is released: the next reader gets them.
+    pub async fn claim_through(&self, key: &InboxKey, seq: Seq) -> Result<Claim> {
+        let previous = self.claim(key, seq).await?;
+        let seq = seq.min(self.committed().0);
+        Ok(Claim {
+            broker: self.clone(),
+            key: key.clone(),
+            range: (seq > previous).then_some((previous, seq)),
+            previous,
+        })
+    }
+
     /// Undoes a claim from `previous` to `seq`, unless a later claim has
     /// moved the cursor on since.
     pub fn release(&self, key: &InboxKey, previous: Seq, seq: Seq) {
@@ -116,5 +132,44 @@ impl Broker {
     pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
         let cursor = self.cursor(key).await?;
         self.engine.count_inbox(key, cursor).await
+    }
+}
+
+/// A batch claimed from a shared cursor; see [`Broker::claim_through`].
+pub struct Claim {
+    broker: Broker,
+    key: InboxKey,
+    previous: Seq,
+    /// What is claimed and not stored yet (none: nothing new was claimed).
+    range: Option<(Seq, Seq)>,
+}
+
+impl Claim {
+    /// The claimer's share is the messages after this.
+    pub fn previous(&self) -> Seq {
+        self.previous
+    }
+
+    /// Stores the claim; resolves once durable.
+    pub async fn confirm(mut self) -> Result<()> {
+        let Some((previous, seq)) = self.range.take() else {
+            return Ok(());
+        };
+        let from = self.broker.confirm(&self.key, previous, seq).await?;
+        if from > previous {
+            // Another node's reader took part of it while this one
+            // delivered it: those went out twice.
+            tracing::warn!(agent = %self.key.agent, from = previous, to = from,
+                "another node delivered part of this batch as well");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some((previous, seq)) = self.range.take() {
+            self.broker.release(&self.key, previous, seq);
+        }
     }
 }

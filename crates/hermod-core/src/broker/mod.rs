@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use cursors::Claim;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
 

@@ -21,7 +21,7 @@ use axum::Extension;
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use hermod_core::auth::Caller;
-use hermod_core::broker::{Session, Target};
+use hermod_core::broker::{Claim, Session, Target};
 use hermod_core::model::{AgentName, Body, InboxKey, Message, Seq};
 use hermod_core::wire::{parse_channel, Envelope};
 use hermod_core::Broker;
@@ -322,24 +322,6 @@ fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Even
     })
 }
 
-/// A claim of the shared cursor whose messages may not have reached the
-/// client yet: undone if the stream ends before it is confirmed.
-struct Pending {
-    broker: Broker,
-    key: InboxKey,
-    claim: Option<(Seq, Seq)>,
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if let Some((previous, last)) = self.claim.take() {
-            // The connection died with these in a buffer of ours: the
-            // next reader of the inbox gets them again.
-            self.broker.release(&self.key, previous, last);
-        }
-    }
-}
-
 /// The inbox as SSE events, each batch claimed through the shared cursor.
 ///
 /// A batch is claimed (in memory, so `/poll` skips it) before it is
@@ -357,75 +339,64 @@ fn claimed_events(
     flushes: Option<Flushes>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let batches = Box::pin(broker.follow(key.clone(), after));
-    let pending = Pending {
-        broker,
-        key,
-        claim: None,
-    };
-    let state = (batches, VecDeque::<Event>::new(), pending, session);
-    futures::stream::unfold(
-        state,
-        move |(mut batches, mut queue, mut pending, session)| {
-            let flushes = flushes.clone();
-            async move {
-                loop {
-                    if let Some(event) = queue.pop_front() {
-                        return Some((Ok(event), (batches, queue, pending, session)));
-                    }
-                    // Polled with the queue empty: all of the claimed batch
-                    // is in hyper's buffer or beyond; wait for the flush.
-                    if let Some((previous, last)) = pending.claim {
-                        if let Some(f) = &flushes {
-                            let seen = f.count();
-                            f.after(seen).await;
-                        }
-                        match pending.broker.confirm(&pending.key, previous, last).await {
-                            Ok(from) if from > previous => tracing::warn!(
-                                agent = %pending.key.agent,
-                                from = previous,
-                                to = from,
-                                "another node delivered part of this batch as well"
-                            ),
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!(error = %e, "cursor update failed; ending the stream");
-                                return None;
-                            }
-                        }
-                        pending.claim = None;
-                    }
-                    let batch = match batches.next().await? {
-                        Ok(b) => b,
-                        Err(e) => {
-                            tracing::error!(error = %e, "inbox read failed; ending the stream");
-                            return None;
-                        }
-                    };
-                    queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
-                    let Some(last) = batch.messages.last().map(|m| m.seq) else {
-                        continue;
-                    };
-                    let previous = match pending.broker.claim(&pending.key, last).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cursor read failed; ending the stream");
-                            return None;
-                        }
-                    };
-                    if last > previous {
-                        pending.claim = Some((previous, last));
-                    }
-                    queue.extend(
-                        batch
-                            .messages
-                            .iter()
-                            .filter(|m| m.seq <= replay_until || m.seq > previous)
-                            .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
-                    );
+    let pending: Option<Claim> = None;
+    // The session rides along: the agent is connected while this streams.
+    let state = (
+        batches,
+        VecDeque::<Event>::new(),
+        pending,
+        (session, broker, key),
+    );
+    futures::stream::unfold(state, move |(mut batches, mut queue, mut pending, ctx)| {
+        let flushes = flushes.clone();
+        async move {
+            loop {
+                if let Some(event) = queue.pop_front() {
+                    return Some((Ok(event), (batches, queue, pending, ctx)));
                 }
+                // Polled with the queue empty: all of the claimed batch
+                // is in hyper's buffer or beyond; wait for the flush.
+                if let Some(claim) = pending.take() {
+                    if let Some(f) = &flushes {
+                        let seen = f.count();
+                        f.after(seen).await;
+                    }
+                    if let Err(e) = claim.confirm().await {
+                        tracing::error!(error = %e, "cursor update failed; ending the stream");
+                        return None;
+                    }
+                }
+                let batch = match batches.next().await? {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "inbox read failed; ending the stream");
+                        return None;
+                    }
+                };
+                queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
+                let Some(last) = batch.messages.last().map(|m| m.seq) else {
+                    continue;
+                };
+                let (_, broker, key) = &ctx;
+                let claim = match broker.claim_through(key, last).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cursor read failed; ending the stream");
+                        return None;
+                    }
+                };
+                let previous = claim.previous();
+                pending = Some(claim);
+                queue.extend(
+                    batch
+                        .messages
+                        .iter()
+                        .filter(|m| m.seq <= replay_until || m.seq > previous)
+                        .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
+                );
             }
-        },
-    )
+        }
+    })
 }
 
 #[cfg(test)]
