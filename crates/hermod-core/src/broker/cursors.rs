@@ -64,34 +64,72 @@ impl Broker {
     /// of it). A share that went out already then went out twice, which
     /// the caller may log; a `/poll` confirms before it answers, so it
     /// never does.
+    ///
+    /// This node stores one inbox's cursor one swap at a time (a later
+    /// confirm waits its turn, never holding a lock while it waits), so
+    /// it always knows the value it expects, and a swap that fails can
+    /// only mean another node moved the cursor.
     pub async fn confirm(&self, key: &InboxKey, previous: Seq, seq: Seq) -> Result<Seq> {
         let seq = seq.min(self.committed().0);
+        let mut turn = self.store_turn(key).await;
+        let mut expected = match turn.known {
+            Some(v) => v,
+            None => self.engine.cursor(key).await?,
+        };
         loop {
-            let stored = self.engine.cursor(key).await?;
-            if stored >= seq {
+            if expected >= seq {
                 // Already stored: by this node's own later claim (which
                 // covered this one: the share stands), or by another's.
-                let mut state = self.shared.state.lock().unwrap();
-                let from = match state.stores.get(key) {
-                    Some(&(from, to)) if to >= seq && from < seq => previous.max(from),
-                    _ => previous.max(stored),
+                turn.known = Some(expected);
+                let from = match turn.own {
+                    Some((from, to)) if to >= seq && from < seq => previous.max(from),
+                    _ => previous.max(expected),
                 };
-                let c = state.cursors.entry(key.clone()).or_insert(stored);
-                *c = (*c).max(stored);
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_insert(expected);
+                *c = (*c).max(expected);
                 return Ok(from);
             }
-            if self.engine.swap_cursor(key.clone(), stored, seq).await? == seq {
-                let mut state = self.shared.state.lock().unwrap();
-                let own = state.stores.entry(key.clone()).or_insert((stored, stored));
-                *own = if own.1 == stored {
-                    (own.0, seq)
-                } else {
-                    (stored, seq)
-                };
-                return Ok(previous.max(stored));
+            // Unknown until the answer comes: a cancelled or failed swap
+            // may or may not have been applied.
+            turn.known = None;
+            let now = self.engine.swap_cursor(key.clone(), expected, seq).await?;
+            if now == seq {
+                turn.own = Some(match turn.own {
+                    Some((from, to)) if to == expected => (from, seq),
+                    _ => (expected, seq),
+                });
+                turn.known = Some(seq);
+                return Ok(previous.max(expected));
             }
-            // Someone stored another value between the read and the swap:
-            // read it again.
+            // Another node stored `now` since this node last looked.
+            turn.own = None;
+            expected = now;
+        }
+    }
+
+    /// Waits until no other confirm of `key` is storing on this node, and
+    /// takes the turn (given back when the guard drops).
+    async fn store_turn(&self, key: &InboxKey) -> StoreTurn {
+        loop {
+            let notify = {
+                let mut state = self.shared.state.lock().unwrap();
+                let s = state.stores.entry(key.clone()).or_default();
+                if !s.busy {
+                    s.busy = true;
+                    return StoreTurn {
+                        shared: self.shared.clone(),
+                        key: key.clone(),
+                        known: s.known,
+                        own: s.own,
+                        turn: s.turn.clone(),
+                    };
+                }
+                s.turn.clone()
+            };
+            // A turn given back before this waits leaves a permit, so the
+            // wake-up is never missed (a stale one only loops once more).
+            notify.notified().await;
         }
     }
 
@@ -171,5 +209,41 @@ impl Drop for Claim {
         if let Some((previous, seq)) = self.range.take() {
             self.broker.release(&self.key, previous, seq);
         }
+    }
+}
+
+/// How this node stores one inbox's cursor: one swap at a time.
+#[derive(Default)]
+pub(crate) struct Stores {
+    busy: bool,
+    /// The value this node knows is stored (`None`: read it first).
+    known: Option<Seq>,
+    /// The newest run of stored values this node wrote itself, `(from,
+    /// to]`: tells its own later stores from another node's.
+    own: Option<(Seq, Seq)>,
+    turn: Arc<tokio::sync::Notify>,
+}
+
+/// The turn to store one inbox's cursor; what the holder learned goes
+/// back when it drops. A holder cancelled mid-swap leaves the stored
+/// value unknown, so the next one reads it first.
+struct StoreTurn {
+    shared: Arc<Shared>,
+    key: InboxKey,
+    known: Option<Seq>,
+    own: Option<(Seq, Seq)>,
+    turn: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for StoreTurn {
+    fn drop(&mut self) {
+        let mut state = self.shared.state.lock().unwrap();
+        if let Some(s) = state.stores.get_mut(&self.key) {
+            s.busy = false;
+            s.known = self.known.take();
+            s.own = self.own.take();
+        }
+        // Also when the inbox was forgotten meanwhile: nobody waits forever.
+        self.turn.notify_one();
     }
 }

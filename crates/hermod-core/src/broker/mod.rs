@@ -100,9 +100,8 @@ struct State {
     /// Cursors claimed since start (the engine stores them once
     /// confirmed); read first so a quick re-registration resumes exactly.
     cursors: HashMap<InboxKey, Seq>,
-    /// Per inbox, the newest run of stored cursor values this node wrote
-    /// itself, `(from, to)`: tells its own stores from another node's.
-    stores: HashMap<InboxKey, (Seq, Seq)>,
+    /// Per inbox, how this node stores its cursor (one swap at a time).
+    stores: HashMap<InboxKey, cursors::Stores>,
     /// Durable topic subscriptions: matching events land in these inboxes.
     subscriptions: HashMap<Channel, Vec<(AgentName, Pattern)>>,
 }
