@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::Session;
 use hermod_core::engine::Durable;
@@ -395,8 +395,14 @@ impl Writer {
                     rx.close();
                 }
                 Some(reply) = pending.next(), if !pending.is_empty() => {
-                    if let Some(frame) = reply {
-                        self.write(vec![frame]).await?;
+                    // Every other receipt that is ready too (a group commit
+                    // resolves many at once) goes out in the same write.
+                    let mut frames: Vec<Bytes> = Option::<Bytes>::into_iter(reply).collect();
+                    while let Some(Some(more)) = pending.next().now_or_never() {
+                        frames.extend(more);
+                    }
+                    if !frames.is_empty() {
+                        self.write(frames).await?;
                     }
                 }
                 out = rx.recv(), if reader_open && pending.len() < MAX_PENDING => match out {
