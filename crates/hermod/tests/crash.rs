@@ -91,8 +91,16 @@ struct Acked {
 }
 
 /// Over HTTP (until the daemon dies): moves `reader`'s cursor forward and
-/// adds durable subscriptions, recording what each answer acknowledged.
-async fn cursor_mover(url: String, round: usize, acked: Arc<Mutex<Acked>>) {
+/// adds durable subscriptions, recording what each answer acknowledged;
+/// `started` fires once the first subscription is acknowledged (so a
+/// loaded machine cannot make every round end before anything of this).
+async fn cursor_mover(
+    url: String,
+    round: usize,
+    acked: Arc<Mutex<Acked>>,
+    started: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut started = Some(started);
     let http = reqwest::Client::new();
     for n in 0..10_000u64 {
         let target = acked.lock().unwrap().cursor + 1 + n % 7;
@@ -126,6 +134,9 @@ async fn cursor_mover(url: String, round: usize, acked: Arc<Mutex<Acked>>) {
             };
             if r.status().is_success() {
                 acked.lock().unwrap().patterns.push(pattern);
+                if let Some(s) = started.take() {
+                    let _ = s.send(());
+                }
             }
         }
     }
@@ -199,7 +210,11 @@ fn kill_9_at_random_points_loses_no_acknowledged_message() {
                 ))
             })
             .collect();
-        tasks.push(rt.spawn(cursor_mover(d.http.clone(), round, reader.clone())));
+        let (started, moving) = tokio::sync::oneshot::channel();
+        tasks.push(rt.spawn(cursor_mover(d.http.clone(), round, reader.clone(), started)));
+        // The kill point stays random, counted from when all of the
+        // traffic (sends, cursor moves, subscriptions) is under way.
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), moving).await });
         std::thread::sleep(Duration::from_millis(5 + rng.next() % 120));
         d.kill9();
         for t in tasks {
