@@ -85,8 +85,9 @@ pub(super) async fn ws_session(
             },
         };
         for frame in out {
-            let text = String::from_utf8(frame.to_vec()).expect("frames are JSON text");
-            if tx.send(ws::Message::Text(text.into())).await.is_err() {
+            // The frame's bytes as they are (serde_json writes UTF-8): no copy.
+            let text = ws::Utf8Bytes::try_from(frame).expect("frames are JSON text");
+            if tx.send(ws::Message::Text(text)).await.is_err() {
                 return;
             }
         }
