@@ -1,0 +1,395 @@
+//! What one node knows of the store: an index of the log (which seqs each
+//! view holds, their ts, how far each view was pruned), the newest
+//! messages themselves, and the state kept in the KV bucket (registry,
+//! subscriptions, identities).
+//!
+//! JetStream has no secondary index, so every node builds this one by
+//! following the log once (see the crate docs). It is derived state: a
+//! node that starts rebuilds it from the stream and the bucket, and every
+//! node applies the same log and the same pruned marks in the same order,
+//! so all of them agree. Bodies older than the newest [`CACHE_MESSAGES`]
+//! are not kept here; reads fetch them with direct gets.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use hermod_core::auth::Identity;
+use hermod_core::engine::{KnownAgent, Retention, View, PRUNE_BUDGET};
+use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq};
+
+/// Newest message bodies a node keeps in memory.
+pub const CACHE_MESSAGES: usize = 65_536;
+
+/// What the index keeps of one logged message.
+struct Meta {
+    ts: f64,
+    channel: Channel,
+    topic: bool,
+    bytes: u64,
+    recipients: Box<[AgentName]>,
+    /// Inboxes that still hold it.
+    refs: usize,
+}
+
+/// An agent's registry entry, as stored in the KV bucket.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AgentEntry {
+    pub first_seen: f64,
+    pub last_seen: f64,
+    pub connected: bool,
+}
+
+/// A seq of a view, with its message when it is cached.
+pub type Entry = (Seq, Option<Arc<Message>>);
+
+/// See the module docs.
+#[derive(Default)]
+pub struct Index {
+    log: BTreeMap<Seq, Meta>,
+    /// (seq, ts) of every message applied, oldest first: ts grows with
+    /// seq, so `since=ts` is a binary search.
+    times: VecDeque<(Seq, f64)>,
+    inboxes: HashMap<InboxKey, VecDeque<Seq>>,
+    topics: HashMap<Channel, VecDeque<Seq>>,
+    all_topics: VecDeque<Seq>,
+    floors: HashMap<View, Seq>,
+    /// Where each forgotten inbox starts again.
+    epochs: HashMap<InboxKey, Seq>,
+    bytes: u64,
+    cache: BTreeMap<Seq, Arc<Message>>,
+    /// The newest applied seq and its ts.
+    pub last: (Seq, f64),
+    pub agents: BTreeMap<InboxKey, AgentEntry>,
+    pub subscriptions: BTreeSet<(InboxKey, String)>,
+    pub identities: BTreeMap<AgentName, Identity>,
+}
+
+/// One prune step's decisions: marks to store and messages to delete.
+#[derive(Debug, Default)]
+pub struct PruneStep {
+    pub floors: Vec<(View, Seq)>,
+    pub delete: Vec<Seq>,
+    pub more: bool,
+}
+
+impl Index {
+    /// The ts the next message gets when the stream stamped it at
+    /// `stamped`: strictly above the previous one (see the `ts` rule in
+    /// hermod-core's engine docs). Every node computes the same.
+    pub fn next_ts(&self, stamped: f64) -> f64 {
+        let prev = self.last.1;
+        if stamped > prev {
+            return stamped;
+        }
+        let mut ts = prev + 1e-6;
+        while ts <= prev {
+            ts = f64::from_bits(ts.to_bits() + 1);
+        }
+        ts
+    }
+
+    /// Applies one message of the log.
+    pub fn append(&mut self, message: Arc<Message>, recipients: Vec<AgentName>) {
+        let seq = message.seq;
+        self.last = (seq, message.ts);
+        self.times.push_back((seq, message.ts));
+        // Every message passes through the cache, so the node that sent
+        // it can answer with it once it is applied.
+        self.cache.insert(seq, message.clone());
+        if self.cache.len() > CACHE_MESSAGES {
+            self.cache.pop_first();
+        }
+        let mut refs = 0;
+        for r in &recipients {
+            let key = InboxKey::new(message.channel.clone(), r.clone());
+            let floor = self.floor(&View::Inbox(key.clone()));
+            if seq > floor && seq > self.epochs.get(&key).copied().unwrap_or(0) {
+                self.inboxes.entry(key).or_default().push_back(seq);
+                refs += 1;
+            }
+        }
+        let topic = message.topic.is_some();
+        if topic && seq > self.floor(&View::Topics(message.channel.clone())) {
+            self.topics
+                .entry(message.channel.clone())
+                .or_default()
+                .push_back(seq);
+            self.all_topics.push_back(seq);
+        } else if refs == 0 {
+            return; // Nobody holds it: it is only a seq.
+        }
+        let bytes = message.body.as_str().len() as u64;
+        self.bytes += bytes;
+        self.log.insert(
+            seq,
+            Meta {
+                ts: message.ts,
+                channel: message.channel.clone(),
+                topic,
+                bytes,
+                recipients: recipients.into(),
+                refs,
+            },
+        );
+    }
+
+    /// A message applied lately, if still cached.
+    pub fn cached(&self, seq: Seq) -> Option<Arc<Message>> {
+        self.cache.get(&seq).cloned()
+    }
+
+    /// The ts of any applied seq still in the index's time line.
+    pub fn ts_of(&self, seq: Seq) -> Option<f64> {
+        let i = self.times.partition_point(|&(s, _)| s < seq);
+        self.times
+            .get(i)
+            .filter(|&&(s, _)| s == seq)
+            .map(|&(_, t)| t)
+    }
+
+    pub fn floor(&self, view: &View) -> Seq {
+        self.floors.get(view).copied().unwrap_or(0)
+    }
+
+    pub fn floors(&self) -> Vec<(View, Seq)> {
+        self.floors.iter().map(|(v, s)| (v.clone(), *s)).collect()
+    }
+
+    /// A view's pruned mark moved to `seq` (here or on another node): its
+    /// entries up to it go. Returns the messages no view holds any more.
+    pub fn apply_floor(&mut self, view: View, seq: Seq) -> Vec<Seq> {
+        let mut gone = Vec::new();
+        let floor = self.floors.entry(view.clone()).or_default();
+        if seq <= *floor {
+            return gone;
+        }
+        *floor = seq;
+        match view {
+            View::Inbox(key) => self.trim_inbox(&key, seq, &mut gone),
+            View::Topics(channel) => {
+                let mut due = Vec::new();
+                if let Some(q) = self.topics.get_mut(&channel) {
+                    while q.front().is_some_and(|&s| s <= seq) {
+                        due.push(q.pop_front().unwrap());
+                    }
+                }
+                for s in due {
+                    if self.log.get(&s).is_some_and(|m| m.refs == 0) && self.unlog(s) {
+                        gone.push(s);
+                    }
+                }
+            }
+            View::AllTopics => {
+                while self.all_topics.front().is_some_and(|&s| s <= seq) {
+                    self.all_topics.pop_front();
+                }
+            }
+        }
+        gone
+    }
+
+    /// An inbox was forgotten at `seq`: what it held is no longer its own.
+    pub fn apply_epoch(&mut self, key: InboxKey, seq: Seq) -> Vec<Seq> {
+        let mut gone = Vec::new();
+        let e = self.epochs.entry(key.clone()).or_default();
+        *e = (*e).max(seq);
+        self.trim_inbox(&key, seq, &mut gone);
+        if self.inboxes.get(&key).is_some_and(|q| q.is_empty()) {
+            self.inboxes.remove(&key);
+        }
+        self.floors.remove(&View::Inbox(key));
+        gone
+    }
+
+    fn trim_inbox(&mut self, key: &InboxKey, seq: Seq, gone: &mut Vec<Seq>) {
+        let mut due = Vec::new();
+        if let Some(q) = self.inboxes.get_mut(key) {
+            while q.front().is_some_and(|&s| s <= seq) {
+                due.push(q.pop_front().unwrap());
+            }
+        }
+        for s in due {
+            if self.unref(s) {
+                gone.push(s);
+            }
+        }
+    }
+
+    /// An inbox entry at `seq` went; the message goes once nothing holds
+    /// it (a topic event stays while its topic view has it).
+    fn unref(&mut self, seq: Seq) -> bool {
+        let Some(m) = self.log.get_mut(&seq) else {
+            return false;
+        };
+        m.refs = m.refs.saturating_sub(1);
+        let held = m.refs > 0
+            || (m.topic
+                && seq
+                    > self
+                        .floors
+                        .get(&View::Topics(m.channel.clone()))
+                        .copied()
+                        .unwrap_or(0));
+        !held && self.unlog(seq)
+    }
+
+    fn unlog(&mut self, seq: Seq) -> bool {
+        let Some(m) = self.log.remove(&seq) else {
+            return false;
+        };
+        self.bytes -= m.bytes;
+        self.cache.remove(&seq);
+        while self
+            .times
+            .front()
+            .is_some_and(|&(s, _)| self.log.first_key_value().is_none_or(|(&f, _)| s < f))
+            && self.times.len() > 1
+        {
+            self.times.pop_front();
+        }
+        true
+    }
+
+    /// Seqs of `view` after `after` (past its mark), at most `limit`,
+    /// each with the message when it is cached.
+    pub fn seqs(&self, view: &View, after: Seq, limit: usize) -> (Vec<Entry>, Seq) {
+        let pruned = self.floor(view);
+        let after = after.max(pruned);
+        let q = match view {
+            View::Inbox(key) => self.inboxes.get(key),
+            View::Topics(channel) => self.topics.get(channel),
+            View::AllTopics => Some(&self.all_topics),
+        };
+        let seqs = q
+            .map(|q| {
+                let start = q.partition_point(|&s| s <= after);
+                q.range(start..)
+                    .take(limit)
+                    .map(|&s| (s, self.cache.get(&s).cloned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (seqs, pruned)
+    }
+
+    pub fn count_inbox(&self, key: &InboxKey, after: Seq) -> u64 {
+        self.inboxes
+            .get(key)
+            .map_or(0, |q| (q.len() - q.partition_point(|&s| s <= after)) as u64)
+    }
+
+    pub fn holds(&self, key: &InboxKey) -> bool {
+        self.inboxes.get(key).is_some_and(|q| !q.is_empty())
+    }
+
+    pub fn seq_at_ts(&self, ts: f64) -> Seq {
+        let i = self.times.partition_point(|&(_, t)| t <= ts);
+        if i == 0 {
+            0
+        } else {
+            self.times[i - 1].0
+        }
+    }
+
+    pub fn agents(&self) -> Vec<KnownAgent> {
+        self.agents
+            .iter()
+            .map(|(k, a)| KnownAgent {
+                key: k.clone(),
+                first_seen: a.first_seen,
+                last_seen: a.last_seen,
+                connected: a.connected,
+            })
+            .collect()
+    }
+
+    /// Decides one prune step (see `Engine::prune`) on what this node
+    /// knows, and applies it here at once; the marks are then stored for
+    /// every node. `first` is the stream's first seq: the stream's own
+    /// limits (set by an operator) removed everything before it.
+    pub fn prune(&mut self, rules: &Retention, now: f64, first: Seq) -> PruneStep {
+        let before = self.floors.clone();
+        let mut step = PruneStep::default();
+        // Age, size and the stream's own limits: the oldest messages go
+        // from every view.
+        for n in 1..=PRUNE_BUDGET {
+            let Some((&seq, oldest)) = self.log.first_key_value() else {
+                break;
+            };
+            let due = seq < first
+                || rules.age.is_some_and(|age| oldest.ts < now - age)
+                || rules.bytes.is_some_and(|limit| self.bytes > limit);
+            if !due {
+                break;
+            }
+            let (channel, topic) = (oldest.channel.clone(), oldest.topic);
+            let recipients = oldest.recipients.clone();
+            for r in recipients.iter() {
+                let key = InboxKey::new(channel.clone(), r.clone());
+                if self.inboxes.get(&key).and_then(|q| q.front()) == Some(&seq) {
+                    self.inboxes.get_mut(&key).unwrap().pop_front();
+                    self.bump(View::Inbox(key), seq);
+                }
+            }
+            if topic {
+                self.bump(View::Topics(channel.clone()), seq);
+                self.bump(View::AllTopics, seq);
+                if let Some(q) = self.topics.get_mut(&channel) {
+                    q.retain(|&s| s > seq);
+                }
+                self.all_topics.retain(|&s| s > seq);
+            }
+            self.unlog(seq);
+            step.delete.push(seq);
+            step.more = n == PRUNE_BUDGET;
+        }
+        // The per-inbox count.
+        if let Some(keep) = rules.inbox_messages {
+            let over: Vec<(InboxKey, usize)> = self
+                .inboxes
+                .iter()
+                .filter(|(_, q)| q.len() as u64 > keep)
+                .map(|(k, q)| (k.clone(), (q.len() - keep as usize).min(PRUNE_BUDGET)))
+                .collect();
+            for (key, n) in over {
+                let seq = self.inboxes[&key][n - 1];
+                let mut gone = Vec::new();
+                self.bump(View::Inbox(key.clone()), seq);
+                self.trim_inbox(&key, seq, &mut gone);
+                step.delete.extend(gone);
+                step.more |= n == PRUNE_BUDGET;
+            }
+        }
+        // Topic events leave the topic views (durable subscribers keep theirs).
+        if let Some(age) = rules.topic_age {
+            let due: Vec<(Seq, Channel)> = self
+                .all_topics
+                .iter()
+                .take(PRUNE_BUDGET)
+                .filter(|s| self.log.get(s).is_some_and(|m| m.ts < now - age))
+                .map(|s| (*s, self.log[s].channel.clone()))
+                .collect();
+            step.more |= due.len() == PRUNE_BUDGET;
+            for (seq, channel) in due {
+                self.bump(View::AllTopics, seq);
+                let floor = self.floor(&View::Topics(channel.clone())).max(seq);
+                step.delete
+                    .extend(self.apply_floor(View::Topics(channel), floor));
+            }
+            let all = self.floor(&View::AllTopics);
+            self.all_topics.retain(|&s| s > all);
+        }
+        step.floors = self
+            .floors
+            .iter()
+            .filter(|(v, s)| before.get(*v) != Some(*s))
+            .map(|(v, s)| (v.clone(), *s))
+            .collect();
+        step
+    }
+
+    fn bump(&mut self, view: View, seq: Seq) {
+        let f = self.floors.entry(view).or_default();
+        *f = (*f).max(seq);
+    }
+}

@@ -1,0 +1,1158 @@
+//! hermod's NATS JetStream engine: several hermod nodes over one
+//! JetStream cluster, behind the same [`Engine`] contract as SQLite.
+//!
+//! # How the store maps onto JetStream
+//! - **One stream holds the log** (`HERMOD` unless named otherwise), on
+//!   subjects `{prefix}.d.{channel}.{to}` (direct), `{prefix}.b.{channel}`
+//!   (broadcast) and `{prefix}.t.{channel}.{topic…}` (topic events); the
+//!   stream sequence is hermod's seq. Every publish carries a
+//!   `Nats-Msg-Id` hermod generates, so a retried publish is stored once.
+//! - **State beside the log lives in KV buckets**, never in a durable
+//!   consumer per agent: `{stream}_state` holds the agent registry,
+//!   durable subscriptions, identities and retention's pruned marks;
+//!   `{stream}_cursors` holds the inbox cursors. Every read-modify-write
+//!   is a compare-and-set on the entry's revision.
+//! - **Each node follows the log and the state bucket once** (an ordered
+//!   consumer and a KV watch, in one task): that is the engine's feed, and
+//!   it builds the node's [`index::Index`] — which seqs each inbox and
+//!   topic view holds — since JetStream has no secondary index. Reads come
+//!   from that index and a cache of the newest messages; older bodies are
+//!   fetched with direct gets, never with a consumer per request.
+//! - **A send is acknowledged** after its PubAck *and* after this node's
+//!   follower has applied its seq and the broker has taken the commit off
+//!   the feed, so the sender can read its own write at once.
+//!
+//! "Durable" is what the stream's replicas and the servers' fsync give:
+//! with R3 a PubAck means a majority of servers stored it; each server
+//! fsyncs per write only with `jetstream { sync_interval: always }` (the
+//! test clusters set it; see the README).
+
+pub mod index;
+pub mod keys;
+pub mod testing;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use hermod_core::auth::Identity;
+use hermod_core::engine::{
+    Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
+    View, FEED_CAPACITY,
+};
+use hermod_core::error::{Error, Result};
+use hermod_core::model::{AgentName, Auth, Body, Channel, InboxKey, Message, NewMessage, Seq};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use index::{AgentEntry, Index};
+use keys::StateKey;
+
+/// Where and how to reach the JetStream cluster.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URLs (`nats://host:port`); the client fails over between them.
+    pub urls: Vec<String>,
+    /// A `.creds` file (JWT and NKey seed) to authenticate with.
+    pub creds: Option<PathBuf>,
+    /// The stream holding the log; its buckets are named after it.
+    pub stream: String,
+    /// Replicas of the stream and buckets when hermod creates them.
+    pub replicas: usize,
+}
+
+impl NatsConfig {
+    pub fn new(urls: Vec<String>) -> Self {
+        Self {
+            urls,
+            creds: None,
+            stream: "HERMOD".into(),
+            replicas: 1,
+        }
+    }
+}
+
+/// Concurrent direct gets one read issues at most.
+const FETCH_CONCURRENCY: usize = 32;
+/// How often a failed publish is tried again (same `Nats-Msg-Id`).
+const PUBLISH_ATTEMPTS: usize = 3;
+/// How long a JetStream request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A message as stored in the stream.
+#[derive(Serialize, Deserialize)]
+struct Stored<B> {
+    id: String,
+    channel: Channel,
+    from: AgentName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    to: Option<AgentName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    topic: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent_ts: Option<f64>,
+    #[serde(default)]
+    auth: Auth,
+    /// The body exactly as the sender wrote it.
+    body: B,
+    recipients: Vec<AgentName>,
+}
+
+fn encode(m: &NewMessage) -> Bytes {
+    let stored = Stored {
+        id: m.id.clone(),
+        channel: m.channel.clone(),
+        from: m.from.clone(),
+        to: m.to.clone(),
+        topic: m.topic.clone(),
+        sent_ts: m.sent_ts,
+        auth: m.auth,
+        body: &m.body,
+        recipients: m.recipients.clone(),
+    };
+    serde_json::to_vec(&stored)
+        .expect("a message always serializes")
+        .into()
+}
+
+fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)> {
+    let s: Stored<Box<RawValue>> = match serde_json::from_slice(payload) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(seq, "skipping a log entry hermod did not write: {e}");
+            return None;
+        }
+    };
+    let body = Body::from_raw(&s.body).ok()?;
+    let message = Message {
+        seq,
+        id: s.id,
+        ts,
+        channel: s.channel,
+        from: s.from,
+        to: s.to,
+        topic: s.topic,
+        sent_ts: s.sent_ts,
+        auth: s.auth,
+        body,
+    };
+    Some((message, s.recipients))
+}
+
+/// An identity as stored in the state bucket (with its token's hash,
+/// which [`Identity`] never serializes).
+#[derive(Serialize, Deserialize)]
+struct StoredIdentity {
+    identity: Identity,
+    token_hash: String,
+}
+
+fn storage<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> Error {
+    move |e| Error::Storage(format!("NATS: {what}: {e}"))
+}
+
+/// A JetStream time as float Unix seconds.
+macro_rules! unix {
+    ($t:expr) => {
+        $t.unix_timestamp_nanos() as f64 / 1e9
+    };
+}
+
+/// How far the follower has handed a sequence (log seq or KV revision)
+/// to the broker, and who waits for which.
+#[derive(Default)]
+struct Mark {
+    /// The sequence reached, and the waiters by the sequence they wait for.
+    inner: Mutex<(u64, Waiters)>,
+}
+
+type Waiters = BTreeMap<u64, Vec<oneshot::Sender<()>>>;
+
+impl Mark {
+    fn advance(&self, to: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.0 = inner.0.max(to);
+        let later = inner.1.split_off(&(to + 1));
+        let due = std::mem::replace(&mut inner.1, later);
+        drop(inner);
+        for tx in due.into_values().flatten() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Resolves once `at` went through the feed.
+    async fn wait(&self, at: u64) -> Result<()> {
+        let rx = {
+            let mut inner = self.inner.lock().unwrap();
+            if inner.0 >= at {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            inner.1.entry(at).or_default().push(tx);
+            rx
+        };
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+struct Inner {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    prefix: String,
+    state: kv::Store,
+    cursors: kv::Store,
+    index: Mutex<Index>,
+    /// Log seqs the broker has taken off the feed.
+    log_mark: Mark,
+    /// State-bucket revisions the broker has taken off the feed.
+    kv_mark: Mark,
+    /// The client is connected now (sends are refused while it is not).
+    connected: AtomicBool,
+    health: Health,
+    /// The NATS servers' JetStream cluster as this node last saw it.
+    name: String,
+}
+
+/// See the crate docs.
+pub struct NatsEngine {
+    inner: Arc<Inner>,
+    feed: Mutex<Option<Feed>>,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl NatsEngine {
+    /// Connects, creates the stream and buckets if they are missing,
+    /// rebuilds this node's index from them, and starts following.
+    pub async fn open(config: NatsConfig) -> Result<Self> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            Error::Storage(format!(
+                "cannot reach NATS at {}: {e}",
+                config.urls.join(",")
+            ))
+        };
+        let inner_slot: Arc<Mutex<Option<std::sync::Weak<Inner>>>> = Arc::default();
+        let slot = inner_slot.clone();
+        let mut options = async_nats::ConnectOptions::new()
+            .name("hermod")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(3))
+            .request_timeout(Some(REQUEST_TIMEOUT))
+            .event_callback(move |event| {
+                let slot = slot.clone();
+                async move {
+                    let Some(inner) = slot.lock().unwrap().as_ref().and_then(|w| w.upgrade())
+                    else {
+                        return;
+                    };
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("NATS connection back");
+                            inner.connected.store(true, Ordering::SeqCst);
+                            inner.health.clear();
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(
+                                "NATS connection lost; sends are refused until it is back"
+                            );
+                            inner.connected.store(false, Ordering::SeqCst);
+                            inner.health.set_degraded(
+                                "NATS unreachable: sends are refused until it is back",
+                            );
+                        }
+                        other => tracing::info!("NATS: {other}"),
+                    }
+                }
+            });
+        if let Some(creds) = &config.creds {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                Error::Storage(format!("NATS credentials {}: {e}", creds.display()))
+            })?;
+        }
+        let urls: Vec<async_nats::ServerAddr> = config
+            .urls
+            .iter()
+            .map(|u| u.parse())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Storage(format!("NATS URL: {e}")))?;
+        // Fail fast at start when nothing answers: retrying forever
+        // belongs to a running node, not to a typo in the URL.
+        let client = tokio::time::timeout(Duration::from_secs(10), options.connect(urls))
+            .await
+            .map_err(|_| unreachable(&"no server answered within 10 s"))?
+            .map_err(|e| unreachable(&e))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .build(client.clone());
+        let prefix = config.stream.to_ascii_lowercase();
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                description: Some("hermod's message log".into()),
+                subjects: vec![format!("{prefix}.>")],
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                persist_mode: Some(stream::PersistenceMode::Default),
+                ..Default::default()
+            })
+            .await
+            .map_err(storage("creating the log stream"))?;
+        let bucket = |name: String, what: &'static str| kv::Config {
+            bucket: name,
+            description: what.into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: config.replicas,
+            ..Default::default()
+        };
+        let state = open_bucket(
+            &js,
+            bucket(
+                format!("{}_state", config.stream),
+                "hermod: agents, subscriptions, identities, pruned marks",
+            ),
+        )
+        .await?;
+        let cursors = open_bucket(
+            &js,
+            bucket(
+                format!("{}_cursors", config.stream),
+                "hermod: inbox cursors",
+            ),
+        )
+        .await?;
+
+        let inner = Arc::new(Inner {
+            js,
+            stream,
+            prefix,
+            state,
+            cursors,
+            index: Mutex::default(),
+            log_mark: Mark::default(),
+            kv_mark: Mark::default(),
+            connected: AtomicBool::new(true),
+            health: Health::default(),
+            name: config.stream.clone(),
+        });
+        *inner_slot.lock().unwrap() = Some(Arc::downgrade(&inner));
+
+        let (watch, revision) = inner.load_state().await?;
+        let (log, seq) = inner.load_log().await?;
+        inner.log_mark.advance(seq);
+        inner.kv_mark.advance(revision);
+        let (feed_tx, feed) = mpsc::channel(FEED_CAPACITY);
+        let follower = tokio::spawn(inner.clone().follow(log, watch, seq, revision, feed_tx));
+        Ok(Self {
+            inner,
+            feed: Mutex::new(Some(feed)),
+            follower,
+        })
+    }
+
+    /// The stream, the server this node talks to and the stream's
+    /// replicas, for `hermod status`.
+    pub async fn describe(&self) -> serde_json::Value {
+        let mut stream = self.inner.stream.clone();
+        let info = stream.info().await.ok().cloned();
+        let server = self.inner.js.client().server_info();
+        serde_json::json!({
+            "engine": "nats",
+            "stream": self.inner.name,
+            "connected": self.inner.connected.load(Ordering::SeqCst),
+            "server": { "name": server.server_name, "version": server.version, "cluster": server.cluster },
+            "messages": info.as_ref().map(|i| i.state.messages),
+            "cluster": info.and_then(|i| i.cluster).map(|c| serde_json::json!({
+                "name": c.name,
+                "leader": c.leader,
+                "replicas": c.replicas.iter().map(|r| serde_json::json!({
+                    "name": r.name, "current": r.current, "offline": r.offline, "lag": r.lag,
+                })).collect::<Vec<_>>(),
+            })),
+        })
+    }
+}
+
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store> {
+    match js.get_key_value(&config.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(storage("creating a KV bucket")),
+    }
+}
+
+type LogStream = consumer::pull::Ordered;
+
+impl Inner {
+    /// Reads the whole state bucket into the index; returns the watch (to
+    /// go on following) and the newest revision applied.
+    async fn load_state(&self) -> Result<(kv::Watch, u64)> {
+        let status = self.state.status().await.map_err(storage("state bucket"))?;
+        let target = status.info.state.last_sequence;
+        let mut watch = self
+            .state
+            .watch_all_from_revision(1)
+            .await
+            .map_err(storage("watching the state bucket"))?;
+        let mut revision = 0;
+        while revision < target {
+            let Some(entry) = watch.next().await else {
+                break;
+            };
+            let entry = entry.map_err(storage("reading the state bucket"))?;
+            revision = entry.revision;
+            let mut index = self.index.lock().unwrap();
+            apply_entry(&mut index, &entry);
+        }
+        Ok((watch, revision))
+    }
+
+    /// Replays the log into the index; returns the ordered consumer (to go
+    /// on following) and the newest seq applied.
+    async fn load_log(&self) -> Result<(LogStream, Seq)> {
+        let mut stream = self.stream.clone();
+        let info = stream.info().await.map_err(storage("log stream"))?.clone();
+        let last = info.state.last_sequence;
+        let mut log = self.log_from(1).await?;
+        let mut seq = 0;
+        if info.state.messages > 0 {
+            loop {
+                // The last message may be deleted after the info was read:
+                // a bounded wait then a fresh look at the stream.
+                let next = tokio::time::timeout(Duration::from_secs(2), log.next()).await;
+                let Ok(next) = next else {
+                    let info = stream.info().await.map_err(storage("log stream"))?;
+                    if info.state.messages == 0 || info.state.last_sequence <= seq {
+                        break;
+                    }
+                    continue;
+                };
+                let Some(message) = next else { break };
+                let message = message.map_err(storage("reading the log"))?;
+                let Ok(meta) = message.info() else { continue };
+                let pending = meta.pending;
+                seq = meta.stream_sequence;
+                self.index
+                    .lock()
+                    .unwrap()
+                    .apply_log(seq, unix!(meta.published), &message.payload);
+                if pending == 0 || seq >= last {
+                    break;
+                }
+            }
+        }
+        let mut index = self.index.lock().unwrap();
+        // Seqs go on after the stream's last even if its newest were deleted.
+        index.last.0 = index.last.0.max(last);
+        Ok((log, seq.max(last)))
+    }
+
+    async fn log_from(&self, start: Seq) -> Result<LogStream> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(storage("following the log"))?;
+        consumer
+            .messages()
+            .await
+            .map_err(storage("following the log"))
+    }
+
+    /// The follower: turns the log and the state bucket into the feed, in
+    /// the order this node sees them. Recreates either subscription from
+    /// where it stopped if it ends.
+    async fn follow(
+        self: Arc<Self>,
+        log: LogStream,
+        watch: kv::Watch,
+        mut seq: Seq,
+        mut revision: u64,
+        feed: mpsc::Sender<Commit>,
+    ) {
+        let mut log = Some(log.ready_chunks(256));
+        let mut watch = Some(watch.ready_chunks(256));
+        loop {
+            if log.is_none() {
+                match self.log_from(seq + 1).await {
+                    Ok(l) => log = Some(l.ready_chunks(256)),
+                    Err(e) => {
+                        tracing::warn!("{e}; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            if watch.is_none() {
+                match self.state.watch_all_from_revision(revision + 1).await {
+                    Ok(w) => watch = Some(w.ready_chunks(256)),
+                    Err(e) => {
+                        tracing::warn!("NATS: watching the state bucket: {e}; trying again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+            }
+            let commit = tokio::select! {
+                chunk = log.as_mut().unwrap().next() => match chunk {
+                    None => { log = None; continue; }
+                    Some(chunk) => self.log_commit(chunk, &mut seq),
+                },
+                chunk = watch.as_mut().unwrap().next() => match chunk {
+                    None => { watch = None; continue; }
+                    Some(chunk) => self.state_commit(chunk, &mut revision),
+                },
+            };
+            if let Some(commit) = commit {
+                if feed.send(commit).await.is_err() {
+                    return; // The broker is gone.
+                }
+            }
+        }
+    }
+
+    fn log_commit(
+        self: &Arc<Self>,
+        chunk: Vec<std::result::Result<jetstream::Message, consumer::pull::OrderedError>>,
+        seq: &mut Seq,
+    ) -> Option<Commit> {
+        let mut messages = Vec::with_capacity(chunk.len());
+        {
+            let mut index = self.index.lock().unwrap();
+            for m in chunk {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("NATS: following the log: {e}");
+                        continue;
+                    }
+                };
+                let Ok(meta) = m.info() else { continue };
+                if meta.stream_sequence <= *seq {
+                    continue;
+                }
+                *seq = meta.stream_sequence;
+                if let Some(c) = index.apply_log(*seq, unix!(meta.published), &m.payload) {
+                    messages.push(c);
+                }
+            }
+        }
+        let done = *seq;
+        let inner = self.clone();
+        Some(Commit::new(messages, Vec::new(), move || {
+            inner.log_mark.advance(done)
+        }))
+    }
+
+    fn state_commit(
+        self: &Arc<Self>,
+        chunk: Vec<std::result::Result<kv::Entry, kv::WatcherError>>,
+        revision: &mut u64,
+    ) -> Option<Commit> {
+        let mut changes = Vec::new();
+        {
+            let mut index = self.index.lock().unwrap();
+            for entry in chunk {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!("NATS: watching the state bucket: {e}");
+                        continue;
+                    }
+                };
+                if entry.revision <= *revision {
+                    continue;
+                }
+                *revision = entry.revision;
+                changes.extend(apply_entry(&mut index, &entry));
+            }
+        }
+        let done = *revision;
+        let inner = self.clone();
+        Some(Commit::new(Vec::new(), changes, move || {
+            inner.kv_mark.advance(done)
+        }))
+    }
+
+    fn check_connected(&self) -> Result<()> {
+        if self.connected.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::Storage(
+                "NATS unreachable: nothing was stored; retry once the bus is healthy".into(),
+            ))
+        }
+    }
+
+    /// Writes `value` at `key` in the state bucket (an empty value is a
+    /// tombstone) and resolves once the change went through the feed.
+    async fn put_state(&self, key: String, value: Bytes) -> Result<()> {
+        self.check_connected()?;
+        let revision = self
+            .state
+            .put(&key, value)
+            .await
+            .map_err(storage("writing the state bucket"))?;
+        self.kv_mark.wait(revision).await
+    }
+
+    /// Compare-and-set on a state entry: `f` turns the stored value (if
+    /// any) into the one to store, or `None` to leave it. Returns the
+    /// revision written.
+    async fn swap_state(
+        &self,
+        key: &str,
+        mut f: impl FnMut(Option<&[u8]>) -> Option<Bytes>,
+    ) -> Result<Option<u64>> {
+        self.check_connected()?;
+        loop {
+            let entry = self
+                .state
+                .entry(key)
+                .await
+                .map_err(storage("reading the state bucket"))?;
+            let current = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty());
+            let Some(value) = f(current.map(|e| &e.value[..])) else {
+                return Ok(None);
+            };
+            // Someone else wrote it first: look again.
+            if let Some(revision) = cas(&self.state, key, value, entry.map(|e| e.revision)).await? {
+                return Ok(Some(revision));
+            }
+        }
+    }
+
+    /// Fetches logged messages the cache no longer holds.
+    async fn fetch(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
+        futures::stream::iter(seqs)
+            .map(|seq| async move {
+                match self.stream.direct_get(seq).await {
+                    Ok(m) => {
+                        let ts = self
+                            .index
+                            .lock()
+                            .unwrap()
+                            .ts_of(seq)
+                            .unwrap_or(unix!(m.time));
+                        Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
+                    }
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(storage("reading the log")(&e)),
+                }
+            })
+            .buffered(FETCH_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// Publishes one message until JetStream acknowledges it; returns its seq.
+    async fn publish(&self, subject: String, payload: Bytes, id: String) -> Result<Seq> {
+        let mut last = String::new();
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.clone());
+            match self.js.send_publish(subject.clone(), publish).await {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => return Ok(ack.sequence),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(Error::Storage(format!(
+            "NATS did not store the message: {last}"
+        )))
+    }
+}
+
+impl Index {
+    /// Applies one log entry; what the feed reports of it, if it is hermod's.
+    fn apply_log(&mut self, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
+        let ts = self.next_ts(stamped);
+        let Some((message, recipients)) = decode(seq, ts, payload) else {
+            self.last.0 = seq;
+            return None;
+        };
+        let message = Arc::new(message);
+        self.append(message.clone(), recipients.clone());
+        Some(Committed {
+            message,
+            recipients,
+        })
+    }
+}
+
+/// Applies one state-bucket entry to the index; the change it makes.
+fn apply_entry(index: &mut Index, entry: &kv::Entry) -> Option<Change> {
+    let value = (entry.operation == kv::Operation::Put && !entry.value.is_empty())
+        .then_some(&entry.value[..]);
+    let seq = || value.and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok());
+    match StateKey::parse(&entry.key)? {
+        StateKey::Agent(key) => {
+            match value.and_then(|v| serde_json::from_slice::<AgentEntry>(v).ok()) {
+                Some(a) => {
+                    index.agents.insert(key.clone(), a);
+                    Some(Change::Agent {
+                        key,
+                        seen: a.last_seen,
+                        connected: a.connected,
+                    })
+                }
+                None => index.agents.remove(&key).map(|_| Change::Forgotten(key)),
+            }
+        }
+        StateKey::Subscription(key, pattern) => {
+            let on = value.is_some();
+            let entry = (key.clone(), pattern.clone());
+            if on {
+                index.subscriptions.insert(entry);
+            } else {
+                index.subscriptions.remove(&entry);
+            }
+            Some(Change::Subscription { key, pattern, on })
+        }
+        StateKey::Identity(name) => {
+            let identity = value
+                .and_then(|v| serde_json::from_slice::<StoredIdentity>(v).ok())
+                .map(|s| Identity {
+                    token_hash: s.token_hash,
+                    ..s.identity
+                });
+            match &identity {
+                Some(i) => index.identities.insert(name.clone(), i.clone()),
+                None => index.identities.remove(&name),
+            };
+            Some(Change::Identity { name, identity })
+        }
+        StateKey::Floor(view) => {
+            let seq = seq()?;
+            index.apply_floor(view.clone(), seq);
+            // Reported even when this node moved it already (it pruned).
+            (index.floor(&view) == seq).then_some(Change::Floor(view, seq))
+        }
+        StateKey::Epoch(key) => {
+            index.apply_epoch(key, seq()?);
+            None
+        }
+    }
+}
+
+/// Stores `value` at `key` only if the entry is still at `revision`
+/// (`None`: absent or deleted); the revision written, or `None` when
+/// someone else wrote first.
+async fn cas(
+    store: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: Option<u64>,
+) -> Result<Option<u64>> {
+    let fail = |e: &dyn std::fmt::Display| Error::Storage(format!("NATS: writing a KV entry: {e}"));
+    match revision {
+        Some(r) => match store.update(key, value, r).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision || lost(&e) => Ok(None),
+            Err(e) => Err(fail(&e)),
+        },
+        None => match store.create(key, value).await {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists || lost(&e) => Ok(None),
+            Err(e) => Err(fail(&e)),
+        },
+    }
+}
+
+/// A compare-and-set lost to another writer. Servers since 2.12 answer a
+/// stale expected sequence with error code 10164, which the client does
+/// not map to its `WrongLastRevision` kind, so the text decides too.
+fn lost(e: &dyn std::fmt::Display) -> bool {
+    e.to_string().contains("wrong last sequence")
+}
+
+fn seq_bytes(seq: Seq) -> Bytes {
+    seq.to_string().into()
+}
+
+#[async_trait]
+impl Engine for NatsEngine {
+    async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
+        let inner = self.inner.clone();
+        inner.check_connected()?;
+        // Each message is handed to the connection here, in order, so
+        // batches submitted from one task keep their order in the stream;
+        // the acknowledgements are awaited in the background.
+        let mut acks = Vec::with_capacity(batch.len());
+        for m in &batch {
+            let subject =
+                keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
+            let payload = encode(m);
+            let id = uuid::Uuid::new_v4().to_string();
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(id.clone());
+            let ack = inner
+                .js
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(storage("publishing"))?;
+            acks.push((subject, payload, id, ack));
+        }
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let stored: Result<Vec<Arc<Message>>> = async {
+                let mut seqs = Vec::with_capacity(acks.len());
+                for (subject, payload, id, ack) in acks {
+                    let seq = match ack.await {
+                        Ok(ack) => ack.sequence,
+                        // Publish again with the same id: stored once.
+                        Err(_) => inner.publish(subject, payload, id).await?,
+                    };
+                    seqs.push(seq);
+                }
+                inner.health.clear();
+                let newest = seqs.iter().copied().max().unwrap_or(0);
+                inner.log_mark.wait(newest).await?;
+                let mut out = Vec::with_capacity(seqs.len());
+                let (cached, missing): (Vec<_>, Vec<_>) = {
+                    let index = inner.index.lock().unwrap();
+                    seqs.iter()
+                        .map(|&s| (s, index.cached(s)))
+                        .partition(|(_, m)| m.is_some())
+                };
+                let fetched = inner
+                    .fetch(missing.iter().map(|(s, _)| *s).collect())
+                    .await?;
+                let mut found: BTreeMap<Seq, Arc<Message>> =
+                    cached.into_iter().map(|(s, m)| (s, m.unwrap())).collect();
+                found.extend(fetched.into_iter().flatten().map(|m| (m.seq, m)));
+                for s in seqs {
+                    // Gone only if retention took it already.
+                    if let Some(m) = found.get(&s) {
+                        out.push(m.clone());
+                    }
+                }
+                Ok(out)
+            }
+            .await;
+            if let Err(e) = &stored {
+                inner.health.set_degraded(e.to_string());
+            }
+            let _ = tx.send(stored);
+        });
+        Ok(rx)
+    }
+
+    async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
+        let (seqs, mut pruned) = self.inner.index.lock().unwrap().seqs(view, after, limit);
+        let missing: Vec<Seq> = seqs
+            .iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut fetched = self.inner.fetch(missing).await?.into_iter();
+        let mut messages = Vec::with_capacity(seqs.len());
+        for (seq, m) in seqs {
+            match m.or_else(|| fetched.next().flatten()) {
+                Some(m) => messages.push(m),
+                // Retention removed it while this read ran: it removes the
+                // oldest first, so all before it went too.
+                None => {
+                    pruned = pruned.max(seq);
+                    messages.clear();
+                }
+            }
+        }
+        Ok(Page { messages, pruned })
+    }
+
+    async fn floors(&self) -> Result<Vec<(View, Seq)>> {
+        Ok(self.inner.index.lock().unwrap().floors())
+    }
+
+    async fn prune(&self, rules: &Retention, now: f64) -> Result<Pruned> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let mut stream = inner.stream.clone();
+        let first = stream
+            .info()
+            .await
+            .map_err(storage("log stream"))?
+            .state
+            .first_sequence;
+        let step = inner.index.lock().unwrap().prune(rules, now, first);
+        // Marks first, then the messages: a reader that finds a message
+        // gone can count on its mark being on the way.
+        let mut newest = 0;
+        for (view, seq) in &step.floors {
+            let key = keys::floor_key(view);
+            let written = inner
+                .swap_state(&key, |stored| {
+                    let stored = stored
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok())
+                        .unwrap_or(0);
+                    (stored < *seq).then(|| seq_bytes(*seq))
+                })
+                .await?;
+            newest = newest.max(written.unwrap_or(0));
+        }
+        let removed = futures::stream::iter(step.delete.iter().copied())
+            .map(|seq| {
+                let stream = &inner.stream;
+                async move {
+                    match stream.delete_message(seq).await {
+                        Ok(deleted) => Ok(deleted as u64),
+                        // Another node pruned it first.
+                        Err(e) if e.to_string().contains("no message found") => Ok(0),
+                        Err(e) => Err(storage("deleting a pruned message")(&e)),
+                    }
+                }
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_fold(0, |n, d| async move { Ok(n + d) })
+            .await?;
+        inner.kv_mark.wait(newest).await?;
+        Ok(Pruned {
+            removed,
+            more: step.more,
+        })
+    }
+
+    async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+        Ok(self.inner.index.lock().unwrap().seq_at_ts(ts))
+    }
+
+    async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+        Ok(self.inner.index.lock().unwrap().count_inbox(key, after))
+    }
+
+    async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        let entry = self
+            .inner
+            .cursors
+            .get(keys::cursor_key(key))
+            .await
+            .map_err(storage("reading a cursor"))?;
+        Ok(entry
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let k = keys::cursor_key(&key);
+        loop {
+            let entry = inner
+                .cursors
+                .entry(&k)
+                .await
+                .map_err(storage("reading a cursor"))?;
+            let stored = entry
+                .as_ref()
+                .filter(|e| e.operation == kv::Operation::Put)
+                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse().ok())
+                .unwrap_or(0);
+            if stored != expected {
+                return Ok(stored);
+            }
+            // Another claim won: look again.
+            let revision = entry.map(|e| e.revision);
+            if cas(&inner.cursors, &k, seq_bytes(new), revision)
+                .await?
+                .is_some()
+            {
+                return Ok(new);
+            }
+        }
+    }
+
+    async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
+        let written = self
+            .inner
+            .swap_state(&keys::agent_key(&key), |stored| {
+                let mut a = stored
+                    .and_then(|v| serde_json::from_slice::<AgentEntry>(v).ok())
+                    .unwrap_or(AgentEntry {
+                        first_seen: seen,
+                        last_seen: seen,
+                        connected,
+                    });
+                let before = (a.last_seen, a.connected);
+                a.last_seen = a.last_seen.max(seen);
+                a.connected |= connected;
+                let fresh = stored.is_none();
+                (fresh || before != (a.last_seen, a.connected))
+                    .then(|| serde_json::to_vec(&a).unwrap().into())
+            })
+            .await?;
+        match written {
+            Some(revision) => self.inner.kv_mark.wait(revision).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
+        let inner = &self.inner;
+        let (known, holds, patterns, last) = {
+            let index = inner.index.lock().unwrap();
+            let patterns: Vec<String> = index
+                .subscriptions
+                .iter()
+                .filter(|(k, _)| k == &key)
+                .map(|(_, p)| p.clone())
+                .collect();
+            (
+                index.agents.contains_key(&key),
+                index.holds(&key),
+                patterns,
+                index.last.0,
+            )
+        };
+        if !(known || holds || !patterns.is_empty()) {
+            return Ok(false);
+        }
+        // The inbox first (its entries up to now are no longer its own),
+        // then its subscriptions and cursor, and the registry entry last:
+        // once the broker hears it was forgotten, nothing of it is left.
+        inner
+            .put_state(keys::epoch_key(&key), seq_bytes(last))
+            .await?;
+        for p in patterns {
+            inner
+                .put_state(keys::subscription_key(&key, &p), Bytes::new())
+                .await?;
+        }
+        inner
+            .cursors
+            .put(keys::cursor_key(&key), seq_bytes(0))
+            .await
+            .map_err(storage("resetting a cursor"))?;
+        if known {
+            inner.put_state(keys::agent_key(&key), Bytes::new()).await?;
+        }
+        Ok(known)
+    }
+
+    async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
+        let inner = &self.inner;
+        let due: Vec<InboxKey> = {
+            let index = inner.index.lock().unwrap();
+            index
+                .agents
+                .iter()
+                .filter(|(k, a)| {
+                    !a.connected
+                        && a.first_seen < before
+                        && !index.holds(k)
+                        && !index.subscriptions.iter().any(|(s, _)| s == *k)
+                })
+                .take(limit)
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        let mut gone = Vec::with_capacity(due.len());
+        let mut newest = 0;
+        for key in due {
+            // Only if it still never connected (another node may have just
+            // seen it connect).
+            let written = inner
+                .swap_state(&keys::agent_key(&key), |stored| {
+                    let a = stored.and_then(|v| serde_json::from_slice::<AgentEntry>(v).ok())?;
+                    (!a.connected && a.first_seen < before).then(Bytes::new)
+                })
+                .await?;
+            if let Some(revision) = written {
+                newest = newest.max(revision);
+                gone.push(key);
+            }
+        }
+        inner.kv_mark.wait(newest).await?;
+        Ok(gone)
+    }
+
+    async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
+        let value = if on {
+            Bytes::from_static(b"1")
+        } else {
+            Bytes::new()
+        };
+        self.inner
+            .put_state(keys::subscription_key(&key, &pattern), value)
+            .await
+    }
+
+    async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+        let index = self.inner.index.lock().unwrap();
+        Ok(index.subscriptions.iter().cloned().collect())
+    }
+
+    async fn set_identity(&self, name: AgentName, identity: Option<Identity>) -> Result<()> {
+        let value = match identity {
+            Some(identity) => {
+                let token_hash = identity.token_hash.clone();
+                serde_json::to_vec(&StoredIdentity {
+                    identity,
+                    token_hash,
+                })
+                .expect("an identity always serializes")
+                .into()
+            }
+            None => Bytes::new(),
+        };
+        self.inner.put_state(keys::identity_key(&name), value).await
+    }
+
+    async fn identities(&self) -> Result<Vec<Identity>> {
+        let index = self.inner.index.lock().unwrap();
+        Ok(index.identities.values().cloned().collect())
+    }
+
+    async fn agents(&self) -> Result<Vec<KnownAgent>> {
+        Ok(self.inner.index.lock().unwrap().agents())
+    }
+
+    async fn last(&self) -> Result<(Seq, f64)> {
+        Ok(self.inner.index.lock().unwrap().last)
+    }
+
+    fn health(&self) -> &Health {
+        &self.inner.health
+    }
+
+    fn feed(&self) -> Option<Feed> {
+        self.feed.lock().unwrap().take()
+    }
+
+    /// Other nodes stamp too: never settled (see the engine docs).
+    fn settled(&self) -> bool {
+        false
+    }
+
+    async fn close(&self) {
+        self.inner.js.client().flush().await.ok();
+        self.follower.abort();
+    }
+}
+
+impl Drop for NatsEngine {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
