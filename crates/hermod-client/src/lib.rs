@@ -233,8 +233,14 @@ impl Connection {
 
     /// `None` while the daemon's store accepts writes, else why not.
     pub async fn degraded(&mut self) -> Result<Option<String>> {
+        Ok(self.status().await?.0)
+    }
+
+    /// [`Connection::degraded`], and the daemon's storage engine as it
+    /// describes itself (`{"engine": ...}`; `None` from an older daemon).
+    pub async fn status(&mut self) -> Result<(Option<String>, Option<serde_json::Value>)> {
         match self.request(&ClientFrame::Status).await? {
-            ServerFrame::Status { reason, .. } => Ok(reason),
+            ServerFrame::Status { reason, engine, .. } => Ok((reason, engine)),
             other => Err(Error::Protocol(format!("expected `status`, got {other:?}"))),
         }
     }

@@ -231,6 +231,19 @@ impl NatsEngine {
     /// Connects, creates the stream and buckets if they are missing,
     /// rebuilds this node's index from them, and starts following.
     pub async fn open(config: NatsConfig) -> Result<Self> {
+        // The name is also the subject prefix (lowercased) and part of
+        // the bucket names, so it keeps to what all three accept.
+        let name_ok = !config.stream.is_empty()
+            && config
+                .stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !name_ok {
+            return Err(Error::InvalidRequest(format!(
+                "NATS stream name {:?}: use letters, digits, `_` and `-`",
+                config.stream
+            )));
+        }
         let unreachable = |e: &dyn std::fmt::Display| {
             Error::Storage(format!(
                 "cannot reach NATS at {}: {e}",
@@ -360,7 +373,7 @@ impl NatsEngine {
 
     /// The stream, the server this node talks to and the stream's
     /// replicas, for `hermod status`.
-    pub async fn describe(&self) -> serde_json::Value {
+    async fn info(&self) -> serde_json::Value {
         let mut stream = self.inner.stream.clone();
         let info = stream.info().await.ok().cloned();
         let server = self.inner.js.client().server_info();
@@ -1134,6 +1147,10 @@ impl Engine for NatsEngine {
 
     fn health(&self) -> &Health {
         &self.inner.health
+    }
+
+    async fn describe(&self) -> serde_json::Value {
+        self.info().await
     }
 
     fn feed(&self) -> Option<Feed> {

@@ -491,6 +491,10 @@ pub enum ServerFrame {
         status: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// The storage engine and what it is connected to (hermod's
+        /// extension; `{"engine": "sqlite" | "memory" | "nats", ...}`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        engine: Option<serde_json::Value>,
     },
     Message(MessageFrame),
     /// Retention removed messages this reader asked for (from `after` up
@@ -557,10 +561,11 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     /// The `status` reply for a store that is healthy (`None`) or degraded.
-    pub fn status(degraded: Option<String>) -> Self {
+    pub fn status(degraded: Option<String>, engine: Option<serde_json::Value>) -> Self {
         ServerFrame::Status {
             status: if degraded.is_some() { "degraded" } else { "ok" }.into(),
             reason: degraded,
+            engine,
         }
     }
 

@@ -102,7 +102,10 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
             gaps,
         }),
         Request::Ping => reply(ServerFrame::Pong),
-        Request::Status => reply(ServerFrame::status(broker.degraded())),
+        Request::Status => reply(ServerFrame::status(
+            broker.degraded(),
+            Some(broker.describe_engine().await),
+        )),
         // Legacy `message` keeps hermes-bus typo protection and answers only
         // errors; `send` may address an agent that has not connected yet.
         Request::Message(env) => submit(&conn, env, Target::Known, Reply::ErrorsOnly).await,

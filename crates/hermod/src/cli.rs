@@ -234,6 +234,27 @@ pub struct ServeArgs {
     /// Keep everything in memory (nothing survives a restart).
     #[arg(long)]
     pub memory: bool,
+    /// Keep the log on a NATS JetStream cluster instead of the embedded
+    /// SQLite file, so several hermod nodes serve one bus (server URLs,
+    /// comma-separated).
+    #[arg(
+        long,
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        conflicts_with = "memory"
+    )]
+    pub nats: Vec<String>,
+    /// A NATS `.creds` file (JWT and NKey seed) to connect with.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+    /// The JetStream stream holding the log; its KV buckets are named
+    /// `<NAME>_state` and `<NAME>_cursors`.
+    #[arg(long, value_name = "NAME", default_value = "HERMOD")]
+    pub nats_stream: String,
+    /// Replicas of the stream and buckets when hermod creates them (3 for
+    /// a 3-node cluster; see the README on durability).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nats_replicas: usize,
     /// Seconds before a hook or wake-up action is stopped.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub hook_timeout: u64,

@@ -14,6 +14,7 @@ mod hooks;
 mod http;
 mod limits;
 mod mcp;
+mod nats;
 mod storage;
 mod topics;
 mod trust;

@@ -373,6 +373,11 @@ impl Broker {
         self.engine.health().degraded()
     }
 
+    /// The storage engine and what it is connected to (`hermod status`).
+    pub async fn describe_engine(&self) -> serde_json::Value {
+        self.engine.describe().await
+    }
+
     /// The newest committed (seq, ts).
     pub fn committed(&self) -> (Seq, f64) {
         self.shared.views.lock().unwrap().committed

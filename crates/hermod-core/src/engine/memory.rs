@@ -462,6 +462,10 @@ impl Engine for MemoryEngine {
         &self.health
     }
 
+    async fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "engine": "memory" })
+    }
+
     fn feed(&self) -> Option<Feed> {
         self.feed.lock().unwrap().take()
     }

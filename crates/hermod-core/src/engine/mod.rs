@@ -294,6 +294,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether writes work now.
     fn health(&self) -> &Health;
 
+    /// What this engine is and what it is connected to, for `hermod
+    /// status`: at least `{"engine": <name>}`.
+    async fn describe(&self) -> serde_json::Value;
+
     /// The feed of every commit (see the module docs); `None` once taken:
     /// it has one follower, the broker.
     fn feed(&self) -> Option<Feed>;

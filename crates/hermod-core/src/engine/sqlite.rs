@@ -1002,6 +1002,10 @@ impl Engine for SqliteEngine {
         &self.health
     }
 
+    async fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "engine": "sqlite" })
+    }
+
     fn feed(&self) -> Option<Feed> {
         self.feed.lock().unwrap().take()
     }

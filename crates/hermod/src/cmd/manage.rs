@@ -63,6 +63,43 @@ pub fn restart(args: &ServeArgs) -> Result<ExitCode> {
     start(args)
 }
 
+/// The engine lines of `hermod status`: its name, and for NATS the stream,
+/// the server this node talks to and the stream's replicas (its peers).
+fn print_engine(engine: &serde_json::Value) {
+    let name = engine["engine"].as_str().unwrap_or("unknown");
+    println!("engine:   {name}");
+    if name != "nats" {
+        return;
+    }
+    let server = &engine["server"];
+    println!(
+        "nats:     stream {} via server {} (cluster {}, version {}){}",
+        engine["stream"].as_str().unwrap_or("?"),
+        server["name"].as_str().unwrap_or("?"),
+        server["cluster"].as_str().unwrap_or("-"),
+        server["version"].as_str().unwrap_or("?"),
+        if engine["connected"] == true {
+            ""
+        } else {
+            ", disconnected"
+        }
+    );
+    let cluster = &engine["cluster"];
+    if let Some(leader) = cluster["leader"].as_str() {
+        println!("peers:    {leader} (leader)");
+    }
+    for r in cluster["replicas"].as_array().into_iter().flatten() {
+        let state = if r["offline"] == true {
+            "offline".to_owned()
+        } else if r["current"] == true {
+            "current".to_owned()
+        } else {
+            format!("lagging by {}", r["lag"])
+        };
+        println!("          {} ({state})", r["name"].as_str().unwrap_or("?"));
+    }
+}
+
 pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     let dir = args.local.data.resolve();
     let Some(pid) = daemon::running_pid(&dir) else {
@@ -73,13 +110,16 @@ pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     println!("hermod is running (pid {pid})");
     println!("data dir: {}", dir.display());
     println!("socket:   {}", socket.display());
-    let (degraded, endpoints) = super::runtime()?.block_on(async {
+    let ((degraded, engine), endpoints) = super::runtime()?.block_on(async {
         let mut c = hermod_client::Connection::connect(&socket).await?;
-        anyhow::Ok((c.degraded().await?, c.list_endpoints().await?))
+        anyhow::Ok((c.status().await?, c.list_endpoints().await?))
     })?;
     match &degraded {
         None => println!("store:    ok"),
         Some(reason) => println!("store:    degraded: {reason}"),
+    }
+    if let Some(engine) = &engine {
+        print_engine(engine);
     }
     println!("connected endpoints: {}", endpoints.len());
     for (name, session) in endpoints {

@@ -1,12 +1,14 @@
 //! `hermod serve`: the daemon in the foreground.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use hermod_core::auth::{AuthMode, RateLimit, Trust};
 use hermod_core::engine::Retention;
 use hermod_core::Broker;
+use hermod_nats::{NatsConfig, NatsEngine};
 use hermod_server::actions::{self, ActionConfig};
 use hermod_server::{http::HttpConfig, unix::UnixConfig, ServerConfig};
 use tokio_util::sync::CancellationToken;
@@ -44,7 +46,16 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     let config_file = load_config(&dir)?;
     let rules = retention(args, &config_file.retention)?;
     runtime.block_on(async {
-        let broker = if args.memory {
+        let broker = if !args.nats.is_empty() {
+            let mut config = NatsConfig::new(args.nats.clone());
+            config.creds = args.nats_creds.clone();
+            config.stream = args.nats_stream.clone();
+            config.replicas = args.nats_replicas.max(1);
+            let engine = NatsEngine::open(config)
+                .await
+                .context("cannot open the NATS JetStream engine")?;
+            Broker::with_engine(Arc::new(engine), trust()).await?
+        } else if args.memory {
             Broker::open_memory_with(trust()).await?
         } else {
             let db = dir.join(DB_FILE);
@@ -96,7 +107,13 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             socket = %socket.display(),
             http = %http.map(|a| format!("http://{a}")).unwrap_or_else(|| "off".into()),
             data_dir = %dir.display(),
-            store = if args.memory { "memory" } else { "sqlite" },
+            store = if !args.nats.is_empty() {
+                "nats"
+            } else if args.memory {
+                "memory"
+            } else {
+                "sqlite"
+            },
             auth = mode.as_str(),
             log_seq = seq,
             "hermod listening"

@@ -245,8 +245,10 @@ class SSEReader(Receiver):
     kind = "sse"
 
     def __init__(self, path, label, params=None, headers=None, normalise=None,
-                 socket_options=None):
+                 socket_options=None, base=None):
         super().__init__(label)
+        # another node's URL (the NATS tests run several), else HERMOD_URL
+        self.base = base
         self.socket_options = socket_options
         self.path = path
         self.params = params or {}
@@ -264,7 +266,8 @@ class SSEReader(Receiver):
     def _run(self):
         timeout = httpx.Timeout(HTTP_TIMEOUT, read=STREAM_READ_TIMEOUT)
         transport = httpx.HTTPTransport(socket_options=self.socket_options)
-        with httpx.Client(base_url=base_url(), timeout=timeout, transport=transport) as c:
+        with httpx.Client(base_url=self.base or base_url(), timeout=timeout,
+                          transport=transport) as c:
             with connect_sse(c, "GET", self.path, params=self.params,
                              headers=dict(self.headers)) as es:
                 resp = es.response
@@ -328,7 +331,7 @@ class SSEReader(Receiver):
             return list(self.events)
 
 
-def v1_stream(agent, label=None, channel=None, after=None, last_event_id=None):
+def v1_stream(agent, label=None, channel=None, after=None, last_event_id=None, base=None):
     params = {}
     if channel is not None:
         params["channel"] = channel
@@ -338,10 +341,11 @@ def v1_stream(agent, label=None, channel=None, after=None, last_event_id=None):
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
     return SSEReader("/v1/agents/%s/stream" % agent, label or "v1-sse(%s)" % agent,
-                     params=params, headers=headers, normalise=norm_frame)
+                     params=params, headers=headers, normalise=norm_frame, base=base)
 
 
-def interop_stream(agent, label=None, channel=None, last_event_id=None, socket_options=None):
+def interop_stream(agent, label=None, channel=None, last_event_id=None, socket_options=None,
+                   base=None):
     params = {"agent": agent}
     if channel is not None:
         params["channel"] = channel
@@ -350,7 +354,7 @@ def interop_stream(agent, label=None, channel=None, last_event_id=None, socket_o
         headers["Last-Event-ID"] = str(last_event_id)
     return SSEReader("/subscribe", label or "subscribe(%s)" % agent,
                      params=params, headers=headers, normalise=norm_interop,
-                     socket_options=socket_options)
+                     socket_options=socket_options, base=base)
 
 
 class WSReader(Receiver):
@@ -477,8 +481,9 @@ class RecvPoller(Receiver):
 
     kind = "recv"
 
-    def __init__(self, agent, label=None, channel=None, since=0.0):
+    def __init__(self, agent, label=None, channel=None, since=0.0, base=None):
         super().__init__(label or "recv(%s)" % agent)
+        self.base = base
         self.agent = agent
         self.channel = channel
         self.since = since
@@ -486,7 +491,7 @@ class RecvPoller(Receiver):
         self._http = None
 
     def _run(self):
-        with httpx.Client(base_url=base_url(), timeout=LONG_POLL_TIMEOUT) as c:
+        with httpx.Client(base_url=self.base or base_url(), timeout=LONG_POLL_TIMEOUT) as c:
             self._http = c
             block = "false"
             while not self._stop.is_set():

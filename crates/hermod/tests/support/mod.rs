@@ -316,8 +316,14 @@ fn py_dir() -> PathBuf {
 
 /// Runs `tests/py/<script>` against `daemon`; panics with its output on failure.
 pub fn run_python(daemon: &Daemon, script: &str) -> String {
+    run_python_with(daemon, script, &[])
+}
+
+/// [`run_python`] with more environment (e.g. other nodes' URLs).
+pub fn run_python_with(daemon: &Daemon, script: &str, envs: &[(&str, &str)]) -> String {
     let dir = py_dir();
     let out = Command::new(python())
+        .envs(envs.iter().copied())
         .arg(dir.join(script))
         .current_dir(&dir)
         .env("HERMOD_URL", &daemon.http)
