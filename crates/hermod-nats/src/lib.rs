@@ -606,7 +606,8 @@ impl Inner {
         if self.connected.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err(Error::Storage(
+            // Busy, not failed: the caller may retry once NATS is back.
+            Err(Error::StorageBusy(
                 "NATS unreachable: nothing was stored; retry once the bus is healthy".into(),
             ))
         }

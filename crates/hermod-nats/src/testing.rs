@@ -203,11 +203,24 @@ impl Cluster {
         }
     }
 
-    /// Starts node `i` again on its ports and store.
+    /// Starts node `i` again on its ports and store (the others must be
+    /// up: a node alone has no quorum to be ready with).
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i);
         self.wait_ready(i);
+    }
+
+    /// Starts every node that is down again, and waits for all.
+    pub fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() {
+                self.spawn(i);
+            }
+        }
+        for i in 0..self.nodes.len() {
+            self.wait_ready(i);
+        }
     }
 
     /// What node `i` logged.
