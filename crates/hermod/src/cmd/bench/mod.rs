@@ -32,10 +32,13 @@ use anyhow::{bail, Context, Result};
 use crate::cli::BenchArgs;
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    if args.nats_cluster {
+        return nats(args);
+    }
     let (socket, server) = match &args.socket {
         Some(s) => (s.clone(), None),
         None => {
-            let server = Server::start()?;
+            let server = Server::start(&[])?;
             (server.socket.clone(), Some(server))
         }
     };
@@ -46,8 +49,8 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     };
     super::runtime()?.block_on(async {
         if args.only.as_deref().is_none_or(|o| o == "unix") {
-            unix::throughput(&socket, args.messages, args.senders.max(1)).await?;
-            unix::latency(&socket, args.rate.max(1), args.seconds.max(1)).await?;
+            unix::throughput(&socket, &socket, args.messages, args.senders.max(1)).await?;
+            unix::latency(&socket, &socket, args.rate.max(1), args.seconds.max(1)).await?;
         }
         if let (Some(url), true) = (http_url, args.only.as_deref().is_none_or(|o| o == "http")) {
             http::send_throughput(&url, args.messages / 2, 16).await?;
@@ -61,6 +64,47 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--nats-cluster`: the Unix runs on the SQLite engine, on one node over
+/// a stream with one replica, and across two nodes over a stream with
+/// three — all on a 3-node JetStream cluster this run starts (see
+/// `hermod_nats::testing` for where its `nats-server` comes from).
+fn nats(args: &BenchArgs) -> Result<ExitCode> {
+    let cluster = hermod_nats::testing::Cluster::start(3);
+    let urls = cluster.urls().join(",");
+    println!("NATS: 3-node JetStream cluster (nats-server, sync_interval: always) at {urls}");
+    let (messages, senders) = (args.messages, args.senders.max(1));
+    let (rate, seconds) = (args.rate.max(1), args.seconds.max(1));
+    let sqlite = Server::start(&[])?;
+    let node = |stream: &str, replicas: &str| {
+        Server::start(&[
+            "--nats",
+            &urls,
+            "--nats-stream",
+            stream,
+            "--nats-replicas",
+            replicas,
+        ])
+    };
+    let single = node("BENCH_R1", "1")?;
+    println!("server: hermod serve --nats, stream BENCH_R1 (R1)");
+    let (a, b) = (node("BENCH_R3", "3")?, node("BENCH_R3", "3")?);
+    println!("servers: two hermod serve --nats nodes A and B, stream BENCH_R3 (R3)");
+    super::runtime()?.block_on(async {
+        for (label, tx, rx) in [
+            ("SQLite, one node", &sqlite.socket, &sqlite.socket),
+            ("NATS R1, one node", &single.socket, &single.socket),
+            ("NATS R3, node A -> node B", &a.socket, &b.socket),
+        ] {
+            println!("--- {label}");
+            unix::throughput(tx, rx, messages, senders).await?;
+            unix::latency(tx, rx, rate, seconds).await?;
+        }
+        anyhow::Ok(())
+    })?;
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A `hermod serve` child on a temporary data directory.
 struct Server {
     child: std::process::Child,
@@ -70,7 +114,8 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Result<Self> {
+    /// `hermod serve` with `extra` arguments (none: the SQLite default).
+    fn start(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("hermod.sock");
         let child = std::process::Command::new(std::env::current_exe()?)
@@ -80,6 +125,7 @@ impl Server {
             .args(["--http", "127.0.0.1:0"])
             // The bench's few senders go far past any agent's send rate.
             .args(["--send-rate", "0"])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .env("HERMES_BUS_HOOKS", "none")
             .spawn()
@@ -101,6 +147,14 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        if !extra.is_empty() {
+            return Ok(Self {
+                child,
+                socket,
+                http,
+                _dir: dir,
+            });
+        }
         println!(
             "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
             dir.path().display()

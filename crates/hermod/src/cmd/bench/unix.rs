@@ -33,9 +33,17 @@ async fn receiver(socket: &Path, name: &str) -> Result<(FrameReader, hermod_clie
     Ok(c.split())
 }
 
-pub(super) async fn throughput(socket: &Path, messages: u64, senders: u64) -> Result<()> {
+/// `senders` connections to `socket` pipeline `messages` durable sends to
+/// one receiver registered at `rx_socket` (the same daemon, or another
+/// node of the bus).
+pub(super) async fn throughput(
+    socket: &Path,
+    rx_socket: &Path,
+    messages: u64,
+    senders: u64,
+) -> Result<()> {
     let rx_name = format!("bench-rx-{}", std::process::id());
-    let (mut rx, _rx_w) = receiver(socket, &rx_name).await?;
+    let (mut rx, _rx_w) = receiver(rx_socket, &rx_name).await?;
     let per_sender = messages / senders;
     let total = per_sender * senders;
     let pad = "x".repeat(64);
@@ -97,7 +105,14 @@ pub(super) async fn throughput(socket: &Path, messages: u64, senders: u64) -> Re
     Ok(())
 }
 
-pub(super) async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()> {
+/// One sender on `socket` at `rate` msgs/s for `seconds`, to a receiver
+/// registered at `rx_socket`.
+pub(super) async fn latency(
+    socket: &Path,
+    rx_socket: &Path,
+    rate: u64,
+    seconds: u64,
+) -> Result<()> {
     #[derive(serde::Deserialize)]
     struct Probe {
         body: ProbeBody,
@@ -108,7 +123,7 @@ pub(super) async fn latency(socket: &Path, rate: u64, seconds: u64) -> Result<()
     }
 
     let rx_name = format!("bench-lat-{}", std::process::id());
-    let (mut rx, _rx_w) = receiver(socket, &rx_name).await?;
+    let (mut rx, _rx_w) = receiver(rx_socket, &rx_name).await?;
     let epoch = Instant::now();
     let total = rate * seconds;
     let sent_at = Arc::new(std::sync::Mutex::new(VecDeque::with_capacity(
