@@ -83,6 +83,8 @@ impl NatsConfig {
 const FETCH_CONCURRENCY: usize = 32;
 /// How often a failed publish is tried again (same `Nats-Msg-Id`).
 const PUBLISH_ATTEMPTS: usize = 3;
+/// How long a write waits for this node's follower to see it.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a JetStream request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -187,7 +189,9 @@ impl Mark {
         }
     }
 
-    /// Resolves once `at` went through the feed.
+    /// Resolves once `at` went through the feed, or fails after
+    /// [`FOLLOW_TIMEOUT`]: JetStream stored the write but this node's
+    /// follower has not seen it (it cannot consume, or is far behind).
     async fn wait(&self, at: u64) -> Result<()> {
         let rx = {
             let mut inner = self.inner.lock().unwrap();
@@ -198,7 +202,15 @@ impl Mark {
             inner.1.entry(at).or_default().push(tx);
             rx
         };
-        rx.await.map_err(|_| Error::ShuttingDown)
+        match tokio::time::timeout(FOLLOW_TIMEOUT, rx).await {
+            Ok(answer) => answer.map_err(|_| Error::ShuttingDown),
+            Err(_) => Err(Error::Storage(format!(
+                "NATS stored the write (sequence {at}) but this node has not seen it in \
+                 its log within {} s: is it allowed to consume the stream and the \
+                 state bucket ($JS.API.CONSUMER.>, _INBOX.>)?",
+                FOLLOW_TIMEOUT.as_secs()
+            ))),
+        }
     }
 }
 
@@ -294,6 +306,16 @@ impl NatsEngine {
             .map(|u| u.parse())
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| Error::Storage(format!("NATS URL: {e}")))?;
+        // `nats://user:pass@host` or `nats://token@host`, as other NATS
+        // clients take them (async-nats leaves a URL's user info unused).
+        if let Some(user) = urls.iter().find_map(|u| u.username()) {
+            let user = user.to_owned();
+            let password = urls.iter().find_map(|u| u.password()).map(str::to_owned);
+            options = match password {
+                Some(password) => options.user_and_password(user, password),
+                None => options.token(user),
+            };
+        }
         // Fail fast at start when nothing answers: retrying forever
         // belongs to a running node, not to a typo in the URL.
         let client = tokio::time::timeout(Duration::from_secs(10), options.connect(urls))

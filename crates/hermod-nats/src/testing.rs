@@ -95,6 +95,12 @@ impl Cluster {
     /// Starts `n` JetStream nodes clustered together (one standalone node
     /// for `n == 1`) and waits until each accepts clients.
     pub fn start(n: usize) -> Self {
+        Self::start_with(n, "")
+    }
+
+    /// [`Cluster::start`] with `extra` appended to every node's
+    /// configuration (e.g. an `authorization` block).
+    pub fn start_with(n: usize, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16, u16)> = (0..n)
             .map(|_| (free_port(), free_port(), free_port()))
@@ -121,7 +127,7 @@ impl Cluster {
                     &conf,
                     format!(
                         "server_name: n{i}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http}\"\n\
-                         jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{cluster}\n",
+                         jetstream {{ store_dir: \"{}\", sync_interval: always }}\n{cluster}\n{extra}\n",
                         store.display()
                     ),
                 )

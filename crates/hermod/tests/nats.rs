@@ -265,10 +265,13 @@ async fn a_nats_node_dies_under_load_and_nothing_acknowledged_is_lost_then_all_d
     assert!(!status.status.success(), "hermod status while degraded");
 
     // Back: both nodes recover without a restart.
+    let down = Instant::now();
     cluster.restart_all();
+    println!("NATS servers ready again after {:?}", down.elapsed());
     for node in [&a, &b] {
         wait_health(&http, &node.http, "recovered", |s, _| s == 200).await;
     }
+    println!("both nodes healthy after {:?}", down.elapsed());
     let deadline = Instant::now() + Duration::from_secs(30);
     let sent = loop {
         let (status, body) = send_v1(&http, &a.http, "after the outage").await;
@@ -281,6 +284,7 @@ async fn a_nats_node_dies_under_load_and_nothing_acknowledged_is_lost_then_all_d
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    println!("a send acknowledged after {:?}", down.elapsed());
     let id = sent["id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !inbox_ids(&http, &b.http).await.contains(&id) {

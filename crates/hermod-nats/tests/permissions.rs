@@ -1,0 +1,66 @@
+//! The README's permission list is enough: the engine conformance suite
+//! passes as a NATS user allowed exactly those subjects (and nothing else).
+
+use std::sync::Arc;
+
+use hermod_core::engine::{conformance, Engine};
+use hermod_nats::testing::Cluster;
+use hermod_nats::{NatsConfig, NatsEngine};
+
+/// The README's list for stream `HERMOD` (keep the two in step).
+const PUBLISH: &[&str] = &[
+    "hermod.>",
+    "$KV.HERMOD_state.>",
+    "$KV.HERMOD_cursors.>",
+    "$JS.API.INFO",
+    "$JS.API.STREAM.INFO.>",
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.MSG.DELETE.HERMOD",
+    "$JS.API.DIRECT.GET.>",
+    "$JS.API.CONSUMER.CREATE.>",
+    "$JS.API.CONSUMER.DELETE.>",
+    "$JS.API.CONSUMER.INFO.>",
+    "$JS.API.CONSUMER.MSG.NEXT.>",
+    "$JS.FC.>",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_as_a_user_with_only_the_documented_permissions() {
+    let quoted = |list: &[&str]| {
+        list.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let auth = format!(
+        "authorization {{ users = [ {{ user: hermod, password: s3cret, permissions: {{ \
+         publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }} ] }}",
+        quoted(PUBLISH)
+    );
+    let cluster = Cluster::start_with(1, &auth);
+    let url = cluster.url(0).replace("nats://", "nats://hermod:s3cret@");
+    let cluster = Arc::new(cluster);
+    let log = {
+        let cluster = cluster.clone();
+        move || cluster.log(0)
+    };
+    let open = move || {
+        let config = NatsConfig::new(vec![url.clone()]);
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                match NatsEngine::open(config).await {
+                    Ok(e) => Arc::new(e) as Arc<dyn Engine>,
+                    Err(e) => panic!("open as the restricted user: {e}\n{}", log()),
+                }
+            })
+        })
+    };
+    conformance::run(&open, true).await;
+    // A user without them is refused with a clear error, not a hang.
+    let stranger = cluster.url(0).replace("nats://", "nats://nobody:wrong@");
+    let refused = NatsEngine::open(NatsConfig::new(vec![stranger])).await;
+    assert!(
+        refused.is_err(),
+        "a user the server does not know was let in"
+    );
+}
