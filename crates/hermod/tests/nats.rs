@@ -31,7 +31,11 @@ fn three_nodes_exchange_direct_messages_broadcasts_and_topic_events() {
         run_python_with(
             &a,
             "nats_nodes.py",
-            &[("HERMOD_URL_B", &b.http), ("HERMOD_URL_C", &c.http)]
+            &[
+                ("HERMOD_URL_A", &a.http),
+                ("HERMOD_URL_B", &b.http),
+                ("HERMOD_URL_C", &c.http)
+            ]
         )
     );
 }

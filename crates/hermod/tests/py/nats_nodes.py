@@ -1,14 +1,15 @@
 """Three hermod nodes on one NATS JetStream cluster, each with other clients.
 
-Node A (``HERMOD_SOCKET``): the PyPI hermes-bus client (alice).
+Node A (``HERMOD_SOCKET``, ``HERMOD_URL_A``): the PyPI hermes-bus client
+(alice), and fast topic events published over HTTP.
 Node B (``HERMOD_URL_B``): the agent-bus scripts' calls -- ``POST /send`` and
 the ``GET /recv?block=true`` loop (bob).
 Node C (``HERMOD_URL_C``): an SSE-interop ``/subscribe`` stream (carol) and a
 v1 ``/v1/agents/{name}/stream`` (dave).
 
 Direct messages in every direction between the nodes, a broadcast from node
-C, and durable topic events published on node B that node C's subscriber
-added: every message arrives at its one reader, in send order, exactly
+C, durable topic events published on node B that node C's subscriber
+added, and fast topic events from node A to a pattern stream on node C: every message arrives at its one reader, in send order, exactly
 once, and nothing else arrives.
 """
 import os
@@ -17,7 +18,8 @@ import time
 import httpx
 
 from common import Inbox, check, client_send, log, new_client, run, stop_client, unique_name
-from httpbus import RecvPoller, expect_json, interop_stream, is_interop_notice, stop_all, v1_stream
+from httpbus import (RecvPoller, SSEReader, expect_json, interop_stream, is_interop_notice,
+                     norm_frame, stop_all, v1_stream)
 
 N = 20
 TIMEOUT = 30.0
@@ -112,6 +114,21 @@ def main():
         in_order([rec["raw"]["topic"] for rec in got], ["work.start", "work.a.b", "work", "work.done"],
                  "dave's topic events on C (work.** matches work itself, not play.x)")
         log("durable topic events from B reached the subscriber on C")
+
+        # Fast (non-durable) events published on A reach a pattern stream on C.
+        fast = SSEReader("/v1/events", "SSE /v1/events?pattern=fast.* on C",
+                         params={"pattern": "fast.*"}, normalise=norm_frame, base=c).start()
+        receivers.append(fast)
+        fast.wait_ready()
+        http_a = httpx.Client(base_url=url("HERMOD_URL_A"), timeout=10.0)
+        for i in range(N):
+            r = expect_json(http_a.post("/v1/events", json={"topic": "fast.e%d" % i, "payload": {"n": i}}),
+                            200, "POST /v1/events fast.e%d on A" % i)
+            check(r.get("seq") is None, "a fast publish answers before it is stored: %r" % r)
+        got = fast.wait_for(lambda rec: True, N, TIMEOUT, "fast events on C")
+        in_order([rec["raw"]["topic"] for rec in got], ["fast.e%d" % i for i in range(N)],
+                 "fast events from A on C's pattern stream")
+        log("fast topic events from A reached the pattern stream on C")
 
         # Nothing arrived twice or unasked for, anywhere.
         time.sleep(1.0)
