@@ -278,6 +278,23 @@ impl Index {
             .map_or(0, |q| (q.len() - q.partition_point(|&s| s <= after)) as u64)
     }
 
+    /// Seqs in `key`'s inbox that nothing else holds (no other inbox, no
+    /// topic view): what goes from the stream when it is forgotten.
+    pub fn held_only_by(&self, key: &InboxKey) -> Vec<Seq> {
+        let topic_floor = |c: &Channel| self.floor(&View::Topics(c.clone()));
+        self.inboxes
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter(|s| {
+                self.log
+                    .get(s)
+                    .is_some_and(|m| m.refs == 1 && !(m.topic && **s > topic_floor(&m.channel)))
+            })
+            .copied()
+            .collect()
+    }
+
     pub fn holds(&self, key: &InboxKey) -> bool {
         self.inboxes.get(key).is_some_and(|q| !q.is_empty())
     }

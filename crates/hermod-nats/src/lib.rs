@@ -675,6 +675,22 @@ impl Inner {
         }
     }
 
+    /// Deletes messages from the stream; how many were still there.
+    async fn delete(&self, seqs: Vec<Seq>) -> Result<u64> {
+        futures::stream::iter(seqs)
+            .map(|seq| async move {
+                match self.stream.delete_message(seq).await {
+                    Ok(deleted) => Ok(deleted as u64),
+                    // Another node removed it first.
+                    Err(e) if e.to_string().contains("no message found") => Ok(0),
+                    Err(e) => Err(storage("deleting a message")(&e)),
+                }
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_fold(0, |n, d| async move { Ok(n + d) })
+            .await
+    }
+
     /// Fetches logged messages the cache no longer holds.
     async fn fetch(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
         futures::stream::iter(seqs)
@@ -948,21 +964,7 @@ impl Engine for NatsEngine {
                 .await?;
             newest = newest.max(written.unwrap_or(0));
         }
-        let removed = futures::stream::iter(step.delete.iter().copied())
-            .map(|seq| {
-                let stream = &inner.stream;
-                async move {
-                    match stream.delete_message(seq).await {
-                        Ok(deleted) => Ok(deleted as u64),
-                        // Another node pruned it first.
-                        Err(e) if e.to_string().contains("no message found") => Ok(0),
-                        Err(e) => Err(storage("deleting a pruned message")(&e)),
-                    }
-                }
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .try_fold(0, |n, d| async move { Ok(n + d) })
-            .await?;
+        let removed = inner.delete(step.delete).await?;
         inner.kv_mark.wait(newest).await?;
         Ok(Pruned {
             removed,
@@ -1046,7 +1048,7 @@ impl Engine for NatsEngine {
 
     async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
         let inner = &self.inner;
-        let (known, holds, patterns, last) = {
+        let (known, held, patterns, last) = {
             let index = inner.index.lock().unwrap();
             let patterns: Vec<String> = index
                 .subscriptions
@@ -1056,12 +1058,12 @@ impl Engine for NatsEngine {
                 .collect();
             (
                 index.agents.contains_key(&key),
-                index.holds(&key),
+                index.held_only_by(&key),
                 patterns,
                 index.last.0,
             )
         };
-        if !(known || holds || !patterns.is_empty()) {
+        if !(known || inner.index.lock().unwrap().holds(&key) || !patterns.is_empty()) {
             return Ok(false);
         }
         // The inbox first (its entries up to now are no longer its own),
@@ -1083,6 +1085,9 @@ impl Engine for NatsEngine {
         if known {
             inner.put_state(keys::agent_key(&key), Bytes::new()).await?;
         }
+        // What only this inbox held leaves the stream too (every node has
+        // dropped it from its index with the epoch).
+        inner.delete(held).await?;
         Ok(known)
     }
 

@@ -7,10 +7,10 @@ use hermod_nats::testing::Cluster;
 use hermod_nats::{NatsConfig, NatsEngine};
 
 /// Opens the engine from a synchronous factory, as the suite wants it.
-fn opener(cluster: &Cluster, stream: &str) -> impl Fn() -> Arc<dyn Engine> {
+fn opener(cluster: &Cluster, stream: &str, replicas: usize) -> impl Fn() -> Arc<dyn Engine> {
     let mut config = NatsConfig::new(cluster.urls());
     config.stream = stream.into();
-    config.replicas = 3;
+    config.replicas = replicas;
     move || {
         let config = config.clone();
         tokio::task::block_in_place(|| {
@@ -28,6 +28,42 @@ fn opener(cluster: &Cluster, stream: &str) -> impl Fn() -> Arc<dyn Engine> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_on_a_three_node_cluster() {
     let cluster = Cluster::start(3);
-    conformance::run(opener(&cluster, "HERMOD"), true).await;
-    conformance::retention(opener(&cluster, "RETENTION")).await;
+    conformance::run(opener(&cluster, "HERMOD", 3), true).await;
+    conformance::retention(opener(&cluster, "RETENTION", 3)).await;
+}
+
+/// Forgetting an agent takes what only its inbox held out of the stream
+/// itself (not just out of every node's index), so the log shrinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_an_agent_removes_its_messages_from_the_stream() {
+    use hermod_core::model::{AgentName, Channel, InboxKey};
+    let cluster = Cluster::start(1);
+    let e = opener(&cluster, "FORGET", 1)();
+    conformance::follow(&e);
+    let mut batch: Vec<_> = (0..5)
+        .map(|n| conformance::message("dave", n, None))
+        .collect();
+    batch.push(conformance::message("bob", 9, None));
+    e.submit(batch).await.unwrap().await.unwrap().unwrap();
+    let dave = InboxKey::new(Channel::default(), AgentName::parse("dave").unwrap());
+    e.remember_agent(dave.clone(), 1.0, true).await.unwrap();
+    let messages = || async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+        js.get_stream("FORGET")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    };
+    assert_eq!(messages().await, 6);
+    assert!(e.forget_agent(dave).await.unwrap());
+    assert_eq!(
+        messages().await,
+        1,
+        "only bob's message is left in the stream"
+    );
+    e.close().await;
 }

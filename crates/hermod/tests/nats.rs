@@ -26,6 +26,18 @@ fn node(cluster: &Cluster) -> Daemon {
 fn three_nodes_exchange_direct_messages_broadcasts_and_topic_events() {
     let cluster = Cluster::start(3);
     let (a, b, c) = (node(&cluster), node(&cluster), node(&cluster));
+    // `hermod status` names the engine, the server and the stream's peers.
+    let status = a.cli(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "hermod status: {text}");
+    assert!(text.contains("engine:   nats"), "{text}");
+    assert!(text.contains("stream HERMOD via server n"), "{text}");
+    assert_eq!(text.matches("(leader)").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("(current)").count(),
+        2,
+        "two replicas besides the leader: {text}"
+    );
     println!(
         "{}",
         run_python_with(
