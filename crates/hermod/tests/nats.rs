@@ -279,6 +279,13 @@ async fn a_nats_node_dies_under_load_and_nothing_acknowledged_is_lost_then_all_d
     );
     let status = a.cli(&["status"]);
     assert!(!status.status.success(), "hermod status while degraded");
+    let metrics = |node: &Daemon| {
+        let url = format!("{}/metrics", node.http);
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let m = metrics(&a).await;
+    assert!(m.contains("hermod_store_healthy{engine=\"nats\"} 0"), "{m}");
 
     // Back: both nodes recover without a restart.
     let down = Instant::now();
@@ -288,6 +295,8 @@ async fn a_nats_node_dies_under_load_and_nothing_acknowledged_is_lost_then_all_d
         wait_health(&http, &node.http, "recovered", |s, _| s == 200).await;
     }
     println!("both nodes healthy after {:?}", down.elapsed());
+    let m = metrics(&b).await;
+    assert!(m.contains("hermod_store_healthy{engine=\"nats\"} 1"), "{m}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let sent = loop {
         let (status, body) = send_v1(&http, &a.http, "after the outage").await;

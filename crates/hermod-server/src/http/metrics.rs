@@ -107,5 +107,16 @@ async fn metrics(
         "Committed messages a slow hook runner missed.",
         vec![(String::new(), app.broker.taps_dropped().to_string())],
     );
+    let engine = app.broker.describe_engine().await;
+    let engine = engine["engine"].as_str().unwrap_or("unknown");
+    metric(
+        "hermod_store_healthy",
+        "gauge",
+        "1 while this node's store accepts writes, 0 while degraded (see /healthz).",
+        vec![(
+            format!("{{engine=\"{engine}\"}}"),
+            u8::from(app.broker.degraded().is_none()).to_string(),
+        )],
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
