@@ -17,8 +17,10 @@ use hermod_core::auth::Identity;
 use hermod_core::engine::{KnownAgent, Retention, View, PRUNE_BUDGET};
 use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq};
 
-/// Newest message bodies a node keeps in memory.
+/// Newest message bodies a node keeps in memory: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
+/// ...and at most this many body bytes (bodies may be megabytes each).
+pub const CACHE_BYTES: usize = 64 << 20;
 
 /// What the index keeps of one logged message.
 struct Meta {
@@ -57,6 +59,8 @@ pub struct Index {
     epochs: HashMap<InboxKey, Seq>,
     bytes: u64,
     cache: BTreeMap<Seq, Arc<Message>>,
+    /// Body bytes in `cache`.
+    cache_bytes: usize,
     /// The newest applied seq and its ts.
     pub last: (Seq, f64),
     pub agents: BTreeMap<InboxKey, AgentEntry>,
@@ -95,9 +99,13 @@ impl Index {
         self.times.push_back((seq, message.ts));
         // Every message passes through the cache, so the node that sent
         // it can answer with it once it is applied.
+        self.cache_bytes += message.body.as_str().len();
         self.cache.insert(seq, message.clone());
-        if self.cache.len() > CACHE_MESSAGES {
-            self.cache.pop_first();
+        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > CACHE_BYTES {
+            let Some((_, old)) = self.cache.pop_first() else {
+                break;
+            };
+            self.cache_bytes -= old.body.as_str().len();
         }
         let mut refs = 0;
         for r in &recipients {
@@ -238,7 +246,9 @@ impl Index {
             return false;
         };
         self.bytes -= m.bytes;
-        self.cache.remove(&seq);
+        if let Some(m) = self.cache.remove(&seq) {
+            self.cache_bytes -= m.body.as_str().len();
+        }
         while self
             .times
             .front()
