@@ -69,7 +69,7 @@ pub struct Index {
 }
 
 /// One prune step's decisions: marks to store and messages to delete.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PruneStep {
     pub floors: Vec<(View, Seq)>,
     pub delete: Vec<Seq>,
@@ -199,6 +199,11 @@ impl Index {
     /// An inbox was forgotten at `seq`: what it held is no longer its own.
     pub fn apply_epoch(&mut self, key: InboxKey, seq: Seq) -> Vec<Seq> {
         let mut gone = Vec::new();
+        // The inbox's pruned mark goes with it, but what it pruned must
+        // stay out: a node whose log lags (and so forgot at a lower seq)
+        // would otherwise take old messages back in. Both come from the
+        // state bucket in its order, so every node computes the same.
+        let seq = seq.max(self.floor(&View::Inbox(key.clone())));
         let e = self.epochs.entry(key.clone()).or_default();
         *e = (*e).max(seq);
         self.trim_inbox(&key, seq, &mut gone);

@@ -167,6 +167,21 @@ macro_rules! unix {
     };
 }
 
+/// What a [`Inner::swap_state`] did, with the revision to wait for.
+enum Written {
+    Changed(u64),
+    /// Left as it was, at this revision.
+    Unchanged(u64),
+}
+
+impl Written {
+    fn revision(&self) -> u64 {
+        match *self {
+            Written::Changed(r) | Written::Unchanged(r) => r,
+        }
+    }
+}
+
 /// How far the follower has handed a sequence (log seq or KV revision)
 /// to the broker, and who waits for which.
 #[derive(Default)]
@@ -220,11 +235,18 @@ struct Inner {
     prefix: String,
     state: kv::Store,
     cursors: kv::Store,
+    /// The cursor bucket's stream, for reads from its leader: a direct get
+    /// may be answered by a replica that lags.
+    cursors_stream: stream::Stream,
     index: Mutex<Index>,
     /// Log seqs the broker has taken off the feed.
     log_mark: Mark,
     /// State-bucket revisions the broker has taken off the feed.
     kv_mark: Mark,
+    /// A prune step decided and applied to the index but not yet stored
+    /// (its marks written and messages deleted): the next call finishes it
+    /// first, so a failure midway never leaves this node apart.
+    pending_prune: Mutex<Option<index::PruneStep>>,
     /// The client is connected now (sends are refused while it is not).
     connected: AtomicBool,
     health: Health,
@@ -365,8 +387,13 @@ impl NatsEngine {
         )
         .await?;
 
+        let cursors_stream = js
+            .get_stream(format!("KV_{}_cursors", config.stream))
+            .await
+            .map_err(storage("the cursor bucket's stream"))?;
         let inner = Arc::new(Inner {
             js,
+            cursors_stream,
             stream,
             prefix,
             state,
@@ -374,6 +401,7 @@ impl NatsEngine {
             index: Mutex::default(),
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
+            pending_prune: Mutex::default(),
             connected: AtomicBool::new(true),
             health: Health::default(),
             name: config.stream.clone(),
@@ -459,7 +487,7 @@ impl Inner {
         let info = stream.info().await.map_err(storage("log stream"))?.clone();
         let last = info.state.last_sequence;
         let mut log = self.log_from(1).await?;
-        let mut seq = 0;
+        let (mut seq, mut stalled) = (0, 0);
         if info.state.messages > 0 {
             loop {
                 // The last message may be deleted after the info was read:
@@ -470,8 +498,18 @@ impl Inner {
                     if info.state.messages == 0 || info.state.last_sequence <= seq {
                         break;
                     }
+                    stalled += 1;
+                    if stalled == 15 {
+                        return Err(Error::Storage(format!(
+                            "NATS: the log stream holds messages up to {} but none came \
+                             after {seq} for 30 s: may this user consume it \
+                             ($JS.API.CONSUMER.>, _INBOX.>)?",
+                            info.state.last_sequence
+                        )));
+                    }
                     continue;
                 };
+                stalled = 0;
                 let Some(message) = next else { break };
                 let message = message.map_err(storage("reading the log"))?;
                 let Ok(meta) = message.info() else { continue };
@@ -648,13 +686,12 @@ impl Inner {
     }
 
     /// Compare-and-set on a state entry: `f` turns the stored value (if
-    /// any) into the one to store, or `None` to leave it. Returns the
-    /// revision written.
+    /// any) into the one to store, or `None` to leave it.
     async fn swap_state(
         &self,
         key: &str,
         mut f: impl FnMut(Option<&[u8]>) -> Option<Bytes>,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Written> {
         self.check_connected()?;
         loop {
             let entry = self
@@ -666,11 +703,13 @@ impl Inner {
                 .as_ref()
                 .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty());
             let Some(value) = f(current.map(|e| &e.value[..])) else {
-                return Ok(None);
+                // Nothing to change, but what was read may be newer than
+                // what this node applied: let the caller wait for it.
+                return Ok(Written::Unchanged(entry.map_or(0, |e| e.revision)));
             };
             // Someone else wrote it first: look again.
             if let Some(revision) = cas(&self.state, key, value, entry.map(|e| e.revision)).await? {
-                return Ok(Some(revision));
+                return Ok(Written::Changed(revision));
             }
         }
     }
@@ -695,19 +734,28 @@ impl Inner {
     async fn fetch(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
         futures::stream::iter(seqs)
             .map(|seq| async move {
-                match self.stream.direct_get(seq).await {
-                    Ok(m) => {
-                        let ts = self
-                            .index
-                            .lock()
-                            .unwrap()
-                            .ts_of(seq)
-                            .unwrap_or(unix!(m.time));
-                        Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
+                let m = match self.stream.direct_get(seq).await {
+                    Ok(m) => m,
+                    // A replica that lags answers "not found" for what it
+                    // has not stored yet: only the leader's word counts.
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                        match self.stream.get_raw_message(seq).await {
+                            Ok(m) => m,
+                            Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                                return Ok(None)
+                            }
+                            Err(e) => return Err(storage("reading the log")(&e)),
+                        }
                     }
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(storage("reading the log")(&e)),
-                }
+                    Err(e) => return Err(storage("reading the log")(&e)),
+                };
+                let ts = self
+                    .index
+                    .lock()
+                    .unwrap()
+                    .ts_of(seq)
+                    .unwrap_or(unix!(m.time));
+                Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
             })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
@@ -851,10 +899,19 @@ impl Engine for NatsEngine {
         // batches submitted from one task keep their order in the stream;
         // the acknowledgements are awaited in the background.
         let mut acks = Vec::with_capacity(batch.len());
-        for m in &batch {
+        // Nothing of a batch goes out unless all of it fits: a refusal
+        // halfway would leave part of it stored behind an error.
+        let max = inner.js.client().server_info().max_payload;
+        let payloads: Vec<Bytes> = batch.iter().map(encode).collect();
+        if let Some(p) = payloads.iter().find(|p| p.len() > max) {
+            return Err(Error::TooLarge {
+                size: p.len(),
+                limit: max,
+            });
+        }
+        for (m, payload) in batch.iter().zip(payloads) {
             let subject =
                 keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
-            let payload = encode(m);
             let id = uuid::Uuid::new_v4().to_string();
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
@@ -948,7 +1005,15 @@ impl Engine for NatsEngine {
             .map_err(storage("log stream"))?
             .state
             .first_sequence;
-        let step = inner.index.lock().unwrap().prune(rules, now, first);
+        let pending = inner.pending_prune.lock().unwrap().take();
+        let step = match pending {
+            Some(step) => step,
+            None => inner.index.lock().unwrap().prune(rules, now, first),
+        };
+        let more = step.more;
+        // Kept until stored: on an error the next call redoes it (both the
+        // marks and the deletes are idempotent).
+        *inner.pending_prune.lock().unwrap() = Some(step.clone());
         // Marks first, then the messages: a reader that finds a message
         // gone can count on its mark being on the way.
         let mut newest = 0;
@@ -962,14 +1027,12 @@ impl Engine for NatsEngine {
                     (stored < *seq).then(|| seq_bytes(*seq))
                 })
                 .await?;
-            newest = newest.max(written.unwrap_or(0));
+            newest = newest.max(written.revision());
         }
         let removed = inner.delete(step.delete).await?;
+        inner.pending_prune.lock().unwrap().take();
         inner.kv_mark.wait(newest).await?;
-        Ok(Pruned {
-            removed,
-            more: step.more,
-        })
+        Ok(Pruned { removed, more })
     }
 
     async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
@@ -1002,16 +1065,29 @@ impl Engine for NatsEngine {
                 .entry(&k)
                 .await
                 .map_err(storage("reading a cursor"))?;
-            let stored = entry
-                .as_ref()
+            let parse = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<Seq>().ok();
+            let mut current = entry
                 .filter(|e| e.operation == kv::Operation::Put)
-                .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse().ok())
-                .unwrap_or(0);
-            if stored != expected {
-                return Ok(stored);
+                .map(|e| (parse(&e.value).unwrap_or(0), e.revision));
+            if current.map_or(0, |c| c.0) != expected {
+                // Perhaps a replica that lags answered: ask the leader
+                // before reporting someone else's claim.
+                let subject = format!("$KV.{}_cursors.{k}", inner.name);
+                let last = inner
+                    .cursors_stream
+                    .get_last_raw_message_by_subject(&subject);
+                current = match last.await {
+                    Ok(m) => Some((parse(&m.payload).unwrap_or(0), m.sequence)),
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+                    Err(e) => return Err(storage("reading a cursor")(e)),
+                };
+                let stored = current.map_or(0, |c| c.0);
+                if stored != expected {
+                    return Ok(stored);
+                }
             }
             // Another claim won: look again.
-            let revision = entry.map(|e| e.revision);
+            let revision = current.map(|c| c.1);
             if cas(&inner.cursors, &k, seq_bytes(new), revision)
                 .await?
                 .is_some()
@@ -1040,10 +1116,7 @@ impl Engine for NatsEngine {
                     .then(|| serde_json::to_vec(&a).unwrap().into())
             })
             .await?;
-        match written {
-            Some(revision) => self.inner.kv_mark.wait(revision).await,
-            None => Ok(()),
-        }
+        self.inner.kv_mark.wait(written.revision()).await
     }
 
     async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
@@ -1063,6 +1136,16 @@ impl Engine for NatsEngine {
                 index.last.0,
             )
         };
+        // Up to the stream's newest, not only what this node applied yet:
+        // another node may have acknowledged more to this inbox already.
+        let mut stream = inner.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(storage("log stream"))?
+            .state
+            .last_sequence
+            .max(last);
         if !(known || inner.index.lock().unwrap().holds(&key) || !patterns.is_empty()) {
             return Ok(false);
         }
@@ -1119,8 +1202,8 @@ impl Engine for NatsEngine {
                     (!a.connected && a.first_seen < before).then(Bytes::new)
                 })
                 .await?;
-            if let Some(revision) = written {
-                newest = newest.max(revision);
+            newest = newest.max(written.revision());
+            if let Written::Changed(_) = written {
                 gone.push(key);
             }
         }

@@ -67,3 +67,33 @@ async fn forgetting_an_agent_removes_its_messages_from_the_stream() {
     );
     e.close().await;
 }
+
+/// A batch with a message over the server's `max_payload` is refused
+/// whole, with the limit in the error, and nothing of it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_servers_payload_limit_is_refused_whole() {
+    use hermod_core::model::Body;
+    let cluster = Cluster::start(1);
+    let e = opener(&cluster, "BIG", 1)();
+    conformance::follow(&e);
+    let mut big = conformance::message("bob", 2, None);
+    big.body = Body::from_json(format!("{{\"pad\":\"{}\"}}", "x".repeat(2 << 20))).unwrap();
+    let refused = e
+        .submit(vec![conformance::message("bob", 1, None), big])
+        .await;
+    match refused {
+        Err(hermod_core::Error::TooLarge { limit, .. }) => assert_eq!(limit, 1 << 20),
+        Err(other) => panic!("expected too_large, got {other}"),
+        Ok(_) => panic!("a 2 MiB message was accepted by a 1 MiB server"),
+    }
+    assert_eq!(
+        e.last().await.unwrap().0,
+        0,
+        "nothing of the batch was stored"
+    );
+    let ok = e
+        .submit(vec![conformance::message("bob", 3, None)])
+        .await
+        .unwrap();
+    assert_eq!(ok.await.unwrap().unwrap()[0].seq, 1);
+}
