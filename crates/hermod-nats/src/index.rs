@@ -55,6 +55,9 @@ pub struct Index {
     topics: HashMap<Channel, VecDeque<Seq>>,
     all_topics: VecDeque<Seq>,
     floors: HashMap<View, Seq>,
+    /// Applied seqs no view holds (a broadcast to nobody, an entry hermod
+    /// cannot read): the next prune deletes them from the stream.
+    unheld: VecDeque<Seq>,
     /// Where each forgotten inbox starts again.
     epochs: HashMap<InboxKey, Seq>,
     bytes: u64,
@@ -124,7 +127,9 @@ impl Index {
                 .push_back(seq);
             self.all_topics.push_back(seq);
         } else if refs == 0 {
-            return; // Nobody holds it: it is only a seq.
+            // Nobody holds it: it is only a seq, and goes from the stream.
+            self.unheld.push_back(seq);
+            return;
         }
         let bytes = message.body.as_str().len() as u64;
         self.bytes += bytes;
@@ -335,6 +340,13 @@ impl Index {
             .collect()
     }
 
+    /// A seq of the log that is not hermod's (or not readable): only a
+    /// seq here, deleted from the stream by the next prune.
+    pub fn skip(&mut self, seq: Seq) {
+        self.last.0 = seq;
+        self.unheld.push_back(seq);
+    }
+
     /// Decides one prune step (see `Engine::prune`) on what this node
     /// knows, and applies it here at once; the marks are then stored for
     /// every node. `first` is the stream's first seq: the stream's own
@@ -411,6 +423,9 @@ impl Index {
             let all = self.floor(&View::AllTopics);
             self.all_topics.retain(|&s| s > all);
         }
+        let n = self.unheld.len().min(PRUNE_BUDGET);
+        step.delete.extend(self.unheld.drain(..n));
+        step.more |= n == PRUNE_BUDGET;
         step.floors = self
             .floors
             .iter()

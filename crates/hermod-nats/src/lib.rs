@@ -788,7 +788,7 @@ impl Index {
     fn apply_log(&mut self, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
         let ts = self.next_ts(stamped);
         let Some((message, recipients)) = decode(seq, ts, payload) else {
-            self.last.0 = seq;
+            self.skip(seq);
             return None;
         };
         let message = Arc::new(message);
@@ -1176,6 +1176,18 @@ impl Engine for NatsEngine {
 
     async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
         let inner = &self.inner;
+        // "Holds nothing" is this node's view: only trust it once it has
+        // applied the whole stream (else try again next time).
+        let mut stream = inner.stream.clone();
+        let newest = stream
+            .info()
+            .await
+            .map_err(storage("log stream"))?
+            .state
+            .last_sequence;
+        if inner.index.lock().unwrap().last.0 < newest {
+            return Ok(Vec::new());
+        }
         let due: Vec<InboxKey> = {
             let index = inner.index.lock().unwrap();
             index

@@ -97,3 +97,43 @@ async fn a_batch_over_the_servers_payload_limit_is_refused_whole() {
         .unwrap();
     assert_eq!(ok.await.unwrap().unwrap()[0].seq, 1);
 }
+
+/// A message no view holds (a broadcast nobody was there for) leaves the
+/// stream at the next prune, so it never outlives every rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_nobody_holds_leaves_the_stream_at_the_next_prune() {
+    let cluster = Cluster::start(1);
+    let e = opener(&cluster, "UNHELD", 1)();
+    conformance::follow(&e);
+    let mut nobody = conformance::message("bob", 1, None);
+    nobody.to = None;
+    nobody.recipients.clear();
+    let kept = conformance::message("bob", 2, None);
+    e.submit(vec![nobody, kept])
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    let messages = || async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+        js.get_stream("UNHELD")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    };
+    assert_eq!(messages().await, 2);
+    let step = e
+        .prune(&Default::default(), hermod_core::model::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (step.removed, messages().await),
+        (1, 1),
+        "only bob's message is left"
+    );
+}
