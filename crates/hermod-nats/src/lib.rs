@@ -247,11 +247,17 @@ struct Inner {
     /// (its marks written and messages deleted): the next call finishes it
     /// first, so a failure midway never leaves this node apart.
     pending_prune: Mutex<Option<index::PruneStep>>,
-    /// The client is connected now (sends are refused while it is not).
+    link: Arc<Link>,
+    /// The stream's name (the buckets are named after it).
+    name: String,
+}
+
+/// The connection's state, which the client's event callback keeps.
+#[derive(Default)]
+struct Link {
+    /// Connected now (sends are refused while not).
     connected: AtomicBool,
     health: Health,
-    /// The NATS servers' JetStream cluster as this node last saw it.
-    name: String,
 }
 
 /// See the crate docs.
@@ -284,32 +290,27 @@ impl NatsEngine {
                 config.urls.join(",")
             ))
         };
-        let inner_slot: Arc<Mutex<Option<std::sync::Weak<Inner>>>> = Arc::default();
-        let slot = inner_slot.clone();
+        let link = Arc::new(Link::default());
+        let events = link.clone();
         let mut options = async_nats::ConnectOptions::new()
             .name("hermod")
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(3))
             .request_timeout(Some(REQUEST_TIMEOUT))
             .event_callback(move |event| {
-                let slot = slot.clone();
+                let link = events.clone();
                 async move {
-                    let Some(inner) = slot.lock().unwrap().as_ref().and_then(|w| w.upgrade())
-                    else {
-                        return;
-                    };
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("NATS connection back");
-                            inner.connected.store(true, Ordering::SeqCst);
-                            inner.health.clear();
+                            link.connected.store(true, Ordering::SeqCst);
+                            link.health.clear();
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(
                                 "NATS connection lost; sends are refused until it is back"
                             );
-                            inner.connected.store(false, Ordering::SeqCst);
-                            inner.health.set_degraded(
+                            link.connected.store(false, Ordering::SeqCst);
+                            link.health.set_degraded(
                                 "NATS unreachable: sends are refused until it is back",
                             );
                         }
@@ -338,12 +339,14 @@ impl NatsEngine {
                 None => options.token(user),
             };
         }
-        // Fail fast at start when nothing answers: retrying forever
-        // belongs to a running node, not to a typo in the URL.
+        // Fail at start when nothing answers (or the login is refused):
+        // reconnecting forever belongs to a running node, not to a typo in
+        // the URL.
         let client = tokio::time::timeout(Duration::from_secs(10), options.connect(urls))
             .await
             .map_err(|_| unreachable(&"no server answered within 10 s"))?
             .map_err(|e| unreachable(&e))?;
+        link.connected.store(true, Ordering::SeqCst);
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
@@ -402,11 +405,9 @@ impl NatsEngine {
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
             pending_prune: Mutex::default(),
-            connected: AtomicBool::new(true),
-            health: Health::default(),
+            link,
             name: config.stream.clone(),
         });
-        *inner_slot.lock().unwrap() = Some(Arc::downgrade(&inner));
 
         let (watch, revision) = inner.load_state().await?;
         let (log, seq) = inner.load_log().await?;
@@ -430,7 +431,7 @@ impl NatsEngine {
         serde_json::json!({
             "engine": "nats",
             "stream": self.inner.name,
-            "connected": self.inner.connected.load(Ordering::SeqCst),
+            "connected": self.inner.link.connected.load(Ordering::SeqCst),
             "server": { "name": server.server_name, "version": server.version, "cluster": server.cluster },
             "messages": info.as_ref().map(|i| i.state.messages),
             "cluster": info.and_then(|i| i.cluster).map(|c| serde_json::json!({
@@ -663,7 +664,7 @@ impl Inner {
     }
 
     fn check_connected(&self) -> Result<()> {
-        if self.connected.load(Ordering::SeqCst) {
+        if self.link.connected.load(Ordering::SeqCst) {
             Ok(())
         } else {
             // Busy, not failed: the caller may retry once NATS is back.
@@ -935,7 +936,7 @@ impl Engine for NatsEngine {
                     };
                     seqs.push(seq);
                 }
-                inner.health.clear();
+                inner.link.health.clear();
                 let newest = seqs.iter().copied().max().unwrap_or(0);
                 inner.log_mark.wait(newest).await?;
                 let mut out = Vec::with_capacity(seqs.len());
@@ -961,7 +962,7 @@ impl Engine for NatsEngine {
             }
             .await;
             if let Err(e) = &stored {
-                inner.health.set_degraded(e.to_string());
+                inner.link.health.set_degraded(e.to_string());
             }
             let _ = tx.send(stored);
         });
@@ -1269,7 +1270,7 @@ impl Engine for NatsEngine {
     }
 
     fn health(&self) -> &Health {
-        &self.inner.health
+        &self.inner.link.health
     }
 
     async fn describe(&self) -> serde_json::Value {
