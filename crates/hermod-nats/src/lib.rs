@@ -939,26 +939,20 @@ impl Engine for NatsEngine {
                 inner.link.health.clear();
                 let newest = seqs.iter().copied().max().unwrap_or(0);
                 inner.log_mark.wait(newest).await?;
-                let mut out = Vec::with_capacity(seqs.len());
-                let (cached, missing): (Vec<_>, Vec<_>) = {
+                // Answered from the cache (which every applied message
+                // passes through), else from the stream.
+                let cached: Vec<Option<Arc<Message>>> = {
                     let index = inner.index.lock().unwrap();
-                    seqs.iter()
-                        .map(|&s| (s, index.cached(s)))
-                        .partition(|(_, m)| m.is_some())
+                    seqs.iter().map(|&s| index.cached(s)).collect()
                 };
-                let fetched = inner
-                    .fetch(missing.iter().map(|(s, _)| *s).collect())
-                    .await?;
-                let mut found: BTreeMap<Seq, Arc<Message>> =
-                    cached.into_iter().map(|(s, m)| (s, m.unwrap())).collect();
-                found.extend(fetched.into_iter().flatten().map(|m| (m.seq, m)));
-                for s in seqs {
-                    // Gone only if retention took it already.
-                    if let Some(m) = found.get(&s) {
-                        out.push(m.clone());
-                    }
-                }
-                Ok(out)
+                let missing = seqs.iter().zip(&cached).filter(|(_, m)| m.is_none());
+                let missing = missing.map(|(&s, _)| s).collect();
+                let mut fetched = inner.fetch(missing).await?.into_iter();
+                // (One is gone only if retention took it already.)
+                Ok(cached
+                    .into_iter()
+                    .filter_map(|m| m.or_else(|| fetched.next().flatten()))
+                    .collect())
             }
             .await;
             if let Err(e) = &stored {
