@@ -592,10 +592,8 @@ impl Inner {
                     Some(chunk) => self.state_commit(chunk, &mut revision),
                 },
             };
-            if let Some(commit) = commit {
-                if feed.send(commit).await.is_err() {
-                    return; // The broker is gone.
-                }
+            if feed.send(commit).await.is_err() {
+                return; // The broker is gone.
             }
         }
     }
@@ -604,7 +602,7 @@ impl Inner {
         self: &Arc<Self>,
         chunk: Vec<std::result::Result<jetstream::Message, consumer::pull::OrderedError>>,
         seq: &mut Seq,
-    ) -> Option<Commit> {
+    ) -> Commit {
         let mut messages = Vec::with_capacity(chunk.len());
         {
             let mut index = self.index.lock().unwrap();
@@ -628,16 +626,14 @@ impl Inner {
         }
         let done = *seq;
         let inner = self.clone();
-        Some(Commit::new(messages, Vec::new(), move || {
-            inner.log_mark.advance(done)
-        }))
+        Commit::new(messages, Vec::new(), move || inner.log_mark.advance(done))
     }
 
     fn state_commit(
         self: &Arc<Self>,
         chunk: Vec<std::result::Result<kv::Entry, kv::WatcherError>>,
         revision: &mut u64,
-    ) -> Option<Commit> {
+    ) -> Commit {
         let mut changes = Vec::new();
         {
             let mut index = self.index.lock().unwrap();
@@ -658,9 +654,7 @@ impl Inner {
         }
         let done = *revision;
         let inner = self.clone();
-        Some(Commit::new(Vec::new(), changes, move || {
-            inner.kv_mark.advance(done)
-        }))
+        Commit::new(Vec::new(), changes, move || inner.kv_mark.advance(done))
     }
 
     fn check_connected(&self) -> Result<()> {
