@@ -101,6 +101,8 @@ fn nats(args: &BenchArgs) -> Result<ExitCode> {
         }
         anyhow::Ok(())
     })?;
+    // The nodes first, so none of them reports losing NATS.
+    drop((sqlite, single, a, b));
     drop(cluster);
     Ok(ExitCode::SUCCESS)
 }
