@@ -192,11 +192,7 @@ impl Index {
                     }
                 }
             }
-            View::AllTopics => {
-                while self.all_topics.front().is_some_and(|&s| s <= seq) {
-                    self.all_topics.pop_front();
-                }
-            }
+            View::AllTopics => pop_through(&mut self.all_topics, seq),
         }
         gone
     }
@@ -378,10 +374,11 @@ impl Index {
             if topic {
                 self.bump(View::Topics(channel.clone()), seq);
                 self.bump(View::AllTopics, seq);
+                // The oldest of the log is the oldest of both views.
                 if let Some(q) = self.topics.get_mut(&channel) {
-                    q.retain(|&s| s > seq);
+                    pop_through(q, seq);
                 }
-                self.all_topics.retain(|&s| s > seq);
+                pop_through(&mut self.all_topics, seq);
             }
             self.unlog(seq);
             step.delete.push(seq);
@@ -421,7 +418,7 @@ impl Index {
                     .extend(self.apply_floor(View::Topics(channel), floor));
             }
             let all = self.floor(&View::AllTopics);
-            self.all_topics.retain(|&s| s > all);
+            pop_through(&mut self.all_topics, all);
         }
         let n = self.unheld.len().min(PRUNE_BUDGET);
         step.delete.extend(self.unheld.drain(..n));
@@ -438,5 +435,12 @@ impl Index {
     fn bump(&mut self, view: View, seq: Seq) {
         let f = self.floors.entry(view).or_default();
         *f = (*f).max(seq);
+    }
+}
+
+/// Drops the seqs up to `seq` from the front of an ascending queue.
+fn pop_through(q: &mut VecDeque<Seq>, seq: Seq) {
+    while q.front().is_some_and(|&s| s <= seq) {
+        q.pop_front();
     }
 }
