@@ -248,6 +248,9 @@ struct Inner {
     /// first, so a failure midway never leaves this node apart.
     pending_prune: Mutex<Option<index::PruneStep>>,
     link: Arc<Link>,
+    /// The largest message the servers take (their `max_payload`, read at
+    /// connect: a cluster's servers share it).
+    max_payload: usize,
     /// The stream's name (the buckets are named after it).
     name: String,
 }
@@ -365,30 +368,13 @@ impl NatsEngine {
             })
             .await
             .map_err(storage("creating the log stream"))?;
-        let bucket = |name: String, what: &'static str| kv::Config {
-            bucket: name,
-            description: what.into(),
-            history: 1,
-            storage: stream::StorageType::File,
-            num_replicas: config.replicas,
-            ..Default::default()
-        };
-        let state = open_bucket(
-            &js,
-            bucket(
-                format!("{}_state", config.stream),
-                "hermod: agents, subscriptions, identities, pruned marks",
-            ),
+        let open = |suffix, what| open_bucket(&js, &config, suffix, what);
+        let state = open(
+            "state",
+            "hermod: agents, subscriptions, identities, pruned marks",
         )
         .await?;
-        let cursors = open_bucket(
-            &js,
-            bucket(
-                format!("{}_cursors", config.stream),
-                "hermod: inbox cursors",
-            ),
-        )
-        .await?;
+        let cursors = open("cursors", "hermod: inbox cursors").await?;
 
         let cursors_stream = js
             .get_stream(format!("KV_{}_cursors", config.stream))
@@ -406,6 +392,7 @@ impl NatsEngine {
             kv_mark: Mark::default(),
             pending_prune: Mutex::default(),
             link,
+            max_payload: client.server_info().max_payload,
             name: config.stream.clone(),
         });
 
@@ -426,7 +413,9 @@ impl NatsEngine {
     /// replicas, for `hermod status`.
     async fn info(&self) -> serde_json::Value {
         let mut stream = self.inner.stream.clone();
-        let info = stream.info().await.ok().cloned();
+        // Bounded: `hermod status` must answer while NATS is away too.
+        let info = tokio::time::timeout(Duration::from_secs(1), stream.info()).await;
+        let info = info.ok().and_then(|i| i.ok().cloned());
         let server = self.inner.js.client().server_info();
         serde_json::json!({
             "engine": "nats",
@@ -445,14 +434,27 @@ impl NatsEngine {
     }
 }
 
-async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store> {
-    match js.get_key_value(&config.bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(config)
-            .await
-            .map_err(storage("creating a KV bucket")),
+/// The bucket `<stream>_<suffix>`, created (one revision per key) if missing.
+async fn open_bucket(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    suffix: &str,
+    what: &str,
+) -> Result<kv::Store> {
+    let bucket = format!("{}_{suffix}", config.stream);
+    if let Ok(store) = js.get_key_value(&bucket).await {
+        return Ok(store);
     }
+    js.create_key_value(kv::Config {
+        bucket,
+        description: what.into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(storage("creating a KV bucket"))
 }
 
 type LogStream = consumer::pull::Ordered;
@@ -896,7 +898,7 @@ impl Engine for NatsEngine {
         let mut acks = Vec::with_capacity(batch.len());
         // Nothing of a batch goes out unless all of it fits: a refusal
         // halfway would leave part of it stored behind an error.
-        let max = inner.js.client().server_info().max_payload;
+        let max = inner.max_payload;
         let payloads: Vec<Bytes> = batch.iter().map(encode).collect();
         if let Some(p) = payloads.iter().find(|p| p.len() > max) {
             return Err(Error::TooLarge {

@@ -25,6 +25,13 @@ fn opener(cluster: &Cluster, stream: &str, replicas: usize) -> impl Fn() -> Arc<
     }
 }
 
+/// How many messages `stream` holds, asked of the server directly.
+async fn stream_messages(cluster: &Cluster, stream: &str) -> u64 {
+    let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_on_a_three_node_cluster() {
     let cluster = Cluster::start(3);
@@ -47,17 +54,7 @@ async fn forgetting_an_agent_removes_its_messages_from_the_stream() {
     e.submit(batch).await.unwrap().await.unwrap().unwrap();
     let dave = InboxKey::new(Channel::default(), AgentName::parse("dave").unwrap());
     e.remember_agent(dave.clone(), 1.0, true).await.unwrap();
-    let messages = || async {
-        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
-        js.get_stream("FORGET")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages
-    };
+    let messages = || stream_messages(&cluster, "FORGET");
     assert_eq!(messages().await, 6);
     assert!(e.forget_agent(dave).await.unwrap());
     assert_eq!(
@@ -115,17 +112,7 @@ async fn a_message_nobody_holds_leaves_the_stream_at_the_next_prune() {
         .await
         .unwrap()
         .unwrap();
-    let messages = || async {
-        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
-        js.get_stream("UNHELD")
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .state
-            .messages
-    };
+    let messages = || stream_messages(&cluster, "UNHELD");
     assert_eq!(messages().await, 2);
     let step = e
         .prune(&Default::default(), hermod_core::model::now())

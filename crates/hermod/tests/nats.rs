@@ -111,6 +111,38 @@ async fn sender(sockets: Vec<PathBuf>, tag: String, count: usize, acked: Arc<Mut
     }
 }
 
+/// Two [`sender`]s of 1,500 messages each on `sockets`.
+fn senders(
+    sockets: Vec<PathBuf>,
+    acked: &Arc<Mutex<Vec<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..2)
+        .map(|i| {
+            tokio::spawn(sender(
+                sockets.clone(),
+                format!("s{i}"),
+                1500,
+                acked.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until 300 sends are acknowledged, so a kill lands
+/// under load; returns how many were by then.
+async fn under_way(acked: &Mutex<Vec<String>>, node: &Daemon) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "no sends acknowledged\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    acked.lock().unwrap().len()
+}
+
 /// Sends one sender keeps unanswered at most.
 const WINDOW: usize = 32;
 
@@ -225,23 +257,9 @@ async fn a_nats_node_dies_under_load_and_nothing_acknowledged_is_lost_then_all_d
     let (a, b) = (node(&cluster), node(&cluster));
     let http = reqwest::Client::new();
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let senders: Vec<_> = (0..2)
-        .map(|i| {
-            let sockets = vec![a.socket.clone()];
-            tokio::spawn(sender(sockets, format!("s{i}"), 1500, acked.clone()))
-        })
-        .collect();
+    let senders = senders(vec![a.socket.clone()], &acked);
     // Kill a server once the load is under way.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() < 300 {
-        assert!(
-            Instant::now() < deadline,
-            "no sends acknowledged\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let at_kill = acked.lock().unwrap().len();
+    let at_kill = under_way(&acked, &a).await;
     cluster.kill(0);
     for s in senders {
         s.await.unwrap();
@@ -353,24 +371,10 @@ async fn a_hermod_node_dies_under_load_its_clients_move_on_and_poll_hands_out_no
     let (mut a, b) = (node(&cluster), node(&cluster));
     let http = reqwest::Client::new();
     let acked = Arc::new(Mutex::new(Vec::new()));
-    let senders: Vec<_> = (0..2)
-        .map(|i| {
-            let sockets = vec![a.socket.clone(), b.socket.clone()];
-            tokio::spawn(sender(sockets, format!("s{i}"), 1500, acked.clone()))
-        })
-        .collect();
+    let senders = senders(vec![a.socket.clone(), b.socket.clone()], &acked);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let polls = tokio::spawn(poller(vec![a.http.clone(), b.http.clone()], stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.lock().unwrap().len() < 300 {
-        assert!(
-            Instant::now() < deadline,
-            "no sends acknowledged\n{}",
-            a.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let at_kill = acked.lock().unwrap().len();
+    let at_kill = under_way(&acked, &a).await;
     a.kill9();
     for s in senders {
         s.await.unwrap();

@@ -149,22 +149,16 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        if !extra.is_empty() {
-            return Ok(Self {
-                child,
-                socket,
-                http,
-                _dir: dir,
-            });
+        if extra.is_empty() {
+            println!(
+                "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
+                dir.path().display()
+            );
+            report(
+                "disk: 4 KiB write + fdatasync there",
+                flush_latency(dir.path())?,
+            );
         }
-        println!(
-            "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
-            dir.path().display()
-        );
-        report(
-            "disk: 4 KiB write + fdatasync there",
-            flush_latency(dir.path())?,
-        );
         Ok(Self {
             child,
             socket,
