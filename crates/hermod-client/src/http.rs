@@ -40,6 +40,8 @@ struct Receipt {
     id: String,
     seq: u64,
     ts: f64,
+    #[serde(default)]
+    notice: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,6 +61,8 @@ struct V1Message {
     sent_ts: Option<f64>,
     #[serde(default)]
     auth: hermod_proto::model::Auth,
+    #[serde(flatten)]
+    meta: hermod_proto::model::Meta,
     body: Body,
 }
 
@@ -74,6 +78,7 @@ impl From<V1Message> for MessageFrame {
             channel: m.channel,
             seq: m.seq,
             auth: m.auth,
+            meta: m.meta,
             body: m.body,
         }
     }
@@ -120,12 +125,17 @@ impl HttpClient {
 
     /// Sends a message and waits until it is durable.
     pub async fn send(&self, draft: Draft) -> Result<Sent> {
-        let body = json!({
+        let mut body = json!({
             "from": draft.from.unwrap_or_else(|| "anonymous".into()),
             "to": draft.to,
             "channel": draft.channel,
             "body": draft.body,
         });
+        if let (Ok(serde_json::Value::Object(meta)), Some(fields)) =
+            (serde_json::to_value(&draft.meta), body.as_object_mut())
+        {
+            fields.extend(meta);
+        }
         let r: Receipt = self
             .call(
                 self.http
@@ -137,6 +147,7 @@ impl HttpClient {
             id: r.id,
             seq: r.seq,
             ts: r.ts,
+            notice: r.notice,
         })
     }
 

@@ -57,6 +57,9 @@ pub struct Sent {
     pub id: String,
     pub seq: u64,
     pub ts: f64,
+    /// What the sender should know: the recipient is busy, or the loop
+    /// guard holds the message.
+    pub notice: Option<String>,
 }
 
 /// A message to send.
@@ -67,6 +70,8 @@ pub struct Draft {
     pub from: Option<String>,
     pub channel: Option<String>,
     pub body: Body,
+    /// `reply_to`, `thread`, `priority`, `ttl`, `bounce_after`, `notify`.
+    pub meta: wire::OutgoingMeta,
 }
 
 impl Draft {
@@ -76,6 +81,7 @@ impl Draft {
             from: self.from,
             channel: self.channel,
             body: Some(self.body),
+            meta: self.meta,
             ..Outgoing::default()
         })
     }
@@ -216,7 +222,17 @@ impl Connection {
     /// Sends a message and waits until it is durable.
     pub async fn send(&mut self, draft: Draft) -> Result<Sent> {
         match self.request(&draft.into_frame()).await? {
-            ServerFrame::Sent { id, seq, ts } => Ok(Sent { id, seq, ts }),
+            ServerFrame::Sent {
+                id,
+                seq,
+                ts,
+                notice,
+            } => Ok(Sent {
+                id,
+                seq,
+                ts,
+                notice,
+            }),
             other => Err(Error::Protocol(format!("expected `sent`, got {other:?}"))),
         }
     }
@@ -266,6 +282,64 @@ impl Connection {
             other => Err(Error::Protocol(format!(
                 "expected `agents_list`, got {other:?}"
             ))),
+        }
+    }
+
+    /// Where message `id` stands for each recipient; with `wait`, once
+    /// every recipient reached that state or `timeout` seconds passed.
+    pub async fn receipt(
+        &mut self,
+        id: &str,
+        wait: Option<hermod_proto::model::State>,
+        timeout: Option<f64>,
+    ) -> Result<Vec<wire::ReceiptView>> {
+        let frame = ClientFrame::Receipt {
+            id: id.to_owned(),
+            wait,
+            timeout,
+        };
+        match self.request(&frame).await? {
+            ServerFrame::Receipts { receipts } => Ok(receipts),
+            other => Err(Error::Protocol(format!("expected `receipts`, got {other:?}"))),
+        }
+    }
+
+    /// The conversation message `id` belongs to, oldest first.
+    pub async fn thread(&mut self, id: &str) -> Result<Vec<MessageFrame>> {
+        match self.request(&ClientFrame::Thread { id: id.to_owned() }).await? {
+            ServerFrame::Thread { messages } => Ok(messages),
+            other => Err(Error::Protocol(format!("expected `thread`, got {other:?}"))),
+        }
+    }
+
+    /// Says what `agent` (default: the token's) is doing.
+    pub async fn set_presence(
+        &mut self,
+        status: hermod_proto::model::Activity,
+        agent: Option<&str>,
+        channel: Option<&str>,
+    ) -> Result<()> {
+        let frame = ClientFrame::Presence {
+            status,
+            agent: agent.map(str::to_owned),
+            channel: channel.map(str::to_owned),
+        };
+        match self.request(&frame).await? {
+            ServerFrame::Presence { .. } => Ok(()),
+            other => Err(Error::Protocol(format!("expected `presence`, got {other:?}"))),
+        }
+    }
+
+    /// Lets a pair the loop guard holds talk again; how many messages went on.
+    pub async fn release(&mut self, agent: &str, peer: &str, channel: Option<&str>) -> Result<usize> {
+        let frame = ClientFrame::Release {
+            agent: agent.to_owned(),
+            peer: peer.to_owned(),
+            channel: channel.map(str::to_owned),
+        };
+        match self.request(&frame).await? {
+            ServerFrame::Released { released } => Ok(released),
+            other => Err(Error::Protocol(format!("expected `released`, got {other:?}"))),
         }
     }
 

@@ -14,8 +14,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use hermod_core::auth::Identity;
-use hermod_core::engine::{KnownAgent, Retention, View, PRUNE_BUDGET};
-use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq};
+use hermod_core::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
+use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq, State};
 
 /// Newest message bodies a node keeps in memory: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
@@ -25,6 +25,8 @@ pub const CACHE_BYTES: usize = 64 << 20;
 /// What the index keeps of one logged message.
 struct Meta {
     ts: f64,
+    id: String,
+    thread: Option<String>,
     channel: Channel,
     topic: bool,
     bytes: u64,
@@ -69,6 +71,64 @@ pub struct Index {
     pub agents: BTreeMap<InboxKey, AgentEntry>,
     pub subscriptions: BTreeSet<(InboxKey, String)>,
     pub identities: BTreeMap<AgentName, Identity>,
+    /// Delivery steps by inbox, state and the seq they end at.
+    pub steps: BTreeMap<(InboxKey, State, Seq), Step>,
+    /// Seqs of every logged message by id, and by thread.
+    ids: HashMap<String, Vec<Seq>>,
+    threads: HashMap<String, Vec<Seq>>,
+}
+
+fn unindex(map: &mut HashMap<String, Vec<Seq>>, key: &str, seq: Seq) {
+    if let Some(seqs) = map.get_mut(key) {
+        seqs.retain(|&s| s != seq);
+        if seqs.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Index {
+    /// See [`hermod_core::engine::Engine::steps`].
+    pub fn steps_of(&self, key: &InboxKey, seq: Seq) -> Vec<Step> {
+        State::ALL
+            .into_iter()
+            .filter_map(|s| {
+                self.steps
+                    .range((key.clone(), s, seq)..=(key.clone(), s, Seq::MAX))
+                    .take(STEP_PROBE)
+                    .find(|(_, step)| step.covers(seq))
+                    .map(|(_, step)| step.clone())
+            })
+            .collect()
+    }
+
+    /// Seqs with this id, with their recipients, oldest first.
+    pub fn with_id(&self, id: &str, limit: usize) -> Vec<(Seq, Vec<AgentName>)> {
+        let seqs = self.ids.get(id).map(Vec::as_slice).unwrap_or_default();
+        seqs.iter()
+            .take(limit)
+            .filter_map(|s| {
+                let m = self.log.get(s)?;
+                Some((*s, m.recipients.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Seqs of a conversation, oldest first.
+    pub fn in_thread(&self, thread: &str, limit: usize) -> Vec<Seq> {
+        let mut seqs: Vec<Seq> = self
+            .ids
+            .get(thread)
+            .into_iter()
+            .chain(self.threads.get(thread))
+            .flatten()
+            .copied()
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        seqs.truncate(limit);
+        seqs
+    }
 }
 
 /// One prune step's decisions: marks to store and messages to delete.
@@ -133,10 +193,17 @@ impl Index {
         }
         let bytes = message.body.as_str().len() as u64;
         self.bytes += bytes;
+        let thread = message.meta().thread.clone();
+        self.ids.entry(message.id.clone()).or_default().push(seq);
+        if let Some(t) = &thread {
+            self.threads.entry(t.clone()).or_default().push(seq);
+        }
         self.log.insert(
             seq,
             Meta {
                 ts: message.ts,
+                id: message.id.clone(),
+                thread,
                 channel: message.channel.clone(),
                 topic,
                 bytes,
@@ -252,6 +319,11 @@ impl Index {
             return false;
         };
         self.bytes -= m.bytes;
+        unindex(&mut self.ids, &m.id, seq);
+        if let Some(t) = &m.thread {
+            unindex(&mut self.threads, t, seq);
+        }
+
         if let Some(m) = self.cache.remove(&seq) {
             self.cache_bytes -= m.body.as_str().len();
         }
@@ -350,6 +422,10 @@ impl Index {
     pub fn prune(&mut self, rules: &Retention, now: f64, first: Seq) -> PruneStep {
         let before = self.floors.clone();
         let mut step = PruneStep::default();
+        // Steps of messages that are gone go with them (from memory; their
+        // KV entries stay, like the registry's tombstones).
+        let oldest = self.log.first_key_value().map_or(self.last.0, |(&f, _)| f);
+        self.steps.retain(|_, s| s.hi >= oldest);
         // Age, size and the stream's own limits: the oldest messages go
         // from every view.
         for n in 1..=PRUNE_BUDGET {

@@ -122,6 +122,12 @@ fn inbox(key: &InboxKey) -> String {
     )
 }
 
+/// The key of a delivery step: one per inbox, state and last seq, so a
+/// create that finds it taken leaves the first one.
+pub fn step_key(step: &hermod_core::engine::Step) -> String {
+    format!("p.{}.{}.{}", inbox(&step.key), step.state.as_str(), step.hi)
+}
+
 /// What a state-bucket key is about.
 #[derive(Debug, PartialEq)]
 pub enum StateKey {
@@ -130,6 +136,8 @@ pub enum StateKey {
     Identity(AgentName),
     Floor(View),
     Epoch(InboxKey),
+    /// A delivery step (the value holds all of it).
+    Step,
 }
 
 impl StateKey {
@@ -150,6 +158,7 @@ impl StateKey {
             ["f", "t", c] => StateKey::Floor(View::Topics(Channel::parse(name(c)?).ok()?)),
             ["f", "all"] => StateKey::Floor(View::AllTopics),
             ["e", c, a] => StateKey::Epoch(inbox(c, a)?),
+            ["p", _, _, _, _] => StateKey::Step,
             _ => return None,
         })
     }

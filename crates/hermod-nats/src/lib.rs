@@ -44,10 +44,12 @@ use futures::{StreamExt, TryStreamExt};
 use hermod_core::auth::Identity;
 use hermod_core::engine::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    View, FEED_CAPACITY,
+    Step, View, FEED_CAPACITY,
 };
 use hermod_core::error::{Error, Result};
-use hermod_core::model::{AgentName, Auth, Body, Channel, InboxKey, Message, NewMessage, Seq};
+use hermod_core::model::{
+    AgentName, Auth, Body, Channel, InboxKey, Message, Meta, NewMessage, Seq,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
@@ -102,6 +104,8 @@ struct Stored<B> {
     sent_ts: Option<f64>,
     #[serde(default)]
     auth: Auth,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    meta: Option<Box<Meta>>,
     /// The body exactly as the sender wrote it.
     body: B,
     recipients: Vec<AgentName>,
@@ -116,6 +120,7 @@ fn encode(m: &NewMessage) -> Bytes {
         topic: m.topic.clone(),
         sent_ts: m.sent_ts,
         auth: m.auth,
+        meta: m.meta.clone(),
         body: &m.body,
         recipients: m.recipients.clone(),
     };
@@ -143,6 +148,7 @@ fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)
         topic: s.topic,
         sent_ts: s.sent_ts,
         auth: s.auth,
+        meta: s.meta,
         body,
     };
     Some((message, s.recipients))
@@ -849,6 +855,12 @@ fn apply_entry(index: &mut Index, entry: &kv::Entry) -> Option<Change> {
             index.apply_epoch(key, seq()?);
             None
         }
+        StateKey::Step => {
+            let step: Step = serde_json::from_slice(value?).ok()?;
+            let at = (step.key.clone(), step.state, step.hi);
+            index.steps.insert(at, step.clone());
+            Some(Change::Step(step))
+        }
     }
 }
 
@@ -885,6 +897,27 @@ fn lost(e: &dyn std::fmt::Display) -> bool {
 
 fn seq_bytes(seq: Seq) -> Bytes {
     seq.to_string().into()
+}
+
+impl NatsEngine {
+    /// The messages at `seqs`, from the cache or the stream (`None`: gone).
+    async fn messages(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
+        let cached: Vec<Option<Arc<Message>>> = {
+            let index = self.inner.index.lock().unwrap();
+            seqs.iter().map(|&s| index.cached(s)).collect()
+        };
+        let missing: Vec<Seq> = seqs
+            .iter()
+            .zip(&cached)
+            .filter(|(_, m)| m.is_none())
+            .map(|(s, _)| *s)
+            .collect();
+        let mut fetched = self.inner.fetch(missing).await?.into_iter();
+        Ok(cached
+            .into_iter()
+            .map(|m| m.or_else(|| fetched.next().flatten()))
+            .collect())
+    }
 }
 
 #[async_trait]
@@ -1257,6 +1290,51 @@ impl Engine for NatsEngine {
 
     async fn last(&self) -> Result<(Seq, f64)> {
         Ok(self.inner.index.lock().unwrap().last)
+    }
+
+    async fn record(&self, steps: Vec<Step>) -> Result<Vec<Step>> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let added: Vec<(u64, Step)> = futures::stream::iter(steps)
+            .map(|step| async move {
+                let value = serde_json::to_vec(&step).expect("a step serializes");
+                // A create: the first step of its kind stays.
+                let written = cas(&inner.state, &keys::step_key(&step), value.into(), None).await?;
+                Ok::<_, Error>(written.map(|revision| (revision, step)))
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_filter_map(|r| async move { Ok(r) })
+            .try_collect()
+            .await?;
+        if let Some(&(revision, _)) = added.iter().max_by_key(|(r, _)| *r) {
+            inner.kv_mark.wait(revision).await?;
+        }
+        Ok(added.into_iter().map(|(_, step)| step).collect())
+    }
+
+    async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>> {
+        Ok(self.inner.index.lock().unwrap().steps_of(key, seq))
+    }
+
+    async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
+        let found = self.inner.index.lock().unwrap().with_id(id, limit);
+        let (seqs, recipients): (Vec<Seq>, Vec<Vec<AgentName>>) = found.into_iter().unzip();
+        let messages = self.messages(seqs).await?;
+        Ok(messages
+            .into_iter()
+            .zip(recipients)
+            .filter_map(|(m, recipients)| {
+                Some(Committed {
+                    message: m?,
+                    recipients,
+                })
+            })
+            .collect())
+    }
+
+    async fn thread(&self, thread: &str, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let seqs = self.inner.index.lock().unwrap().in_thread(thread, limit);
+        Ok(self.messages(seqs).await?.into_iter().flatten().collect())
     }
 
     fn health(&self) -> &Health {

@@ -37,6 +37,7 @@ async fn conformance_on_a_three_node_cluster() {
     let cluster = Cluster::start(3);
     conformance::run(opener(&cluster, "HERMOD", 3), true).await;
     conformance::retention(opener(&cluster, "RETENTION", 3)).await;
+    conformance::delivery(opener(&cluster, "DELIVERY", 3)).await;
 }
 
 /// Forgetting an agent takes what only its inbox held out of the stream

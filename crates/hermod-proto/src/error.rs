@@ -25,6 +25,9 @@ pub enum Error {
     /// A short-lived sender addressed a name the bus has never known.
     #[error("endpoint {0:?} is not known to the bus (never connected, no waiting messages)")]
     EndpointNotFound(String),
+    /// No message, thread or agent by that id (`GET /v1/messages/{id}`).
+    #[error("not found: {0}")]
+    NotFound(String),
     /// The store failed (disk full, an I/O error, writes stopped after an
     /// fsync failure); nothing was acknowledged.
     #[error("storage error: {0}")]
@@ -67,6 +70,7 @@ impl Error {
             Error::InvalidTopic(_) => "invalid_topic",
             Error::TooLarge { .. } => "frame_too_large",
             Error::EndpointNotFound(_) => "endpoint_not_found",
+            Error::NotFound(_) => "not_found",
             Error::Storage(_) => "storage_error",
             Error::StorageBusy(_) => "storage_busy",
             Error::ShuttingDown => "shutting_down",

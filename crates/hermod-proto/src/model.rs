@@ -216,7 +216,7 @@ pub struct Gap {
 }
 
 /// An inbox is the log filtered for one agent on one channel.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct InboxKey {
     pub channel: Channel,
     pub agent: AgentName,
@@ -275,6 +275,274 @@ impl fmt::Display for Auth {
     }
 }
 
+/// How soon a message wants its reader's attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Priority {
+    /// Wake-ups fire at once.
+    Urgent,
+    #[default]
+    Normal,
+    /// Gathered into one digest wake-up per interval.
+    Low,
+}
+
+impl Priority {
+    pub fn is_normal(&self) -> bool {
+        *self == Priority::Normal
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Urgent => "urgent",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "urgent" => Ok(Priority::Urgent),
+            "normal" | "" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            _ => Err(Error::InvalidRequest(format!(
+                "\"priority\" must be urgent, normal or low, not {:?}",
+                s.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+}
+
+/// Where one recipient's copy of a message stands. `stored` is implicit
+/// (the message is in the log); the rest are recorded as they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum State {
+    Stored,
+    /// Handed to a live connection, or returned by a read.
+    Delivered,
+    /// Acknowledged: the recipient's cursor passed it.
+    Read,
+    /// A reply to it was sent.
+    Replied,
+    /// Nobody read it within its `bounce_after`; the sender was told.
+    Bounced,
+    /// Its `ttl` ran out before it was read: it is no longer delivered.
+    Expired,
+    /// The loop guard stopped it: it waits for `hermod release`.
+    Held,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Stored,
+        State::Delivered,
+        State::Read,
+        State::Replied,
+        State::Bounced,
+        State::Expired,
+        State::Held,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Stored => "stored",
+            State::Delivered => "delivered",
+            State::Read => "read",
+            State::Replied => "replied",
+            State::Bounced => "bounced",
+            State::Expired => "expired",
+            State::Held => "held",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                Error::InvalidRequest(format!(
+                    "unknown delivery state {:?} (stored, delivered, read, replied, bounced, expired, held)",
+                    s.chars().take(32).collect::<String>()
+                ))
+            })
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an agent is doing, as `hermod agents` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Activity {
+    /// Connected (and said nothing else).
+    Online,
+    /// Between turns: it will see a message now.
+    Idle,
+    /// In a turn: it will see a message at its next one.
+    Busy,
+    Offline,
+}
+
+impl Activity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activity::Online => "online",
+            Activity::Idle => "idle",
+            Activity::Busy => "busy",
+            Activity::Offline => "offline",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "online" => Ok(Activity::Online),
+            "idle" => Ok(Activity::Idle),
+            "busy" => Ok(Activity::Busy),
+            "offline" => Ok(Activity::Offline),
+            _ => Err(Error::InvalidRequest(format!(
+                "presence must be online, idle, busy or offline, not {:?}",
+                s.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Activity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a sender asked of a message beyond its body: threading, urgency,
+/// expiry, bounce and receipts. Every field is optional and travels as a
+/// top-level field of the same name (legacy clients ignore them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Meta {
+    /// The id of the message this one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// The conversation: the id of its first message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
+    /// Bus time after which it is no longer delivered (from `ttl`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<f64>,
+    /// Seconds after which an unread direct message bounces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounce_after: Option<f64>,
+    /// The states the sender wants a receipt for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<State>,
+}
+
+impl Meta {
+    pub fn is_empty(&self) -> bool {
+        *self == Meta::default()
+    }
+
+    /// Parses a `notify` list: `["read", "bounced"]` or `"read,bounced"`.
+    pub fn parse_notify(value: &Value) -> Result<Vec<State>> {
+        let names: Vec<&str> = match value {
+            Value::Null => vec![],
+            Value::String(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().ok_or_else(|| {
+                        Error::InvalidRequest("\"notify\" must list state names".into())
+                    })
+                })
+                .collect::<Result<_>>()?,
+            _ => {
+                return Err(Error::InvalidRequest(
+                    "\"notify\" must be a list of states".into(),
+                ))
+            }
+        };
+        let mut states = names
+            .into_iter()
+            .map(State::parse)
+            .collect::<Result<Vec<_>>>()?;
+        states.sort();
+        states.dedup();
+        Ok(states)
+    }
+
+    /// Parses a duration in seconds (`ttl`, `bounce_after`): positive and finite.
+    pub fn parse_seconds(field: &str, value: &Value) -> Result<Option<f64>> {
+        match value {
+            Value::Null => Ok(None),
+            v => match v.as_f64() {
+                Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(Some(s)),
+                _ => Err(Error::InvalidRequest(format!(
+                    "\"{field}\" must be a positive number of seconds"
+                ))),
+            },
+        }
+    }
+
+    /// Checks an id a message refers to (`reply_to`, `thread`).
+    pub fn parse_ref(field: &str, value: &Value) -> Result<Option<String>> {
+        match value {
+            Value::Null => Ok(None),
+            Value::String(s) if s.is_empty() => Ok(None),
+            Value::String(s) if s.chars().count() <= 256 && !s.chars().any(char::is_control) => {
+                Ok(Some(s.clone()))
+            }
+            _ => Err(Error::InvalidRequest(format!(
+                "\"{field}\" must be a message id (a string of at most 256 characters)"
+            ))),
+        }
+    }
+}
+
+/// The delivery fields of a send as a client writes them, before
+/// validation: one parser for every transport.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct MetaFields {
+    #[serde(default)]
+    pub reply_to: Value,
+    #[serde(default)]
+    pub thread: Value,
+    #[serde(default)]
+    pub priority: Value,
+    #[serde(default)]
+    pub ttl: Value,
+    #[serde(default)]
+    pub bounce_after: Value,
+    #[serde(default)]
+    pub notify: Value,
+}
+
+impl MetaFields {
+    /// Validates the fields; `ttl` counts from now.
+    pub fn parse(&self) -> Result<Meta> {
+        Ok(Meta {
+            reply_to: Meta::parse_ref("reply_to", &self.reply_to)?,
+            thread: Meta::parse_ref("thread", &self.thread)?,
+            priority: match &self.priority {
+                Value::Null => Priority::Normal,
+                Value::String(s) => Priority::parse(s)?,
+                _ => return Err(Error::InvalidRequest("\"priority\" must be a string".into())),
+            },
+            expires: Meta::parse_seconds("ttl", &self.ttl)?.map(|ttl| now() + ttl),
+            bounce_after: Meta::parse_seconds("bounce_after", &self.bounce_after)?,
+            notify: Meta::parse_notify(&self.notify)?,
+        })
+    }
+}
+
 /// An accepted message as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
@@ -297,7 +565,23 @@ pub struct Message {
     /// How `from` was verified.
     #[serde(default)]
     pub auth: Auth,
+    /// Threading, priority, expiry and receipts (`None` for most messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Box<Meta>>,
     pub body: Body,
+}
+
+impl Message {
+    /// The delivery fields (defaults when the sender set none).
+    pub fn meta(&self) -> &Meta {
+        static NONE: std::sync::LazyLock<Meta> = std::sync::LazyLock::new(Meta::default);
+        self.meta.as_deref().unwrap_or(&NONE)
+    }
+
+    /// Its `ttl` ran out at `now`.
+    pub fn expired(&self, now: f64) -> bool {
+        self.meta().expires.is_some_and(|e| e <= now)
+    }
 }
 
 /// A message the broker has routed but the engine has not yet stored.
@@ -310,6 +594,7 @@ pub struct NewMessage {
     pub topic: Option<String>,
     pub sent_ts: Option<f64>,
     pub auth: Auth,
+    pub meta: Option<Box<Meta>>,
     pub body: Body,
     /// Whose inboxes it lands in (resolved by the broker at send time).
     pub recipients: Vec<AgentName>,
@@ -328,6 +613,7 @@ impl NewMessage {
             topic: self.topic,
             sent_ts: self.sent_ts,
             auth: self.auth,
+            meta: self.meta,
             body: self.body,
         }
     }

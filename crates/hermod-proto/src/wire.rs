@@ -17,7 +17,9 @@ use tokio_util::codec::LengthDelimitedCodec;
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, IdentitySpec};
-use crate::model::{AgentName, Auth, Body, Channel, InboxKey, Message, Seq};
+use crate::model::{
+    Activity, AgentName, Auth, Body, Channel, InboxKey, Message, Meta, MetaFields, Seq, State,
+};
 
 /// Largest frame payload: 10 MiB, as the original hermes-bus.
 pub const MAX_FRAME: usize = 10 * 1024 * 1024;
@@ -58,6 +60,26 @@ pub struct Outgoing {
     pub channel: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<Body>,
+    /// Threading, priority, ttl, bounce and receipts (hermod extensions).
+    #[serde(flatten)]
+    pub meta: OutgoingMeta,
+}
+
+/// The delivery fields of an outgoing message as a client writes them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OutgoingMeta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bounce_after: Option<f64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
 }
 
 /// Frames a client sends (the client's side; the daemon parses with
@@ -143,6 +165,35 @@ pub enum ClientFrame {
     IdentityRevoke {
         name: String,
     },
+    /// Where message `id` stands for each recipient; with `wait`, answered
+    /// once every recipient reached that state (or after `timeout` s).
+    Receipt {
+        id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        wait: Option<State>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
+    },
+    /// The conversation message `id` belongs to, in order.
+    Thread {
+        id: String,
+    },
+    /// Sets an agent's presence (`busy`, `idle`, ...; default agent: the
+    /// connection's).
+    Presence {
+        status: Activity,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+    },
+    /// Lets a pair the loop guard holds talk again (owner or admin).
+    Release {
+        agent: String,
+        peer: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        channel: Option<String>,
+    },
 }
 
 /// A validated topic event to publish.
@@ -167,6 +218,8 @@ pub struct Envelope {
     pub sent_ts: Option<f64>,
     pub channel: Channel,
     pub body: Body,
+    /// What the sender asked of its delivery.
+    pub meta: Meta,
 }
 
 /// A validated client request.
@@ -207,6 +260,22 @@ pub enum Request {
     IdentityList,
     IdentityRotate(AgentName),
     IdentityRevoke(AgentName),
+    Receipt {
+        id: String,
+        wait: Option<State>,
+        timeout: f64,
+    },
+    Thread(String),
+    Presence {
+        status: Activity,
+        agent: Option<AgentName>,
+        channel: Channel,
+    },
+    Release {
+        channel: Channel,
+        agent: AgentName,
+        peer: AgentName,
+    },
 }
 
 impl Request {
@@ -253,6 +322,22 @@ struct RawFrame<'a> {
     token: Option<String>,
     identity: Option<IdentitySpec>,
     name: Option<String>,
+    #[serde(default)]
+    reply_to: Value,
+    #[serde(default)]
+    thread: Value,
+    #[serde(default)]
+    priority: Value,
+    #[serde(default)]
+    ttl: Value,
+    #[serde(default)]
+    bounce_after: Value,
+    #[serde(default)]
+    notify: Value,
+    wait: Option<String>,
+    timeout: Option<f64>,
+    status: Option<String>,
+    peer: Option<String>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -327,9 +412,46 @@ pub fn parse_client_frame_with_token(
         "identity_revoke" => Request::IdentityRevoke(AgentName::parse(
             frame.name.ok_or_else(|| missing("name"))?,
         )?),
+        "receipt" => Request::Receipt {
+            id: message_id(frame.id).ok_or_else(|| missing("id"))?,
+            wait: frame.wait.as_deref().map(State::parse).transpose()?,
+            timeout: match frame.timeout {
+                None => 0.0,
+                Some(t) if t.is_finite() && (0.0..=86_400.0).contains(&t) => t,
+                Some(_) => {
+                    return Err(Error::InvalidRequest(
+                        "\"timeout\" must be 0 to 86400 seconds".into(),
+                    ))
+                }
+            },
+        },
+        "thread" => Request::Thread(message_id(frame.id).ok_or_else(|| missing("id"))?),
+        "presence" => Request::Presence {
+            status: Activity::parse(frame.status.as_deref().ok_or_else(|| missing("status"))?)?,
+            agent: frame.agent.map(AgentName::parse).transpose()?,
+            channel: match frame.channel {
+                Some(c) if !c.is_empty() => Channel::parse(c)?,
+                _ => channel.clone(),
+            },
+        },
+        "release" => Request::Release {
+            channel: parse_channel(frame.channel)?,
+            agent: AgentName::parse(frame.agent.ok_or_else(|| missing("agent"))?)?,
+            peer: AgentName::parse(frame.peer.ok_or_else(|| missing("peer"))?)?,
+        },
         other => return Err(Error::UnknownType(other.chars().take(64).collect())),
     };
     Ok((request, token))
+}
+
+/// A message id as frames carry it (a string, or a number written as one).
+fn message_id(id: Option<Value>) -> Option<String> {
+    match id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
+    }
 }
 
 /// Why a frame did not parse, as one of the stable error codes.
@@ -406,7 +528,17 @@ impl RawFrame<'_> {
             None => Body::empty(),
             Some(raw) => Body::from_raw(raw)?,
         };
+        let meta = MetaFields {
+            reply_to: self.reply_to,
+            thread: self.thread,
+            priority: self.priority,
+            ttl: self.ttl,
+            bounce_after: self.bounce_after,
+            notify: self.notify,
+        }
+        .parse()?;
         Ok(Envelope {
+            meta,
             to,
             from,
             id,
@@ -439,6 +571,9 @@ pub struct MessageFrame {
     /// How the sender was verified.
     #[serde(default)]
     pub auth: Auth,
+    /// `reply_to`, `thread`, `priority`, `expires`, ... when set.
+    #[serde(flatten)]
+    pub meta: Meta,
     pub body: Body,
 }
 
@@ -454,6 +589,7 @@ impl From<&Message> for MessageFrame {
             channel: m.channel.to_string(),
             seq: m.seq,
             auth: m.auth,
+            meta: m.meta().clone(),
             body: m.body.clone(),
         }
     }
@@ -475,6 +611,50 @@ pub struct AgentSummary {
     pub last_seen: f64,
     /// Messages after the agent's cursor.
     pub unread: u64,
+    /// `online`, `idle`, `busy` or `offline`: what the agent said last
+    /// (`hermod presence set`), else whether it is connected.
+    pub presence: Activity,
+}
+
+/// One step of a message's delivery to one recipient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StepView {
+    pub state: State,
+    pub ts: f64,
+    /// How it happened: `unix`, `ws`, `sse`, `poll`, `http`, `ttl`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<String>,
+    /// Why, when the state alone does not say (a bounce's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Where one message stands for one recipient.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RecipientView {
+    pub agent: String,
+    /// The furthest state it reached.
+    pub state: State,
+    /// `stored` first, then every recorded step in time order.
+    pub steps: Vec<StepView>,
+}
+
+/// A stored message and every recipient's state (`GET /v1/messages/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReceiptView {
+    pub id: String,
+    pub seq: Seq,
+    pub ts: f64,
+    pub channel: String,
+    pub from: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub recipients: Vec<RecipientView>,
 }
 
 /// Frames the daemon sends.
@@ -550,6 +730,28 @@ pub enum ServerFrame {
         id: String,
         seq: Seq,
         ts: f64,
+        /// What the sender should know (the recipient is busy, or the
+        /// loop guard holds the message).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notice: Option<String>,
+    },
+    /// Reply to `receipt`.
+    Receipts {
+        receipts: Vec<ReceiptView>,
+    },
+    /// Reply to `thread`: the conversation, oldest first.
+    Thread {
+        messages: Vec<MessageFrame>,
+    },
+    /// Reply to `presence`.
+    Presence {
+        agent: String,
+        channel: String,
+        status: Activity,
+    },
+    /// Reply to `release`: how many held messages went on.
+    Released {
+        released: usize,
     },
     Error {
         code: String,
@@ -603,9 +805,12 @@ pub fn message_bytes(m: &Message) -> bytes::Bytes {
         channel: &'a str,
         seq: Seq,
         auth: &'static str,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        meta: Option<&'a Meta>,
         body: &'a RawValue,
     }
     let frame = Frame {
+        meta: m.meta.as_deref(),
         kind: "message",
         id: &m.id,
         from: &m.from,

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hermod_core::broker::Tapped;
-use hermod_core::model::Message;
+use hermod_core::model::{Message, Priority};
 use hermod_core::{text, wire, Broker};
 use hermod_events::Pattern;
 use serde::Deserialize;
@@ -110,6 +110,9 @@ pub struct ActionConfig {
     pub timeout: Duration,
     /// Actions running at once.
     pub concurrency: usize,
+    /// `low` priority messages wake an agent once per this interval, as
+    /// one digest (urgent and normal ones at once).
+    pub digest_every: Duration,
 }
 
 impl Default for ActionConfig {
@@ -118,6 +121,7 @@ impl Default for ActionConfig {
             actions: Vec::new(),
             timeout: Duration::from_secs(10),
             concurrency: 8,
+            digest_every: Duration::from_secs(300),
         }
     }
 }
@@ -217,10 +221,30 @@ pub async fn run(
     let http = reqwest::Client::new();
     let tasks = TaskTracker::new();
     let mut reported_drops = 0;
+    // Per action, the low-priority messages its next digest covers.
+    let mut low: Vec<Vec<Arc<Message>>> = vec![Vec::new(); config.actions.len()];
+    let mut digest = tokio::time::interval(config.digest_every);
+    digest.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    digest.tick().await;
     loop {
+        let pending = low.iter().any(|l| !l.is_empty());
         let tapped = tokio::select! {
             _ = shutdown.cancelled() => break,
             t = tap.recv() => match t { Some(t) => t, None => break },
+            _ = digest.tick(), if pending => {
+                for (spec, messages) in config.actions.iter().zip(low.iter_mut()) {
+                    if messages.is_empty() {
+                        continue;
+                    }
+                    let permit = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    };
+                    let job = Job::digest(spec.action.clone(), std::mem::take(messages), &config, &http);
+                    spawn(&tasks, job, stats.clone(), permit);
+                }
+                continue;
+            }
         };
         let dropped = broker.taps_dropped();
         if dropped > reported_drops {
@@ -228,8 +252,16 @@ pub async fn run(
             reported_drops = dropped;
         }
         let frame = wire::message_bytes(&tapped.message);
-        for (spec, pattern) in config.actions.iter().zip(&patterns) {
+        let is_low = tapped.message.meta().priority == Priority::Low;
+        for (i, (spec, pattern)) in config.actions.iter().zip(&patterns).enumerate() {
             if !spec.matches(&tapped, pattern.as_ref()) {
+                continue;
+            }
+            if is_low {
+                // Bounded: past DIGEST_MAX the digest says how many it left out.
+                if low[i].len() < DIGEST_MAX {
+                    low[i].push(tapped.message.clone());
+                }
                 continue;
             }
             let permit = tokio::select! {
@@ -239,35 +271,89 @@ pub async fn run(
             let job = Job {
                 action: spec.action.clone(),
                 frame: frame.clone(),
-                message: tapped.message.clone(),
+                summary: summary(&tapped.message),
                 timeout: config.timeout,
                 http: http.clone(),
             };
-            let stats = stats.clone();
-            tasks.spawn(async move {
-                let kind = job.action.kind();
-                stats.runs[kind].fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = job.run().await {
-                    stats.failures[kind].fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(action = KINDS[kind], error = %e, "wake-up action failed");
-                }
-                drop(permit);
-            });
+            spawn(&tasks, job, stats.clone(), permit);
         }
     }
     tasks.close();
     tasks.wait().await;
 }
 
+/// Low-priority messages one digest names at most.
+const DIGEST_MAX: usize = 1000;
+
+fn spawn(
+    tasks: &TaskTracker,
+    job: Job,
+    stats: Arc<ActionStats>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tasks.spawn(async move {
+        let kind = job.action.kind();
+        stats.runs[kind].fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = job.run().await {
+            stats.failures[kind].fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(action = KINDS[kind], error = %e, "wake-up action failed");
+        }
+        drop(permit);
+    });
+}
+
 struct Job {
     action: Action,
+    /// What `exec`, `append` and `webhook` hand over.
     frame: bytes::Bytes,
-    message: Arc<Message>,
+    /// What `tmux` types.
+    summary: String,
     timeout: Duration,
     http: reqwest::Client,
 }
 
 impl Job {
+    /// One wake-up for many `low` messages: a `digest` frame holding
+    /// them, and a pane line naming how many and from whom.
+    fn digest(
+        action: Action,
+        messages: Vec<Arc<Message>>,
+        config: &ActionConfig,
+        http: &reqwest::Client,
+    ) -> Self {
+        let frames: Vec<wire::MessageFrame> = messages
+            .iter()
+            .map(|m| wire::MessageFrame::from(m.as_ref()))
+            .collect();
+        let frame = serde_json::to_vec(&serde_json::json!({
+            "type": "digest",
+            "count": frames.len(),
+            "messages": frames,
+        }))
+        .expect("frames serialize");
+        let mut senders: Vec<&str> = messages.iter().map(|m| m.from.as_str()).collect();
+        senders.sort_unstable();
+        senders.dedup();
+        let last = messages.last().expect("a digest is never empty");
+        let summary = text::pane_line(
+            &format!(
+                "[hermod] digest: {} low-priority messages to {} from {}; newest: {}",
+                messages.len(),
+                last.to.as_deref().unwrap_or("*"),
+                senders.join(", "),
+                last.body.to_text()
+            ),
+            PANE_MAX_CHARS,
+        );
+        Job {
+            action,
+            frame: frame.into(),
+            summary,
+            timeout: config.timeout,
+            http: http.clone(),
+        }
+    }
+
     async fn run(self) -> Result<(), String> {
         let timeout = self.timeout;
         tokio::time::timeout(timeout, self.act())
@@ -284,7 +370,7 @@ impl Job {
                     .await
                     .map_err(|e| e.to_string())?
             }
-            Action::Tmux { target } => tmux(target, &summary(&self.message)).await,
+            Action::Tmux { target } => tmux(target, &self.summary).await,
             Action::Webhook { url } => {
                 let resp = self
                     .http

@@ -29,13 +29,14 @@ pub(crate) struct Conn<'a> {
     pub agent: Option<&'a InboxKey>,
     /// The client reads `gap` frames (legacy Unix clients do not).
     pub gaps: bool,
+    /// The door delivery steps name: `unix` or `ws`.
+    pub door: &'static str,
 }
 
 /// What a durable commit is answered with.
-#[derive(Clone, Copy)]
 pub(crate) enum Reply {
-    /// `sent` (the `send` extension).
-    Sent,
+    /// `sent` (the `send` extension), with what the sender should know.
+    Sent(Option<String>),
     /// `published` with seq and ts (`publish` with `durable: true`).
     Published,
     /// Nothing unless it failed (legacy `message`, fast `publish`).
@@ -109,7 +110,7 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
         // Legacy `message` keeps hermes-bus typo protection and answers only
         // errors; `send` may address an agent that has not connected yet.
         Request::Message(env) => submit(&conn, env, Target::Known, Reply::ErrorsOnly).await,
-        Request::Send(env) => submit(&conn, env, Target::Any, Reply::Sent).await,
+        Request::Send(env) => submit(&conn, env, Target::Any, Reply::Sent(None)).await,
         Request::Publish(p) => {
             let wait = p.durable;
             let from = conn.agent.map(|k| k.agent.clone());
@@ -166,7 +167,7 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
         }
         Request::Ack(seq) => {
             let key = needs_agent(&conn, "ack")?;
-            broker.ack(key, seq).await?;
+            broker.ack(key, seq, conn.door).await?;
             Ok(Outcome::Reply(None))
         }
         Request::ListEndpoints => reply(ServerFrame::EndpointsList {
@@ -174,8 +175,63 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
         }),
         Request::Inbox { key, after, limit } => {
             trust.may_act_as(caller, &key)?;
-            reply(peek(broker, &key, after, limit).await?)
+            // Returned to the agent itself: delivered (not read).
+            let own = conn.agent == Some(&key) || caller.agent() == Some(&key.agent);
+            let door = own.then_some(conn.door);
+            reply(peek(broker, &key, after, limit, door).await?)
         }
+        Request::Receipt { id, wait, timeout } => {
+            let receipts = match wait {
+                Some(state) => {
+                    let deadline = tokio::time::Instant::now()
+                        + std::time::Duration::from_secs_f64(timeout);
+                    broker.wait_receipt(caller, &id, state, deadline).await?
+                }
+                None => broker.receipts(caller, &id).await?,
+            };
+            reply(ServerFrame::Receipts {
+                receipts: receipts.iter().map(|r| r.view()).collect(),
+            })
+        }
+        Request::Thread(id) => reply(ServerFrame::Thread {
+            messages: broker
+                .thread(caller, &id)
+                .await?
+                .iter()
+                .map(|m| wire::MessageFrame::from(m.as_ref()))
+                .collect(),
+        }),
+        Request::Presence {
+            status,
+            agent,
+            channel,
+        } => {
+            let key = match (agent, conn.agent) {
+                (Some(agent), _) => InboxKey::new(channel, agent),
+                (None, Some(key)) => key.clone(),
+                (None, None) => match caller.agent() {
+                    Some(agent) => InboxKey::new(channel, agent.clone()),
+                    None => {
+                        return Err(Error::InvalidRequest(
+                            "presence needs an agent: register first or name one".into(),
+                        ))
+                    }
+                },
+            };
+            broker.set_presence(caller, key.clone(), status).await?;
+            reply(ServerFrame::Presence {
+                agent: key.agent.to_string(),
+                channel: key.channel.to_string(),
+                status,
+            })
+        }
+        Request::Release {
+            channel,
+            agent,
+            peer,
+        } => reply(ServerFrame::Released {
+            released: broker.release_held(caller, &channel, &agent, &peer).await?,
+        }),
         Request::Tail => {
             // Every message on the bus: for the owner and admins only. A
             // bounded tap: a watcher that cannot keep up misses messages.
@@ -242,7 +298,15 @@ async fn submit(
     if env.from.is_none() {
         env.from = conn.agent.map(|k| k.agent.clone());
     }
+    let (from, to) = (env.from.clone(), env.to.clone());
+    let channel = env.channel.clone();
     let durable = conn.broker.send(conn.caller, env, target).await?;
+    let reply = match (reply, from, to) {
+        (Reply::Sent(_), Some(from), Some(to)) => {
+            Reply::Sent(conn.broker.notice(&from, &InboxKey::new(channel, to)))
+        }
+        (reply, ..) => reply,
+    };
     Ok(Outcome::Pending {
         first: None,
         durable,
@@ -256,9 +320,13 @@ async fn peek(
     key: &InboxKey,
     after: Option<Seq>,
     limit: usize,
+    door: Option<&str>,
 ) -> Result<ServerFrame> {
     let cursor = broker.cursor(key).await?;
     let batch = broker.read(key, after.unwrap_or(cursor), limit).await?;
+    if let Some(door) = door {
+        broker.delivered(key, door, &batch.messages).await;
+    }
     Ok(ServerFrame::InboxPage {
         messages: batch
             .messages
@@ -292,10 +360,11 @@ pub(crate) async fn reply_when_durable(
         Ok(Ok(stored)) => {
             let m = stored.first()?;
             match reply {
-                Reply::Sent => Some(ServerFrame::Sent {
+                Reply::Sent(notice) => Some(ServerFrame::Sent {
                     id: m.id.clone(),
                     seq: m.seq,
                     ts: m.ts,
+                    notice,
                 }),
                 Reply::Published => Some(ServerFrame::Published {
                     id: m.id.clone(),

@@ -88,6 +88,24 @@ pub enum Command {
     /// Example: `hermod agent add worker --may-send 'boss,worker-*'`
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Where a message stands for each recipient (stored, delivered, read,
+    /// replied, bounced, expired, held), or wait until it gets there.
+    ///
+    /// Example: `hermod receipt 6f1c... --wait read --timeout 60`
+    Receipt(ReceiptArgs),
+    /// A conversation in order: the thread a message belongs to.
+    ///
+    /// Example: `hermod thread 6f1c...`
+    Thread(ThreadArgs),
+    /// Say what an agent is doing: `busy` in a turn, `idle` between turns.
+    ///
+    /// Example (a Claude Code `UserPromptSubmit` hook): `hermod presence set busy`
+    #[command(subcommand)]
+    Presence(PresenceCommand),
+    /// Let two agents the loop guard holds talk again (their held messages go on).
+    ///
+    /// Example: `hermod release planner coder`
+    Release(ReleaseArgs),
     /// Measure throughput and latency (starts its own daemon unless --socket).
     ///
     /// Example: `hermod bench --only unix --messages 100000`
@@ -419,6 +437,84 @@ pub struct SendArgs {
     pub to: Option<String>,
     /// Message text; read from stdin when absent (and no --json/--file).
     pub text: Option<String>,
+    /// Get a `receipt` message when it reaches these states, e.g. `read,bounced`.
+    #[arg(long, value_name = "STATES")]
+    pub notify: Option<String>,
+    /// Seconds after which it is no longer delivered.
+    #[arg(long, value_name = "SECS")]
+    pub ttl: Option<f64>,
+    /// Seconds after which an unread direct message bounces back [default: 600].
+    #[arg(long, value_name = "SECS")]
+    pub bounce_after: Option<f64>,
+    /// The id of the message this answers (joins its thread).
+    #[arg(long, value_name = "ID")]
+    pub reply_to: Option<String>,
+    /// The conversation id [default: the thread of --reply-to].
+    #[arg(long, value_name = "ID")]
+    pub thread: Option<String>,
+    /// urgent, normal or low (low waits for a digest wake-up).
+    #[arg(long, value_name = "P")]
+    pub priority: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiptArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// Wait until every recipient reached this state (delivered, read,
+    /// replied, ...); exit 124 if it did not within --timeout.
+    #[arg(long, value_name = "STATE")]
+    pub wait: Option<String>,
+    /// How long --wait waits, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Print the receipts as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The message id (`hermod send` prints it).
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ThreadArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// One JSON object per line instead of text lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Any message id of the conversation.
+    pub id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PresenceCommand {
+    /// Set it: online, idle, busy or offline.
+    Set(PresenceSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PresenceSetArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// The agent [env: AGENT_NAME] [default: the token's agent]
+    #[arg(long, value_name = "NAME")]
+    pub agent: Option<String>,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    /// online, idle, busy or offline.
+    pub status: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// Channel [env: AGENT_BUS_CHANNEL] [default: default]
+    #[arg(long, value_name = "CH")]
+    pub channel: Option<String>,
+    pub agent: String,
+    pub peer: String,
 }
 
 #[derive(Debug, Args)]
@@ -472,6 +568,10 @@ pub struct McpArgs {
     /// (comma-separated; default: every agent on the local bus).
     #[arg(long, value_name = "NAMES", value_delimiter = ',')]
     pub allow: Vec<String>,
+    /// `low` priority messages are pushed as one digest per this many
+    /// seconds (urgent and normal ones at once).
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub digest_every: f64,
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,7 @@ async fn hooks_get_the_message_json_and_a_hanging_hook_delays_nothing() {
             to: Some("woken".into()),
             from: Some("hooker".into()),
             channel: None,
+            meta: Default::default(),
             body: hermod_core::model::Body::from_map(
                 json!({"text": "wake up", "n": n, "emoji": "⏰"})
                     .as_object()

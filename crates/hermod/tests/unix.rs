@@ -21,6 +21,7 @@ fn draft(to: &str, n: u64) -> Draft {
         to: Some(to.into()),
         from: Some("tester".into()),
         channel: None,
+        meta: Default::default(),
         body: body(json!({ "n": n })),
     }
 }
@@ -243,6 +244,7 @@ async fn broadcast_reaches_every_known_agent_but_the_sender() {
         to: None,
         from: Some("a".into()),
         channel: None,
+        meta: Default::default(),
         body: body(json!({"text": "all hands"})),
     })
     .await
@@ -271,6 +273,7 @@ async fn a_client_that_stops_reading_does_not_stall_others() {
                 to: Some("stuck".into()),
                 from: None,
                 channel: None,
+                meta: Default::default(),
                 body: body(json!({ "blob": big })),
             })
             .await

@@ -27,13 +27,14 @@ impl Broker {
     /// here or on another node) each deliver only their share, so no
     /// message goes out twice. If the store refuses the write, the claim
     /// is undone (unless a later claim moved past it) and the caller gets
-    /// the error, so the messages stay unread rather than lost.
-    pub async fn ack(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
+    /// the error, so the messages stay unread rather than lost. The
+    /// messages acknowledged are `read` through `door`.
+    pub async fn ack(&self, key: &InboxKey, seq: Seq, door: &str) -> Result<Seq> {
         let previous = self.claim(key, seq).await?;
         if seq.min(self.committed().0) <= previous {
             return Ok(previous);
         }
-        match self.confirm(key, previous, seq).await {
+        match self.confirm(key, previous, seq, door).await {
             Ok(from) => Ok(from),
             Err(e) => {
                 self.release(key, previous, seq);
@@ -69,7 +70,9 @@ impl Broker {
     /// confirm waits its turn, never holding a lock while it waits), so
     /// it always knows the value it expects, and a swap that fails can
     /// only mean another node moved the cursor.
-    pub async fn confirm(&self, key: &InboxKey, previous: Seq, seq: Seq) -> Result<Seq> {
+    ///
+    /// The caller's share is `read` through `door` from then on.
+    pub async fn confirm(&self, key: &InboxKey, previous: Seq, seq: Seq, door: &str) -> Result<Seq> {
         let seq = seq.min(self.committed().0);
         let mut turn = self.store_turn(key).await;
         let mut expected = match turn.known {
@@ -100,7 +103,19 @@ impl Broker {
                     _ => (expected, seq),
                 });
                 turn.known = Some(seq);
-                return Ok(previous.max(expected));
+                drop(turn);
+                let from = previous.max(expected);
+                let step = crate::engine::Step {
+                    key: key.clone(),
+                    lo: from,
+                    hi: seq,
+                    state: model::State::Read,
+                    ts: model::now(),
+                    door: door.to_owned(),
+                    note: None,
+                };
+                self.note(step, None).await;
+                return Ok(from);
             }
             // Another node stored `now` since this node last looked.
             turn.own = None;
@@ -138,12 +153,13 @@ impl Broker {
     /// [`Claim::previous`] up to `seq`, then [`Claim::confirm`]s once they
     /// reached the client. Dropped unconfirmed (the stream died with them
     /// in a buffer), the claim is released: the next reader gets them.
-    pub async fn claim_through(&self, key: &InboxKey, seq: Seq) -> Result<Claim> {
+    pub async fn claim_through(&self, key: &InboxKey, seq: Seq, door: &'static str) -> Result<Claim> {
         let previous = self.claim(key, seq).await?;
         let seq = seq.min(self.committed().0);
         Ok(Claim {
             broker: self.clone(),
             key: key.clone(),
+            door,
             range: (seq > previous).then_some((previous, seq)),
             previous,
         })
@@ -177,6 +193,7 @@ impl Broker {
 pub struct Claim {
     broker: Broker,
     key: InboxKey,
+    door: &'static str,
     previous: Seq,
     /// What is claimed and not stored yet (none: nothing new was claimed).
     range: Option<(Seq, Seq)>,
@@ -193,7 +210,10 @@ impl Claim {
         let Some((previous, seq)) = self.range.take() else {
             return Ok(());
         };
-        let from = self.broker.confirm(&self.key, previous, seq).await?;
+        let from = self
+            .broker
+            .confirm(&self.key, previous, seq, self.door)
+            .await?;
         if from > previous {
             // Another node's reader took part of it while this one
             // delivered it: those went out twice.

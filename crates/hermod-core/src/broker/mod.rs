@@ -21,6 +21,8 @@
 //! never spans an `.await` or engine IO.
 
 mod cursors;
+mod delivery;
+mod guard;
 mod identities;
 mod inbox;
 mod presence;
@@ -38,6 +40,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use cursors::Claim;
+pub use delivery::{DeliveryConfig, Receipt, SYSTEM_SENDER};
+pub use guard::GuardConfig;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
 
@@ -75,6 +79,19 @@ struct Shared {
     gaps: AtomicU64,
     /// Messages retention removed since start.
     pruned: AtomicU64,
+    /// Delivery steps on their way to the store (see `delivery`).
+    recorder: mpsc::Sender<delivery::Note>,
+    /// Steps that could not be recorded (the store refused them, or the
+    /// recorder's queue was full when the follower noted a reply).
+    steps_lost: AtomicU64,
+    /// Bumped for every step the store records, here or on another node:
+    /// what `wait_receipt` wakes on.
+    stepped: watch::Sender<u64>,
+    /// The delivery policy, and when each inbox next needs the sweeper.
+    delivery: Mutex<DeliveryConfig>,
+    sweep: Mutex<delivery::Sweep>,
+    /// The loop guard's counts and what it holds.
+    guard: Mutex<guard::Guard>,
 }
 
 /// The newest connection of one channel over one transport.
@@ -180,11 +197,18 @@ impl Shared {
                         .inboxes
                         .set_pruned(view.clone(), *seq);
                 }
+                Change::Step(_) => {
+                    self.stepped.send_modify(|n| *n += 1);
+                }
             }
         }
         let batch = &commit.messages;
         if batch.is_empty() {
             return;
+        }
+        let bounce_after = self.delivery.lock().unwrap().bounce_after;
+        for c in batch {
+            self.watch_delivery(c, bounce_after);
         }
         {
             let mut views = self.views.lock().unwrap();
@@ -298,7 +322,14 @@ impl Broker {
         let mut feed = engine
             .feed()
             .ok_or_else(|| Error::Storage("the engine's feed is already followed".into()))?;
+        let (recorder, notes) = delivery::recorder();
         let shared = Arc::new(Shared {
+            recorder,
+            steps_lost: AtomicU64::new(0),
+            stepped: watch::Sender::new(0),
+            delivery: Mutex::default(),
+            sweep: Mutex::default(),
+            guard: Mutex::default(),
             state: Mutex::new(State {
                 registry: Registry::default(),
                 cursors: HashMap::new(),
@@ -356,11 +387,13 @@ impl Broker {
                 // Dropping the commit answers its writers: after it applied.
             }
         });
-        Ok(Self {
+        let broker = Self {
             shared,
             engine,
             trust,
-        })
+        };
+        broker.start_recorder(notes);
+        Ok(broker)
     }
 
     /// The trust policy: authenticate callers, check what they may do.
@@ -431,6 +464,7 @@ mod tests {
             sent_ts: None,
             channel: Channel::default(),
             body,
+            meta: Default::default(),
         }
     }
 
@@ -564,8 +598,8 @@ mod tests {
             let second = b.claim(&key, 20).await.unwrap();
             assert_eq!((first, second), (0, 10));
             // The later claim is stored first; the earlier one's share stands.
-            assert_eq!(b.confirm(&key, second, 20).await.unwrap(), 10);
-            assert_eq!(b.confirm(&key, first, 10).await.unwrap(), 0);
+            assert_eq!(b.confirm(&key, second, 20, "test").await.unwrap(), 10);
+            assert_eq!(b.confirm(&key, first, 10, "test").await.unwrap(), 0);
             assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
             // Another writer of the same store (another node) moves it on:
             // a claim from a stale cursor gets only what lies after.
@@ -575,8 +609,8 @@ mod tests {
                     .await
                     .unwrap();
             }
-            assert_eq!(b.ack(&key, 30).await.unwrap(), 25, "20..25 went elsewhere");
-            assert_eq!(b.ack(&key, 30).await.unwrap(), 30, "nothing twice");
+            assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 25, "20..25 went elsewhere");
+            assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 30, "nothing twice");
         }
     }
 

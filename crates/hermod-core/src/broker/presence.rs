@@ -100,11 +100,65 @@ impl Broker {
                 connected_since: a.connections.iter().map(|c| c.since).reduce(f64::min),
                 first_seen: a.first_seen,
                 last_seen: a.last_seen,
+                presence: a.presence(),
                 name: a.name.to_string(),
                 channel: a.channel.to_string(),
             });
         }
         Ok(out)
+    }
+
+    /// Records what `key` says it is doing (`busy` in a turn, `idle`
+    /// between turns) and publishes it as the topic event
+    /// `presence.<agent>` on its channel. `caller` must be allowed to act
+    /// as `key`. Kept in this node's memory (like connections).
+    pub async fn set_presence(
+        &self,
+        caller: &Caller,
+        key: InboxKey,
+        status: model::Activity,
+    ) -> Result<()> {
+        self.trust.may_act_as(caller, &key)?;
+        let now = model::now();
+        let known = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
+            .set_activity(&key, status, now);
+        if !known {
+            // Durable first, as any name the bus starts to know.
+            self.engine.remember_agent(key.clone(), now, false).await?;
+            let mut state = self.shared.state.lock().unwrap();
+            state.registry.know(&key, now, now);
+            state.registry.set_activity(&key, status, now);
+        }
+        let payload = serde_json::Map::from_iter([
+            ("agent".to_owned(), key.agent.as_str().into()),
+            ("channel".to_owned(), key.channel.as_str().into()),
+            ("status".to_owned(), status.as_str().into()),
+            ("ts".to_owned(), now.into()),
+        ]);
+        let topic = format!("presence.{}", key.agent);
+        let system = Caller::trusted(crate::model::Auth::Owner);
+        let durable = self
+            .publish(&system, key.channel.clone(), Some(key.agent.clone()), &topic, payload, None)
+            .await?;
+        durable.await.map_err(|_| Error::ShuttingDown)??;
+        Ok(())
+    }
+
+    /// What a sender to `key` should know now: that it is busy.
+    pub fn notice_for(&self, key: &InboxKey) -> Option<String> {
+        let state = self.shared.state.lock().unwrap();
+        let info = state.registry.info(key)?;
+        (info.presence() == model::Activity::Busy).then(|| {
+            format!(
+                "{} is busy: it will see this at its next turn",
+                key.agent
+            )
+        })
     }
 
     /// Registered exclusive endpoints: name → session id (hermes-bus

@@ -22,7 +22,36 @@ impl Broker {
 
     /// Reads a view from its hot tail when it covers `after`, else from
     /// the log; never from before retention's mark, which it reports.
-    async fn read_view(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
+    /// Messages whose `ttl` ran out are left out (a page of nothing but
+    /// those reads on past them) and, in an inbox, marked `expired`.
+    async fn read_view(&self, key: &ViewKey, mut after: Seq, limit: usize) -> Result<Batch> {
+        let mut gap = None;
+        loop {
+            let mut batch = self.read_view_once(key, after, limit).await?;
+            gap = gap.or(batch.gap);
+            let now = model::now();
+            let Some(last) = batch.messages.last().map(|m| m.seq) else {
+                return Ok(Batch { messages: batch.messages, gap });
+            };
+            if !batch.messages.iter().any(|m| m.expired(now)) {
+                return Ok(Batch { messages: batch.messages, gap });
+            }
+            let (expired, live): (Vec<_>, Vec<_>) =
+                batch.messages.drain(..).partition(|m| m.expired(now));
+            if let ViewKey::Inbox(inbox) = key {
+                for m in &expired {
+                    let step = self.single(inbox, m, model::State::Expired, "ttl", None);
+                    self.note(step, Some(vec![m.clone()])).await;
+                }
+            }
+            if !live.is_empty() {
+                return Ok(Batch { messages: live, gap });
+            }
+            after = last;
+        }
+    }
+
+    async fn read_view_once(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
         let (cached, mut pruned) = {
             let views = self.shared.views.lock().unwrap();
             let pruned = views.inboxes.pruned(key);

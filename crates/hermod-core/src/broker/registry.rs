@@ -37,6 +37,8 @@ pub struct AgentInfo {
     pub first_seen: f64,
     pub last_seen: f64,
     pub connections: Vec<Connection>,
+    /// What the agent said it is doing, and when (`hermod presence set`).
+    pub activity: Option<(crate::model::Activity, f64)>,
     /// When the store last recorded this agent (see [`PERSIST_EVERY`]).
     #[serde(skip)]
     persisted: f64,
@@ -53,6 +55,22 @@ pub const PERSIST_EVERY: f64 = 10.0;
 impl AgentInfo {
     pub fn online(&self) -> bool {
         !self.connections.is_empty()
+    }
+
+    /// What `hermod agents` shows: what it said last (`online` clears
+    /// that), else whether it is connected.
+    pub fn presence(&self) -> crate::model::Activity {
+        use crate::model::Activity;
+        match self.activity {
+            Some((a, _)) if a != Activity::Online => a,
+            _ if self.online() => Activity::Online,
+            _ => Activity::Offline,
+        }
+    }
+
+    /// It connected at least once (else it is only a name messages went to).
+    pub fn has_connected(&self) -> bool {
+        self.connected || self.online()
     }
 }
 
@@ -97,6 +115,7 @@ impl Registry {
                         first_seen,
                         last_seen,
                         connections: Vec::new(),
+                        activity: None,
                         persisted: last_seen,
                         connected,
                     },
@@ -186,6 +205,30 @@ impl Registry {
             return false;
         }
         agents.remove(&key.agent).is_some()
+    }
+
+    pub(crate) fn info(&self, key: &InboxKey) -> Option<&AgentInfo> {
+        self.channels.get(&key.channel)?.get(&key.agent)
+    }
+
+    /// Records what a known agent says it is doing; false if unknown.
+    pub(crate) fn set_activity(
+        &mut self,
+        key: &InboxKey,
+        activity: crate::model::Activity,
+        now: f64,
+    ) -> bool {
+        match self
+            .channels
+            .get_mut(&key.channel)
+            .and_then(|c| c.get_mut(&key.agent))
+        {
+            Some(info) => {
+                info.activity = Some((activity, now));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Is `key` connected right now?

@@ -8,8 +8,33 @@ impl Broker {
     /// caller's verified name, or `env.from` for a trusted caller); the
     /// returned future resolves once it is durable.
     pub async fn send(&self, caller: &Caller, env: Envelope, target: Target) -> Result<Durable> {
-        let message = self.route(caller, env, target).await?;
-        self.engine.submit(vec![message]).await
+        let (message, hold) = self.route(caller, env, target).await?;
+        let durable = self.engine.submit(vec![message]).await?;
+        Ok(match hold {
+            None => durable,
+            Some(hold) => self.after_hold(durable, vec![Some(hold)]),
+        })
+    }
+
+    /// Passes on `durable` once the messages the guard held (`holds`, one
+    /// per message of the batch) are queued for their release.
+    fn after_hold(&self, durable: Durable, holds: Vec<Option<(guard::PairKey, bool)>>) -> Durable {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let result = durable.await.unwrap_or(Err(Error::ShuttingDown));
+            if let Ok(stored) = &result {
+                for (m, hold) in stored.iter().zip(holds) {
+                    if let Some((pair, tripped)) = hold {
+                        if let Err(e) = broker.held(m.clone(), pair, tripped).await {
+                            tracing::warn!(error = %e, "queueing a held message failed");
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(result);
+        });
+        rx
     }
 
     /// Sends many messages in one engine append (one commit under light
@@ -23,11 +48,13 @@ impl Broker {
     ) -> Result<Vec<Result<Arc<Message>>>> {
         let mut routed = Vec::with_capacity(envs.len());
         let mut batch = Vec::with_capacity(envs.len());
+        let mut holds = Vec::with_capacity(envs.len());
         for env in envs {
             match self.route(caller, env, target).await {
-                Ok(m) => {
+                Ok((m, hold)) => {
                     routed.push(Ok(batch.len()));
                     batch.push(m);
+                    holds.push(hold);
                 }
                 Err(e) => routed.push(Err(e)),
             }
@@ -35,11 +62,11 @@ impl Broker {
         let stored = if batch.is_empty() {
             Vec::new()
         } else {
-            self.engine
-                .submit(batch)
-                .await?
-                .await
-                .map_err(|_| Error::ShuttingDown)??
+            let mut durable = self.engine.submit(batch).await?;
+            if holds.iter().any(Option::is_some) {
+                durable = self.after_hold(durable, holds);
+            }
+            durable.await.map_err(|_| Error::ShuttingDown)??
         };
         Ok(routed
             .into_iter()
@@ -47,8 +74,14 @@ impl Broker {
             .collect())
     }
 
-    /// Checks what `caller` may send and resolves the recipients.
-    async fn route(&self, caller: &Caller, env: Envelope, target: Target) -> Result<NewMessage> {
+    /// Checks what `caller` may send and resolves the recipients; a
+    /// message the loop guard holds goes to nobody yet (and says why).
+    async fn route(
+        &self,
+        caller: &Caller,
+        env: Envelope,
+        target: Target,
+    ) -> Result<(NewMessage, Option<(guard::PairKey, bool)>)> {
         let from = self.trust.sender(caller, env.from.clone())?;
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(&from)?;
@@ -72,7 +105,18 @@ impl Broker {
             // the store would forget (and the message follows it).
             self.engine.remember_agent(key.clone(), now, false).await?;
         }
-        Ok(NewMessage {
+        let mut meta = env.meta;
+        self.complete_meta(&env.channel, &mut meta).await?;
+        let hold = match &env.to {
+            Some(to) => match self.guard_check(&env.channel, &from, to) {
+                guard::Verdict::Pass => None,
+                guard::Verdict::Hold { pair, tripped } => Some((pair, tripped)),
+            },
+            None => None,
+        };
+        let recipients = if hold.is_some() { Vec::new() } else { recipients };
+        let message = NewMessage {
+            meta: (!meta.is_empty()).then(|| Box::new(meta)),
             id: env.id.unwrap_or_else(model::new_id),
             channel: env.channel,
             from,
@@ -82,7 +126,8 @@ impl Broker {
             auth: caller.auth(),
             body: env.body,
             recipients,
-        })
+        };
+        Ok((message, hold))
     }
 
     /// [`Broker::publish`] of a `publish` frame, as `from` when the frame
@@ -148,6 +193,7 @@ impl Broker {
             topic: Some(topic.to_owned()),
             sent_ts: None,
             auth: caller.auth(),
+            meta: None,
             body,
             recipients,
         };

@@ -60,6 +60,7 @@ fn name(s: &str) -> AgentName {
 /// A direct message `n` to `to` (or a topic event when `topic` is set).
 pub fn message(to: &str, n: u64, topic: Option<&str>) -> NewMessage {
     NewMessage {
+        meta: None,
         id: format!("id-{n}"),
         channel: Channel::default(),
         from: name("sender"),
@@ -432,5 +433,102 @@ where
         .unwrap()
         .unwrap();
     assert_eq!(next[0].seq, 702);
+    e.close().await;
+}
+
+/// Delivery steps, the delivery fields of a message, lookups by id and
+/// threads: what every engine keeps for `GET /v1/messages/{id}`.
+pub async fn delivery<F>(open: F)
+where
+    F: Fn() -> Arc<dyn Engine>,
+{
+    use super::Step;
+    use crate::model::{Meta, Priority, State};
+    let e = open();
+    let recorder = follow(&e);
+    let bob = InboxKey::new(Channel::default(), name("bob"));
+    let mut batch: Vec<NewMessage> = (1..=30).map(|n| message("bob", n, None)).collect();
+    batch[0].id = "root".into();
+    let meta = Meta {
+        reply_to: Some("root".into()),
+        thread: Some("root".into()),
+        priority: Priority::Low,
+        expires: Some(4e9),
+        bounce_after: Some(2.0),
+        notify: vec![State::Read, State::Bounced],
+    };
+    batch[1].id = "r1".into();
+    batch[1].meta = Some(Box::new(meta.clone()));
+    batch[2].id = "r1".into(); // ids are the sender's: they may repeat
+    batch[3].meta = Some(Box::new(Meta {
+        thread: Some("root".into()),
+        ..Meta::default()
+    }));
+    let stored = e.submit(batch).await.unwrap().await.unwrap().unwrap();
+    let seq = |i: usize| stored[i].seq;
+
+    // The fields come back as sent; ids and threads are found.
+    let page = read_inbox(&e, &bob, 0, 100).await;
+    assert_eq!(page[1].meta.as_deref(), Some(&meta));
+    assert!(page[0].meta.is_none());
+    let found = e.find("r1", 10).await.unwrap();
+    assert_eq!(
+        found.iter().map(|c| c.message.seq).collect::<Vec<_>>(),
+        vec![seq(1), seq(2)]
+    );
+    assert_eq!(found[0].recipients, vec![name("bob")]);
+    assert!(e.find("nobody", 10).await.unwrap().is_empty());
+    let thread = e.thread("root", 100).await.unwrap();
+    assert_eq!(
+        thread.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![seq(0), seq(1), seq(3)],
+        "the root, then every message of its thread, in order"
+    );
+    assert!(e.thread("nothing", 100).await.unwrap().is_empty());
+
+    // Steps: runs over an inbox; the first of a kind stays, is the only
+    // one reported as added, and came through the feed.
+    let step = |lo: Seq, hi: Seq, state, door: &str| Step {
+        key: bob.clone(),
+        lo,
+        hi,
+        state,
+        ts: 100.0 + hi as f64,
+        door: door.into(),
+        note: None,
+    };
+    let read = step(0, seq(9), State::Read, "unix");
+    let delivered = step(seq(9), seq(19), State::Delivered, "sse");
+    let added = e
+        .record(vec![read.clone(), delivered.clone()])
+        .await
+        .unwrap();
+    assert_eq!(added, vec![read.clone(), delivered.clone()]);
+    let again = Step {
+        ts: 999.0,
+        door: "ws".into(),
+        ..read.clone()
+    };
+    assert!(
+        e.record(vec![again]).await.unwrap().is_empty(),
+        "a repeat is not new"
+    );
+    let bounced = Step {
+        note: Some("never connected".into()),
+        ..step(seq(4) - 1, seq(4), State::Bounced, "bus")
+    };
+    e.record(vec![bounced.clone()]).await.unwrap();
+    let mut at = e.steps(&bob, seq(4)).await.unwrap();
+    at.sort_by_key(|s| s.state);
+    assert_eq!(at, vec![read.clone(), bounced]);
+    assert_eq!(e.steps(&bob, seq(15)).await.unwrap(), vec![delivered]);
+    assert!(e.steps(&bob, seq(25)).await.unwrap().is_empty());
+    let carl = InboxKey::new(Channel::default(), name("carl"));
+    assert!(e.steps(&carl, seq(4)).await.unwrap().is_empty());
+    assert!(recorder
+        .changes
+        .lock()
+        .unwrap()
+        .contains(&Change::Step(read)));
     e.close().await;
 }

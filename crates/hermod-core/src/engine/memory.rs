@@ -15,11 +15,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    View, FEED_CAPACITY, PRUNE_BUDGET,
+    Step, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State as Delivery};
 
 #[derive(Default)]
 struct State {
@@ -35,6 +35,8 @@ struct State {
     agents: BTreeMap<InboxKey, (f64, f64, bool)>,
     subscriptions: std::collections::BTreeSet<(InboxKey, String)>,
     identities: BTreeMap<AgentName, Identity>,
+    /// Delivery steps by inbox, state and the seq they end at.
+    steps: BTreeMap<(InboxKey, Delivery, Seq), Step>,
     seq: Seq,
     clock: BusClock,
 }
@@ -186,6 +188,9 @@ impl MemoryEngine {
                 }
             }
         }
+        // Steps of messages that are gone go with them.
+        let first = state.log.keys().next().copied().unwrap_or(state.seq + 1);
+        state.steps.retain(|_, step| step.hi >= first);
         let floors = state
             .floors
             .iter()
@@ -355,6 +360,7 @@ impl Engine for MemoryEngine {
             state.cursors.remove(&key);
             state.subscriptions.retain(|(k, _)| k != &key);
             state.floors.remove(&View::Inbox(key.clone()));
+            state.steps.retain(|(k, ..), _| k != &key);
             let known = state.agents.remove(&key).is_some();
             let changes = if known {
                 vec![Change::Forgotten(key)]
@@ -450,6 +456,82 @@ impl Engine for MemoryEngine {
             .collect())
     }
 
+    async fn record(&self, steps: Vec<Step>) -> Result<Vec<Step>> {
+        self.write(move |state| {
+            let first = state.log.keys().next().copied().unwrap_or(state.seq + 1);
+            let mut changes = Vec::new();
+            for step in steps {
+                // Steps of messages retention already removed are moot.
+                if step.hi < first {
+                    continue;
+                }
+                let at = (step.key.clone(), step.state, step.hi);
+                if let std::collections::btree_map::Entry::Vacant(e) = state.steps.entry(at) {
+                    e.insert(step.clone());
+                    changes.push(Change::Step(step));
+                }
+            }
+            let added = changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Step(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            (added, Vec::new(), changes)
+        })
+        .await
+    }
+
+    async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>> {
+        let state = self.state.lock().unwrap();
+        let mut out = Vec::new();
+        for s in Delivery::ALL {
+            let from = (key.clone(), s, seq);
+            let to = (key.clone(), s, Seq::MAX);
+            if let Some((_, step)) = state
+                .steps
+                .range(from..=to)
+                .take(STEP_PROBE)
+                .find(|(_, step)| step.covers(seq))
+            {
+                out.push(step.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
+        let state = self.state.lock().unwrap();
+        // A scan: this engine is for tests and demos.
+        Ok(state
+            .log
+            .values()
+            .filter(|m| m.id == id)
+            .take(limit)
+            .map(|m| Committed {
+                message: m.clone(),
+                recipients: state
+                    .inboxes
+                    .iter()
+                    .filter(|(k, q)| k.channel == m.channel && q.binary_search(&m.seq).is_ok())
+                    .map(|(k, _)| k.agent.clone())
+                    .collect(),
+            })
+            .collect())
+    }
+
+    async fn thread(&self, thread: &str, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .log
+            .values()
+            .filter(|m| m.id == thread || m.meta().thread.as_deref() == Some(thread))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     async fn last(&self) -> Result<(Seq, f64)> {
         let state = self.state.lock().unwrap();
         Ok((
@@ -482,6 +564,12 @@ mod tests {
     #[tokio::test]
     async fn retention() {
         super::super::conformance::retention(|| std::sync::Arc::new(super::MemoryEngine::new()))
+            .await;
+    }
+
+    #[tokio::test]
+    async fn delivery() {
+        super::super::conformance::delivery(|| std::sync::Arc::new(super::MemoryEngine::new()))
             .await;
     }
 

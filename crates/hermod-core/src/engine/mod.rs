@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Identity;
 use crate::error::Result;
-use crate::model::{AgentName, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{AgentName, Channel, InboxKey, Message, NewMessage, Seq, State};
 
 /// Resolves once the submitted batch is durable, with the stored messages
 /// (seq and ts assigned) in submission order.
@@ -89,7 +89,39 @@ pub enum Change {
     },
     /// Retention moved a view's pruned mark.
     Floor(View, Seq),
+    /// A delivery step was recorded.
+    Step(Step),
 }
+
+/// A recorded step of delivery: every message of `key`'s inbox with
+/// `lo < seq <= hi` reached `state` at `ts`, through `door` (`unix`,
+/// `sse`, `ws`, `http`, `interop`, `tmux`, ...). A run, not a row per
+/// message: one acknowledgement of a hundred messages is one step, so
+/// recording delivery costs a write per read, not per message.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Step {
+    pub key: InboxKey,
+    pub lo: Seq,
+    pub hi: Seq,
+    pub state: State,
+    pub ts: f64,
+    pub door: String,
+    /// Why, when it says more than the state (a bounce's reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Step {
+    /// Whether it covers the message at `seq`.
+    pub fn covers(&self, seq: Seq) -> bool {
+        self.lo < seq && seq <= self.hi
+    }
+}
+
+/// Steps [`Engine::steps`] looks at per state, at most: runs of one state
+/// in one inbox seldom overlap (cursors only move forward), so the first
+/// few that end at or after a seq include the one that covers it.
+pub const STEP_PROBE: usize = 8;
 
 /// One commit as the store applied it: what the feed carries.
 ///
@@ -290,6 +322,25 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The newest seq and ts in the log.
     async fn last(&self) -> Result<(Seq, f64)>;
+
+    /// Records delivery steps; resolves once durable, with the steps this
+    /// call added. The first step of a state ending at one seq in one
+    /// inbox stays (its time is when it first happened); a repeat, here or
+    /// from another node, is ignored and not returned, so whoever gets a
+    /// step back is the one who tells the sender.
+    async fn record(&self, steps: Vec<Step>) -> Result<Vec<Step>>;
+
+    /// The steps recorded for the message at `seq` in `key`'s inbox: for
+    /// each state, the earliest-ending step that covers it.
+    async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>>;
+
+    /// The stored messages with this id (ids are the sender's, so there
+    /// may be several), oldest first, at most `limit`, with their inboxes.
+    async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>>;
+
+    /// A conversation: the message whose id is `thread` and every message
+    /// whose `thread` is `thread`, oldest first, at most `limit`.
+    async fn thread(&self, thread: &str, limit: usize) -> Result<Vec<Arc<Message>>>;
 
     /// Whether writes work now.
     fn health(&self) -> &Health;

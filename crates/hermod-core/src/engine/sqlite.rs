@@ -34,11 +34,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    View, FEED_CAPACITY, PRUNE_BUDGET,
+    Step, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq};
+use crate::model::{
+    AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State,
+};
 
 /// Most queued operations applied in one transaction.
 pub const MAX_BATCH: usize = 4096;
@@ -121,6 +123,22 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value
 );
+-- Delivery steps: every message of the inbox (channel, agent) with
+-- lo < seq <= hi reached `state` at `ts` through `door`. One row per
+-- read or acknowledgement, not per message.
+CREATE TABLE IF NOT EXISTS steps (
+    channel TEXT NOT NULL,
+    agent   TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    hi      INTEGER NOT NULL,
+    lo      INTEGER NOT NULL,
+    ts      REAL NOT NULL,
+    door    TEXT NOT NULL,
+    note    TEXT,
+    UNIQUE (channel, agent, state, hi)
+);
+-- For pruning the steps of removed messages.
+CREATE INDEX IF NOT EXISTS steps_hi ON steps(hi);
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -149,6 +167,8 @@ enum Op {
     Expire(f64, usize, oneshot::Sender<Result<Vec<InboxKey>>>),
     Subscription(InboxKey, String, bool, Ack),
     Identity(AgentName, Option<Identity>, Ack),
+    /// Answered with the steps that were new.
+    Record(Vec<Step>, oneshot::Sender<Result<Vec<Step>>>),
     /// A one-row write that tells whether writes work again.
     Probe,
     Prune(Plan, oneshot::Sender<Result<Pruned>>),
@@ -358,10 +378,13 @@ fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
 /// Columns older versions lacked, with how to add them: `auth` (older
 /// rows keep NULL: their senders were never verified, `open`), `refs`
 /// (NULL: such rows go by age or size only), `connected` (1: names from
-/// before are never expired).
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+/// before are never expired), `meta` and `thread` (NULL: no delivery
+/// fields).
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("messages", "auth", "auth TEXT"),
     ("messages", "refs", "refs INTEGER"),
+    ("messages", "meta", "meta TEXT"),
+    ("messages", "thread", "thread TEXT"),
     (
         "agents",
         "connected",
@@ -381,7 +404,12 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {definition}"))?;
         }
     }
-    Ok(())
+    // On columns that older databases gain above. Message ids and
+    // threads are looked up by `GET /v1/messages/{id}` and `/v1/threads`.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS messages_id ON messages(id);
+         CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread, seq) WHERE thread IS NOT NULL;",
+    )
 }
 
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
@@ -407,6 +435,11 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
         topic: r.get(6)?,
         sent_ts: r.get(7)?,
         auth: Auth::from_stored(r.get::<_, Option<String>>(9)?.as_deref()),
+        meta: match r.get::<_, Option<String>>(10)? {
+            // A row this version cannot read keeps its message, without them.
+            Some(text) => serde_json::from_str(&text).ok().map(Box::new),
+            None => None,
+        },
         body: Body::from_json(body).map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
         })?,
@@ -788,6 +821,12 @@ fn prune_rows(
             .into_iter()
             .map(|(view, seq)| Change::Floor(view, seq)),
     );
+    // Steps of messages that are gone go with them (bounded like the rest).
+    tx.prepare_cached(
+        "DELETE FROM steps WHERE rowid IN (SELECT rowid FROM steps
+             WHERE hi < (SELECT COALESCE(MIN(seq), 0) FROM messages) LIMIT ?1)",
+    )?
+    .execute([PRUNE_BUDGET as i64])?;
     let more = plan.more || !again.is_empty();
     Ok((Pruned { removed, more }, again))
 }
@@ -811,7 +850,7 @@ impl Engine for SqliteEngine {
             let messages = match &view {
                 View::Inbox(key) => {
                     let mut stmt = snapshot.prepare_cached(
-                        "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth
+                        "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth, m.meta
                          FROM inbox i JOIN messages m ON m.seq = i.seq
                          WHERE i.channel = ?1 AND i.agent = ?2 AND i.seq > ?3
                          ORDER BY i.seq LIMIT ?4",
@@ -824,7 +863,7 @@ impl Engine for SqliteEngine {
                 }
                 View::AllTopics => {
                     let mut stmt = snapshot.prepare_cached(
-                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
+                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
                          FROM messages INDEXED BY messages_every_topic
                          WHERE topic IS NOT NULL AND seq > ?1
                          ORDER BY seq LIMIT ?2",
@@ -834,7 +873,7 @@ impl Engine for SqliteEngine {
                 }
                 View::Topics(channel) => {
                     let mut stmt = snapshot.prepare_cached(
-                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth
+                        "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
                          FROM messages
                          WHERE topic IS NOT NULL AND channel = ?1 AND seq > ?2
                          ORDER BY seq LIMIT ?3",
@@ -998,6 +1037,101 @@ impl Engine for SqliteEngine {
         self.on_reader(newest).await
     }
 
+    async fn record(&self, steps: Vec<Step>) -> Result<Vec<Step>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.queue(Op::Record(steps, reply)).await?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>> {
+        let key = key.clone();
+        self.on_reader(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT hi, lo, ts, door, note FROM steps
+                 WHERE channel = ?1 AND agent = ?2 AND state = ?3 AND hi >= ?4
+                 ORDER BY hi LIMIT ?5",
+            )?;
+            let mut out = Vec::new();
+            for state in State::ALL {
+                let rows = stmt.query_map(
+                    params![
+                        key.channel.as_str(),
+                        key.agent.as_str(),
+                        state.as_str(),
+                        seq as i64,
+                        STEP_PROBE as i64
+                    ],
+                    |r| {
+                        Ok(Step {
+                            key: key.clone(),
+                            hi: r.get::<_, i64>(0)? as Seq,
+                            lo: r.get::<_, i64>(1)? as Seq,
+                            state,
+                            ts: r.get(2)?,
+                            door: r.get(3)?,
+                            note: r.get(4)?,
+                        })
+                    },
+                )?;
+                for step in rows {
+                    let step = step?;
+                    if step.covers(seq) {
+                        out.push(step);
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
+        let id = id.to_owned();
+        self.on_reader(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
+                 FROM messages WHERE id = ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let messages = stmt
+                .query_map(params![id, limit as i64], row_to_message)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut inboxes = c.prepare_cached("SELECT agent FROM inbox WHERE seq = ?1")?;
+            let mut out = Vec::new();
+            for message in messages {
+                let recipients = inboxes
+                    .query_map([message.seq as i64], |r| r.get::<_, String>(0))?
+                    .filter_map(|a| a.ok().and_then(|a| AgentName::parse(a).ok()))
+                    .collect();
+                out.push(Committed {
+                    message: Arc::new(message),
+                    recipients,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn thread(&self, thread: &str, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let thread = thread.to_owned();
+        self.on_reader(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
+                 FROM messages WHERE seq IN (
+                     SELECT seq FROM messages WHERE id = ?1
+                     UNION SELECT seq FROM messages WHERE thread = ?1)
+                 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![thread, limit as i64], row_to_message)?;
+            rows.map(|r| r.map(Arc::new)).collect()
+        })
+        .await
+    }
+
     fn health(&self) -> &Health {
         &self.health
     }
@@ -1049,15 +1183,18 @@ struct Applied {
     expired: Vec<Vec<InboxKey>>,
     /// The cursor after each swap.
     swapped: Vec<Seq>,
+    /// The steps each record added.
+    recorded: Vec<Vec<Step>>,
 }
 
 /// Answers every operation of a durable commit, in op order per kind.
 fn answer(ops: Vec<Op>, stored: Vec<Arc<Message>>, out: Applied, touched: &Touched) {
-    let (mut pruned, mut forgotten, mut expired, mut swapped) = (
+    let (mut pruned, mut forgotten, mut expired, mut swapped, mut recorded) = (
         out.pruned.into_iter(),
         out.forgotten.into_iter(),
         out.expired.into_iter(),
         out.swapped.into_iter(),
+        out.recorded.into_iter(),
     );
     let mut stored = stored.into_iter();
     for op in ops {
@@ -1068,6 +1205,9 @@ fn answer(ops: Vec<Op>, stored: Vec<Arc<Message>>, out: Applied, touched: &Touch
             }
             Op::Agent(.., ack) | Op::Subscription(.., ack) | Op::Identity(.., ack) => {
                 let _ = ack.send(Ok(()));
+            }
+            Op::Record(_, reply) => {
+                let _ = reply.send(Ok(recorded.next().expect("one per record")));
             }
             Op::Swap(.., reply) => {
                 let _ = reply.send(Ok(swapped.next().expect("one per swap")));
@@ -1121,6 +1261,7 @@ fn forget_rows(tx: &Connection, key: &InboxKey) -> rusqlite::Result<bool> {
         "DELETE FROM cursors WHERE channel = ?1 AND agent = ?2",
         "DELETE FROM subscriptions WHERE channel = ?1 AND agent = ?2",
         "DELETE FROM floors WHERE kind = 'i' AND channel = ?1 AND agent = ?2",
+        "DELETE FROM steps WHERE channel = ?1 AND agent = ?2",
     ] {
         tx.prepare_cached(sql)?.execute([channel, agent])?;
     }
@@ -1265,6 +1406,9 @@ impl Writer {
                         Op::Agent(.., ack) | Op::Subscription(.., ack) | Op::Identity(.., ack) => {
                             let _ = ack.send(Err(refused()));
                         }
+                        Op::Record(_, reply) => {
+                            let _ = reply.send(Err(refused()));
+                        }
                         Op::Swap(.., reply) => {
                             let _ = reply.send(Err(refused()));
                         }
@@ -1340,8 +1484,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         {
             let mut insert_msg = tx.prepare_cached(
-                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, refs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, refs, meta, thread)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
@@ -1371,6 +1515,9 @@ impl Writer {
                                 m.body.as_str(),
                                 m.auth.as_str(),
                                 recipients.len() as i64,
+                                m.meta.as_ref().map(|meta| serde_json::to_string(meta)
+                                    .expect("meta always serializes")),
+                                m.meta().thread.as_deref(),
                             ])?;
                             for r in &recipients {
                                 insert_inbox.execute(params![
@@ -1479,6 +1626,30 @@ impl Writer {
                             identity: identity.clone(),
                         });
                     }
+                    Op::Record(steps, _) => {
+                        let mut insert = tx.prepare_cached(
+                            "INSERT OR IGNORE INTO steps (channel, agent, state, hi, lo, ts, door, note)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        )?;
+                        let mut new = Vec::new();
+                        for step in steps.iter() {
+                            let added = insert.execute(params![
+                                step.key.channel.as_str(),
+                                step.key.agent.as_str(),
+                                step.state.as_str(),
+                                step.hi as i64,
+                                step.lo as i64,
+                                step.ts,
+                                step.door,
+                                step.note,
+                            ])?;
+                            if added > 0 {
+                                out.changes.push(Change::Step(step.clone()));
+                                new.push(step.clone());
+                            }
+                        }
+                        out.recorded.push(new);
+                    }
                     Op::Probe => {
                         tx.prepare_cached(
                             "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?1)",
@@ -1503,6 +1674,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
         super::super::conformance::retention(|| Arc::new(SqliteEngine::open(&path).unwrap())).await;
+    }
+
+    #[tokio::test]
+    async fn delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        super::super::conformance::delivery(|| Arc::new(SqliteEngine::open(&path).unwrap())).await;
     }
 
     #[tokio::test]

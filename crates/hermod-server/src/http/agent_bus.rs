@@ -17,7 +17,9 @@ use axum::Extension;
 use axum::{Json, Router};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Reader, Target};
-use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message};
+use std::sync::Arc;
+
+use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, MetaFields};
 use hermod_core::wire::{parse_channel, Envelope};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -64,12 +66,18 @@ async fn send(
         Some(Value::String(c)) => parse_channel(Some(c.clone()))?,
         Some(_) => return Err(ApiError::bad_request("\"channel\" must be a string")),
     };
+    // hermod's extension fields (`reply_to`, `ttl`, ...): unknown to
+    // agent-bus, so absent from what its scripts send.
+    let meta = serde_json::from_value::<MetaFields>(req.clone())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?
+        .parse()?;
     let env = Envelope {
         to: Some(to),
         from: Some(from),
         id: None,
         sent_ts: None,
         channel: channel.clone(),
+        meta,
         body: Body::from_map(serde_json::Map::from_iter([(
             "text".to_owned(),
             msg.into(),
@@ -90,9 +98,10 @@ struct RecvQuery {
     channel: Option<String>,
 }
 
-/// One message as agent-bus clients print it.
+/// One message as agent-bus clients print it (with hermod's delivery
+/// fields, when set, beside the ones they read).
 fn recv_item(m: &Message) -> Value {
-    json!({
+    let mut item = json!({
         "ts": m.ts,
         "from": m.from,
         "msg": m.body.to_text(),
@@ -100,7 +109,13 @@ fn recv_item(m: &Message) -> Value {
         "seq": m.seq,
         "id": m.id,
         "auth": m.auth,
-    })
+    });
+    if let (Some(meta), Value::Object(fields)) = (&m.meta, &mut item) {
+        if let Ok(Value::Object(extra)) = serde_json::to_value(meta) {
+            fields.extend(extra);
+        }
+    }
+    item
 }
 
 async fn recv(
@@ -141,6 +156,7 @@ async fn recv(
             None
         }
     };
+    let to_name = to.clone();
     let reader = match key {
         Some(key) => Reader::Inbox(key),
         None => Reader::Agent(to),
@@ -148,6 +164,15 @@ async fn recv(
     let deadline = tokio::time::Instant::now() + app.config.max_wait;
     let read = app.broker.read_since(&reader, since, max, block, deadline);
     let got = app.until_shutdown(read).await?;
+    // Per inbox: with `channel=*` the answer holds several.
+    let mut by_channel: BTreeMap<&Channel, Vec<Arc<Message>>> = BTreeMap::new();
+    for m in &got.messages {
+        by_channel.entry(&m.channel).or_default().push(m.clone());
+    }
+    for (channel, messages) in by_channel {
+        let key = InboxKey::new(channel.clone(), to_name.clone());
+        app.broker.delivered(&key, "poll", &messages).await;
+    }
     let items: Vec<Value> = got.messages.iter().map(|m| recv_item(m)).collect();
     let mut answer = json!({ "messages": items, "now": got.now });
     if let Some(gap) = got.gap {

@@ -47,7 +47,7 @@ impl From<Error> for ApiError {
             | Error::InvalidRequest(_)
             | Error::InvalidTopic(_) => StatusCode::BAD_REQUEST,
             Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::EndpointNotFound(_) => StatusCode::NOT_FOUND,
+            Error::EndpointNotFound(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) => StatusCode::INSUFFICIENT_STORAGE,
             Error::StorageBusy(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Claim, Session, Target};
-use hermod_core::model::{AgentName, Body, InboxKey, Message, Seq};
+use hermod_core::model::{AgentName, Body, InboxKey, Message, Meta, MetaFields, Seq};
 use hermod_core::wire::{parse_channel, Envelope};
 use hermod_core::Broker;
 use serde::Deserialize;
@@ -69,7 +69,7 @@ impl AgentQuery {
 /// A delivered message as interop clients get it: the body's fields plus
 /// `_meta` (`from`, `ts`, `id`, and hermod's `seq`, `channel`, `to`).
 pub fn interop_json(m: &Message) -> String {
-    let meta = json!({
+    let mut meta = json!({
         "from": m.from,
         "ts": m.ts,
         "id": m.id,
@@ -78,6 +78,12 @@ pub fn interop_json(m: &Message) -> String {
         "to": m.to,
         "auth": m.auth,
     });
+    // hermod's delivery fields (`reply_to`, `thread`, ...), when set.
+    if let (Some(extra), Value::Object(fields)) = (&m.meta, &mut meta) {
+        if let Ok(Value::Object(extra)) = serde_json::to_value(extra) {
+            fields.extend(extra);
+        }
+    }
     let body = m.body.as_str();
     if body.contains("\"_meta\"") || body.contains("\\u") {
         // Rare: the body may have its own `_meta` (perhaps spelled with
@@ -202,7 +208,7 @@ async fn poll(
         None => json_array(std::iter::empty()),
         Some(last) => {
             // Claim the batch: anything a concurrent stream already sent is skipped.
-            let previous = app.broker.ack(&key, last.seq).await?;
+            let previous = app.broker.ack(&key, last.seq, "poll").await?;
             // Sent as written: re-parsing the bodies could fail (and lose the batch).
             json_array(
                 batch
@@ -227,6 +233,31 @@ async fn poll(
 struct BroadcastQuery {
     from: Option<String>,
     channel: Option<String>,
+    /// hermod's extensions: `reply_to`, `thread`, `priority`, `ttl`, ...
+    #[serde(flatten)]
+    meta: std::collections::HashMap<String, String>,
+}
+
+/// The delivery fields of a `/broadcast` query (every value a string).
+fn query_meta(q: &std::collections::HashMap<String, String>) -> hermod_core::Result<Meta> {
+    let text = |k: &str| q.get(k).map_or(Value::Null, |v| Value::from(v.as_str()));
+    let number = |k: &str| -> hermod_core::Result<Value> {
+        match q.get(k) {
+            None => Ok(Value::Null),
+            Some(v) => v.parse::<f64>().map(Value::from).map_err(|_| {
+                hermod_core::Error::InvalidRequest(format!("\"{k}\" must be a number of seconds"))
+            }),
+        }
+    };
+    MetaFields {
+        reply_to: text("reply_to"),
+        thread: text("thread"),
+        priority: text("priority"),
+        ttl: number("ttl")?,
+        bounce_after: number("bounce_after")?,
+        notify: text("notify"),
+    }
+    .parse()
 }
 
 async fn broadcast(
@@ -251,6 +282,7 @@ async fn broadcast(
         from: Some(from.clone()),
         id: None,
         sent_ts: None,
+        meta: query_meta(&q.meta)?,
         channel,
         body: Body::from_raw(&body)?,
     };
@@ -378,7 +410,7 @@ fn claimed_events(
                     continue;
                 };
                 let (_, broker, key) = &ctx;
-                let claim = match broker.claim_through(key, last).await {
+                let claim = match broker.claim_through(key, last, "sse").await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "cursor read failed; ending the stream");
@@ -426,6 +458,7 @@ mod tests {
         let query = BroadcastQuery {
             from: Some("alice".into()),
             channel: None,
+            meta: Default::default(),
         };
         let raw = RawValue::from_string(body.to_owned()).unwrap();
         let as_owner = || Extension(owner.clone());

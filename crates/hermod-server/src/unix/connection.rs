@@ -239,6 +239,7 @@ impl Reader {
             caller: &caller,
             agent: self.session.as_ref().map(|s| &s.key),
             gaps: self.gaps,
+            door: "unix",
         };
         let outcome = match frames::dispatch(conn, request).await {
             Ok(o) => o,
@@ -479,6 +480,9 @@ impl Writer {
         self.write(frames).await?;
         if d.mode == AckMode::Auto {
             d.unconfirmed = Some(d.position);
+        } else {
+            // Consumed once acknowledged (`read`); handed over now.
+            self.broker.delivered(&d.key, "unix", &batch.messages).await;
         }
         Ok(more)
     }
@@ -536,7 +540,7 @@ fn store_claim(
         if let Some(h) = before {
             let _ = h.await;
         }
-        if let Err(e) = broker.confirm(&key, previous, seq).await {
+        if let Err(e) = broker.confirm(&key, previous, seq, "unix").await {
             tracing::warn!(error = %e, "cursor update failed");
             broker.release(&key, previous, seq);
         }

@@ -1,7 +1,10 @@
 //! `hermod mcp --agent NAME`: the agent's side of the bus as an MCP server
-//! over stdio (rmcp), with six small tools — each tool schema costs the
+//! over stdio (rmcp), with seven small tools — each tool schema costs the
 //! model context on every session — and, as a Claude Code *channel*, a push
-//! of every arriving message into the live session.
+//! of every arriving message into the live session (`low` priority ones
+//! gathered into one digest per `--digest-every`). Threads and receipts
+//! ride on the tools that exist (`reply_to`, `notify` on `send_message`);
+//! `message_status` is the one tool that reads them.
 //!
 //! The server registers the agent with explicit acknowledgements: pushing a
 //! message does not acknowledge it; `wait_for_message` and `ack` do, so a
@@ -61,6 +64,20 @@ struct SendParams {
     text: Option<String>,
     /// Extra JSON fields for the body (e.g. {"type": "task_done"}).
     body: Option<Map<String, Value>>,
+    /// The id of the message this answers.
+    reply_to: Option<String>,
+    /// Get a receipt message when it is e.g. ["read", "bounced"].
+    notify: Option<Vec<String>>,
+    /// "urgent", "normal" or "low".
+    priority: Option<String>,
+    /// Also set your own presence: "busy" or "idle".
+    presence: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct StatusParams {
+    /// The message id.
+    id: String,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -93,9 +110,16 @@ fn failed(e: impl std::fmt::Display) -> CallToolResult {
 
 /// One message as the model reads it.
 fn render(m: &MessageFrame) -> String {
+    let re = m
+        .meta
+        .reply_to
+        .as_deref()
+        .map(|r| format!(", re {r}"))
+        .unwrap_or_default();
     format!(
-        "seq {} from {}{} ({}):\n{}",
+        "seq {} id {} from {}{} ({}{re}):\n{}",
         m.seq,
+        m.id,
         m.from,
         if m.auth.verified() {
             ""
@@ -120,9 +144,64 @@ impl Hermod {
             from: Some(self.agent.clone()),
             channel: self.channel.clone(),
             body: hermod_core::model::Body::from_map(body),
+            meta: hermod_core::wire::OutgoingMeta {
+                reply_to: p.reply_to,
+                priority: p.priority,
+                notify: p.notify.unwrap_or_default(),
+                ..Default::default()
+            },
         };
-        match hermod_client::send(&self.socket, draft).await {
-            Ok(sent) => ok(format!("sent (seq {})", sent.seq)),
+        let sent = async {
+            let mut conn = Connection::connect(&self.socket).await?;
+            if let Some(presence) = p.presence.as_deref() {
+                let status = hermod_core::model::Activity::parse(presence)
+                    .map_err(|e| hermod_client::Error::Protocol(e.to_string()))?;
+                conn.set_presence(status, Some(&self.agent), self.channel.as_deref())
+                    .await?;
+            }
+            conn.send(draft).await
+        };
+        match sent.await {
+            Ok(sent) => ok(format!(
+                "sent id {} (seq {}){}",
+                sent.id,
+                sent.seq,
+                sent.notice.map(|n| format!("; note: {n}")).unwrap_or_default()
+            )),
+            Err(e) => failed(e),
+        }
+    }
+
+    #[tool(description = "A message's state per recipient (delivered/read/replied/...) and its thread.")]
+    async fn message_status(&self, Parameters(p): Parameters<StatusParams>) -> CallToolResult {
+        let status = async {
+            let mut conn = Connection::connect(&self.socket).await?;
+            let receipts = conn.receipt(&p.id, None, None).await?;
+            let thread = conn.thread(&p.id).await?;
+            Ok::<_, hermod_client::Error>((receipts, thread))
+        };
+        match status.await {
+            Ok((receipts, thread)) => {
+                let mut out = Vec::new();
+                for r in &receipts {
+                    for who in &r.recipients {
+                        let last = who.steps.last();
+                        out.push(format!(
+                            "{}: {}{}",
+                            who.agent,
+                            who.state,
+                            last.and_then(|s| s.note.as_deref())
+                                .map(|n| format!(" ({n})"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                }
+                if thread.len() > 1 {
+                    out.push(format!("thread ({} messages):", thread.len()));
+                    out.extend(thread.iter().map(render));
+                }
+                ok(out.join("\n"))
+            }
             Err(e) => failed(e),
         }
     }
@@ -195,10 +274,7 @@ impl Hermod {
                 .map(|a| {
                     format!(
                         "{} ({}): {}, unread {}",
-                        a.name,
-                        a.channel,
-                        if a.online { "online" } else { "offline" },
-                        a.unread
+                        a.name, a.channel, a.presence, a.unread
                     )
                 })
                 .collect::<Vec<_>>()
@@ -252,10 +328,39 @@ impl ServerHandler for Hermod {
     }
 }
 
+/// Pushes `content` into the session as a channel event carrying `m`'s
+/// attributes (for a digest: the newest message's, and how many).
+async fn push(peer: &rmcp::Peer<rmcp::RoleServer>, content: String, m: &MessageFrame, count: usize) {
+    let mut meta = json!({
+        "from": m.from,
+        "verified": if m.auth.verified() { "yes" } else { "no" },
+        "auth": m.auth.as_str(),
+        "seq": m.seq.to_string(),
+        "channel": m.channel,
+        "id": m.id,
+        "priority": m.meta.priority.as_str(),
+    });
+    if let Some(r) = &m.meta.reply_to {
+        meta["reply_to"] = r.clone().into();
+    }
+    if count > 1 {
+        meta["digest"] = count.to_string().into();
+    }
+    let params = json!({ "content": content, "meta": meta });
+    let note = CustomNotification::new(CHANNEL_METHOD, Some(params));
+    if let Err(e) = peer
+        .send_notification(ServerNotification::CustomNotification(note))
+        .await
+    {
+        tracing::debug!(error = %e, "channel push failed");
+    }
+}
+
 pub fn run(args: &McpArgs) -> Result<ExitCode> {
     let socket = args.local.socket();
     let channel = cli::channel(&args.channel);
     let allow = args.allow.clone();
+    let digest_every = Duration::from_secs_f64(args.digest_every.clamp(1.0, 86_400.0));
     super::runtime()?.block_on(async {
         let (acks, mut ack_rx) = mpsc::channel::<u64>(256);
         let pending = Arc::new(Pending::default());
@@ -272,6 +377,12 @@ pub fn run(args: &McpArgs) -> Result<ExitCode> {
         let mut subscriber = Subscriber::start(socket, args.agent.clone(), channel);
         // The pump: messages in (queued, pushed to the session), acks out.
         let pump = tokio::spawn(async move {
+            // Low-priority messages wait here for the next digest (bounded
+            // by what the inbox holds: each is also in `pending`).
+            let mut low: Vec<MessageFrame> = Vec::new();
+            let mut digest = tokio::time::interval(digest_every);
+            digest.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            digest.tick().await;
             loop {
                 tokio::select! {
                     next = subscriber.next() => {
@@ -279,25 +390,19 @@ pub fn run(args: &McpArgs) -> Result<ExitCode> {
                         // A name is only proof with a token behind it: the
                         // allow-list never matches an unverified sender.
                         let allowed = allow.is_empty() || (m.auth.verified() && allow.contains(&m.from));
-                        if allowed {
-                            let params = json!({
-                                "content": m.body.to_text(),
-                                "meta": {
-                                    "from": m.from,
-                                    "verified": if m.auth.verified() { "yes" } else { "no" },
-                                    "auth": m.auth.as_str(),
-                                    "seq": m.seq.to_string(),
-                                    "channel": m.channel,
-                                    "id": m.id,
-                                },
-                            });
-                            let note = CustomNotification::new(CHANNEL_METHOD, Some(params));
-                            if let Err(e) = peer.send_notification(ServerNotification::CustomNotification(note)).await {
-                                tracing::debug!(error = %e, "channel push failed");
-                            }
+                        if allowed && m.meta.priority == hermod_core::model::Priority::Low {
+                            low.push(m.clone());
+                        } else if allowed {
+                            push(&peer, m.body.to_text(), &m, 1).await;
                         }
                         pending.queue.lock().unwrap().push_back(m);
                         pending.ready.notify_waiters();
+                    }
+                    _ = digest.tick(), if !low.is_empty() => {
+                        let text = low.iter().map(render).collect::<Vec<_>>().join("\n---\n");
+                        let last = low.last().expect("not empty").clone();
+                        push(&peer, text, &last, low.len()).await;
+                        low.clear();
                     }
                     seq = ack_rx.recv() => match seq {
                         Some(seq) => subscriber.ack(seq).await,

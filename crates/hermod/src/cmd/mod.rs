@@ -3,6 +3,7 @@
 mod agent;
 mod agents;
 mod bench;
+mod delivery;
 mod inbox;
 mod manage;
 mod mcp;
@@ -47,6 +48,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bridge(args) => topics::bridge(&args),
         Command::Agent(command) => agent::run(command),
         Command::Bench(args) => bench::run(&args),
+        Command::Receipt(args) => delivery::receipt(&args),
+        Command::Thread(args) => delivery::thread(&args),
+        Command::Presence(command) => delivery::presence(command),
+        Command::Release(args) => delivery::release(&args),
     }
 }
 

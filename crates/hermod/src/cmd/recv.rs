@@ -153,8 +153,16 @@ pub fn line(m: &MessageFrame, saved: Option<&str>, max_chars: usize, hint: &str)
         }
         shown.push_str(&a);
     }
+    // Delivery fields, when set: what it answers, how urgent it is.
+    let mut tags = String::new();
+    if let Some(r) = &m.meta.reply_to {
+        tags.push_str(&format!(" re {}", text::terminal_line(r, NAME_MAX_CHARS)));
+    }
+    if !m.meta.priority.is_normal() {
+        tags.push_str(&format!(" [{}]", m.meta.priority.as_str()));
+    }
     format!(
-        "[{h:02}:{min:02}:{s:02}Z] from {} [{}] ({}): {shown}\n",
+        "[{h:02}:{min:02}:{s:02}Z] from {} [{}] ({}){tags}: {shown}\n",
         text::terminal_line(&m.from, NAME_MAX_CHARS),
         m.auth,
         text::terminal_line(&m.channel, NAME_MAX_CHARS),

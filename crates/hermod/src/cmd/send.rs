@@ -103,6 +103,20 @@ pub fn run(args: &SendArgs) -> Result<ExitCode> {
             .filter(|f| !f.is_empty()),
         channel: cli::channel(&args.channel),
         body: hermod_core::model::Body::from_map(body(args, text)?),
+        meta: hermod_core::wire::OutgoingMeta {
+            reply_to: args.reply_to.clone(),
+            thread: args.thread.clone(),
+            priority: args.priority.clone(),
+            ttl: args.ttl,
+            bounce_after: args.bounce_after,
+            notify: args
+                .notify
+                .iter()
+                .flat_map(|n| n.split(','))
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        },
     };
     let sent = super::runtime()?.block_on(async {
         match args.client.endpoint() {
@@ -111,5 +125,8 @@ pub fn run(args: &SendArgs) -> Result<ExitCode> {
         }
     })?;
     println!("sent {} (seq {})", sent.id, sent.seq);
+    if let Some(notice) = &sent.notice {
+        eprintln!("note: {}", hermod_core::text::terminal_line(notice, 1000));
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -65,6 +65,9 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
         };
         tracing::info!(?rules, "retention");
         broker.start_retention(rules);
+        let (delivery, digest_every) = config_file.delivery.resolve()?;
+        broker.start_delivery(delivery);
+        broker.configure_guard(config_file.guard.resolve()?);
         let mut unix = UnixConfig::new(socket.clone());
         unix.max_connections = args.max_connections;
         unix.owner_uids.extend(&args.allow_uids);
@@ -95,6 +98,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
                 },
                 timeout: Duration::from_secs(args.hook_timeout),
                 concurrency: args.hook_concurrency,
+                digest_every,
             },
         };
         let bound = hermod_server::bind(config)
@@ -133,6 +137,97 @@ struct ConfigFile {
     actions: actions::ActionsFile,
     #[serde(default)]
     retention: RetentionFile,
+    #[serde(default)]
+    delivery: DeliveryFile,
+    #[serde(default)]
+    guard: GuardFile,
+}
+
+/// `[delivery]`: bounces, wake-up digests and per-channel `ttl`s.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryFile {
+    /// Seconds before an unread direct message bounces (default 600).
+    bounce_after: Option<f64>,
+    /// Seconds between digest wake-ups for `low` messages (default 300).
+    digest_every: Option<f64>,
+    /// Seconds between bounce and expiry sweeps (default 1).
+    sweep_every: Option<f64>,
+    /// Default `ttl` (seconds) per channel.
+    #[serde(default)]
+    ttl: std::collections::BTreeMap<String, f64>,
+}
+
+fn seconds(name: &str, value: Option<f64>, default: f64) -> Result<f64> {
+    match value {
+        None => Ok(default),
+        Some(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
+        Some(v) => anyhow::bail!("{name} = {v}: must be a positive number of seconds"),
+    }
+}
+
+impl DeliveryFile {
+    fn resolve(&self) -> Result<(hermod_core::broker::DeliveryConfig, Duration)> {
+        let mut config = hermod_core::broker::DeliveryConfig {
+            bounce_after: seconds("delivery.bounce_after", self.bounce_after, 600.0)?,
+            sweep_every: Duration::from_secs_f64(seconds(
+                "delivery.sweep_every",
+                self.sweep_every,
+                1.0,
+            )?),
+            ..Default::default()
+        };
+        for (channel, ttl) in &self.ttl {
+            let name = hermod_core::model::Channel::parse(channel.clone())
+                .with_context(|| format!("[delivery.ttl] {channel:?}"))?;
+            config
+                .ttl
+                .insert(name, seconds("delivery.ttl", Some(*ttl), 0.0)?);
+        }
+        let digest = seconds("delivery.digest_every", self.digest_every, 300.0)?;
+        Ok((config, Duration::from_secs_f64(digest)))
+    }
+}
+
+/// `[guard]`: the loop and storm guard.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardFile {
+    /// Turns (alternating messages) in `window` that hold a pair (0: off).
+    turns: Option<usize>,
+    window: Option<f64>,
+    /// Messages one agent may send in `window` (default: no limit).
+    sender_limit: Option<usize>,
+    cooldown: Option<f64>,
+    /// Pairs never held: `[["ci", "deployer"]]`.
+    #[serde(default)]
+    exempt: Vec<(String, String)>,
+    /// Where operators hear of a trip (default `hermod.guard`).
+    topic: Option<String>,
+}
+
+impl GuardFile {
+    fn resolve(&self) -> Result<hermod_core::broker::GuardConfig> {
+        let default = hermod_core::broker::GuardConfig::default();
+        let name = |s: &str| {
+            hermod_core::model::AgentName::parse(s).with_context(|| format!("[guard] exempt {s:?}"))
+        };
+        let topic = self.topic.clone().unwrap_or(default.topic);
+        hermod_events::pattern::validate_topic(&topic)
+            .with_context(|| format!("[guard] topic {topic:?}"))?;
+        Ok(hermod_core::broker::GuardConfig {
+            turns: self.turns.unwrap_or(default.turns),
+            window: seconds("guard.window", self.window, default.window)?,
+            sender_limit: self.sender_limit,
+            cooldown: seconds("guard.cooldown", self.cooldown, default.cooldown)?,
+            exempt: self
+                .exempt
+                .iter()
+                .map(|(a, b)| Ok((name(a)?, name(b)?)))
+                .collect::<Result<_>>()?,
+            topic,
+        })
+    }
 }
 
 /// `[retention]`: the same values as the `--retention-*` flags.

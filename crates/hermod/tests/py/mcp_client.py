@@ -1,5 +1,6 @@
-"""`hermod mcp` with the real Python MCP SDK (PyPI `mcp`): the six tools
-work against a running daemon, the `claude/channel` capability is declared,
+"""`hermod mcp` with the real Python MCP SDK (PyPI `mcp`): the seven tools
+work against a running daemon, a reply made with `reply_to` marks its
+original `replied` and joins its thread (`message_status`, `hermod thread`), the `claude/channel` capability is declared,
 and a message arriving while the session is idle is pushed as a
 `notifications/claude/channel` event — only for allowed senders, and an
 allowed name counts only when its token proved it.
@@ -18,7 +19,10 @@ from mcp.client.stdio import stdio_client
 
 HERMOD = os.environ["HERMOD_BIN"]
 SOCK = os.environ["HERMOD_SOCKET"]
-TOOLS = ["ack", "check_inbox", "list_agents", "publish_event", "send_message", "wait_for_message"]
+TOOLS = [
+    "ack", "check_inbox", "list_agents", "message_status", "publish_event", "send_message",
+    "wait_for_message",
+]
 
 
 class ChannelParams(BaseModel):
@@ -129,6 +133,25 @@ async def main():
             while "no unread" not in text(await session.call_tool("check_inbox", {})):
                 check(asyncio.get_running_loop().time() < deadline, "ack did not mark it read")
                 await asyncio.sleep(0.1)
+
+            # A reply through MCP: the original is `replied` by claude, and
+            # the conversation lists both, in order.
+            fyi = note.meta["id"]
+            res = text(await session.call_tool(
+                "send_message", {"to": "peer", "text": "thanks", "reply_to": fyi, "notify": ["read"]}))
+            check(res.startswith("sent id "), f"send_message reply: {res}")
+            reply_id = res.split()[2]
+            deadline = asyncio.get_running_loop().time() + 10
+            while True:
+                status = text(await session.call_tool("message_status", {"id": fyi}))
+                if "claude: replied" in status:
+                    break
+                check(asyncio.get_running_loop().time() < deadline, f"message_status: {status}")
+                await asyncio.sleep(0.1)
+            check("thread (2 messages)" in status and f"re {fyi}" in status, f"message_status: {status}")
+            lines = cli("thread", "--socket", SOCK, reply_id).splitlines()
+            check(len(lines) == 2 and "fyi" in lines[0] and f"re {fyi}: thanks" in lines[1],
+                  f"hermod thread: {lines}")
 
             agents = text(await session.call_tool("list_agents", {}))
             check("claude (default): online" in agents, f"list_agents: {agents}")

@@ -34,6 +34,23 @@ pub(super) struct SendRequest {
     /// The payload: any JSON object, delivered byte for byte.
     #[schema(value_type = Object)]
     body: Box<RawValue>,
+    /// The id of the message this one answers (its original is marked
+    /// `replied` for this sender, and this one joins its thread).
+    #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    reply_to: Option<String>,
+    /// The conversation (default: the thread of `reply_to`).
+    #[schema(max_length = 256, pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$")]
+    thread: Option<String>,
+    /// `urgent` and `normal` wake at once; `low` waits for a digest.
+    priority: Option<Priority>,
+    /// Seconds after which it is no longer delivered.
+    #[schema(exclusive_minimum = 0, exclusive_maximum = 1000000000)]
+    ttl: Option<f64>,
+    /// Seconds after which an unread direct message bounces to its sender.
+    #[schema(exclusive_minimum = 0, exclusive_maximum = 1000000000)]
+    bounce_after: Option<f64>,
+    /// States to get a `receipt` message for.
+    notify: Option<Vec<DeliveryState>>,
 }
 
 /// The message is durable.
@@ -43,6 +60,10 @@ pub(super) struct SendReceipt {
     seq: Seq,
     ts: f64,
     channel: String,
+    /// What the sender should know: the recipient is busy (it will see
+    /// the message at its next turn), or the loop guard holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notice: Option<String>,
 }
 
 /// One message, or an array of them stored in one commit.
@@ -112,6 +133,18 @@ impl SendRequest {
             sent_ts: None,
             channel: strict_channel(self.channel)?,
             body: Body::from_raw(&self.body)?,
+            meta: MetaFields {
+                reply_to: self.reply_to.into(),
+                thread: self.thread.into(),
+                priority: self.priority.map(|p| p.as_str()).into(),
+                ttl: self.ttl.into(),
+                bounce_after: self.bounce_after.into(),
+                notify: self
+                    .notify
+                    .map(|n| n.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+                    .into(),
+            }
+            .parse()?,
         })
     }
 }
@@ -123,6 +156,7 @@ impl From<&Message> for SendReceipt {
             seq: m.seq,
             ts: m.ts,
             channel: m.channel.to_string(),
+            notice: None,
         }
     }
 }
@@ -150,7 +184,12 @@ pub(super) async fn send_message(
                 .broker
                 .send_durable(&caller, req.envelope()?, Target::Any)
                 .await?;
-            Ok(Json(SendReply::One(SendReceipt::from(m.as_ref()))))
+            let mut receipt = SendReceipt::from(m.as_ref());
+            if let Some(to) = &m.to {
+                let key = InboxKey::new(m.channel.clone(), to.clone());
+                receipt.notice = app.broker.notice(&m.from, &key);
+            }
+            Ok(Json(SendReply::One(receipt)))
         }
         SendBody::Many(reqs) => {
             if reqs.len() > MAX_BATCH {
@@ -233,6 +272,9 @@ pub(super) struct MessageView {
     sent_ts: Option<f64>,
     /// How the sender was verified: `token`, `owner` or `open`.
     auth: hermod_core::model::Auth,
+    /// `reply_to`, `thread`, `priority`, `expires`, ... when set.
+    #[serde(flatten)]
+    meta: Meta,
     #[schema(value_type = Object)]
     body: Box<RawValue>,
 }
@@ -249,6 +291,7 @@ impl From<&Message> for MessageView {
             topic: m.topic.clone(),
             sent_ts: m.sent_ts,
             auth: m.auth,
+            meta: m.meta().clone(),
             body: m.body.as_raw().to_owned(),
         }
     }
@@ -317,6 +360,9 @@ pub(super) async fn read_inbox(
     let reader = Reader::Inbox(key);
     let read = app.broker.read_wait(&reader, after, limit, deadline);
     let batch = app.until_shutdown(read).await?;
+    if let Reader::Inbox(key) = &reader {
+        app.broker.delivered(key, "poll", &batch.messages).await;
+    }
     Ok(Json(InboxPage {
         messages: batch
             .messages
@@ -372,7 +418,7 @@ pub(super) async fn ack(
 ) -> Result<Json<AckReply>, ApiError> {
     let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
     app.broker.trust().may_act_as(&caller, &key)?;
-    let previous = app.broker.ack(&key, req.seq).await?;
+    let previous = app.broker.ack(&key, req.seq, "http").await?;
     let cursor = app.broker.cursor(&key).await?.max(previous);
     Ok(Json(AckReply { cursor }))
 }
@@ -400,10 +446,130 @@ pub(super) async fn stream(
         Some(seq) => seq,
         None => app.broker.cursor(&key).await?,
     };
-    let inbox = app.broker.follow(key, after);
+    let broker = app.broker.clone();
+    let inbox = app.broker.follow(key.clone(), after).then(move |batch| {
+        let (broker, key) = (broker.clone(), key.clone());
+        async move {
+            if let Ok(b) = &batch {
+                broker.delivered(&key, "sse", &b.messages).await;
+            }
+            batch
+        }
+    });
     // The stream holds the presence: the agent shows online while it is open.
     Ok(app.sse(message_events(inbox, move |_| {
         let _presence = &session;
         true
+    })))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(super) struct IdPath {
+    /// A message id.
+    #[param(min_length = 1, max_length = 256)]
+    id: String,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ReceiptQuery {
+    /// Answer once every recipient reached this state (or `timeout` passed).
+    wait: Option<DeliveryState>,
+    /// Seconds `wait` waits at most (default 30).
+    #[param(minimum = 0, maximum = 30)]
+    timeout: Option<f64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/messages/{id}",
+    params(IdPath, ReceiptQuery),
+    responses(
+        (status = 200, description = "Every stored message with this id and each recipient's delivery state", body = [ReceiptView]),
+        (status = 400, description = "Invalid parameter", body = ErrorBody),
+        (status = 404, description = "No message with this id that the caller may see", body = ErrorBody),
+    )
+)]
+pub(super) async fn get_message(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    P(IdPath { id }): P<IdPath>,
+    Q(q): Q<ReceiptQuery>,
+) -> Result<Json<Vec<ReceiptView>>, ApiError> {
+    let wait = q.timeout.unwrap_or(30.0);
+    if !(0.0..=MAX_WAIT).contains(&wait) {
+        return Err(ApiError::bad_request(format!(
+            "timeout must be 0 to {MAX_WAIT} seconds"
+        )));
+    }
+    let receipts = match q.wait {
+        Some(state) => {
+            let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
+            let deadline = tokio::time::Instant::now() + wait;
+            let receipts = app.broker.wait_receipt(&caller, &id, state, deadline);
+            app.until_shutdown(receipts).await?
+        }
+        None => app.broker.receipts(&caller, &id).await?,
+    };
+    Ok(Json(receipts.iter().map(|r| r.view()).collect()))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/threads/{id}",
+    params(IdPath),
+    responses(
+        (status = 200, description = "The conversation the message belongs to, oldest first", body = [MessageView]),
+        (status = 404, description = "No such thread", body = ErrorBody),
+    )
+)]
+pub(super) async fn get_thread(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    P(IdPath { id }): P<IdPath>,
+) -> Result<Json<Vec<MessageView>>, ApiError> {
+    let messages = app.broker.thread(&caller, &id).await?;
+    Ok(Json(
+        messages.iter().map(|m| MessageView::from(m.as_ref())).collect(),
+    ))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PresenceRequest {
+    /// `busy` in a turn, `idle` between turns (`online` clears it).
+    status: Activity,
+    #[schema(
+        pattern = "^[A-Za-z0-9._:@-]{1,128}$",
+        min_length = 1,
+        max_length = 128
+    )]
+    channel: Option<String>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{name}/presence",
+    params(AgentPath),
+    request_body = PresenceRequest,
+    responses(
+        (status = 200, description = "Set, and published as the topic event `presence.<name>`", body = PresenceRequest),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+    )
+)]
+pub(super) async fn set_presence(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    P(AgentPath { name }): P<AgentPath>,
+    JsonBody(req): JsonBody<PresenceRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
+    app.broker
+        .set_presence(&caller, key.clone(), req.status)
+        .await?;
+    Ok(Json(serde_json::json!({
+        "status": req.status,
+        "channel": key.channel,
     })))
 }

@@ -30,8 +30,13 @@ use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Batch, Reader, Target};
-use hermod_core::model::{AgentName, Body, Channel, InboxKey, Message, Seq};
-use hermod_core::wire::{self, AgentSummary, Envelope, Publication, Request, ServerFrame};
+use hermod_core::model::{
+    Activity, AgentName, Body, Channel, InboxKey, Message, Meta, MetaFields, Priority, Seq,
+    State as DeliveryState,
+};
+use hermod_core::wire::{
+    self, AgentSummary, Envelope, Publication, ReceiptView, Request, ServerFrame,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};
@@ -86,6 +91,9 @@ pub fn router() -> Router<AppState> {
     use messages::*;
     Router::new()
         .route("/v1/messages", post(send_message))
+        .route("/v1/messages/{id}", get(get_message))
+        .route("/v1/threads/{id}", get(get_thread))
+        .route("/v1/agents/{name}/presence", post(set_presence))
         .route("/v1/agents", get(list_agents))
         .route("/v1/agents/{name}/inbox", get(read_inbox))
         .route("/v1/agents/{name}/ack", post(ack))
@@ -115,6 +123,9 @@ pub fn router() -> Router<AppState> {
         messages::list_agents,
         messages::read_inbox,
         messages::ack,
+        messages::get_message,
+        messages::get_thread,
+        messages::set_presence,
         events::publish_event,
         events::event_stream,
         events::list_subscriptions,
@@ -132,6 +143,10 @@ pub fn router() -> Router<AppState> {
         messages::MessageView,
         messages::AckRequest,
         messages::AckReply,
+        messages::PresenceRequest,
+        ReceiptView,
+        wire::RecipientView,
+        wire::StepView,
         AgentSummary,
         ErrorBody,
         events::PublishRequest,

@@ -56,7 +56,10 @@ pub(super) async fn ws_session(
         let out: Vec<Bytes> = tokio::select! {
             _ = app.shutdown.cancelled() => break,
             batch = inbox.next() => match batch {
-                Some(Ok(batch)) => frames::batch_frames(&batch, true),
+                Some(Ok(batch)) => {
+                    broker.delivered(&key, "ws", &batch.messages).await;
+                    frames::batch_frames(&batch, true)
+                }
                 _ => break,
             },
             Some(batch) = live.next(), if !live.is_empty() => batch,
@@ -120,6 +123,7 @@ async fn ws_request(app: &AppState, caller: &Caller, key: &InboxKey, bytes: &[u8
         caller,
         agent: Some(key),
         gaps: true,
+        door: "ws",
     };
     match frames::dispatch(conn, request).await {
         Ok(outcome) => outcome,

@@ -1,0 +1,348 @@
+//! The loop and storm guard: two agents answering each other with nobody
+//! else involved, or one agent sending more than its limit, burn money
+//! until someone notices. Past the limit the pair's further direct
+//! messages are *held*: stored (acknowledged, never lost) but in no inbox,
+//! with a `held` step for the recipient; both agents and the operator
+//! topic are told once; `hermod release A B` or the cooldown sends them
+//! on, in order, as new log entries with the same ids.
+//!
+//! A turn is a message in the other direction from the pair's previous
+//! one, so a one-way stream (a producer feeding a worker) never trips it;
+//! a message to or from anyone else ends both agents' runs. The counts
+//! live in this node's memory, bounded; what is held is in the store.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde_json::json;
+
+use super::*;
+use crate::model::State as Delivery;
+
+/// Pairs and senders tracked at most (a new one past that is not counted).
+const TRACKED: usize = 65_536;
+/// Messages held per pair at most; past that a send is refused.
+const HELD_MAX: usize = 10_000;
+
+/// The guard's policy (`[guard]` in `config.toml`).
+#[derive(Debug, Clone)]
+pub struct GuardConfig {
+    /// Turns within `window` that trip a pair (0: off).
+    pub turns: usize,
+    /// Seconds the counts look back.
+    pub window: f64,
+    /// Messages one agent may send within `window` (`None`: no limit).
+    pub sender_limit: Option<usize>,
+    /// Seconds a tripped pair stays held unless released.
+    pub cooldown: f64,
+    /// Pairs never held.
+    pub exempt: Vec<(AgentName, AgentName)>,
+    /// Where operators hear of a trip.
+    pub topic: String,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            turns: 30,
+            window: 300.0,
+            sender_limit: None,
+            cooldown: 300.0,
+            exempt: Vec::new(),
+            topic: "hermod.guard".to_owned(),
+        }
+    }
+}
+
+/// Two agents on a channel, in name order.
+pub(super) type PairKey = (Channel, AgentName, AgentName);
+
+fn pair_key(channel: &Channel, a: &AgentName, b: &AgentName) -> PairKey {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    (channel.clone(), x.clone(), y.clone())
+}
+
+#[derive(Default)]
+struct Pair {
+    turns: VecDeque<f64>,
+    last_from: Option<AgentName>,
+    /// Held until then (or until released).
+    held_until: Option<f64>,
+    /// What waits for the release, oldest first.
+    held: VecDeque<Arc<Message>>,
+}
+
+/// The counts, in memory (one lock, never held across an await).
+#[derive(Default)]
+pub(super) struct Guard {
+    config: GuardConfig,
+    pairs: HashMap<PairKey, Pair>,
+    partner: HashMap<(Channel, AgentName), AgentName>,
+    sent: HashMap<(Channel, AgentName), VecDeque<f64>>,
+}
+
+/// What the guard says of a message about to be routed.
+pub(super) enum Verdict {
+    Pass,
+    /// Hold it; `tripped` is true for the message that tripped the pair.
+    Hold { pair: PairKey, tripped: bool },
+}
+
+impl Guard {
+    /// Counts a direct message `from` → `to` at `now`.
+    fn check(&mut self, channel: &Channel, from: &AgentName, to: &AgentName, now: f64) -> Verdict {
+        let c = &self.config;
+        if from == to
+            || from.as_str() == SYSTEM_SENDER
+            || c.exempt
+                .iter()
+                .any(|(a, b)| (a == from && b == to) || (a == to && b == from))
+        {
+            return Verdict::Pass;
+        }
+        let (window, turns, cooldown, limit) = (c.window, c.turns, c.cooldown, c.sender_limit);
+        let key = pair_key(channel, from, to);
+        if self.pairs.get(&key).is_some_and(|p| p.held_until.is_some()) {
+            return Verdict::Hold { pair: key, tripped: false };
+        }
+        // Anyone else in either agent's last exchange ends that run.
+        for (me, other) in [(from, to), (to, from)] {
+            let slot = (channel.clone(), me.clone());
+            match self.partner.get(&slot) {
+                Some(p) if p == other => {}
+                Some(p) => {
+                    let old = pair_key(channel, me, &p.clone());
+                    if let Some(pair) = self.pairs.get_mut(&old) {
+                        pair.turns.clear();
+                        pair.last_from = None;
+                    }
+                    self.partner.insert(slot, other.clone());
+                }
+                None if self.partner.len() < TRACKED => {
+                    self.partner.insert(slot, other.clone());
+                }
+                None => {}
+            }
+        }
+        let mut over = false;
+        if let Some(limit) = limit {
+            let slot = (channel.clone(), from.clone());
+            if self.sent.contains_key(&slot) || self.sent.len() < TRACKED {
+                let sent = self.sent.entry(slot).or_default();
+                sent.push_back(now);
+                while sent.front().is_some_and(|&t| t < now - window) {
+                    sent.pop_front();
+                }
+                over = sent.len() > limit;
+            }
+        }
+        if turns > 0 && (self.pairs.contains_key(&key) || self.pairs.len() < TRACKED) {
+            let pair = self.pairs.entry(key.clone()).or_default();
+            if pair.last_from.as_ref() != Some(from) {
+                pair.turns.push_back(now);
+                pair.last_from = Some(from.clone());
+            }
+            while pair.turns.front().is_some_and(|&t| t < now - window) {
+                pair.turns.pop_front();
+            }
+            over |= pair.turns.len() > turns;
+        }
+        if !over {
+            return Verdict::Pass;
+        }
+        let pair = self.pairs.entry(key.clone()).or_default();
+        pair.held_until = Some(now + cooldown);
+        Verdict::Hold {
+            pair: key,
+            tripped: true,
+        }
+    }
+}
+
+impl Broker {
+    /// Applies `config` to the loop guard from now on.
+    pub fn configure_guard(&self, config: GuardConfig) {
+        self.shared.guard.lock().unwrap().config = config;
+    }
+
+    /// What the guard says of `from` → `to` now.
+    pub(super) fn guard_check(&self, channel: &Channel, from: &AgentName, to: &AgentName) -> Verdict {
+        let now = model::now();
+        self.shared
+            .guard
+            .lock()
+            .unwrap()
+            .check(channel, from, to, now)
+    }
+
+    /// A message the guard held was stored: its recipient's step says so,
+    /// it waits for the release, and a trip is announced (once).
+    pub(super) async fn held(&self, m: Arc<Message>, pair: PairKey, tripped: bool) -> Result<()> {
+        let Some(to) = m.to.clone() else {
+            return Ok(());
+        };
+        {
+            let mut guard = self.shared.guard.lock().unwrap();
+            let p = guard.pairs.entry(pair.clone()).or_default();
+            if p.held.len() >= HELD_MAX {
+                // Stored, in no inbox, and not queued: say so loudly.
+                tracing::error!(channel = %pair.0, a = %pair.1, b = %pair.2,
+                    "the loop guard holds {HELD_MAX} messages for this pair; more wait only in the log");
+            } else {
+                p.held.push_back(m.clone());
+            }
+        }
+        let key = InboxKey::new(m.channel.clone(), to);
+        let note = "the loop guard holds it: `hermod release` or the cooldown lets it through";
+        let step = self.single(&key, &m, Delivery::Held, "guard", Some(note.to_owned()));
+        self.note(step, Some(vec![m.clone()])).await;
+        if tripped {
+            self.announce_trip(&pair).await;
+        }
+        Ok(())
+    }
+
+    /// Tells both agents and the operator topic that `pair` is held.
+    async fn announce_trip(&self, pair: &PairKey) {
+        let (channel, a, b) = pair;
+        let (turns, window, topic, until) = {
+            let guard = self.shared.guard.lock().unwrap();
+            let c = &guard.config;
+            let until = guard.pairs.get(pair).and_then(|p| p.held_until);
+            (c.turns, c.window, c.topic.clone(), until)
+        };
+        let text = format!(
+            "loop guard: {a} and {b} exchanged more than {turns} messages in {window} s with nobody \
+             else involved; their messages are held until `hermod release {a} {b}` or the cooldown"
+        );
+        let body = json!({
+            "type": "loop_guard",
+            "text": text,
+            "agents": [a, b],
+            "channel": channel,
+            "until": until,
+        });
+        for agent in [a, b] {
+            if let Err(e) = self.system_send(channel, agent, body.clone(), None).await {
+                tracing::warn!(error = %e, %agent, "telling an agent of the loop guard failed");
+            }
+        }
+        let serde_json::Value::Object(payload) = body else {
+            unreachable!()
+        };
+        let system = Caller::trusted(crate::model::Auth::Owner);
+        let from = AgentName::parse(SYSTEM_SENDER).expect("a valid name");
+        match self
+            .publish(&system, channel.clone(), Some(from), &topic, payload, None)
+            .await
+        {
+            Ok(durable) => {
+                let _ = durable.await;
+            }
+            Err(e) => tracing::warn!(error = %e, "publishing a loop guard notice failed"),
+        }
+    }
+
+    /// Lets `a` and `b` talk again: what the guard held goes on, in
+    /// order, and their counts start over. Owner or admin only.
+    pub async fn release_held(
+        &self,
+        caller: &Caller,
+        channel: &Channel,
+        a: &AgentName,
+        b: &AgentName,
+    ) -> Result<usize> {
+        self.trust.may_admin(caller)?;
+        self.release_pair(pair_key(channel, a, b)).await
+    }
+
+    async fn release_pair(&self, pair: PairKey) -> Result<usize> {
+        let held: Vec<Arc<Message>> = {
+            let mut guard = self.shared.guard.lock().unwrap();
+            match guard.pairs.get_mut(&pair) {
+                Some(p) => {
+                    p.held_until = None;
+                    p.turns.clear();
+                    p.last_from = None;
+                    p.held.drain(..).collect()
+                }
+                None => Vec::new(),
+            }
+        };
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let batch: Vec<NewMessage> = held
+            .iter()
+            .map(|m| NewMessage {
+                id: m.id.clone(),
+                channel: m.channel.clone(),
+                from: m.from.clone(),
+                to: m.to.clone(),
+                topic: None,
+                sent_ts: m.sent_ts,
+                auth: m.auth,
+                meta: m.meta.clone(),
+                body: m.body.clone(),
+                recipients: m.to.iter().cloned().collect(),
+            })
+            .collect();
+        let n = batch.len();
+        match self.engine.submit(batch).await {
+            Ok(durable) => match durable.await {
+                Ok(Ok(_)) => return Ok(n),
+                Ok(Err(e)) => self.requeue(&pair, held, e),
+                Err(_) => self.requeue(&pair, held, Error::ShuttingDown),
+            },
+            Err(e) => self.requeue(&pair, held, e),
+        }
+    }
+
+    /// A release that did not store: the messages wait again.
+    fn requeue(&self, pair: &PairKey, held: Vec<Arc<Message>>, e: Error) -> Result<usize> {
+        let mut guard = self.shared.guard.lock().unwrap();
+        let p = guard.pairs.entry(pair.clone()).or_default();
+        for m in held.into_iter().rev() {
+            p.held.push_front(m);
+        }
+        Err(e)
+    }
+
+    /// Releases the pairs whose cooldown is over (from the sweeper).
+    pub(super) async fn release_cooled(&self) {
+        let now = model::now();
+        let due: Vec<PairKey> = {
+            let guard = self.shared.guard.lock().unwrap();
+            guard
+                .pairs
+                .iter()
+                .filter(|(_, p)| p.held_until.is_some_and(|t| t <= now))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for pair in due {
+            if let Err(e) = self.release_pair(pair).await {
+                tracing::warn!(error = %e, "releasing a held pair failed; retrying");
+            }
+        }
+    }
+
+    /// What a sender to `key` from `from` should know now: the guard
+    /// holds the pair, or the recipient is busy.
+    pub fn notice(&self, from: &AgentName, key: &InboxKey) -> Option<String> {
+        let held = {
+            let guard = self.shared.guard.lock().unwrap();
+            guard
+                .pairs
+                .get(&pair_key(&key.channel, from, &key.agent))
+                .is_some_and(|p| p.held_until.is_some())
+        };
+        if held {
+            return Some(format!(
+                "held by the loop guard: {from} and {} exchanged too many messages; \
+                 `hermod release {from} {}` lets them through",
+                key.agent, key.agent
+            ));
+        }
+        self.notice_for(key)
+    }
+}
