@@ -222,16 +222,16 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let mut reported_drops = 0;
     // Per action, the low-priority messages its next digest covers.
+    // The first one waits at most `digest_every`: the digest is due then.
     let mut low: Vec<Vec<Arc<Message>>> = vec![Vec::new(); config.actions.len()];
-    let mut digest = tokio::time::interval(config.digest_every);
-    digest.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    digest.tick().await;
+    let mut digest_at: Option<tokio::time::Instant> = None;
     loop {
-        let pending = low.iter().any(|l| !l.is_empty());
+        let due = digest_at.unwrap_or_else(tokio::time::Instant::now);
         let tapped = tokio::select! {
             _ = shutdown.cancelled() => break,
             t = tap.recv() => match t { Some(t) => t, None => break },
-            _ = digest.tick(), if pending => {
+            _ = tokio::time::sleep_until(due), if digest_at.is_some() => {
+                digest_at = None;
                 for (spec, messages) in config.actions.iter().zip(low.iter_mut()) {
                     if messages.is_empty() {
                         continue;
@@ -262,6 +262,7 @@ pub async fn run(
                 if low[i].len() < DIGEST_MAX {
                     low[i].push(tapped.message.clone());
                 }
+                digest_at.get_or_insert_with(|| tokio::time::Instant::now() + config.digest_every);
                 continue;
             }
             let permit = tokio::select! {

@@ -345,3 +345,44 @@ fn a_webhook_gets_the_message_json_and_topic_filters_apply() {
         "only ci.* events call it"
     );
 }
+
+#[test]
+fn low_priority_messages_wake_a_pane_once_as_a_digest_and_urgent_ones_each() {
+    let tmux = Tmux::new();
+    // What is typed into the pane lands in a file once per wake-up (the
+    // screen would show it twice: the terminal's echo, then `cat`).
+    tmux.session("agent", tmux.tmp.path(), &["sh", "-c", "cat > typed.log"]);
+    let typed = tmux.tmp.path().join("typed.log");
+    let config = "[delivery]\ndigest_every = 4\n\n[[action]]\nkind = \"tmux\"\n\
+                  target = \"agent:0.0\"\nto = \"claude\"\n";
+    let d = Daemon::start_with_config(config, &[("TMUX_TMPDIR", tmux.tmpdir())]);
+    for n in 1..=10 {
+        let out = d.cli(&["send", "--from", "bot", "--priority", "low", "claude", &format!("low {n}")]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for name in ["urgent A", "urgent B"] {
+        let out = d.cli(&["send", "--from", "boss", "--priority", "urgent", "claude", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let screen = loop {
+        let screen = std::fs::read_to_string(&typed).unwrap_or_default();
+        if screen.contains("digest:") && screen.contains("urgent B") {
+            break screen;
+        }
+        assert!(Instant::now() < deadline, "no digest:\n{screen}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let lines: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
+    let digests: Vec<&&str> = lines.iter().filter(|l| l.contains("digest:")).collect();
+    assert_eq!(digests.len(), 1, "one digest wake-up:\n{screen}");
+    assert!(
+        digests[0].contains("digest: 10 low-priority messages to claude from bot； newest: low 10"),
+        "{screen}"
+    );
+    // Each urgent message woke the pane at once, on its own line.
+    for name in ["urgent A", "urgent B"] {
+        assert_eq!(lines.iter().filter(|l| l.contains(name)).count(), 1, "{screen}");
+    }
+    assert!(!lines.iter().any(|l| l.contains("low 1") && !l.contains("digest:")), "{screen}");
+}

@@ -9,6 +9,7 @@ mod bridge;
 mod browser;
 mod cli;
 mod crash;
+mod delivery;
 mod hermes_bus;
 mod hooks;
 mod http;

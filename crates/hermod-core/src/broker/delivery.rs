@@ -263,7 +263,13 @@ impl Broker {
                 return Ok(());
             };
             for m in page.iter().filter(|m| step.covers(m.seq)) {
-                if m.meta().notify.contains(&step.state) && m.from != step.key.agent {
+                // A bounce is always told (but not to `anonymous`, whom
+                // nobody reads); the rest when the sender asked.
+                let told = match step.state {
+                    Delivery::Bounced => m.from != AgentName::anonymous(),
+                    state => m.meta().notify.contains(&state),
+                };
+                if told && m.from != step.key.agent {
                     self.send_receipt(m, step).await?;
                 }
             }

@@ -379,11 +379,11 @@ pub fn run(args: &McpArgs) -> Result<ExitCode> {
         let pump = tokio::spawn(async move {
             // Low-priority messages wait here for the next digest (bounded
             // by what the inbox holds: each is also in `pending`).
+            // The first one waits at most `digest_every`.
             let mut low: Vec<MessageFrame> = Vec::new();
-            let mut digest = tokio::time::interval(digest_every);
-            digest.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            digest.tick().await;
+            let mut digest_at: Option<tokio::time::Instant> = None;
             loop {
+                let due = digest_at.unwrap_or_else(tokio::time::Instant::now);
                 tokio::select! {
                     next = subscriber.next() => {
                         let Some(Ok(m)) = next else { break };
@@ -392,13 +392,15 @@ pub fn run(args: &McpArgs) -> Result<ExitCode> {
                         let allowed = allow.is_empty() || (m.auth.verified() && allow.contains(&m.from));
                         if allowed && m.meta.priority == hermod_core::model::Priority::Low {
                             low.push(m.clone());
+                            digest_at.get_or_insert_with(|| tokio::time::Instant::now() + digest_every);
                         } else if allowed {
                             push(&peer, m.body.to_text(), &m, 1).await;
                         }
                         pending.queue.lock().unwrap().push_back(m);
                         pending.ready.notify_waiters();
                     }
-                    _ = digest.tick(), if !low.is_empty() => {
+                    _ = tokio::time::sleep_until(due), if digest_at.is_some() => {
+                        digest_at = None;
                         let text = low.iter().map(render).collect::<Vec<_>>().join("\n---\n");
                         let last = low.last().expect("not empty").clone();
                         push(&peer, text, &last, low.len()).await;
