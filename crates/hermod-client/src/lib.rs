@@ -300,13 +300,18 @@ impl Connection {
         };
         match self.request(&frame).await? {
             ServerFrame::Receipts { receipts } => Ok(receipts),
-            other => Err(Error::Protocol(format!("expected `receipts`, got {other:?}"))),
+            other => Err(Error::Protocol(format!(
+                "expected `receipts`, got {other:?}"
+            ))),
         }
     }
 
     /// The conversation message `id` belongs to, oldest first.
     pub async fn thread(&mut self, id: &str) -> Result<Vec<MessageFrame>> {
-        match self.request(&ClientFrame::Thread { id: id.to_owned() }).await? {
+        match self
+            .request(&ClientFrame::Thread { id: id.to_owned() })
+            .await?
+        {
             ServerFrame::Thread { messages } => Ok(messages),
             other => Err(Error::Protocol(format!("expected `thread`, got {other:?}"))),
         }
@@ -326,12 +331,19 @@ impl Connection {
         };
         match self.request(&frame).await? {
             ServerFrame::Presence { .. } => Ok(()),
-            other => Err(Error::Protocol(format!("expected `presence`, got {other:?}"))),
+            other => Err(Error::Protocol(format!(
+                "expected `presence`, got {other:?}"
+            ))),
         }
     }
 
     /// Lets a pair the loop guard holds talk again; how many messages went on.
-    pub async fn release(&mut self, agent: &str, peer: &str, channel: Option<&str>) -> Result<usize> {
+    pub async fn release(
+        &mut self,
+        agent: &str,
+        peer: &str,
+        channel: Option<&str>,
+    ) -> Result<usize> {
         let frame = ClientFrame::Release {
             agent: agent.to_owned(),
             peer: peer.to_owned(),
@@ -339,7 +351,9 @@ impl Connection {
         };
         match self.request(&frame).await? {
             ServerFrame::Released { released } => Ok(released),
-            other => Err(Error::Protocol(format!("expected `released`, got {other:?}"))),
+            other => Err(Error::Protocol(format!(
+                "expected `released`, got {other:?}"
+            ))),
         }
     }
 

@@ -455,7 +455,11 @@ impl Meta {
     pub fn parse_notify(value: &Value) -> Result<Vec<State>> {
         let names: Vec<&str> = match value {
             Value::Null => vec![],
-            Value::String(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).collect(),
+            Value::String(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect(),
             Value::Array(items) => items
                 .iter()
                 .map(|v| {
@@ -534,7 +538,11 @@ impl MetaFields {
             priority: match &self.priority {
                 Value::Null => Priority::Normal,
                 Value::String(s) => Priority::parse(s)?,
-                _ => return Err(Error::InvalidRequest("\"priority\" must be a string".into())),
+                _ => {
+                    return Err(Error::InvalidRequest(
+                        "\"priority\" must be a string".into(),
+                    ))
+                }
             },
             expires: Meta::parse_seconds("ttl", &self.ttl)?.map(|ttl| now() + ttl),
             bounce_after: Meta::parse_seconds("bounce_after", &self.bounce_after)?,

@@ -183,8 +183,8 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
         Request::Receipt { id, wait, timeout } => {
             let receipts = match wait {
                 Some(state) => {
-                    let deadline = tokio::time::Instant::now()
-                        + std::time::Duration::from_secs_f64(timeout);
+                    let deadline =
+                        tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
                     broker.wait_receipt(caller, &id, state, deadline).await?
                 }
                 None => broker.receipts(caller, &id).await?,

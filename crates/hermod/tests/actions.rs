@@ -357,11 +357,27 @@ fn low_priority_messages_wake_a_pane_once_as_a_digest_and_urgent_ones_each() {
                   target = \"agent:0.0\"\nto = \"claude\"\n";
     let d = Daemon::start_with_config(config, &[("TMUX_TMPDIR", tmux.tmpdir())]);
     for n in 1..=10 {
-        let out = d.cli(&["send", "--from", "bot", "--priority", "low", "claude", &format!("low {n}")]);
+        let out = d.cli(&[
+            "send",
+            "--from",
+            "bot",
+            "--priority",
+            "low",
+            "claude",
+            &format!("low {n}"),
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     for name in ["urgent A", "urgent B"] {
-        let out = d.cli(&["send", "--from", "boss", "--priority", "urgent", "claude", name]);
+        let out = d.cli(&[
+            "send",
+            "--from",
+            "boss",
+            "--priority",
+            "urgent",
+            "claude",
+            name,
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -370,7 +386,11 @@ fn low_priority_messages_wake_a_pane_once_as_a_digest_and_urgent_ones_each() {
         if screen.contains("digest:") && screen.contains("urgent B") {
             break screen;
         }
-        assert!(Instant::now() < deadline, "no digest:\n{screen}\n{}", d.log());
+        assert!(
+            Instant::now() < deadline,
+            "no digest:\n{screen}\n{}",
+            d.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let lines: Vec<&str> = screen.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -382,7 +402,16 @@ fn low_priority_messages_wake_a_pane_once_as_a_digest_and_urgent_ones_each() {
     );
     // Each urgent message woke the pane at once, on its own line.
     for name in ["urgent A", "urgent B"] {
-        assert_eq!(lines.iter().filter(|l| l.contains(name)).count(), 1, "{screen}");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains(name)).count(),
+            1,
+            "{screen}"
+        );
     }
-    assert!(!lines.iter().any(|l| l.contains("low 1") && !l.contains("digest:")), "{screen}");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("low 1") && !l.contains("digest:")),
+        "{screen}"
+    );
 }

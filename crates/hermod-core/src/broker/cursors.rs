@@ -72,7 +72,13 @@ impl Broker {
     /// only mean another node moved the cursor.
     ///
     /// The caller's share is `read` through `door` from then on.
-    pub async fn confirm(&self, key: &InboxKey, previous: Seq, seq: Seq, door: &str) -> Result<Seq> {
+    pub async fn confirm(
+        &self,
+        key: &InboxKey,
+        previous: Seq,
+        seq: Seq,
+        door: &str,
+    ) -> Result<Seq> {
         let seq = seq.min(self.committed().0);
         let mut turn = self.store_turn(key).await;
         let mut expected = match turn.known {
@@ -153,7 +159,12 @@ impl Broker {
     /// [`Claim::previous`] up to `seq`, then [`Claim::confirm`]s once they
     /// reached the client. Dropped unconfirmed (the stream died with them
     /// in a buffer), the claim is released: the next reader gets them.
-    pub async fn claim_through(&self, key: &InboxKey, seq: Seq, door: &'static str) -> Result<Claim> {
+    pub async fn claim_through(
+        &self,
+        key: &InboxKey,
+        seq: Seq,
+        door: &'static str,
+    ) -> Result<Claim> {
         let previous = self.claim(key, seq).await?;
         let seq = seq.min(self.committed().0);
         Ok(Claim {

@@ -173,15 +173,12 @@ impl Shared {
         if m.topic.is_some() || m.from.as_str() == SYSTEM_SENDER {
             return;
         }
-        if m.meta().reply_to.is_some()
-            && self.recorder.try_send(Note::Reply(m.clone())).is_err()
-        {
+        if m.meta().reply_to.is_some() && self.recorder.try_send(Note::Reply(m.clone())).is_err() {
             self.steps_lost.fetch_add(1, Ordering::Relaxed);
         }
-        let bounce = m
-            .to
-            .is_some()
-            .then(|| m.ts + m.meta().bounce_after.unwrap_or(default_bounce));
+        let bounce =
+            m.to.is_some()
+                .then(|| m.ts + m.meta().bounce_after.unwrap_or(default_bounce));
         let at = match (bounce, m.meta().expires) {
             (Some(b), Some(e)) => b.min(e),
             (b, e) => match b.or(e) {
@@ -195,7 +192,6 @@ impl Shared {
         }
     }
 }
-
 
 impl Broker {
     /// Starts the recorder (always on: transports note steps from the
@@ -226,14 +222,16 @@ impl Broker {
             Err(e) => {
                 // Delivery itself went on; only its record is missing.
                 tracing::warn!(error = %e, n = runs.len(), "recording delivery steps failed");
-                self.shared.steps_lost.fetch_add(runs.len() as u64, Ordering::Relaxed);
+                self.shared
+                    .steps_lost
+                    .fetch_add(runs.len() as u64, Ordering::Relaxed);
                 return;
             }
         };
         if added.is_empty() {
             return;
         }
-        let mut given: HashMap<(InboxKey, Delivery, Seq), Option<Vec<Arc<Message>>>> = runs
+        let mut given: HashMap<_, Option<Vec<Arc<Message>>>> = runs
             .into_iter()
             .map(|(s, messages)| ((s.key, s.state, s.hi), messages))
             .collect();
@@ -473,8 +471,7 @@ impl Broker {
         loop {
             stepped.borrow_and_update();
             let receipts = self.receipts(caller, id).await?;
-            if receipts.iter().all(|r| r.reached(state))
-                || tokio::time::Instant::now() >= deadline
+            if receipts.iter().all(|r| r.reached(state)) || tokio::time::Instant::now() >= deadline
             {
                 return Ok(receipts);
             }
@@ -489,7 +486,12 @@ impl Broker {
     /// the one it starts), for `caller` (only messages it may see).
     pub async fn thread(&self, caller: &Caller, id: &str) -> Result<Vec<Arc<Message>>> {
         let thread = match self.engine.find(id, 1).await?.into_iter().next() {
-            Some(c) => c.message.meta().thread.clone().unwrap_or_else(|| id.to_owned()),
+            Some(c) => c
+                .message
+                .meta()
+                .thread
+                .clone()
+                .unwrap_or_else(|| id.to_owned()),
             None => id.to_owned(),
         };
         let messages = self.engine.thread(&thread, THREAD_LIMIT).await?;
@@ -520,13 +522,25 @@ impl Broker {
     /// it answers) and the channel's default `ttl`.
     pub(super) async fn complete_meta(&self, channel: &Channel, meta: &mut Meta) -> Result<()> {
         if meta.expires.is_none() {
-            let ttl = self.shared.delivery.lock().unwrap().ttl.get(channel).copied();
+            let ttl = self
+                .shared
+                .delivery
+                .lock()
+                .unwrap()
+                .ttl
+                .get(channel)
+                .copied();
             meta.expires = ttl.map(|t| model::now() + t);
         }
         if let (Some(parent), None) = (&meta.reply_to, &meta.thread) {
             let found = self.engine.find(parent, 1).await?.into_iter().next();
             meta.thread = Some(match found {
-                Some(c) => c.message.meta().thread.clone().unwrap_or_else(|| parent.clone()),
+                Some(c) => c
+                    .message
+                    .meta()
+                    .thread
+                    .clone()
+                    .unwrap_or_else(|| parent.clone()),
                 None => parent.clone(),
             });
         }
@@ -632,7 +646,10 @@ impl Broker {
     async fn sweep_inbox(&self, key: &InboxKey, now: f64) -> Result<Option<f64>> {
         let config = self.shared.delivery.lock().unwrap().clone();
         let cursor = self.cursor(key).await?;
-        let page = self.engine.read(&View::Inbox(key.clone()), cursor, SWEEP_PAGE).await?;
+        let page = self
+            .engine
+            .read(&View::Inbox(key.clone()), cursor, SWEEP_PAGE)
+            .await?;
         let mut next: Option<f64> = None;
         let mut soon = |at: f64| next = Some(next.map_or(at, |n: f64| n.min(at)));
         for m in &page.messages {
@@ -641,8 +658,11 @@ impl Broker {
             }
             if let Some(expires) = m.meta().expires {
                 if expires <= now {
-                    self.note(self.single(key, m, Delivery::Expired, "ttl", None), Some(vec![m.clone()]))
-                        .await;
+                    self.note(
+                        self.single(key, m, Delivery::Expired, "ttl", None),
+                        Some(vec![m.clone()]),
+                    )
+                    .await;
                     continue;
                 }
                 soon(expires);
@@ -705,7 +725,8 @@ impl Broker {
             Some(a) if a.has_connected() => format!(
                 "is offline since {}",
                 humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(a.last_seen.max(0.0))
+                    std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs_f64(a.last_seen.max(0.0))
                 )
             ),
             _ => "never connected".to_owned(),

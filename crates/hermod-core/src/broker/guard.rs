@@ -84,7 +84,10 @@ pub(super) struct Guard {
 pub(super) enum Verdict {
     Pass,
     /// Hold it; `tripped` is true for the message that tripped the pair.
-    Hold { pair: PairKey, tripped: bool },
+    Hold {
+        pair: PairKey,
+        tripped: bool,
+    },
 }
 
 impl Guard {
@@ -102,7 +105,10 @@ impl Guard {
         let (window, turns, cooldown, limit) = (c.window, c.turns, c.cooldown, c.sender_limit);
         let key = pair_key(channel, from, to);
         if self.pairs.get(&key).is_some_and(|p| p.held_until.is_some()) {
-            return Verdict::Hold { pair: key, tripped: false };
+            return Verdict::Hold {
+                pair: key,
+                tripped: false,
+            };
         }
         // Anyone else in either agent's last exchange ends that run.
         for (me, other) in [(from, to), (to, from)] {
@@ -165,7 +171,12 @@ impl Broker {
     }
 
     /// What the guard says of `from` → `to` now.
-    pub(super) fn guard_check(&self, channel: &Channel, from: &AgentName, to: &AgentName) -> Verdict {
+    pub(super) fn guard_check(
+        &self,
+        channel: &Channel,
+        from: &AgentName,
+        to: &AgentName,
+    ) -> Verdict {
         let now = model::now();
         self.shared
             .guard
@@ -289,7 +300,7 @@ impl Broker {
         let n = batch.len();
         match self.engine.submit(batch).await {
             Ok(durable) => match durable.await {
-                Ok(Ok(_)) => return Ok(n),
+                Ok(Ok(_)) => Ok(n),
                 Ok(Err(e)) => self.requeue(&pair, held, e),
                 Err(_) => self.requeue(&pair, held, Error::ShuttingDown),
             },

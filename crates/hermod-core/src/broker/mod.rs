@@ -609,7 +609,11 @@ mod tests {
                     .await
                     .unwrap();
             }
-            assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 25, "20..25 went elsewhere");
+            assert_eq!(
+                b.ack(&key, 30, "test").await.unwrap(),
+                25,
+                "20..25 went elsewhere"
+            );
             assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 30, "nothing twice");
         }
     }

@@ -143,7 +143,14 @@ impl Broker {
         let topic = format!("presence.{}", key.agent);
         let system = Caller::trusted(crate::model::Auth::Owner);
         let durable = self
-            .publish(&system, key.channel.clone(), Some(key.agent.clone()), &topic, payload, None)
+            .publish(
+                &system,
+                key.channel.clone(),
+                Some(key.agent.clone()),
+                &topic,
+                payload,
+                None,
+            )
             .await?;
         durable.await.map_err(|_| Error::ShuttingDown)??;
         Ok(())
@@ -153,12 +160,8 @@ impl Broker {
     pub fn notice_for(&self, key: &InboxKey) -> Option<String> {
         let state = self.shared.state.lock().unwrap();
         let info = state.registry.info(key)?;
-        (info.presence() == model::Activity::Busy).then(|| {
-            format!(
-                "{} is busy: it will see this at its next turn",
-                key.agent
-            )
-        })
+        (info.presence() == model::Activity::Busy)
+            .then(|| format!("{} is busy: it will see this at its next turn", key.agent))
     }
 
     /// Registered exclusive endpoints: name → session id (hermes-bus

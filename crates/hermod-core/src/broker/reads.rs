@@ -31,10 +31,16 @@ impl Broker {
             gap = gap.or(batch.gap);
             let now = model::now();
             let Some(last) = batch.messages.last().map(|m| m.seq) else {
-                return Ok(Batch { messages: batch.messages, gap });
+                return Ok(Batch {
+                    messages: batch.messages,
+                    gap,
+                });
             };
             if !batch.messages.iter().any(|m| m.expired(now)) {
-                return Ok(Batch { messages: batch.messages, gap });
+                return Ok(Batch {
+                    messages: batch.messages,
+                    gap,
+                });
             }
             let (expired, live): (Vec<_>, Vec<_>) =
                 batch.messages.drain(..).partition(|m| m.expired(now));
@@ -45,7 +51,10 @@ impl Broker {
                 }
             }
             if !live.is_empty() {
-                return Ok(Batch { messages: live, gap });
+                return Ok(Batch {
+                    messages: live,
+                    gap,
+                });
             }
             after = last;
         }

@@ -114,7 +114,11 @@ impl Broker {
             },
             None => None,
         };
-        let recipients = if hold.is_some() { Vec::new() } else { recipients };
+        let recipients = if hold.is_some() {
+            Vec::new()
+        } else {
+            recipients
+        };
         let message = NewMessage {
             meta: (!meta.is_empty()).then(|| Box::new(meta)),
             id: env.id.unwrap_or_else(model::new_id),

@@ -19,7 +19,9 @@ use super::{
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
-use crate::model::{AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State as Delivery};
+use crate::model::{
+    AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State as Delivery,
+};
 
 #[derive(Default)]
 struct State {

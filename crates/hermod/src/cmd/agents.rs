@@ -32,19 +32,19 @@ pub fn run(args: &AgentsArgs) -> Result<ExitCode> {
     })?;
     let now = hermod_core::model::now();
     println!(
-        "{:<24} {:<12} {:<8} {:<10} {:>10} {:>7}  PRESENCE",
-        "AGENT", "CHANNEL", "ONLINE", "OVER", "LAST SEEN", "UNREAD"
+        "{:<24} {:<12} {:<8} {:<9} {:<10} {:>10} {:>7}",
+        "AGENT", "CHANNEL", "ONLINE", "PRESENCE", "OVER", "LAST SEEN", "UNREAD"
     );
     for a in agents {
         println!(
-            "{:<24} {:<12} {:<8} {:<10} {:>9.0}s {:>7}  {}",
+            "{:<24} {:<12} {:<8} {:<9} {:<10} {:>9.0}s {:>7}",
             a.name,
             a.channel,
             if a.online { "yes" } else { "no" },
+            a.presence.as_str(),
             a.transports.join(","),
             (now - a.last_seen).max(0.0),
-            a.unread,
-            a.presence
+            a.unread
         );
     }
     Ok(ExitCode::SUCCESS)

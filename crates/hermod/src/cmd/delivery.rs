@@ -69,8 +69,7 @@ fn reached(r: &ReceiptView, state: State) -> bool {
         other => s == other,
     };
     !r.recipients.is_empty()
-        && r
-            .recipients
+        && r.recipients
             .iter()
             .all(|who| past(who.state) || who.steps.iter().any(|s| s.state == state))
 }

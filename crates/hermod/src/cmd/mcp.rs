@@ -166,13 +166,17 @@ impl Hermod {
                 "sent id {} (seq {}){}",
                 sent.id,
                 sent.seq,
-                sent.notice.map(|n| format!("; note: {n}")).unwrap_or_default()
+                sent.notice
+                    .map(|n| format!("; note: {n}"))
+                    .unwrap_or_default()
             )),
             Err(e) => failed(e),
         }
     }
 
-    #[tool(description = "A message's state per recipient (delivered/read/replied/...) and its thread.")]
+    #[tool(
+        description = "A message's state per recipient (delivered/read/replied/...) and its thread."
+    )]
     async fn message_status(&self, Parameters(p): Parameters<StatusParams>) -> CallToolResult {
         let status = async {
             let mut conn = Connection::connect(&self.socket).await?;
@@ -330,7 +334,12 @@ impl ServerHandler for Hermod {
 
 /// Pushes `content` into the session as a channel event carrying `m`'s
 /// attributes (for a digest: the newest message's, and how many).
-async fn push(peer: &rmcp::Peer<rmcp::RoleServer>, content: String, m: &MessageFrame, count: usize) {
+async fn push(
+    peer: &rmcp::Peer<rmcp::RoleServer>,
+    content: String,
+    m: &MessageFrame,
+    count: usize,
+) {
     let mut meta = json!({
         "from": m.from,
         "verified": if m.auth.verified() { "yes" } else { "no" },

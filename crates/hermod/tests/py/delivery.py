@@ -233,12 +233,12 @@ def presence(http):
     payload = event["body"]["payload"] if "payload" in event["body"] else event["body"]
     check(payload.get("status") == "busy", "presence event: %r" % event)
     rows = [line for line in hermod("agents").stdout.splitlines() if line.startswith(pat)]
-    check(rows and rows[0].split()[-1] == "busy", "hermod agents: %r" % rows)
+    check(rows and rows[0].split()[3] == "busy", "hermod agents: %r" % rows)
     _, notice = send("--from", unique_name("s"), pat, "when you can")
     check("busy: it will see this at its next turn" in notice, "send notice: %r" % notice)
     hermod("presence", "set", "idle", "--agent", pat)
     rows = [line for line in hermod("agents").stdout.splitlines() if line.startswith(pat)]
-    check(rows[0].split()[-1] == "idle", "hermod agents after idle: %r" % rows)
+    check(rows[0].split()[3] == "idle", "hermod agents after idle: %r" % rows)
     watch.close()
     log("presence: busy in agents, as an event and in the send answer")
 

@@ -531,7 +531,10 @@ pub(super) async fn get_thread(
 ) -> Result<Json<Vec<MessageView>>, ApiError> {
     let messages = app.broker.thread(&caller, &id).await?;
     Ok(Json(
-        messages.iter().map(|m| MessageView::from(m.as_ref())).collect(),
+        messages
+            .iter()
+            .map(|m| MessageView::from(m.as_ref()))
+            .collect(),
     ))
 }
 
