@@ -364,6 +364,11 @@ impl Broker {
         self.note(step, Some(messages.to_vec())).await;
     }
 
+    /// Delivery steps that could not be recorded since start.
+    pub fn steps_lost(&self) -> u64 {
+        self.shared.steps_lost.load(Ordering::Relaxed)
+    }
+
     /// Queues a step for the recorder (waits while its queue is full).
     pub(super) async fn note(&self, step: Step, messages: Option<Vec<Arc<Message>>>) {
         if self

@@ -323,8 +323,10 @@ pub trait Engine: Send + Sync + 'static {
     /// The newest seq and ts in the log.
     async fn last(&self) -> Result<(Seq, f64)>;
 
-    /// Records delivery steps; resolves once durable, with the steps this
-    /// call added. The first step of a state ending at one seq in one
+    /// Records delivery steps; resolves once stored, with the steps this
+    /// call added. Steps are bookkeeping, not messages: an engine may make
+    /// them durable with its next durable commit rather than on their own
+    /// (a crash can lose the newest steps, never a message). The first step of a state ending at one seq in one
     /// inbox stays (its time is when it first happened); a repeat, here or
     /// from another node, is ignored and not returned, so whoever gets a
     /// step back is the one who tells the sender.

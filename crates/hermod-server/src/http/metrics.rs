@@ -107,6 +107,12 @@ async fn metrics(
         "Committed messages a slow hook runner missed.",
         vec![(String::new(), app.broker.taps_dropped().to_string())],
     );
+    metric(
+        "hermod_delivery_steps_lost_total",
+        "counter",
+        "Delivery steps (delivered, read, ...) that could not be recorded: the store refused them.",
+        vec![(String::new(), app.broker.steps_lost().to_string())],
+    );
     let engine = app.broker.describe_engine().await;
     let engine = engine["engine"].as_str().unwrap_or("unknown");
     metric(
