@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 sys.dont_write_bytecode = True
@@ -225,13 +226,26 @@ def loop_guard(http):
 
 def presence(http):
     pat = unique_name("pat")
-    watch = RawConn()
-    watch.expect_type(watch.request({"type": "subscribe", "pattern": "presence.**"}), "subscribed",
-                      "subscribe presence.**")
-    hermod("presence", "set", "busy", "--agent", pat)
-    event = watch.recv_message(lambda f: f.get("topic") == "presence.%s" % pat, 10, "presence event")
-    payload = event["body"]["payload"] if "payload" in event["body"] else event["body"]
-    check(payload.get("status") == "busy", "presence event: %r" % event)
+    env = {k: v for k, v in os.environ.items() if k != "HERMOD_URL"}
+    sub = subprocess.Popen([HERMOD, "sub", "--socket", SOCK, "--count", "1", "presence.**"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = []
+        reader = threading.Thread(target=lambda: lines.append(sub.stdout.readline()), daemon=True)
+        reader.start()
+        # `hermod sub` sees what is published once it has subscribed: each
+        # set publishes again, until one reaches it.
+        deadline = time.monotonic() + 15
+        while not lines and time.monotonic() < deadline:
+            hermod("presence", "set", "busy", "--agent", pat)
+            reader.join(0.3)
+        check(lines and lines[0], "hermod sub printed nothing")
+        event = json.loads(lines[0])
+    finally:
+        sub.kill()
+        sub.wait(5)
+    text = json.dumps(event)
+    check('"presence.%s"' % pat in text and '"busy"' in text, "presence event: %r" % event)
     rows = [line for line in hermod("agents").stdout.splitlines() if line.startswith(pat)]
     check(rows and rows[0].split()[3] == "busy", "hermod agents: %r" % rows)
     _, notice = send("--from", unique_name("s"), pat, "when you can")
@@ -239,7 +253,6 @@ def presence(http):
     hermod("presence", "set", "idle", "--agent", pat)
     rows = [line for line in hermod("agents").stdout.splitlines() if line.startswith(pat)]
     check(rows[0].split()[3] == "idle", "hermod agents after idle: %r" % rows)
-    watch.close()
     log("presence: busy in agents, as an event and in the send answer")
 
 
