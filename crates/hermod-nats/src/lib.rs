@@ -1316,6 +1316,26 @@ impl Engine for NatsEngine {
         Ok(self.inner.index.lock().unwrap().steps_of(key, seq))
     }
 
+    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
+        let mut steps: Vec<Step> = {
+            let index = self.inner.index.lock().unwrap();
+            index
+                .steps
+                .values()
+                .filter(|s| s.state == hermod_core::model::State::Held)
+                .cloned()
+                .collect()
+        };
+        steps.sort_by_key(|s| s.hi);
+        steps.truncate(limit);
+        let messages = self.messages(steps.iter().map(|s| s.hi).collect()).await?;
+        Ok(steps
+            .into_iter()
+            .zip(messages)
+            .filter_map(|(s, m)| Some((s, m?)))
+            .collect())
+    }
+
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
         let found = self.inner.index.lock().unwrap().with_id(id, limit);
         let (seqs, recipients): (Vec<Seq>, Vec<Vec<AgentName>>) = found.into_iter().unzip();

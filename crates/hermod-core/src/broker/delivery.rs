@@ -601,6 +601,9 @@ impl Broker {
         }
         let weak = WeakBroker::new(self);
         tokio::spawn(async move {
+            if let Some(broker) = weak.upgrade() {
+                broker.recover_held().await;
+            }
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

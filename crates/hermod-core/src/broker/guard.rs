@@ -318,6 +318,46 @@ impl Broker {
         Err(e)
     }
 
+    /// Queues again what the store says the guard holds (at start: the
+    /// queues live in memory), each pair held until its cooldown from the
+    /// newest hold. A held message whose id reached an inbox later was
+    /// released already.
+    pub(super) async fn recover_held(&self) {
+        let held = match self.engine.held(HELD_MAX).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading what the loop guard holds failed");
+                return;
+            }
+        };
+        let cooldown = self.shared.guard.lock().unwrap().config.cooldown;
+        for (step, m) in held {
+            let Some(to) = m.to.clone() else { continue };
+            let released = match self.engine.find(&m.id, 16).await {
+                Ok(found) => found
+                    .iter()
+                    .any(|c| c.message.seq > m.seq && !c.recipients.is_empty()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking up a held message failed");
+                    continue;
+                }
+            };
+            if released {
+                continue;
+            }
+            let mut guard = self.shared.guard.lock().unwrap();
+            let p = guard
+                .pairs
+                .entry(pair_key(&m.channel, &m.from, &to))
+                .or_default();
+            let until = step.ts + cooldown;
+            p.held_until = Some(p.held_until.map_or(until, |u| u.max(until)));
+            if p.held.len() < HELD_MAX && !p.held.iter().any(|h| h.seq == m.seq) {
+                p.held.push_back(m);
+            }
+        }
+    }
+
     /// Releases the pairs whose cooldown is over (from the sweeper).
     pub(super) async fn release_cooled(&self) {
         let now = model::now();

@@ -530,5 +530,11 @@ where
         .lock()
         .unwrap()
         .contains(&Change::Step(read)));
+    // What the loop guard holds is found again, with its message.
+    let held = step(seq(6) - 1, seq(6), State::Held, "guard");
+    e.record(vec![held.clone()]).await.unwrap();
+    let found = e.held(10).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!((&found[0].0, found[0].1.seq), (&held, seq(6)));
     e.close().await;
 }

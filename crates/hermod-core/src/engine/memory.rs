@@ -503,6 +503,19 @@ impl Engine for MemoryEngine {
         Ok(out)
     }
 
+    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
+        let state = self.state.lock().unwrap();
+        let mut held: Vec<(Step, Arc<Message>)> = state
+            .steps
+            .values()
+            .filter(|s| s.state == Delivery::Held)
+            .filter_map(|s| Some((s.clone(), state.log.get(&s.hi)?.clone())))
+            .collect();
+        held.sort_by_key(|(s, _)| s.hi);
+        held.truncate(limit);
+        Ok(held)
+    }
+
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
         let state = self.state.lock().unwrap();
         // A scan: this engine is for tests and demos.

@@ -336,6 +336,10 @@ pub trait Engine: Send + Sync + 'static {
     /// each state, the earliest-ending step that covers it.
     async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>>;
 
+    /// Every `held` step with its message, oldest first, at most `limit`
+    /// (what the loop guard holds, for a node that starts).
+    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>>;
+
     /// The stored messages with this id (ids are the sender's, so there
     /// may be several), oldest first, at most `limit`, with their inboxes.
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>>;

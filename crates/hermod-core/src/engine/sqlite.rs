@@ -139,6 +139,8 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 -- For pruning the steps of removed messages.
 CREATE INDEX IF NOT EXISTS steps_hi ON steps(hi);
+-- What the loop guard holds, for a restart.
+CREATE INDEX IF NOT EXISTS steps_held ON steps(hi) WHERE state = 'held';
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -1096,6 +1098,33 @@ impl Engine for SqliteEngine {
                         out.push(step);
                         break;
                     }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
+        self.on_reader(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth, m.meta,
+                        s.channel, s.agent, s.lo, s.ts, s.door, s.note
+                 FROM steps s JOIN messages m ON m.seq = s.hi
+                 WHERE s.state = 'held' ORDER BY s.hi LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |r| {
+                let m = row_to_message(r)?;
+                let key = (r.get::<_, String>(11)?, r.get::<_, String>(12)?);
+                let step = (r.get::<_, i64>(13)?, r.get::<_, f64>(14)?, r.get::<_, String>(15)?, r.get::<_, Option<String>>(16)?);
+                Ok((m, key, step))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (m, (channel, agent), (lo, ts, door, note)) = row?;
+                if let Some(View::Inbox(key)) = view_of("i", channel, agent) {
+                    let step = Step { key, lo: lo as Seq, hi: m.seq, state: State::Held, ts, door, note };
+                    out.push((step, Arc::new(m)));
                 }
             }
             Ok(out)
