@@ -641,6 +641,24 @@ pub struct RecipientView {
     pub steps: Vec<StepView>,
 }
 
+impl RecipientView {
+    /// It reached `state`, or went past it (`read` implies `delivered`,
+    /// `replied` both).
+    pub fn reached(&self, state: State) -> bool {
+        let past = match state {
+            State::Delivered => matches!(self.state, State::Read | State::Replied),
+            State::Read => self.state == State::Replied,
+            _ => false,
+        };
+        past || self.state == state || self.steps.iter().any(|s| s.state == state)
+    }
+}
+
+/// Every one of `recipients` reached `state` (and there is one).
+pub fn all_reached(recipients: &[RecipientView], state: State) -> bool {
+    !recipients.is_empty() && recipients.iter().all(|r| r.reached(state))
+}
+
 /// A stored message and every recipient's state (`GET /v1/messages/{id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

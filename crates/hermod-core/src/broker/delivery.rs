@@ -96,21 +96,8 @@ impl Receipt {
 impl Receipt {
     /// Whether every recipient reached `state` (or went past it).
     pub fn reached(&self, state: Delivery) -> bool {
-        !self.recipients.is_empty()
-            && self
-                .recipients
-                .iter()
-                .all(|r| r.steps.iter().any(|s| s.state == state) || passed(r.state, state))
+        crate::wire::all_reached(&self.recipients, state)
     }
-}
-
-/// `read` implies `delivered`; `replied` implies both.
-fn passed(reached: Delivery, wanted: Delivery) -> bool {
-    matches!(
-        (reached, wanted),
-        (Delivery::Read | Delivery::Replied, Delivery::Delivered)
-            | (Delivery::Replied, Delivery::Read)
-    )
 }
 
 /// The delivery state kept in memory: when each inbox next needs the
@@ -168,27 +155,36 @@ impl Shared {
     /// message (or one that expires) makes its inbox due for the sweeper,
     /// and a reply is handed to the recorder (which looks up what it
     /// answers: the follower never waits).
-    pub(super) fn watch_delivery(&self, c: &Committed, default_bounce: f64) {
-        let m = &c.message;
-        if m.topic.is_some() || m.from.as_str() == SYSTEM_SENDER {
+    pub(super) fn watch_delivery(&self, batch: &[Committed]) {
+        let default_bounce = self.delivery.lock().unwrap().bounce_after;
+        // Worked out before the sweep's lock is taken, once per commit.
+        let mut due = Vec::new();
+        for c in batch {
+            let m = &c.message;
+            if m.topic.is_some() || m.from.as_str() == SYSTEM_SENDER {
+                continue;
+            }
+            if m.meta().reply_to.is_some()
+                && self.recorder.try_send(Note::Reply(m.clone())).is_err()
+            {
+                self.steps_lost.fetch_add(1, Ordering::Relaxed);
+            }
+            let bounce =
+                m.to.as_ref()
+                    .map(|_| m.ts + m.meta().bounce_after.unwrap_or(default_bounce));
+            let expires = m.meta().expires;
+            if let Some(at) = [bounce, expires].into_iter().flatten().reduce(f64::min) {
+                due.push((c, at));
+            }
+        }
+        if due.is_empty() {
             return;
         }
-        if m.meta().reply_to.is_some() && self.recorder.try_send(Note::Reply(m.clone())).is_err() {
-            self.steps_lost.fetch_add(1, Ordering::Relaxed);
-        }
-        let bounce =
-            m.to.is_some()
-                .then(|| m.ts + m.meta().bounce_after.unwrap_or(default_bounce));
-        let at = match (bounce, m.meta().expires) {
-            (Some(b), Some(e)) => b.min(e),
-            (b, e) => match b.or(e) {
-                Some(at) => at,
-                None => return,
-            },
-        };
         let mut sweep = self.sweep.lock().unwrap();
-        for r in &c.recipients {
-            sweep.due_at(&InboxKey::new(m.channel.clone(), r.clone()), at);
+        for (c, at) in due {
+            for r in &c.recipients {
+                sweep.due_at(&InboxKey::new(c.message.channel.clone(), r.clone()), at);
+            }
         }
     }
 }
@@ -412,12 +408,11 @@ impl Broker {
             let handed = steps
                 .iter()
                 .any(|s| matches!(s.state, Delivery::Delivered | Delivery::Read));
-            // The furthest state: delivery states in their order, then the
-            // ones that end it (an expired message that was never handed out).
+            // The furthest state: delivery states in their order; `expired`
+            // counts only for a message that was never handed out.
             let state = steps
                 .iter()
                 .map(|s| s.state)
-                .filter(|s| handed || *s != Delivery::Stored || steps.len() == 1)
                 .max_by_key(|s| match s {
                     Delivery::Stored => 0,
                     Delivery::Held => 1,

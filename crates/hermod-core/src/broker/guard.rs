@@ -187,9 +187,9 @@ impl Broker {
 
     /// A message the guard held was stored: its recipient's step says so,
     /// it waits for the release, and a trip is announced (once).
-    pub(super) async fn held(&self, m: Arc<Message>, pair: PairKey, tripped: bool) -> Result<()> {
+    pub(super) async fn held(&self, m: Arc<Message>, pair: PairKey, tripped: bool) {
         let Some(to) = m.to.clone() else {
-            return Ok(());
+            return;
         };
         {
             let mut guard = self.shared.guard.lock().unwrap();
@@ -209,7 +209,6 @@ impl Broker {
         if tripped {
             self.announce_trip(&pair).await;
         }
-        Ok(())
     }
 
     /// Tells both agents and the operator topic that `pair` is held.

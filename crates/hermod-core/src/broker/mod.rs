@@ -206,10 +206,7 @@ impl Shared {
         if batch.is_empty() {
             return;
         }
-        let bounce_after = self.delivery.lock().unwrap().bounce_after;
-        for c in batch {
-            self.watch_delivery(c, bounce_after);
-        }
+        self.watch_delivery(batch);
         {
             let mut views = self.views.lock().unwrap();
             for c in batch {

@@ -30,18 +30,13 @@ impl Broker {
             let mut batch = self.read_view_once(key, after, limit).await?;
             gap = gap.or(batch.gap);
             let now = model::now();
-            let Some(last) = batch.messages.last().map(|m| m.seq) else {
-                return Ok(Batch {
-                    messages: batch.messages,
-                    gap,
-                });
-            };
             if !batch.messages.iter().any(|m| m.expired(now)) {
                 return Ok(Batch {
                     messages: batch.messages,
                     gap,
                 });
             }
+            let last = batch.messages.last().map_or(after, |m| m.seq);
             let (expired, live): (Vec<_>, Vec<_>) =
                 batch.messages.drain(..).partition(|m| m.expired(now));
             if let ViewKey::Inbox(inbox) = key {

@@ -26,9 +26,7 @@ impl Broker {
             if let Ok(stored) = &result {
                 for (m, hold) in stored.iter().zip(holds) {
                     if let Some((pair, tripped)) = hold {
-                        if let Err(e) = broker.held(m.clone(), pair, tripped).await {
-                            tracing::warn!(error = %e, "queueing a held message failed");
-                        }
+                        broker.held(m.clone(), pair, tripped).await;
                     }
                 }
             }

@@ -8,21 +8,10 @@ use anyhow::Result;
 use hermod_client::Connection;
 use hermod_core::model::{Activity, State};
 use hermod_core::text;
-use hermod_core::wire::ReceiptView;
+use hermod_core::wire::{all_reached, ReceiptView};
 
 use super::{recv, EXIT_TIMEOUT};
 use crate::cli::{self, PresenceCommand, ReceiptArgs, ReleaseArgs, ThreadArgs};
-
-/// `HH:MM:SSZ` of a bus time.
-fn clock(ts: f64) -> String {
-    let secs = ts.floor() as i64;
-    format!(
-        "{:02}:{:02}:{:02}Z",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
-}
 
 /// One block per stored copy: the message, then a line per recipient.
 fn show(r: &ReceiptView) -> String {
@@ -45,7 +34,7 @@ fn show(r: &ReceiptView) -> String {
                 format!(
                     "{} {}{}{}",
                     s.state,
-                    clock(s.ts),
+                    recv::clock(s.ts),
                     door.unwrap_or_default(),
                     note.unwrap_or_default()
                 )
@@ -59,19 +48,6 @@ fn show(r: &ReceiptView) -> String {
         ));
     }
     out
-}
-
-/// Every recipient reached `state` (or went past it).
-fn reached(r: &ReceiptView, state: State) -> bool {
-    let past = |s: State| match state {
-        State::Delivered => matches!(s, State::Delivered | State::Read | State::Replied),
-        State::Read => matches!(s, State::Read | State::Replied),
-        other => s == other,
-    };
-    !r.recipients.is_empty()
-        && r.recipients
-            .iter()
-            .all(|who| past(who.state) || who.steps.iter().any(|s| s.state == state))
 }
 
 pub fn receipt(args: &ReceiptArgs) -> Result<ExitCode> {
@@ -90,7 +66,7 @@ pub fn receipt(args: &ReceiptArgs) -> Result<ExitCode> {
         }
     }
     match wait {
-        Some(state) if !receipts.iter().all(|r| reached(r, state)) => {
+        Some(state) if !receipts.iter().all(|r| all_reached(&r.recipients, state)) => {
             Ok(ExitCode::from(EXIT_TIMEOUT))
         }
         _ => Ok(ExitCode::SUCCESS),

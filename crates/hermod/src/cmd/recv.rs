@@ -116,8 +116,6 @@ const NAME_MAX_CHARS: usize = 256;
 /// can neither fake a second message nor drive the terminal, and the text
 /// is cut after `max_chars` (with `hint` appended when it was).
 pub fn line(m: &MessageFrame, saved: Option<&str>, max_chars: usize, hint: &str) -> String {
-    let secs = m.ts.floor() as i64;
-    let (h, min, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let body = m.body.to_map();
     let (text, attachment) = match body.get("attachment").and_then(Value::as_object) {
         Some(a) => (
@@ -162,11 +160,19 @@ pub fn line(m: &MessageFrame, saved: Option<&str>, max_chars: usize, hint: &str)
         tags.push_str(&format!(" [{}]", m.meta.priority.as_str()));
     }
     format!(
-        "[{h:02}:{min:02}:{s:02}Z] from {} [{}] ({}){tags}: {shown}\n",
+        "[{}] from {} [{}] ({}){tags}: {shown}\n",
+        clock(m.ts),
         text::terminal_line(&m.from, NAME_MAX_CHARS),
         m.auth,
         text::terminal_line(&m.channel, NAME_MAX_CHARS),
     )
+}
+
+/// `HH:MM:SSZ` of a bus time.
+pub fn clock(ts: f64) -> String {
+    let secs = ts.floor() as i64;
+    let (h, min, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{min:02}:{s:02}Z")
 }
 
 /// Tries for a free name after a collision: `name (1).ext` … `name (99).ext`.
