@@ -382,12 +382,11 @@ fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
 /// (NULL: such rows go by age or size only), `connected` (1: names from
 /// before are never expired), `meta` and `thread` (NULL: no delivery
 /// fields).
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("messages", "auth", "auth TEXT"),
     ("messages", "refs", "refs INTEGER"),
     ("messages", "meta", "meta TEXT"),
     ("messages", "thread", "thread TEXT"),
-    ("messages", "id_hash", "id_hash INTEGER"),
     (
         "agents",
         "connected",
@@ -410,22 +409,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     // On columns that older databases gain above. Message ids and
     // threads are looked up by `GET /v1/messages/{id}` and `/v1/threads`.
     conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS messages_id ON messages(id_hash);
+        "CREATE INDEX IF NOT EXISTS messages_id ON messages(id);
          CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread, seq) WHERE thread IS NOT NULL;",
     )
-}
-
-/// The id lookup's key: 64-bit FNV-1a of the id. An integer index costs
-/// the writer far less than one on the id text (sender ids are random
-/// UUIDs, so every insert lands on another page: fewer, smaller entries
-/// mean fewer pages per commit); lookups compare the id itself too.
-fn id_hash(id: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
 }
 
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
@@ -1137,10 +1123,10 @@ impl Engine for SqliteEngine {
         self.on_reader(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
-                 FROM messages WHERE id_hash = ?1 AND id = ?2 ORDER BY seq LIMIT ?3",
+                 FROM messages WHERE id = ?1 ORDER BY seq LIMIT ?2",
             )?;
             let messages = stmt
-                .query_map(params![id_hash(&id), id, limit as i64], row_to_message)?
+                .query_map(params![id, limit as i64], row_to_message)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut inboxes = c.prepare_cached("SELECT agent FROM inbox WHERE seq = ?1")?;
             let mut out = Vec::new();
@@ -1165,14 +1151,11 @@ impl Engine for SqliteEngine {
             let mut stmt = c.prepare_cached(
                 "SELECT seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, meta
                  FROM messages WHERE seq IN (
-                     SELECT seq FROM messages WHERE id_hash = ?2 AND id = ?1
+                     SELECT seq FROM messages WHERE id = ?1
                      UNION SELECT seq FROM messages WHERE thread = ?1)
-                 ORDER BY seq LIMIT ?3",
+                 ORDER BY seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map(
-                params![thread, id_hash(&thread), limit as i64],
-                row_to_message,
-            )?;
+            let rows = stmt.query_map(params![thread, limit as i64], row_to_message)?;
             rows.map(|r| r.map(Arc::new)).collect()
         })
         .await
@@ -1545,8 +1528,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         {
             let mut insert_msg = tx.prepare_cached(
-                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, refs, meta, thread, id_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT INTO messages (seq, id, ts, channel, sender, recipient, topic, sent_ts, body, auth, refs, meta, thread)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
@@ -1579,7 +1562,6 @@ impl Writer {
                                 m.meta.as_ref().map(|meta| serde_json::to_string(meta)
                                     .expect("meta always serializes")),
                                 m.meta().thread.as_deref(),
-                                id_hash(&m.id),
                             ])?;
                             for r in &recipients {
                                 insert_inbox.execute(params![
