@@ -83,6 +83,11 @@ impl NatsConfig {
 
 /// Concurrent direct gets one read issues at most.
 const FETCH_CONCURRENCY: usize = 32;
+/// Delivery steps one node creates in the state bucket at once: steps are
+/// bookkeeping behind the replies, and a burst of them must not crowd out
+/// the registry and cursor requests replies wait on (the JetStream API
+/// answers "no responders" when swamped).
+const STEP_CONCURRENCY: usize = 4;
 /// How often a failed publish is tried again (same `Nats-Msg-Id`).
 const PUBLISH_ATTEMPTS: usize = 3;
 /// How long a write waits for this node's follower to see it.
@@ -1302,7 +1307,7 @@ impl Engine for NatsEngine {
                 let written = cas(&inner.state, &keys::step_key(&step), value.into(), None).await?;
                 Ok::<_, Error>(written.map(|revision| (revision, step)))
             })
-            .buffer_unordered(FETCH_CONCURRENCY)
+            .buffer_unordered(STEP_CONCURRENCY)
             .try_filter_map(|r| async move { Ok(r) })
             .try_collect()
             .await?;
