@@ -702,11 +702,7 @@ impl Inner {
     ) -> Result<Written> {
         self.check_connected()?;
         loop {
-            let entry = self
-                .state
-                .entry(key)
-                .await
-                .map_err(storage("reading the state bucket"))?;
+            let entry = kv_entry(&self.state, key, "reading the state bucket").await?;
             let current = entry
                 .as_ref()
                 .filter(|e| e.operation == kv::Operation::Put && !e.value.is_empty());
@@ -900,6 +896,30 @@ fn lost(e: &dyn std::fmt::Display) -> bool {
     e.to_string().contains("wrong last sequence")
 }
 
+/// Reads of a KV entry tried while JetStream answers "no responders".
+const KV_READ_ATTEMPTS: u32 = 6;
+
+/// Reads a KV entry, trying again while JetStream answers "no responders"
+/// (its API is swamped, or the bucket's leader is being elected): at most
+/// about 1.5 s, then the caller hears `storage_busy` (retry), not a store
+/// failure.
+async fn kv_entry(store: &kv::Store, key: &str, what: &'static str) -> Result<Option<kv::Entry>> {
+    let mut attempt = 0;
+    loop {
+        match store.entry(key).await {
+            Ok(entry) => return Ok(entry),
+            Err(e) if e.to_string().contains("no responders") => {
+                attempt += 1;
+                if attempt == KV_READ_ATTEMPTS {
+                    return Err(Error::StorageBusy(format!("NATS: {what}: {e}")));
+                }
+                tokio::time::sleep(Duration::from_millis(50 << (attempt - 1))).await;
+            }
+            Err(e) => return Err(storage(what)(e)),
+        }
+    }
+}
+
 fn seq_bytes(seq: Seq) -> Bytes {
     seq.to_string().into()
 }
@@ -1073,14 +1093,15 @@ impl Engine for NatsEngine {
     }
 
     async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
-        let entry = self
-            .inner
-            .cursors
-            .get(keys::cursor_key(key))
-            .await
-            .map_err(storage("reading a cursor"))?;
+        let entry = kv_entry(
+            &self.inner.cursors,
+            &keys::cursor_key(key),
+            "reading a cursor",
+        )
+        .await?;
         Ok(entry
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .filter(|e| e.operation == kv::Operation::Put)
+            .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse().ok())
             .unwrap_or(0))
     }
 
@@ -1089,11 +1110,7 @@ impl Engine for NatsEngine {
         inner.check_connected()?;
         let k = keys::cursor_key(&key);
         loop {
-            let entry = inner
-                .cursors
-                .entry(&k)
-                .await
-                .map_err(storage("reading a cursor"))?;
+            let entry = kv_entry(&inner.cursors, &k, "reading a cursor").await?;
             let parse = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<Seq>().ok();
             let mut current = entry
                 .filter(|e| e.operation == kv::Operation::Put)
