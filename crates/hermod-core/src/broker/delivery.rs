@@ -365,16 +365,17 @@ impl Broker {
         self.shared.steps_lost.load(Ordering::Relaxed)
     }
 
-    /// Queues a step for the recorder (waits while its queue is full).
+    /// Queues a step for the recorder. Never waits: an acknowledgement
+    /// must not wait for bookkeeping, so a step that finds the queue full
+    /// is dropped and counted (`hermod_delivery_steps_lost_total`).
     pub(super) async fn note(&self, step: Step, messages: Option<Vec<Arc<Message>>>) {
         if self
             .shared
             .recorder
-            .send(Note::Step { step, messages })
-            .await
+            .try_send(Note::Step { step, messages })
             .is_err()
         {
-            tracing::debug!("the recorder is gone; a delivery step was not stored");
+            self.shared.steps_lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 
