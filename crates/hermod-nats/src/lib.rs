@@ -203,6 +203,9 @@ struct Mark {
 
 type Waiters = BTreeMap<u64, Vec<oneshot::Sender<()>>>;
 
+/// Where [`Inner::state_revision`] answers: the revision, or why not.
+type RevisionWaiter = oneshot::Sender<std::result::Result<u64, String>>;
+
 impl Mark {
     fn advance(&self, to: u64) {
         let mut inner = self.inner.lock().unwrap();
@@ -254,6 +257,11 @@ struct Inner {
     log_mark: Mark,
     /// State-bucket revisions the broker has taken off the feed.
     kv_mark: Mark,
+    /// The state bucket's stream, asked for its newest revision.
+    state_stream: stream::Stream,
+    /// Callers of [`Inner::state_revision`] waiting for the next request;
+    /// `None` while no request runs.
+    revision_waiters: Mutex<Option<Vec<RevisionWaiter>>>,
     /// A prune step decided and applied to the index but not yet stored
     /// (its marks written and messages deleted): the next call finishes it
     /// first, so a failure midway never leaves this node apart.
@@ -391,6 +399,10 @@ impl NatsEngine {
             .get_stream(format!("KV_{}_cursors", config.stream))
             .await
             .map_err(storage("the cursor bucket's stream"))?;
+        let state_stream = js
+            .get_stream(format!("KV_{}_state", config.stream))
+            .await
+            .map_err(storage("the state bucket's stream"))?;
         let inner = Arc::new(Inner {
             js,
             cursors_stream,
@@ -401,6 +413,8 @@ impl NatsEngine {
             index: Mutex::default(),
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
+            state_stream,
+            revision_waiters: Mutex::default(),
             pending_prune: Mutex::default(),
             link,
             max_payload: client.server_info().max_payload,
@@ -678,6 +692,59 @@ impl Inner {
             Err(Error::StorageBusy(
                 "NATS unreachable: nothing was stored; retry once the bus is healthy".into(),
             ))
+        }
+    }
+
+    /// The state bucket's newest revision, asked of its stream's leader by
+    /// a request sent after this call began. Callers that arrive while a
+    /// request runs share the next one, so a burst of sends costs a few
+    /// requests, not one each; the request runs in its own task so that a
+    /// caller that gives up never strands the others.
+    async fn state_revision(self: &Arc<Self>) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        let first = {
+            let mut waiters = self.revision_waiters.lock().unwrap();
+            match waiters.as_mut() {
+                Some(queue) => {
+                    queue.push(tx);
+                    false
+                }
+                None => {
+                    *waiters = Some(vec![tx]);
+                    true
+                }
+            }
+        };
+        if first {
+            tokio::spawn(self.clone().ask_state_revisions());
+        }
+        rx.await
+            .map_err(|_| Error::ShuttingDown)?
+            .map_err(Error::Storage)
+    }
+
+    /// Answers the waiting callers, a request per round, until none wait.
+    async fn ask_state_revisions(self: Arc<Self>) {
+        loop {
+            let round = {
+                let mut waiters = self.revision_waiters.lock().unwrap();
+                match waiters.as_mut().map(std::mem::take) {
+                    Some(round) if !round.is_empty() => round,
+                    _ => {
+                        *waiters = None;
+                        return;
+                    }
+                }
+            };
+            let answer = match self.state_stream.get_info().await {
+                Ok(info) => Ok(info.state.last_sequence),
+                Err(e) => Err(format!(
+                    "NATS: asking the state bucket's newest revision: {e}"
+                )),
+            };
+            for tx in round {
+                let _ = tx.send(answer.clone());
+            }
         }
     }
 
@@ -1389,6 +1456,14 @@ impl Engine for NatsEngine {
 
     fn feed(&self) -> Option<Feed> {
         self.feed.lock().unwrap().take()
+    }
+
+    /// Other nodes change the state bucket too: wait until this node has
+    /// applied its newest revision as of now.
+    async fn sync_state(&self) -> Result<()> {
+        self.inner.check_connected()?;
+        let revision = self.inner.state_revision().await?;
+        self.inner.kv_mark.wait(revision).await
     }
 
     /// Other nodes stamp too: never settled (see the engine docs).

@@ -125,3 +125,46 @@ async fn a_message_nobody_holds_leaves_the_stream_at_the_next_prune() {
         "only bob's message is left"
     );
 }
+
+/// A subscription or registration one node acknowledged is there for
+/// another node's routing once that node has synced its state, however
+/// soon after: each check follows the write at once, many times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_syncs_sees_what_another_node_just_wrote() {
+    use hermod_core::model::{AgentName, Channel, InboxKey};
+    let cluster = Cluster::start(1);
+    let open = opener(&cluster, "SYNC", 1);
+    let (a, b) = (open(), open());
+    conformance::follow(&a);
+    conformance::follow(&b);
+    for n in 0..40 {
+        let key = InboxKey::new(
+            Channel::default(),
+            AgentName::parse(format!("agent-{n}")).unwrap(),
+        );
+        let pattern = format!("work.{n}.**");
+        a.set_subscription(key.clone(), pattern.clone(), true)
+            .await
+            .unwrap();
+        b.sync_state().await.unwrap();
+        assert!(
+            b.subscriptions()
+                .await
+                .unwrap()
+                .contains(&(key.clone(), pattern)),
+            "round {n}: node b routes without the subscription node a acknowledged"
+        );
+        let other = InboxKey::new(
+            Channel::default(),
+            AgentName::parse(format!("newcomer-{n}")).unwrap(),
+        );
+        a.remember_agent(other.clone(), 1.0, true).await.unwrap();
+        b.sync_state().await.unwrap();
+        assert!(
+            b.agents().await.unwrap().iter().any(|k| k.key == other),
+            "round {n}: node b does not know the agent node a registered"
+        );
+    }
+    a.close().await;
+    b.close().await;
+}

@@ -84,18 +84,28 @@ impl Broker {
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(&from)?;
         let now = model::now();
-        let (recipients, unknown) = {
-            let state = self.shared.state.lock().unwrap();
-            match &env.to {
-                Some(to) => {
-                    let key = InboxKey::new(env.channel.clone(), to.clone());
-                    let known = state.registry.is_known(&key);
-                    if !known && target == Target::Known {
-                        return Err(Error::EndpointNotFound(to.to_string()));
-                    }
-                    (vec![to.clone()], (!known).then_some(key))
+        let to = env
+            .to
+            .as_ref()
+            .map(|to| InboxKey::new(env.channel.clone(), to.clone()));
+        // A broadcast goes to every agent known anywhere, and a name this
+        // node has not seen may have just registered on another node:
+        // catch up with the shared registry first (at once on one node).
+        let is_known = |key: &InboxKey| self.shared.state.lock().unwrap().registry.is_known(key);
+        if to.as_ref().is_none_or(|key| !is_known(key)) {
+            self.engine.sync_state().await?;
+        }
+        let (recipients, unknown) = match to {
+            Some(key) => {
+                let known = is_known(&key);
+                if !known && target == Target::Known {
+                    return Err(Error::EndpointNotFound(key.agent.to_string()));
                 }
-                None => (state.registry.broadcast_targets(&env.channel, &from), None),
+                (vec![key.agent.clone()], (!known).then_some(key))
+            }
+            None => {
+                let state = self.shared.state.lock().unwrap();
+                (state.registry.broadcast_targets(&env.channel, &from), None)
             }
         };
         if let Some(key) = unknown {
@@ -173,6 +183,8 @@ impl Broker {
         let from = self.trust.sender(caller, from)?;
         self.trust.may_publish(caller, &channel, topic)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
+        // A subscription made on another node a moment ago counts.
+        self.engine.sync_state().await?;
         let recipients = {
             let state = self.shared.state.lock().unwrap();
             let mut matching: Vec<AgentName> = state

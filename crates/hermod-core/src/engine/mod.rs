@@ -320,6 +320,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Every agent the store knows, on every channel.
     async fn agents(&self) -> Result<Vec<KnownAgent>>;
 
+    /// Resolves once the broker has applied every change to the registry,
+    /// subscriptions and identities that was durable when this was called,
+    /// from whichever node made it: routing that follows it sees a
+    /// subscription another node acknowledged a moment ago. An engine whose
+    /// changes all go through this node resolves at once.
+    async fn sync_state(&self) -> Result<()>;
+
     /// The newest seq and ts in the log.
     async fn last(&self) -> Result<(Seq, f64)>;
 

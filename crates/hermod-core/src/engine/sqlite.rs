@@ -1173,6 +1173,11 @@ impl Engine for SqliteEngine {
         self.feed.lock().unwrap().take()
     }
 
+    /// Every change is made here and applied before it resolves.
+    async fn sync_state(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn settled(&self) -> bool {
         self.unapplied.load(Ordering::SeqCst) == 0
     }
