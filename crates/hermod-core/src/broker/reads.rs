@@ -56,20 +56,24 @@ impl Broker {
     }
 
     async fn read_view_once(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
-        let (cached, mut pruned) = {
+        let (cached, mut pruned, committed) = {
             let views = self.shared.views.lock().unwrap();
             let pruned = views.inboxes.pruned(key);
             let start = after.max(pruned);
-            let cached = views
-                .inboxes
-                .read_cached(key, start, limit, views.committed.0);
-            (cached, pruned)
+            let committed = views.committed.0;
+            let cached = views.inboxes.read_cached(key, start, limit, committed);
+            (cached, pruned, committed)
         };
         let messages = match cached {
             Some(hit) => hit,
             None => {
-                let page = self.engine.read(key, after.max(pruned), limit).await?;
+                let mut page = self.engine.read(key, after.max(pruned), limit).await?;
                 pruned = pruned.max(page.pruned);
+                // Readers see what the broker has applied, never more: the
+                // engine may hold messages still on their way through the
+                // feed, past anything a cursor can be moved to yet (a
+                // `/poll` would hand them out without claiming them).
+                page.messages.retain(|m| m.seq <= committed);
                 page.messages
             }
         };
