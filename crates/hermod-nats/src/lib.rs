@@ -95,6 +95,10 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a JetStream request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a node that starts waits for JetStream to answer its first
+/// requests (creating or finding the stream and buckets).
+const SETUP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// A message as stored in the stream.
 #[derive(Serialize, Deserialize)]
 struct Stored<B> {
@@ -373,36 +377,27 @@ impl NatsEngine {
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
         let prefix = config.stream.to_ascii_lowercase();
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: config.stream.clone(),
-                description: Some("hermod's message log".into()),
-                subjects: vec![format!("{prefix}.>")],
-                storage: stream::StorageType::File,
-                num_replicas: config.replicas,
-                allow_direct: true,
-                duplicate_window: Duration::from_secs(120),
-                persist_mode: Some(stream::PersistenceMode::Default),
-                ..Default::default()
-            })
-            .await
-            .map_err(storage("creating the log stream"))?;
-        let open = |suffix, what| open_bucket(&js, &config, suffix, what);
-        let state = open(
-            "state",
-            "hermod: agents, subscriptions, identities, pruned marks",
-        )
-        .await?;
-        let cursors = open("cursors", "hermod: inbox cursors").await?;
-
-        let cursors_stream = js
-            .get_stream(format!("KV_{}_cursors", config.stream))
-            .await
-            .map_err(storage("the cursor bucket's stream"))?;
-        let state_stream = js
-            .get_stream(format!("KV_{}_state", config.stream))
-            .await
-            .map_err(storage("the state bucket's stream"))?;
+        // A cluster that is just starting, or busy electing leaders, may
+        // let these first requests time out: wait for it a while.
+        let deadline = tokio::time::Instant::now() + SETUP_PATIENCE;
+        let Setup {
+            stream,
+            state,
+            cursors,
+            cursors_stream,
+            state_stream,
+        } = loop {
+            match Setup::open(&js, &config, &prefix).await {
+                Err(Error::Storage(e))
+                    if (e.contains("timed out") || e.contains("no responders"))
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!("{e}; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                done => break done?,
+            }
+        };
         let inner = Arc::new(Inner {
             js,
             cursors_stream,
@@ -455,6 +450,57 @@ impl NatsEngine {
                     "name": r.name, "current": r.current, "offline": r.offline, "lag": r.lag,
                 })).collect::<Vec<_>>(),
             })),
+        })
+    }
+}
+
+/// The stream and buckets a node works on, created where missing.
+struct Setup {
+    stream: stream::Stream,
+    state: kv::Store,
+    cursors: kv::Store,
+    cursors_stream: stream::Stream,
+    state_stream: stream::Stream,
+}
+
+impl Setup {
+    async fn open(js: &jetstream::Context, config: &NatsConfig, prefix: &str) -> Result<Self> {
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: config.stream.clone(),
+                description: Some("hermod's message log".into()),
+                subjects: vec![format!("{prefix}.>")],
+                storage: stream::StorageType::File,
+                num_replicas: config.replicas,
+                allow_direct: true,
+                duplicate_window: Duration::from_secs(120),
+                persist_mode: Some(stream::PersistenceMode::Default),
+                ..Default::default()
+            })
+            .await
+            .map_err(storage("creating the log stream"))?;
+        let open = |suffix, what| open_bucket(js, config, suffix, what);
+        let state = open(
+            "state",
+            "hermod: agents, subscriptions, identities, pruned marks",
+        )
+        .await?;
+        let cursors = open("cursors", "hermod: inbox cursors").await?;
+
+        let cursors_stream = js
+            .get_stream(format!("KV_{}_cursors", config.stream))
+            .await
+            .map_err(storage("the cursor bucket's stream"))?;
+        let state_stream = js
+            .get_stream(format!("KV_{}_state", config.stream))
+            .await
+            .map_err(storage("the state bucket's stream"))?;
+        Ok(Self {
+            stream,
+            state,
+            cursors,
+            cursors_stream,
+            state_stream,
         })
     }
 }
