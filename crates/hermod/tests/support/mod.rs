@@ -242,11 +242,7 @@ impl Drop for Daemon {
 /// A TCP port that was free a moment ago (for a daemon that must keep its
 /// address across restarts).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hermod_nats::testing::free_port()
 }
 
 fn workspace_target() -> PathBuf {
