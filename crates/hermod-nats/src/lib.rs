@@ -44,7 +44,7 @@ use futures::{StreamExt, TryStreamExt};
 use hermod_core::auth::Identity;
 use hermod_core::engine::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    Step, View, FEED_CAPACITY,
+    Step, Swap, View, FEED_CAPACITY,
 };
 use hermod_core::error::{Error, Result};
 use hermod_core::model::{
@@ -1218,7 +1218,7 @@ impl Engine for NatsEngine {
             .unwrap_or(0))
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
         let inner = &self.inner;
         inner.check_connected()?;
         let k = keys::cursor_key(&key);
@@ -1242,7 +1242,7 @@ impl Engine for NatsEngine {
                 };
                 let stored = current.map_or(0, |c| c.0);
                 if stored != expected {
-                    return Ok(stored);
+                    return Ok(Swap::Lost(stored));
                 }
             }
             // Another claim won: look again.
@@ -1251,7 +1251,7 @@ impl Engine for NatsEngine {
                 .await?
                 .is_some()
             {
-                return Ok(new);
+                return Ok(Swap::Moved);
             }
         }
     }

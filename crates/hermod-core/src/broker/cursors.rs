@@ -8,6 +8,7 @@
 //! the claim then covers only what lies after that node's.
 
 use super::*;
+use crate::engine::Swap;
 
 impl Broker {
     /// The cursor of an inbox as readers on this node see it (claims
@@ -102,28 +103,31 @@ impl Broker {
             // Unknown until the answer comes: a cancelled or failed swap
             // may or may not have been applied.
             turn.known = None;
-            let now = self.engine.swap_cursor(key.clone(), expected, seq).await?;
-            if now == seq {
-                turn.own = Some(match turn.own {
-                    Some((from, to)) if to == expected => (from, seq),
-                    _ => (expected, seq),
-                });
-                turn.known = Some(seq);
-                drop(turn);
-                let from = previous.max(expected);
-                let step = crate::engine::Step {
-                    key: key.clone(),
-                    lo: from,
-                    hi: seq,
-                    state: model::State::Read,
-                    ts: model::now(),
-                    door: door.to_owned(),
-                    note: None,
-                };
-                self.note(step, None).await;
-                return Ok(from);
-            }
-            // Another node stored `now` since this node last looked.
+            let now = match self.engine.swap_cursor(key.clone(), expected, seq).await? {
+                Swap::Lost(stored) => stored,
+                Swap::Moved => {
+                    turn.own = Some(match turn.own {
+                        Some((from, to)) if to == expected => (from, seq),
+                        _ => (expected, seq),
+                    });
+                    turn.known = Some(seq);
+                    drop(turn);
+                    let from = previous.max(expected);
+                    let step = crate::engine::Step {
+                        key: key.clone(),
+                        lo: from,
+                        hi: seq,
+                        state: model::State::Read,
+                        ts: model::now(),
+                        door: door.to_owned(),
+                        note: None,
+                    };
+                    self.note(step, None).await;
+                    return Ok(from);
+                }
+            };
+            // Another node stored `now` since this node last looked (maybe
+            // `seq` itself: it read the same batch).
             turn.own = None;
             expected = now;
         }

@@ -442,6 +442,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Swap;
     use crate::model::{Body, Channel};
 
     fn name(s: &str) -> AgentName {
@@ -600,8 +601,11 @@ mod tests {
             assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
             // Another writer of the same store (another node) moves it on:
             // a claim from a stale cursor gets only what lies after.
-            assert_eq!(b.engine.swap_cursor(key.clone(), 20, 25).await.unwrap(), 25);
-            for n in 20..30 {
+            assert_eq!(
+                b.engine.swap_cursor(key.clone(), 20, 25).await.unwrap(),
+                Swap::Moved
+            );
+            for n in 20..40 {
                 b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
                     .await
                     .unwrap();
@@ -612,6 +616,17 @@ mod tests {
                 "20..25 went elsewhere"
             );
             assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 30, "nothing twice");
+            // Another node read the same batch and stored its end first:
+            // this node's claim of it is worth nothing.
+            assert_eq!(
+                b.engine.swap_cursor(key.clone(), 30, 40).await.unwrap(),
+                Swap::Moved
+            );
+            assert_eq!(
+                b.ack(&key, 40, "test").await.unwrap(),
+                40,
+                "30..40 went to the other node only"
+            );
         }
     }
 

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Change, Engine, Retention, View};
+use super::{Change, Engine, Retention, Swap, View};
 use crate::auth::IdentitySpec;
 use crate::model::{AgentName, Body, Channel, InboxKey, Message, NewMessage, Seq};
 
@@ -154,28 +154,49 @@ where
 
     // Cursors move by compare-and-set from the value stored.
     assert_eq!(e.cursor(&bob).await.unwrap(), 0);
-    assert_eq!(e.swap_cursor(bob.clone(), 0, 40).await.unwrap(), 40);
-    assert_eq!(e.swap_cursor(bob.clone(), 0, 30).await.unwrap(), 40);
+    assert_eq!(
+        e.swap_cursor(bob.clone(), 0, 40).await.unwrap(),
+        Swap::Moved
+    );
+    assert_eq!(
+        e.swap_cursor(bob.clone(), 0, 30).await.unwrap(),
+        Swap::Lost(40)
+    );
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
     // Compare-and-set: of two claims from the same value, one wins.
     let carl = InboxKey::new(Channel::default(), name("carl"));
-    assert_eq!(e.swap_cursor(carl.clone(), 0, 10).await.unwrap(), 10);
+    assert_eq!(
+        e.swap_cursor(carl.clone(), 0, 10).await.unwrap(),
+        Swap::Moved
+    );
     assert_eq!(
         e.swap_cursor(carl.clone(), 0, 12).await.unwrap(),
-        10,
-        "lost"
+        Swap::Lost(10)
     );
-    assert_eq!(e.swap_cursor(carl.clone(), 10, 20).await.unwrap(), 20);
-    let (a, b) = tokio::join!(
-        e.swap_cursor(carl.clone(), 20, 30),
-        e.swap_cursor(carl.clone(), 20, 31)
+    // Losing to someone who stored the very value wanted is still losing:
+    // two readers of one batch claim the same end, and only one may hand
+    // it out.
+    assert_eq!(
+        e.swap_cursor(carl.clone(), 0, 10).await.unwrap(),
+        Swap::Lost(10)
     );
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert!(
-        (a, b) == (30, 30) || (a, b) == (31, 31),
-        "exactly one won: {a} {b}"
+    assert_eq!(
+        e.swap_cursor(carl.clone(), 10, 20).await.unwrap(),
+        Swap::Moved
     );
-    assert_eq!(e.cursor(&carl).await.unwrap(), a);
+    for (a, b) in [(30, 31), (40, 40)] {
+        let from = e.cursor(&carl).await.unwrap();
+        let (x, y) = tokio::join!(
+            e.swap_cursor(carl.clone(), from, a),
+            e.swap_cursor(carl.clone(), from, b)
+        );
+        let won = match (x.unwrap(), y.unwrap()) {
+            (Swap::Moved, Swap::Lost(v)) if v == a => a,
+            (Swap::Lost(v), Swap::Moved) if v == b => b,
+            other => panic!("exactly one of two swaps from {from} wins: {other:?}"),
+        };
+        assert_eq!(e.cursor(&carl).await.unwrap(), won);
+    }
 
     // Registry, subscriptions and identities, each durable on resolve.
     e.remember_agent(bob.clone(), 1.0, false).await.unwrap();

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    Step, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
+    Step, Swap, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
@@ -327,13 +327,14 @@ impl Engine for MemoryEngine {
         Ok(*self.state.lock().unwrap().cursors.get(key).unwrap_or(&0))
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
         let mut state = self.state.lock().unwrap();
         let c = state.cursors.entry(key).or_default();
-        if *c == expected {
-            *c = new;
+        if *c != expected {
+            return Ok(Swap::Lost(*c));
         }
-        Ok(*c)
+        *c = new;
+        Ok(Swap::Moved)
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {

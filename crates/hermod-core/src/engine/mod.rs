@@ -247,6 +247,18 @@ impl Health {
     }
 }
 
+/// What [`Engine::swap_cursor`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swap {
+    /// The cursor was at the expected value and is now at the new one.
+    Moved,
+    /// It was not: this is the value someone else stored. It may be the
+    /// very value this swap wanted (two nodes that read the same batch
+    /// claim the same end), which is why a swap does not answer with a
+    /// bare value.
+    Lost(Seq),
+}
+
 /// What a storage engine does for the broker.
 ///
 /// Every write resolves only once it is durable (or failed, with nothing
@@ -285,10 +297,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn cursor(&self, key: &InboxKey) -> Result<Seq>;
 
     /// Compare-and-set: moves the cursor of `key` to `new` only if it is
-    /// `expected` now, and returns the cursor as it is afterwards (`new`
-    /// when the swap happened, else the value someone else stored);
-    /// resolves once durable.
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq>;
+    /// `expected` now; resolves once durable.
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap>;
 
     /// Records an agent in the registry (first/last seen, and whether it
     /// has `connected`: once set it stays); resolves once durable.

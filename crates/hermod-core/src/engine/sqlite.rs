@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
-    Step, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
+    Step, Swap, View, FEED_CAPACITY, PRUNE_BUDGET, STEP_PROBE,
 };
 use crate::auth::Identity;
 use crate::error::{Error, Result};
@@ -163,7 +163,7 @@ enum Op {
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
     /// Compare-and-set of a cursor: (key, expected, new).
-    Swap(InboxKey, Seq, Seq, oneshot::Sender<Result<Seq>>),
+    Swap(InboxKey, Seq, Seq, oneshot::Sender<Result<Swap>>),
     Agent(InboxKey, f64, bool, Ack),
     Forget(InboxKey, oneshot::Sender<Result<bool>>),
     Expire(f64, usize, oneshot::Sender<Result<Vec<InboxKey>>>),
@@ -992,7 +992,7 @@ impl Engine for SqliteEngine {
         .await
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Seq> {
+    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
         let (reply, rx) = oneshot::channel();
         self.queue(Op::Swap(key, expected, new, reply)).await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
@@ -1216,7 +1216,7 @@ struct Applied {
     forgotten: Vec<bool>,
     expired: Vec<Vec<InboxKey>>,
     /// The cursor after each swap.
-    swapped: Vec<Seq>,
+    swapped: Vec<Swap>,
     /// The steps each record added.
     recorded: Vec<Vec<Step>>,
 }
@@ -1595,9 +1595,9 @@ impl Writer {
                                 "INSERT OR REPLACE INTO cursors (channel, agent, seq) VALUES (?1, ?2, ?3)",
                             )?
                             .execute(params![channel, agent, *new as i64])?;
-                            out.swapped.push(*new);
+                            out.swapped.push(Swap::Moved);
                         } else {
-                            out.swapped.push(now);
+                            out.swapped.push(Swap::Lost(now));
                         }
                     }
                     Op::Agent(key, seen, connected, _) => {
