@@ -147,9 +147,12 @@ async fn under_way(acked: &Mutex<Vec<String>>, node: &Daemon) -> usize {
 const WINDOW: usize = 32;
 
 /// Every message in `sink`'s inbox on the node at `url` (non-destructive).
+/// A `storage_busy` answer (JetStream still electing a bucket's leader
+/// after a restart) is retried, as it asks, for a bounded time.
 async fn inbox_ids(http: &reqwest::Client, url: &str) -> Vec<String> {
     let mut ids = Vec::new();
     let mut after = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let page: Value = http
             .get(format!(
@@ -161,6 +164,10 @@ async fn inbox_ids(http: &reqwest::Client, url: &str) -> Vec<String> {
             .json()
             .await
             .unwrap();
+        if page["code"] == "storage_busy" && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         let Some(messages) = page["messages"].as_array().cloned() else {
             panic!("GET inbox on {url}: {page}");
         };
