@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use async_trait::async_trait;
@@ -94,6 +94,14 @@ const PUBLISH_ATTEMPTS: usize = 3;
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a JetStream request may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the log follower or the state watch may stay silent before
+/// the follower asks whether its stream holds more (see [`Inner::follow`]).
+const FOLLOW_CHECK: Duration = Duration::from_secs(3);
+
+/// How soon the follower makes a subscription anew again at the same
+/// position.
+const FOLLOW_REVIVE_AGAIN: Duration = Duration::from_secs(30);
 
 /// How long a node that starts waits for JetStream to answer its first
 /// requests (creating or finding the stream and buckets).
@@ -530,6 +538,25 @@ async fn open_bucket(
 
 type LogStream = consumer::pull::Ordered;
 
+/// `(applied, stored)` when `stream` holds messages past `applied` and
+/// this position was not revived in the last [`FOLLOW_REVIVE_AGAIN`]
+/// (then it is remembered in `revived`); `None` when caught up, revived
+/// lately, or the stream cannot be asked now (the next check asks again).
+async fn stalled(
+    stream: &stream::Stream,
+    applied: u64,
+    revived: &mut Option<((u64, u64), Instant)>,
+) -> Option<(u64, u64)> {
+    let stored = stream.get_info().await.ok()?.state.last_sequence;
+    let at = (applied, stored);
+    let lately =
+        revived.is_some_and(|(was, when)| was == at && when.elapsed() < FOLLOW_REVIVE_AGAIN);
+    (stored > applied && !lately).then(|| {
+        *revived = Some((at, Instant::now()));
+        at
+    })
+}
+
 impl Inner {
     /// Reads the whole state bucket into the index; returns the watch (to
     /// go on following) and the newest revision applied.
@@ -634,6 +661,17 @@ impl Inner {
     ) {
         let mut log = Some(log.ready_chunks(256));
         let mut watch = Some(watch.ready_chunks(256));
+        // The client recreates a subscription whose server stopped
+        // answering only after missed heartbeats, and not always once the
+        // server that held its consumer died: one that stayed silent for a
+        // check period while its stream holds more than it delivered is
+        // made anew here (at one position at most every
+        // FOLLOW_REVIVE_AGAIN, so a deleted tail message that will never
+        // arrive does not cause a loop).
+        let mut check = tokio::time::interval(FOLLOW_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut log_heard, mut watch_heard) = (Instant::now(), Instant::now());
+        let (mut log_revived, mut watch_revived) = (None, None);
         loop {
             if log.is_none() {
                 match self.log_from(seq + 1).await {
@@ -658,12 +696,35 @@ impl Inner {
             let commit = tokio::select! {
                 chunk = log.as_mut().unwrap().next() => match chunk {
                     None => { log = None; continue; }
-                    Some(chunk) => self.log_commit(chunk, &mut seq),
+                    Some(chunk) => {
+                        log_heard = Instant::now();
+                        self.log_commit(chunk, &mut seq)
+                    }
                 },
                 chunk = watch.as_mut().unwrap().next() => match chunk {
                     None => { watch = None; continue; }
-                    Some(chunk) => self.state_commit(chunk, &mut revision),
+                    Some(chunk) => {
+                        watch_heard = Instant::now();
+                        self.state_commit(chunk, &mut revision)
+                    }
                 },
+                _ = check.tick() => {
+                    if log_heard.elapsed() >= FOLLOW_CHECK {
+                        if let Some(stuck) = stalled(&self.stream, seq, &mut log_revived).await {
+                            tracing::warn!("NATS: the log follower is silent at {stuck:?} (applied, stored): following the log anew");
+                            log = None;
+                            log_heard = Instant::now();
+                        }
+                    }
+                    if watch_heard.elapsed() >= FOLLOW_CHECK {
+                        if let Some(stuck) = stalled(&self.state_stream, revision, &mut watch_revived).await {
+                            tracing::warn!("NATS: the state bucket's watch is silent at {stuck:?} (applied, stored): watching it anew");
+                            watch = None;
+                            watch_heard = Instant::now();
+                        }
+                    }
+                    continue;
+                }
             };
             if feed.send(commit).await.is_err() {
                 return; // The broker is gone.
