@@ -825,9 +825,10 @@ impl Inner {
         if first {
             tokio::spawn(self.clone().ask_state_revisions());
         }
+        // Nothing was stored when this fails: the caller may retry.
         rx.await
             .map_err(|_| Error::ShuttingDown)?
-            .map_err(Error::Storage)
+            .map_err(Error::StorageBusy)
     }
 
     /// Answers the waiting callers, a request per round, until none wait.
@@ -846,7 +847,8 @@ impl Inner {
             let answer = match self.state_stream.get_info().await {
                 Ok(info) => Ok(info.state.last_sequence),
                 Err(e) => Err(format!(
-                    "NATS: asking the state bucket's newest revision: {e}"
+                    "NATS: asking the state bucket's newest revision before routing: {e}; \
+                     nothing was stored, retry"
                 )),
             };
             for tx in round {
