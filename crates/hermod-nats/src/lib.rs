@@ -538,23 +538,48 @@ async fn open_bucket(
 
 type LogStream = consumer::pull::Ordered;
 
-/// `(applied, stored)` when `stream` holds messages past `applied` and
-/// this position was not revived in the last [`FOLLOW_REVIVE_AGAIN`]
-/// (then it is remembered in `revived`); `None` when caught up, revived
-/// lately, or the stream cannot be asked now (the next check asks again).
-async fn stalled(
-    stream: &stream::Stream,
-    applied: u64,
-    revived: &mut Option<((u64, u64), Instant)>,
-) -> Option<(u64, u64)> {
-    let stored = stream.get_info().await.ok()?.state.last_sequence;
-    let at = (applied, stored);
-    let lately =
-        revived.is_some_and(|(was, when)| was == at && when.elapsed() < FOLLOW_REVIVE_AGAIN);
-    (stored > applied && !lately).then(|| {
-        *revived = Some((at, Instant::now()));
-        at
-    })
+/// Whether one of the follower's subscriptions (the log consumer, the
+/// state watch) still delivers.
+struct Liveness {
+    /// When it last delivered (or was made anew).
+    heard: Instant,
+    /// The `(applied, stored)` position it was last made anew at, and when.
+    revived: Option<((u64, u64), Instant)>,
+}
+
+impl Liveness {
+    fn new() -> Self {
+        Self {
+            heard: Instant::now(),
+            revived: None,
+        }
+    }
+
+    fn heard(&mut self) {
+        self.heard = Instant::now();
+    }
+
+    /// `(applied, stored)` when the subscription has been silent for
+    /// [`FOLLOW_CHECK`] while `stream` holds messages past `applied`, and
+    /// was not made anew at this position in the last
+    /// [`FOLLOW_REVIVE_AGAIN`]: the caller then makes it anew. `None` too
+    /// when the stream cannot be asked now (the next check asks again).
+    async fn stuck(&mut self, stream: &stream::Stream, applied: u64) -> Option<(u64, u64)> {
+        if self.heard.elapsed() < FOLLOW_CHECK {
+            return None;
+        }
+        let stored = stream.get_info().await.ok()?.state.last_sequence;
+        let at = (applied, stored);
+        let lately = self
+            .revived
+            .is_some_and(|(was, when)| was == at && when.elapsed() < FOLLOW_REVIVE_AGAIN);
+        if stored <= applied || lately {
+            return None;
+        }
+        self.revived = Some((at, Instant::now()));
+        self.heard();
+        Some(at)
+    }
 }
 
 impl Inner {
@@ -670,8 +695,7 @@ impl Inner {
         // arrive does not cause a loop).
         let mut check = tokio::time::interval(FOLLOW_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut log_heard, mut watch_heard) = (Instant::now(), Instant::now());
-        let (mut log_revived, mut watch_revived) = (None, None);
+        let (mut log_live, mut watch_live) = (Liveness::new(), Liveness::new());
         loop {
             if log.is_none() {
                 match self.log_from(seq + 1).await {
@@ -697,31 +721,25 @@ impl Inner {
                 chunk = log.as_mut().unwrap().next() => match chunk {
                     None => { log = None; continue; }
                     Some(chunk) => {
-                        log_heard = Instant::now();
+                        log_live.heard();
                         self.log_commit(chunk, &mut seq)
                     }
                 },
                 chunk = watch.as_mut().unwrap().next() => match chunk {
                     None => { watch = None; continue; }
                     Some(chunk) => {
-                        watch_heard = Instant::now();
+                        watch_live.heard();
                         self.state_commit(chunk, &mut revision)
                     }
                 },
                 _ = check.tick() => {
-                    if log_heard.elapsed() >= FOLLOW_CHECK {
-                        if let Some(stuck) = stalled(&self.stream, seq, &mut log_revived).await {
-                            tracing::warn!("NATS: the log follower is silent at {stuck:?} (applied, stored): following the log anew");
-                            log = None;
-                            log_heard = Instant::now();
-                        }
+                    if let Some(at) = log_live.stuck(&self.stream, seq).await {
+                        tracing::warn!("NATS: the log follower is silent at {at:?} (applied, stored): following the log anew");
+                        log = None;
                     }
-                    if watch_heard.elapsed() >= FOLLOW_CHECK {
-                        if let Some(stuck) = stalled(&self.state_stream, revision, &mut watch_revived).await {
-                            tracing::warn!("NATS: the state bucket's watch is silent at {stuck:?} (applied, stored): watching it anew");
-                            watch = None;
-                            watch_heard = Instant::now();
-                        }
+                    if let Some(at) = watch_live.stuck(&self.state_stream, revision).await {
+                        tracing::warn!("NATS: the state bucket's watch is silent at {at:?} (applied, stored): watching it anew");
+                        watch = None;
                     }
                     continue;
                 }

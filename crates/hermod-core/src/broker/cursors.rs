@@ -103,33 +103,31 @@ impl Broker {
             // Unknown until the answer comes: a cancelled or failed swap
             // may or may not have been applied.
             turn.known = None;
-            let now = match self.engine.swap_cursor(key.clone(), expected, seq).await? {
-                Swap::Lost(stored) => stored,
-                Swap::Moved => {
-                    turn.own = Some(match turn.own {
-                        Some((from, to)) if to == expected => (from, seq),
-                        _ => (expected, seq),
-                    });
-                    turn.known = Some(seq);
-                    drop(turn);
-                    let from = previous.max(expected);
-                    let step = crate::engine::Step {
-                        key: key.clone(),
-                        lo: from,
-                        hi: seq,
-                        state: model::State::Read,
-                        ts: model::now(),
-                        door: door.to_owned(),
-                        note: None,
-                    };
-                    self.note(step, None).await;
-                    return Ok(from);
-                }
+            if let Swap::Lost(stored) = self.engine.swap_cursor(key.clone(), expected, seq).await? {
+                // Another node stored `stored` since this node last looked
+                // (maybe `seq` itself: it read the same batch).
+                turn.own = None;
+                expected = stored;
+                continue;
+            }
+            turn.own = Some(match turn.own {
+                Some((from, to)) if to == expected => (from, seq),
+                _ => (expected, seq),
+            });
+            turn.known = Some(seq);
+            drop(turn);
+            let from = previous.max(expected);
+            let step = crate::engine::Step {
+                key: key.clone(),
+                lo: from,
+                hi: seq,
+                state: model::State::Read,
+                ts: model::now(),
+                door: door.to_owned(),
+                note: None,
             };
-            // Another node stored `now` since this node last looked (maybe
-            // `seq` itself: it read the same batch).
-            turn.own = None;
-            expected = now;
+            self.note(step, None).await;
+            return Ok(from);
         }
     }
 

@@ -92,12 +92,13 @@ impl Broker {
         // node has not seen may have just registered on another node:
         // catch up with the shared registry first (at once on one node).
         let is_known = |key: &InboxKey| self.shared.state.lock().unwrap().registry.is_known(key);
-        if to.as_ref().is_none_or(|key| !is_known(key)) {
+        let mut known = to.as_ref().is_some_and(is_known);
+        if !known {
             self.engine.sync_state().await?;
+            known = to.as_ref().is_some_and(is_known);
         }
         let (recipients, unknown) = match to {
             Some(key) => {
-                let known = is_known(&key);
                 if !known && target == Target::Known {
                     return Err(Error::EndpointNotFound(key.agent.to_string()));
                 }

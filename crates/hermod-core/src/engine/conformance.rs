@@ -153,43 +153,23 @@ where
     assert_eq!(e.seq_at_ts(f64::MAX).await.unwrap(), 55);
 
     // Cursors move by compare-and-set from the value stored.
+    let swap = |key: &InboxKey, expected, new| e.swap_cursor(key.clone(), expected, new);
     assert_eq!(e.cursor(&bob).await.unwrap(), 0);
-    assert_eq!(
-        e.swap_cursor(bob.clone(), 0, 40).await.unwrap(),
-        Swap::Moved
-    );
-    assert_eq!(
-        e.swap_cursor(bob.clone(), 0, 30).await.unwrap(),
-        Swap::Lost(40)
-    );
+    assert_eq!(swap(&bob, 0, 40).await.unwrap(), Swap::Moved);
+    assert_eq!(swap(&bob, 0, 30).await.unwrap(), Swap::Lost(40));
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
     // Compare-and-set: of two claims from the same value, one wins.
     let carl = InboxKey::new(Channel::default(), name("carl"));
-    assert_eq!(
-        e.swap_cursor(carl.clone(), 0, 10).await.unwrap(),
-        Swap::Moved
-    );
-    assert_eq!(
-        e.swap_cursor(carl.clone(), 0, 12).await.unwrap(),
-        Swap::Lost(10)
-    );
+    assert_eq!(swap(&carl, 0, 10).await.unwrap(), Swap::Moved);
+    assert_eq!(swap(&carl, 0, 12).await.unwrap(), Swap::Lost(10));
     // Losing to someone who stored the very value wanted is still losing:
     // two readers of one batch claim the same end, and only one may hand
     // it out.
-    assert_eq!(
-        e.swap_cursor(carl.clone(), 0, 10).await.unwrap(),
-        Swap::Lost(10)
-    );
-    assert_eq!(
-        e.swap_cursor(carl.clone(), 10, 20).await.unwrap(),
-        Swap::Moved
-    );
+    assert_eq!(swap(&carl, 0, 10).await.unwrap(), Swap::Lost(10));
+    assert_eq!(swap(&carl, 10, 20).await.unwrap(), Swap::Moved);
     for (a, b) in [(30, 31), (40, 40)] {
         let from = e.cursor(&carl).await.unwrap();
-        let (x, y) = tokio::join!(
-            e.swap_cursor(carl.clone(), from, a),
-            e.swap_cursor(carl.clone(), from, b)
-        );
+        let (x, y) = tokio::join!(swap(&carl, from, a), swap(&carl, from, b));
         let won = match (x.unwrap(), y.unwrap()) {
             (Swap::Moved, Swap::Lost(v)) if v == a => a,
             (Swap::Lost(v), Swap::Moved) if v == b => b,

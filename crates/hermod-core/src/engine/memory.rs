@@ -568,11 +568,6 @@ impl Engine for MemoryEngine {
         self.feed.lock().unwrap().take()
     }
 
-    /// Every change is made here and applied before it resolves.
-    async fn sync_state(&self) -> Result<()> {
-        Ok(())
-    }
-
     fn settled(&self) -> bool {
         self.unapplied.load(Ordering::SeqCst) == 0
     }

@@ -334,8 +334,11 @@ pub trait Engine: Send + Sync + 'static {
     /// subscriptions and identities that was durable when this was called,
     /// from whichever node made it: routing that follows it sees a
     /// subscription another node acknowledged a moment ago. An engine whose
-    /// changes all go through this node resolves at once.
-    async fn sync_state(&self) -> Result<()>;
+    /// changes all go through this node (and are applied before they
+    /// resolve) keeps this default.
+    async fn sync_state(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// The newest seq and ts in the log.
     async fn last(&self) -> Result<(Seq, f64)>;

@@ -1173,11 +1173,6 @@ impl Engine for SqliteEngine {
         self.feed.lock().unwrap().take()
     }
 
-    /// Every change is made here and applied before it resolves.
-    async fn sync_state(&self) -> Result<()> {
-        Ok(())
-    }
-
     fn settled(&self) -> bool {
         self.unapplied.load(Ordering::SeqCst) == 0
     }
@@ -1215,7 +1210,7 @@ struct Applied {
     pruned: Vec<(Pruned, Vec<(InboxKey, Seq)>)>,
     forgotten: Vec<bool>,
     expired: Vec<Vec<InboxKey>>,
-    /// The cursor after each swap.
+    /// What each swap did.
     swapped: Vec<Swap>,
     /// The steps each record added.
     recorded: Vec<Vec<Step>>,

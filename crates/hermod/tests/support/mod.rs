@@ -241,9 +241,7 @@ impl Drop for Daemon {
 
 /// A TCP port that was free a moment ago (for a daemon that must keep its
 /// address across restarts).
-pub fn free_port() -> u16 {
-    hermod_nats::testing::free_port()
-}
+pub use hermod_nats::testing::free_port;
 
 fn workspace_target() -> PathBuf {
     // CARGO_BIN_EXE_hermod is <target>/<profile>/hermod.
