@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use hermod_events::Pattern;
 use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::model::{AgentName, Auth, Channel, InboxKey};
@@ -117,10 +118,20 @@ fn pattern_covers(allowed: &str, requested: &str) -> bool {
 }
 
 /// Who is on the other end of a request, as far as it proved.
+///
+/// A caller that proved a token stays valid only while that token does:
+/// revoking or rotating the identity cancels [`Caller::revoked`], which
+/// every long-lived connection, stream and long-poll selects on (so it
+/// ends within the moment the change is applied, on every node), and every
+/// check in [`Trust`] refuses the caller from then on (so a frame already
+/// in flight on an open connection is refused too).
 #[derive(Debug, Clone)]
 pub struct Caller {
     auth: Auth,
     identity: Option<Arc<Identity>>,
+    /// The token's generation: cancelled when its identity changes. Never
+    /// cancelled for a trusted caller.
+    revoked: CancellationToken,
 }
 
 impl Caller {
@@ -131,6 +142,37 @@ impl Caller {
         Self {
             auth,
             identity: None,
+            revoked: CancellationToken::new(),
+        }
+    }
+
+    /// Cancelled once the token this caller proved is revoked or rotated.
+    pub fn revoked(&self) -> &CancellationToken {
+        &self.revoked
+    }
+
+    /// `Err(unauthorized)` once the caller's token was revoked or rotated.
+    pub fn check(&self) -> Result<()> {
+        match self.revoked.is_cancelled() {
+            true => Err(Error::Unauthorized(
+                "this token was revoked or rotated".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// `work`, cut short with `Err(unauthorized)` if the caller's token is
+    /// revoked or rotated meanwhile (a long-poll must not outlive it).
+    pub async fn unless_revoked<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::select! {
+            biased;
+            _ = self.revoked.cancelled() => Err(Error::Unauthorized(
+                "this token was revoked or rotated".into(),
+            )),
+            done = work => done,
         }
     }
 
@@ -178,10 +220,18 @@ struct Bucket {
     at: Instant,
 }
 
+/// An identity as trust holds it: with the generation its callers share.
+struct Held {
+    identity: Arc<Identity>,
+    /// Cancelled when this identity is replaced or removed: ends every
+    /// caller that proved its token.
+    revoked: CancellationToken,
+}
+
 /// The identities, by name and by token hash.
 #[derive(Default)]
 struct Identities {
-    by_name: HashMap<AgentName, Arc<Identity>>,
+    by_name: HashMap<AgentName, Held>,
     by_hash: HashMap<[u8; 32], AgentName>,
 }
 
@@ -208,11 +258,13 @@ impl Trust {
     }
 
     /// Replaces (or with `None` removes) the identity of `name` in memory;
-    /// the broker persists it first.
+    /// the broker persists it first. Every caller that proved the old
+    /// token is revoked, under the same lock, so no check passes after.
     pub(crate) fn set(&self, name: &AgentName, identity: Option<Identity>) {
         let mut ids = self.identities.lock().unwrap();
         if let Some(old) = ids.by_name.remove(name) {
-            if let Some(h) = parse_hash(&old.token_hash) {
+            old.revoked.cancel();
+            if let Some(h) = parse_hash(&old.identity.token_hash) {
                 ids.by_hash.remove(&h);
             }
         }
@@ -220,21 +272,29 @@ impl Trust {
             if let Some(h) = parse_hash(&identity.token_hash) {
                 ids.by_hash.insert(h, identity.name.clone());
             }
-            ids.by_name.insert(name.clone(), Arc::new(identity));
+            let held = Held {
+                identity: Arc::new(identity),
+                revoked: CancellationToken::new(),
+            };
+            ids.by_name.insert(name.clone(), held);
         }
     }
 
     /// Every identity, by name.
     pub fn identities(&self) -> Vec<Identity> {
         let ids = self.identities.lock().unwrap();
-        let mut all: Vec<Identity> = ids.by_name.values().map(|i| (**i).clone()).collect();
+        let mut all: Vec<Identity> = ids
+            .by_name
+            .values()
+            .map(|h| (*h.identity).clone())
+            .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
     pub fn identity(&self, name: &AgentName) -> Option<Identity> {
         let ids = self.identities.lock().unwrap();
-        ids.by_name.get(name).map(|i| (**i).clone())
+        ids.by_name.get(name).map(|h| (*h.identity).clone())
     }
 
     /// The caller behind a request: `owner` says whether the transport
@@ -273,16 +333,18 @@ impl Trust {
     fn verify(&self, token: &str) -> Result<Caller> {
         let presented = digest(token);
         let ids = self.identities.lock().unwrap();
-        let identity = ids
+        let held = ids
             .by_hash
             .get(&presented)
             .and_then(|name| ids.by_name.get(name))
-            .filter(|i| parse_hash(&i.token_hash).is_some_and(|h| bool::from(h.ct_eq(&presented))))
-            .cloned();
-        match identity {
-            Some(identity) => Ok(Caller {
+            .filter(|h| {
+                parse_hash(&h.identity.token_hash).is_some_and(|h| bool::from(h.ct_eq(&presented)))
+            });
+        match held {
+            Some(held) => Ok(Caller {
                 auth: Auth::Token,
-                identity: Some(identity),
+                identity: Some(held.identity.clone()),
+                revoked: held.revoked.clone(),
             }),
             None => Err(Error::Unauthorized("unknown or revoked token".into())),
         }
@@ -294,6 +356,7 @@ impl Trust {
 
     /// The sender of a message `caller` sends, claiming `claimed`.
     pub fn sender(&self, caller: &Caller, claimed: Option<AgentName>) -> Result<AgentName> {
+        caller.check()?;
         match caller.agent() {
             Some(me) => match claimed {
                 Some(other) if &other != me => Err(Error::ForbiddenSender(format!(
@@ -315,6 +378,7 @@ impl Trust {
 
     /// May `caller` register, receive, read or acknowledge as `key`?
     pub fn may_act_as(&self, caller: &Caller, key: &InboxKey) -> Result<()> {
+        caller.check()?;
         match caller.agent() {
             Some(me) if me != &key.agent => Err(Error::Forbidden {
                 rule: "identity",
@@ -345,6 +409,7 @@ impl Trust {
 
     /// May `caller` use `channel` at all?
     pub fn may_use_channel(&self, caller: &Caller, channel: &Channel) -> Result<()> {
+        caller.check()?;
         match caller
             .identity()
             .and_then(|i| i.channel.as_ref().map(|c| (i, c)))
@@ -443,6 +508,7 @@ impl Trust {
 
     /// May `caller` manage identities and read metrics?
     pub fn may_admin(&self, caller: &Caller) -> Result<()> {
+        caller.check()?;
         match caller.identity() {
             Some(i) if !i.admin => Err(Error::Forbidden {
                 rule: "admin",
@@ -574,6 +640,37 @@ mod tests {
         assert!(trust.authenticate(true, Some("hmd_nope")).is_err());
         trust.set(&name("alice"), None);
         assert!(trust.authenticate(false, Some(&token)).is_err(), "revoked");
+    }
+
+    #[test]
+    fn revoking_or_rotating_ends_every_caller_of_the_old_token() {
+        let trust = Trust::new(AuthMode::Owner, RateLimit::default());
+        let (alice, token) = spec("alice").issue().unwrap();
+        trust.set(&name("alice"), Some(alice.clone()));
+        let c = trust.authenticate(false, Some(&token)).unwrap();
+        let key = InboxKey::new(Channel::default(), name("alice"));
+        assert!(trust.may_act_as(&c, &key).is_ok());
+        // Rotation: a new token; the caller of the old one is cut off at
+        // once, even though it was authenticated before.
+        let rotated = IdentitySpec {
+            name: "alice".into(),
+            ..IdentitySpec::default()
+        }
+        .issue()
+        .unwrap()
+        .0;
+        trust.set(&name("alice"), Some(rotated));
+        assert!(c.revoked().is_cancelled());
+        assert_eq!(trust.sender(&c, None).unwrap_err().code(), "unauthorized");
+        assert_eq!(
+            trust.may_act_as(&c, &key).unwrap_err().code(),
+            "unauthorized"
+        );
+        // Trusted callers are never revoked.
+        let owner = trust.authenticate(true, None).unwrap();
+        trust.set(&name("alice"), None);
+        assert!(!owner.revoked().is_cancelled());
+        assert!(owner.check().is_ok());
     }
 
     #[test]

@@ -88,6 +88,24 @@ fn needs_agent<'a>(conn: &Conn<'a>, what: &str) -> Result<&'a InboxKey> {
 /// Applies one authenticated request; an `Err` is answered as an error
 /// frame (with [`request_id`]).
 pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome> {
+    let caller = conn.caller;
+    // A connection authenticated once speaks for every frame after: each
+    // frame is refused once its token was revoked or rotated.
+    caller.check()?;
+    let outcome = apply(&conn, request).await?;
+    Ok(match outcome {
+        // A live stream ends with its caller's token.
+        Outcome::Stream { reply, frames } => Outcome::Stream {
+            reply,
+            frames: frames
+                .take_until(caller.revoked().clone().cancelled_owned())
+                .boxed(),
+        },
+        other => other,
+    })
+}
+
+async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
     let (broker, caller) = (conn.broker, conn.caller);
     let trust = broker.trust();
     let reply = |frame| Ok(Outcome::Reply(Some(frame)));
@@ -109,8 +127,8 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
         )),
         // Legacy `message` keeps hermes-bus typo protection and answers only
         // errors; `send` may address an agent that has not connected yet.
-        Request::Message(env) => submit(&conn, env, Target::Known, Reply::ErrorsOnly).await,
-        Request::Send(env) => submit(&conn, env, Target::Any, Reply::Sent(None)).await,
+        Request::Message(env) => submit(conn, env, Target::Known, Reply::ErrorsOnly).await,
+        Request::Send(env) => submit(conn, env, Target::Any, Reply::Sent(None)).await,
         Request::Publish(p) => {
             let wait = p.durable;
             let from = conn.agent.map(|k| k.agent.clone());
@@ -144,7 +162,7 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
             // A bad pattern is reported before anything else.
             Pattern::parse(&pattern)?;
             if durable {
-                let key = needs_agent(&conn, "a durable subscription")?;
+                let key = needs_agent(conn, "a durable subscription")?;
                 broker.subscribe(caller, key.clone(), &pattern).await?;
                 return reply(ServerFrame::Subscribed { pattern, durable });
             }
@@ -166,7 +184,7 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
             })
         }
         Request::Ack(seq) => {
-            let key = needs_agent(&conn, "ack")?;
+            let key = needs_agent(conn, "ack")?;
             broker.ack(key, seq, conn.door).await?;
             Ok(Outcome::Reply(None))
         }
@@ -185,7 +203,8 @@ pub(crate) async fn dispatch(conn: Conn<'_>, request: Request) -> Result<Outcome
                 Some(state) => {
                     let deadline =
                         tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
-                    broker.wait_receipt(caller, &id, state, deadline).await?
+                    let wait = broker.wait_receipt(caller, &id, state, deadline);
+                    caller.unless_revoked(wait).await?
                 }
                 None => broker.receipts(caller, &id).await?,
             };

@@ -14,6 +14,12 @@ fn identities_tokens_and_spoofing_on_every_transport() {
 }
 
 #[test]
+fn revoke_and_rotate_end_every_session_of_the_old_token() {
+    let d = Daemon::start();
+    println!("{}", run_python(&d, "revoke.py"));
+}
+
+#[test]
 fn a_burst_over_the_send_rate_is_refused_and_others_are_served() {
     let d = Daemon::start();
     println!("{}", run_python(&d, "rate_limit.py"));

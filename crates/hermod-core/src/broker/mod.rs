@@ -268,7 +268,9 @@ pub enum Target {
 pub struct Session {
     pub id: String,
     pub key: InboxKey,
-    /// Cancelled when a newer exclusive registration replaces this one.
+    /// Cancelled when a newer exclusive registration replaces this one, or
+    /// the agent's identity is added, rotated or revoked (the caller's
+    /// token then no longer holds): every door ends the connection on it.
     pub kicked: CancellationToken,
     shared: Arc<Shared>,
 }

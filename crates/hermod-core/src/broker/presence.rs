@@ -19,7 +19,9 @@ impl Broker {
         let session = Session {
             id: uuid::Uuid::new_v4().to_string(),
             key: key.clone(),
-            kicked: CancellationToken::new(),
+            // Ends with the caller's token too: a revoked agent's
+            // connections close whatever their door.
+            kicked: caller.revoked().child_token(),
             shared: self.shared.clone(),
         };
         let persist = self.shared.state.lock().unwrap().registry.connect(

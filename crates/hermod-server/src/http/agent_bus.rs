@@ -163,7 +163,7 @@ async fn recv(
     };
     let deadline = tokio::time::Instant::now() + app.config.max_wait;
     let read = app.broker.read_since(&reader, since, max, block, deadline);
-    let got = app.until_shutdown(read).await?;
+    let got = app.long_poll(&caller, read).await?;
     // Per inbox: with `channel=*` the answer holds several.
     let mut by_channel: BTreeMap<&Channel, Vec<Arc<Message>>> = BTreeMap::new();
     for m in &got.messages {

@@ -317,6 +317,7 @@ async fn subscribe(
     };
     let notices = peer_notices(&app.broker, key.clone());
     let flushes = flushes.map(|Extension(f)| f);
+    let ends = session.kicked.clone();
     let inbox = claimed_events(
         app.broker.clone(),
         key,
@@ -325,7 +326,7 @@ async fn subscribe(
         session,
         flushes,
     );
-    Ok(app.sse(futures::stream::select(inbox, notices)))
+    Ok(app.sse(futures::stream::select(inbox, notices), &ends))
 }
 
 /// `subscriber_connected` notices: another agent of this channel opened

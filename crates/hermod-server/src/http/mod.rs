@@ -103,14 +103,16 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// `work` (a broker long-poll), cut short by shutdown (an error), so a
-    /// held request never delays the daemon's exit.
-    pub async fn until_shutdown<T>(
+    /// `work` (a broker long-poll for `caller`), cut short by shutdown (an
+    /// error), so a held request never delays the daemon's exit, and by the
+    /// caller's token being revoked or rotated (`unauthorized`).
+    pub async fn long_poll<T>(
         &self,
+        caller: &hermod_core::auth::Caller,
         work: impl std::future::Future<Output = hermod_core::Result<T>>,
     ) -> Result<T, error::ApiError> {
         tokio::select! {
-            done = work => Ok(done?),
+            done = caller.unless_revoked(work) => Ok(done?),
             _ = self.shutdown.cancelled() => Err(hermod_core::Error::ShuttingDown.into()),
         }
     }
@@ -134,10 +136,13 @@ pub(crate) fn gap_event(gap: &hermod_core::model::Gap) -> axum::response::sse::E
 }
 
 impl AppState {
-    /// An SSE response: ends at shutdown, keep-alive comments as configured.
+    /// An SSE response: ends at shutdown or when `ends` is cancelled (the
+    /// stream's session was kicked, or its caller's token revoked),
+    /// keep-alive comments as configured.
     pub(crate) fn sse<S>(
         &self,
         events: S,
+        ends: &tokio_util::sync::CancellationToken,
     ) -> axum::response::sse::Sse<
         impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
     >
@@ -150,8 +155,15 @@ impl AppState {
         let keep_alive = axum::response::sse::KeepAlive::new()
             .interval(self.config.keepalive)
             .text("keepalive");
-        axum::response::sse::Sse::new(events.take_until(self.shutdown.clone().cancelled_owned()))
-            .keep_alive(keep_alive)
+        let end = self.shutdown.child_token();
+        let ends = ends.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = end.cancelled() => {}
+                _ = ends.cancelled() => {}
+            }
+        };
+        axum::response::sse::Sse::new(events.take_until(stop)).keep_alive(keep_alive)
     }
 }
 

@@ -141,6 +141,8 @@ async fn relay_in(app: AppState, relayer: Relayer, channel: Channel, mut socket:
     loop {
         let frame = tokio::select! {
             _ = app.shutdown.cancelled() => break,
+            // An agent's token revoked or rotated (the relay token never is).
+            _ = caller.revoked().cancelled() => break,
             frame = socket.recv() => frame,
         };
         let text = match frame {
@@ -208,17 +210,20 @@ async fn events(
     app.broker
         .trust()
         .may_subscribe(&relayer.caller(), &channel, "**")?;
+    let caller = relayer.caller();
     Ok(upgrade
-        .on_upgrade(move |socket| relay_out(app, channel, socket))
+        .on_upgrade(move |socket| relay_out(app, caller, channel, socket))
         .into_response())
 }
 
-async fn relay_out(app: AppState, channel: Channel, socket: WebSocket) {
+async fn relay_out(app: AppState, caller: Caller, channel: Channel, socket: WebSocket) {
     let mut frames = app.relay.sender(&channel).subscribe();
     let (mut tx, mut rx) = socket.split();
     loop {
         tokio::select! {
             _ = app.shutdown.cancelled() => break,
+            // An agent's token revoked or rotated (the relay token never is).
+            _ = caller.revoked().cancelled() => break,
             incoming = rx.next() => match incoming {
                 Some(Ok(ws::Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}

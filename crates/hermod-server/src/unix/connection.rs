@@ -160,7 +160,7 @@ impl Reader {
                 _ = shutdown.cancelled() => break,
                 _ = writer_done.cancelled() => break,
                 _ = kicked.cancelled() => {
-                    tracing::debug!("endpoint re-registered elsewhere; closing the older connection");
+                    tracing::debug!("endpoint re-registered elsewhere or its identity changed; closing the connection");
                     break;
                 }
                 _ = tokio::time::sleep(self.idle_timeout), if self.session.is_some() => {

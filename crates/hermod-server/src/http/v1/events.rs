@@ -121,7 +121,7 @@ pub(super) async fn event_stream(
     let topics = app
         .broker
         .follow_pattern(&caller, channel, pattern, after)?;
-    Ok(app.sse(message_events(topics, |_| true)))
+    Ok(app.sse(message_events(topics, |_| true), caller.revoked()))
 }
 
 /// A durable subscription: matching events land in the agent's inbox.

@@ -359,7 +359,7 @@ pub(super) async fn read_inbox(
     let deadline = tokio::time::Instant::now() + wait;
     let reader = Reader::Inbox(key);
     let read = app.broker.read_wait(&reader, after, limit, deadline);
-    let batch = app.until_shutdown(read).await?;
+    let batch = app.long_poll(&caller, read).await?;
     if let Reader::Inbox(key) = &reader {
         app.broker.delivered(key, "poll", &batch.messages).await;
     }
@@ -456,11 +456,16 @@ pub(super) async fn stream(
             batch
         }
     });
-    // The stream holds the presence: the agent shows online while it is open.
-    Ok(app.sse(message_events(inbox, move |_| {
-        let _presence = &session;
-        true
-    })))
+    // The stream holds the presence: the agent shows online while it is
+    // open, and it ends when the session is kicked or its token revoked.
+    let ends = session.kicked.clone();
+    Ok(app.sse(
+        message_events(inbox, move |_| {
+            let _presence = &session;
+            true
+        }),
+        &ends,
+    ))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -508,7 +513,7 @@ pub(super) async fn get_message(
             let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
             let deadline = tokio::time::Instant::now() + wait;
             let receipts = app.broker.wait_receipt(&caller, &id, state, deadline);
-            app.until_shutdown(receipts).await?
+            app.long_poll(&caller, receipts).await?
         }
         None => app.broker.receipts(&caller, &id).await?,
     };

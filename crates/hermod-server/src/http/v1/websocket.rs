@@ -39,7 +39,7 @@ pub(super) async fn ws_session(
     app: AppState,
     caller: Caller,
     key: InboxKey,
-    _session: hermod_core::broker::Session,
+    session: hermod_core::broker::Session,
     socket: WebSocket,
 ) {
     let broker = app.broker.clone();
@@ -55,6 +55,8 @@ pub(super) async fn ws_session(
     loop {
         let out: Vec<Bytes> = tokio::select! {
             _ = app.shutdown.cancelled() => break,
+            // Kicked, or the agent's token revoked or rotated.
+            _ = session.kicked.cancelled() => break,
             batch = inbox.next() => match batch {
                 Some(Ok(batch)) => {
                     broker.delivered(&key, "ws", &batch.messages).await;
