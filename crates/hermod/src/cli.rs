@@ -1,6 +1,8 @@
 //! Command-line flags and how they resolve: flag, then environment, then
-//! the default in the data directory.
+//! the default in the data directory; and `serve`'s flags written back for
+//! the background process `start` runs.
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -198,7 +200,7 @@ pub struct AgentNameArgs {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct DataDirArgs {
     /// Data directory [env: HERMOD_HOME] [default: ~/.hermod]
     #[arg(long, value_name = "DIR")]
@@ -220,7 +222,13 @@ fn home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-#[derive(Debug, Clone, Args)]
+/// The environment variable holding `serve --relay-token`.
+pub const RELAY_TOKEN_ENV: &str = "HERMOD_RELAY_TOKEN";
+/// The environment variable holding `serve --nats` (its URLs may carry a
+/// login: `nats://user:pass@host`).
+pub const NATS_ENV: &str = "HERMOD_NATS";
+
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub data: DataDirArgs,
@@ -239,12 +247,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub sse_keepalive: u64,
     /// Token the hermes_events relay endpoints (/api/pub, /api/events) require.
-    #[arg(
-        long,
-        env = "HERMOD_RELAY_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = RELAY_TOKEN_ENV, value_name = "TOKEN", hide_env_values = true)]
     pub relay_token: Option<String>,
     /// Longest hold of a long-poll (`/recv?block=true`, `/v1 ... ?wait=`), seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
@@ -257,6 +260,8 @@ pub struct ServeArgs {
     /// comma-separated).
     #[arg(
         long,
+        env = NATS_ENV,
+        hide_env_values = true,
         value_name = "URL[,URL...]",
         value_delimiter = ',',
         conflicts_with = "memory"
@@ -349,6 +354,128 @@ impl ServeArgs {
         self.socket
             .clone()
             .unwrap_or_else(|| self.data.resolve().join("hermod.sock"))
+    }
+
+    /// `hermod serve` as `start` runs it in the background: every flag,
+    /// so it parses back to these args. Paths are absolute (the child
+    /// runs in another directory); secrets go in its environment, since
+    /// `ps` shows argv to every user.
+    pub fn serve_command(&self) -> std::io::Result<ServeCommand> {
+        // Every field by name, so a new flag does not compile until it is
+        // forwarded here (and `tests::serve_flags_round_trip` checks how).
+        let ServeArgs {
+            data: DataDirArgs { data_dir: _ },
+            socket: _,
+            http,
+            no_http,
+            sse_keepalive,
+            relay_token,
+            long_poll_max,
+            memory,
+            nats,
+            nats_creds,
+            nats_stream,
+            nats_replicas,
+            hook_timeout,
+            hook_concurrency,
+            max_connections,
+            auth,
+            allow_uids,
+            allow_origins,
+            allow_hosts,
+            send_rate,
+            send_burst,
+            http_max_connections,
+            http_header_timeout,
+            http_idle_timeout,
+            http_body_timeout,
+            http_write_timeout,
+            retention_age,
+            retention_messages,
+            retention_bytes,
+            retention_topic_age,
+        } = self;
+        let mut argv = Argv::default();
+        argv.value("data-dir", std::path::absolute(self.data.resolve())?);
+        argv.value("socket", std::path::absolute(self.socket())?);
+        argv.value("http", http.to_string());
+        argv.switch("no-http", *no_http);
+        argv.value("sse-keepalive", sse_keepalive.to_string());
+        argv.value("long-poll-max", long_poll_max.to_string());
+        argv.switch("memory", *memory);
+        if let Some(creds) = nats_creds {
+            argv.value("nats-creds", std::path::absolute(creds)?);
+        }
+        argv.value("nats-stream", nats_stream);
+        argv.value("nats-replicas", nats_replicas.to_string());
+        argv.value("hook-timeout", hook_timeout.to_string());
+        argv.value("hook-concurrency", hook_concurrency.to_string());
+        argv.value("max-connections", max_connections.to_string());
+        argv.value("auth", auth);
+        for uid in allow_uids {
+            argv.value("allow-uid", uid.to_string());
+        }
+        for origin in allow_origins {
+            argv.value("allow-origin", origin);
+        }
+        for host in allow_hosts {
+            argv.value("allow-host", host);
+        }
+        // `f64`'s `Display` is the shortest text that parses back exactly.
+        argv.value("send-rate", send_rate.to_string());
+        argv.value("send-burst", send_burst.to_string());
+        argv.value("http-max-connections", http_max_connections.to_string());
+        argv.value("http-header-timeout", http_header_timeout.to_string());
+        argv.value("http-idle-timeout", http_idle_timeout.to_string());
+        argv.value("http-body-timeout", http_body_timeout.to_string());
+        argv.value("http-write-timeout", http_write_timeout.to_string());
+        let retention = [
+            ("retention-age", retention_age),
+            ("retention-messages", retention_messages),
+            ("retention-bytes", retention_bytes),
+            ("retention-topic-age", retention_topic_age),
+        ];
+        for (name, value) in retention {
+            if let Some(value) = value {
+                argv.value(name, value);
+            }
+        }
+        Ok(ServeCommand {
+            args: argv.0,
+            // Cleared when not given, so a variable of this shell cannot
+            // add what the user's command line did not have.
+            env: vec![
+                (RELAY_TOKEN_ENV, relay_token.clone()),
+                (NATS_ENV, (!nats.is_empty()).then(|| nats.join(","))),
+            ],
+        })
+    }
+}
+
+/// The `hermod serve` arguments and environment of a background daemon
+/// ([`ServeArgs::serve_command`]).
+#[derive(Debug)]
+pub struct ServeCommand {
+    pub args: Vec<OsString>,
+    /// Variables to set (`Some`) or remove (`None`) in its environment.
+    pub env: Vec<(&'static str, Option<String>)>,
+}
+
+/// Flags as `--name=value`: a value starting with `-` stays a value.
+#[derive(Default)]
+struct Argv(Vec<OsString>);
+
+impl Argv {
+    fn value(&mut self, name: &str, value: impl AsRef<OsStr>) {
+        let mut flag = OsString::from(format!("--{name}="));
+        flag.push(value);
+        self.0.push(flag);
+    }
+
+    fn switch(&mut self, name: &str, on: bool) {
+        if on {
+            self.0.push(format!("--{name}").into());
+        }
     }
 }
 
@@ -673,4 +800,172 @@ pub fn channel(flag: &Option<String>) -> Option<String> {
     flag.clone()
         .or_else(|| std::env::var("AGENT_BUS_CHANNEL").ok())
         .filter(|c| !c.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// `hermod serve` command lines that give every flag a value other than
+    /// its default (`--memory` conflicts with `--nats`, so it has its own).
+    const EVERY_FLAG: &[&[&str]] = &[
+        &[
+            "--data-dir=/srv/hermod",
+            "--socket=/run/hermod/bus.sock",
+            "--http=[::1]:18999",
+            "--no-http",
+            "--sse-keepalive=7",
+            "--relay-token=relay-sekret",
+            "--long-poll-max=9",
+            "--nats=nats://user:nats-pass@n1:4222,nats://n2:4222",
+            "--nats-creds=/etc/hermod/node.creds",
+            "--nats-stream=BUS",
+            "--nats-replicas=3",
+            "--hook-timeout=3",
+            "--hook-concurrency=2",
+            "--max-connections=12",
+            "--auth=tokens",
+            "--allow-uid=1001",
+            "--allow-uid=1002",
+            "--allow-origin=http://127.0.0.1:3000",
+            "--allow-host=bus.example",
+            "--allow-host=-odd",
+            "--send-rate=2.5",
+            "--send-burst=0.1",
+            "--http-max-connections=5",
+            "--http-header-timeout=4",
+            "--http-idle-timeout=6",
+            "--http-body-timeout=8",
+            "--http-write-timeout=11",
+            "--retention-age=off",
+            "--retention-messages=7",
+            "--retention-bytes=1MiB",
+            "--retention-topic-age=1h",
+        ],
+        &[
+            "--data-dir=/srv/hermod",
+            "--socket=/run/hermod/bus.sock",
+            "--memory",
+        ],
+    ];
+
+    fn serve_command() -> clap::Command {
+        Cli::command().find_subcommand("serve").unwrap().clone()
+    }
+
+    /// `hermod serve ARGS` as parsed with no environment variables (those of
+    /// whoever runs the tests stay out).
+    fn parse(args: impl IntoIterator<Item = OsString>) -> ServeArgs {
+        let mut serve = serve_command();
+        let ids: Vec<_> = serve.get_arguments().map(|a| a.get_id().clone()).collect();
+        for id in ids {
+            serve = serve.mut_arg(id, |a| a.env(None));
+        }
+        let argv = std::iter::once(OsString::from("serve")).chain(args);
+        let matches = serve
+            .try_get_matches_from(argv)
+            .unwrap_or_else(|e| panic!("{e}"));
+        <ServeArgs as clap::FromArgMatches>::from_arg_matches(&matches).unwrap()
+    }
+
+    /// The background process's view: `command`'s argv plus its
+    /// environment, each variable written as the flag that reads it (the
+    /// test's own environment is shared with other tests).
+    fn reparse(command: &ServeCommand) -> ServeArgs {
+        let serve = serve_command();
+        let mut args = command.args.clone();
+        for (var, value) in &command.env {
+            let arg = serve
+                .get_arguments()
+                .find(|a| a.get_env() == Some(OsStr::new(var)))
+                .unwrap_or_else(|| panic!("no serve flag reads {var}"));
+            if let Some(value) = value {
+                args.push(format!("--{}={value}", arg.get_long().unwrap()).into());
+            }
+        }
+        parse(args)
+    }
+
+    #[test]
+    fn the_test_lines_give_every_serve_flag_a_value_not_its_default() {
+        for arg in serve_command().get_arguments() {
+            let Some(long) = arg.get_long().filter(|l| *l != "help") else {
+                continue;
+            };
+            let given: Vec<&str> = EVERY_FLAG
+                .iter()
+                .flat_map(|line| line.iter())
+                .filter_map(|a| {
+                    let rest = a.strip_prefix("--")?.strip_prefix(long)?;
+                    match rest.strip_prefix('=') {
+                        Some(value) => Some(value),
+                        None => rest.is_empty().then_some(""),
+                    }
+                })
+                .collect();
+            assert!(
+                !given.is_empty(),
+                "EVERY_FLAG has no --{long}: give it a value other than its default"
+            );
+            for value in given {
+                assert!(
+                    !arg.get_default_values().iter().any(|d| d == value),
+                    "--{long}={value} is its default"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn serve_flags_round_trip() {
+        for line in EVERY_FLAG {
+            let args = parse(line.iter().map(OsString::from));
+            let command = args.serve_command().unwrap();
+            assert_eq!(reparse(&command), args, "{command:?}");
+            for secret in ["relay-sekret", "nats-pass"] {
+                assert!(
+                    !command
+                        .args
+                        .iter()
+                        .any(|a| a.to_string_lossy().contains(secret)),
+                    "{secret} in argv: {command:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_round_trip_and_secrets_not_given_are_cleared() {
+        let args = parse(["--data-dir=/srv/hermod".into()]);
+        let command = args.serve_command().unwrap();
+        let mut expected = args.clone();
+        expected.socket = Some("/srv/hermod/hermod.sock".into());
+        assert_eq!(reparse(&command), expected);
+        assert_eq!(
+            command.env,
+            [(RELAY_TOKEN_ENV, None), (NATS_ENV, None)],
+            "a variable of the starting shell must not reach the daemon"
+        );
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let args = parse(
+            [
+                "--data-dir=rel",
+                "--nats=nats://n1",
+                "--nats-creds=node.creds",
+            ]
+            .into_iter()
+            .map(OsString::from),
+        );
+        let command = args.serve_command().unwrap();
+        let child = reparse(&command);
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(child.data.data_dir, Some(cwd.join("rel")));
+        assert_eq!(child.socket, Some(cwd.join("rel").join("hermod.sock")));
+        assert_eq!(child.nats_creds, Some(cwd.join("node.creds")));
+    }
 }

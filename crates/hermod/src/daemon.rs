@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::cli::ServeCommand;
+
 pub const PID_FILE: &str = "hermod.pid";
 pub const LOG_FILE: &str = "hermod.log";
 
@@ -158,9 +160,9 @@ fn wait_stopped(dir: &Path, limit: Duration) -> bool {
     true
 }
 
-/// Starts `hermod serve <args>` in the background and waits until its
-/// socket answers.
-pub fn start(dir: &Path, socket: &Path, serve_args: &[String]) -> Result<u32> {
+/// Starts `hermod serve` in the background as `serve` says and waits
+/// until its socket answers.
+pub fn start(dir: &Path, socket: &Path, serve: &ServeCommand) -> Result<u32> {
     if let Some(pid) = running_pid(dir) {
         println!("hermod is already running (pid {pid})");
         return Ok(pid);
@@ -176,9 +178,16 @@ pub fn start(dir: &Path, socket: &Path, serve_args: &[String]) -> Result<u32> {
     let exe = std::env::current_exe().context("cannot find the hermod executable")?;
     let mut child = {
         use std::os::unix::process::CommandExt;
-        Command::new(exe)
+        let mut command = Command::new(exe);
+        for (name, value) in &serve.env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        command
             .arg("serve")
-            .args(serve_args)
+            .args(&serve.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

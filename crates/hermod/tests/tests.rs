@@ -16,6 +16,7 @@ mod http;
 mod limits;
 mod mcp;
 mod nats;
+mod start;
 mod storage;
 mod topics;
 mod trust;

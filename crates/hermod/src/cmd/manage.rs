@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::cli::{ClientArgs, DataDirArgs, ServeArgs};
 use crate::daemon;
@@ -12,44 +12,11 @@ const EXIT_DEGRADED: u8 = 1;
 /// Exit code of `status` when no daemon runs (as LSB init scripts).
 const EXIT_NOT_RUNNING: u8 = 3;
 
-/// The `serve` flags that reproduce `args` in the background process.
-fn serve_flags(args: &ServeArgs) -> Result<Vec<String>> {
-    let dir = std::path::absolute(args.data.resolve())?;
-    let mut flags = vec![
-        "--data-dir".into(),
-        dir.display().to_string(),
-        "--socket".into(),
-        std::path::absolute(args.socket())?.display().to_string(),
-        "--hook-timeout".into(),
-        args.hook_timeout.to_string(),
-        "--hook-concurrency".into(),
-        args.hook_concurrency.to_string(),
-        "--max-connections".into(),
-        args.max_connections.to_string(),
-    ];
-    flags.extend([
-        "--http".into(),
-        args.http.to_string(),
-        "--sse-keepalive".into(),
-        args.sse_keepalive.to_string(),
-        "--long-poll-max".into(),
-        args.long_poll_max.to_string(),
-    ]);
-    if let Some(token) = &args.relay_token {
-        // Through the environment, not argv: `ps` shows argv to everyone.
-        std::env::set_var("HERMOD_RELAY_TOKEN", token);
-    }
-    if args.no_http {
-        flags.push("--no-http".into());
-    }
-    if args.memory {
-        flags.push("--memory".into());
-    }
-    Ok(flags)
-}
-
 pub fn start(args: &ServeArgs) -> Result<ExitCode> {
-    daemon::start(&args.data.resolve(), &args.socket(), &serve_flags(args)?)?;
+    let serve = args
+        .serve_command()
+        .context("cannot make the data directory or socket path absolute")?;
+    daemon::start(&args.data.resolve(), &args.socket(), &serve)?;
     Ok(ExitCode::SUCCESS)
 }
 
