@@ -24,6 +24,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hashlink::LruCache;
 use hermod_events::Pattern;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -212,7 +213,9 @@ impl Default for RateLimit {
     }
 }
 
-/// Senders tracked at once; past it, full (idle) buckets are forgotten.
+/// Senders tracked at once; past it, the least recently active sender's
+/// bucket is forgotten (never all of them: a flood of new names cannot
+/// reset a busy sender's budget).
 const MAX_BUCKETS: usize = 65_536;
 
 struct Bucket {
@@ -240,7 +243,7 @@ pub struct Trust {
     mode: AuthMode,
     identities: Mutex<Identities>,
     limit: RateLimit,
-    buckets: Mutex<HashMap<AgentName, Bucket>>,
+    buckets: Mutex<LruCache<AgentName, Bucket>>,
 }
 
 impl Trust {
@@ -249,7 +252,7 @@ impl Trust {
             mode,
             identities: Mutex::default(),
             limit,
-            buckets: Mutex::default(),
+            buckets: Mutex::new(LruCache::new(MAX_BUCKETS)),
         }
     }
 
@@ -528,17 +531,9 @@ impl Trust {
         let level =
             |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         let mut buckets = self.buckets.lock().unwrap();
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(sender) {
-            // A full bucket is the same as no bucket: forget those.
-            buckets.retain(|_, b| level(b) < burst);
-            if buckets.len() >= MAX_BUCKETS {
-                tracing::warn!(
-                    "{MAX_BUCKETS} senders over their rate at once; resetting rate limits"
-                );
-                buckets.clear();
-            }
-        }
-        // Looked up before inserting: no name allocation per message.
+        // Looked up before inserting: no name allocation per message. At
+        // the cap the insert drops the least recently active sender's
+        // bucket (after `burst / rate` seconds of quiet, a full one anyway).
         if !buckets.contains_key(sender) {
             buckets.insert(
                 sender.clone(),
@@ -751,6 +746,21 @@ mod tests {
             trust.take_send(&name("b")).is_ok(),
             "another sender is unaffected"
         );
+        // A flood of new names past the cap forgets the least recently
+        // active senders, never the one that keeps sending.
+        let slow = RateLimit {
+            rate: 0.001,
+            burst: 1.0,
+        };
+        let trust = Trust::new(AuthMode::Open, slow);
+        assert!(trust.take_send(&name("a")).is_ok());
+        for i in 0..MAX_BUCKETS + 10 {
+            if i % 1000 == 0 {
+                assert!(trust.take_send(&name("a")).is_err(), "a's budget reset");
+            }
+            let _ = trust.take_send(&name(&format!("n{i}")));
+        }
+        assert_eq!(trust.buckets.lock().unwrap().len(), MAX_BUCKETS);
         let off = Trust::new(
             AuthMode::Open,
             RateLimit {

@@ -13,12 +13,17 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use hashlink::LruCache;
+
 use serde_json::json;
 
 use super::*;
 use crate::model::State as Delivery;
 
-/// Pairs and senders tracked at most (a new one past that is not counted).
+/// Pairs and senders tracked at most. Past it the least recently active
+/// sender's count is forgotten, and pairs that hold nothing and had no
+/// turn within the window are dropped (at most once a second); only when
+/// every tracked pair is busy is a new pair left uncounted.
 const TRACKED: usize = 65_536;
 /// Messages held per pair at most; past that a send is refused.
 const HELD_MAX: usize = 10_000;
@@ -72,12 +77,25 @@ struct Pair {
 }
 
 /// The counts, in memory (one lock, never held across an await).
-#[derive(Default)]
 pub(super) struct Guard {
     config: GuardConfig,
     pairs: HashMap<PairKey, Pair>,
-    partner: HashMap<(Channel, AgentName), AgentName>,
-    sent: HashMap<(Channel, AgentName), VecDeque<f64>>,
+    partner: LruCache<(Channel, AgentName), AgentName>,
+    sent: LruCache<(Channel, AgentName), VecDeque<f64>>,
+    /// When idle pairs were last dropped at the cap.
+    pairs_swept: f64,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Self {
+            config: GuardConfig::default(),
+            pairs: HashMap::new(),
+            partner: LruCache::new(TRACKED),
+            sent: LruCache::new(TRACKED),
+            pairs_swept: 0.0,
+        }
+    }
 }
 
 /// What the guard says of a message about to be routed.
@@ -123,23 +141,36 @@ impl Guard {
                     }
                     self.partner.insert(slot, other.clone());
                 }
-                None if self.partner.len() < TRACKED => {
+                // At the cap the least recently active agent is forgotten.
+                None => {
                     self.partner.insert(slot, other.clone());
                 }
-                None => {}
             }
         }
         let mut over = false;
         if let Some(limit) = limit {
             let slot = (channel.clone(), from.clone());
-            if self.sent.contains_key(&slot) || self.sent.len() < TRACKED {
-                let sent = self.sent.entry(slot).or_default();
-                sent.push_back(now);
-                while sent.front().is_some_and(|&t| t < now - window) {
-                    sent.pop_front();
-                }
-                over = sent.len() > limit;
+            if !self.sent.contains_key(&slot) {
+                self.sent.insert(slot.clone(), VecDeque::new());
             }
+            let sent = self.sent.get_mut(&slot).expect("just inserted");
+            sent.push_back(now);
+            while sent.front().is_some_and(|&t| t < now - window) {
+                sent.pop_front();
+            }
+            over = sent.len() > limit;
+        }
+        if turns > 0
+            && !self.pairs.contains_key(&key)
+            && self.pairs.len() >= TRACKED
+            && now - self.pairs_swept >= 1.0
+        {
+            self.pairs_swept = now;
+            self.pairs.retain(|_, p| {
+                p.held_until.is_some()
+                    || !p.held.is_empty()
+                    || p.turns.back().is_some_and(|&t| t >= now - window)
+            });
         }
         if turns > 0 && (self.pairs.contains_key(&key) || self.pairs.len() < TRACKED) {
             let pair = self.pairs.entry(key.clone()).or_default();
@@ -394,5 +425,46 @@ impl Broker {
             ));
         }
         self.notice_for(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> AgentName {
+        AgentName::parse(s).unwrap()
+    }
+
+    /// Ping-pongs `a` and `b` `n` times from `t`; true if any was held.
+    fn ping_pong(g: &mut Guard, a: &str, b: &str, n: usize, t: f64) -> bool {
+        let (a, b, ch) = (name(a), name(b), Channel::default());
+        (0..n).any(|i| {
+            let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            matches!(
+                g.check(&ch, from, to, t + i as f64 * 0.001),
+                Verdict::Hold { .. }
+            )
+        })
+    }
+
+    // At the cap the guard used to stop counting new pairs (failing open):
+    // a loop that started once 65,536 pairs had talked was never held.
+    #[test]
+    fn a_full_table_drops_idle_pairs_and_still_catches_a_new_loop() {
+        let mut g = Guard::default();
+        for i in 0..TRACKED {
+            ping_pong(&mut g, &format!("x{i}"), &format!("y{i}"), 2, 0.0);
+        }
+        assert_eq!(g.pairs.len(), TRACKED);
+        let later = g.config.window + 10.0;
+        assert!(
+            ping_pong(&mut g, "ping", "pong", 40, later),
+            "loop not held"
+        );
+        assert!(g.pairs.len() < TRACKED);
+        // The per-agent tables keep their cap and the newest agents.
+        assert_eq!(g.partner.len(), TRACKED);
+        assert!(g.partner.contains_key(&(Channel::default(), name("ping"))));
     }
 }
