@@ -118,6 +118,25 @@ fn pattern_covers(allowed: &str, requested: &str) -> bool {
     covers(&a, &p)
 }
 
+/// Where a request came from, as its transport proved it (not what the
+/// request says): the peer's uid (Unix socket credentials, or the owner
+/// of a loopback TCP socket) or, failing that, its address. What an
+/// unverified sender is charged to, so changing `from` resets nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    Uid(u32),
+    Addr(std::net::IpAddr),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Uid(uid) => write!(f, "uid {uid}"),
+            Origin::Addr(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
 /// Who is on the other end of a request, as far as it proved.
 ///
 /// A caller that proved a token stays valid only while that token does:
@@ -133,6 +152,8 @@ pub struct Caller {
     /// The token's generation: cancelled when its identity changes. Never
     /// cancelled for a trusted caller.
     revoked: CancellationToken,
+    /// Where the request came from (`None`: inside the daemon).
+    origin: Option<Origin>,
 }
 
 impl Caller {
@@ -144,7 +165,15 @@ impl Caller {
             auth,
             identity: None,
             revoked: CancellationToken::new(),
+            origin: None,
         }
+    }
+
+    /// This caller, as having come from `origin` (what its transport
+    /// proved about the peer; `None` if it could not tell).
+    pub fn from_origin(mut self, origin: Option<Origin>) -> Self {
+        self.origin = origin;
+        self
     }
 
     /// Cancelled once the token this caller proved is revoked or rotated.
@@ -194,7 +223,10 @@ impl Caller {
 }
 
 /// A per-agent send rate: `rate` messages per second on average, bursts of
-/// up to `burst`. A rate of 0 turns the limit off.
+/// up to `burst`. A rate of 0 turns the limit off. An unverified sender is
+/// also charged to its [`Origin`], whose budget is [`ORIGIN_SHARE`] agents'
+/// worth: one local user may run many agents, but no name it makes up
+/// buys it more.
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
     pub rate: f64,
@@ -213,6 +245,9 @@ impl Default for RateLimit {
     }
 }
 
+/// How many agents' budgets one origin's unverified senders share.
+pub const ORIGIN_SHARE: f64 = 16.0;
+
 /// Senders tracked at once; past it, the least recently active sender's
 /// bucket is forgotten (never all of them: a flood of new names cannot
 /// reset a busy sender's budget).
@@ -221,6 +256,51 @@ const MAX_BUCKETS: usize = 65_536;
 struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    /// Refills to `now`; true if a message may go (not yet taken).
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
+        self.at = now;
+        self.tokens >= 1.0
+    }
+
+    fn refused(&self, who: String, rate: f64) -> Error {
+        Error::RateLimited {
+            sender: who,
+            rate,
+            retry_after: Duration::from_secs_f64((1.0 - self.tokens) / rate).as_secs_f64(),
+        }
+    }
+}
+
+/// Least recently active first out: at the cap the insert of a new key
+/// drops the quietest one (after `burst / rate` seconds of quiet, a full
+/// bucket anyway), never all of them.
+struct Buckets {
+    agents: LruCache<AgentName, Bucket>,
+    origins: LruCache<Origin, Bucket>,
+}
+
+/// The bucket of `key`, made full if new. Looked up before inserting: no
+/// key allocation per message.
+fn bucket<'a, K: std::hash::Hash + Eq + Clone>(
+    map: &'a mut LruCache<K, Bucket>,
+    key: &K,
+    burst: f64,
+    now: Instant,
+) -> &'a mut Bucket {
+    if !map.contains_key(key) {
+        map.insert(
+            key.clone(),
+            Bucket {
+                tokens: burst,
+                at: now,
+            },
+        );
+    }
+    map.get_mut(key).expect("just inserted")
 }
 
 /// An identity as trust holds it: with the generation its callers share.
@@ -243,7 +323,7 @@ pub struct Trust {
     mode: AuthMode,
     identities: Mutex<Identities>,
     limit: RateLimit,
-    buckets: Mutex<LruCache<AgentName, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
 
 impl Trust {
@@ -252,7 +332,10 @@ impl Trust {
             mode,
             identities: Mutex::default(),
             limit,
-            buckets: Mutex::new(LruCache::new(MAX_BUCKETS)),
+            buckets: Mutex::new(Buckets {
+                agents: LruCache::new(MAX_BUCKETS),
+                origins: LruCache::new(MAX_BUCKETS),
+            }),
         }
     }
 
@@ -348,6 +431,7 @@ impl Trust {
                 auth: Auth::Token,
                 identity: Some(held.identity.clone()),
                 revoked: held.revoked.clone(),
+                origin: None,
             }),
             None => Err(Error::Unauthorized("unknown or revoked token".into())),
         }
@@ -521,40 +605,32 @@ impl Trust {
         }
     }
 
-    /// Takes one message from `sender`'s send budget.
-    pub fn take_send(&self, sender: &AgentName) -> Result<()> {
+    /// Takes one message `caller` sends as `sender` from the budgets it is
+    /// charged to: the sender's, and for an unverified caller its origin's
+    /// too. Taken from both or neither.
+    pub fn take_send(&self, caller: &Caller, sender: &AgentName) -> Result<()> {
         let RateLimit { rate, burst } = self.limit;
         if rate <= 0.0 {
             return Ok(());
         }
         let now = Instant::now();
-        let level =
-            |b: &Bucket| (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(burst);
         let mut buckets = self.buckets.lock().unwrap();
-        // Looked up before inserting: no name allocation per message. At
-        // the cap the insert drops the least recently active sender's
-        // bucket (after `burst / rate` seconds of quiet, a full one anyway).
-        if !buckets.contains_key(sender) {
-            buckets.insert(
-                sender.clone(),
-                Bucket {
-                    tokens: burst,
-                    at: now,
-                },
-            );
+        let Buckets { agents, origins } = &mut *buckets;
+        let agent = bucket(agents, sender, burst, now);
+        if !agent.refill(now, rate, burst) {
+            return Err(agent.refused(sender.to_string(), rate));
         }
-        let bucket = buckets.get_mut(sender).expect("just inserted");
-        bucket.tokens = level(bucket);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            return Ok(());
+        // A token caller is its agent: the name cannot change.
+        if let Some(origin) = caller.origin.filter(|_| caller.identity.is_none()) {
+            let (rate, burst) = (rate * ORIGIN_SHARE, burst * ORIGIN_SHARE);
+            let shared = bucket(origins, &origin, burst, now);
+            if !shared.refill(now, rate, burst) {
+                return Err(shared.refused(format!("{sender} (from {origin})"), rate));
+            }
+            shared.tokens -= 1.0;
         }
-        Err(Error::RateLimited {
-            sender: sender.to_string(),
-            rate,
-            retry_after: Duration::from_secs_f64((1.0 - bucket.tokens) / rate).as_secs_f64(),
-        })
+        agent.tokens -= 1.0;
+        Ok(())
     }
 }
 
@@ -729,6 +805,7 @@ mod tests {
 
     #[test]
     fn rate_limit_refuses_the_excess_per_sender() {
+        let open = Caller::trusted(Auth::Open);
         let trust = Trust::new(
             AuthMode::Open,
             RateLimit {
@@ -737,13 +814,13 @@ mod tests {
             },
         );
         let ok = (0..20)
-            .filter(|_| trust.take_send(&name("a")).is_ok())
+            .filter(|_| trust.take_send(&open, &name("a")).is_ok())
             .count();
         assert!((5..=6).contains(&ok), "{ok}");
-        let e = trust.take_send(&name("a")).unwrap_err();
+        let e = trust.take_send(&open, &name("a")).unwrap_err();
         assert_eq!(e.code(), "rate_limited");
         assert!(
-            trust.take_send(&name("b")).is_ok(),
+            trust.take_send(&open, &name("b")).is_ok(),
             "another sender is unaffected"
         );
         // A flood of new names past the cap forgets the least recently
@@ -753,14 +830,35 @@ mod tests {
             burst: 1.0,
         };
         let trust = Trust::new(AuthMode::Open, slow);
-        assert!(trust.take_send(&name("a")).is_ok());
+        assert!(trust.take_send(&open, &name("a")).is_ok());
         for i in 0..MAX_BUCKETS + 10 {
             if i % 1000 == 0 {
-                assert!(trust.take_send(&name("a")).is_err(), "a's budget reset");
+                assert!(
+                    trust.take_send(&open, &name("a")).is_err(),
+                    "a's budget reset"
+                );
             }
-            let _ = trust.take_send(&name(&format!("n{i}")));
+            let _ = trust.take_send(&open, &name(&format!("n{i}")));
         }
-        assert_eq!(trust.buckets.lock().unwrap().len(), MAX_BUCKETS);
+        assert_eq!(trust.buckets.lock().unwrap().agents.len(), MAX_BUCKETS);
+        // An unverified sender that makes up a new name per message still
+        // runs out: its origin is charged too (ORIGIN_SHARE agents' worth);
+        // another origin, and a token's agent, are not.
+        let trust = Trust::new(AuthMode::Open, slow);
+        let local = |uid| Caller::trusted(Auth::Open).from_origin(Some(Origin::Uid(uid)));
+        let sent = (0..100)
+            .filter(|i| trust.take_send(&local(7), &name(&format!("r{i}"))).is_ok())
+            .count();
+        assert_eq!(sent, ORIGIN_SHARE as usize);
+        let e = trust.take_send(&local(7), &name("fresh")).unwrap_err();
+        assert!(e.to_string().contains("uid 7"), "{e}");
+        assert!(trust.take_send(&local(8), &name("fresh")).is_ok());
+        let (w, token) = spec("w").issue().unwrap();
+        trust.set(&name("w"), Some(w));
+        let w = trust.authenticate(false, Some(&token)).unwrap();
+        assert!(trust
+            .take_send(&w.from_origin(Some(Origin::Uid(7))), &name("w"))
+            .is_ok());
         let off = Trust::new(
             AuthMode::Open,
             RateLimit {
@@ -768,7 +866,7 @@ mod tests {
                 burst: 0.0,
             },
         );
-        assert!((0..1000).all(|_| off.take_send(&name("a")).is_ok()));
+        assert!((0..1000).all(|_| off.take_send(&open, &name("a")).is_ok()));
     }
 
     #[test]

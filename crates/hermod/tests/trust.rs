@@ -67,6 +67,36 @@ fn over_the_rate_http_answers_429_with_retry_after() {
     assert!(other.starts_with("HTTP/1.1 200"), "{other}");
 }
 
+// A sender that makes up a new `from` for every message used to get a
+// fresh budget each time: its uid is charged too now.
+#[test]
+fn a_new_from_per_message_does_not_reset_the_send_rate() {
+    let d = Daemon::start_with(&["--send-rate", "0.5", "--send-burst", "2"], &[]);
+    let worker = token_of(&d, &["worker"]);
+    let send = |from: &str, auth: Option<&str>| {
+        let body = format!(r#"{{"from":"{from}","to":"b","msg":"hi"}}"#);
+        let header = auth.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec!["-X", "POST", "-d", &body];
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        let url = format!("{}/send", d.http);
+        args.push(&url);
+        curl(&args)
+    };
+    // 16 agents' bursts (ORIGIN_SHARE x 2) and what refills meanwhile.
+    let answers: Vec<String> = (0..80).map(|i| send(&format!("r{i}"), None)).collect();
+    let limited = answers
+        .iter()
+        .position(|a| a.starts_with("HTTP/1.1 429"))
+        .expect("80 made-up senders were never limited");
+    assert!(limited >= 32, "limited after only {limited}");
+    assert!(answers[limited].contains("uid "), "{}", answers[limited]);
+    // A verified agent has its own budget.
+    let verified = send("worker", Some(&worker));
+    assert!(verified.starts_with("HTTP/1.1 200"), "{verified}");
+}
+
 #[test]
 fn tokens_mode_needs_a_token_on_every_request() {
     let d = Daemon::start_with(&["--auth", "tokens"], &[]);

@@ -82,7 +82,7 @@ impl Broker {
     ) -> Result<(NewMessage, Option<(guard::PairKey, bool)>)> {
         let from = self.trust.sender(caller, env.from.clone())?;
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
-        self.trust.take_send(&from)?;
+        self.trust.take_send(caller, &from)?;
         let now = model::now();
         let to = env
             .to

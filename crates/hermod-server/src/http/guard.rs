@@ -20,7 +20,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hermod_core::auth::Caller;
+use hermod_core::auth::{Caller, Origin};
 
 use super::error::ApiError;
 use super::listener::Peer;
@@ -50,13 +50,19 @@ pub async fn guard(State(app): State<AppState>, mut req: Request, next: Next) ->
         }
         token = token.or(query);
     }
-    let owner = req
-        .extensions()
-        .get::<Peer>()
+    let peer = req.extensions().get::<Peer>();
+    let owner = peer
         .and_then(|p| p.uid)
         .is_some_and(|uid| app.config.owner_uids.contains(&uid));
+    // What an unverified sender is charged to: the socket's uid where the
+    // kernel told it, else the peer's address (never a header).
+    let origin = peer.map(|p| match p.uid {
+        Some(uid) => Origin::Uid(uid),
+        None => Origin::Addr(p.addr.ip()),
+    });
     match app.broker.trust().authenticate(owner, token.as_deref()) {
         Ok(caller) => {
+            let caller = caller.from_origin(origin);
             req.extensions_mut().insert::<Caller>(caller);
             next.run(req).await
         }

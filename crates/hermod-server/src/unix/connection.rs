@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
-use hermod_core::auth::Caller;
+use hermod_core::auth::{Caller, Origin};
 use hermod_core::broker::Session;
 use hermod_core::engine::Durable;
 use hermod_core::model::{Channel, InboxKey, Seq};
@@ -86,20 +86,23 @@ pub(super) async fn handle(
 ) {
     let fd = stream.as_raw_fd();
     // Who is calling, by the kernel's word (SO_PEERCRED), not the client's.
-    let owner = match stream.peer_cred() {
-        Ok(cred) => config.owner_uids.contains(&cred.uid()),
+    let uid = match stream.peer_cred() {
+        Ok(cred) => Some(cred.uid()),
         Err(e) => {
             tracing::debug!(error = %e, "no peer credentials; treating the peer as a stranger");
-            false
+            None
         }
     };
+    let owner = uid.is_some_and(|uid| config.owner_uids.contains(&uid));
+    let origin = uid.map(Origin::Uid);
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(OUT_QUEUE);
     let writer_done = CancellationToken::new();
     let shutdown_r = shutdown.clone();
     let reader = Reader {
-        caller: broker.trust().authenticate(owner, None).ok(),
+        caller: authenticate(&broker, owner, origin, None).ok(),
         owner,
+        origin,
         broker: broker.clone(),
         tx,
         session: None,
@@ -128,6 +131,8 @@ pub(super) async fn handle(
 struct Reader {
     /// The peer runs as the daemon's user (or an allowed uid).
     owner: bool,
+    /// The peer's uid, which its unverified sends are charged to.
+    origin: Option<Origin>,
     /// Who this connection speaks for without a per-frame token: from the
     /// peer credentials, or the identity whose token registered it.
     caller: Option<Caller>,
@@ -210,7 +215,7 @@ impl Reader {
         let trust = self.broker.trust();
         let caller = match (token.as_deref(), &self.caller) {
             (None, Some(c)) => Ok(c.clone()),
-            (token, _) => trust.authenticate(self.owner, token),
+            (token, _) => authenticate(&self.broker, self.owner, self.origin, token),
         };
         let caller = match request.manages_identities() {
             true => trust.manager(self.owner, caller),
@@ -333,6 +338,20 @@ impl Reader {
     async fn out(&self, out: Out) -> bool {
         self.tx.send(out).await.is_ok()
     }
+}
+
+/// The caller of a frame, from where it came (the kernel's word) and the
+/// token it showed, if any.
+fn authenticate(
+    broker: &Broker,
+    owner: bool,
+    origin: Option<Origin>,
+    token: Option<&str>,
+) -> hermod_core::Result<Caller> {
+    Ok(broker
+        .trust()
+        .authenticate(owner, token)?
+        .from_origin(origin))
 }
 
 fn is_too_large(e: &io::Error) -> bool {
