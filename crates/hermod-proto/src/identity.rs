@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Channel};
+use crate::model::{check_len, AgentName, Channel};
 
 /// An agent identity: a name whose token proves it, and what it may do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,11 +59,13 @@ impl IdentitySpec {
         };
         let may_send = self.may_send.unwrap_or_else(|| vec!["*".into()]);
         for g in &may_send {
+            check_len("may_send", g)?;
             check_name_glob(g)?;
         }
-        let topics = |rules: Option<Vec<String>>| -> Result<Vec<String>> {
+        let topics = |field: &str, rules: Option<Vec<String>>| -> Result<Vec<String>> {
             let rules = rules.unwrap_or_else(|| vec!["**".into()]);
             for r in &rules {
+                check_len(field, r)?;
                 Pattern::parse(r)?;
             }
             Ok(rules)
@@ -73,8 +75,8 @@ impl IdentitySpec {
             name,
             channel,
             may_send,
-            may_publish: topics(self.may_publish)?,
-            may_subscribe: topics(self.may_subscribe)?,
+            may_publish: topics("may_publish", self.may_publish)?,
+            may_subscribe: topics("may_subscribe", self.may_subscribe)?,
             admin: self.admin,
             created: crate::model::now(),
             token_hash,
@@ -120,4 +122,49 @@ fn check_name_glob(g: &str) -> Result<()> {
         };
     }
     AgentName::parse(plain).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> IdentitySpec {
+        IdentitySpec {
+            name: name.into(),
+            ..IdentitySpec::default()
+        }
+    }
+
+    #[test]
+    fn over_long_rules_are_refused_naming_the_rule() {
+        let long = format!("{}*", "a".repeat(crate::model::MAX_FIELD_LEN));
+        let refused = |s: IdentitySpec, field: &str| {
+            let e = s.issue().unwrap_err();
+            assert_eq!(e.code(), "invalid_request", "{e}");
+            assert!(e.to_string().contains(&format!("\"{field}\"")), "{e}");
+        };
+        refused(
+            IdentitySpec {
+                may_send: Some(vec![long.clone()]),
+                ..spec("w")
+            },
+            "may_send",
+        );
+        let topic = vec!["seg"; 100].join(".");
+        refused(
+            IdentitySpec {
+                may_publish: Some(vec![topic.clone()]),
+                ..spec("w")
+            },
+            "may_publish",
+        );
+        refused(
+            IdentitySpec {
+                may_subscribe: Some(vec![topic]),
+                ..spec("w")
+            },
+            "may_subscribe",
+        );
+        assert!(spec("w").issue().is_ok());
+    }
 }

@@ -1,7 +1,27 @@
 //! Routing: who a message goes to (and who may send it), durable topic
 //! subscriptions, and the hand-off to the engine.
+//!
+//! Every door's sends, publications and subscriptions enter here, so this
+//! is where the strings a client chose are held to
+//! [`model::MAX_FIELD_LEN`], before anything is stored.
 
 use super::*;
+
+/// The strings of a message a client chose, each within the cap (checked
+/// first: a refused message leaves nothing behind, not even a new name).
+fn check_lengths(env: &Envelope) -> Result<()> {
+    let fields = [
+        ("id", &env.id),
+        ("reply_to", &env.meta.reply_to),
+        ("thread", &env.meta.thread),
+    ];
+    for (field, value) in fields {
+        if let Some(value) = value {
+            model::check_len(field, value)?;
+        }
+    }
+    Ok(())
+}
 
 impl Broker {
     /// Routes and submits a message from `caller` (its sender is the
@@ -80,6 +100,7 @@ impl Broker {
         env: Envelope,
         target: Target,
     ) -> Result<(NewMessage, Option<(guard::PairKey, bool)>)> {
+        check_lengths(&env)?;
         let from = self.trust.sender(caller, env.from.clone())?;
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(&from)?;
@@ -180,7 +201,10 @@ impl Broker {
         payload: serde_json::Map<String, serde_json::Value>,
         id: Option<String>,
     ) -> Result<Durable> {
-        pattern::validate_topic(topic)?;
+        model::check_topic(topic)?;
+        if let Some(id) = &id {
+            model::check_len("id", id)?;
+        }
         let from = self.trust.sender(caller, from)?;
         self.trust.may_publish(caller, &channel, topic)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
@@ -219,7 +243,7 @@ impl Broker {
     /// the agent's channel land in its inbox. Returns false if it existed.
     /// Resolves once the subscription is durable and routing uses it.
     pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        Pattern::parse(pattern)?;
+        model::parse_pattern(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         self.trust.may_subscribe(caller, &key.channel, pattern)?;
         let now = model::now();
@@ -244,7 +268,7 @@ impl Broker {
 
     /// Removes a durable subscription; false if there was none.
     pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        Pattern::parse(pattern)?;
+        model::parse_pattern(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         if !self
             .shared
