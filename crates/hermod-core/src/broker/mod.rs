@@ -543,8 +543,10 @@ mod tests {
                     "reply_to" => e.meta.reply_to = Some(long.clone()),
                     _ => e.meta.thread = Some(long.clone()),
                 }
-                let results = b.send_many(&owner(), vec![e], Target::Any).await.unwrap();
-                refused(results.into_iter().next().unwrap().unwrap_err(), field);
+                // In a batch, the whole batch is refused.
+                let good = env("a", Some("b"), 2);
+                let e = b.send_many(&owner(), vec![good, e], Target::Any).await;
+                refused(e.unwrap_err(), field);
             }
             let topic = vec!["seg"; 100].join(".");
             for (topic, id, field) in [(topic.as_str(), None, "topic"), ("ok", Some(&long), "id")] {

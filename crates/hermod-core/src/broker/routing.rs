@@ -56,14 +56,25 @@ impl Broker {
     }
 
     /// Sends many messages in one engine append (one commit under light
-    /// load): each is checked and routed on its own, so one bad message
-    /// fails alone; the rest are stored in order and resolve together.
+    /// load): each is checked and routed on its own, so one refused message
+    /// fails alone; the rest are stored in order and resolve together. A
+    /// malformed one (a string over the cap) is a client bug, not an
+    /// outcome: it refuses the whole batch, nothing stored, as a bad name
+    /// does at the door.
     pub async fn send_many(
         &self,
         caller: &Caller,
         envs: Vec<Envelope>,
         target: Target,
     ) -> Result<Vec<Result<Arc<Message>>>> {
+        for (i, env) in envs.iter().enumerate() {
+            check_lengths(env).map_err(|e| match e {
+                Error::InvalidRequest(detail) => {
+                    Error::InvalidRequest(format!("message {i}: {detail}"))
+                }
+                other => other,
+            })?;
+        }
         let mut routed = Vec::with_capacity(envs.len());
         let mut batch = Vec::with_capacity(envs.len());
         let mut holds = Vec::with_capacity(envs.len());
