@@ -53,6 +53,12 @@ impl IdentitySpec {
     /// Validates every rule and issues a fresh token: `(identity, token)`.
     pub fn issue(self) -> Result<(Identity, String)> {
         let name = AgentName::parse(self.name)?;
+        if name.is_reserved() {
+            return Err(Error::Forbidden {
+                rule: "reserved",
+                detail: format!("{name} is the daemon's own name: no identity may hold it"),
+            });
+        }
         let channel = match self.channel {
             Some(c) if !c.is_empty() => Some(Channel::parse(c)?),
             _ => None,
@@ -166,5 +172,13 @@ mod tests {
             "may_subscribe",
         );
         assert!(spec("w").issue().is_ok());
+    }
+
+    #[test]
+    fn the_daemons_own_names_cannot_be_issued() {
+        for name in crate::model::RESERVED_NAMES {
+            let e = spec(name).issue().unwrap_err();
+            assert_eq!(e.code(), "forbidden", "{e}");
+        }
     }
 }

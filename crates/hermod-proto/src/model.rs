@@ -28,9 +28,21 @@ pub const MAX_NAME_LEN: usize = 128;
 /// index, receipt and log line it lands in without bound.
 pub const MAX_FIELD_LEN: usize = 256;
 
+/// The sender of receipts, bounces and loop-guard notices: the daemon.
+pub const SYSTEM_SENDER: &str = "hermod";
+
 /// The sender name of events that arrived through the relay endpoint; a
 /// bridge never ships these back (no echo loops).
 pub const RELAY_SENDER: &str = "relay";
+
+/// The sender the SSE-interop door puts on its `subscriber_connected`
+/// notices.
+pub const INTEROP_SENDER: &str = "interop";
+
+/// The names the daemon itself sends as. No client may send, register or
+/// read as one, nor hold an identity by one, on any door and in every
+/// `--auth` mode: a receipt, bounce or notice from them is the daemon's.
+pub const RESERVED_NAMES: [&str; 3] = [SYSTEM_SENDER, RELAY_SENDER, INTEROP_SENDER];
 
 /// The channel used when a client names none.
 pub const DEFAULT_CHANNEL: &str = "default";
@@ -154,6 +166,11 @@ impl AgentName {
     /// The sender name the hermes-bus client uses for short-lived senders.
     pub fn anonymous() -> Self {
         AgentName("anonymous".to_owned())
+    }
+
+    /// One of [`RESERVED_NAMES`]: only the daemon speaks as it.
+    pub fn is_reserved(&self) -> bool {
+        RESERVED_NAMES.contains(&self.as_str())
     }
 }
 
@@ -722,6 +739,12 @@ mod tests {
         assert!(AgentName::parse("bad name").is_err());
         assert!(AgentName::parse("ünï").is_err());
         assert_eq!(AgentName::parse("a/b").unwrap_err().code(), "invalid_name");
+        for reserved in RESERVED_NAMES {
+            assert!(AgentName::parse(reserved).unwrap().is_reserved());
+        }
+        // Names are case-sensitive: only the exact spelling is the daemon's.
+        assert!(!AgentName::parse("Hermod").unwrap().is_reserved());
+        assert!(!AgentName::anonymous().is_reserved());
     }
 
     #[test]

@@ -1,7 +1,11 @@
-//! What a client may not claim, black-box: strings over the 256-character
-//! cap (a message id, `reply_to`, a topic, a pattern) are refused on every
-//! door (HTTP 400, `invalid_request` frames) naming the field, and nothing
-//! of them is stored.
+//! What a client may not claim, black-box, on every door:
+//! - strings over the 256-character cap (a message id, `reply_to`, a topic,
+//!   a pattern) are refused (HTTP 400, `invalid_request` frames) naming the
+//!   field, and nothing of them is stored;
+//! - the daemon's own names (`hermod`, which signs receipts, bounces and
+//!   loop-guard notices; `relay`; `interop`) are refused as a sender
+//!   (`forbidden_sender`, HTTP 403), as an agent to register or read as,
+//!   and as an identity, in every `--auth` mode.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -9,8 +13,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite;
 
-use crate::support::{stdout, Daemon};
+use crate::support::{stderr, stdout, Daemon};
 
 /// One character over the cap (`hermod_core::model::MAX_FIELD_LEN`), and
 /// far over it.
@@ -199,4 +204,134 @@ fn over_long_strings_get_invalid_request_over_the_unix_socket() {
         .output()
         .unwrap();
     assert_eq!(stdout(&subs).trim(), r#"{"patterns":[]}"#);
+}
+
+/// The names the daemon sends as (`hermod_core::model::RESERVED_NAMES`).
+const RESERVED: [&str; 3] = ["hermod", "relay", "interop"];
+
+/// `hermod agent add --json NAME`: the new token.
+fn add_identity(d: &Daemon, name: &str) -> String {
+    let out = d.cli(&["agent", "add", "--json", name]);
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    v["token"].as_str().unwrap().to_owned()
+}
+
+type WebSocket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// A v1 WebSocket of `agent`: connected, or the HTTP status it was refused with.
+fn ws(d: &Daemon, agent: &str, token: Option<&str>) -> Result<WebSocket, u16> {
+    use tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/agents/{agent}/ws", d.http.replacen("http", "ws", 1));
+    let mut request = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        let bearer = format!("Bearer {t}").parse().unwrap();
+        request.headers_mut().insert("Authorization", bearer);
+    }
+    match tungstenite::connect(request) {
+        Ok((socket, _)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(e) => panic!("WebSocket to {agent}: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_daemons_own_names_are_refused_on_every_door_in_every_auth_mode() {
+    for mode in ["open", "owner", "tokens"] {
+        let d = Daemon::start_with(&["--auth", mode], &[]);
+        // Identities are the owner's to make over the socket in every mode.
+        let token = add_identity(&d, "alice");
+        let token = (mode == "tokens").then_some(token.as_str());
+        // Who sends legitimately: alice with her token, else a plain name
+        // (alice's identity reserves her name for her token).
+        let me = if token.is_some() { "alice" } else { "carol" };
+        for name in RESERVED {
+            let out = d.cli(&["agent", "add", name]);
+            assert!(!out.status.success(), "{mode}: agent add {name} succeeded");
+            assert!(stderr(&out).contains("reserved"), "{}", stderr(&out));
+        }
+        let with_token = |mut frame: Value| {
+            if let Some(t) = token {
+                frame["token"] = t.into();
+            }
+            frame
+        };
+
+        // The Unix socket: raw frames.
+        let mut s = unix(&d);
+        for name in RESERVED {
+            let forged =
+                json!({ "to": "bob", "from": name, "body": { "type": "receipt", "text": "read" } });
+            for kind in ["send", "message"] {
+                let mut frame = with_token(forged.clone());
+                frame["type"] = kind.into();
+                assert_frame_refused_code(&ask(&mut s, frame), "forbidden_sender", mode);
+            }
+            let publish =
+                with_token(json!({ "type": "publish", "topic": "ci.done", "from": name }));
+            assert_frame_refused_code(&ask(&mut s, publish), "forbidden_sender", mode);
+            let register = with_token(json!({ "type": "register", "endpoint": name }));
+            assert_frame_refused_code(&ask(&mut s, register), "forbidden", mode);
+        }
+
+        // HTTP: agent-bus `/send` and v1 `POST /v1/messages`.
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: Value| {
+            let req = http.post(format!("{}{path}", d.http)).json(&body);
+            match token {
+                Some(t) => req.bearer_auth(t),
+                None => req,
+            }
+        };
+        for name in RESERVED {
+            let bus = call(post(
+                "/send",
+                json!({ "from": name, "to": "bob", "msg": "read" }),
+            ))
+            .await;
+            let v1 = json!({ "from": name, "to": "bob", "body": { "type": "receipt" } });
+            let v1 = call(post("/v1/messages", v1)).await;
+            for (door, (status, body)) in [("/send", bus), ("/v1/messages", v1)] {
+                assert_eq!(status, 403, "{mode} {door} as {name}: {body}");
+                assert_eq!(body["code"], "forbidden_sender", "{mode} {door}: {body}");
+            }
+        }
+
+        // The v1 WebSocket: no socket as the daemon, no frame claiming it.
+        assert_eq!(ws(&d, "hermod", token).err(), Some(403), "{mode}");
+        let mut socket = ws(&d, me, token).unwrap();
+        for name in RESERVED {
+            let frame =
+                json!({ "type": "send", "to": "bob", "from": name, "body": { "type": "receipt" } });
+            socket
+                .send(tungstenite::Message::text(frame.to_string()))
+                .unwrap();
+            let reply = loop {
+                match socket.read().unwrap() {
+                    tungstenite::Message::Text(t) => {
+                        break serde_json::from_str::<Value>(&t).unwrap()
+                    }
+                    _ => continue,
+                }
+            };
+            assert_frame_refused_code(&reply, "forbidden_sender", mode);
+        }
+        drop(socket);
+
+        // Nothing was stored, and a client's own name still sends.
+        let sent = ask(
+            &mut s,
+            with_token(json!({ "type": "send", "from": me, "to": "bob", "body": {} })),
+        );
+        assert_eq!(
+            (sent["type"].as_str(), sent["seq"].as_u64()),
+            (Some("sent"), Some(1)),
+            "{mode}: {sent}"
+        );
+    }
+}
+
+fn assert_frame_refused_code(reply: &Value, code: &str, mode: &str) {
+    assert_eq!(reply["type"], "error", "{mode}: {reply}");
+    assert_eq!(reply["code"], code, "{mode}: {reply}");
 }

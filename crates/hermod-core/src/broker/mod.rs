@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::model::SYSTEM_SENDER;
 pub use cursors::Claim;
-pub use delivery::{DeliveryConfig, Receipt, SYSTEM_SENDER};
+pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
