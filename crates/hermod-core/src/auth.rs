@@ -12,7 +12,11 @@
 //!   not even the owner's own processes — sends, registers or reads as it,
 //!   so nobody can kick a verified agent or read its mail;
 //! - the owner (or, under `--auth open`, anyone) may use any other name,
-//!   which is what every legacy client does today.
+//!   which is what every legacy client does today;
+//! - the names the daemon itself sends as ([`RESERVED_NAMES`]: `hermod`
+//!   for receipts, bounces and notices, `relay`, `interop`) are nobody
+//!   else's, in every mode: only a [`Caller::daemon`] claims them, so a
+//!   receipt from `hermod` cannot be forged.
 //!
 //! Tokens are 256 random bits (`hmd_` + base64url). Only their SHA-256 is
 //! stored; a presented token is hashed and looked up by that hash, then the
@@ -30,7 +34,7 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Auth, Channel, InboxKey};
+use crate::model::{AgentName, Auth, Channel, InboxKey, RESERVED_NAMES, SYSTEM_SENDER};
 use hermod_proto::identity::digest;
 pub use hermod_proto::identity::{new_token, secrets_equal, Identity, IdentitySpec};
 
@@ -137,6 +141,10 @@ impl std::fmt::Display for Origin {
     }
 }
 
+fn revoked() -> Error {
+    Error::Unauthorized("this token was revoked or rotated".into())
+}
+
 /// Who is on the other end of a request, as far as it proved.
 ///
 /// A caller that proved a token stays valid only while that token does:
@@ -154,6 +162,8 @@ pub struct Caller {
     revoked: CancellationToken,
     /// Where the request came from (`None`: inside the daemon).
     origin: Option<Origin>,
+    /// The daemon itself: the only caller that may claim a reserved name.
+    daemon: bool,
 }
 
 impl Caller {
@@ -166,6 +176,17 @@ impl Caller {
             identity: None,
             revoked: CancellationToken::new(),
             origin: None,
+            daemon: false,
+        }
+    }
+
+    /// The daemon sending under one of its own [`RESERVED_NAMES`] (loop
+    /// guard notices as `hermod`, relayed events as `relay`); its messages
+    /// are marked `auth`. Never built from anything a client sent.
+    pub fn daemon(auth: Auth) -> Self {
+        Self {
+            daemon: true,
+            ..Self::trusted(auth)
         }
     }
 
@@ -184,9 +205,7 @@ impl Caller {
     /// `Err(unauthorized)` once the caller's token was revoked or rotated.
     pub fn check(&self) -> Result<()> {
         match self.revoked.is_cancelled() {
-            true => Err(Error::Unauthorized(
-                "this token was revoked or rotated".into(),
-            )),
+            true => Err(revoked()),
             false => Ok(()),
         }
     }
@@ -199,9 +218,7 @@ impl Caller {
     ) -> Result<T> {
         tokio::select! {
             biased;
-            _ = self.revoked.cancelled() => Err(Error::Unauthorized(
-                "this token was revoked or rotated".into(),
-            )),
+            _ = self.revoked.cancelled() => Err(revoked()),
             done = work => done,
         }
     }
@@ -432,6 +449,7 @@ impl Trust {
                 identity: Some(held.identity.clone()),
                 revoked: held.revoked.clone(),
                 origin: None,
+                daemon: false,
             }),
             None => Err(Error::Unauthorized("unknown or revoked token".into())),
         }
@@ -444,6 +462,22 @@ impl Trust {
     /// The sender of a message `caller` sends, claiming `claimed`.
     pub fn sender(&self, caller: &Caller, claimed: Option<AgentName>) -> Result<AgentName> {
         caller.check()?;
+        if caller.daemon {
+            // The daemon names its own sender (never from a client's frame).
+            return Ok(
+                claimed.unwrap_or_else(|| AgentName::parse(SYSTEM_SENDER).expect("a valid name"))
+            );
+        }
+        // A token's own name too: an identity made before the name was
+        // reserved proves nothing about the daemon.
+        if let Some(name) = claimed.as_ref().or(caller.agent()) {
+            if name.is_reserved() {
+                return Err(Error::ForbiddenSender(format!(
+                    "{name} is the daemon's own name ({}): no client may send as it",
+                    RESERVED_NAMES.join(", ")
+                )));
+            }
+        }
         match caller.agent() {
             Some(me) => match claimed {
                 Some(other) if &other != me => Err(Error::ForbiddenSender(format!(
@@ -466,6 +500,15 @@ impl Trust {
     /// May `caller` register, receive, read or acknowledge as `key`?
     pub fn may_act_as(&self, caller: &Caller, key: &InboxKey) -> Result<()> {
         caller.check()?;
+        if key.agent.is_reserved() && !caller.daemon {
+            return Err(Error::Forbidden {
+                rule: "reserved",
+                detail: format!(
+                    "{} is the daemon's own name: no client may register, read or act as it",
+                    key.agent
+                ),
+            });
+        }
         match caller.agent() {
             Some(me) if me != &key.agent => Err(Error::Forbidden {
                 rule: "identity",
@@ -742,6 +785,65 @@ mod tests {
         trust.set(&name("alice"), None);
         assert!(!owner.revoked().is_cancelled());
         assert!(owner.check().is_ok());
+    }
+
+    #[test]
+    fn the_daemons_own_names_are_nobody_elses_in_every_mode() {
+        let key = |n: &str| InboxKey::new(Channel::default(), name(n));
+        for mode in [AuthMode::Open, AuthMode::Owner, AuthMode::Tokens] {
+            let trust = Trust::new(mode, RateLimit::default());
+            let (alice, token) = spec("alice").issue().unwrap();
+            trust.set(&alice.name.clone(), Some(alice));
+            let mut callers = vec![trust.authenticate(false, Some(&token)).unwrap()];
+            callers.extend(trust.authenticate(true, None));
+            for caller in &callers {
+                for reserved in RESERVED_NAMES {
+                    let e = trust.sender(caller, Some(name(reserved))).unwrap_err();
+                    assert_eq!(e.code(), "forbidden_sender", "{mode:?} {reserved}: {e}");
+                    let e = trust.may_act_as(caller, &key(reserved)).unwrap_err();
+                    assert_eq!(e.code(), "forbidden", "{mode:?} {reserved}: {e}");
+                }
+            }
+            // The daemon's own sends still go through, in every mode, even
+            // past an identity a store made before the names were reserved.
+            trust.set(
+                &name("hermod"),
+                Some(identity_made_before_the_reservation().0),
+            );
+            let daemon = Caller::daemon(Auth::Owner);
+            assert_eq!(trust.sender(&daemon, None).unwrap(), name("hermod"));
+            for reserved in RESERVED_NAMES {
+                assert_eq!(
+                    trust.sender(&daemon, Some(name(reserved))).unwrap(),
+                    name(reserved)
+                );
+            }
+        }
+        // A token whose identity predates the reservation proves nothing.
+        let trust = Trust::new(AuthMode::Owner, RateLimit::default());
+        let (old, token) = identity_made_before_the_reservation();
+        trust.set(&name("hermod"), Some(old));
+        let c = trust.authenticate(false, Some(&token)).unwrap();
+        assert_eq!(
+            trust.sender(&c, None).unwrap_err().code(),
+            "forbidden_sender"
+        );
+    }
+
+    /// An identity named `hermod` (issuing one is refused now) and its token.
+    fn identity_made_before_the_reservation() -> (Identity, String) {
+        let (token, token_hash) = new_token();
+        let identity = Identity {
+            name: name("hermod"),
+            channel: None,
+            may_send: vec!["*".into()],
+            may_publish: vec![],
+            may_subscribe: vec![],
+            admin: false,
+            created: 0.0,
+            token_hash,
+        };
+        (identity, token)
     }
 
     #[test]

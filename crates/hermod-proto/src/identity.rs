@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
-use crate::model::{AgentName, Channel};
+use crate::model::{check_len, AgentName, Channel};
 
 /// An agent identity: a name whose token proves it, and what it may do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,17 +53,25 @@ impl IdentitySpec {
     /// Validates every rule and issues a fresh token: `(identity, token)`.
     pub fn issue(self) -> Result<(Identity, String)> {
         let name = AgentName::parse(self.name)?;
+        if name.is_reserved() {
+            return Err(Error::Forbidden {
+                rule: "reserved",
+                detail: format!("{name} is the daemon's own name: no identity may hold it"),
+            });
+        }
         let channel = match self.channel {
             Some(c) if !c.is_empty() => Some(Channel::parse(c)?),
             _ => None,
         };
         let may_send = self.may_send.unwrap_or_else(|| vec!["*".into()]);
         for g in &may_send {
+            check_len("may_send", g)?;
             check_name_glob(g)?;
         }
-        let topics = |rules: Option<Vec<String>>| -> Result<Vec<String>> {
+        let topics = |field: &str, rules: Option<Vec<String>>| -> Result<Vec<String>> {
             let rules = rules.unwrap_or_else(|| vec!["**".into()]);
             for r in &rules {
+                check_len(field, r)?;
                 Pattern::parse(r)?;
             }
             Ok(rules)
@@ -73,8 +81,8 @@ impl IdentitySpec {
             name,
             channel,
             may_send,
-            may_publish: topics(self.may_publish)?,
-            may_subscribe: topics(self.may_subscribe)?,
+            may_publish: topics("may_publish", self.may_publish)?,
+            may_subscribe: topics("may_subscribe", self.may_subscribe)?,
             admin: self.admin,
             created: crate::model::now(),
             token_hash,
@@ -120,4 +128,57 @@ fn check_name_glob(g: &str) -> Result<()> {
         };
     }
     AgentName::parse(plain).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> IdentitySpec {
+        IdentitySpec {
+            name: name.into(),
+            ..IdentitySpec::default()
+        }
+    }
+
+    #[test]
+    fn over_long_rules_are_refused_naming_the_rule() {
+        let long = format!("{}*", "a".repeat(crate::model::MAX_FIELD_LEN));
+        let refused = |s: IdentitySpec, field: &str| {
+            let e = s.issue().unwrap_err();
+            assert_eq!(e.code(), "invalid_request", "{e}");
+            assert!(e.to_string().contains(&format!("\"{field}\"")), "{e}");
+        };
+        refused(
+            IdentitySpec {
+                may_send: Some(vec![long.clone()]),
+                ..spec("w")
+            },
+            "may_send",
+        );
+        let topic = vec!["seg"; 100].join(".");
+        refused(
+            IdentitySpec {
+                may_publish: Some(vec![topic.clone()]),
+                ..spec("w")
+            },
+            "may_publish",
+        );
+        refused(
+            IdentitySpec {
+                may_subscribe: Some(vec![topic]),
+                ..spec("w")
+            },
+            "may_subscribe",
+        );
+        assert!(spec("w").issue().is_ok());
+    }
+
+    #[test]
+    fn the_daemons_own_names_cannot_be_issued() {
+        for name in crate::model::RESERVED_NAMES {
+            let e = spec(name).issue().unwrap_err();
+            assert_eq!(e.code(), "forbidden", "{e}");
+        }
+    }
 }

@@ -3,7 +3,11 @@
 //! Agent names and channels follow PROTOCOLS.md: case-sensitive, 1–128
 //! characters of `[A-Za-z0-9._:@-]`. They are validated once, at the edge,
 //! by parsing into [`AgentName`] / [`Channel`]; past that point the broker
-//! never re-checks them.
+//! never re-checks them. Every other string a client chooses that the
+//! daemon keeps (a message id, `reply_to`, `thread`, a topic, a
+//! subscription pattern) is capped at [`MAX_FIELD_LEN`] characters, checked
+//! by the broker where every door's sends, publications and subscriptions
+//! pass ([`check_len`], [`check_topic`], [`parse_pattern`]).
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,9 +21,28 @@ use crate::error::{Error, Result};
 /// Longest agent or channel name, in characters.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// Longest string a client chooses that the daemon keeps, other than a
+/// name, in characters: a message `id`, `reply_to`, `thread`, a topic, a
+/// subscription pattern, an identity's rules. Far above any real id (a
+/// UUID is 36) or topic, low enough that one client cannot grow every
+/// index, receipt and log line it lands in without bound.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// The sender of receipts, bounces and loop-guard notices: the daemon.
+pub const SYSTEM_SENDER: &str = "hermod";
+
 /// The sender name of events that arrived through the relay endpoint; a
 /// bridge never ships these back (no echo loops).
 pub const RELAY_SENDER: &str = "relay";
+
+/// The sender the SSE-interop door puts on its `subscriber_connected`
+/// notices.
+pub const INTEROP_SENDER: &str = "interop";
+
+/// The names the daemon itself sends as. No client may send, register or
+/// read as one, nor hold an identity by one, on any door and in every
+/// `--auth` mode: a receipt, bounce or notice from them is the daemon's.
+pub const RESERVED_NAMES: [&str; 3] = [SYSTEM_SENDER, RELAY_SENDER, INTEROP_SENDER];
 
 /// The channel used when a client names none.
 pub const DEFAULT_CHANNEL: &str = "default";
@@ -41,6 +64,35 @@ fn check_name(s: &str) -> Result<()> {
         name: s.chars().take(MAX_NAME_LEN + 8).collect(),
         reason,
     })
+}
+
+/// Refuses a value of `field` longer than [`MAX_FIELD_LEN`] characters
+/// (`invalid_request`, naming the field).
+pub fn check_len(field: &str, value: &str) -> Result<()> {
+    // At most 4 bytes a character: a short value is never counted.
+    if value.len() <= MAX_FIELD_LEN {
+        return Ok(());
+    }
+    let chars = value.chars().count();
+    if chars <= MAX_FIELD_LEN {
+        return Ok(());
+    }
+    Err(Error::InvalidRequest(format!(
+        "\"{field}\" is {chars} characters long; at most {MAX_FIELD_LEN} are allowed"
+    )))
+}
+
+/// Checks a topic a client publishes: within the cap, and a valid topic.
+pub fn check_topic(topic: &str) -> Result<()> {
+    check_len("topic", topic)?;
+    Ok(hermod_events::pattern::validate_topic(topic)?)
+}
+
+/// Parses a subscription pattern a client gives: within the cap, and a
+/// valid pattern.
+pub fn parse_pattern(pattern: &str) -> Result<hermod_events::Pattern> {
+    check_len("pattern", pattern)?;
+    Ok(hermod_events::Pattern::parse(pattern)?)
 }
 
 macro_rules! name_type {
@@ -114,6 +166,11 @@ impl AgentName {
     /// The sender name the hermes-bus client uses for short-lived senders.
     pub fn anonymous() -> Self {
         AgentName("anonymous".to_owned())
+    }
+
+    /// One of [`RESERVED_NAMES`]: only the daemon speaks as it.
+    pub fn is_reserved(&self) -> bool {
+        RESERVED_NAMES.contains(&self.as_str())
     }
 }
 
@@ -496,16 +553,15 @@ impl Meta {
         }
     }
 
-    /// Checks an id a message refers to (`reply_to`, `thread`).
+    /// Checks an id a message refers to (`reply_to`, `thread`); its length
+    /// is checked with the message's own id, by the broker.
     pub fn parse_ref(field: &str, value: &Value) -> Result<Option<String>> {
         match value {
             Value::Null => Ok(None),
             Value::String(s) if s.is_empty() => Ok(None),
-            Value::String(s) if s.chars().count() <= 256 && !s.chars().any(char::is_control) => {
-                Ok(Some(s.clone()))
-            }
+            Value::String(s) if !s.chars().any(char::is_control) => Ok(Some(s.clone())),
             _ => Err(Error::InvalidRequest(format!(
-                "\"{field}\" must be a message id (a string of at most 256 characters)"
+                "\"{field}\" must be a message id (a string without control characters)"
             ))),
         }
     }
@@ -683,6 +739,36 @@ mod tests {
         assert!(AgentName::parse("bad name").is_err());
         assert!(AgentName::parse("ünï").is_err());
         assert_eq!(AgentName::parse("a/b").unwrap_err().code(), "invalid_name");
+        for reserved in RESERVED_NAMES {
+            assert!(AgentName::parse(reserved).unwrap().is_reserved());
+        }
+        // Names are case-sensitive: only the exact spelling is the daemon's.
+        assert!(!AgentName::parse("Hermod").unwrap().is_reserved());
+        assert!(!AgentName::anonymous().is_reserved());
+    }
+
+    #[test]
+    fn lengths_are_capped_in_characters_and_name_the_field() {
+        assert!(check_len("id", &"x".repeat(MAX_FIELD_LEN)).is_ok());
+        // 256 characters of 2 bytes each: counted as characters, not bytes.
+        assert!(check_len("id", &"é".repeat(MAX_FIELD_LEN)).is_ok());
+        let e = check_len("id", &"x".repeat(100_000)).unwrap_err();
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains("\"id\""), "{e}");
+        let long_topic = vec!["seg"; 100].join(".");
+        let e = check_topic(&long_topic).unwrap_err();
+        assert!(
+            e.code() == "invalid_request" && e.to_string().contains("\"topic\""),
+            "{e}"
+        );
+        assert_eq!(check_topic("a..b").unwrap_err().code(), "invalid_topic");
+        assert!(check_topic("tui.tool.start").is_ok());
+        let e = parse_pattern(&format!("{long_topic}.**")).unwrap_err();
+        assert!(
+            e.code() == "invalid_request" && e.to_string().contains("\"pattern\""),
+            "{e}"
+        );
+        assert!(parse_pattern("tui.**").is_ok());
     }
 
     #[test]

@@ -13,10 +13,9 @@ use futures::StreamExt;
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Batch, Target};
 use hermod_core::engine::Durable;
-use hermod_core::model::{InboxKey, Seq};
+use hermod_core::model::{self, InboxKey, Seq};
 use hermod_core::wire::{self, AckMode, Envelope, Request, ServerFrame};
 use hermod_core::{Broker, Error, Result};
-use hermod_events::Pattern;
 
 /// Events a `tail` watcher may fall behind by before it misses some.
 const TAIL_QUEUE: usize = 1024;
@@ -160,7 +159,7 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             every_channel,
         } => {
             // A bad pattern is reported before anything else.
-            Pattern::parse(&pattern)?;
+            model::parse_pattern(&pattern)?;
             if durable {
                 let key = needs_agent(conn, "a durable subscription")?;
                 broker.subscribe(caller, key.clone(), &pattern).await?;

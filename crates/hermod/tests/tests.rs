@@ -7,6 +7,7 @@ mod support;
 mod actions;
 mod bridge;
 mod browser;
+mod caps;
 mod cli;
 mod crash;
 mod delivery;

@@ -21,8 +21,6 @@ use crate::engine::{Committed, Step, View};
 use crate::model::{Auth, Meta, State as Delivery};
 use crate::wire::{ReceiptView, RecipientView, StepView};
 
-/// The sender of receipts, bounces and guard notices.
-pub const SYSTEM_SENDER: &str = "hermod";
 /// Steps waiting for the recorder, at most.
 const RECORD_QUEUE: usize = 4096;
 /// Steps stored in one engine write, at most.

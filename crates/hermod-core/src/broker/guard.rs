@@ -270,7 +270,7 @@ impl Broker {
         let serde_json::Value::Object(payload) = body else {
             unreachable!()
         };
-        let system = Caller::trusted(crate::model::Auth::Owner);
+        let system = Caller::daemon(crate::model::Auth::Owner);
         let from = AgentName::parse(SYSTEM_SENDER).expect("a valid name");
         match self
             .publish(&system, channel.clone(), Some(from), &topic, payload, None)

@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::model::SYSTEM_SENDER;
 pub use cursors::Claim;
-pub use delivery::{DeliveryConfig, Receipt, SYSTEM_SENDER};
+pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
@@ -52,7 +53,7 @@ use crate::engine::{Change, Commit, Durable, Engine, Retention};
 use crate::error::{Error, Result};
 use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
 use crate::wire::{Envelope, Publication};
-use hermod_events::pattern::{self, Pattern};
+use hermod_events::pattern::Pattern;
 use inbox::{Inboxes, ViewKey};
 use registry::Registry;
 
@@ -522,6 +523,68 @@ mod tests {
                 "no echo"
             );
             assert_eq!(b.endpoints().len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn over_long_client_strings_are_refused_and_leave_nothing() {
+        for (b, _dir) in brokers().await {
+            let long = "x".repeat(model::MAX_FIELD_LEN + 1);
+            let refused = |e: Error, field: &str| {
+                assert_eq!(e.code(), "invalid_request", "{e}");
+                assert!(e.to_string().contains(&format!("\"{field}\"")), "{e}");
+            };
+            let mut with_id = env("a", Some("b"), 1);
+            with_id.id = Some(long.clone());
+            refused(
+                b.send(&owner(), with_id, Target::Any).await.unwrap_err(),
+                "id",
+            );
+            for field in ["reply_to", "thread"] {
+                let mut e = env("a", Some("b"), 1);
+                match field {
+                    "reply_to" => e.meta.reply_to = Some(long.clone()),
+                    _ => e.meta.thread = Some(long.clone()),
+                }
+                // In a batch, the whole batch is refused.
+                let good = env("a", Some("b"), 2);
+                let e = b.send_many(&owner(), vec![good, e], Target::Any).await;
+                refused(e.unwrap_err(), field);
+            }
+            let topic = vec!["seg"; 100].join(".");
+            for (topic, id, field) in [(topic.as_str(), None, "topic"), ("ok", Some(&long), "id")] {
+                let e = b
+                    .publish(
+                        &owner(),
+                        Channel::default(),
+                        Some(name("gw")),
+                        topic,
+                        Default::default(),
+                        id.cloned(),
+                    )
+                    .await
+                    .unwrap_err();
+                refused(e, field);
+            }
+            let dash = InboxKey::new(Channel::default(), name("dash"));
+            let pattern = format!("{topic}.**");
+            refused(
+                b.subscribe(&owner(), dash.clone(), &pattern)
+                    .await
+                    .unwrap_err(),
+                "pattern",
+            );
+            assert!(b
+                .follow_pattern(&owner(), None, &pattern, 0)
+                .is_err_and(|e| e.code() == "invalid_request"));
+            // Nothing stored: no message, no subscription, no new name.
+            assert_eq!(b.committed().0, 0);
+            assert!(b.subscriptions(&dash).is_empty());
+            assert!(b.agents().is_empty(), "{:?}", b.agents());
+            // Exactly the cap is fine.
+            let mut at_cap = env("a", Some("b"), 1);
+            at_cap.id = Some("y".repeat(model::MAX_FIELD_LEN));
+            b.send_durable(&owner(), at_cap, Target::Any).await.unwrap();
         }
     }
 

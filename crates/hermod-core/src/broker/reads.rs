@@ -169,7 +169,7 @@ impl Broker {
         after: Seq,
     ) -> Result<impl futures::Stream<Item = Result<Batch>> + Send + 'static> {
         use futures::StreamExt;
-        let parsed = Pattern::parse(pattern)?;
+        let parsed = model::parse_pattern(pattern)?;
         let view = match channel {
             Some(channel) => {
                 self.trust.may_subscribe(caller, &channel, pattern)?;

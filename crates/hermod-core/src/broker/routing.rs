@@ -1,7 +1,27 @@
 //! Routing: who a message goes to (and who may send it), durable topic
 //! subscriptions, and the hand-off to the engine.
+//!
+//! Every door's sends, publications and subscriptions enter here, so this
+//! is where the strings a client chose are held to
+//! [`model::MAX_FIELD_LEN`], before anything is stored.
 
 use super::*;
+
+/// The strings of a message a client chose, each within the cap (checked
+/// first: a refused message leaves nothing behind, not even a new name).
+fn check_lengths(env: &Envelope) -> Result<()> {
+    let fields = [
+        ("id", &env.id),
+        ("reply_to", &env.meta.reply_to),
+        ("thread", &env.meta.thread),
+    ];
+    for (field, value) in fields {
+        if let Some(value) = value {
+            model::check_len(field, value)?;
+        }
+    }
+    Ok(())
+}
 
 impl Broker {
     /// Routes and submits a message from `caller` (its sender is the
@@ -36,14 +56,25 @@ impl Broker {
     }
 
     /// Sends many messages in one engine append (one commit under light
-    /// load): each is checked and routed on its own, so one bad message
-    /// fails alone; the rest are stored in order and resolve together.
+    /// load): each is checked and routed on its own, so one refused message
+    /// fails alone; the rest are stored in order and resolve together. A
+    /// malformed one (a string over the cap) is a client bug, not an
+    /// outcome: it refuses the whole batch, nothing stored, as a bad name
+    /// does at the door.
     pub async fn send_many(
         &self,
         caller: &Caller,
         envs: Vec<Envelope>,
         target: Target,
     ) -> Result<Vec<Result<Arc<Message>>>> {
+        for (i, env) in envs.iter().enumerate() {
+            check_lengths(env).map_err(|e| match e {
+                Error::InvalidRequest(detail) => {
+                    Error::InvalidRequest(format!("message {i}: {detail}"))
+                }
+                other => other,
+            })?;
+        }
         let mut routed = Vec::with_capacity(envs.len());
         let mut batch = Vec::with_capacity(envs.len());
         let mut holds = Vec::with_capacity(envs.len());
@@ -80,6 +111,7 @@ impl Broker {
         env: Envelope,
         target: Target,
     ) -> Result<(NewMessage, Option<(guard::PairKey, bool)>)> {
+        check_lengths(&env)?;
         let from = self.trust.sender(caller, env.from.clone())?;
         self.trust.may_send(caller, &env.channel, env.to.as_ref())?;
         self.trust.take_send(caller, &from)?;
@@ -180,7 +212,10 @@ impl Broker {
         payload: serde_json::Map<String, serde_json::Value>,
         id: Option<String>,
     ) -> Result<Durable> {
-        pattern::validate_topic(topic)?;
+        model::check_topic(topic)?;
+        if let Some(id) = &id {
+            model::check_len("id", id)?;
+        }
         let from = self.trust.sender(caller, from)?;
         self.trust.may_publish(caller, &channel, topic)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
@@ -219,7 +254,7 @@ impl Broker {
     /// the agent's channel land in its inbox. Returns false if it existed.
     /// Resolves once the subscription is durable and routing uses it.
     pub async fn subscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        Pattern::parse(pattern)?;
+        model::parse_pattern(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         self.trust.may_subscribe(caller, &key.channel, pattern)?;
         let now = model::now();
@@ -244,7 +279,7 @@ impl Broker {
 
     /// Removes a durable subscription; false if there was none.
     pub async fn unsubscribe(&self, caller: &Caller, key: InboxKey, pattern: &str) -> Result<bool> {
-        Pattern::parse(pattern)?;
+        model::parse_pattern(pattern)?;
         self.trust.may_act_as(caller, &key)?;
         if !self
             .shared

@@ -22,7 +22,9 @@ use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use hermod_core::auth::Caller;
 use hermod_core::broker::{Claim, Session, Target};
-use hermod_core::model::{AgentName, Body, InboxKey, Message, Meta, MetaFields, Seq};
+use hermod_core::model::{
+    AgentName, Body, InboxKey, Message, Meta, MetaFields, Seq, INTEROP_SENDER,
+};
 use hermod_core::wire::{parse_channel, Envelope};
 use hermod_core::Broker;
 use serde::Deserialize;
@@ -35,9 +37,6 @@ use super::{last_event_id, AppState};
 
 /// Most messages one `/poll` returns.
 const POLL_MAX: usize = 1000;
-
-/// The sender name of notices the bus itself sends.
-const INTEROP: &str = "interop";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -347,7 +346,7 @@ fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Even
                 let notice = json!({
                     "type": "subscriber_connected",
                     "agent": p.key.agent,
-                    "_meta": { "from": INTEROP, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
+                    "_meta": { "from": INTEROP_SENDER, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
                 });
                 return Some((Ok(Event::default().data(notice.to_string())), rx));
             }

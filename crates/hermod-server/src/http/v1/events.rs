@@ -10,7 +10,7 @@ use super::*;
 #[serde(deny_unknown_fields)]
 pub(super) struct PublishRequest {
     /// `.`-separated, non-empty segments, e.g. `tui.tool.start`.
-    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
+    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1, max_length = 256)]
     topic: String,
     #[schema(value_type = Option<Object>)]
     payload: Option<serde_json::Map<String, serde_json::Value>>,
@@ -26,6 +26,8 @@ pub(super) struct PublishRequest {
         max_length = 128
     )]
     channel: Option<String>,
+    /// Event id; a UUID is assigned when absent.
+    #[schema(max_length = 256)]
     id: Option<String>,
     /// Answer only once durable (default: the fast class, answered at once
     /// and written with the next commit).
@@ -77,7 +79,7 @@ pub(super) async fn publish_event(
 #[into_params(parameter_in = Query)]
 pub(super) struct EventsQuery {
     /// `*` matches one segment, `**` any number (default `**`).
-    #[param(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
+    #[param(pattern = "^[^.]+([.][^.]+)*$", min_length = 1, max_length = 256)]
     pattern: Option<String>,
     /// Channel (default `default`); `*` follows every channel.
     #[param(
@@ -129,7 +131,7 @@ pub(super) async fn event_stream(
 #[serde(deny_unknown_fields)]
 pub(super) struct SubscriptionRequest {
     /// `*` matches one segment, `**` any number (also none).
-    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1)]
+    #[schema(pattern = "^[^.]+([.][^.]+)*$", min_length = 1, max_length = 256)]
     pattern: String,
     #[schema(
         pattern = "^[A-Za-z0-9._:@-]{1,128}$",
@@ -162,7 +164,7 @@ pub(super) struct ChannelParam {
     params(AgentPath, ChannelParam),
     responses(
         (status = 200, description = "Durable subscriptions", body = Subscriptions),
-        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 400, description = "Invalid name or pattern", body = ErrorBody),
     )
 )]
 pub(super) async fn list_subscriptions(
@@ -213,7 +215,7 @@ pub(super) async fn add_subscription(
     request_body = SubscriptionRequest,
     responses(
         (status = 200, description = "Durable subscriptions after removing", body = Subscriptions),
-        (status = 400, description = "Invalid name", body = ErrorBody),
+        (status = 400, description = "Invalid name or pattern", body = ErrorBody),
         (status = 413, description = "Body over 10 MiB", body = ErrorBody),
         (status = 503, description = "Shutting down, or the store is locked by another process (`storage_busy`, with Retry-After)", body = ErrorBody),
         (status = 507, description = "The store cannot write (disk full, I/O error; `storage_error`): nothing was stored", body = ErrorBody),

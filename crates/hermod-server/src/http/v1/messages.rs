@@ -30,6 +30,7 @@ pub(super) struct SendRequest {
     )]
     channel: Option<String>,
     /// Message id; a UUID is assigned when absent.
+    #[schema(max_length = 256)]
     id: Option<String>,
     /// The payload: any JSON object, delivered byte for byte.
     #[schema(value_type = Object)]
