@@ -519,7 +519,7 @@ mod tests {
                 b.read(&key_c, 0, 10).await.unwrap().messages.is_empty(),
                 "no echo"
             );
-            assert_eq!(b.endpoints().len(), 1);
+            assert_eq!(b.endpoints(&owner()).len(), 1);
         }
     }
 
@@ -645,10 +645,10 @@ mod tests {
         assert!(s1.kicked.is_cancelled());
         assert!(!s2.kicked.is_cancelled());
         drop(s1);
-        assert_eq!(b.endpoints().get("x"), Some(&s2.id));
+        assert_eq!(b.endpoints(&owner()).get("x"), Some(&s2.id));
         drop(s2);
-        assert!(b.endpoints().is_empty());
-        assert!(!b.agents()[0].online());
+        assert!(b.endpoints(&owner()).is_empty());
+        assert!(!b.agents(&owner())[0].online());
     }
 
     #[tokio::test]
