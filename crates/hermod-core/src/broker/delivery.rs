@@ -501,13 +501,17 @@ impl Broker {
             .into_iter()
             .filter(|m| {
                 let to: Vec<AgentName> = m.to.iter().cloned().collect();
-                self.may_see(caller, m, &to) || m.to.is_none()
+                (m.to.is_none() && caller.sees(&m.channel)) || self.may_see(caller, m, &to)
             })
             .collect())
     }
 
-    /// The sender, a recipient, or someone trusted with the whole bus.
+    /// On a channel `caller` sees, and the sender, a recipient, or someone
+    /// trusted with the whole bus.
     fn may_see(&self, caller: &Caller, m: &Message, recipients: &[AgentName]) -> bool {
+        if !caller.sees(&m.channel) {
+            return false;
+        }
         if self.trust.may_admin(caller).is_ok() {
             return true;
         }
@@ -583,6 +587,11 @@ impl Broker {
         let every = config.sweep_every;
         *self.shared.delivery.lock().unwrap() = config;
         let keys: Vec<InboxKey> = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .registry
             .agents()
             .into_iter()
             .map(|a| InboxKey::new(a.channel, a.name))

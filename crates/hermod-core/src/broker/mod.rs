@@ -522,7 +522,7 @@ mod tests {
                 b.read(&key_c, 0, 10).await.unwrap().messages.is_empty(),
                 "no echo"
             );
-            assert_eq!(b.endpoints().len(), 1);
+            assert_eq!(b.endpoints(&owner()).len(), 1);
         }
     }
 
@@ -580,7 +580,7 @@ mod tests {
             // Nothing stored: no message, no subscription, no new name.
             assert_eq!(b.committed().0, 0);
             assert!(b.subscriptions(&dash).is_empty());
-            assert!(b.agents().is_empty(), "{:?}", b.agents());
+            assert!(b.agents(&owner()).is_empty(), "{:?}", b.agents(&owner()));
             // Exactly the cap is fine.
             let mut at_cap = env("a", Some("b"), 1);
             at_cap.id = Some("y".repeat(model::MAX_FIELD_LEN));
@@ -710,10 +710,10 @@ mod tests {
         assert!(s1.kicked.is_cancelled());
         assert!(!s2.kicked.is_cancelled());
         drop(s1);
-        assert_eq!(b.endpoints().get("x"), Some(&s2.id));
+        assert_eq!(b.endpoints(&owner()).get("x"), Some(&s2.id));
         drop(s2);
-        assert!(b.endpoints().is_empty());
-        assert!(!b.agents()[0].online());
+        assert!(b.endpoints(&owner()).is_empty());
+        assert!(!b.agents(&owner())[0].online());
     }
 
     #[tokio::test]

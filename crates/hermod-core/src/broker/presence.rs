@@ -81,15 +81,19 @@ impl Broker {
             .touch(key, model::now());
     }
 
-    /// Every known agent with its presence.
-    pub fn agents(&self) -> Vec<AgentInfo> {
-        self.shared.state.lock().unwrap().registry.agents()
+    /// Every known agent `caller` may see, with its presence: a token bound
+    /// to a channel sees the agents of that channel only. Every door that
+    /// lists agents or endpoints goes through here.
+    pub fn agents(&self, caller: &Caller) -> Vec<AgentInfo> {
+        let mut agents = self.shared.state.lock().unwrap().registry.agents();
+        agents.retain(|a| caller.sees(&a.channel));
+        agents
     }
 
-    /// Every known agent with presence and unread count.
-    pub async fn summaries(&self) -> Result<Vec<crate::wire::AgentSummary>> {
+    /// Every known agent `caller` may see, with presence and unread count.
+    pub async fn summaries(&self, caller: &Caller) -> Result<Vec<crate::wire::AgentSummary>> {
         let mut out = Vec::new();
-        for a in self.agents() {
+        for a in self.agents(caller) {
             let key = InboxKey::new(a.channel.clone(), a.name.clone());
             out.push(crate::wire::AgentSummary {
                 unread: self.unread(&key).await?,
@@ -166,11 +170,11 @@ impl Broker {
             .then(|| format!("{} is busy: it will see this at its next turn", key.agent))
     }
 
-    /// Registered exclusive endpoints: name → session id (hermes-bus
-    /// `list_endpoints`).
-    pub fn endpoints(&self) -> BTreeMap<String, String> {
+    /// Registered exclusive endpoints `caller` may see: name → session id
+    /// (hermes-bus `list_endpoints`).
+    pub fn endpoints(&self, caller: &Caller) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
-        for agent in self.agents() {
+        for agent in self.agents(caller) {
             for c in agent.connections.iter().filter(|c| c.exclusive) {
                 out.insert(agent.name.to_string(), c.session_id.clone());
             }

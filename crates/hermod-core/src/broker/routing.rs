@@ -199,6 +199,14 @@ impl Broker {
         (id, durable)
     }
 
+    /// The checks [`Broker::publish`] makes of an event before anything is
+    /// stored: a valid topic, within `caller`'s channel and `may_publish`
+    /// rule. The relay asks them before it fans a frame out.
+    pub fn may_publish(&self, caller: &Caller, channel: &Channel, topic: &str) -> Result<()> {
+        model::check_topic(topic)?;
+        self.trust.may_publish(caller, channel, topic)
+    }
+
     /// Publishes a topic event on `channel`. The payload becomes the
     /// hermes_events envelope (`type`, `ts`, `src` filled only where
     /// missing); the event lands in the log (so pattern readers see it) and
@@ -212,12 +220,11 @@ impl Broker {
         payload: serde_json::Map<String, serde_json::Value>,
         id: Option<String>,
     ) -> Result<Durable> {
-        model::check_topic(topic)?;
+        self.may_publish(caller, &channel, topic)?;
         if let Some(id) = &id {
             model::check_len("id", id)?;
         }
         let from = self.trust.sender(caller, from)?;
-        self.trust.may_publish(caller, &channel, topic)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
         // A subscription made on another node a moment ago counts.
         self.engine.sync_state().await?;

@@ -182,9 +182,12 @@ async fn recv(
     Ok(Json(answer))
 }
 
-async fn inbox(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn inbox(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     let mut recipients: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
-    for agent in app.broker.agents() {
+    for agent in app.broker.agents(&caller) {
         let key = InboxKey::new(agent.channel.clone(), agent.name.clone());
         let held = app.broker.count(&key, 0).await?;
         recipients

@@ -160,6 +160,7 @@ struct ChannelQuery {
 
 async fn status(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Q(q): Q<ChannelQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let channel = parse_channel(q.channel)?;
@@ -168,7 +169,7 @@ async fn status(
     let mut subscribers = BTreeMap::new();
     for a in app
         .broker
-        .agents()
+        .agents(&caller)
         .into_iter()
         .filter(|a| a.channel == channel)
     {
@@ -272,7 +273,7 @@ async fn broadcast(
     let channel = parse_channel(q.channel)?;
     let recipients = app
         .broker
-        .agents()
+        .agents(&caller)
         .iter()
         .filter(|a| a.channel == channel && a.name != from)
         .count();

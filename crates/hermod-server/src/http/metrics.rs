@@ -25,7 +25,7 @@ async fn metrics(
 ) -> Result<impl IntoResponse, ApiError> {
     app.broker.trust().may_admin(&caller)?;
     let (seq, ts) = app.broker.committed();
-    let agents = app.broker.agents();
+    let agents = app.broker.agents(&caller);
     let online = agents.iter().filter(|a| a.online()).count();
     let mut connections: BTreeMap<&str, usize> = BTreeMap::new();
     for c in agents.iter().flat_map(|a| &a.connections) {

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::Router;
+use hermod_core::auth::secrets_equal;
 use hermod_core::wire::MAX_FRAME;
 use hermod_core::Broker;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +44,8 @@ pub struct HttpConfig {
     pub keepalive: Duration,
     /// Longest a long-poll (`/recv?block=true`, `/v1/...?wait=`) is held.
     pub max_wait: Duration,
-    /// Token the relay endpoints require; `None` refuses every relay.
+    /// Token the relay endpoints require; `None` (or an empty one, which
+    /// `hermod serve` refuses at start) refuses every relay.
     pub relay_token: Option<String>,
     /// Peers running as these uids are the owner: the daemon's own uid plus
     /// `--allow-uid`.
@@ -87,6 +89,15 @@ impl HttpConfig {
             write_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl HttpConfig {
+    /// Is `given` the relay token? Never when none (or an empty one) is set.
+    pub fn is_relay_token(&self, given: &str) -> bool {
+        self.relay_token
+            .as_deref()
+            .is_some_and(|expected| !expected.is_empty() && secrets_equal(expected, given))
     }
 }
 

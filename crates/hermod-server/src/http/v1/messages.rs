@@ -229,12 +229,13 @@ pub(super) async fn send_message(
 #[utoipa::path(
     get,
     path = "/v1/agents",
-    responses((status = 200, description = "Every known agent", body = [AgentSummary]))
+    responses((status = 200, description = "Every known agent (for a token bound to a channel: those of its channel)", body = [AgentSummary]))
 )]
 pub(super) async fn list_agents(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<AgentSummary>>, ApiError> {
-    Ok(Json(app.broker.summaries().await?))
+    Ok(Json(app.broker.summaries(&caller).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -526,7 +527,7 @@ pub(super) async fn get_message(
     path = "/v1/threads/{id}",
     params(IdPath),
     responses(
-        (status = 200, description = "The conversation the message belongs to, oldest first", body = [MessageView]),
+        (status = 200, description = "The conversation the message belongs to, oldest first (what the caller may see; a token bound to a channel sees nothing of another)", body = [MessageView]),
         (status = 404, description = "No such thread", body = ErrorBody),
     )
 )]
