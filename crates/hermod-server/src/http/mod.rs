@@ -2,7 +2,7 @@
 //!
 //! Each protocol is a module exporting `router()`; [`app`] merges them
 //! under the shared limits (10 MiB bodies) and a JSON 404, behind the
-//! [`guard`] (browser boundary, tokens, who is calling).
+//! [`edge`] (browser boundary, tokens, who is calling).
 //!
 //! - [`agent_bus`]: `POST /send`, `GET /recv`, `GET /inbox`, `GET /healthz`.
 //! - [`interop`]: the SSE-interop protocol (`/subscribe`, `/poll`, ...).
@@ -16,8 +16,8 @@
 //! [`Peer`].
 
 pub mod agent_bus;
+pub mod edge;
 pub mod error;
-pub mod guard;
 pub mod interop;
 pub mod listener;
 pub mod metrics;
@@ -195,11 +195,11 @@ pub fn app(state: AppState) -> Router {
             body_timeout,
         ))
         .with_state(state.clone());
-    // The guard wraps the whole router (not each route) so that it runs
+    // The edge check wraps the whole router (not each route) so that it runs
     // before routing: it may strip a `/a/TOKEN` prefix from the path.
     Router::new()
         .fallback_service(routes)
-        .layer(axum::middleware::from_fn_with_state(state, guard::guard))
+        .layer(axum::middleware::from_fn_with_state(state, edge::edge))
 }
 
 /// Serves `app` on `listener` until `shutdown` (see [`listener::serve`]).

@@ -29,7 +29,7 @@ use super::AppState;
 /// The path prefix that carries a token: `/a/TOKEN/send`.
 const TOKEN_PREFIX: &str = "/a/";
 
-pub async fn guard(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Err(e) = browser_boundary(&app, req.headers()) {
         return e.into_response();
     }
