@@ -97,6 +97,29 @@ fn a_new_from_per_message_does_not_reset_the_send_rate() {
     assert!(verified.starts_with("HTTP/1.1 200"), "{verified}");
 }
 
+// An agent with an identity that said it was busy got forbidden_sender:
+// the presence event was published as its name without its token.
+#[test]
+fn an_agent_with_a_token_sets_its_presence() {
+    let d = Daemon::start();
+    let worker = token_of(&d, &["worker", "--may-publish", "ci.**"]);
+    let set = |token: Option<&str>| {
+        let header = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec!["-X", "POST", "-d", r#"{"status":"busy"}"#];
+        if let Some(h) = &header {
+            args.extend(["-H", h]);
+        }
+        let url = format!("{}/v1/agents/worker/presence", d.http);
+        args.push(&url);
+        curl(&args)
+    };
+    let answer = set(Some(&worker));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Without its token the owner still may not speak for it.
+    let answer = set(None);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+}
+
 #[test]
 fn tokens_mode_needs_a_token_on_every_request() {
     let d = Daemon::start_with(&["--auth", "tokens"], &[]);

@@ -147,7 +147,10 @@ impl Broker {
             ("ts".to_owned(), now.into()),
         ]);
         let topic = format!("presence.{}", key.agent);
-        let system = Caller::trusted(crate::model::Auth::Owner);
+        // The daemon's notice about the agent (checked above that the caller
+        // may act as it): not the caller's own publish, so neither its
+        // `may_publish` rules nor the name's identity apply.
+        let system = Caller::daemon(crate::model::Auth::Owner);
         let durable = self
             .publish(
                 &system,
