@@ -7,7 +7,6 @@
 //!   (`forbidden_sender`, HTTP 403), as an agent to register or read as,
 //!   and as an identity, in every `--auth` mode.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite;
 
-use crate::support::{stderr, stdout, Daemon};
+use crate::support::{read_frame, stderr, stdout, write_frame, Daemon};
 
 /// One character over the cap (`hermod_core::model::MAX_FIELD_LEN`), and
 /// far over it.
@@ -30,20 +29,6 @@ fn huge() -> String {
 /// A valid topic of 399 characters.
 fn long_topic() -> String {
     vec!["seg"; 100].join(".")
-}
-
-fn read_frame(s: &mut UnixStream) -> Value {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut buf = vec![0; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).unwrap();
-    serde_json::from_slice(&buf).unwrap()
-}
-
-fn write_frame(s: &mut UnixStream, v: Value) {
-    let bytes = serde_json::to_vec(&v).unwrap();
-    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
-    s.write_all(&bytes).unwrap();
 }
 
 /// Sends `frame` on a fresh (or the given) connection; the reply.

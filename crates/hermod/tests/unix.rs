@@ -2,7 +2,6 @@
 //! sockets: delivery order, durability receipts, kicks, and the rule that a
 //! frame only counts as delivered once the client consumed it.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use hermod_client::{Connection, Draft};
 use hermod_core::wire::{AckMode, ClientFrame, ServerFrame};
 use serde_json::{json, Value};
 
-use crate::support::Daemon;
+use crate::support::{read_frame, write_frame, Daemon};
 
 fn body(v: Value) -> hermod_core::model::Body {
     hermod_core::model::Body::from_map(v.as_object().unwrap().clone())
@@ -122,21 +121,6 @@ async fn a_second_registration_kicks_the_first() {
         .await
         .unwrap();
     assert_eq!(next_message(&mut second).await.body.to_map()["n"], 7);
-}
-
-/// Reads one raw frame from a blocking socket.
-fn read_frame(s: &mut UnixStream) -> Value {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut buf = vec![0; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut buf).unwrap();
-    serde_json::from_slice(&buf).unwrap()
-}
-
-fn write_frame(s: &mut UnixStream, v: Value) {
-    let bytes = serde_json::to_vec(&v).unwrap();
-    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
-    s.write_all(&bytes).unwrap();
 }
 
 fn raw_register(d: &Daemon, name: &str) -> UnixStream {

@@ -7,8 +7,6 @@ Nothing the agent sends after the change is stored.
 
 Env: HERMOD_BIN, HERMOD_SOCKET, HERMOD_URL."""
 import json
-import os
-import subprocess
 import threading
 import time
 
@@ -18,20 +16,11 @@ from websockets.exceptions import ConnectionClosed
 
 from common import RawConn, check, log, run, unique_name
 from httpbus import base_url, client, expect_json, ws_url
+from trust import cli
 
-HERMOD = os.environ["HERMOD_BIN"]
-SOCK = os.environ["HERMOD_SOCKET"]
 # Revocation is applied before the CLI answers; a second covers the
 # scheduling of every stream's task.
 WITHIN = 1.0
-
-
-def cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "HERMOD_TOKEN"}
-    out = subprocess.run([HERMOD, *args, "--socket", SOCK], capture_output=True, text=True,
-                         timeout=30, env=env)
-    check(out.returncode == 0, "hermod %s: %s" % (" ".join(args), out.stderr))
-    return out
 
 
 class Ended:

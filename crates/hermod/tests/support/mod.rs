@@ -348,3 +348,21 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Reads one raw length-prefixed frame from a blocking Unix socket.
+pub fn read_frame(s: &mut std::os::unix::net::UnixStream) -> serde_json::Value {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).unwrap();
+    serde_json::from_slice(&buf).unwrap()
+}
+
+/// Writes one raw length-prefixed frame to a blocking Unix socket.
+pub fn write_frame(s: &mut std::os::unix::net::UnixStream, v: serde_json::Value) {
+    use std::io::Write;
+    let bytes = serde_json::to_vec(&v).unwrap();
+    s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(&bytes).unwrap();
+}
