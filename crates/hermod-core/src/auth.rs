@@ -197,13 +197,6 @@ impl Caller {
         self
     }
 
-    /// Where an unverified caller came from (a token's agent is its name,
-    /// whatever its origin): what its sends are charged to besides the
-    /// name they claim.
-    pub fn unverified_origin(&self) -> Option<Origin> {
-        self.origin.filter(|_| self.identity.is_none())
-    }
-
     /// Cancelled once the token this caller proved is revoked or rotated.
     pub fn revoked(&self) -> &CancellationToken {
         &self.revoked
@@ -683,7 +676,7 @@ impl Trust {
             return Err(agent.refused(sender.to_string(), rate));
         }
         // A token caller is its agent: the name cannot change.
-        if let Some(origin) = caller.unverified_origin() {
+        if let Some(origin) = caller.origin.filter(|_| caller.identity.is_none()) {
             let (rate, burst) = (rate * ORIGIN_SHARE, burst * ORIGIN_SHARE);
             let shared = bucket(origins, &origin, burst, now);
             if !shared.refill(now, rate, burst) {

@@ -15,8 +15,6 @@ use std::collections::{HashMap, VecDeque};
 
 use hashlink::LruCache;
 
-use crate::auth::{self, Origin};
-
 use serde_json::json;
 
 use super::*;
@@ -84,7 +82,6 @@ pub(super) struct Guard {
     pairs: HashMap<PairKey, Pair>,
     partner: LruCache<(Channel, AgentName), AgentName>,
     sent: LruCache<(Channel, AgentName), VecDeque<f64>>,
-    sent_by_origin: LruCache<Origin, VecDeque<f64>>,
     /// When idle pairs were last dropped at the cap.
     pairs_swept: f64,
 }
@@ -96,30 +93,9 @@ impl Default for Guard {
             pairs: HashMap::new(),
             partner: LruCache::new(TRACKED),
             sent: LruCache::new(TRACKED),
-            sent_by_origin: LruCache::new(TRACKED),
             pairs_swept: 0.0,
         }
     }
-}
-
-/// Counts a message at `now` in `key`'s window; true when that makes more
-/// than `limit`. Keeps at most `limit + 1` times: nothing more is asked.
-fn count<K: std::hash::Hash + Eq + Clone>(
-    map: &mut LruCache<K, VecDeque<f64>>,
-    key: &K,
-    limit: usize,
-    now: f64,
-    window: f64,
-) -> bool {
-    if !map.contains_key(key) {
-        map.insert(key.clone(), VecDeque::new());
-    }
-    let times = map.get_mut(key).expect("just inserted");
-    times.push_back(now);
-    while times.len() > limit + 1 || times.front().is_some_and(|&t| t < now - window) {
-        times.pop_front();
-    }
-    times.len() > limit
 }
 
 /// What the guard says of a message about to be routed.
@@ -133,16 +109,8 @@ pub(super) enum Verdict {
 }
 
 impl Guard {
-    /// Counts a direct message `from` → `to` at `now`, sent from `origin`
-    /// when the sender is unverified.
-    fn check(
-        &mut self,
-        channel: &Channel,
-        from: &AgentName,
-        to: &AgentName,
-        origin: Option<Origin>,
-        now: f64,
-    ) -> Verdict {
+    /// Counts a direct message `from` → `to` at `now`.
+    fn check(&mut self, channel: &Channel, from: &AgentName, to: &AgentName, now: f64) -> Verdict {
         let c = &self.config;
         if from == to
             || from.as_str() == SYSTEM_SENDER
@@ -182,13 +150,15 @@ impl Guard {
         let mut over = false;
         if let Some(limit) = limit {
             let slot = (channel.clone(), from.clone());
-            over = count(&mut self.sent, &slot, limit, now, window);
-            // An unverified sender's made-up names share its origin's
-            // count, ORIGIN_SHARE agents' worth (as for the send rate).
-            if let Some(origin) = origin {
-                let shared = (limit as f64 * auth::ORIGIN_SHARE) as usize;
-                over |= count(&mut self.sent_by_origin, &origin, shared, now, window);
+            if !self.sent.contains_key(&slot) {
+                self.sent.insert(slot.clone(), VecDeque::new());
             }
+            let sent = self.sent.get_mut(&slot).expect("just inserted");
+            sent.push_back(now);
+            while sent.front().is_some_and(|&t| t < now - window) {
+                sent.pop_front();
+            }
+            over = sent.len() > limit;
         }
         if turns > 0
             && !self.pairs.contains_key(&key)
@@ -231,10 +201,9 @@ impl Broker {
         self.shared.guard.lock().unwrap().config = config;
     }
 
-    /// What the guard says of `from` → `to` now, sent by `caller`.
+    /// What the guard says of `from` → `to` now.
     pub(super) fn guard_check(
         &self,
-        caller: &Caller,
         channel: &Channel,
         from: &AgentName,
         to: &AgentName,
@@ -244,7 +213,7 @@ impl Broker {
             .guard
             .lock()
             .unwrap()
-            .check(channel, from, to, caller.unverified_origin(), now)
+            .check(channel, from, to, now)
     }
 
     /// A message the guard held was stored: its recipient's step says so,
@@ -473,7 +442,7 @@ mod tests {
         (0..n).any(|i| {
             let (from, to) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
             matches!(
-                g.check(&ch, from, to, None, t + i as f64 * 0.001),
+                g.check(&ch, from, to, t + i as f64 * 0.001),
                 Verdict::Hold { .. }
             )
         })
@@ -497,31 +466,5 @@ mod tests {
         // The per-agent tables keep their cap and the newest agents.
         assert_eq!(g.partner.len(), TRACKED);
         assert!(g.partner.contains_key(&(Channel::default(), name("ping"))));
-    }
-
-    // The per-sender limit was per claimed name: a new `from` per message
-    // was never over it. Now the origin's made-up names share one count.
-    #[test]
-    fn made_up_names_share_their_origins_sender_limit() {
-        let mut g = Guard::default();
-        g.config.sender_limit = Some(2);
-        let ch = Channel::default();
-        let uid = Some(Origin::Uid(7));
-        let held = (0..100)
-            .filter(|i| {
-                let from = name(&format!("m{i}"));
-                let to = name(&format!("t{i}"));
-                matches!(g.check(&ch, &from, &to, uid, 0.0), Verdict::Hold { .. })
-            })
-            .count();
-        let shared = (2.0 * auth::ORIGIN_SHARE) as usize;
-        assert_eq!(held, 100 - shared);
-        // Another origin, and a verified sender (no origin), are not held.
-        let (a, b) = (name("a"), name("b"));
-        assert!(matches!(
-            g.check(&ch, &a, &b, Some(Origin::Uid(8)), 0.0),
-            Verdict::Pass
-        ));
-        assert!(matches!(g.check(&ch, &b, &a, None, 0.0), Verdict::Pass));
     }
 }

@@ -149,7 +149,7 @@ impl Broker {
         let mut meta = env.meta;
         self.complete_meta(&env.channel, &mut meta).await?;
         let hold = match &env.to {
-            Some(to) => match self.guard_check(caller, &env.channel, &from, to) {
+            Some(to) => match self.guard_check(&env.channel, &from, to) {
                 guard::Verdict::Pass => None,
                 guard::Verdict::Hold { pair, tripped } => Some((pair, tripped)),
             },
