@@ -180,9 +180,12 @@ impl Caller {
         }
     }
 
-    /// The daemon sending under one of its own [`RESERVED_NAMES`] (loop
-    /// guard notices as `hermod`, relayed events as `relay`); its messages
-    /// are marked `auth`. Never built from anything a client sent.
+    /// The daemon sending on its own account: under one of its
+    /// [`RESERVED_NAMES`] (loop guard notices as `hermod`, relayed events
+    /// as `relay`), or a notice about an agent the caller was checked to
+    /// act as (presence). Its sender is whatever the daemon's code names,
+    /// never a name taken from a client's request; its messages are marked
+    /// `auth`.
     pub fn daemon(auth: Auth) -> Self {
         Self {
             daemon: true,
@@ -207,19 +210,6 @@ impl Caller {
         match self.revoked.is_cancelled() {
             true => Err(revoked()),
             false => Ok(()),
-        }
-    }
-
-    /// `work`, cut short with `Err(unauthorized)` if the caller's token is
-    /// revoked or rotated meanwhile (a long-poll must not outlive it).
-    pub async fn unless_revoked<T>(
-        &self,
-        work: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        tokio::select! {
-            biased;
-            _ = self.revoked.cancelled() => Err(revoked()),
-            done = work => done,
         }
     }
 
@@ -351,6 +341,9 @@ struct Identities {
 pub struct Trust {
     mode: AuthMode,
     identities: Mutex<Identities>,
+    /// Bumped after every identity change: what a held request re-checks
+    /// its access on (see [`Trust::until_refused`]).
+    changed: tokio::sync::watch::Sender<u64>,
     limit: RateLimit,
     buckets: Mutex<Buckets>,
 }
@@ -360,6 +353,7 @@ impl Trust {
         Self {
             mode,
             identities: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
             limit,
             buckets: Mutex::new(Buckets {
                 agents: LruCache::new(MAX_BUCKETS),
@@ -392,6 +386,24 @@ impl Trust {
                 revoked: CancellationToken::new(),
             };
             ids.by_name.insert(name.clone(), held);
+        }
+        drop(ids);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Resolves with the refusal once `check` fails: at once if it fails
+    /// now, else after the identity change that makes it fail (a token
+    /// revoked or rotated, a name claimed by a new identity). A held
+    /// request (long-poll, receipt wait) selects on it, so it never
+    /// outlives the access it started with.
+    pub async fn until_refused(&self, check: impl Fn(&Self) -> Result<()>) -> Error {
+        let mut changed = self.changed.subscribe();
+        loop {
+            if let Err(e) = check(self) {
+                return e;
+            }
+            // The sender lives as long as `self`.
+            let _ = changed.changed().await;
         }
     }
 
@@ -467,7 +479,7 @@ impl Trust {
         }
     }
 
-    fn reserved(&self, name: &AgentName) -> bool {
+    fn has_identity(&self, name: &AgentName) -> bool {
         self.identities.lock().unwrap().by_name.contains_key(name)
     }
 
@@ -499,7 +511,7 @@ impl Trust {
             },
             None => {
                 let name = claimed.unwrap_or_else(AgentName::anonymous);
-                if self.reserved(&name) {
+                if self.has_identity(&name) {
                     return Err(Error::ForbiddenSender(format!(
                         "{name} has an identity: only its token may send as it"
                     )));
@@ -527,7 +539,7 @@ impl Trust {
                 detail: format!("this token is {me}'s; it cannot act as {}", key.agent),
             }),
             Some(_) => self.may_use_channel(caller, &key.channel),
-            None if self.reserved(&key.agent) => Err(Error::Forbidden {
+            None if self.has_identity(&key.agent) => Err(Error::Forbidden {
                 rule: "identity",
                 detail: format!(
                     "{} has an identity: only its token may act as it",
@@ -552,13 +564,13 @@ impl Trust {
     /// May `caller` use `channel` at all?
     pub fn may_use_channel(&self, caller: &Caller, channel: &Channel) -> Result<()> {
         caller.check()?;
-        match caller
-            .identity()
-            .and_then(|i| i.channel.as_ref().map(|c| (i, c)))
-        {
-            Some((i, allowed)) if allowed != channel => Err(Error::Forbidden {
+        match caller.bound_channel() {
+            Some(allowed) if !caller.sees(channel) => Err(Error::Forbidden {
                 rule: "channel",
-                detail: format!("{} may only use channel {allowed}, not {channel}", i.name),
+                detail: format!(
+                    "{} may only use channel {allowed}, not {channel}",
+                    caller.agent().map_or("this token", |a| a.as_str())
+                ),
             }),
             _ => Ok(()),
         }
@@ -572,6 +584,14 @@ impl Trust {
         to: Option<&AgentName>,
     ) -> Result<()> {
         self.may_use_channel(caller, channel)?;
+        // Nobody reads the daemon's own inboxes: a message there would
+        // only wait for retention.
+        if let Some(to) = to.filter(|to| to.is_reserved()) {
+            return Err(Error::Forbidden {
+                rule: "reserved",
+                detail: format!("{to} is the daemon's own name: nobody reads its mail"),
+            });
+        }
         let Some(i) = caller.identity() else {
             return Ok(());
         };

@@ -203,7 +203,11 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
                     let deadline =
                         tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
                     let wait = broker.wait_receipt(caller, &id, state, deadline);
-                    caller.unless_revoked(wait).await?
+                    tokio::select! {
+                        biased;
+                        refused = trust.until_refused(|_| caller.check()) => return Err(refused),
+                        done = wait => done?,
+                    }
                 }
                 None => broker.receipts(caller, &id).await?,
             };
@@ -251,12 +255,21 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             released: broker.release_held(caller, &channel, &agent, &peer).await?,
         }),
         Request::Tail => {
-            // Every message on the bus: for the owner and admins only. A
-            // bounded tap: a watcher that cannot keep up misses messages.
+            // Every message on the bus (the caller's channel, for a token
+            // bound to one): for the owner and admins only. A bounded tap:
+            // a watcher that cannot keep up misses messages.
             trust.may_admin(caller)?;
-            let tap = futures::stream::unfold(broker.tap(TAIL_QUEUE), |mut tap| async move {
-                let t = tap.recv().await?;
-                Some((vec![wire::message_bytes(&t.message)], tap))
+            let sees = caller.clone();
+            let tap = futures::stream::unfold(broker.tap(TAIL_QUEUE), move |mut tap| {
+                let sees = sees.clone();
+                async move {
+                    loop {
+                        let t = tap.recv().await?;
+                        if sees.sees(&t.message.channel) {
+                            return Some((vec![wire::message_bytes(&t.message)], tap));
+                        }
+                    }
+                }
             });
             Ok(Outcome::Stream {
                 reply: None,

@@ -64,7 +64,7 @@ impl Bound {
         ));
         let http = match (self.http, self.config.http) {
             (Some(listener), Some(mut config)) => {
-                // The bound address (port 0 resolved): the guard's own origin.
+                // The bound address (port 0 resolved): the HTTP edge's own origin.
                 if let Ok(addr) = listener.local_addr() {
                     config.addr = addr;
                 }

@@ -257,6 +257,10 @@ async fn the_daemons_own_names_are_refused_on_every_door_in_every_auth_mode() {
             assert_frame_refused_code(&ask(&mut s, publish), "forbidden_sender", mode);
             let register = with_token(json!({ "type": "register", "endpoint": name }));
             assert_frame_refused_code(&ask(&mut s, register), "forbidden", mode);
+            // Nobody reads the daemon's inboxes: a send there is refused.
+            let to_daemon =
+                with_token(json!({ "type": "send", "to": name, "from": me, "body": {} }));
+            assert_frame_refused_code(&ask(&mut s, to_daemon), "forbidden", mode);
         }
 
         // HTTP: agent-bus `/send` and v1 `POST /v1/messages`.

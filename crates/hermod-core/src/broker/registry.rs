@@ -176,7 +176,8 @@ impl Registry {
     }
 
     /// Closes every connection of `agent`, on every channel (its identity
-    /// was revoked or rotated).
+    /// was added, rotated or revoked: whoever was connected as it no longer
+    /// may be).
     pub(crate) fn kick_agent(&self, agent: &AgentName) {
         for info in self.channels.values().filter_map(|c| c.get(agent)) {
             for c in &info.connections {

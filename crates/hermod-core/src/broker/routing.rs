@@ -201,10 +201,18 @@ impl Broker {
 
     /// The checks [`Broker::publish`] makes of an event before anything is
     /// stored: a valid topic, within `caller`'s channel and `may_publish`
-    /// rule. The relay asks them before it fans a frame out.
-    pub fn may_publish(&self, caller: &Caller, channel: &Channel, topic: &str) -> Result<()> {
+    /// rule, from a sender it may claim (`from`); that sender. The relay
+    /// asks them before it fans a frame out.
+    pub fn may_publish(
+        &self,
+        caller: &Caller,
+        channel: &Channel,
+        from: Option<AgentName>,
+        topic: &str,
+    ) -> Result<AgentName> {
         model::check_topic(topic)?;
-        self.trust.may_publish(caller, channel, topic)
+        self.trust.may_publish(caller, channel, topic)?;
+        self.trust.sender(caller, from)
     }
 
     /// Publishes a topic event on `channel`. The payload becomes the
@@ -220,11 +228,10 @@ impl Broker {
         payload: serde_json::Map<String, serde_json::Value>,
         id: Option<String>,
     ) -> Result<Durable> {
-        self.may_publish(caller, &channel, topic)?;
+        let from = self.may_publish(caller, &channel, from, topic)?;
         if let Some(id) = &id {
             model::check_len("id", id)?;
         }
-        let from = self.trust.sender(caller, from)?;
         let body = Body::from_map(hermod_events::envelope(topic, payload));
         // A subscription made on another node a moment ago counts.
         self.engine.sync_state().await?;

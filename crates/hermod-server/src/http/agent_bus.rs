@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
-use hermod_core::auth::Caller;
+use hermod_core::auth::{Caller, Trust};
 use hermod_core::broker::{Reader, Target};
 use std::sync::Arc;
 
@@ -163,7 +163,11 @@ async fn recv(
     };
     let deadline = tokio::time::Instant::now() + app.config.max_wait;
     let read = app.broker.read_since(&reader, since, max, block, deadline);
-    let got = app.long_poll(&caller, read).await?;
+    let may_read = |t: &Trust| match &reader {
+        Reader::Inbox(key) => t.may_act_as(&caller, key),
+        _ => t.may_act_as_agent(&caller, &to_name),
+    };
+    let got = app.long_poll(may_read, read).await?;
     // Per inbox: with `channel=*` the answer holds several.
     let mut by_channel: BTreeMap<&Channel, Vec<Arc<Message>>> = BTreeMap::new();
     for m in &got.messages {

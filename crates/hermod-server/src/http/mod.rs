@@ -114,16 +114,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// `work` (a broker long-poll for `caller`), cut short by shutdown (an
-    /// error), so a held request never delays the daemon's exit, and by the
-    /// caller's token being revoked or rotated (`unauthorized`).
+    /// `work` (a broker long-poll), cut short by shutdown (an error), so a
+    /// held request never delays the daemon's exit, and by `check` failing
+    /// (the access it was allowed on ended: a token revoked or rotated, a
+    /// name claimed by an identity), answered with that refusal.
     pub async fn long_poll<T>(
         &self,
-        caller: &hermod_core::auth::Caller,
+        check: impl Fn(&hermod_core::auth::Trust) -> hermod_core::Result<()>,
         work: impl std::future::Future<Output = hermod_core::Result<T>>,
     ) -> Result<T, error::ApiError> {
         tokio::select! {
-            done = caller.unless_revoked(work) => Ok(done?),
+            biased;
+            refused = self.broker.trust().until_refused(check) => Err(refused.into()),
+            done = work => Ok(done?),
             _ = self.shutdown.cancelled() => Err(hermod_core::Error::ShuttingDown.into()),
         }
     }

@@ -305,7 +305,7 @@ struct RelayQuery {
 enum Relayer {
     /// The shared relay secret: events are published as `relay`, unverified.
     Relay,
-    /// An agent's token (the guard verified it).
+    /// An agent's token (the HTTP edge verified it).
     Agent(Caller),
 }
 
@@ -417,7 +417,7 @@ async fn relay_in(
         match (&relayer, &event) {
             (Relayer::Relay, _) => {}
             (Relayer::Agent(agent), Some((topic, _))) => {
-                if let Err(e) = app.broker.may_publish(agent, &channel, topic) {
+                if let Err(e) = app.broker.may_publish(agent, &channel, None, topic) {
                     refuse(e);
                     continue;
                 }

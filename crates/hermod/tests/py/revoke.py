@@ -2,7 +2,8 @@
 old token within a second, whatever the door: a registered Unix
 connection, the v1 WebSocket, the v1 SSE inbox stream, the interop
 `/subscribe` stream, the `/v1/events` topic stream, the relay's
-`/api/events`, and a pending `/v1/agents/{name}/inbox?wait=` long-poll.
+`/api/events`, live `subscribe` frames, a receipt wait, and a pending
+`/v1/agents/{name}/inbox?wait=` long-poll.
 Nothing the agent sends after the change is stored.
 
 Env: HERMOD_BIN, HERMOD_SOCKET, HERMOD_URL."""
@@ -95,6 +96,12 @@ def relay_listener(token):
     return body
 
 
+def publish(topic):
+    with client() as c:
+        expect_json(c.post("/v1/events", json={"topic": topic, "durable": True}), 200,
+                    "publish %s" % topic)
+
+
 def inbox_of(name):
     with client() as c:
         page = expect_json(c.get("/v1/agents/%s/inbox" % name, params={"limit": 1000}), 200,
@@ -109,14 +116,15 @@ def one_change(change):
     token = json.loads(cli("agent", "add", "--json", name).stdout)["token"]
     auth = {"Authorization": "Bearer " + token}
     with client() as c:
-        expect_json(c.post("/v1/messages", json={"from": name, "to": peer, "body": {"n": "before"}}, headers=auth),
-                    200, "send before the change")
+        before = expect_json(
+            c.post("/v1/messages", json={"from": name, "to": peer, "body": {"n": "before"}},
+                   headers=auth), 200, "send before the change")
     with ws_client.connect(ws_url("/v1/agents/%s/ws" % name), additional_headers=auth,
                            open_timeout=10) as ws:
-        checked_change(change, name, peer, token, auth, ws)
+        checked_change(change, name, peer, token, auth, ws, before["id"])
 
 
-def checked_change(change, name, peer, token, auth, ws):
+def checked_change(change, name, peer, token, auth, ws, sent_id):
     sessions = [
         Ended("unix register", unix_registered(name, token)),
         Ended("v1 SSE stream", sse_until_end("/v1/agents/%s/stream" % name, token)),
@@ -127,6 +135,18 @@ def checked_change(change, name, peer, token, auth, ws):
     ]
     for s in sessions:
         s.wait_ready()
+    # A live `subscribe` stream and a receipt wait on an owner's connection,
+    # each opened with the agent's token in its frame.
+    live = RawConn()
+    live.send_obj({"type": "subscribe", "pattern": "rv.**", "token": token})
+    check(json.loads(live.recv_raw(what="subscribed")).get("type") == "subscribed", "subscribe")
+    publish("rv.before")
+    got = json.loads(live.recv_raw(what="an event before the change"))
+    check(got.get("topic") == "rv.before", "the live stream works: %r" % got)
+    receipt = RawConn()
+    # Nobody reads what it sent: the wait would hold for 25 s.
+    receipt.send_obj({"type": "receipt", "id": sent_id, "wait": "read", "timeout": 25,
+                      "token": token})
     # The WebSocket works before the change.
     ws.send(json.dumps({"type": "send", "to": peer, "body": {"n": "ws-before"}}))
     check(json.loads(ws.recv(timeout=10)).get("type") == "sent", "a WebSocket send works")
@@ -150,6 +170,11 @@ def checked_change(change, name, peer, token, auth, ws):
         check(s.at is not None, "%s still open %.1f s after %s" % (s.what, WITHIN + 1, change))
         took = s.at - changed
         check(took < WITHIN, "%s ended %.2f s after %s (%s)" % (s.what, took, change, s.how))
+    waited = json.loads(receipt.recv_raw(timeout=WITHIN + 1, what="the receipt wait's answer"))
+    check(waited.get("code") == "unauthorized", "receipt wait after %s: %r" % (change, waited))
+    publish("rv.after")
+    late = live.recv_or_none(WITHIN)
+    check(late is None, "the live stream delivered after %s: %r" % (change, late))
     # The long-poll was answered as unauthorized, not with an empty page.
     lp = sessions[-1]
     check("status 401" in lp.how, "the long-poll after %s: %s" % (change, lp.how))
@@ -177,14 +202,23 @@ def claimed_by_an_identity():
                     pass
         return "stream ended"
 
-    stream = Ended("owner's v1 SSE stream", owner_stream)
-    stream.wait_ready()
+    def owner_poll(ready):
+        with httpx.Client(base_url=base_url(), timeout=40) as c:
+            threading.Timer(0.3, ready.set).start()
+            resp = c.get("/v1/agents/%s/inbox" % name, params={"wait": 25})
+        return "status %d %s" % (resp.status_code, resp.text[:200])
+
+    held = [Ended("owner's v1 SSE stream", owner_stream), Ended("owner's long-poll", owner_poll)]
+    for h in held:
+        h.wait_ready()
     cli("agent", "add", "--json", name)
     added = time.monotonic()
-    stream.thread.join(WITHIN + 1)
-    check(stream.at is not None and stream.at - added < WITHIN,
-          "the owner's stream of %s outlived its new identity" % name)
-    log("agent add: the unverified stream of that name ended")
+    for h in held:
+        h.thread.join(WITHIN + 1)
+        check(h.at is not None and h.at - added < WITHIN,
+              "the %s of %s outlived its new identity" % (h.what, name))
+    check("status 403" in held[1].how, "the owner's long-poll: %s" % held[1].how)
+    log("agent add: the unverified stream and long-poll of that name ended")
 
 
 def main():

@@ -359,12 +359,11 @@ pub(super) async fn read_inbox(
     let after = q.after.unwrap_or(cursor);
     let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
     let deadline = tokio::time::Instant::now() + wait;
-    let reader = Reader::Inbox(key);
+    let reader = Reader::Inbox(key.clone());
     let read = app.broker.read_wait(&reader, after, limit, deadline);
-    let batch = app.long_poll(&caller, read).await?;
-    if let Reader::Inbox(key) = &reader {
-        app.broker.delivered(key, "poll", &batch.messages).await;
-    }
+    let may_read = |t: &Trust| t.may_act_as(&caller, &key);
+    let batch = app.long_poll(may_read, read).await?;
+    app.broker.delivered(&key, "poll", &batch.messages).await;
     Ok(Json(InboxPage {
         messages: batch
             .messages
@@ -515,7 +514,7 @@ pub(super) async fn get_message(
             let wait = std::time::Duration::from_secs_f64(wait).min(app.config.max_wait);
             let deadline = tokio::time::Instant::now() + wait;
             let receipts = app.broker.wait_receipt(&caller, &id, state, deadline);
-            app.long_poll(&caller, receipts).await?
+            app.long_poll(|_| caller.check(), receipts).await?
         }
         None => app.broker.receipts(&caller, &id).await?,
     };

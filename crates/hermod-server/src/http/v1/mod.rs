@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use axum::Extension;
 use axum::{Json, Router};
 use futures::{SinkExt, Stream, StreamExt};
-use hermod_core::auth::Caller;
+use hermod_core::auth::{Caller, Trust};
 use hermod_core::broker::{Batch, Reader, Target};
 use hermod_core::model::{
     Activity, AgentName, Body, Channel, InboxKey, Message, Meta, MetaFields, Priority, Seq,
