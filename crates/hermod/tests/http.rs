@@ -187,3 +187,55 @@ fn a_stalled_subscribe_reader_loses_nothing() {
     let d = Daemon::start_with(&["--http-write-timeout", "2", "--send-rate", "0"], &[]);
     println!("{}", run_python(&d, "stalled_subscribe.py"));
 }
+
+// Seen in issue 21: `/recv` answered a `now` below the `ts` of messages it
+// returned (the clock was read before the batch), so a reader that follows
+// `since=now` got some messages twice (3 of 6,000 with max=7 and 4 senders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_since_now_never_hands_a_message_out_twice() {
+    const SENDERS: usize = 4;
+    const EACH: usize = 1500;
+    let d = Daemon::start_with(&["--send-rate", "0"], &[]);
+    let http = reqwest::Client::new();
+    let url = d.http.clone();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let body = serde_json::json!({"from": format!("s{s}"), "to": "reader", "msg": format!("{s}-{i}")});
+                    let r = http.post(format!("{url}/send")).json(&body).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let mut since = 0.0_f64;
+    let mut seen = std::collections::HashSet::new();
+    let mut twice = Vec::new();
+    while seen.len() < SENDERS * EACH {
+        let r: serde_json::Value = http
+            .get(format!("{url}/recv?to=reader&max=7&since={since}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for m in r["messages"].as_array().unwrap() {
+            let text = m["msg"].as_str().unwrap().to_owned();
+            assert!(
+                m["ts"].as_f64().unwrap() <= r["now"].as_f64().unwrap(),
+                "{r}"
+            );
+            if !seen.insert(text.clone()) {
+                twice.push(text);
+            }
+        }
+        since = r["now"].as_f64().unwrap();
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert!(twice.is_empty(), "handed out twice: {twice:?}");
+}

@@ -315,9 +315,15 @@ impl Broker {
             }
             let timed_out = tokio::time::Instant::now() >= deadline;
             if !messages.is_empty() || gap.is_some() || !block || timed_out {
+                // `now` was read before the batch, which may hold messages
+                // committed since (ts > now): answering below their ts
+                // would hand them out again to a reader that follows
+                // `since=now`. Every message up to the last one's ts is in
+                // the batch (ts grows with seq), so that is a safe `now`.
                 let now = match messages.last() {
                     Some(last) if full => last.ts,
-                    _ => now,
+                    Some(last) => now.max(last.ts),
+                    None => now,
                 };
                 return Ok(SinceBatch { messages, now, gap });
             }
