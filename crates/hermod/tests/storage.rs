@@ -156,9 +156,13 @@ fn a_full_disk_refuses_sends_keeps_reads_and_recovers_by_itself() {
             !status_cli.status.success() && text.contains("degraded"),
             "{text}"
         );
-        // Reads keep working while writes are refused.
+        // Reads keep working while writes are refused, also the first
+        // `/recv` of a name the bus has not recorded yet (it used to
+        // answer 507: registering the reader needed a write).
         let ids = inbox_ids(&http, &d.http).await;
         assert_eq!(ids, acked, "every acknowledged message is readable");
+        let (status, r) = get(&http, format!("{}/recv?to=newcomer", d.http)).await;
+        assert_eq!(status, 200, "{r}");
 
         // Space returns: the probe clears the state, sends work again.
         std::fs::remove_file(filler).unwrap();
@@ -249,8 +253,11 @@ fn a_database_locked_by_another_process_answers_storage_busy_in_bounded_time() {
             health["reason"].as_str().unwrap().contains("locked"),
             "{health}"
         );
-        // Reads work meanwhile (WAL readers do not need the write lock).
+        // Reads work meanwhile (WAL readers do not need the write lock),
+        // the first `/recv` of a new name too.
         assert_eq!(inbox_ids(&http, &d.http).await, acked);
+        let (status, r) = get(&http, format!("{}/recv?to=newcomer", d.http)).await;
+        assert_eq!(status, 200, "{r}");
     });
     assert!(holder.wait().unwrap().success());
     rt.block_on(async {

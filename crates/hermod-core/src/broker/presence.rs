@@ -33,8 +33,14 @@ impl Broker {
             },
         );
         if persist {
-            // On failure the session drops here, ending the connection.
-            self.engine.remember_agent(key.clone(), now, true).await?;
+            // A reader must not need a write: with the store full or
+            // locked the connection is served from memory, and the next
+            // connect tries to record the name again.
+            if let Err(e) = self.engine.remember_agent(key.clone(), now, true).await {
+                tracing::warn!(agent = %key.agent, channel = %key.channel, error = %e,
+                    "could not record the agent's connection; serving it anyway");
+                self.shared.state.lock().unwrap().registry.unpersist(&key);
+            }
         }
         // Nobody listening is fine: presence is live-only.
         if let Some(tx) = self

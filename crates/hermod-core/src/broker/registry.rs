@@ -175,6 +175,17 @@ impl Registry {
         persist
     }
 
+    /// The store did not take `key`'s connection: the next one tries again.
+    pub(crate) fn unpersist(&mut self, key: &InboxKey) {
+        if let Some(info) = self
+            .channels
+            .get_mut(&key.channel)
+            .and_then(|c| c.get_mut(&key.agent))
+        {
+            info.persisted = f64::NEG_INFINITY;
+        }
+    }
+
     /// Closes every connection of `agent`, on every channel (its identity
     /// was added, rotated or revoked: whoever was connected as it no longer
     /// may be).
