@@ -239,3 +239,22 @@ async fn recv_since_now_never_hands_a_message_out_twice() {
     }
     assert!(twice.is_empty(), "handed out twice: {twice:?}");
 }
+
+// Seen by the `http` fuzz target: a plain GET to a WebSocket route (no
+// `Connection: upgrade`) was answered with axum's plain-text rejection,
+// though errors everywhere are JSON with a code (README, "The v1 API").
+#[tokio::test]
+async fn websocket_routes_refuse_a_plain_request_with_json() {
+    let d = Daemon::start();
+    let http = reqwest::Client::new();
+    for path in ["/v1/agents/bob/ws", "/api/pub", "/api/events"] {
+        let r = http.get(format!("{}{path}", d.http)).send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 400, "{path}: {text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"));
+        assert_eq!(v["code"], "invalid_request", "{path}: {text}");
+        assert!(v["error"].is_string(), "{path}: {text}");
+    }
+}

@@ -198,6 +198,33 @@ impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for
     }
 }
 
+/// `WebSocketUpgrade` with our error shape: a request to a WebSocket route
+/// that is not an upgrade (a plain GET, no `Connection: upgrade`, no
+/// `Sec-WebSocket-Key`) is answered like any bad request, JSON with a code
+/// (axum's own rejection is plain text), keeping its status.
+pub struct Ws(pub axum::extract::ws::WebSocketUpgrade);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Ws {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::ws::WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(Ws)
+            .map_err(|e| {
+                let code = if e.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    "method_not_allowed"
+                } else {
+                    "invalid_request"
+                };
+                ApiError::new(e.status(), code, e.body_text())
+            })
+    }
+}
+
 /// `Path<T>` with a JSON 400 on bad segments.
 pub struct P<T>(pub T);
 

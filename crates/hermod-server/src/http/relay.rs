@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{self, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{self, Utf8Bytes, WebSocket};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -53,7 +53,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::error::{ApiError, Q};
+use super::error::{ApiError, Ws, Q};
 use super::AppState;
 
 /// Frames a channel's ring holds at most for its slowest listener.
@@ -360,7 +360,7 @@ async fn publish(
     State(app): State<AppState>,
     caller: Option<Extension<Caller>>,
     Q(q): Q<RelayQuery>,
-    upgrade: WebSocketUpgrade,
+    Ws(upgrade): Ws,
 ) -> Result<Response, ApiError> {
     let (relayer, channel) = q.authorize(&app, caller.map(|c| c.0))?;
     let caller = relayer.caller();
@@ -482,7 +482,7 @@ async fn events(
     State(app): State<AppState>,
     caller: Option<Extension<Caller>>,
     Q(q): Q<RelayQuery>,
-    upgrade: WebSocketUpgrade,
+    Ws(upgrade): Ws,
 ) -> Result<Response, ApiError> {
     let (relayer, channel) = q.authorize(&app, caller.map(|c| c.0))?;
     // Raw frames of every topic: an agent needs to be allowed them all.

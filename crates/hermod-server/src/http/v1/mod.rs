@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use super::error::{ApiError, JsonBody, P, Q};
+use super::error::{ApiError, JsonBody, Ws, P, Q};
 use super::last_event_id;
 use super::AppState;
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::frames::{self, Outcome};
-use axum::extract::ws::{self, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{self, WebSocket};
 use bytes::Bytes;
 
 #[derive(Deserialize)]
@@ -17,7 +17,7 @@ pub(super) async fn upgrade(
     Extension(caller): Extension<Caller>,
     P(name): P<String>,
     Q(q): Q<ChannelQuery>,
-    upgrade: WebSocketUpgrade,
+    Ws(upgrade): Ws,
 ) -> Result<Response, ApiError> {
     let key = InboxKey::new(strict_channel(q.channel)?, AgentName::parse(name)?);
     // Refused before the upgrade, with a status the client can read.
