@@ -12,8 +12,10 @@
 //!   valid framing) goes through `parse_client_frame`: no panic, the same
 //!   answer twice, an error's `code()` is one of the parse codes, and its
 //!   error frame serializes to `{"type":"error","code":...}`;
-//! * a parsed request holds only validated names, an object body and a
-//!   clamped inbox limit;
+//! * a parsed request is the variant its `type` field names (every frame
+//!   type of `wire::Request`, see [`TYPES`]) and holds only validated names,
+//!   an object body, a clamped inbox limit, a non-empty receipt/thread id and
+//!   a receipt timeout within 0..=86400 s;
 //! * encoding a payload and decoding it again gives the payload back.
 #![no_main]
 
@@ -31,6 +33,60 @@ const PARSE_CODES: &[&str] = &[
     "invalid_request",
     "invalid_topic",
 ];
+
+/// Every `type` a client frame may have, as `parse_client_frame` spells it
+/// (one per `wire::Request` variant; `kind` below must name each).
+const TYPES: &[&str] = &[
+    "register",
+    "ping",
+    "status",
+    "message",
+    "send",
+    "list_endpoints",
+    "ack",
+    "agents",
+    "forget",
+    "publish",
+    "inbox",
+    "tail",
+    "subscribe",
+    "identity_add",
+    "identity_list",
+    "identity_rotate",
+    "identity_revoke",
+    "receipt",
+    "thread",
+    "presence",
+    "release",
+];
+
+/// The `type` a parsed request came from. Exhaustive: a new `Request`
+/// variant does not compile until it is named here (and in [`TYPES`]).
+fn kind(req: &Request) -> &'static str {
+    match req {
+        Request::Register { .. } => "register",
+        Request::Ping => "ping",
+        Request::Status => "status",
+        Request::Message(_) => "message",
+        Request::Send(_) => "send",
+        Request::ListEndpoints => "list_endpoints",
+        Request::Ack(_) => "ack",
+        Request::Agents => "agents",
+        Request::Forget(_) => "forget",
+        Request::Publish(_) => "publish",
+        Request::Subscribe { .. } => "subscribe",
+        Request::Inbox { .. } => "inbox",
+        Request::Tail => "tail",
+        Request::IdentityAdd(_) => "identity_add",
+        Request::IdentityList => "identity_list",
+        Request::IdentityRotate(_) => "identity_rotate",
+        Request::IdentityRevoke(_) => "identity_revoke",
+        Request::Receipt { .. } => "receipt",
+        Request::Thread(_) => "thread",
+        Request::Presence { .. } => "presence",
+        Request::Release { .. } => "release",
+    }
+}
 
 /// What the reference splitter expects next.
 enum Expect<'a> {
@@ -94,44 +150,79 @@ fn check_parse(payload: &[u8]) {
             assert_eq!(v["type"], "error");
             assert_eq!(v["code"], code);
         }
-        Ok(req) => match req {
-            Request::Register {
-                endpoint, channel, ..
-            } => {
-                check_name(&endpoint);
-                check_channel(&channel);
-            }
-            Request::Message(env) | Request::Send(env) => {
-                env.to.iter().for_each(check_name);
-                env.from.iter().for_each(check_name);
-                check_channel(&env.channel);
-                check_body(&env.body);
-                assert!(env.id.as_deref() != Some(""), "empty id kept");
-            }
-            Request::Publish(p) => {
-                p.from.iter().for_each(check_name);
-                check_channel(&p.channel);
-            }
-            Request::Inbox { key, limit, .. } => {
-                check_name(&key.agent);
-                check_channel(&key.channel);
-                assert!((1..=1000).contains(&limit), "limit {limit} not clamped");
-            }
-            Request::Forget(key) => {
-                check_name(&key.agent);
-                check_channel(&key.channel);
-            }
-            Request::IdentityRotate(name) | Request::IdentityRevoke(name) => check_name(&name),
-            Request::Ping
-            | Request::Status
-            | Request::ListEndpoints
-            | Request::Ack(_)
-            | Request::Agents
-            | Request::Subscribe { .. }
-            | Request::Tail
-            | Request::IdentityAdd(_)
-            | Request::IdentityList => {}
-        },
+        Ok(req) => check_request(payload, req),
+    }
+}
+
+fn check_request(payload: &[u8], req: Request) {
+    // A frame that parsed is a JSON object whose `type` is the variant's.
+    // (Raw values: a `Value` would refuse numbers the parser skips, `1e400`.)
+    let fields: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_slice(payload).expect("a parsed frame is a JSON object");
+    let given = fields
+        .get("type")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let k = kind(&req);
+    assert!(TYPES.contains(&k), "{k} missing from TYPES");
+    assert_eq!(given.as_deref(), Some(k), "frame type and request differ");
+    match req {
+        Request::Register {
+            endpoint, channel, ..
+        } => {
+            check_name(&endpoint);
+            check_channel(&channel);
+        }
+        Request::Message(env) | Request::Send(env) => {
+            env.to.iter().for_each(check_name);
+            env.from.iter().for_each(check_name);
+            check_channel(&env.channel);
+            check_body(&env.body);
+            assert!(env.id.as_deref() != Some(""), "empty id kept");
+        }
+        Request::Publish(p) => {
+            p.from.iter().for_each(check_name);
+            check_channel(&p.channel);
+        }
+        Request::Inbox { key, limit, .. } => {
+            check_name(&key.agent);
+            check_channel(&key.channel);
+            assert!((1..=1000).contains(&limit), "limit {limit} not clamped");
+        }
+        Request::Forget(key) => {
+            check_name(&key.agent);
+            check_channel(&key.channel);
+        }
+        Request::IdentityRotate(name) | Request::IdentityRevoke(name) => check_name(&name),
+        Request::Receipt { id, timeout, .. } => {
+            assert!(!id.is_empty(), "empty receipt id kept");
+            assert!(
+                timeout.is_finite() && (0.0..=86_400.0).contains(&timeout),
+                "receipt timeout {timeout} out of range"
+            );
+        }
+        Request::Thread(id) => assert!(!id.is_empty(), "empty thread id kept"),
+        Request::Presence { agent, channel, .. } => {
+            agent.iter().for_each(check_name);
+            check_channel(&channel);
+        }
+        Request::Release {
+            channel,
+            agent,
+            peer,
+        } => {
+            check_name(&agent);
+            check_name(&peer);
+            check_channel(&channel);
+        }
+        Request::Ping
+        | Request::Status
+        | Request::ListEndpoints
+        | Request::Ack(_)
+        | Request::Agents
+        | Request::Subscribe { .. }
+        | Request::Tail
+        | Request::IdentityAdd(_)
+        | Request::IdentityList => {}
     }
 }
 
