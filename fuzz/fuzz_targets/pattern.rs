@@ -14,12 +14,17 @@
 //!   whether the topic can be matched at all (`**` and the topic as a
 //!   literal pattern match it iff it is valid; an invalid topic matches no
 //!   pattern);
-//! * a literal pattern matches only its own text.
+//! * a literal pattern matches only its own text;
+//! * the daemon's checks of what a client gives (`model::check_topic`,
+//!   `model::parse_pattern`) refuse more than 256 characters first
+//!   (`invalid_request`), then what `validate_topic` / `Pattern::parse`
+//!   refuse (`invalid_topic`), and accept the rest.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use hermod_events::pattern::{self, Pattern, Segment};
 use hermod_events::Error;
+use hermod_proto::model::{self, MAX_FIELD_LEN};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -145,6 +150,24 @@ fuzz_target!(|input: Input| {
 
     let parsed = Pattern::parse(&pat);
     let should_parse = !pat.is_empty() && pat.split('.').all(|s| !s.is_empty());
+
+    // The daemon's checks: the 256-character cap, then the rules above.
+    let capped = |s: &str| s.chars().count() > MAX_FIELD_LEN;
+    let code = |ok: bool, s: &str| match (capped(s), ok) {
+        (true, _) => Some("invalid_request"),
+        (false, false) => Some("invalid_topic"),
+        (false, true) => None,
+    };
+    assert_eq!(
+        model::check_topic(&topic).err().map(|e| e.code()),
+        code(valid, &topic),
+        "check_topic({topic:?})"
+    );
+    assert_eq!(
+        model::parse_pattern(&pat).err().map(|e| e.code()),
+        code(should_parse, &pat),
+        "parse_pattern({pat:?})"
+    );
     let p = match parsed {
         Err(Error::EmptyPattern) => {
             assert!(pat.is_empty());
