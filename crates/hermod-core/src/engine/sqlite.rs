@@ -139,6 +139,14 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 -- For pruning the steps of removed messages.
 CREATE INDEX IF NOT EXISTS steps_hi ON steps(hi);
+-- The newest seq ever deleted, with its ts: the log's end when retention
+-- (or a forget, or a release) removed its newest rows, so a restart never
+-- hands out a seq again (cursors and pruned marks already passed it).
+CREATE TRIGGER IF NOT EXISTS messages_end AFTER DELETE ON messages
+WHEN old.seq > COALESCE((SELECT value FROM meta WHERE key = 'end_seq'), 0)
+BEGIN
+    INSERT OR REPLACE INTO meta (key, value) VALUES ('end_seq', old.seq), ('end_ts', old.ts);
+END;
 -- What the loop guard holds, for a restart.
 CREATE INDEX IF NOT EXISTS steps_held ON steps(hi) WHERE state = 'held';
 CREATE TABLE IF NOT EXISTS agents (
@@ -364,17 +372,30 @@ fn prepare(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
     newest(conn)
 }
 
-/// The newest (seq, ts) in the log, (0, 0.0) when empty. One B-tree step
-/// from the end: `ts` grows with `seq`, so the last row holds both maxima
-/// (`MAX(ts)` would scan every row: 0.4 s per 3 million messages at start).
+/// The newest (seq, ts) the log ever held, (0, 0.0) when never written:
+/// the last row, or the newest one deleted when that is later (see the
+/// `messages_end` trigger). One B-tree step from the end: `ts` grows with
+/// `seq`, so the last row holds both maxima (`MAX(ts)` would scan every
+/// row: 0.4 s per 3 million messages at start).
 fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
-    conn.query_row(
-        "SELECT seq, ts FROM messages ORDER BY seq DESC LIMIT 1",
+    let last = conn
+        .query_row(
+            "SELECT seq, ts FROM messages ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0.0));
+    let end = conn.query_row(
+        "SELECT (SELECT value FROM meta WHERE key = 'end_seq'),
+                    (SELECT value FROM meta WHERE key = 'end_ts')",
         [],
-        |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
-    )
-    .optional()
-    .map(|row| row.unwrap_or((0, 0.0)))
+        |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<f64>>(1)?)),
+    )?;
+    Ok(match end {
+        (Some(seq), Some(ts)) if seq as Seq > last.0 => (seq as Seq, ts),
+        _ => last,
+    })
 }
 
 /// Columns older versions lacked, with how to add them: `auth` (older
