@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use hermod_core::auth::Identity;
 use hermod_core::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
-use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq, State};
+use hermod_core::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
 
 /// Newest message bodies a node keeps in memory: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
@@ -62,6 +62,9 @@ pub struct Index {
     unheld: VecDeque<Seq>,
     /// Where each forgotten inbox starts again.
     epochs: HashMap<InboxKey, Seq>,
+    /// What the loop guard holds (each one of its message's refs): kept
+    /// by every rule until a release in the log ends it.
+    guard_holds: BTreeSet<Seq>,
     bytes: u64,
     cache: BTreeMap<Seq, Arc<Message>>,
     /// Body bytes in `cache`.
@@ -102,15 +105,30 @@ impl Index {
             .collect()
     }
 
-    /// Seqs with this id, with their recipients, oldest first.
-    pub fn with_id(&self, id: &str, limit: usize) -> Vec<(Seq, Vec<AgentName>)> {
+    /// Seqs with this id, with their recipients and whether the loop
+    /// guard holds them, oldest first.
+    pub fn with_id(&self, id: &str, limit: usize) -> Vec<(Seq, Vec<AgentName>, Guarded)> {
         let seqs = self.ids.get(id).map(Vec::as_slice).unwrap_or_default();
         seqs.iter()
             .take(limit)
             .filter_map(|s| {
                 let m = self.log.get(s)?;
-                Some((*s, m.recipients.to_vec()))
+                let guard = if self.guard_holds.contains(s) {
+                    Guarded::Held
+                } else {
+                    Guarded::Free
+                };
+                Some((*s, m.recipients.to_vec(), guard))
             })
+            .collect()
+    }
+
+    /// What the loop guard holds after `after`, oldest first.
+    pub fn held(&self, after: Seq, limit: usize) -> Vec<Seq> {
+        self.guard_holds
+            .range(after + 1..)
+            .take(limit)
+            .copied()
             .collect()
     }
 
@@ -155,8 +173,14 @@ impl Index {
         ts
     }
 
-    /// Applies one message of the log.
-    pub fn append(&mut self, message: Arc<Message>, recipients: Vec<AgentName>) {
+    /// Applies one message of the log; returns the inboxes it landed in
+    /// (none for a release of a hold an earlier release ended).
+    pub fn append(
+        &mut self,
+        message: Arc<Message>,
+        mut recipients: Vec<AgentName>,
+        guard: Guarded,
+    ) -> Vec<AgentName> {
         let seq = message.seq;
         self.last = (seq, message.ts);
         self.times.push_back((seq, message.ts));
@@ -171,6 +195,19 @@ impl Index {
             self.cache_bytes -= old.body.as_str().len();
         }
         let mut refs = 0;
+        match guard {
+            Guarded::Releases(held) if self.guard_holds.remove(&held) => {
+                if self.unref(held) {
+                    self.unheld.push_back(held);
+                }
+            }
+            Guarded::Releases(_) => recipients.clear(),
+            Guarded::Held => {
+                self.guard_holds.insert(seq);
+                refs += 1;
+            }
+            Guarded::Free => {}
+        }
         for r in &recipients {
             let key = InboxKey::new(message.channel.clone(), r.clone());
             let floor = self.floor(&View::Inbox(key.clone()));
@@ -189,7 +226,7 @@ impl Index {
         } else if refs == 0 {
             // Nobody holds it: it is only a seq, and goes from the stream.
             self.unheld.push_back(seq);
-            return;
+            return recipients;
         }
         let bytes = message.body.as_str().len() as u64;
         self.bytes += bytes;
@@ -207,10 +244,11 @@ impl Index {
                 channel: message.channel.clone(),
                 topic,
                 bytes,
-                recipients: recipients.into(),
+                recipients: recipients.clone().into(),
                 refs,
             },
         );
+        recipients
     }
 
     /// A message applied lately, if still cached.
@@ -429,7 +467,9 @@ impl Index {
         // Age, size and the stream's own limits: the oldest messages go
         // from every view.
         for n in 1..=PRUNE_BUDGET {
-            let Some((&seq, oldest)) = self.log.first_key_value() else {
+            // Holds are kept until released.
+            let Some((&seq, oldest)) = self.log.iter().find(|(s, _)| !self.guard_holds.contains(s))
+            else {
                 break;
             };
             let due = seq < first

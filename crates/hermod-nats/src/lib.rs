@@ -48,7 +48,7 @@ use hermod_core::engine::{
 };
 use hermod_core::error::{Error, Result};
 use hermod_core::model::{
-    AgentName, Auth, Body, Channel, InboxKey, Message, Meta, NewMessage, Seq,
+    AgentName, Auth, Body, Channel, Guarded, InboxKey, Message, Meta, NewMessage, Seq,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -126,6 +126,12 @@ struct Stored<B> {
     /// The body exactly as the sender wrote it.
     body: B,
     recipients: Vec<AgentName>,
+    #[serde(default, skip_serializing_if = "is_free")]
+    guard: Guarded,
+}
+
+fn is_free(g: &Guarded) -> bool {
+    *g == Guarded::Free
 }
 
 fn encode(m: &NewMessage) -> Bytes {
@@ -140,13 +146,14 @@ fn encode(m: &NewMessage) -> Bytes {
         meta: m.meta.clone(),
         body: &m.body,
         recipients: m.recipients.clone(),
+        guard: m.guard,
     };
     serde_json::to_vec(&stored)
         .expect("a message always serializes")
         .into()
 }
 
-fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)> {
+fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>, Guarded)> {
     let s: Stored<Box<RawValue>> = match serde_json::from_slice(payload) {
         Ok(s) => s,
         Err(e) => {
@@ -168,7 +175,7 @@ fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)
         meta: s.meta,
         body,
     };
-    Some((message, s.recipients))
+    Some((message, s.recipients, s.guard))
 }
 
 /// An identity as stored in the state bucket (with its token's hash,
@@ -953,7 +960,7 @@ impl Inner {
                     .unwrap()
                     .ts_of(seq)
                     .unwrap_or(unix!(m.time));
-                Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
+                Ok(decode(seq, ts, &m.payload).map(|(m, ..)| Arc::new(m)))
             })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
@@ -985,15 +992,16 @@ impl Index {
     /// Applies one log entry; what the feed reports of it, if it is hermod's.
     fn apply_log(&mut self, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
         let ts = self.next_ts(stamped);
-        let Some((message, recipients)) = decode(seq, ts, payload) else {
+        let Some((message, recipients, guard)) = decode(seq, ts, payload) else {
             self.skip(seq);
             return None;
         };
         let message = Arc::new(message);
-        self.append(message.clone(), recipients.clone());
+        let recipients = self.append(message.clone(), recipients, guard);
         Some(Committed {
             message,
             recipients,
+            guard,
         })
     }
 }
@@ -1532,37 +1540,23 @@ impl Engine for NatsEngine {
         Ok(self.inner.index.lock().unwrap().steps_of(key, seq))
     }
 
-    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
-        let mut steps: Vec<Step> = {
-            let index = self.inner.index.lock().unwrap();
-            index
-                .steps
-                .values()
-                .filter(|s| s.state == hermod_core::model::State::Held)
-                .cloned()
-                .collect()
-        };
-        steps.sort_by_key(|s| s.hi);
-        steps.truncate(limit);
-        let messages = self.messages(steps.iter().map(|s| s.hi).collect()).await?;
-        Ok(steps
-            .into_iter()
-            .zip(messages)
-            .filter_map(|(s, m)| Some((s, m?)))
-            .collect())
+    async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let seqs = self.inner.index.lock().unwrap().held(after, limit);
+        Ok(self.messages(seqs).await?.into_iter().flatten().collect())
     }
 
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
         let found = self.inner.index.lock().unwrap().with_id(id, limit);
-        let (seqs, recipients): (Vec<Seq>, Vec<Vec<AgentName>>) = found.into_iter().unzip();
+        let seqs = found.iter().map(|(s, ..)| *s).collect();
         let messages = self.messages(seqs).await?;
         Ok(messages
             .into_iter()
-            .zip(recipients)
-            .filter_map(|(m, recipients)| {
+            .zip(found)
+            .filter_map(|(m, (_, recipients, guard))| {
                 Some(Committed {
                     message: m?,
                     recipients,
+                    guard,
                 })
             })
             .collect())

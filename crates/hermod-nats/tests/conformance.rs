@@ -38,6 +38,7 @@ async fn conformance_on_a_three_node_cluster() {
     conformance::run(opener(&cluster, "HERMOD", 3), true).await;
     conformance::retention(opener(&cluster, "RETENTION", 3)).await;
     conformance::delivery(opener(&cluster, "DELIVERY", 3)).await;
+    conformance::holds(opener(&cluster, "HOLDS", 3), true).await;
 }
 
 /// Forgetting an agent takes what only its inbox held out of the stream

@@ -51,7 +51,9 @@ use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{Change, Commit, Durable, Engine, Retention};
 use crate::error::{Error, Result};
-use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
+use crate::model::{
+    self, AgentName, Body, Channel, Gap, Guarded, InboxKey, Message, NewMessage, Seq,
+};
 use crate::wire::{Envelope, Publication};
 use hermod_events::pattern::Pattern;
 use inbox::{Inboxes, ViewKey};
@@ -208,6 +210,12 @@ impl Shared {
             return;
         }
         self.watch_delivery(batch);
+        if batch.iter().any(|c| c.guard != Guarded::Free) {
+            let mut guard = self.guard.lock().unwrap();
+            for c in batch {
+                guard.apply(c);
+            }
+        }
         {
             let mut views = self.views.lock().unwrap();
             for c in batch {

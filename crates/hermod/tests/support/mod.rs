@@ -49,7 +49,8 @@ impl Daemon {
         Self::start_dir(dir, args, &[], None)
     }
 
-    fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
+    /// Starts with extra `serve` flags, environment and a `config.toml`.
+    pub fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
         Self::start_dir(tempfile::tempdir().unwrap(), args, envs, config)
     }
 
