@@ -6,7 +6,11 @@
 //!   subjects `{prefix}.d.{channel}.{to}` (direct), `{prefix}.b.{channel}`
 //!   (broadcast) and `{prefix}.t.{channel}.{topic…}` (topic events); the
 //!   stream sequence is hermod's seq. Every publish carries a
-//!   `Nats-Msg-Id` hermod generates, so a retried publish is stored once.
+//!   `Nats-Msg-Id` derived from the message's id, sender, channel, target
+//!   and body ([`msg_id`]), so a publish retried (by this node, or by a
+//!   client that resends the same message with the same id after an
+//!   unknown outcome) within the stream's duplicate window (2 min) is
+//!   stored once.
 //! - **State beside the log lives in KV buckets**, never in a durable
 //!   consumer per agent: `{stream}_state` holds the agent registry,
 //!   durable subscriptions, identities and retention's pruned marks;
@@ -134,6 +138,48 @@ fn is_free(g: &Guarded) -> bool {
     *g == Guarded::Free
 }
 
+/// The `Nats-Msg-Id` of a message: the same for every publish of it, so
+/// JetStream stores it once. The message id alone is the sender's choice,
+/// which may repeat (another sender, target or body: another message);
+/// the delivery fields are not part of it (a retry's `ttl` runs from its
+/// own time), and a loop-guard release is a message of its own beside the
+/// hold it ends.
+fn msg_id(m: &NewMessage) -> String {
+    use sha2::{Digest, Sha256};
+    let guard = match m.guard {
+        Guarded::Free => String::new(),
+        Guarded::Held => "held".to_owned(),
+        Guarded::Releases(seq) => format!("releases {seq}"),
+    };
+    let mut h = Sha256::new();
+    for part in [
+        m.channel.as_str(),
+        m.from.as_str(),
+        m.to.as_ref().map_or("", |t| t.as_str()),
+        m.topic.as_deref().unwrap_or(""),
+        &m.id,
+        &guard,
+        m.body.as_str(),
+    ] {
+        // Length-prefixed, so no two different messages hash the same parts.
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// An error after a publish may have reached JetStream: what was sent may
+/// be stored, so the caller hears `storage_busy` (retry: the same id is
+/// stored once), never "nothing was stored".
+fn unknown_outcome(e: Error) -> Error {
+    match e {
+        Error::Storage(why) => Error::StorageBusy(format!(
+            "{why}; the message may be stored: send it again with the same id (stored once)"
+        )),
+        other => other,
+    }
+}
+
 fn encode(m: &NewMessage) -> Bytes {
     let stored = Stored {
         id: m.id.clone(),
@@ -252,7 +298,8 @@ impl Mark {
         };
         match tokio::time::timeout(FOLLOW_TIMEOUT, rx).await {
             Ok(answer) => answer.map_err(|_| Error::ShuttingDown),
-            Err(_) => Err(Error::Storage(format!(
+            // Stored, so not "nothing was stored": busy, retry-safe.
+            Err(_) => Err(Error::StorageBusy(format!(
                 "NATS stored the write (sequence {at}) but this node has not seen it in \
                  its log within {} s: is it allowed to consume the stream and the \
                  state bucket ($JS.API.CONSUMER.>, _INBOX.>)?",
@@ -1169,15 +1216,22 @@ impl Engine for NatsEngine {
         for (m, payload) in batch.iter().zip(payloads) {
             let subject =
                 keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = msg_id(m);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(id.clone());
-            let ack = inner
+            // The first failure is "nothing was stored"; after it, part of
+            // the batch went out.
+            let sent = inner
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(storage("publishing"))?;
+                .map_err(storage("publishing"));
+            let ack = match sent {
+                Ok(ack) => ack,
+                Err(e) if acks.is_empty() => return Err(e),
+                Err(e) => return Err(unknown_outcome(e)),
+            };
             acks.push((subject, payload, id, ack));
         }
         let (tx, rx) = oneshot::channel();
@@ -1210,7 +1264,8 @@ impl Engine for NatsEngine {
                     .filter_map(|m| m.or_else(|| fetched.next().flatten()))
                     .collect())
             }
-            .await;
+            .await
+            .map_err(unknown_outcome);
             if let Err(e) = &stored {
                 inner.link.health.set_degraded(e.to_string());
             }

@@ -614,8 +614,9 @@ where
         first[0].seq > base + 4,
         "no seq is handed out twice, even after a prune"
     );
+    // (Another body, so no engine can take it for a retry of the first.)
     let again = e
-        .submit(vec![release(held[0], 1)])
+        .submit(vec![release(held[0], 99)])
         .await
         .unwrap()
         .await
