@@ -14,13 +14,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use hermod_core::auth::Identity;
+use hermod_core::broker::cost;
 use hermod_core::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
 use hermod_core::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
 
 /// Newest message bodies a node keeps in memory: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
-/// ...and at most this many body bytes (bodies may be megabytes each).
+/// ...and at most this many bytes by default (bodies may be megabytes
+/// each; the daemon gives it a share of `--memory-budget`).
 pub const CACHE_BYTES: usize = 64 << 20;
+
+/// The bytes the message cache may hold ([`CACHE_BYTES`] unless set).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBudget(pub usize);
+
+impl Default for CacheBudget {
+    fn default() -> Self {
+        Self(CACHE_BYTES)
+    }
+}
 
 /// What the index keeps of one logged message.
 struct Meta {
@@ -69,6 +81,8 @@ pub struct Index {
     cache: BTreeMap<Seq, Arc<Message>>,
     /// Body bytes in `cache`.
     cache_bytes: usize,
+    /// The most `cache` may cost ([`cost`] of each).
+    cache_budget: CacheBudget,
     /// The newest applied seq and its ts.
     pub last: (Seq, f64),
     pub agents: BTreeMap<InboxKey, AgentEntry>,
@@ -91,6 +105,14 @@ fn unindex(map: &mut HashMap<String, Vec<Seq>>, key: &str, seq: Seq) {
 }
 
 impl Index {
+    /// An empty index whose message cache may hold `bytes`.
+    pub fn with_cache(bytes: usize) -> Self {
+        Self {
+            cache_budget: CacheBudget(bytes),
+            ..Self::default()
+        }
+    }
+
     /// See [`hermod_core::engine::Engine::steps`].
     pub fn steps_of(&self, key: &InboxKey, seq: Seq) -> Vec<Step> {
         State::ALL
@@ -186,13 +208,13 @@ impl Index {
         self.times.push_back((seq, message.ts));
         // Every message passes through the cache, so the node that sent
         // it can answer with it once it is applied.
-        self.cache_bytes += message.body.as_str().len();
+        self.cache_bytes += cost(&message);
         self.cache.insert(seq, message.clone());
-        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > CACHE_BYTES {
+        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > self.cache_budget.0 {
             let Some((_, old)) = self.cache.pop_first() else {
                 break;
             };
-            self.cache_bytes -= old.body.as_str().len();
+            self.cache_bytes -= cost(&old);
         }
         let mut refs = 0;
         match guard {
@@ -363,7 +385,7 @@ impl Index {
         }
 
         if let Some(m) = self.cache.remove(&seq) {
-            self.cache_bytes -= m.body.as_str().len();
+            self.cache_bytes -= cost(&m);
         }
         while self
             .times

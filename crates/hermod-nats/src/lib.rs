@@ -72,6 +72,8 @@ pub struct NatsConfig {
     pub stream: String,
     /// Replicas of the stream and buckets when hermod creates them.
     pub replicas: usize,
+    /// What the node's cache of the newest messages may hold, in bytes.
+    pub cache_bytes: usize,
 }
 
 impl NatsConfig {
@@ -81,6 +83,7 @@ impl NatsConfig {
             creds: None,
             stream: "HERMOD".into(),
             replicas: 1,
+            cache_bytes: index::CACHE_BYTES,
         }
     }
 }
@@ -467,7 +470,7 @@ impl NatsEngine {
             prefix,
             state,
             cursors,
-            index: Mutex::default(),
+            index: Mutex::new(Index::with_cache(config.cache_bytes)),
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
             state_stream,

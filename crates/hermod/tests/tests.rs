@@ -16,6 +16,7 @@ mod hooks;
 mod http;
 mod limits;
 mod mcp;
+mod memory;
 mod nats;
 mod start;
 mod storage;
