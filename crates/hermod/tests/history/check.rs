@@ -26,6 +26,19 @@ pub struct Violation {
     pub extra: Vec<usize>,
 }
 
+impl Violation {
+    /// Deliveries by other doors that belong in the excerpt.
+    fn shows(&self, door: Door) -> bool {
+        match self.promise {
+            DESTRUCTIVE_ONCE | HANDED_OUT => door.destructive(),
+            _ => true,
+        }
+    }
+}
+
+const DESTRUCTIVE_ONCE: &str = "a destructive read hands a message out once";
+const HANDED_OUT: &str = "every message is handed out by the destructive doors";
+
 #[derive(Default)]
 pub struct Figures {
     pub sent: usize,
@@ -426,7 +439,7 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                 if matches!(info.door, Door::UnixExplicit | Door::V1Ws) {
                     if seq <= floor_at_open[s] {
                         v.push(Violation {
-                            promise: "a destructive read hands a message out once",
+                            promise: DESTRUCTIVE_ONCE,
                             agent: Some(a as u8),
                             seq: Some(seq),
                             key: key_of(a as u8, seq),
@@ -479,7 +492,7 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                 }
                 let (d1, d2) = (&sessions[c1.sess as usize], &sessions[c2.sess as usize]);
                 v.push(Violation {
-                    promise: "a destructive read hands a message out once",
+                    promise: DESTRUCTIVE_ONCE,
                     agent: Some(a as u8),
                     seq: Some(seq),
                     key: key_of(a as u8, seq),
@@ -487,7 +500,10 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                         "seq {seq} handed out by {} ({:?}) and again by {} ({:?})",
                         d1.actor, d1.door, d2.actor, d2.door
                     ),
-                    sessions: vec![c1.sess, c2.sess],
+                    sessions: [c1.sess, c2.sess]
+                        .into_iter()
+                        .chain(previous(sessions, c2.sess))
+                        .collect(),
                     extra: vec![c1.ev, c2.ev],
                 });
             }
@@ -506,7 +522,7 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
         for &(seq, _, key) in inbox {
             if !taken.contains(&seq) {
                 v.push(Violation {
-                    promise: "every message is handed out by the destructive doors",
+                    promise: HANDED_OUT,
                     agent: Some(a as u8),
                     seq: Some(seq),
                     key,
@@ -518,6 +534,14 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
         }
     }
     (v, fig)
+}
+
+/// The session `sess`'s client had before it (where it resumed from).
+fn previous(sessions: &[Session], sess: u32) -> Option<u32> {
+    let actor = &sessions[sess as usize].actor;
+    (0..sess)
+        .rev()
+        .find(|&s| &sessions[s as usize].actor == actor)
 }
 
 /// The events that show `violation`, in order: its message's send and
@@ -535,10 +559,10 @@ pub fn excerpt(events: &[Ev], sessions: &[Session], violation: &Violation) -> St
             | Kind::Notice { key, .. }
             | Kind::Unknown { key } => Some(*key) == violation.key,
             Kind::Deliver { sess, seq } => {
+                let info = &sessions[*sess as usize];
                 Some(*seq) == violation.seq
-                    && violation
-                        .agent
-                        .is_none_or(|a| sessions[*sess as usize].agent == a)
+                    && violation.agent.is_none_or(|a| info.agent == a)
+                    && violation.shows(info.door)
             }
             Kind::Open { sess } | Kind::Close { sess, .. } | Kind::Stall { sess, .. } => {
                 wanted.contains(sess)

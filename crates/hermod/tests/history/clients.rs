@@ -613,6 +613,13 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
                     let ms = rng.between(200, 4000);
                     ctx.hist.push(Kind::Stall { sess, ms });
                     pause(ms).await;
+                    if ctx.known.sse_drop && rng.chance(0.5) {
+                        // Stopped reading, then gives up on the stream
+                        // (issue 21: what sat in the daemon's send buffer
+                        // was counted as delivered).
+                        record(sse.drain_now(), &mut last_id);
+                        break "client hung up after a stall";
+                    }
                 }
             }
             match tokio::time::timeout(Duration::from_millis(200), sse.next()).await {
