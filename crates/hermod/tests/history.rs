@@ -250,7 +250,7 @@ fn run(seed: u64, seconds: u64, known: Known) {
     println!(
         "history checker: seed {seed}: {:.1} s ({} s of faults, drain {:.1} s), {} kill -9, \
          {} sends ({} acknowledged, {} refused, {} unanswered), {} messages stored, \
-         deliveries {:?}, {} redelivered after a cut stream, {} cursor samples, \
+         deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} cursor samples, \
          {} events, {:.0} ops/s, {} violation(s)",
         run_time.as_secs_f64(),
         seconds,
@@ -262,6 +262,7 @@ fn run(seed: u64, seconds: u64, known: Known) {
         fig.unknown,
         fig.stored,
         fig.deliveries,
+        fig.ends,
         fig.redelivered_after_cut,
         fig.cursor_samples,
         events.len(),

@@ -50,6 +50,8 @@ pub struct Figures {
     pub kills: usize,
     pub stored: usize,
     pub cursor_samples: usize,
+    /// How sessions ended.
+    pub ends: BTreeMap<&'static str, usize>,
 }
 
 struct Copy {
@@ -103,7 +105,10 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
             }),
             Kind::Unknown { .. } => fig.unknown += 1,
             Kind::Open { sess } => opened[*sess as usize] = i,
-            Kind::Close { sess, why } => closed[*sess as usize] = Some((i, why)),
+            Kind::Close { sess, why } => {
+                closed[*sess as usize] = Some((i, why));
+                *fig.ends.entry(why).or_default() += 1;
+            }
             Kind::Deliver { sess, seq } => {
                 delivered[*sess as usize].push((i, *seq));
                 let door = format!("{:?}", sessions[*sess as usize].door);
@@ -512,23 +517,46 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
 
     // 11. The destructive doors handed out everything, and the followers
     // got to the end.
+    let acked_at: HashMap<u64, usize> = acked.iter().map(|&(_, seq, i)| (seq, i)).collect();
     for (a, inbox) in inboxes.iter().enumerate() {
-        let taken: HashSet<u64> = sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.agent as usize == a && i.door.destructive())
-            .flat_map(|(s, _)| delivered[s].iter().map(|d| d.1))
+        let mine: Vec<usize> = (0..sessions.len())
+            .filter(|&s| sessions[s].agent as usize == a && sessions[s].door.destructive())
             .collect();
-        for &(seq, _, key) in inbox {
-            if !taken.contains(&seq) {
+        // Where each seq was first handed out.
+        let mut taken: HashMap<u64, usize> = HashMap::new();
+        for &s in &mine {
+            for &(i, seq) in &delivered[s] {
+                let first = taken.entry(seq).or_insert(i);
+                *first = (*first).min(i);
+            }
+        }
+        for (p, &(seq, _, key)) in inbox.iter().enumerate() {
+            if !taken.contains_key(&seq) {
+                // The readers that were there when it was acknowledged,
+                // and where its neighbours went.
+                let at = acked_at.get(&seq).copied();
+                let live = mine
+                    .iter()
+                    .filter(|&&s| {
+                        at.is_some_and(|at| opened[s] < at && closed[s].is_none_or(|(c, _)| c > at))
+                            && sessions[s].door != Door::IopPoll
+                    })
+                    .map(|&s| s as u32)
+                    .collect();
+                let neighbours = [p.checked_sub(1), Some(p + 1)]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|q| inbox.get(q))
+                    .filter_map(|n| taken.get(&n.0).copied())
+                    .collect();
                 v.push(Violation {
                     promise: HANDED_OUT,
                     agent: Some(a as u8),
                     seq: Some(seq),
                     key,
                     detail: format!("seq {seq} of {} was never handed out", AGENTS[a]),
-                    sessions: vec![],
-                    extra: vec![],
+                    sessions: live,
+                    extra: neighbours,
                 });
             }
         }

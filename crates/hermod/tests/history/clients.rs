@@ -527,12 +527,20 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
         Door::V1Sse => Some(0),
         _ => None,
     };
+    let mut fresh = false;
     while !ctx.stopping() {
         // Interop: resume with Last-Event-ID or without (from the cursor);
         // v1: always from the last id seen, as a header or `after=`.
         let (path, header) = match door {
             Door::IopSubscribe => {
-                let resume = if rng.chance(0.5) { last_id } else { None };
+                // After giving up on a stalled stream, reconnect without
+                // Last-Event-ID (issue 21's scenario).
+                let resume = if rng.chance(0.5) && !fresh {
+                    last_id
+                } else {
+                    None
+                };
+                fresh = false;
                 (format!("/subscribe?agent={name}"), resume)
             }
             _ => {
@@ -609,7 +617,7 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
                     record(sse.drain_now(), &mut last_id);
                     break "client hung up";
                 }
-                if rng.chance(0.003) {
+                if rng.chance(if ctx.known.sse_drop { 0.02 } else { 0.003 }) {
                     let ms = rng.between(200, 4000);
                     ctx.hist.push(Kind::Stall { sess, ms });
                     pause(ms).await;
@@ -618,6 +626,7 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
                         // (issue 21: what sat in the daemon's send buffer
                         // was counted as delivered).
                         record(sse.drain_now(), &mut last_id);
+                        fresh = true;
                         break "client hung up after a stall";
                     }
                 }
