@@ -12,6 +12,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod hermes_bus;
+mod history;
 mod hooks;
 mod http;
 mod limits;
