@@ -98,7 +98,7 @@ async fn held_messages_outlive_retention_and_restarts_and_the_cap_refuses() {
     let guard = "[guard]\nturns = 2\ncooldown = 600\n";
     // No send rate: 10,000 messages from one sender in a moment.
     let retention = format!("{guard}[retention]\nage = \"1s\"\n");
-    let mut d = Daemon::start_inner(&["--send-rate", "0"], &[], Some(&retention));
+    let mut d = Daemon::start_with_args_config(&["--send-rate", "0"], &[], &retention);
     let http = reqwest::Client::new();
     let one = |t: &str| std::iter::once(t.to_owned());
     send_batch(&http, &d, "ping", "pong", one("one")).await;

@@ -8,10 +8,7 @@ use crate::support::Daemon;
 
 /// The daemon's resident memory, in bytes.
 fn rss(d: &Daemon) -> u64 {
-    let runtime: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.data_dir().join("runtime.json")).unwrap())
-            .unwrap();
-    let pid = runtime["pid"].as_u64().unwrap();
+    let pid = d.pid().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()

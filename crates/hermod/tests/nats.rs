@@ -423,8 +423,8 @@ fn loop_guard_holds_survive_a_node_restart_and_any_node_releases_them() {
     let urls = cluster.urls().join(",");
     let config = "[guard]\nturns = 2\ncooldown = 600\n";
     let args = ["--nats", &urls, "--nats-replicas", "3"];
-    let mut a = Daemon::start_inner(&args, &[], Some(config));
-    let b = Daemon::start_inner(&args, &[], Some(config));
+    let mut a = Daemon::start_with_args_config(&args, &[], config);
+    let b = Daemon::start_with_args_config(&args, &[], config);
     let send = |d: &Daemon, from: &str, to: &str, text: &str| {
         let out = d.cli(&["send", "--from", from, to, text]);
         assert!(out.status.success(), "{}", crate::support::stderr(&out));

@@ -31,6 +31,20 @@ use super::*;
 use crate::engine::Swap;
 
 impl Broker {
+    /// Which door read the message at `seq` of `key`'s inbox (its `read`
+    /// step), if any was recorded: a stream resumed with `Last-Event-ID`
+    /// replays only what a stream of its door read, never what another
+    /// destructive door handed out (that would be twice).
+    pub async fn read_through(&self, key: &InboxKey, seq: Seq) -> Result<Option<String>> {
+        Ok(self
+            .engine
+            .steps(key, seq)
+            .await?
+            .into_iter()
+            .find(|s| s.state == model::State::Read)
+            .map(|s| s.door))
+    }
+
     /// The cursor of an inbox as readers on this node see it: the stored
     /// value (never a stale copy: read from the store each time, since
     /// another node may have moved it), then the claims held here that

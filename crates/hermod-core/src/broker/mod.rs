@@ -799,8 +799,8 @@ mod tests {
         async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<engine::Step>> {
             self.inner.steps(key, seq).await
         }
-        async fn held(&self, limit: usize) -> Result<Vec<(engine::Step, Arc<Message>)>> {
-            self.inner.held(limit).await
+        async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+            self.inner.held(after, limit).await
         }
         async fn find(&self, id: &str, limit: usize) -> Result<Vec<engine::Committed>> {
             self.inner.find(id, limit).await

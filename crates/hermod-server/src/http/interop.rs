@@ -5,8 +5,8 @@
 //! each *claims* what it sends by moving the cursor atomically
 //! ([`hermod_core::Broker::ack`] returns where it was), so a message goes
 //! out through exactly one of them. An SSE reconnect with `Last-Event-ID`
-//! replays what the previous stream claimed after that id (it may have died
-//! in flight), then continues. Streams also carry live
+//! replays what earlier streams read after that id (the client says it
+//! never got them), then continues; never what `/poll` handed out. Streams also carry live
 //! `subscriber_connected` notices when a peer opens its stream.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -486,13 +486,25 @@ fn claimed_events(
                 }
             };
             s.position = last;
-            s.queue.extend(
-                batch
-                    .messages
-                    .iter()
-                    .filter(|m| m.seq <= replay_until || claim.owns(m.seq))
-                    .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
-            );
+            for m in &batch.messages {
+                let send = if m.seq <= replay_until {
+                    // Replayed only if an SSE stream read it (its `read`
+                    // step says so): a `/poll` answer already handed it out.
+                    match s.broker.read_through(&s.key, m.seq).await {
+                        Ok(door) => door.as_deref() == Some("sse"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "step read failed; ending the stream");
+                            return None;
+                        }
+                    }
+                } else {
+                    claim.owns(m.seq)
+                };
+                if send {
+                    s.queue
+                        .push_back(Event::default().id(m.seq.to_string()).data(interop_json(m)));
+                }
+            }
             s.writing = Some(claim);
         }
     })

@@ -59,8 +59,7 @@ impl Daemon {
         Self::start_dir(dir, args, &[], None)
     }
 
-    /// Starts with extra `serve` flags, environment and a `config.toml`.
-    pub fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
+    fn start_inner(args: &[&str], envs: &[(&str, &str)], config: Option<&str>) -> Self {
         Self::start_dir(tempfile::tempdir().unwrap(), args, envs, config)
     }
 
