@@ -14,13 +14,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use hermod_core::auth::Identity;
+use hermod_core::broker::cost;
 use hermod_core::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
-use hermod_core::model::{AgentName, Channel, InboxKey, Message, Seq, State};
+use hermod_core::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
 
 /// Newest message bodies a node keeps in memory: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
-/// ...and at most this many body bytes (bodies may be megabytes each).
+/// ...and at most this many bytes by default (bodies may be megabytes
+/// each; the daemon gives it a share of `--memory-budget`).
 pub const CACHE_BYTES: usize = 64 << 20;
+
+/// The bytes the message cache may hold ([`CACHE_BYTES`] unless set).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBudget(pub usize);
+
+impl Default for CacheBudget {
+    fn default() -> Self {
+        Self(CACHE_BYTES)
+    }
+}
 
 /// What the index keeps of one logged message.
 struct Meta {
@@ -62,10 +74,15 @@ pub struct Index {
     unheld: VecDeque<Seq>,
     /// Where each forgotten inbox starts again.
     epochs: HashMap<InboxKey, Seq>,
+    /// What the loop guard holds (each one of its message's refs): kept
+    /// by every rule until a release in the log ends it.
+    guard_holds: BTreeSet<Seq>,
     bytes: u64,
     cache: BTreeMap<Seq, Arc<Message>>,
     /// Body bytes in `cache`.
     cache_bytes: usize,
+    /// The most `cache` may cost ([`cost`] of each).
+    cache_budget: CacheBudget,
     /// The newest applied seq and its ts.
     pub last: (Seq, f64),
     pub agents: BTreeMap<InboxKey, AgentEntry>,
@@ -88,6 +105,14 @@ fn unindex(map: &mut HashMap<String, Vec<Seq>>, key: &str, seq: Seq) {
 }
 
 impl Index {
+    /// An empty index whose message cache may hold `bytes`.
+    pub fn with_cache(bytes: usize) -> Self {
+        Self {
+            cache_budget: CacheBudget(bytes),
+            ..Self::default()
+        }
+    }
+
     /// See [`hermod_core::engine::Engine::steps`].
     pub fn steps_of(&self, key: &InboxKey, seq: Seq) -> Vec<Step> {
         State::ALL
@@ -102,15 +127,30 @@ impl Index {
             .collect()
     }
 
-    /// Seqs with this id, with their recipients, oldest first.
-    pub fn with_id(&self, id: &str, limit: usize) -> Vec<(Seq, Vec<AgentName>)> {
+    /// Seqs with this id, with their recipients and whether the loop
+    /// guard holds them, oldest first.
+    pub fn with_id(&self, id: &str, limit: usize) -> Vec<(Seq, Vec<AgentName>, Guarded)> {
         let seqs = self.ids.get(id).map(Vec::as_slice).unwrap_or_default();
         seqs.iter()
             .take(limit)
             .filter_map(|s| {
                 let m = self.log.get(s)?;
-                Some((*s, m.recipients.to_vec()))
+                let guard = if self.guard_holds.contains(s) {
+                    Guarded::Held
+                } else {
+                    Guarded::Free
+                };
+                Some((*s, m.recipients.to_vec(), guard))
             })
+            .collect()
+    }
+
+    /// What the loop guard holds after `after`, oldest first.
+    pub fn held(&self, after: Seq, limit: usize) -> Vec<Seq> {
+        self.guard_holds
+            .range(after + 1..)
+            .take(limit)
+            .copied()
             .collect()
     }
 
@@ -155,22 +195,41 @@ impl Index {
         ts
     }
 
-    /// Applies one message of the log.
-    pub fn append(&mut self, message: Arc<Message>, recipients: Vec<AgentName>) {
+    /// Applies one message of the log; returns the inboxes it landed in
+    /// (none for a release of a hold an earlier release ended).
+    pub fn append(
+        &mut self,
+        message: Arc<Message>,
+        mut recipients: Vec<AgentName>,
+        guard: Guarded,
+    ) -> Vec<AgentName> {
         let seq = message.seq;
         self.last = (seq, message.ts);
         self.times.push_back((seq, message.ts));
         // Every message passes through the cache, so the node that sent
         // it can answer with it once it is applied.
-        self.cache_bytes += message.body.as_str().len();
+        self.cache_bytes += cost(&message);
         self.cache.insert(seq, message.clone());
-        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > CACHE_BYTES {
+        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > self.cache_budget.0 {
             let Some((_, old)) = self.cache.pop_first() else {
                 break;
             };
-            self.cache_bytes -= old.body.as_str().len();
+            self.cache_bytes -= cost(&old);
         }
         let mut refs = 0;
+        match guard {
+            Guarded::Releases(held) if self.guard_holds.remove(&held) => {
+                if self.unref(held) {
+                    self.unheld.push_back(held);
+                }
+            }
+            Guarded::Releases(_) => recipients.clear(),
+            Guarded::Held => {
+                self.guard_holds.insert(seq);
+                refs += 1;
+            }
+            Guarded::Free => {}
+        }
         for r in &recipients {
             let key = InboxKey::new(message.channel.clone(), r.clone());
             let floor = self.floor(&View::Inbox(key.clone()));
@@ -189,7 +248,7 @@ impl Index {
         } else if refs == 0 {
             // Nobody holds it: it is only a seq, and goes from the stream.
             self.unheld.push_back(seq);
-            return;
+            return recipients;
         }
         let bytes = message.body.as_str().len() as u64;
         self.bytes += bytes;
@@ -207,10 +266,11 @@ impl Index {
                 channel: message.channel.clone(),
                 topic,
                 bytes,
-                recipients: recipients.into(),
+                recipients: recipients.clone().into(),
                 refs,
             },
         );
+        recipients
     }
 
     /// A message applied lately, if still cached.
@@ -325,7 +385,7 @@ impl Index {
         }
 
         if let Some(m) = self.cache.remove(&seq) {
-            self.cache_bytes -= m.body.as_str().len();
+            self.cache_bytes -= cost(&m);
         }
         while self
             .times
@@ -429,7 +489,9 @@ impl Index {
         // Age, size and the stream's own limits: the oldest messages go
         // from every view.
         for n in 1..=PRUNE_BUDGET {
-            let Some((&seq, oldest)) = self.log.first_key_value() else {
+            // Holds are kept until released.
+            let Some((&seq, oldest)) = self.log.iter().find(|(s, _)| !self.guard_holds.contains(s))
+            else {
                 break;
             };
             let due = seq < first

@@ -6,7 +6,11 @@
 //!   subjects `{prefix}.d.{channel}.{to}` (direct), `{prefix}.b.{channel}`
 //!   (broadcast) and `{prefix}.t.{channel}.{topic…}` (topic events); the
 //!   stream sequence is hermod's seq. Every publish carries a
-//!   `Nats-Msg-Id` hermod generates, so a retried publish is stored once.
+//!   `Nats-Msg-Id` derived from the message's id, sender, channel, target
+//!   and body ([`msg_id`]), so a publish retried (by this node, or by a
+//!   client that resends the same message with the same id after an
+//!   unknown outcome) within the stream's duplicate window (2 min) is
+//!   stored once.
 //! - **State beside the log lives in KV buckets**, never in a durable
 //!   consumer per agent: `{stream}_state` holds the agent registry,
 //!   durable subscriptions, identities and retention's pruned marks;
@@ -48,7 +52,7 @@ use hermod_core::engine::{
 };
 use hermod_core::error::{Error, Result};
 use hermod_core::model::{
-    AgentName, Auth, Body, Channel, InboxKey, Message, Meta, NewMessage, Seq,
+    AgentName, Auth, Body, Channel, Guarded, InboxKey, Message, Meta, NewMessage, Seq,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -68,6 +72,8 @@ pub struct NatsConfig {
     pub stream: String,
     /// Replicas of the stream and buckets when hermod creates them.
     pub replicas: usize,
+    /// What the node's cache of the newest messages may hold, in bytes.
+    pub cache_bytes: usize,
 }
 
 impl NatsConfig {
@@ -77,6 +83,7 @@ impl NatsConfig {
             creds: None,
             stream: "HERMOD".into(),
             replicas: 1,
+            cache_bytes: index::CACHE_BYTES,
         }
     }
 }
@@ -126,6 +133,54 @@ struct Stored<B> {
     /// The body exactly as the sender wrote it.
     body: B,
     recipients: Vec<AgentName>,
+    #[serde(default, skip_serializing_if = "is_free")]
+    guard: Guarded,
+}
+
+fn is_free(g: &Guarded) -> bool {
+    *g == Guarded::Free
+}
+
+/// The `Nats-Msg-Id` of a message: the same for every publish of it, so
+/// JetStream stores it once. The message id alone is the sender's choice,
+/// which may repeat (another sender, target or body: another message);
+/// the delivery fields are not part of it (a retry's `ttl` runs from its
+/// own time), and a loop-guard release is a message of its own beside the
+/// hold it ends.
+fn msg_id(m: &NewMessage) -> String {
+    use sha2::{Digest, Sha256};
+    let guard = match m.guard {
+        Guarded::Free => String::new(),
+        Guarded::Held => "held".to_owned(),
+        Guarded::Releases(seq) => format!("releases {seq}"),
+    };
+    let mut h = Sha256::new();
+    for part in [
+        m.channel.as_str(),
+        m.from.as_str(),
+        m.to.as_ref().map_or("", |t| t.as_str()),
+        m.topic.as_deref().unwrap_or(""),
+        &m.id,
+        &guard,
+        m.body.as_str(),
+    ] {
+        // Length-prefixed, so no two different messages hash the same parts.
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// An error after a publish may have reached JetStream: what was sent may
+/// be stored, so the caller hears `storage_busy` (retry: the same id is
+/// stored once), never "nothing was stored".
+fn unknown_outcome(e: Error) -> Error {
+    match e {
+        Error::Storage(why) => Error::StorageBusy(format!(
+            "{why}; the message may be stored: send it again with the same id (stored once)"
+        )),
+        other => other,
+    }
 }
 
 fn encode(m: &NewMessage) -> Bytes {
@@ -140,13 +195,14 @@ fn encode(m: &NewMessage) -> Bytes {
         meta: m.meta.clone(),
         body: &m.body,
         recipients: m.recipients.clone(),
+        guard: m.guard,
     };
     serde_json::to_vec(&stored)
         .expect("a message always serializes")
         .into()
 }
 
-fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)> {
+fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>, Guarded)> {
     let s: Stored<Box<RawValue>> = match serde_json::from_slice(payload) {
         Ok(s) => s,
         Err(e) => {
@@ -168,7 +224,7 @@ fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>)
         meta: s.meta,
         body,
     };
-    Some((message, s.recipients))
+    Some((message, s.recipients, s.guard))
 }
 
 /// An identity as stored in the state bucket (with its token's hash,
@@ -245,7 +301,8 @@ impl Mark {
         };
         match tokio::time::timeout(FOLLOW_TIMEOUT, rx).await {
             Ok(answer) => answer.map_err(|_| Error::ShuttingDown),
-            Err(_) => Err(Error::Storage(format!(
+            // Stored, so not "nothing was stored": busy, retry-safe.
+            Err(_) => Err(Error::StorageBusy(format!(
                 "NATS stored the write (sequence {at}) but this node has not seen it in \
                  its log within {} s: is it allowed to consume the stream and the \
                  state bucket ($JS.API.CONSUMER.>, _INBOX.>)?",
@@ -413,7 +470,7 @@ impl NatsEngine {
             prefix,
             state,
             cursors,
-            index: Mutex::default(),
+            index: Mutex::new(Index::with_cache(config.cache_bytes)),
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
             state_stream,
@@ -953,7 +1010,7 @@ impl Inner {
                     .unwrap()
                     .ts_of(seq)
                     .unwrap_or(unix!(m.time));
-                Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
+                Ok(decode(seq, ts, &m.payload).map(|(m, ..)| Arc::new(m)))
             })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
@@ -985,15 +1042,16 @@ impl Index {
     /// Applies one log entry; what the feed reports of it, if it is hermod's.
     fn apply_log(&mut self, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
         let ts = self.next_ts(stamped);
-        let Some((message, recipients)) = decode(seq, ts, payload) else {
+        let Some((message, recipients, guard)) = decode(seq, ts, payload) else {
             self.skip(seq);
             return None;
         };
         let message = Arc::new(message);
-        self.append(message.clone(), recipients.clone());
+        let recipients = self.append(message.clone(), recipients, guard);
         Some(Committed {
             message,
             recipients,
+            guard,
         })
     }
 }
@@ -1161,15 +1219,22 @@ impl Engine for NatsEngine {
         for (m, payload) in batch.iter().zip(payloads) {
             let subject =
                 keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = msg_id(m);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload.clone())
                 .message_id(id.clone());
-            let ack = inner
+            // The first failure is "nothing was stored"; after it, part of
+            // the batch went out.
+            let sent = inner
                 .js
                 .send_publish(subject.clone(), publish)
                 .await
-                .map_err(storage("publishing"))?;
+                .map_err(storage("publishing"));
+            let ack = match sent {
+                Ok(ack) => ack,
+                Err(e) if acks.is_empty() => return Err(e),
+                Err(e) => return Err(unknown_outcome(e)),
+            };
             acks.push((subject, payload, id, ack));
         }
         let (tx, rx) = oneshot::channel();
@@ -1202,7 +1267,8 @@ impl Engine for NatsEngine {
                     .filter_map(|m| m.or_else(|| fetched.next().flatten()))
                     .collect())
             }
-            .await;
+            .await
+            .map_err(unknown_outcome);
             if let Err(e) = &stored {
                 inner.link.health.set_degraded(e.to_string());
             }
@@ -1532,37 +1598,23 @@ impl Engine for NatsEngine {
         Ok(self.inner.index.lock().unwrap().steps_of(key, seq))
     }
 
-    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
-        let mut steps: Vec<Step> = {
-            let index = self.inner.index.lock().unwrap();
-            index
-                .steps
-                .values()
-                .filter(|s| s.state == hermod_core::model::State::Held)
-                .cloned()
-                .collect()
-        };
-        steps.sort_by_key(|s| s.hi);
-        steps.truncate(limit);
-        let messages = self.messages(steps.iter().map(|s| s.hi).collect()).await?;
-        Ok(steps
-            .into_iter()
-            .zip(messages)
-            .filter_map(|(s, m)| Some((s, m?)))
-            .collect())
+    async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+        let seqs = self.inner.index.lock().unwrap().held(after, limit);
+        Ok(self.messages(seqs).await?.into_iter().flatten().collect())
     }
 
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
         let found = self.inner.index.lock().unwrap().with_id(id, limit);
-        let (seqs, recipients): (Vec<Seq>, Vec<Vec<AgentName>>) = found.into_iter().unzip();
+        let seqs = found.iter().map(|(s, ..)| *s).collect();
         let messages = self.messages(seqs).await?;
         Ok(messages
             .into_iter()
-            .zip(recipients)
-            .filter_map(|(m, recipients)| {
+            .zip(found)
+            .filter_map(|(m, (_, recipients, guard))| {
                 Some(Committed {
                     message: m?,
                     recipients,
+                    guard,
                 })
             })
             .collect())

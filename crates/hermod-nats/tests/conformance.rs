@@ -38,6 +38,7 @@ async fn conformance_on_a_three_node_cluster() {
     conformance::run(opener(&cluster, "HERMOD", 3), true).await;
     conformance::retention(opener(&cluster, "RETENTION", 3)).await;
     conformance::delivery(opener(&cluster, "DELIVERY", 3)).await;
+    conformance::holds(opener(&cluster, "HOLDS", 3), true).await;
 }
 
 /// Forgetting an agent takes what only its inbox held out of the stream
@@ -167,4 +168,46 @@ async fn a_node_that_syncs_sees_what_another_node_just_wrote() {
     }
     a.close().await;
     b.close().await;
+}
+
+/// A message sent again (the same id, sender and target: a client's retry
+/// after an unknown outcome, or this node's own) is stored once, and the
+/// retry is answered with the first copy; a loop-guard release of it is a
+/// message of its own. Each publish used to get a fresh `Nats-Msg-Id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_again_is_stored_once() {
+    use hermod_core::model::Guarded;
+    let cluster = Cluster::start(1);
+    let e = opener(&cluster, "AGAIN", 1)();
+    conformance::follow(&e);
+    let send = |m| {
+        let e = e.clone();
+        async move { e.submit(vec![m]).await.unwrap().await.unwrap().unwrap()[0].clone() }
+    };
+    let mut held = conformance::message("bob", 1, None);
+    held.recipients.clear();
+    held.guard = Guarded::Held;
+    let first = send(held.clone()).await;
+    let again = send(held).await;
+    assert_eq!(
+        again.seq, first.seq,
+        "the retry is answered with the first copy"
+    );
+    assert_eq!(stream_messages(&cluster, "AGAIN").await, 1);
+    // Same id, another target or body: another message.
+    let other = send(conformance::message("carl", 1, None)).await;
+    assert!(other.seq > first.seq);
+    let mut body = conformance::message("carl", 1, None);
+    body.body = hermod_core::model::Body::from_json(r#"{"n":"other"}"#.into()).unwrap();
+    let other = send(body).await;
+    let mut release = conformance::message("bob", 1, None);
+    release.guard = Guarded::Releases(first.seq);
+    let released = send(release.clone()).await;
+    assert!(
+        released.seq > other.seq,
+        "a release is not its hold's duplicate"
+    );
+    assert_eq!(send(release).await.seq, released.seq);
+    assert_eq!(stream_messages(&cluster, "AGAIN").await, 4);
+    e.close().await;
 }

@@ -662,6 +662,27 @@ pub struct NewMessage {
     pub body: Body,
     /// Whose inboxes it lands in (resolved by the broker at send time).
     pub recipients: Vec<AgentName>,
+    /// What the loop guard does with it.
+    pub guard: Guarded,
+}
+
+/// The loop guard's part in a stored message. A hold is state in the
+/// store, written in the same commit as its message and ended in the same
+/// commit as its release, so neither a restart nor retention nor another
+/// node can lose a held message or release it twice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarded {
+    /// An ordinary message.
+    #[default]
+    Free,
+    /// Held for its `to`: stored, in no inbox, kept (retention passes it
+    /// by) until a release ends the hold.
+    Held,
+    /// The release of the message held at this seq: it lands in its
+    /// recipients' inboxes only if that hold is still there, ending it;
+    /// a second release of one hold lands nowhere.
+    Releases(Seq),
 }
 
 impl NewMessage {

@@ -13,6 +13,7 @@
 pub mod actions;
 mod frames;
 pub mod http;
+pub(crate) mod peer;
 pub mod unix;
 
 use hermod_core::Broker;

@@ -312,6 +312,12 @@ pub struct ServeArgs {
     /// (for a bus reached by name; repeatable).
     #[arg(long = "allow-host", value_name = "HOST")]
     pub allow_hosts: Vec<String>,
+    /// Memory the daemon's caches may hold together (the newest messages
+    /// of each inbox and topic view; on NATS a quarter of it is the node's
+    /// message cache); past it the least recently read go, and reads of
+    /// them go to the store.
+    #[arg(long, default_value = "256MiB", value_name = "SIZE")]
+    pub memory_budget: bytesize::ByteSize,
     /// Messages per second one sender may send on average (0: no limit).
     #[arg(long, default_value_t = 1000.0, value_name = "N")]
     pub send_rate: f64,
@@ -389,6 +395,7 @@ impl ServeArgs {
             allow_uids,
             allow_origins,
             allow_hosts,
+            memory_budget,
             send_rate,
             send_burst,
             http_max_connections,
@@ -427,6 +434,7 @@ impl ServeArgs {
         for host in allow_hosts {
             argv.value("allow-host", host);
         }
+        argv.value("memory-budget", memory_budget.as_u64().to_string());
         // `f64`'s `Display` is the shortest text that parses back exactly.
         argv.value("send-rate", send_rate.to_string());
         argv.value("send-burst", send_burst.to_string());
@@ -851,6 +859,7 @@ mod tests {
             "--allow-origin=http://127.0.0.1:3000",
             "--allow-host=bus.example",
             "--allow-host=-odd",
+            "--memory-budget=96MiB",
             "--send-rate=2.5",
             "--send-burst=0.1",
             "--http-max-connections=5",

@@ -412,3 +412,54 @@ async fn a_hermod_node_dies_under_load_its_clients_move_on_and_poll_hands_out_no
         "/poll handed out messages out of order"
     );
 }
+
+/// The issue-21 case on NATS: the loop guard holds a ping-pong on node A,
+/// A restarts, and `hermod release` on node B sends every held message on,
+/// once (held messages had no recipients, so every node's index pruned
+/// them within a second, and only the node that held them could release).
+#[test]
+fn loop_guard_holds_survive_a_node_restart_and_any_node_releases_them() {
+    let cluster = Cluster::start(3);
+    let urls = cluster.urls().join(",");
+    let config = "[guard]\nturns = 2\ncooldown = 600\n";
+    let args = ["--nats", &urls, "--nats-replicas", "3"];
+    let mut a = Daemon::start_with_args_config(&args, &[], config);
+    let b = Daemon::start_with_args_config(&args, &[], config);
+    let send = |d: &Daemon, from: &str, to: &str, text: &str| {
+        let out = d.cli(&["send", "--from", from, to, text]);
+        assert!(out.status.success(), "{}", crate::support::stderr(&out));
+        crate::support::stderr(&out)
+    };
+    send(&a, "ping", "pong", "one");
+    send(&a, "pong", "ping", "two");
+    for i in 0..20 {
+        let notice = send(&a, "ping", "pong", &format!("held{i}"));
+        assert!(notice.contains("held by the loop guard"), "{notice}");
+    }
+    let inbox = |d: &Daemon| crate::support::stdout(&d.cli(&["inbox", "pong", "--json"]));
+    a.stop();
+    // Longer than the index's prune tick: unreferenced entries would go.
+    std::thread::sleep(Duration::from_secs(2));
+    a.spawn();
+    assert!(!inbox(&a).contains("\"held0\""), "{}", inbox(&a));
+    let out = b.cli(&["release", "ping", "pong"]);
+    let text = crate::support::stdout(&out);
+    assert!(text.contains("20 held message(s) went on"), "{text}");
+    // Node A sees them once (it follows B's release through the log).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = inbox(&a);
+        if text.contains("\"held19\"") {
+            for i in 0..20 {
+                assert_eq!(text.matches(&format!("\"held{i}\"")).count(), 1, "{text}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "never released on A: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A release from A now finds nothing held: its queue followed B's.
+    let out = a.cli(&["release", "ping", "pong"]);
+    let text = crate::support::stdout(&out);
+    assert!(text.contains(": 0 held message(s)"), "{text}");
+}

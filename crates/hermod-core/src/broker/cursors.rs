@@ -1,154 +1,205 @@
-//! Cursors: acknowledgement, and the claim / confirm / release steps a
-//! destructive reader (`/poll`, `/subscribe`) takes on the shared cursor.
+//! Cursors: acknowledgement, and the claims destructive readers (`/poll`,
+//! `/subscribe`, Unix delivery, explicit acks) take over the stored cursor.
 //!
-//! Two layers. In memory, a *claim* moves this node's cursor at once, so
-//! readers on this node never hand out one message twice. In the store,
-//! a claim is *confirmed* with compare-and-set from the value the store
-//! holds, so a cursor another node moved meanwhile is never overwritten:
-//! the claim then covers only what lies after that node's.
+//! The store holds one seq per inbox: everything up to it was read. On
+//! top of it, each node keeps the *claims* its readers hold, as a set of
+//! disjoint ranges `(lo, hi]` after the stored value:
+//!
+//! - A reader **claims** the unclaimed parts of what it read (in memory,
+//!   at once), so readers on this node never hand out one message twice;
+//!   its share is what it claimed ([`Claim::owns`]).
+//! - It **confirms** once it handed them out (a stream: the peer has
+//!   them) or before it does (`/poll`): the claim becomes final, and the
+//!   stored cursor moves, by compare-and-set, through the confirmed claims
+//!   that follow it *without a gap*. A confirm therefore never moves the
+//!   stored cursor over a claim that may still be released; a confirmed
+//!   claim behind a pending one stays in memory until that one settles.
+//! - A claim dropped unconfirmed (error, cancellation, a disconnect) or
+//!   whose store failed is **released**: the hole it leaves is read again
+//!   by the next reader that starts at the cursor ([`Broker::cursor`] is
+//!   the end of the stored value and the claims that follow it without a
+//!   gap).
+//!
+//! Another node may store the cursor meanwhile: every claim and cursor
+//! read first takes the stored value (the newer of memory and the store),
+//! and claims it covers are that node's, not this one's.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::*;
 use crate::engine::Swap;
 
 impl Broker {
-    /// The cursor of an inbox as readers on this node see it (claims
-    /// included).
+    /// Which door read the message at `seq` of `key`'s inbox (its `read`
+    /// step), if any was recorded: a stream resumed with `Last-Event-ID`
+    /// replays only what a stream of its door read, never what another
+    /// destructive door handed out (that would be twice).
+    pub async fn read_through(&self, key: &InboxKey, seq: Seq) -> Result<Option<String>> {
+        Ok(self
+            .engine
+            .steps(key, seq)
+            .await?
+            .into_iter()
+            .find(|s| s.state == model::State::Read)
+            .map(|s| s.door))
+    }
+
+    /// The cursor of an inbox as readers on this node see it: the stored
+    /// value (never a stale copy: read from the store each time, since
+    /// another node may have moved it), then the claims held here that
+    /// follow it without a gap. A reader starts after this.
     pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
-        if let Some(&seq) = self.shared.state.lock().unwrap().cursors.get(key) {
-            return Ok(seq);
-        }
-        self.engine.cursor(key).await
-    }
-
-    /// Moves an inbox cursor forward (never back) and returns where this
-    /// caller's share begins: it owns the messages after that, up to
-    /// `seq`. Resolves once the new cursor is durable.
-    ///
-    /// Readers sharing one cursor (SSE-interop `/poll` and `/subscribe`,
-    /// here or on another node) each deliver only their share, so no
-    /// message goes out twice. If the store refuses the write, the claim
-    /// is undone (unless a later claim moved past it) and the caller gets
-    /// the error, so the messages stay unread rather than lost. The
-    /// messages acknowledged are `read` through `door`.
-    pub async fn ack(&self, key: &InboxKey, seq: Seq, door: &str) -> Result<Seq> {
-        let previous = self.claim(key, seq).await?;
-        if seq.min(self.committed().0) <= previous {
-            return Ok(previous);
-        }
-        match self.confirm(key, previous, seq, door).await {
-            Ok(from) => Ok(from),
-            Err(e) => {
-                self.release(key, previous, seq);
-                Err(e)
-            }
-        }
-    }
-
-    /// The in-memory half of [`Broker::ack`]: moves the cursor (the claim
-    /// every reader on this node sees at once) and returns where it was.
-    /// Nothing is stored until [`Broker::confirm`]; [`Broker::release`]
-    /// undoes a claim whose messages did not reach the client.
-    pub async fn claim(&self, key: &InboxKey, seq: Seq) -> Result<Seq> {
-        let stored = self.cursor(key).await?;
-        // Never past the log: an ack from the future would skip messages.
-        let seq = seq.min(self.committed().0);
+        let stored = self.engine.cursor(key).await?;
         let mut state = self.shared.state.lock().unwrap();
-        let c = state.cursors.entry(key.clone()).or_insert(stored);
-        let previous = *c;
-        *c = (*c).max(seq);
-        Ok(previous)
+        Ok(match state.cursors.get_mut(key) {
+            Some(c) => {
+                c.observe(stored);
+                c.first_free()
+            }
+            None => stored,
+        })
     }
 
-    /// Makes a claim from `previous` up to `seq` durable, by
-    /// compare-and-set against the stored cursor. Returns where the
-    /// caller's share begins: `previous`, or later when another node
-    /// stored a cursor inside the claim meanwhile (`>= seq`: it took all
-    /// of it). A share that went out already then went out twice, which
-    /// the caller may log; a `/poll` confirms before it answers, so it
-    /// never does.
-    ///
-    /// This node stores one inbox's cursor one swap at a time (a later
-    /// confirm waits its turn, never holding a lock while it waits), so
-    /// it always knows the value it expects, and a swap that fails can
-    /// only mean another node moved the cursor.
-    ///
-    /// The caller's share is `read` through `door` from then on.
-    pub async fn confirm(
-        &self,
-        key: &InboxKey,
-        previous: Seq,
-        seq: Seq,
-        door: &str,
-    ) -> Result<Seq> {
+    /// Acknowledges everything in `key`'s inbox up to `seq` (that no other
+    /// reader holds) as `read` through `door`; resolves once stored, or
+    /// with the store's error (then nothing was acknowledged).
+    pub async fn ack(&self, key: &InboxKey, seq: Seq, door: &str) -> Result<()> {
+        self.claim(key, 0, seq, door).await?.confirm().await
+    }
+
+    /// Claims the messages of `key`'s inbox in `(after, seq]` that are
+    /// neither stored as read nor claimed by another reader: the caller
+    /// hands out only those ([`Claim::owns`]), then
+    /// [`Claim::confirm`]s. Dropped unconfirmed, the claim is released.
+    pub async fn claim(&self, key: &InboxKey, after: Seq, seq: Seq, door: &str) -> Result<Claim> {
+        // Read before claiming: what another node stored is not ours.
+        let stored = self.engine.cursor(key).await?;
+        // Never past the log: a claim from the future would skip messages.
         let seq = seq.min(self.committed().0);
-        let mut turn = self.store_turn(key).await;
-        let mut expected = match turn.known {
-            Some(v) => v,
-            None => self.engine.cursor(key).await?,
-        };
-        loop {
-            if expected >= seq {
-                // Already stored: by this node's own later claim (which
-                // covered this one: the share stands), or by another's.
-                turn.known = Some(expected);
-                let from = match turn.own {
-                    Some((from, to)) if to >= seq && from < seq => previous.max(from),
-                    _ => previous.max(expected),
-                };
-                let mut state = self.shared.state.lock().unwrap();
-                let c = state.cursors.entry(key.clone()).or_insert(expected);
-                *c = (*c).max(expected);
-                return Ok(from);
-            }
-            // Unknown until the answer comes: a cancelled or failed swap
-            // may or may not have been applied.
-            turn.known = None;
-            if let Swap::Lost(stored) = self.engine.swap_cursor(key.clone(), expected, seq).await? {
-                // Another node stored `stored` since this node last looked
-                // (maybe `seq` itself: it read the same batch).
-                turn.own = None;
-                expected = stored;
+        let taken = Arc::new(AtomicU64::new(0));
+        let mut state = self.shared.state.lock().unwrap();
+        let c = state.cursors.entry(key.clone()).or_default();
+        c.observe(stored);
+        let mut ranges = Vec::new();
+        let mut pos = after.max(c.stored);
+        for (&lo, r) in c.claims.range(..seq) {
+            if r.hi <= pos {
                 continue;
             }
-            turn.own = Some(match turn.own {
-                Some((from, to)) if to == expected => (from, seq),
-                _ => (expected, seq),
-            });
-            turn.known = Some(seq);
-            drop(turn);
-            let from = previous.max(expected);
-            let step = crate::engine::Step {
-                key: key.clone(),
-                lo: from,
-                hi: seq,
-                state: model::State::Read,
-                ts: model::now(),
-                door: door.to_owned(),
-                note: None,
-            };
-            self.note(step, None).await;
-            return Ok(from);
+            if lo > pos {
+                ranges.push((pos, lo));
+            }
+            pos = r.hi;
         }
+        if pos < seq {
+            ranges.push((pos, seq));
+        }
+        for &(lo, hi) in &ranges {
+            let range = Range {
+                hi,
+                confirmed: false,
+                taken: taken.clone(),
+            };
+            c.claims.insert(lo, range);
+        }
+        Ok(Claim {
+            broker: self.clone(),
+            key: key.clone(),
+            door: door.to_owned(),
+            ranges,
+            taken,
+            settled: false,
+        })
+    }
+
+    /// Stores what the confirmed claims of `key` let the cursor move
+    /// through, after marking `claim`'s ranges confirmed. On an error the
+    /// claim is released (with the turn: no other swap can be covering it).
+    async fn store_claim(&self, key: &InboxKey, claim: &Claim) -> Result<()> {
+        let mut turn = self.store_turn(key, claim).await;
+        let mut unsure = {
+            let mut state = self.shared.state.lock().unwrap();
+            let c = state.cursors.entry(key.clone()).or_default();
+            // Confirmed only now, with the turn: a swap of another claim
+            // never covers a claim that is still waiting and may be
+            // cancelled (and released) meanwhile.
+            for &(lo, hi) in &claim.ranges {
+                for (_, r) in c.claims.range_mut(lo..hi) {
+                    if Arc::ptr_eq(&r.taken, &claim.taken) {
+                        r.confirmed = true;
+                    }
+                }
+            }
+            c.unanswered.is_some()
+        };
+        loop {
+            if unsure {
+                // A swap whose storer was cancelled may have been applied:
+                // look before swapping from a value that may be gone.
+                let stored = self.engine.cursor(key).await?;
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_default();
+                c.observe(stored);
+                c.unanswered = None;
+                unsure = false;
+            }
+            let (expected, target) = {
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_default();
+                let through = c.confirmed_through();
+                if through > c.stored {
+                    // Unknown until the answer comes: a cancelled or failed
+                    // swap may or may not have been applied.
+                    c.unanswered = Some(through);
+                }
+                (c.stored, through)
+            };
+            if target <= expected {
+                // Stored, or behind a claim still pending (its confirm
+                // stores this one too).
+                break;
+            }
+            let swap = self.engine.swap_cursor(key.clone(), expected, target).await;
+            let mut state = self.shared.state.lock().unwrap();
+            let c = state.cursors.entry(key.clone()).or_default();
+            match swap {
+                Ok(Swap::Moved) => c.observe(target),
+                Ok(Swap::Lost(stored)) => {
+                    // Another node stored `stored` (maybe `target` itself:
+                    // it read the same batch). What it covers is its.
+                    c.unanswered = None;
+                    if stored < c.stored {
+                        // The inbox was forgotten and began again.
+                        c.stored = stored;
+                    }
+                    c.observe(stored);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        turn.release = None;
+        Ok(())
     }
 
     /// Waits until no other confirm of `key` is storing on this node, and
-    /// takes the turn (given back when the guard drops).
-    async fn store_turn(&self, key: &InboxKey) -> StoreTurn {
+    /// takes the turn (given back when the guard drops; dropped while
+    /// armed, it releases `claim` under the same lock).
+    async fn store_turn(&self, key: &InboxKey, claim: &Claim) -> StoreTurn {
         loop {
             let notify = {
                 let mut state = self.shared.state.lock().unwrap();
-                let s = state.stores.entry(key.clone()).or_default();
-                if !s.busy {
-                    s.busy = true;
+                let c = state.cursors.entry(key.clone()).or_default();
+                if !c.busy {
+                    c.busy = true;
                     return StoreTurn {
                         shared: self.shared.clone(),
                         key: key.clone(),
-                        known: s.known,
-                        own: s.own,
-                        turn: s.turn.clone(),
+                        release: Some((claim.ranges.clone(), claim.taken.clone())),
+                        turn: c.turn.clone(),
                     };
                 }
-                s.turn.clone()
+                c.turn.clone()
             };
             // A turn given back before this waits leaves a permit, so the
             // wake-up is never missed (a stale one only loops once more).
@@ -156,38 +207,14 @@ impl Broker {
         }
     }
 
-    /// [`Broker::claim`] for a destructive stream (interop `/subscribe`),
-    /// as a guard: the stream delivers the messages after
-    /// [`Claim::previous`] up to `seq`, then [`Claim::confirm`]s once they
-    /// reached the client. Dropped unconfirmed (the stream died with them
-    /// in a buffer), the claim is released: the next reader gets them.
-    pub async fn claim_through(
-        &self,
-        key: &InboxKey,
-        seq: Seq,
-        door: &'static str,
-    ) -> Result<Claim> {
-        let previous = self.claim(key, seq).await?;
-        let seq = seq.min(self.committed().0);
-        Ok(Claim {
-            broker: self.clone(),
-            key: key.clone(),
-            door,
-            range: (seq > previous).then_some((previous, seq)),
-            previous,
-        })
-    }
-
-    /// Undoes a claim from `previous` to `seq`, unless a later claim has
-    /// moved the cursor on since.
-    pub fn release(&self, key: &InboxKey, previous: Seq, seq: Seq) {
-        let committed = self.committed().0;
-        let mut state = self.shared.state.lock().unwrap();
-        if let Some(c) = state.cursors.get_mut(key) {
-            if *c == seq.min(committed) {
-                *c = previous;
-            }
-        }
+    /// The first seq at or below `position` that is neither stored as
+    /// read nor claimed on this node, if it is below `position`: a claim
+    /// released after a later one was taken left a hole there, which a
+    /// reader already past it (a stream) must read again. Memory only.
+    pub fn hole_below(&self, key: &InboxKey, position: Seq) -> Option<Seq> {
+        let state = self.shared.state.lock().unwrap();
+        let free = state.cursors.get(key)?.first_free();
+        (free < position).then_some(free)
     }
 
     /// How many messages `key`'s inbox holds after `after`.
@@ -202,36 +229,63 @@ impl Broker {
     }
 }
 
-/// A batch claimed from a shared cursor; see [`Broker::claim_through`].
+/// A reader's claim over part of an inbox; see [`Broker::claim`]. A guard:
+/// dropped before [`Claim::confirm`] succeeded, it is released, so what it
+/// held goes to the next reader (error, cancellation, a disconnect).
 pub struct Claim {
     broker: Broker,
     key: InboxKey,
-    door: &'static str,
-    previous: Seq,
-    /// What is claimed and not stored yet (none: nothing new was claimed).
-    range: Option<(Seq, Seq)>,
+    door: String,
+    /// What this claim took: disjoint, ascending.
+    ranges: Vec<(Seq, Seq)>,
+    /// The highest seq another node stored over this claim before it was
+    /// stored here (those are that node's). Also the claim's identity in
+    /// the inbox's ranges.
+    taken: Arc<AtomicU64>,
+    /// Confirmed (or released after a failed store): nothing to release.
+    settled: bool,
 }
 
 impl Claim {
-    /// The claimer's share is the messages after this.
-    pub fn previous(&self) -> Seq {
-        self.previous
+    /// Whether the message at `seq` is this claimer's to hand out.
+    pub fn owns(&self, seq: Seq) -> bool {
+        seq > self.taken.load(Ordering::Acquire)
+            && self.ranges.iter().any(|&(lo, hi)| lo < seq && seq <= hi)
     }
 
-    /// Stores the claim; resolves once durable.
-    pub async fn confirm(mut self) -> Result<()> {
-        let Some((previous, seq)) = self.range.take() else {
+    /// Confirms the claim: it is final (never released), and stored as
+    /// far as the claims before it allow; resolves once that is durable.
+    /// The claimer's share ([`Claim::owns`]) is `read` through its door.
+    /// On an error the claim is released and the caller hands out nothing.
+    pub async fn confirm(&mut self) -> Result<()> {
+        if self.settled {
             return Ok(());
-        };
-        let from = self
-            .broker
-            .confirm(&self.key, previous, seq, self.door)
-            .await?;
-        if from > previous {
-            // Another node's reader took part of it while this one
-            // delivered it: those went out twice.
-            tracing::warn!(agent = %self.key.agent, from = previous, to = from,
-                "another node delivered part of this batch as well");
+        }
+        // Settled either way: a failed store releases the claim itself.
+        let stored = self.broker.store_claim(&self.key, self).await;
+        self.settled = true;
+        if let Err(e) = stored {
+            self.ranges.clear();
+            return Err(e);
+        }
+        let taken = self.taken.load(Ordering::Acquire);
+        for &(lo, hi) in &self.ranges {
+            if hi <= taken {
+                // Another node's reader took it while this one held it.
+                tracing::warn!(agent = %self.key.agent, from = lo, to = hi,
+                    "another node delivered part of this claim");
+                continue;
+            }
+            let step = crate::engine::Step {
+                key: self.key.clone(),
+                lo: lo.max(taken),
+                hi,
+                state: model::State::Read,
+                ts: model::now(),
+                door: self.door.clone(),
+                note: None,
+            };
+            self.broker.note(step, None).await;
         }
         Ok(())
     }
@@ -239,42 +293,121 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some((previous, seq)) = self.range.take() {
-            self.broker.release(&self.key, previous, seq);
+        if !self.settled {
+            let mut state = self.broker.shared.state.lock().unwrap();
+            if let Some(c) = state.cursors.get_mut(&self.key) {
+                c.release(&self.ranges, &self.taken);
+            }
         }
     }
 }
 
-/// How this node stores one inbox's cursor: one swap at a time.
+/// One inbox's cursor on this node: the stored value and the claims over it.
 #[derive(Default)]
-pub(crate) struct Stores {
+pub(crate) struct Cursor {
+    /// The stored cursor as this node last saw it.
+    stored: Seq,
+    /// Claims held after `stored`, by their start: `lo -> (lo, hi]`.
+    claims: BTreeMap<Seq, Range>,
+    /// A confirm is storing (one swap at a time per inbox on this node,
+    /// so it knows the value it expects).
     busy: bool,
-    /// The value this node knows is stored (`None`: read it first).
-    known: Option<Seq>,
-    /// The newest run of stored values this node wrote itself, `(from,
-    /// to]`: tells its own later stores from another node's.
-    own: Option<(Seq, Seq)>,
+    /// The target of a swap whose answer was not seen yet (running, or its
+    /// storer was cancelled or failed): seeing it stored means this node
+    /// stored it, not another.
+    unanswered: Option<Seq>,
     turn: Arc<tokio::sync::Notify>,
 }
 
-/// The turn to store one inbox's cursor; what the holder learned goes
-/// back when it drops. A holder cancelled mid-swap leaves the stored
-/// value unknown, so the next one reads it first.
+struct Range {
+    hi: Seq,
+    /// Final: its claimer confirmed it; the cursor may be stored over it.
+    confirmed: bool,
+    /// Its claim's `taken` (and identity).
+    taken: Arc<AtomicU64>,
+}
+
+impl Cursor {
+    /// Where readers start: the stored value and the claims that follow it
+    /// without a gap.
+    fn first_free(&self) -> Seq {
+        let mut pos = self.stored;
+        while let Some(r) = self.claims.get(&pos) {
+            pos = r.hi;
+        }
+        pos
+    }
+
+    /// How far the confirmed claims let the stored cursor move.
+    fn confirmed_through(&self) -> Seq {
+        let mut pos = self.stored;
+        while let Some(r) = self.claims.get(&pos).filter(|r| r.confirmed) {
+            pos = r.hi;
+        }
+        pos
+    }
+
+    /// The store holds `stored`: claims it covers are stored (by this
+    /// node's own swap) or taken (by another node's).
+    fn observe(&mut self, stored: Seq) {
+        if stored <= self.stored {
+            return;
+        }
+        let ours = self.unanswered == Some(stored);
+        if ours {
+            self.unanswered = None;
+        }
+        self.stored = stored;
+        let covered: Vec<Seq> = self.claims.range(..stored).map(|(&lo, _)| lo).collect();
+        for lo in covered {
+            let r = self.claims.remove(&lo).expect("listed above");
+            if !ours {
+                r.taken.fetch_max(r.hi.min(stored), Ordering::AcqRel);
+            }
+            if r.hi > stored {
+                self.claims.insert(stored, r);
+            }
+        }
+    }
+
+    /// Drops what is left of one claim's ranges (only its own: a range
+    /// released earlier may have been claimed again by another reader).
+    fn release(&mut self, ranges: &[(Seq, Seq)], taken: &Arc<AtomicU64>) {
+        for &(lo, hi) in ranges {
+            let mine: Vec<Seq> = self
+                .claims
+                .range(lo..hi)
+                .filter(|(_, r)| Arc::ptr_eq(&r.taken, taken))
+                .map(|(&lo, _)| lo)
+                .collect();
+            for lo in mine {
+                self.claims.remove(&lo);
+            }
+        }
+    }
+}
+
+/// A claim's ranges and identity, for releasing it.
+type Held = (Vec<(Seq, Seq)>, Arc<AtomicU64>);
+
+/// The turn to store one inbox's cursor. Dropped while still holding a
+/// claim to release (its store failed or was cancelled), it releases it
+/// before anyone else can take the turn.
 struct StoreTurn {
     shared: Arc<Shared>,
     key: InboxKey,
-    known: Option<Seq>,
-    own: Option<(Seq, Seq)>,
+    release: Option<Held>,
     turn: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for StoreTurn {
     fn drop(&mut self) {
         let mut state = self.shared.state.lock().unwrap();
-        if let Some(s) = state.stores.get_mut(&self.key) {
-            s.busy = false;
-            s.known = self.known.take();
-            s.own = self.own.take();
+        if let Some(c) = state.cursors.get_mut(&self.key) {
+            c.busy = false;
+            if let Some((ranges, taken)) = self.release.take() {
+                c.release(&ranges, &taken);
+            }
         }
         // Also when the inbox was forgotten meanwhile: nobody waits forever.
         self.turn.notify_one();

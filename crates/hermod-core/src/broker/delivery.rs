@@ -327,6 +327,7 @@ impl Broker {
             }),
             body: Body::from_map(map),
             recipients: vec![to.clone()],
+            guard: Guarded::Free,
         };
         let stored = self
             .engine
@@ -441,8 +442,8 @@ impl Broker {
         let mut out = Vec::new();
         for c in self.engine.find(id, 16).await? {
             // A held copy is in no inbox yet: its recipient is its `to`.
-            let recipients = match (&c.message.to, c.recipients.is_empty()) {
-                (Some(to), true) => vec![to.clone()],
+            let recipients = match (&c.message.to, c.guard) {
+                (Some(to), Guarded::Held) => vec![to.clone()],
                 _ => c.recipients,
             };
             if !self.may_see(caller, &c.message, &recipients) {

@@ -1,15 +1,20 @@
 //! The loop and storm guard: two agents answering each other with nobody
 //! else involved, or one agent sending more than its limit, burn money
 //! until someone notices. Past the limit the pair's further direct
-//! messages are *held*: stored (acknowledged, never lost) but in no inbox,
-//! with a `held` step for the recipient; both agents and the operator
-//! topic are told once; `hermod release A B` or the cooldown sends them
-//! on, in order, as new log entries with the same ids.
+//! messages are *held*: stored (acknowledged, never lost) as
+//! [`Guarded::Held`] but in no inbox, with a `held` step for the
+//! recipient; both agents and the operator topic are told once; `hermod
+//! release A B` or the cooldown sends them on, in order, as new log
+//! entries with the same ids, each a [`Guarded::Releases`] that ends its
+//! hold in the same commit.
 //!
 //! A turn is a message in the other direction from the pair's previous
 //! one, so a one-way stream (a producer feeding a worker) never trips it;
 //! a message to or from anyone else ends both agents' runs. The counts
-//! live in this node's memory, bounded; what is held is in the store.
+//! live in this node's memory, bounded. What is held is state in the
+//! store: every node queues it from the feed (and from the store at
+//! start), so any node can release it, retention keeps it, and a release
+//! that two nodes make at once delivers it once.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -18,7 +23,8 @@ use hashlink::LruCache;
 use serde_json::json;
 
 use super::*;
-use crate::model::State as Delivery;
+use crate::engine::Committed;
+use crate::model::{Guarded, State as Delivery};
 
 /// Pairs and senders tracked at most. Past it the least recently active
 /// sender's count is forgotten, and pairs that hold nothing and had no
@@ -27,6 +33,10 @@ use crate::model::State as Delivery;
 const TRACKED: usize = 65_536;
 /// Messages held per pair at most; past that a send is refused.
 const HELD_MAX: usize = 10_000;
+/// Held messages one release stores in one batch.
+const RELEASE_BATCH: usize = 256;
+/// Holds a starting node reads from the store per page.
+const RECOVER_PAGE: usize = 1024;
 
 /// The guard's policy (`[guard]` in `config.toml`).
 #[derive(Debug, Clone)]
@@ -72,7 +82,8 @@ struct Pair {
     last_from: Option<AgentName>,
     /// Held until then (or until released).
     held_until: Option<f64>,
-    /// What waits for the release, oldest first.
+    /// What the store holds for the pair, seq ascending (kept from the
+    /// feed: see [`Guard::apply`]).
     held: VecDeque<Arc<Message>>,
 }
 
@@ -195,44 +206,91 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// Follows a commit: a hold joins its pair's queue (and holds the
+    /// pair until the cooldown from its time, on every node), a release
+    /// leaves it. Recovery at start may queue a hold the feed also brings:
+    /// the queue stays ordered and without repeats.
+    pub(super) fn apply(&mut self, c: &Committed) {
+        let m = &c.message;
+        let Some(to) = &m.to else { return };
+        match c.guard {
+            Guarded::Free => {}
+            Guarded::Held => self.queue(m.clone(), m.ts + self.config.cooldown),
+            Guarded::Releases(seq) => {
+                let key = pair_key(&m.channel, &m.from, to);
+                if let Some(p) = self.pairs.get_mut(&key) {
+                    if let Ok(i) = p.held.binary_search_by_key(&seq, |h| h.seq) {
+                        p.held.remove(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a held message for its pair's release, held until `until`
+    /// at least.
+    fn queue(&mut self, m: Arc<Message>, until: f64) {
+        let Some(to) = &m.to else { return };
+        let p = self
+            .pairs
+            .entry(pair_key(&m.channel, &m.from, to))
+            .or_default();
+        p.held_until = Some(p.held_until.map_or(until, |u| u.max(until)));
+        match p.held.back() {
+            Some(last) if last.seq >= m.seq => {
+                if let Err(i) = p.held.binary_search_by_key(&m.seq, |h| h.seq) {
+                    p.held.insert(i, m);
+                }
+            }
+            _ => p.held.push_back(m),
+        }
+    }
+}
+
 impl Broker {
     /// Applies `config` to the loop guard from now on.
     pub fn configure_guard(&self, config: GuardConfig) {
         self.shared.guard.lock().unwrap().config = config;
     }
 
-    /// What the guard says of `from` → `to` now.
+    /// What the guard says of `from` → `to` now: a pair that holds
+    /// [`HELD_MAX`] messages already refuses more (sends racing past the
+    /// check are still held, never dropped: the cap bounds the queue by
+    /// what is in flight).
     pub(super) fn guard_check(
         &self,
         channel: &Channel,
         from: &AgentName,
         to: &AgentName,
-    ) -> Verdict {
+    ) -> Result<Verdict> {
         let now = model::now();
-        self.shared
-            .guard
-            .lock()
-            .unwrap()
-            .check(channel, from, to, now)
+        let mut guard = self.shared.guard.lock().unwrap();
+        let verdict = guard.check(channel, from, to, now);
+        if let Verdict::Hold { pair, .. } = &verdict {
+            if guard
+                .pairs
+                .get(pair)
+                .is_some_and(|p| p.held.len() >= HELD_MAX)
+            {
+                return Err(Error::Forbidden {
+                    rule: "loop_guard",
+                    detail: format!(
+                        "the loop guard holds {HELD_MAX} messages between {from} and {to}; \
+                         `hermod release {from} {to}` lets them through"
+                    ),
+                });
+            }
+        }
+        Ok(verdict)
     }
 
-    /// A message the guard held was stored: its recipient's step says so,
-    /// it waits for the release, and a trip is announced (once).
+    /// A message the guard held was stored (and queued, by the feed):
+    /// its recipient's step says so, and a trip is announced (once).
     pub(super) async fn held(&self, m: Arc<Message>, pair: PairKey, tripped: bool) {
         let Some(to) = m.to.clone() else {
             return;
         };
-        {
-            let mut guard = self.shared.guard.lock().unwrap();
-            let p = guard.pairs.entry(pair.clone()).or_default();
-            if p.held.len() >= HELD_MAX {
-                // Stored, in no inbox, and not queued: say so loudly.
-                tracing::error!(channel = %pair.0, a = %pair.1, b = %pair.2,
-                    "the loop guard holds {HELD_MAX} messages for this pair; more wait only in the log");
-            } else {
-                p.held.push_back(m.clone());
-            }
-        }
         let key = InboxKey::new(m.channel.clone(), to);
         let note = "the loop guard holds it: `hermod release` or the cooldown lets it through";
         let step = self.single(&key, &m, Delivery::Held, "guard", Some(note.to_owned()));
@@ -296,94 +354,80 @@ impl Broker {
         self.release_pair(pair_key(channel, a, b)).await
     }
 
+    /// Releases what `pair` holds, oldest first, a batch at a time. The
+    /// pair stays held meanwhile, so a message sent during the release is
+    /// held behind the others and goes in a later batch, in order. Each
+    /// batch's write resolves once the feed applied it, which took its
+    /// holds off the queue. A failed batch leaves the rest queued and the
+    /// pair due for the sweeper's next try.
     async fn release_pair(&self, pair: PairKey) -> Result<usize> {
-        let held: Vec<Arc<Message>> = {
-            let mut guard = self.shared.guard.lock().unwrap();
-            match guard.pairs.get_mut(&pair) {
-                Some(p) => {
+        let mut released = 0;
+        loop {
+            let batch: Vec<NewMessage> = {
+                let mut guard = self.shared.guard.lock().unwrap();
+                let Some(p) = guard.pairs.get_mut(&pair) else {
+                    return Ok(released);
+                };
+                if p.held.is_empty() {
                     p.held_until = None;
                     p.turns.clear();
                     p.last_from = None;
-                    p.held.drain(..).collect()
+                    return Ok(released);
                 }
-                None => Vec::new(),
+                p.held
+                    .iter()
+                    .take(RELEASE_BATCH)
+                    .map(|m| NewMessage {
+                        id: m.id.clone(),
+                        channel: m.channel.clone(),
+                        from: m.from.clone(),
+                        to: m.to.clone(),
+                        topic: None,
+                        sent_ts: m.sent_ts,
+                        auth: m.auth,
+                        meta: m.meta.clone(),
+                        body: m.body.clone(),
+                        recipients: m.to.iter().cloned().collect(),
+                        guard: Guarded::Releases(m.seq),
+                    })
+                    .collect()
+            };
+            let n = batch.len();
+            let stored = match self.engine.submit(batch).await {
+                Ok(durable) => durable.await.unwrap_or(Err(Error::ShuttingDown)),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = stored {
+                let mut guard = self.shared.guard.lock().unwrap();
+                if let Some(p) = guard.pairs.get_mut(&pair) {
+                    p.held_until = Some(model::now());
+                }
+                return Err(e);
             }
-        };
-        if held.is_empty() {
-            return Ok(0);
+            released += n;
         }
-        let batch: Vec<NewMessage> = held
-            .iter()
-            .map(|m| NewMessage {
-                id: m.id.clone(),
-                channel: m.channel.clone(),
-                from: m.from.clone(),
-                to: m.to.clone(),
-                topic: None,
-                sent_ts: m.sent_ts,
-                auth: m.auth,
-                meta: m.meta.clone(),
-                body: m.body.clone(),
-                recipients: m.to.iter().cloned().collect(),
-            })
-            .collect();
-        let n = batch.len();
-        match self.engine.submit(batch).await {
-            Ok(durable) => match durable.await {
-                Ok(Ok(_)) => Ok(n),
-                Ok(Err(e)) => self.requeue(&pair, held, e),
-                Err(_) => self.requeue(&pair, held, Error::ShuttingDown),
-            },
-            Err(e) => self.requeue(&pair, held, e),
-        }
-    }
-
-    /// A release that did not store: the messages wait again.
-    fn requeue(&self, pair: &PairKey, held: Vec<Arc<Message>>, e: Error) -> Result<usize> {
-        let mut guard = self.shared.guard.lock().unwrap();
-        let p = guard.pairs.entry(pair.clone()).or_default();
-        for m in held.into_iter().rev() {
-            p.held.push_front(m);
-        }
-        Err(e)
     }
 
     /// Queues again what the store says the guard holds (at start: the
-    /// queues live in memory), each pair held until its cooldown from the
-    /// newest hold. A held message whose id reached an inbox later was
-    /// released already.
+    /// queues live in memory), each pair held until the cooldown from its
+    /// newest hold.
     pub(super) async fn recover_held(&self) {
-        let held = match self.engine.held(HELD_MAX).await {
-            Ok(held) => held,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading what the loop guard holds failed");
-                return;
-            }
-        };
-        let cooldown = self.shared.guard.lock().unwrap().config.cooldown;
-        for (step, m) in held {
-            let Some(to) = m.to.clone() else { continue };
-            let released = match self.engine.find(&m.id, 16).await {
-                Ok(found) => found
-                    .iter()
-                    .any(|c| c.message.seq > m.seq && !c.recipients.is_empty()),
+        let mut after = 0;
+        loop {
+            let page = match self.engine.held(after, RECOVER_PAGE).await {
+                Ok(page) => page,
                 Err(e) => {
-                    tracing::warn!(error = %e, "looking up a held message failed");
-                    continue;
+                    tracing::warn!(error = %e, "reading what the loop guard holds failed");
+                    return;
                 }
             };
-            if released {
-                continue;
-            }
+            let Some(last) = page.last() else { return };
+            after = last.seq;
             let mut guard = self.shared.guard.lock().unwrap();
-            let p = guard
-                .pairs
-                .entry(pair_key(&m.channel, &m.from, &to))
-                .or_default();
-            let until = step.ts + cooldown;
-            p.held_until = Some(p.held_until.map_or(until, |u| u.max(until)));
-            if p.held.len() < HELD_MAX && !p.held.iter().any(|h| h.seq == m.seq) {
-                p.held.push_back(m);
+            let cooldown = guard.config.cooldown;
+            for m in page {
+                let until = m.ts + cooldown;
+                guard.queue(m, until);
             }
         }
     }

@@ -43,6 +43,7 @@ pub use crate::model::SYSTEM_SENDER;
 pub use cursors::Claim;
 pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
+pub use inbox::{cost, DEFAULT_BUDGET};
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
 
@@ -51,7 +52,9 @@ use crate::engine::memory::MemoryEngine;
 use crate::engine::sqlite::SqliteEngine;
 use crate::engine::{Change, Commit, Durable, Engine, Retention};
 use crate::error::{Error, Result};
-use crate::model::{self, AgentName, Body, Channel, Gap, InboxKey, Message, NewMessage, Seq};
+use crate::model::{
+    self, AgentName, Body, Channel, Gap, Guarded, InboxKey, Message, NewMessage, Seq,
+};
 use crate::wire::{Envelope, Publication};
 use hermod_events::pattern::Pattern;
 use inbox::{Inboxes, ViewKey};
@@ -115,11 +118,9 @@ struct Views {
 
 struct State {
     registry: Registry,
-    /// Cursors claimed since start (the engine stores them once
-    /// confirmed); read first so a quick re-registration resumes exactly.
-    cursors: HashMap<InboxKey, Seq>,
-    /// Per inbox, how this node stores its cursor (one swap at a time).
-    stores: HashMap<InboxKey, cursors::Stores>,
+    /// Per inbox, the claims this node's readers hold over the stored
+    /// cursor, and how it stores it (one swap at a time).
+    cursors: HashMap<InboxKey, cursors::Cursor>,
     /// Durable topic subscriptions: matching events land in these inboxes.
     subscriptions: HashMap<Channel, Vec<(AgentName, Pattern)>>,
 }
@@ -133,7 +134,6 @@ impl State {
             return false;
         }
         self.cursors.remove(key);
-        self.stores.remove(key);
         if let Some(subs) = self.subscriptions.get_mut(&key.channel) {
             subs.retain(|(a, _)| a != &key.agent);
         }
@@ -208,6 +208,12 @@ impl Shared {
             return;
         }
         self.watch_delivery(batch);
+        if batch.iter().any(|c| c.guard != Guarded::Free) {
+            let mut guard = self.guard.lock().unwrap();
+            for c in batch {
+                guard.apply(c);
+            }
+        }
         {
             let mut views = self.views.lock().unwrap();
             for c in batch {
@@ -334,7 +340,6 @@ impl Broker {
             state: Mutex::new(State {
                 registry: Registry::default(),
                 cursors: HashMap::new(),
-                stores: HashMap::new(),
                 subscriptions: HashMap::new(),
             }),
             views: Mutex::new(Views {
@@ -446,7 +451,7 @@ impl Broker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Swap;
+    use crate::engine::{self, Swap};
     use crate::model::{Body, Channel};
 
     fn name(s: &str) -> AgentName {
@@ -649,51 +654,254 @@ mod tests {
         assert!(b.trust().authenticate(false, Some(&new)).is_ok());
     }
 
+    /// The seqs of `1..=upto` that `claim` owns.
+    fn owned(claim: &Claim, upto: Seq) -> Vec<Seq> {
+        (1..=upto).filter(|&s| claim.owns(s)).collect()
+    }
+
+    fn seqs(lo: Seq, hi: Seq) -> Vec<Seq> {
+        (lo + 1..=hi).collect()
+    }
+
+    async fn fill(b: &Broker, count: i64) {
+        for n in 0..count {
+            b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn claims_confirmed_out_of_order_keep_their_shares() {
         for (b, _dir) in brokers().await {
             let key = InboxKey::new(Channel::default(), name("q"));
-            for n in 0..20 {
-                b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
-                    .await
-                    .unwrap();
-            }
-            let first = b.claim(&key, 10).await.unwrap();
-            let second = b.claim(&key, 20).await.unwrap();
-            assert_eq!((first, second), (0, 10));
-            // The later claim is stored first; the earlier one's share stands.
-            assert_eq!(b.confirm(&key, second, 20, "test").await.unwrap(), 10);
-            assert_eq!(b.confirm(&key, first, 10, "test").await.unwrap(), 0);
+            fill(&b, 20).await;
+            let mut first = b.claim(&key, 0, 10, "test").await.unwrap();
+            let mut second = b.claim(&key, 0, 20, "test").await.unwrap();
+            assert_eq!(owned(&first, 40), seqs(0, 10));
+            assert_eq!(owned(&second, 40), seqs(10, 20));
+            // The later claim is confirmed first: it may not be stored over
+            // the earlier one, which could still be released.
+            second.confirm().await.unwrap();
+            assert_eq!(b.engine.cursor(&key).await.unwrap(), 0);
+            assert_eq!(b.cursor(&key).await.unwrap(), 20, "both still held");
+            // The earlier one's confirm stores both.
+            first.confirm().await.unwrap();
             assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
+            assert_eq!(owned(&second, 40), seqs(10, 20), "shares stand");
             // Another writer of the same store (another node) moves it on:
-            // a claim from a stale cursor gets only what lies after.
+            // a claim never takes what it stored.
             assert_eq!(
                 b.engine.swap_cursor(key.clone(), 20, 25).await.unwrap(),
                 Swap::Moved
             );
-            for n in 20..40 {
-                b.send_durable(&owner(), env("p", Some("q"), n), Target::Any)
-                    .await
-                    .unwrap();
-            }
+            fill(&b, 20).await;
+            let mut c = b.claim(&key, 0, 30, "test").await.unwrap();
+            assert_eq!(owned(&c, 40), seqs(25, 30), "20..25 went elsewhere");
+            c.confirm().await.unwrap();
+            let c = b.claim(&key, 0, 30, "test").await.unwrap();
+            assert!(owned(&c, 40).is_empty(), "nothing twice");
+            // Another node stores inside a claim while this node holds it:
+            // its confirm loses that part.
+            let mut c = b.claim(&key, 0, 40, "test").await.unwrap();
+            assert_eq!(owned(&c, 40), seqs(30, 40));
             assert_eq!(
-                b.ack(&key, 30, "test").await.unwrap(),
-                25,
-                "20..25 went elsewhere"
-            );
-            assert_eq!(b.ack(&key, 30, "test").await.unwrap(), 30, "nothing twice");
-            // Another node read the same batch and stored its end first:
-            // this node's claim of it is worth nothing.
-            assert_eq!(
-                b.engine.swap_cursor(key.clone(), 30, 40).await.unwrap(),
+                b.engine.swap_cursor(key.clone(), 30, 35).await.unwrap(),
                 Swap::Moved
             );
-            assert_eq!(
-                b.ack(&key, 40, "test").await.unwrap(),
-                40,
-                "30..40 went to the other node only"
-            );
+            c.confirm().await.unwrap();
+            assert_eq!(owned(&c, 40), seqs(35, 40), "30..35 went to the other node");
+            assert_eq!(b.engine.cursor(&key).await.unwrap(), 40);
         }
+    }
+
+    /// An engine whose cursor swaps can be made to fail (`storage_busy`)
+    /// or to wait until let through.
+    struct Faulty {
+        inner: Arc<dyn Engine>,
+        fail: std::sync::atomic::AtomicBool,
+        stall: std::sync::atomic::AtomicBool,
+        stalled: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl Engine for Faulty {
+        async fn submit(&self, batch: Vec<NewMessage>) -> Result<engine::Durable> {
+            self.inner.submit(batch).await
+        }
+        async fn read(
+            &self,
+            view: &engine::View,
+            after: Seq,
+            limit: usize,
+        ) -> Result<engine::Page> {
+            self.inner.read(view, after, limit).await
+        }
+        async fn floors(&self) -> Result<Vec<(engine::View, Seq)>> {
+            self.inner.floors().await
+        }
+        async fn prune(&self, rules: &engine::Retention, now: f64) -> Result<engine::Pruned> {
+            self.inner.prune(rules, now).await
+        }
+        async fn seq_at_ts(&self, ts: f64) -> Result<Seq> {
+            self.inner.seq_at_ts(ts).await
+        }
+        async fn count_inbox(&self, key: &InboxKey, after: Seq) -> Result<u64> {
+            self.inner.count_inbox(key, after).await
+        }
+        async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+            self.inner.cursor(key).await
+        }
+        async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self.stall.load(SeqCst) {
+                self.stalled.notified().await;
+            }
+            if self.fail.load(SeqCst) {
+                return Err(Error::StorageBusy("injected".into()));
+            }
+            self.inner.swap_cursor(key, expected, new).await
+        }
+        async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
+            self.inner.remember_agent(key, seen, connected).await
+        }
+        async fn forget_agent(&self, key: InboxKey) -> Result<bool> {
+            self.inner.forget_agent(key).await
+        }
+        async fn expire_agents(&self, before: f64, limit: usize) -> Result<Vec<InboxKey>> {
+            self.inner.expire_agents(before, limit).await
+        }
+        async fn set_subscription(&self, key: InboxKey, pattern: String, on: bool) -> Result<()> {
+            self.inner.set_subscription(key, pattern, on).await
+        }
+        async fn subscriptions(&self) -> Result<Vec<(InboxKey, String)>> {
+            self.inner.subscriptions().await
+        }
+        async fn set_identity(
+            &self,
+            name: AgentName,
+            identity: Option<crate::auth::Identity>,
+        ) -> Result<()> {
+            self.inner.set_identity(name, identity).await
+        }
+        async fn identities(&self) -> Result<Vec<crate::auth::Identity>> {
+            self.inner.identities().await
+        }
+        async fn agents(&self) -> Result<Vec<engine::KnownAgent>> {
+            self.inner.agents().await
+        }
+        async fn last(&self) -> Result<(Seq, f64)> {
+            self.inner.last().await
+        }
+        async fn record(&self, steps: Vec<engine::Step>) -> Result<Vec<engine::Step>> {
+            self.inner.record(steps).await
+        }
+        async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<engine::Step>> {
+            self.inner.steps(key, seq).await
+        }
+        async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
+            self.inner.held(after, limit).await
+        }
+        async fn find(&self, id: &str, limit: usize) -> Result<Vec<engine::Committed>> {
+            self.inner.find(id, limit).await
+        }
+        async fn thread(&self, thread: &str, limit: usize) -> Result<Vec<Arc<Message>>> {
+            self.inner.thread(thread, limit).await
+        }
+        fn health(&self) -> &engine::Health {
+            self.inner.health()
+        }
+        async fn describe(&self) -> serde_json::Value {
+            self.inner.describe().await
+        }
+        fn feed(&self) -> Option<engine::Feed> {
+            self.inner.feed()
+        }
+        fn settled(&self) -> bool {
+            self.inner.settled()
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    async fn faulty() -> (Broker, Arc<Faulty>) {
+        let engine = Arc::new(Faulty {
+            inner: Arc::new(MemoryEngine::new()),
+            fail: Default::default(),
+            stall: Default::default(),
+            stalled: Default::default(),
+        });
+        let trust = Trust::new(AuthMode::default(), RateLimit::default());
+        (
+            Broker::with_engine(engine.clone(), trust).await.unwrap(),
+            engine,
+        )
+    }
+
+    // Issue 21: a `/poll` whose confirm failed (storage_busy) while a
+    // `/subscribe` of the same inbox claimed beyond it left a hole the
+    // stream's confirm then stored the cursor over: lost.
+    #[tokio::test]
+    async fn a_failed_confirm_leaves_no_hole() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (b, engine) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 20).await;
+        let mut poll = b.claim(&key, 0, 10, "poll").await.unwrap();
+        let mut stream = b.claim(&key, 0, 20, "sse").await.unwrap();
+        engine.fail.store(true, SeqCst);
+        assert_eq!(poll.confirm().await.unwrap_err().code(), "storage_busy");
+        assert!(owned(&poll, 20).is_empty(), "hands out nothing");
+        engine.fail.store(false, SeqCst);
+        stream.confirm().await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 0, "not over the hole");
+        assert_eq!(b.cursor(&key).await.unwrap(), 0, "the hole is read again");
+        let mut again = b.claim(&key, 0, 20, "poll").await.unwrap();
+        assert_eq!(
+            owned(&again, 20),
+            seqs(0, 10),
+            "the stream's share stays its"
+        );
+        again.confirm().await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
+    }
+
+    // Issue 21: a `/poll` whose client vanished mid-claim (its future
+    // dropped) held its claim for ever, and a later confirm stored the
+    // cursor over it.
+    #[tokio::test]
+    async fn a_cancelled_claim_is_released() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (b, engine) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 30).await;
+        // Dropped before confirming.
+        drop(b.claim(&key, 0, 10, "poll").await.unwrap());
+        assert_eq!(b.cursor(&key).await.unwrap(), 0);
+        // Dropped while its swap waits on the store, with a later claim
+        // confirmed behind it.
+        let mut poll = b.claim(&key, 0, 10, "poll").await.unwrap();
+        let mut stream = b.claim(&key, 0, 20, "sse").await.unwrap();
+        engine.stall.store(true, SeqCst);
+        {
+            let confirm = poll.confirm();
+            tokio::pin!(confirm);
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_millis(50), &mut confirm).await;
+            assert!(waited.is_err(), "the swap stalls");
+        }
+        drop(poll);
+        engine.stall.store(false, SeqCst);
+        engine.stalled.notify_waiters();
+        stream.confirm().await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 0, "not over the hole");
+        let mut again = b.claim(&key, 0, 30, "poll").await.unwrap();
+        let mut expected = seqs(0, 10);
+        expected.extend(seqs(20, 30));
+        assert_eq!(owned(&again, 30), expected);
+        again.confirm().await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 30);
     }
 
     #[tokio::test]

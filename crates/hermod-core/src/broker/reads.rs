@@ -57,7 +57,7 @@ impl Broker {
 
     async fn read_view_once(&self, key: &ViewKey, after: Seq, limit: usize) -> Result<Batch> {
         let (cached, mut pruned, committed) = {
-            let views = self.shared.views.lock().unwrap();
+            let mut views = self.shared.views.lock().unwrap();
             let pruned = views.inboxes.pruned(key);
             let start = after.max(pruned);
             let committed = views.committed.0;
@@ -227,6 +227,17 @@ impl Broker {
     /// Changes whenever `key`'s inbox receives a committed message.
     pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
         self.watch_view(&ViewKey::Inbox(key.clone()))
+    }
+
+    /// Sets what the inbox views' tails may hold together, in bytes.
+    pub fn set_memory_budget(&self, bytes: usize) {
+        self.shared.views.lock().unwrap().inboxes.set_budget(bytes);
+    }
+
+    /// What the views' tails hold, their budget, and how many views there
+    /// are.
+    pub fn cache_usage(&self) -> (usize, usize, usize) {
+        self.shared.views.lock().unwrap().inboxes.usage()
     }
 
     fn watch_view(&self, key: &ViewKey) -> watch::Receiver<Seq> {

@@ -149,7 +149,7 @@ impl Broker {
         let mut meta = env.meta;
         self.complete_meta(&env.channel, &mut meta).await?;
         let hold = match &env.to {
-            Some(to) => match self.guard_check(&env.channel, &from, to) {
+            Some(to) => match self.guard_check(&env.channel, &from, to)? {
                 guard::Verdict::Pass => None,
                 guard::Verdict::Hold { pair, tripped } => Some((pair, tripped)),
             },
@@ -171,6 +171,11 @@ impl Broker {
             auth: caller.auth(),
             body: env.body,
             recipients,
+            guard: if hold.is_some() {
+                Guarded::Held
+            } else {
+                Guarded::Free
+            },
         };
         Ok((message, hold))
     }
@@ -260,6 +265,7 @@ impl Broker {
             meta: None,
             body,
             recipients,
+            guard: Guarded::Free,
         };
         self.engine.submit(vec![message]).await
     }

@@ -20,7 +20,7 @@ use super::{
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::model::{
-    AgentName, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State as Delivery,
+    AgentName, BusClock, Channel, Guarded, InboxKey, Message, NewMessage, Seq, State as Delivery,
 };
 
 #[derive(Default)]
@@ -39,6 +39,8 @@ struct State {
     identities: BTreeMap<AgentName, Identity>,
     /// Delivery steps by inbox, state and the seq they end at.
     steps: BTreeMap<(InboxKey, Delivery, Seq), Step>,
+    /// What the loop guard holds (each one of its message's refs).
+    held: std::collections::BTreeSet<Seq>,
     seq: Seq,
     clock: BusClock,
 }
@@ -128,7 +130,9 @@ impl MemoryEngine {
         let mut more = false;
         // Age and size: the oldest messages, from every view.
         for step in 1..=PRUNE_BUDGET {
-            let Some((&seq, oldest)) = state.log.iter().next() else {
+            // Holds are kept until released.
+            let Some((&seq, oldest)) = state.log.iter().find(|(s, _)| !state.held.contains(s))
+            else {
                 break;
             };
             let too_old = rules.age.is_some_and(|age| oldest.ts < now - age);
@@ -244,22 +248,36 @@ impl Engine for MemoryEngine {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
         self.commit(move |state| {
             let mut committed = Vec::with_capacity(batch.len());
-            for m in batch {
+            for mut m in batch {
                 state.seq += 1;
                 let seq = state.seq;
                 let ts = state.clock.stamp();
-                let recipients = m.recipients.clone();
+                let guard = m.guard;
+                match guard {
+                    Guarded::Releases(held) if state.held.remove(&held) => {
+                        state.unref(held);
+                    }
+                    // Released already: this copy lands nowhere.
+                    Guarded::Releases(_) => m.recipients.clear(),
+                    Guarded::Held => {
+                        state.held.insert(seq);
+                    }
+                    Guarded::Free => {}
+                }
+                let recipients = std::mem::take(&mut m.recipients);
                 let message = Arc::new(m.into_message(seq, ts));
                 for r in &recipients {
                     let key = InboxKey::new(message.channel.clone(), r.clone());
                     state.inboxes.entry(key).or_default().push_back(seq);
                 }
-                state.refs.insert(seq, recipients.len());
+                let refs = recipients.len() + usize::from(guard == Guarded::Held);
+                state.refs.insert(seq, refs);
                 state.bytes += message.body.as_str().len() as u64;
                 state.log.insert(seq, message.clone());
                 committed.push(Committed {
                     message,
                     recipients,
+                    guard,
                 });
             }
             let stored = committed.iter().map(|c| c.message.clone()).collect();
@@ -504,17 +522,14 @@ impl Engine for MemoryEngine {
         Ok(out)
     }
 
-    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
+    async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
         let state = self.state.lock().unwrap();
-        let mut held: Vec<(Step, Arc<Message>)> = state
-            .steps
-            .values()
-            .filter(|s| s.state == Delivery::Held)
-            .filter_map(|s| Some((s.clone(), state.log.get(&s.hi)?.clone())))
-            .collect();
-        held.sort_by_key(|(s, _)| s.hi);
-        held.truncate(limit);
-        Ok(held)
+        Ok(state
+            .held
+            .range(after + 1..)
+            .take(limit)
+            .filter_map(|s| state.log.get(s).cloned())
+            .collect())
     }
 
     async fn find(&self, id: &str, limit: usize) -> Result<Vec<Committed>> {
@@ -533,6 +548,11 @@ impl Engine for MemoryEngine {
                     .filter(|(k, q)| k.channel == m.channel && q.binary_search(&m.seq).is_ok())
                     .map(|(k, _)| k.agent.clone())
                     .collect(),
+                guard: if state.held.contains(&m.seq) {
+                    Guarded::Held
+                } else {
+                    Guarded::Free
+                },
             })
             .collect())
     }
@@ -592,6 +612,12 @@ mod tests {
     #[tokio::test]
     async fn conformance() {
         super::super::conformance::run(|| std::sync::Arc::new(super::MemoryEngine::new()), false)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn holds() {
+        super::super::conformance::holds(|| std::sync::Arc::new(super::MemoryEngine::new()), false)
             .await;
     }
 }

@@ -53,7 +53,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::Identity;
 use crate::error::Result;
-use crate::model::{AgentName, Channel, InboxKey, Message, NewMessage, Seq, State};
+use crate::model::{AgentName, Channel, Guarded, InboxKey, Message, NewMessage, Seq, State};
 
 /// Resolves once the submitted batch is durable, with the stored messages
 /// (seq and ts assigned) in submission order.
@@ -63,6 +63,9 @@ pub type Durable = oneshot::Receiver<Result<Vec<Arc<Message>>>>;
 pub struct Committed {
     pub message: Arc<Message>,
     pub recipients: Vec<AgentName>,
+    /// The loop guard's part, as submitted: a [`Guarded::Releases`] with
+    /// no recipients found its hold ended already (a second release).
+    pub guard: Guarded,
 }
 
 /// A change to what the store keeps beside the log.
@@ -270,7 +273,10 @@ pub enum Swap {
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
     /// Queues messages for a durable append. Batches submitted from one task
-    /// are stored in submission order.
+    /// are stored in submission order. A [`Guarded::Held`] message is
+    /// kept in no inbox, and no retention rule removes it, until a
+    /// [`Guarded::Releases`] of it commits (which ends the hold in the same
+    /// commit; a release whose hold is gone lands in no inbox).
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable>;
 
     /// Messages of `view` with `seq > after`, oldest first, at most
@@ -356,9 +362,10 @@ pub trait Engine: Send + Sync + 'static {
     /// each state, the earliest-ending step that covers it.
     async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>>;
 
-    /// Every `held` step with its message, oldest first, at most `limit`
-    /// (what the loop guard holds, for a node that starts).
-    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>>;
+    /// The messages the loop guard holds now (stored as
+    /// [`Guarded::Held`], not yet released), seq ascending after `after`,
+    /// at most `limit`: what a node that starts queues again.
+    async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>>;
 
     /// The stored messages with this id (ids are the sender's, so there
     /// may be several), oldest first, at most `limit`, with their inboxes.

@@ -39,7 +39,7 @@ use super::{
 use crate::auth::Identity;
 use crate::error::{Error, Result};
 use crate::model::{
-    AgentName, Auth, Body, BusClock, Channel, InboxKey, Message, NewMessage, Seq, State,
+    AgentName, Auth, Body, BusClock, Channel, Guarded, InboxKey, Message, NewMessage, Seq, State,
 };
 
 /// Most queued operations applied in one transaction.
@@ -139,8 +139,20 @@ CREATE TABLE IF NOT EXISTS steps (
 );
 -- For pruning the steps of removed messages.
 CREATE INDEX IF NOT EXISTS steps_hi ON steps(hi);
--- What the loop guard holds, for a restart.
-CREATE INDEX IF NOT EXISTS steps_held ON steps(hi) WHERE state = 'held';
+-- The newest seq ever deleted, with its ts: the log's end when retention
+-- (or a forget, or a release) removed its newest rows, so a restart never
+-- hands out a seq again (cursors and pruned marks already passed it).
+CREATE TRIGGER IF NOT EXISTS messages_end AFTER DELETE ON messages
+WHEN old.seq > COALESCE((SELECT value FROM meta WHERE key = 'end_seq'), 0)
+BEGIN
+    INSERT OR REPLACE INTO meta (key, value) VALUES ('end_seq', old.seq), ('end_ts', old.ts);
+END;
+-- What the loop guard holds: messages stored for their `to` and in no
+-- inbox until released (each counts as one of its message's refs, and
+-- retention passes it by). A release deletes the row in its own commit.
+CREATE TABLE IF NOT EXISTS held (
+    seq INTEGER PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS agents (
     channel    TEXT NOT NULL,
     name       TEXT NOT NULL,
@@ -364,17 +376,30 @@ fn prepare(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
     newest(conn)
 }
 
-/// The newest (seq, ts) in the log, (0, 0.0) when empty. One B-tree step
-/// from the end: `ts` grows with `seq`, so the last row holds both maxima
-/// (`MAX(ts)` would scan every row: 0.4 s per 3 million messages at start).
+/// The newest (seq, ts) the log ever held, (0, 0.0) when never written:
+/// the last row, or the newest one deleted when that is later (see the
+/// `messages_end` trigger). One B-tree step from the end: `ts` grows with
+/// `seq`, so the last row holds both maxima (`MAX(ts)` would scan every
+/// row: 0.4 s per 3 million messages at start).
 fn newest(conn: &Connection) -> rusqlite::Result<(Seq, f64)> {
-    conn.query_row(
-        "SELECT seq, ts FROM messages ORDER BY seq DESC LIMIT 1",
+    let last = conn
+        .query_row(
+            "SELECT seq, ts FROM messages ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
+        )
+        .optional()?
+        .unwrap_or((0, 0.0));
+    let end = conn.query_row(
+        "SELECT (SELECT value FROM meta WHERE key = 'end_seq'),
+                    (SELECT value FROM meta WHERE key = 'end_ts')",
         [],
-        |r| Ok((r.get::<_, i64>(0)? as Seq, r.get(1)?)),
-    )
-    .optional()
-    .map(|row| row.unwrap_or((0, 0.0)))
+        |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<f64>>(1)?)),
+    )?;
+    Ok(match end {
+        (Some(seq), Some(ts)) if seq as Seq > last.0 => (seq as Seq, ts),
+        _ => last,
+    })
 }
 
 /// Columns older versions lacked, with how to add them: `auth` (older
@@ -411,7 +436,33 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS messages_id ON messages(id);
          CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread, seq) WHERE thread IS NOT NULL;",
-    )
+    )?;
+    // Older versions kept holds only as `held` steps, so a restart read
+    // released holds again and retention removed unreleased ones. Once: a
+    // held step whose message is still stored, and whose id reached no
+    // inbox later (a release), is a hold.
+    let moved: bool = conn
+        .query_row(
+            "SELECT 1 FROM meta WHERE key = 'held_table'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    if !moved {
+        conn.execute_batch(
+            "BEGIN;
+             INSERT OR IGNORE INTO held (seq)
+                 SELECT s.hi FROM steps s JOIN messages m ON m.seq = s.hi
+                 WHERE s.state = 'held' AND NOT EXISTS (SELECT 1 FROM messages r
+                     WHERE r.id = m.id AND r.channel = m.channel AND r.seq > m.seq AND r.refs > 0);
+             UPDATE messages SET refs = COALESCE(refs, 0) + 1 WHERE seq IN (SELECT seq FROM held);
+             DROP INDEX IF EXISTS steps_held;
+             INSERT INTO meta (key, value) VALUES ('held_table', 1);
+             COMMIT;",
+        )?;
+    }
+    Ok(())
 }
 
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
@@ -637,9 +688,11 @@ fn plan(
 ) -> rusqlite::Result<Plan> {
     let budget = PRUNE_BUDGET as Seq;
     let oldest: Option<i64> = c
-        .query_row("SELECT seq FROM messages ORDER BY seq LIMIT 1", [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT seq FROM messages WHERE seq NOT IN (SELECT seq FROM held) ORDER BY seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
         .optional()?;
     let mut plan = Plan {
         cut: 0,
@@ -742,7 +795,8 @@ fn prune_rows(
             }
         }
         let mut rows = tx.prepare_cached(
-            "DELETE FROM messages WHERE seq <= ?1 RETURNING channel, topic IS NOT NULL, seq",
+            "DELETE FROM messages WHERE seq <= ?1 AND seq NOT IN (SELECT seq FROM held)
+             RETURNING channel, topic IS NOT NULL, seq",
         )?;
         let deleted = rows.query_map([plan.cut as i64], |r| {
             Ok((
@@ -1091,29 +1145,15 @@ impl Engine for SqliteEngine {
         .await
     }
 
-    async fn held(&self, limit: usize) -> Result<Vec<(Step, Arc<Message>)>> {
+    async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
         self.on_reader(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth, m.meta,
-                        s.channel, s.agent, s.lo, s.ts, s.door, s.note
-                 FROM steps s JOIN messages m ON m.seq = s.hi
-                 WHERE s.state = 'held' ORDER BY s.hi LIMIT ?1",
+                "SELECT m.seq, m.id, m.ts, m.channel, m.sender, m.recipient, m.topic, m.sent_ts, m.body, m.auth, m.meta
+                 FROM held h JOIN messages m ON m.seq = h.seq
+                 WHERE h.seq > ?1 ORDER BY h.seq LIMIT ?2",
             )?;
-            let rows = stmt.query_map([limit as i64], |r| {
-                let m = row_to_message(r)?;
-                let key = (r.get::<_, String>(11)?, r.get::<_, String>(12)?);
-                let step = (r.get::<_, i64>(13)?, r.get::<_, f64>(14)?, r.get::<_, String>(15)?, r.get::<_, Option<String>>(16)?);
-                Ok((m, key, step))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (m, (channel, agent), (lo, ts, door, note)) = row?;
-                if let Some(View::Inbox(key)) = view_of("i", channel, agent) {
-                    let step = Step { key, lo: lo as Seq, hi: m.seq, state: State::Held, ts, door, note };
-                    out.push((step, Arc::new(m)));
-                }
-            }
-            Ok(out)
+            let rows = stmt.query_map(params![after as i64, limit as i64], row_to_message)?;
+            rows.map(|m| m.map(Arc::new)).collect()
         })
         .await
     }
@@ -1129,15 +1169,22 @@ impl Engine for SqliteEngine {
                 .query_map(params![id, limit as i64], row_to_message)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut inboxes = c.prepare_cached("SELECT agent FROM inbox WHERE seq = ?1")?;
+            let mut held = c.prepare_cached("SELECT 1 FROM held WHERE seq = ?1")?;
             let mut out = Vec::new();
             for message in messages {
                 let recipients = inboxes
                     .query_map([message.seq as i64], |r| r.get::<_, String>(0))?
                     .filter_map(|a| a.ok().and_then(|a| AgentName::parse(a).ok()))
                     .collect();
+                let guard = if held.exists([message.seq as i64])? {
+                    Guarded::Held
+                } else {
+                    Guarded::Free
+                };
                 out.push(Committed {
                     message: Arc::new(message),
                     recipients,
+                    guard,
                 });
             }
             Ok(out)
@@ -1533,6 +1580,8 @@ impl Writer {
             )?;
             let mut insert_inbox =
                 tx.prepare_cached("INSERT INTO inbox (channel, agent, seq) VALUES (?1, ?2, ?3)")?;
+            let mut hold = tx.prepare_cached("INSERT INTO held (seq) VALUES (?1)")?;
+            let mut unhold = tx.prepare_cached("DELETE FROM held WHERE seq = ?1")?;
             let mut upsert_agent = tx.prepare_cached(
                 "INSERT INTO agents (channel, name, first_seen, last_seen, connected) VALUES (?1, ?2, ?3, ?3, ?4)
                  ON CONFLICT (channel, name) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
@@ -1545,7 +1594,24 @@ impl Writer {
                         // an error and never retries the batch.
                         for mut new in std::mem::take(batch) {
                             self.seq += 1;
-                            let recipients = std::mem::take(&mut new.recipients);
+                            let guard = new.guard;
+                            let mut recipients = std::mem::take(&mut new.recipients);
+                            match guard {
+                                // The hold ends here, in this commit, or
+                                // was ended by an earlier release.
+                                Guarded::Releases(held) => {
+                                    if unhold.execute([held as i64])? > 0 {
+                                        unref(&tx, &[held as i64])?;
+                                    } else {
+                                        recipients.clear();
+                                    }
+                                }
+                                Guarded::Held => {
+                                    hold.execute([self.seq as i64])?;
+                                }
+                                Guarded::Free => {}
+                            }
+                            let refs = recipients.len() + usize::from(guard == Guarded::Held);
                             let m = Arc::new(new.into_message(self.seq, self.clock.stamp()));
                             insert_msg.execute(params![
                                 m.seq as i64,
@@ -1558,7 +1624,7 @@ impl Writer {
                                 m.sent_ts,
                                 m.body.as_str(),
                                 m.auth.as_str(),
-                                recipients.len() as i64,
+                                refs as i64,
                                 m.meta.as_ref().map(|meta| serde_json::to_string(meta)
                                     .expect("meta always serializes")),
                                 m.meta().thread.as_deref(),
@@ -1573,6 +1639,7 @@ impl Writer {
                             out.committed.push(Committed {
                                 recipients,
                                 message: m,
+                                guard,
                             });
                         }
                     }
@@ -1732,5 +1799,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.db");
         super::super::conformance::run(|| Arc::new(SqliteEngine::open(&path).unwrap()), true).await;
+    }
+
+    #[tokio::test]
+    async fn holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        super::super::conformance::holds(|| Arc::new(SqliteEngine::open(&path).unwrap()), true)
+            .await;
     }
 }

@@ -5,8 +5,8 @@
 //! each *claims* what it sends by moving the cursor atomically
 //! ([`hermod_core::Broker::ack`] returns where it was), so a message goes
 //! out through exactly one of them. An SSE reconnect with `Last-Event-ID`
-//! replays what the previous stream claimed after that id (it may have died
-//! in flight), then continues. Streams also carry live
+//! replays what earlier streams read after that id (the client says it
+//! never got them), then continues; never what `/poll` handed out. Streams also carry live
 //! `subscriber_connected` notices when a peer opens its stream.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -207,13 +207,17 @@ async fn poll(
     let mut response = match batch.last() {
         None => json_array(std::iter::empty()),
         Some(last) => {
-            // Claim the batch: anything a concurrent stream already sent is skipped.
-            let previous = app.broker.ack(&key, last.seq, "poll").await?;
+            // Claim the batch (anything a concurrent reader holds is
+            // skipped) and confirm it before answering: if the store
+            // refuses, or the client goes away meanwhile, the claim is
+            // released and the batch stays unread.
+            let mut claim = app.broker.claim(&key, cursor, last.seq, "poll").await?;
+            claim.confirm().await?;
             // Sent as written: re-parsing the bodies could fail (and lose the batch).
             json_array(
                 batch
                     .iter()
-                    .filter(|m| m.seq > previous)
+                    .filter(|m| claim.owns(m.seq))
                     .map(|m| interop_json(m)),
             )
         }
@@ -355,14 +359,24 @@ fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Even
     })
 }
 
+/// How often a stream with batches the peer has not acknowledged yet
+/// looks again when nothing new arrives.
+const ACK_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How often an idle stream looks for a hole below it (see
+/// [`Broker::hole_below`]).
+const HOLES_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The inbox as SSE events, each batch claimed through the shared cursor.
 ///
 /// A batch is claimed (in memory, so `/poll` skips it) before it is
-/// written, and confirmed (stored) only once hyper has flushed it to the
-/// kernel (`flushes`). If the stream ends first — the client stopped
-/// reading and the write timeout closed the connection — the claim is
-/// released, so a reader that reconnects without `Last-Event-ID` misses
-/// nothing (it may see part of that one batch twice).
+/// written, and confirmed (stored) only once the peer's TCP stack has
+/// acknowledged every byte of it (`flushes`): what sits in the socket's
+/// send buffer when the connection dies was never received. If the stream
+/// ends first — the client stopped reading and the write timeout closed
+/// the connection, or it went away — the unconfirmed claims are released,
+/// so a reader that reconnects without `Last-Event-ID` misses nothing (it
+/// may see what its own kernel had acknowledged but it never read twice).
 fn claimed_events(
     broker: Broker,
     key: InboxKey,
@@ -371,63 +385,127 @@ fn claimed_events(
     session: Session,
     flushes: Option<Flushes>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    let batches = Box::pin(broker.follow(key.clone(), after));
-    let pending: Option<Claim> = None;
-    // The session rides along: the agent is connected while this streams.
-    let state = (
-        batches,
-        VecDeque::<Event>::new(),
-        pending,
-        (session, broker, key),
-    );
-    futures::stream::unfold(state, move |(mut batches, mut queue, mut pending, ctx)| {
-        let flushes = flushes.clone();
-        async move {
-            loop {
-                if let Some(event) = queue.pop_front() {
-                    return Some((Ok(event), (batches, queue, pending, ctx)));
-                }
-                // Polled with the queue empty: all of the claimed batch
-                // is in hyper's buffer or beyond; wait for the flush.
-                if let Some(claim) = pending.take() {
-                    if let Some(f) = &flushes {
-                        let seen = f.count();
-                        f.after(seen).await;
+    struct Follow {
+        batches: std::pin::Pin<
+            Box<dyn Stream<Item = hermod_core::Result<hermod_core::broker::Batch>> + Send>,
+        >,
+        /// Events of the batch being written.
+        queue: VecDeque<Event>,
+        /// The claim of the batch being written.
+        writing: Option<Claim>,
+        /// Claims written out, with the byte offset each ends before,
+        /// waiting for the peer to acknowledge them (oldest first).
+        unacked: VecDeque<(Claim, u64)>,
+        /// The end of the last batch read.
+        position: Seq,
+        broker: Broker,
+        key: InboxKey,
+        flushes: Option<Flushes>,
+        // The session rides along: the agent is connected while this streams.
+        _session: Session,
+    }
+    let state = Follow {
+        batches: Box::pin(broker.follow(key.clone(), after)),
+        queue: VecDeque::new(),
+        writing: None,
+        unacked: VecDeque::new(),
+        position: after,
+        broker,
+        key,
+        flushes,
+        _session: session,
+    };
+    futures::stream::unfold(state, move |mut s| async move {
+        loop {
+            if let Some(event) = s.queue.pop_front() {
+                return Some((Ok(event), s));
+            }
+            // Polled with the queue empty: all of the claimed batch is in
+            // hyper's buffer or beyond.
+            if let Some(mut claim) = s.writing.take() {
+                match &s.flushes {
+                    Some(f) => s.unacked.push_back((claim, f.in_kernel().await)),
+                    // Not on a TCP connection of ours (a test's router):
+                    // handed over is all there is to know.
+                    None => {
+                        if let Err(e) = claim.confirm().await {
+                            tracing::error!(error = %e, "cursor update failed; ending the stream");
+                            return None;
+                        }
                     }
+                }
+            }
+            if let Some(f) = &s.flushes {
+                while let Some((_, end)) = s.unacked.front() {
+                    if !f.acked(*end) {
+                        break;
+                    }
+                    let (mut claim, _) = s.unacked.pop_front().expect("just seen");
                     if let Err(e) = claim.confirm().await {
                         tracing::error!(error = %e, "cursor update failed; ending the stream");
                         return None;
                     }
                 }
-                let batch = match batches.next().await? {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "inbox read failed; ending the stream");
-                        return None;
-                    }
-                };
-                queue.extend(batch.gap.as_ref().map(crate::http::gap_event));
-                let Some(last) = batch.messages.last().map(|m| m.seq) else {
-                    continue;
-                };
-                let (_, broker, key) = &ctx;
-                let claim = match broker.claim_through(key, last, "sse").await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cursor read failed; ending the stream");
-                        return None;
-                    }
-                };
-                let previous = claim.previous();
-                pending = Some(claim);
-                queue.extend(
-                    batch
-                        .messages
-                        .iter()
-                        .filter(|m| m.seq <= replay_until || m.seq > previous)
-                        .map(|m| Event::default().id(m.seq.to_string()).data(interop_json(m))),
-                );
             }
+            if let Some(hole) = s.broker.hole_below(&s.key, s.position) {
+                // Another reader released a claim below this stream (its
+                // store failed, or its client left): read from there again;
+                // what this stream holds already is not claimed twice.
+                s.batches = Box::pin(s.broker.follow(s.key.clone(), hole));
+                s.position = hole;
+            }
+            let wait = if s.unacked.is_empty() {
+                HOLES_EVERY
+            } else {
+                ACK_EVERY
+            };
+            // `follow` is an `unfold`: a `next` dropped here loses nothing.
+            let next = tokio::select! {
+                next = s.batches.next() => next,
+                _ = tokio::time::sleep(wait) => continue,
+            };
+            let batch = match next? {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "inbox read failed; ending the stream");
+                    return None;
+                }
+            };
+            s.queue
+                .extend(batch.gap.as_ref().map(crate::http::gap_event));
+            let Some(last) = batch.messages.last().map(|m| m.seq) else {
+                continue;
+            };
+            // Only this batch's range: a hole below (a claim another
+            // reader released) is the next reader's, not this stream's.
+            let claim = match s.broker.claim(&s.key, s.position, last, "sse").await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cursor read failed; ending the stream");
+                    return None;
+                }
+            };
+            s.position = last;
+            for m in &batch.messages {
+                let send = if m.seq <= replay_until {
+                    // Replayed only if an SSE stream read it (its `read`
+                    // step says so): a `/poll` answer already handed it out.
+                    match s.broker.read_through(&s.key, m.seq).await {
+                        Ok(door) => door.as_deref() == Some("sse"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "step read failed; ending the stream");
+                            return None;
+                        }
+                    }
+                } else {
+                    claim.owns(m.seq)
+                };
+                if send {
+                    s.queue
+                        .push_back(Event::default().id(m.seq.to_string()).data(interop_json(m)));
+                }
+            }
+            s.writing = Some(claim);
         }
     })
 }

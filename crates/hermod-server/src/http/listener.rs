@@ -55,8 +55,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -223,7 +224,7 @@ async fn connection(
         _ => None,
     };
     let peer = Peer { addr, uid };
-    let state = Arc::new(ConnState::new());
+    let state = Arc::new(ConnState::new(tcp.as_raw_fd()));
     let io = TokioIo::new(Watched {
         tcp,
         state: state.clone(),
@@ -258,6 +259,16 @@ async fn connection(
                 // No request is in flight (or the watchdog would not fire):
                 // dropping the connection cuts nothing but a wait.
                 tracing::debug!(peer = %addr, timeout = why, "closing HTTP connection");
+                if why == "write" {
+                    // The peer stopped reading: drop what the kernel still
+                    // buffers for it instead of delivering it later, when
+                    // a stream has released (and will hand out again) what
+                    // it had not confirmed.
+                    let fd = state.fd.load(Ordering::Acquire);
+                    if fd >= 0 {
+                        crate::peer::reset_on_close(fd);
+                    }
+                }
                 return;
             }
             _ = shutdown.cancelled(), if !draining => {
@@ -291,12 +302,16 @@ struct ConnState {
     /// when it started is in the kernel ([`Flushes`]).
     flushed: AtomicU64,
     flush_done: Notify,
+    /// Bytes the kernel took from writes so far.
+    written: AtomicU64,
+    /// The socket's fd while [`Watched`] owns it, else -1.
+    fd: AtomicI32,
 }
 
 const NONE: u64 = u64::MAX;
 
 impl ConnState {
-    fn new() -> Self {
+    fn new(fd: RawFd) -> Self {
         Self {
             born: Instant::now(),
             in_flight: AtomicUsize::new(0),
@@ -306,6 +321,8 @@ impl ConnState {
             changed: Notify::new(),
             flushed: AtomicU64::new(0),
             flush_done: Notify::new(),
+            written: AtomicU64::new(0),
+            fd: AtomicI32::new(fd),
         }
     }
 
@@ -320,6 +337,12 @@ impl ConnState {
         {
             self.head_started.store(self.now_ms(), Ordering::Release);
             self.changed.notify_one();
+        }
+    }
+
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written.fetch_add(*n as u64, Ordering::AcqRel);
         }
     }
 
@@ -423,6 +446,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.tcp).poll_write(cx, buf);
         self.state.write_waits(polled.is_pending());
+        self.state.wrote(&polled);
         polled
     }
 
@@ -433,6 +457,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
         self.state.write_waits(polled.is_pending());
+        self.state.wrote(&polled);
         polled
     }
 
@@ -457,6 +482,13 @@ impl AsyncWrite for Watched {
     }
 }
 
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // The fd closes with the stream and may be reused at once.
+        self.state.fd.store(-1, Ordering::Release);
+    }
+}
+
 /// The router as one connection's hyper service: every request gets the
 /// connection's [`Peer`] and counts as in flight until its response ends.
 #[derive(Clone)]
@@ -468,27 +500,47 @@ struct ConnService {
 }
 
 /// A request extension: tells a streaming response when what it yielded
-/// has reached the kernel. A destructive stream (`/subscribe`) confirms a
-/// claim only then, and releases what it cannot confirm when it ends, so
-/// a client that stalls loses nothing to buffers in this process.
+/// has reached the peer. A destructive stream (`/subscribe`) confirms a
+/// claim only once the peer's TCP stack acknowledged it, and releases what
+/// it has not confirmed when it ends, so a client that stalls loses
+/// nothing to buffers in this process *or in the kernel*: data in the
+/// socket's send buffer (megabytes on loopback) dies with the connection.
 #[derive(Clone)]
 pub struct Flushes(Arc<ConnState>);
 
 impl Flushes {
-    /// Flushes completed so far. Read it while being polled by hyper (so
-    /// everything yielded before is in hyper's buffer or beyond).
-    pub fn count(&self) -> u64 {
-        self.0.flushed.load(Ordering::Acquire)
-    }
-
-    /// Waits until a flush completes after `count` was read.
-    pub async fn after(&self, count: u64) {
+    /// Waits until everything the response yielded so far is in the
+    /// kernel, and returns the connection's byte offset it ends before.
+    /// Call it while being polled by hyper (so everything yielded before
+    /// is in hyper's buffer or beyond).
+    pub async fn in_kernel(&self) -> u64 {
+        let seen = self.0.flushed.load(Ordering::Acquire);
         loop {
             let done = self.0.flush_done.notified();
-            if self.count() > count {
-                return;
+            if self.0.flushed.load(Ordering::Acquire) > seen {
+                // hyper's buffer is written out: all of it is counted.
+                return self.0.written.load(Ordering::Acquire);
             }
             done.await;
+        }
+    }
+
+    /// True when the peer's TCP stack has acknowledged every byte before
+    /// `end` (an offset from [`Flushes::in_kernel`]) and has not closed:
+    /// what a closing peer had not read yet is gone with it.
+    pub fn acked(&self, end: u64) -> bool {
+        let fd = self.0.fd.load(Ordering::Acquire);
+        if fd < 0 {
+            return false;
+        }
+        // Written first, then the queue: a write in between only makes
+        // the answer more cautious.
+        let written = self.0.written.load(Ordering::Acquire);
+        match crate::peer::unread_bytes(fd) {
+            Some(unacked) if unacked >= 0 => {
+                written.saturating_sub(unacked as u64) >= end && !crate::peer::hung_up(fd)
+            }
+            _ => false,
         }
     }
 }

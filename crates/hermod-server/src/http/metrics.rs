@@ -95,6 +95,25 @@ async fn metrics(
         "Wake-up actions that failed or timed out, by kind.",
         per_kind(&app.actions.failures),
     );
+    let (cache_bytes, budget, views) = app.broker.cache_usage();
+    metric(
+        "hermod_cache_bytes",
+        "gauge",
+        "What the inbox and topic views' cached messages hold (counted by hermod_core::broker::cost).",
+        vec![(String::new(), cache_bytes.to_string())],
+    );
+    metric(
+        "hermod_cache_budget_bytes",
+        "gauge",
+        "What the views' caches may hold together (--memory-budget, less a NATS node's share).",
+        vec![(String::new(), budget.to_string())],
+    );
+    metric(
+        "hermod_cache_views",
+        "gauge",
+        "Inbox and topic views in memory.",
+        vec![(String::new(), views.to_string())],
+    );
     metric(
         "hermod_commits_total",
         "counter",

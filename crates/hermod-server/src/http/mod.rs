@@ -80,7 +80,7 @@ impl HttpConfig {
             keepalive: Duration::from_secs(30),
             max_wait: Duration::from_secs(30),
             relay_token: None,
-            owner_uids: vec![crate::unix::peer::own_uid()],
+            owner_uids: vec![crate::peer::own_uid()],
             allow_origins: Vec::new(),
             allow_hosts: Vec::new(),
             max_connections: 4096,

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use hermod_core::auth::{Caller, Origin};
-use hermod_core::broker::Session;
+use hermod_core::broker::{Claim, Session};
 use hermod_core::engine::Durable;
 use hermod_core::model::{Channel, InboxKey, Seq};
 use hermod_core::wire::{self, AckMode, Request, ServerFrame};
@@ -33,8 +33,9 @@ use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDel
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{peer, UnixConfig};
+use super::UnixConfig;
 use crate::frames::{self, reply_when_durable, Outcome, Reply};
+use crate::peer;
 
 /// Frames queued from the reader to the writer.
 const OUT_QUEUE: usize = 256;
@@ -370,8 +371,10 @@ struct Delivery {
     unconfirmed: Option<Seq>,
     /// The client asked for `gap` frames at `register`.
     gaps: bool,
-    /// A claim (consumed, cursor moved in memory) not stored yet.
-    unstored: Option<(Seq, Seq)>,
+    /// Where the claims of what the client consumed reach.
+    claimed: Seq,
+    /// Claims of what the client consumed, not stored yet.
+    unstored: Vec<Claim>,
     /// The one store of a claim in flight: stores run beside delivery, so
     /// an fsync never holds up the next batch.
     storing: Option<tokio::task::JoinHandle<()>>,
@@ -406,7 +409,7 @@ impl Writer {
         loop {
             let unconfirmed = delivery
                 .as_ref()
-                .is_some_and(|d| d.unconfirmed.is_some() || d.unstored.is_some());
+                .is_some_and(|d| d.unconfirmed.is_some() || !d.unstored.is_empty());
             let watching = delivery.is_some() && !need_read;
             tokio::select! {
                 _ = shutdown.cancelled(), if reader_open && !closing => {
@@ -433,7 +436,7 @@ impl Writer {
                     }
                     Some(Out::Deliver { key, cursor, mode, gaps }) => {
                         let newest = self.broker.watch(&key);
-                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps, unstored: None, storing: None });
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps, claimed: cursor, unstored: Vec::new(), storing: None });
                         need_read = true;
                     }
                     Some(Out::Close) => return Ok(()),
@@ -452,8 +455,8 @@ impl Writer {
                 if let Some(mut d) = delivery.take() {
                     self.confirm(&mut d).await;
                     // Whatever is still unstored follows the store in flight.
-                    if let Some(claim) = d.unstored.take() {
-                        store_claim(self.broker.clone(), d.key, claim, d.storing.take());
+                    if !d.unstored.is_empty() {
+                        store_claims(std::mem::take(&mut d.unstored), d.storing.take());
                     }
                 }
                 if pending.is_empty() {
@@ -513,10 +516,12 @@ impl Writer {
         if let Some(seq) = d.unconfirmed {
             if peer::consumed_by_live_peer(self.fd) {
                 d.unconfirmed = None;
-                match self.broker.claim(&d.key, seq).await {
-                    Ok(previous) => {
-                        let from = d.unstored.map_or(previous, |(from, _)| from);
-                        d.unstored = Some((from, seq));
+                // Only what this connection wrote since its last claim: a
+                // hole below (a claim another reader released) is not its.
+                match self.broker.claim(&d.key, d.claimed, seq, "unix").await {
+                    Ok(claim) => {
+                        d.claimed = seq;
+                        d.unstored.push(claim);
                     }
                     Err(e) => tracing::warn!(error = %e, "cursor update failed"),
                 }
@@ -525,9 +530,9 @@ impl Writer {
         if d.storing.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        if let Some(claim) = d.unstored.take() {
-            let key = d.key.clone();
-            d.storing = Some(store_claim(self.broker.clone(), key, claim, None));
+        if !d.unstored.is_empty() {
+            let claims = std::mem::take(&mut d.unstored);
+            d.storing = Some(store_claims(claims, None));
         }
     }
 
@@ -545,23 +550,22 @@ impl Writer {
     }
 }
 
-/// Stores a consumed claim `(previous, seq)` of `key`'s cursor in the
+/// Confirms claims of what the client consumed, in order, in the
 /// background, after the store `before` (if any) is done; a store that
-/// fails releases the claim (redelivered, not lost). Not aborted with the
+/// fails releases its claim (redelivered, not lost). Not aborted with the
 /// connection: what the client consumed stays consumed.
-fn store_claim(
-    broker: Broker,
-    key: InboxKey,
-    (previous, seq): (Seq, Seq),
+fn store_claims(
+    claims: Vec<Claim>,
     before: Option<tokio::task::JoinHandle<()>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         if let Some(h) = before {
             let _ = h.await;
         }
-        if let Err(e) = broker.confirm(&key, previous, seq, "unix").await {
-            tracing::warn!(error = %e, "cursor update failed");
-            broker.release(&key, previous, seq);
+        for mut claim in claims {
+            if let Err(e) = claim.confirm().await {
+                tracing::warn!(error = %e, "cursor update failed");
+            }
         }
     })
 }

@@ -5,7 +5,6 @@
 //! up to a limit and runs one [`connection`] handler each.
 
 mod connection;
-pub(crate) mod peer;
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hermod_core::Broker;
+
+use crate::peer;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;

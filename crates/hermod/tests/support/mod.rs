@@ -44,6 +44,16 @@ impl Daemon {
         Self::start_inner(args, envs, None)
     }
 
+    /// Starts with extra `serve` flags, environment and a `config.toml`.
+    pub fn start_with_args_config(args: &[&str], envs: &[(&str, &str)], config: &str) -> Self {
+        Self::start_inner(args, envs, Some(config))
+    }
+
+    /// The pid of the running `hermod serve`, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts with extra `serve` flags on the data directory `dir`.
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
         Self::start_dir(dir, args, &[], None)

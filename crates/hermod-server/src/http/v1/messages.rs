@@ -419,8 +419,8 @@ pub(super) async fn ack(
 ) -> Result<Json<AckReply>, ApiError> {
     let key = InboxKey::new(strict_channel(req.channel)?, AgentName::parse(name)?);
     app.broker.trust().may_act_as(&caller, &key)?;
-    let previous = app.broker.ack(&key, req.seq, "http").await?;
-    let cursor = app.broker.cursor(&key).await?.max(previous);
+    app.broker.ack(&key, req.seq, "http").await?;
+    let cursor = app.broker.cursor(&key).await?;
     Ok(Json(AckReply { cursor }))
 }
 
