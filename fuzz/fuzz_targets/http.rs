@@ -781,6 +781,70 @@ fn sent_of(f: &HashMap<String, Box<RawValue>>, capped: &[&'static str]) -> Sent 
     }
 }
 
+/// What a send built by [`reserved_call`] or [`capped_call`] is to the
+/// oracle, so that one that succeeds is in the ledger like any other.
+fn sends_kind(path: &str, query: &str, body: &[u8]) -> Kind {
+    let f = fields(body);
+    match path {
+        "/send" => f.map_or(Kind::Raw, |f| {
+            Kind::Sends(sent_of(&f, &["reply_to", "thread"]))
+        }),
+        "/v1/messages" => Kind::V1Messages,
+        "/broadcast" => {
+            // Built with one `from` and at most one capped field, encoded.
+            let mut sent = Sent::default();
+            for pair in query.split('&') {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let v = decode(v);
+                match k {
+                    "from" => sent.from = Some(v),
+                    "reply_to" => sent.capped.push(("reply_to", v)),
+                    "thread" => sent.capped.push(("thread", v)),
+                    _ => {}
+                }
+            }
+            Kind::Sends(sent)
+        }
+        "/v1/events" => f.map_or(Kind::Raw, |f| {
+            Kind::Sends(Sent {
+                from: string_field(&f, "from"),
+                default_from: Some("anonymous"),
+                to: None,
+                capped: ["topic", "id"]
+                    .iter()
+                    .filter_map(|k| string_field(&f, k).map(|v| (*k, v)))
+                    .collect(),
+                topic: string_field(&f, "topic"),
+            })
+        }),
+        _ => Kind::Other,
+    }
+}
+
+/// The inverse of [`encode`].
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 const RESERVED_DOORS: usize = 18;
 
 /// `Call::Reserved`: a valid request that differs from one answered 200
@@ -917,13 +981,14 @@ fn reserved_call(door: u8, name: &str) -> Prepared {
             forbidden,
         ),
     };
+    let kind = sends_kind(&path, &query, &body);
     Prepared {
         method,
         path,
         query,
         ct: Some("application/json".into()),
         body,
-        kind: Kind::Other,
+        kind,
         expect,
     }
 }
@@ -935,7 +1000,9 @@ fn capped_call(door: u8, value: &str) -> Prepared {
     let json = |v: Value| serde_json::to_vec(&v).unwrap();
     let q = encode(value);
     let post = Method::POST;
-    let (method, path, query, body) = match usize::from(door) % CAPPED_DOORS {
+    let (method, path, query, body): (Method, String, String, Vec<u8>) = match usize::from(door)
+        % CAPPED_DOORS
+    {
         0 => (
             post,
             "/v1/messages".into(),
@@ -1024,7 +1091,14 @@ fn capped_call(door: u8, value: &str) -> Prepared {
     } else {
         Expect::Status(StatusCode::BAD_REQUEST, Some("invalid_request"))
     };
-    let mut p = prepared(method, path, query, body, Kind::Other);
+    let kind = match &path[..] {
+        "/v1/agents/bob/subscriptions" => {
+            Kind::Subscribes(fields(&body).and_then(|f| string_field(&f, "pattern")))
+        }
+        "/v1/events" if method == Method::GET => Kind::Reads(Reads::SseFrames, None),
+        _ => sends_kind(&path, &query, &body),
+    };
+    let mut p = prepared(method, path, query, body, kind);
     p.expect = Some(expect);
     p
 }
