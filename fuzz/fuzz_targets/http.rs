@@ -7,7 +7,8 @@
 //! bob only, `may_publish` `tui.**`). A step is a call, the credentials it
 //! carries (none, carol's token as `Authorization: Bearer` or as an
 //! `/a/TOKEN/` path prefix, or a token nobody holds) and browser headers
-//! (`Host`, `Origin`, `Sec-Fetch-Site`).
+//! (`Host`, `Origin`, `Sec-Fetch-Site`, each at most once, as a browser
+//! sends them).
 //!
 //! The calls reach every route and method of `http::app` (see [`ROUTES`]):
 //! agent-bus `POST /send`, `GET /recv`, `GET /inbox`, `GET /healthz`;
@@ -1605,8 +1606,13 @@ async fn run(steps: Vec<Step>) {
             Cred::None | Cred::CarolPath => {}
         }
         let mut refused_by_browser = false;
+        let mut named = HashSet::new();
         for h in &step.browser {
             let (name, value, allowed) = h.header();
+            // A browser sends each of these once (the edge reads the first).
+            if !named.insert(name.clone()) {
+                continue;
+            }
             b = b.header(name, value);
             refused_by_browser |= !allowed;
         }
