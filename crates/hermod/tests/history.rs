@@ -59,13 +59,14 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
-/// Both fault kinds still hit one known daemon bug (issue 21), so they are
-/// off unless `HERMOD_CHECK_KNOWN=1` (or `sse_drop`, `poll_cut`): a
-/// `Claim::confirm` cancelled while its cursor swap is in the store (a
-/// `/poll` cut mid-request, a `/subscribe` whose client hung up) releases
-/// the claim in memory, yet SQLite may commit the swap anyway, so the batch
-/// is read with no `read` step and nobody got it — indistinguishable from
-/// a loss (seed 1 with `sse_drop`: 4 messages; seed 5 with `poll_cut`: 35).
+/// Two fault kinds are off in the bounded run unless `HERMOD_CHECK_KNOWN=1`
+/// (or `sse_drop`, `poll_cut`). They found a loss (a confirm cancelled
+/// while its cursor swap was in the store: the swap landed with nobody
+/// told; seed 5 with `poll_cut`: 35 messages), fixed since (a confirm once
+/// begun finishes in its own task); seeds 1–7 pass with both on, and seed 8
+/// once reported one message no door handed out, passing on replay: until
+/// that is explained they stay opt-in, so the README's test command does
+/// not fail on a timing it cannot replay.
 fn known_faults() -> Known {
     let v = std::env::var("HERMOD_CHECK_KNOWN").unwrap_or_default();
     let all = v.trim() == "1" || v.trim() == "all";
