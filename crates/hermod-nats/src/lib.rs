@@ -453,8 +453,12 @@ impl NatsEngine {
             state_stream,
         } = loop {
             match Setup::open(&js, &config, &prefix).await {
+                // (A server of a forming cluster not yet seen as a peer:
+                // "no suitable peers for placement, peer offline".)
                 Err(Error::Storage(e))
-                    if (e.contains("timed out") || e.contains("no responders"))
+                    if ["timed out", "no responders", "peer offline"]
+                        .iter()
+                        .any(|transient| e.contains(transient))
                         && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::warn!("{e}; trying again");

@@ -25,9 +25,9 @@
 //!
 //! `HERMOD_CHECK_SEED` picks the schedule (printed), `HERMOD_CHECK_SECONDS`
 //! the length (default 30). A failure prints the seed and, per violation,
-//! the events of the history that show it. Faults that hit the bugs of
-//! issue 21 still being fixed are off unless `HERMOD_CHECK_KNOWN=1` (or
-//! `sse_drop`, `poll_cut`, comma-separated).
+//! the events of the history that show it. Faults that hit a bug of
+//! issue 21 still open (see [`known_faults`]) are off unless
+//! `HERMOD_CHECK_KNOWN=1` (or `sse_drop`, `poll_cut`, comma-separated).
 
 mod check;
 mod clients;
@@ -59,6 +59,14 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// Two fault kinds are off in the bounded run unless `HERMOD_CHECK_KNOWN=1`
+/// (or `sse_drop`, `poll_cut`). They found a loss (a confirm cancelled
+/// while its cursor swap was in the store: the swap landed with nobody
+/// told; seed 5 with `poll_cut`: 35 messages), fixed since (a confirm once
+/// begun finishes in its own task); seeds 1–7 pass with both on, and seed 8
+/// once reported one message no door handed out, passing on replay: until
+/// that is explained they stay opt-in, so the README's test command does
+/// not fail on a timing it cannot replay.
 fn known_faults() -> Known {
     let v = std::env::var("HERMOD_CHECK_KNOWN").unwrap_or_default();
     let all = v.trim() == "1" || v.trim() == "all";
@@ -209,16 +217,26 @@ fn run(seed: u64, seconds: u64, known: Known) {
     let drain_started = Instant::now();
     let inboxes = rt.block_on(async {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut settled = 0;
         loop {
             let mut inboxes = Vec::new();
             for a in 0..AGENTS.len() as u8 {
                 inboxes.push(clients::list_inbox(&ctx, a).await.expect("inbox listing"));
             }
+            let mut cursors = Vec::new();
+            for a in 0..AGENTS.len() as u8 {
+                cursors.push(clients::cursor_of(&ctx, a).await.unwrap_or(0));
+            }
             let done = (0..AGENTS.len()).all(|a| {
                 let taken = ctx.hist.taken.lock().unwrap();
                 let inbox = &inboxes[a];
                 let last = inbox.last().copied();
-                inbox.iter().all(|e| taken[a].contains(&e.0))
+                // What no door handed out and the cursor passed was read
+                // for a client that never got it (a cut `/poll` answer):
+                // it will not come; the check says whether that is allowed.
+                inbox
+                    .iter()
+                    .all(|e| taken[a].contains(&e.0) || e.0 <= cursors[a])
                     && (a != VS0 as usize
                         || last.is_none_or(|l| ctx.hist.followed[a].load(Ordering::SeqCst) >= l.0))
                     && (![UX0, IP0, VS0].contains(&(a as u8))
@@ -226,7 +244,9 @@ fn run(seed: u64, seconds: u64, known: Known) {
                             f64::from_bits(ctx.hist.since[a].load(Ordering::SeqCst)) >= l.1
                         }))
             });
-            if done || tokio::time::Instant::now() >= deadline {
+            // Twice in a row: a claim still settling moves no cursor back.
+            settled = if done { settled + 1 } else { 0 };
+            if settled >= 2 || tokio::time::Instant::now() >= deadline {
                 return inboxes;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -240,17 +260,37 @@ fn run(seed: u64, seconds: u64, known: Known) {
         }
     });
     let run_time = ctx.hist.elapsed();
+    // What the daemon says read the messages no destructive door handed
+    // out (a cut `/poll` answer, a stream's peer that hung up with bytes
+    // its kernel had acknowledged).
+    let reads: Vec<_> = rt.block_on(async {
+        let taken = ctx.hist.taken.lock().unwrap().clone();
+        let mut reads = Vec::new();
+        for (a, inbox) in inboxes.iter().enumerate() {
+            let missing = inbox
+                .iter()
+                .map(|e| e.0)
+                .filter(|s| !taken[a].contains(s))
+                .take(2000)
+                .collect();
+            reads.push(clients::read_steps(&ctx, a as u8, &missing).await);
+        }
+        reads
+    });
     rt.shutdown_timeout(Duration::from_secs(5));
+    let log = daemon.log();
     drop(daemon);
 
     let events = std::mem::take(&mut *ctx.hist.events.lock().unwrap());
     let sessions = std::mem::take(&mut *ctx.hist.sessions.lock().unwrap());
-    let (violations, fig) = check::check(&events, &sessions, &inboxes);
+    let (violations, fig) = check::check(&events, &sessions, &inboxes, &reads, ctx.hist.epoch);
     let ops = fig.sent + fig.deliveries.values().sum::<usize>() + fig.cursor_samples;
     println!(
         "history checker: seed {seed}: {:.1} s ({} s of faults, drain {:.1} s), {} kill -9, \
          {} sends ({} acknowledged, {} refused, {} unanswered), {} messages stored, \
-         deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} cursor samples, \
+         deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} /poll answers \
+         redelivered after a crash, {} streams back to a hole, {} read for a cut /poll answer, \
+         {} read for a hung-up stream, {} cursor samples, \
          {} events, {:.0} ops/s, {} violation(s)",
         run_time.as_secs_f64(),
         seconds,
@@ -264,6 +304,10 @@ fn run(seed: u64, seconds: u64, known: Known) {
         fig.deliveries,
         fig.ends,
         fig.redelivered_after_cut,
+        fig.poll_redelivered_after_crash,
+        fig.back_to_a_hole,
+        fig.lost_with_cut_poll,
+        fig.lost_with_hung_up_stream,
         fig.cursor_samples,
         events.len(),
         ops as f64 / run_time.as_secs_f64(),
@@ -271,6 +315,14 @@ fn run(seed: u64, seconds: u64, known: Known) {
     );
     if violations.is_empty() {
         return;
+    }
+    // The daemon's warnings and errors (kills cut its log mid-line).
+    for line in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(40)
+    {
+        println!("daemon: {line}");
     }
     let mut by_promise: std::collections::BTreeMap<&str, Vec<&check::Violation>> =
         Default::default();

@@ -425,6 +425,113 @@ async fn a_stalled_subscribe_reader_that_leaves_loses_nothing_in_kernel_buffers(
     );
 }
 
+/// Opens `/subscribe` for `agent` with a `Last-Event-ID` header.
+fn open_subscribe_from(http: &str, agent: &str, last_event_id: u64) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = http.trim_start_matches("http://");
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        tcp,
+        "GET /subscribe?agent={agent} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\
+         Last-Event-ID: {last_event_id}\r\n\r\n"
+    )
+    .unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    tcp
+}
+
+// Seen by the history checker (seed 4): a `/subscribe` resumed with an
+// older `Last-Event-ID` replayed everything after it up to the cursor,
+// including what `/poll` had already handed out: twice. A resume replays
+// only what a stream read (the message's `read` step says `sse`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_subscribe_never_replays_what_poll_handed_out() {
+    const AGENT: &str = "resumer";
+    let d = Daemon::start_with(&["--send-rate", "0"], &[]);
+    let (http, url) = (reqwest::Client::new(), d.http.clone());
+    let send = |n: usize| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let body = serde_json::json!({"from": "src", "to": AGENT, "body": {"n": n}});
+            let r: serde_json::Value = http
+                .post(format!("{url}/v1/messages"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["seq"].as_u64().expect("stored")
+        }
+    };
+    let cursor = || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let v: serde_json::Value = http
+                .get(format!("{url}/v1/agents/{AGENT}/inbox?limit=1"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["cursor"].as_u64().unwrap()
+        }
+    };
+    let deadline = || std::time::Instant::now() + std::time::Duration::from_secs(10);
+
+    // Three messages read by a stream, confirmed (the stored cursor moved).
+    let mut streamed = Vec::new();
+    for n in 0..3 {
+        streamed.push(send(n).await);
+    }
+    let mut tcp = open_subscribe(&d.http, AGENT, None);
+    let mut raw = Vec::new();
+    read_until(&mut tcp, &mut raw, deadline(), |ids| {
+        streamed.iter().all(|s| ids.contains(s))
+    });
+    assert_eq!(sse_ids(&raw), streamed);
+    let until = deadline();
+    while cursor().await < streamed[2] {
+        assert!(
+            std::time::Instant::now() < until,
+            "the stream never confirmed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(tcp);
+
+    // Two more, handed out by /poll.
+    let polled = vec![send(3).await, send(4).await];
+    let got: Vec<serde_json::Value> = http
+        .get(format!("{url}/poll?agent={AGENT}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let got: Vec<u64> = got
+        .iter()
+        .map(|m| m["_meta"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, polled);
+
+    // Resumed from the first: the stream's own reads come again, the
+    // polled ones never; then it goes on live.
+    let mut tcp = open_subscribe_from(&d.http, AGENT, streamed[0]);
+    let live = send(5).await;
+    let mut raw = Vec::new();
+    read_until(&mut tcp, &mut raw, deadline(), |ids| ids.contains(&live));
+    assert_eq!(
+        sse_ids(&raw),
+        [streamed[1], streamed[2], live],
+        "polled {polled:?}"
+    );
+}
+
 // Seen by the `http` fuzz target: a plain GET to a WebSocket route (no
 // `Connection: upgrade`) was answered with axum's plain-text rejection,
 // though errors everywhere are JSON with a code (README, "The v1 API").

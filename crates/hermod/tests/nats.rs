@@ -463,3 +463,67 @@ fn loop_guard_holds_survive_a_node_restart_and_any_node_releases_them() {
     let text = crate::support::stdout(&out);
     assert!(text.contains(": 0 held message(s)"), "{text}");
 }
+
+/// The issue-21 case: an agent that read 10 messages on node A, then 20
+/// more on node B, and comes back to A was handed those 20 again (A
+/// answered from its in-memory cursor, never refreshed from the cursor
+/// bucket). Destructive `/poll` and the cursor-based v1 inbox read both
+/// start where the stored cursor is, whichever node moved it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_back_on_a_node_gets_nothing_another_node_handed_out() {
+    let cluster = Cluster::start(3);
+    let (a, b) = (node(&cluster), node(&cluster));
+    let http = reqwest::Client::new();
+    let poll = |url: String| {
+        let http = http.clone();
+        async move {
+            let (status, body) = get_json(&http, format!("{url}/poll?agent=sink")).await;
+            assert_eq!(status, 200, "{body}");
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["text"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    // The sink exists on both nodes before anything is sent to it.
+    assert!(poll(a.http.clone()).await.is_empty());
+    let send = |n: usize, tag: &'static str| {
+        let http = http.clone();
+        let url = a.http.clone();
+        async move {
+            for i in 0..n {
+                let (status, body) = send_v1(&http, &url, &format!("{tag}{i}")).await;
+                assert_eq!(status, 200, "{body}");
+            }
+        }
+    };
+    send(10, "first").await;
+    assert_eq!(
+        poll(a.http.clone()).await.len(),
+        10,
+        "A hands out the first 10"
+    );
+    send(20, "second").await;
+    // B follows the log a moment behind A: it hands them out as it sees them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut on_b = Vec::new();
+    while on_b.len() < 20 && Instant::now() < deadline {
+        let got = poll(b.http.clone()).await;
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        on_b.extend(got);
+    }
+    assert_eq!(on_b.len(), 20, "B hands out the next 20: {on_b:?}");
+    assert!(
+        poll(a.http.clone()).await.is_empty(),
+        "A handed B's 20 out again"
+    );
+    let (_, inbox) = get_json(&http, format!("{}/v1/agents/sink/inbox", a.http)).await;
+    assert_eq!(
+        inbox["messages"],
+        json!([]),
+        "A's inbox read starts at B's cursor"
+    );
+}

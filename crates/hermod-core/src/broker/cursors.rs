@@ -257,10 +257,43 @@ impl Claim {
     /// far as the claims before it allow; resolves once that is durable.
     /// The claimer's share ([`Claim::owns`]) is `read` through its door.
     /// On an error the claim is released and the caller hands out nothing.
+    ///
+    /// Once begun, a confirm runs to its end in a task of its own, even if
+    /// its caller goes away (a `/poll` whose client hung up): the store may
+    /// apply a cursor swap whose answer nobody waits for (SQLite's writer
+    /// has it queued), and a swap applied with its claim released in memory
+    /// would count those messages as read by nobody — lost. Finished, they
+    /// are `read` through this door, as with an answer lost in flight.
     pub async fn confirm(&mut self) -> Result<()> {
         if self.settled {
             return Ok(());
         }
+        let mut claim = Claim {
+            broker: self.broker.clone(),
+            key: self.key.clone(),
+            door: self.door.clone(),
+            ranges: std::mem::take(&mut self.ranges),
+            taken: self.taken.clone(),
+            settled: false,
+        };
+        // Settled here: the task's claim is the one that settles or
+        // releases (this one's drop must not release it meanwhile).
+        self.settled = true;
+        let task = tokio::spawn(async move {
+            let result = claim.settle().await;
+            (claim, result)
+        });
+        match task.await {
+            Ok((claim, result)) => {
+                *self = claim;
+                result
+            }
+            Err(_) => Err(Error::ShuttingDown),
+        }
+    }
+
+    /// [`Claim::confirm`]'s work, in its task.
+    async fn settle(&mut self) -> Result<()> {
         // Settled either way: a failed store releases the claim itself.
         let stored = self.broker.store_claim(&self.key, self).await;
         self.settled = true;

@@ -47,6 +47,15 @@ pub struct Figures {
     pub unknown: usize,
     pub deliveries: BTreeMap<String, usize>,
     pub redelivered_after_cut: usize,
+    /// `/poll` answers handed out again after a crash (stored behind a
+    /// stream's unconfirmed batch).
+    pub poll_redelivered_after_crash: usize,
+    /// Streams that went back to a hole another reader released.
+    pub back_to_a_hole: usize,
+    /// Read by a `/poll` whose answer the client cut (or never got).
+    pub lost_with_cut_poll: usize,
+    /// Read by a stream whose client hung up with them in its kernel.
+    pub lost_with_hung_up_stream: usize,
     pub kills: usize,
     pub stored: usize,
     pub cursor_samples: usize,
@@ -61,7 +70,18 @@ struct Copy {
     nth: usize,
 }
 
-pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Violation>, Figures) {
+/// How far a step's time may lie outside the session it belongs to
+/// (the client records a close just before it closes; clocks read at
+/// different moments).
+const SLACK: f64 = 0.25;
+
+pub fn check(
+    events: &[Ev],
+    sessions: &[Session],
+    inboxes: &[Inbox],
+    reads: &[HashMap<u64, super::clients::Reads>],
+    epoch: f64,
+) -> (Vec<Violation>, Figures) {
     let mut v = Vec::new();
     let mut fig = Figures::default();
     let pos: Vec<HashMap<u64, usize>> = inboxes
@@ -264,11 +284,36 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
         }
     }
 
+    // Whether a destructive door other than a stream that was then cut
+    // handed out `seq` of agent `a` before event `before`.
+    let handed_for_good = |a: usize, seq: u64, before: usize| {
+        delivered.iter().enumerate().any(|(s, list)| {
+            let info = &sessions[s];
+            info.agent as usize == a
+                && info.door.destructive()
+                && !(info.door.stream()
+                    && closed[s].is_some_and(|(c, why)| why != "stop" && c < before))
+                && list.iter().any(|&(i, q)| q == seq && i < before)
+        })
+    };
+
     // 5. Per read: seqs increase. 6. Streams skip nothing.
     for (s, list) in delivered.iter().enumerate() {
         let info = &sessions[s];
         let a = info.agent as usize;
         for w in list.windows(2) {
+            // `/subscribe` goes back to read a claim another reader
+            // released below it (a stream cut before its peer had the
+            // batch, a failed store): allowed for a message no destructive
+            // door had handed out for good before (a cut stream's tail
+            // counts as not for good; twice is checked below).
+            if w[1].1 < w[0].1
+                && info.door == Door::IopSubscribe
+                && !handed_for_good(a, w[1].1, w[1].0)
+            {
+                fig.back_to_a_hole += 1;
+                continue;
+            }
             if w[1].1 <= w[0].1 {
                 v.push(Violation {
                     promise: "per-inbox order (seq increases on every read)",
@@ -466,6 +511,16 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                 });
             }
         }
+        let (opened, closed) = (&opened, &closed);
+        let mine_open_at = |ev: usize| {
+            (0..sessions.len() as u32).filter(move |&s| {
+                let s = s as usize;
+                sessions[s].agent as usize == a
+                    && sessions[s].door.stream()
+                    && opened[s] < ev
+                    && closed[s].is_none_or(|(c, _)| c > ev)
+            })
+        };
         let mut seqs: Vec<_> = copies.into_iter().filter(|(_, c)| c.len() > 1).collect();
         seqs.sort_by_key(|(s, _)| *s);
         for (seq, mut list) in seqs {
@@ -484,15 +539,32 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                 };
                 // A stream cut after it wrote a batch and before it
                 // confirmed it: the batch comes again.
+                // A stream opened before a kill carries only what the killed
+                // daemon wrote (its client may read it from its kernel after
+                // the kill): unconfirmed, so it comes again.
                 let ok = (cut_tail(c1, c2)
                     && closed[c1.sess as usize].is_some_and(|(i, _)| i < c2.ev)
-                    || killed_between(c1.ev, c2.ev) && sessions[c1.sess as usize].door.stream())
+                    || killed_between(opened[c1.sess as usize], c2.ev)
+                        && sessions[c1.sess as usize].door.stream())
                     // A stalled stream read its (already claimed, then
                     // released) batch after another door took it.
                     || (cut_tail(c2, c1)
                         && stalled[c2.sess as usize].iter().any(|&st| st < c2.ev));
                 if ok {
                     fig.redelivered_after_cut += 1;
+                    continue;
+                }
+                // A `/poll` answer is stored only through the claims before
+                // it: one behind a stream's batch the peer had not
+                // acknowledged yet lives in memory until that batch settles,
+                // and a crash first hands it out again (at-least-once; see
+                // the README). Only with a stream of this inbox open then
+                // that had stopped reading (what holds a batch for seconds).
+                if sessions[c1.sess as usize].door == Door::IopPoll
+                    && killed_between(c1.ev, c2.ev)
+                    && mine_open_at(c1.ev).any(|s| stalled[s as usize].iter().any(|&st| st < c1.ev))
+                {
+                    fig.poll_redelivered_after_crash += 1;
                     continue;
                 }
                 let (d1, d2) = (&sessions[c1.sess as usize], &sessions[c2.sess as usize]);
@@ -505,9 +577,12 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                         "seq {seq} handed out by {} ({:?}) and again by {} ({:?})",
                         d1.actor, d1.door, d2.actor, d2.door
                     ),
+                    // And the streams of this inbox open at the first
+                    // copy (a claim of theirs may have held the cursor).
                     sessions: [c1.sess, c2.sess]
                         .into_iter()
                         .chain(previous(sessions, c2.sess))
+                        .chain(mine_open_at(c1.ev).collect::<Vec<_>>())
                         .collect(),
                     extra: vec![c1.ev, c2.ev],
                 });
@@ -532,6 +607,45 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
         }
         for (p, &(seq, _, key)) in inbox.iter().enumerate() {
             if !taken.contains_key(&seq) {
+                // At most once across a cut: the daemon read it (its step
+                // says through which door) for a reader whose client never
+                // got it — a `/poll` whose answer was cut or lost, or a
+                // stream whose client hung up while its kernel acknowledged
+                // the bytes. Only within such a session's lifetime.
+                let at = |i: usize| epoch + events[i].t as f64 / 1e6;
+                let by = |door: Door, ends: &[&str], ts: f64| {
+                    mine.iter().any(|&s| {
+                        sessions[s].door == door
+                            && closed[s].is_some_and(|(c, why)| {
+                                ends.contains(&why)
+                                    && at(opened[s]) - SLACK <= ts
+                                    && ts <= at(c) + SLACK
+                            })
+                    })
+                };
+                let read = reads[a].get(&seq).into_iter().flatten();
+                let mut excused = false;
+                for (door, ts) in read {
+                    if door == "poll" && by(Door::IopPoll, &["cut", "failed"], *ts) {
+                        fig.lost_with_cut_poll += 1;
+                        excused = true;
+                    } else if door == "sse"
+                        && by(
+                            Door::IopSubscribe,
+                            &["client hung up", "client hung up after a stall"],
+                            *ts,
+                        )
+                    {
+                        fig.lost_with_hung_up_stream += 1;
+                        excused = true;
+                    }
+                    if excused {
+                        break;
+                    }
+                }
+                if excused {
+                    continue;
+                }
                 // The readers that were there when it was acknowledged,
                 // and where its neighbours went.
                 let at = acked_at.get(&seq).copied();
@@ -554,7 +668,11 @@ pub fn check(events: &[Ev], sessions: &[Session], inboxes: &[Inbox]) -> (Vec<Vio
                     agent: Some(a as u8),
                     seq: Some(seq),
                     key,
-                    detail: format!("seq {seq} of {} was never handed out", AGENTS[a]),
+                    detail: format!(
+                        "seq {seq} of {} was never handed out (read steps: {:?})",
+                        AGENTS[a],
+                        reads[a].get(&seq)
+                    ),
                     sessions: live,
                     extra: neighbours,
                 });

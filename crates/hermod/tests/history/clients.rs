@@ -15,15 +15,14 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use super::net::{Frames, Sse};
 use super::record::*;
 
-/// Switches for faults that hit bugs known and being fixed (issue 21), off
-/// in the bounded run.
+/// Switches for fault kinds (see `known_faults` in `history.rs`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Known {
     /// Interop `/subscribe` readers that stop reading and hang up without
-    /// the rest (issue 21: what sat in kernel send buffers is lost).
+    /// the rest.
     pub sse_drop: bool,
-    /// `/poll` requests cut mid-request (issue 21: a failed claim can leave
-    /// a cursor hole).
+    /// `/poll` requests cut mid-request (still a known bug: a cut during
+    /// the cursor swap can read a batch with no `read` step).
     pub poll_cut: bool,
 }
 
@@ -673,10 +672,10 @@ pub async fn poller(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
         };
         let seqs: Vec<u64> = items.iter().filter_map(seq_of).collect();
         ctx.hist.deliver(sess, agent, Door::IopPoll, &seqs);
-        if let Some(&max) = seqs.iter().max() {
-            // Answered only once the claim is stored.
-            ctx.hist.raise_floor(agent, max);
-        }
+        // No cursor floor from a `/poll` answer: it is stored only through
+        // the claims before it, and a stream's batch its peer has not
+        // acknowledged may be below it (released if the stream is cut: the
+        // cursor readers start at goes back to it; lost with a crash).
         ctx.hist.push(Kind::Close {
             sess,
             why: "answered",
@@ -824,4 +823,87 @@ pub async fn list_inbox(ctx: &Ctx, agent: u8) -> Result<Vec<(u64, f64, Option<Ke
             after = seq;
         }
     }
+}
+
+/// A recipient's `read` steps of a message, as the daemon recorded them:
+/// `(door, ts)` (seconds since the epoch).
+pub type Reads = Vec<(String, f64)>;
+
+/// The `read` steps of `seqs` in `agent`'s inbox (its receipts).
+pub async fn read_steps(
+    ctx: &Ctx,
+    agent: u8,
+    seqs: &std::collections::BTreeSet<u64>,
+) -> std::collections::HashMap<u64, Reads> {
+    let name = AGENTS[agent as usize];
+    let mut out = std::collections::HashMap::new();
+    let Some(&first) = seqs.first() else {
+        return out;
+    };
+    let mut ids = Vec::new();
+    let mut after = first - 1;
+    'pages: loop {
+        let url = format!(
+            "{}/v1/agents/{name}/inbox?after={after}&limit=1000",
+            ctx.url
+        );
+        let Ok(r) = ctx.http.get(url).send().await else {
+            break;
+        };
+        let Ok(v) = r.json::<Value>().await else {
+            break;
+        };
+        let messages = v["messages"].as_array().cloned().unwrap_or_default();
+        if messages.is_empty() {
+            break;
+        }
+        for m in messages {
+            let seq = m["seq"].as_u64().unwrap_or(0);
+            after = seq;
+            if seqs.contains(&seq) {
+                ids.push((seq, m["id"].as_str().unwrap_or_default().to_owned()));
+            }
+            if seqs.last().is_some_and(|&l| seq >= l) {
+                break 'pages;
+            }
+        }
+    }
+    for (seq, id) in ids {
+        let url = format!("{}/v1/messages/{id}", ctx.url);
+        let Ok(r) = ctx.http.get(url).send().await else {
+            continue;
+        };
+        let Ok(Value::Array(receipts)) = r.json::<Value>().await else {
+            continue;
+        };
+        let mut reads = Vec::new();
+        for receipt in receipts.iter().filter(|r| r["seq"].as_u64() == Some(seq)) {
+            let recipients = receipt["recipients"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for who in recipients.iter().filter(|w| w["agent"] == name) {
+                for step in who["steps"].as_array().into_iter().flatten() {
+                    if step["state"] == "read" {
+                        reads.push((
+                            step["door"].as_str().unwrap_or_default().to_owned(),
+                            step["ts"].as_f64().unwrap_or(0.0),
+                        ));
+                    }
+                }
+            }
+        }
+        out.insert(seq, reads);
+    }
+    out
+}
+
+/// The cursor of `agent`'s inbox (where a reader starts).
+pub async fn cursor_of(ctx: &Ctx, agent: u8) -> Option<u64> {
+    let url = format!(
+        "{}/v1/agents/{}/inbox?limit=1",
+        ctx.url, AGENTS[agent as usize]
+    );
+    let v: Value = ctx.http.get(url).send().await.ok()?.json().await.ok()?;
+    v["cursor"].as_u64()
 }

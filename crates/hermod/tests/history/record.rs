@@ -230,6 +230,9 @@ pub struct Session {
 
 pub struct History {
     start: Instant,
+    /// The wall clock at `start` (seconds since the epoch, as the daemon's
+    /// step times are): places a daemon's step among the events.
+    pub epoch: f64,
     pub events: Mutex<Vec<Ev>>,
     pub sessions: Mutex<Vec<Session>>,
     /// Per agent: the highest cursor move the daemon acknowledged.
@@ -246,6 +249,10 @@ impl History {
     pub fn new() -> Self {
         History {
             start: Instant::now(),
+            epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64(),
             events: Mutex::new(Vec::new()),
             sessions: Mutex::new(Vec::new()),
             floors: Default::default(),
