@@ -1574,6 +1574,10 @@ impl Engine for NatsEngine {
         Ok(self.inner.index.lock().unwrap().agents())
     }
 
+    fn shares_cursors(&self) -> bool {
+        true
+    }
+
     async fn last(&self) -> Result<(Seq, f64)> {
         Ok(self.inner.index.lock().unwrap().last)
     }

@@ -50,6 +50,9 @@ impl Broker {
     /// another node may have moved it), then the claims held here that
     /// follow it without a gap. A reader starts after this.
     pub async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
+        if let Some(known) = self.known_cursor(key) {
+            return Ok(known);
+        }
         let stored = self.engine.cursor(key).await?;
         let mut state = self.shared.state.lock().unwrap();
         Ok(match state.cursors.get_mut(key) {
@@ -59,6 +62,22 @@ impl Broker {
             }
             None => stored,
         })
+    }
+
+    /// The cursor readers on this node start after, when memory knows it
+    /// for sure: the store is this node's alone ([`Engine::shares_cursors`]
+    /// is false) and the inbox's cursor was read since start (every later
+    /// move was made here). `None`: ask the store.
+    fn known_cursor(&self, key: &InboxKey) -> Option<Seq> {
+        if self.engine.shares_cursors() {
+            return None;
+        }
+        let state = self.shared.state.lock().unwrap();
+        state
+            .cursors
+            .get(key)
+            .filter(|c| c.observed)
+            .map(Cursor::first_free)
     }
 
     /// Acknowledges everything in `key`'s inbox up to `seq` (that no other
@@ -74,13 +93,20 @@ impl Broker {
     /// [`Claim::confirm`]s. Dropped unconfirmed, the claim is released.
     pub async fn claim(&self, key: &InboxKey, after: Seq, seq: Seq, door: &str) -> Result<Claim> {
         // Read before claiming: what another node stored is not ours.
-        let stored = self.engine.cursor(key).await?;
+        let stored = match self.known_cursor(key) {
+            Some(_) => None,
+            None => Some(self.engine.cursor(key).await?),
+        };
+        // (`known_cursor` answered for an entry observed since start: its
+        // `stored` is every value this node made since.)
         // Never past the log: a claim from the future would skip messages.
         let seq = seq.min(self.committed().0);
         let taken = Arc::new(AtomicU64::new(0));
         let mut state = self.shared.state.lock().unwrap();
         let c = state.cursors.entry(key.clone()).or_default();
-        c.observe(stored);
+        if let Some(stored) = stored {
+            c.observe(stored);
+        }
         let mut ranges = Vec::new();
         let mut pos = after.max(c.stored);
         for (&lo, r) in c.claims.range(..seq) {
@@ -340,6 +366,9 @@ impl Drop for Claim {
 pub(crate) struct Cursor {
     /// The stored cursor as this node last saw it.
     stored: Seq,
+    /// `stored` was read from the store at least once (an entry made
+    /// before that knows nothing of it).
+    observed: bool,
     /// Claims held after `stored`, by their start: `lo -> (lo, hi]`.
     claims: BTreeMap<Seq, Range>,
     /// A confirm is storing (one swap at a time per inbox on this node,
@@ -383,6 +412,7 @@ impl Cursor {
     /// The store holds `stored`: claims it covers are stored (by this
     /// node's own swap) or taken (by another node's).
     fn observe(&mut self, stored: Seq) {
+        self.observed = true;
         if stored <= self.stored {
             return;
         }

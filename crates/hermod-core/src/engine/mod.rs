@@ -346,6 +346,13 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether other processes (other nodes) move this store's cursors
+    /// too. When not, a node that has read a cursor once knows every later
+    /// value (it makes them all), so reads need not ask the store again.
+    fn shares_cursors(&self) -> bool {
+        false
+    }
+
     /// The newest seq and ts in the log.
     async fn last(&self) -> Result<(Seq, f64)>;
 
