@@ -444,7 +444,7 @@ fn open_subscribe_from(http: &str, agent: &str, last_event_id: u64) -> std::net:
 // Seen by the history checker (seed 4): a `/subscribe` resumed with an
 // older `Last-Event-ID` replayed everything after it up to the cursor,
 // including what `/poll` had already handed out: twice. A resume replays
-// only what a stream read (the message's `read` step says `sse`).
+// what no other door read (the message's `read` step).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_subscribe_never_replays_what_poll_handed_out() {
     const AGENT: &str = "resumer";
@@ -513,11 +513,42 @@ async fn a_resumed_subscribe_never_replays_what_poll_handed_out() {
         .json()
         .await
         .unwrap();
+    let got_ids: std::collections::HashMap<u64, String> = got
+        .iter()
+        .map(|m| {
+            let meta = &m["_meta"];
+            (
+                meta["seq"].as_u64().unwrap(),
+                meta["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
     let got: Vec<u64> = got
         .iter()
         .map(|m| m["_meta"]["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(got, polled);
+    // The poll's `read` steps are recorded behind its answer: wait for
+    // them (without one a resume replays, rather than risk a loss).
+    for seq in &polled {
+        let id = got_ids[&seq].clone();
+        let until = deadline();
+        loop {
+            let v: serde_json::Value = http
+                .get(format!("{url}/v1/messages/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v.to_string().contains("\"read\"") {
+                break;
+            }
+            assert!(std::time::Instant::now() < until, "never read: {v}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 
     // Resumed from the first: the stream's own reads come again, the
     // polled ones never; then it goes on live.

@@ -6,7 +6,7 @@
 //! ([`hermod_core::Broker::ack`] returns where it was), so a message goes
 //! out through exactly one of them. An SSE reconnect with `Last-Event-ID`
 //! replays what earlier streams read after that id (the client says it
-//! never got them), then continues; never what `/poll` handed out. Streams also carry live
+//! never got them), then continues; not what `/poll` handed out. Streams also carry live
 //! `subscriber_connected` notices when a peer opens its stream.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -488,10 +488,13 @@ fn claimed_events(
             s.position = last;
             for m in &batch.messages {
                 let send = if m.seq <= replay_until {
-                    // Replayed only if an SSE stream read it (its `read`
-                    // step says so): a `/poll` answer already handed it out.
+                    // Replayed unless its `read` step names another door
+                    // (a `/poll` answer handed it out). A crash can lose
+                    // the newest steps: then it is replayed — twice at
+                    // worst, never lost to a client that says it never
+                    // got it.
                     match s.broker.read_through(&s.key, m.seq).await {
-                        Ok(door) => door.as_deref() == Some("sse"),
+                        Ok(door) => door.is_none_or(|d| d == "sse"),
                         Err(e) => {
                             tracing::error!(error = %e, "step read failed; ending the stream");
                             return None;
