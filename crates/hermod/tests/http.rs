@@ -531,7 +531,7 @@ async fn a_resumed_subscribe_never_replays_what_poll_handed_out() {
     // The poll's `read` steps are recorded behind its answer: wait for
     // them (without one a resume replays, rather than risk a loss).
     for seq in &polled {
-        let id = got_ids[&seq].clone();
+        let id = got_ids[seq].clone();
         let until = deadline();
         loop {
             let v: serde_json::Value = http
