@@ -36,6 +36,20 @@ impl Broker {
     /// replays only what a stream of its door read, never what another
     /// destructive door handed out (that would be twice).
     pub async fn read_through(&self, key: &InboxKey, seq: Seq) -> Result<Option<String>> {
+        // This node's own recent shares first: their steps are recorded
+        // behind the answers that handed them out.
+        let known = {
+            let state = self.shared.state.lock().unwrap();
+            state.cursors.get(key).and_then(|c| {
+                c.read_by
+                    .iter()
+                    .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
+                    .map(|(.., door)| door.clone())
+            })
+        };
+        if known.is_some() {
+            return Ok(known);
+        }
         Ok(self
             .engine
             .steps(key, seq)
@@ -328,6 +342,19 @@ impl Claim {
             return Err(e);
         }
         let taken = self.taken.load(Ordering::Acquire);
+        {
+            let mut state = self.broker.shared.state.lock().unwrap();
+            if let Some(c) = state.cursors.get_mut(&self.key) {
+                for &(lo, hi) in &self.ranges {
+                    if hi > taken {
+                        if c.read_by.len() == READ_BY {
+                            c.read_by.pop_front();
+                        }
+                        c.read_by.push_back((lo.max(taken), hi, self.door.clone()));
+                    }
+                }
+            }
+        }
         for &(lo, hi) in &self.ranges {
             if hi <= taken {
                 // Another node's reader took it while this one held it.
@@ -379,7 +406,14 @@ pub(crate) struct Cursor {
     /// stored it, not another.
     unanswered: Option<Seq>,
     turn: Arc<tokio::sync::Notify>,
+    /// The newest confirmed shares and their doors, `(lo, hi, door)`, at
+    /// most [`READ_BY`]: known here the moment a reader hands them out,
+    /// while their `read` steps are still on their way to the store.
+    read_by: std::collections::VecDeque<(Seq, Seq, String)>,
 }
+
+/// Confirmed shares each inbox remembers with their door.
+const READ_BY: usize = 64;
 
 struct Range {
     hi: Seq,
