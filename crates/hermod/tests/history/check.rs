@@ -545,7 +545,13 @@ pub fn check(
                 let ok = (cut_tail(c1, c2)
                     && closed[c1.sess as usize].is_some_and(|(i, _)| i < c2.ev)
                     || killed_between(opened[c1.sess as usize], c2.ev)
-                        && sessions[c1.sess as usize].door.stream())
+                        && sessions[c1.sess as usize].door.stream()
+                    // The same, read by its client only after the other
+                    // copy: a stream that stopped reading before the kill
+                    // reads what the killed daemon wrote it late.
+                    || killed_between(opened[c2.sess as usize], c2.ev)
+                        && sessions[c2.sess as usize].door.stream()
+                        && stalled[c2.sess as usize].iter().any(|&st| st < c2.ev))
                     // A stalled stream read its (already claimed, then
                     // released) batch after another door took it.
                     || (cut_tail(c2, c1)
