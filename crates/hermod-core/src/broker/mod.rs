@@ -43,7 +43,7 @@ pub use crate::model::SYSTEM_SENDER;
 pub use cursors::Claim;
 pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
-pub use inbox::{cost, DEFAULT_BUDGET};
+pub use inbox::cost;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
 

@@ -45,13 +45,17 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
     };
     let config_file = load_config(&dir)?;
     let rules = retention(args, &config_file.retention)?;
+    // One memory budget: a NATS node's message cache takes a quarter, the
+    // inbox and topic views the rest.
+    let budget = args.memory_budget.as_u64() as usize;
+    let nats_cache = if args.nats.is_empty() { 0 } else { budget / 4 };
     runtime.block_on(async {
         let broker = if !args.nats.is_empty() {
             let mut config = NatsConfig::new(args.nats.clone());
             config.creds = args.nats_creds.clone();
             config.stream = args.nats_stream.clone();
             config.replicas = args.nats_replicas.max(1);
-            config.cache_bytes = cache_share(args, 4);
+            config.cache_bytes = nats_cache;
             let engine = NatsEngine::open(config)
                 .await
                 .context("cannot open the NATS JetStream engine")?;
@@ -64,11 +68,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
                 .await
                 .with_context(|| format!("cannot open {}", db.display()))?
         };
-        let views = match args.nats.is_empty() {
-            true => args.memory_budget.as_u64() as usize,
-            false => args.memory_budget.as_u64() as usize - cache_share(args, 4),
-        };
-        broker.set_memory_budget(views);
+        broker.set_memory_budget(budget - nats_cache);
         tracing::info!(?rules, "retention");
         broker.start_retention(rules);
         let (delivery, digest_every) = config_file.delivery.resolve()?;
@@ -270,11 +270,6 @@ fn load_config(dir: &std::path::Path) -> Result<ConfigFile> {
     }
     tracing::info!(file = %path.display(), actions = file.actions.action.len(), "config loaded");
     Ok(file)
-}
-
-/// One `part`th of the memory budget (the NATS node's message cache).
-fn cache_share(args: &ServeArgs, part: u64) -> usize {
-    (args.memory_budget.as_u64() / part) as usize
 }
 
 /// The retention rules: a flag, else `[retention]`, else the default.
