@@ -21,6 +21,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (the log's disk is full: `hermod
+        // start` keeps it in the data directory) is dropped. Reporting that
+        // with `eprintln!` to the same full stderr panics, in whatever task
+        // logged: the history checker saw every later send answered
+        // `shutting_down` until a restart.
+        .log_internal_errors(false)
         .init();
     match cmd::run(cli) {
         Ok(code) => code,

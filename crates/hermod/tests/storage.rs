@@ -3,50 +3,11 @@
 //! says `degraded` while it lasts, reads keep working, writes resume by
 //! themselves, and every acknowledged message survives a restart.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::Daemon;
-
-/// A small tmpfs mounted for one test (the tests run as root), unmounted
-/// on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "cannot mount a tmpfs (this test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
+use crate::support::{fill, Daemon, DbLock, Tmpfs};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -97,18 +58,6 @@ async fn inbox_ids(http: &reqwest::Client, base: &str) -> Vec<String> {
     }
 }
 
-/// Fills the file system under `dir` to the last byte.
-fn fill(dir: &Path) -> PathBuf {
-    let path = dir.join("filler");
-    let mut f = std::fs::File::create(&path).unwrap();
-    let chunk = vec![0u8; 64 << 10];
-    while f.write_all(&chunk).is_ok() {}
-    // Smaller pieces into whatever the last chunk did not fit.
-    while f.write_all(&chunk[..512]).is_ok() {}
-    let _ = f.sync_all();
-    path
-}
-
 #[test]
 fn a_full_disk_refuses_sends_keeps_reads_and_recovers_by_itself() {
     let fs = Tmpfs::mount("24m");
@@ -143,6 +92,23 @@ fn a_full_disk_refuses_sends_keeps_reads_and_recovers_by_itself() {
             (507, Some("storage_error")),
             "{r}"
         );
+        // The daemon's log is on the full disk too (as `hermod start`
+        // keeps it in the data directory): a log line it cannot write is
+        // dropped, and every send still gets its answer (a failed log
+        // write used to panic the thread that logged: the request died
+        // with its connection, or the store's writer with every later
+        // write).
+        for n in 0..100 {
+            let id = format!("still-full-{n}");
+            match send(&http, &d.http, &id, 100).await {
+                (200, _) => acked.push(id),
+                (status, r) => assert_eq!(
+                    (status, r["code"].as_str()),
+                    (507, Some("storage_error")),
+                    "{r}"
+                ),
+            }
+        }
         let (status, health) = get(&http, format!("{}/healthz", d.http)).await;
         assert_eq!(status, 503, "{health}");
         assert_eq!(health["status"], "degraded");
@@ -206,28 +172,7 @@ fn a_database_locked_by_another_process_answers_storage_busy_in_bounded_time() {
         }
     });
     // A second process takes the write lock and holds it for 10 s.
-    let db = d.data_dir().join("hermod.db");
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys, time\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-             c.execute('BEGIN EXCLUSIVE')\n\
-             print('locked', flush=True)\n\
-             time.sleep(10)\n\
-             c.execute('COMMIT')\n",
-        ])
-        .arg(&db)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let holder = DbLock::hold(&d.data_dir().join("hermod.db"), Duration::from_secs(10));
     let locked_at = Instant::now();
     rt.block_on(async {
         let mut busy = 0;
@@ -259,7 +204,7 @@ fn a_database_locked_by_another_process_answers_storage_busy_in_bounded_time() {
         let (status, r) = get(&http, format!("{}/recv?to=newcomer", d.http)).await;
         assert_eq!(status, 200, "{r}");
     });
-    assert!(holder.wait().unwrap().success());
+    assert!(holder.wait());
     rt.block_on(async {
         let (status, r) = send(&http, &d.http, "after", 10).await;
         assert_eq!(status, 200, "{r}");

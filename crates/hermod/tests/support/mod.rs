@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -12,6 +13,104 @@ pub const HERMOD: &str = env!("CARGO_BIN_EXE_hermod");
 
 /// The relay token every test daemon is started with.
 pub const RELAY_TOKEN: &str = "sekret";
+
+/// A small tmpfs mounted for one test (the tests run as root), unmounted
+/// on drop.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the file system under `dir` to the last byte.
+pub fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    // Smaller pieces into whatever the last chunk did not fit, down to the
+    // last byte (a log line must not fit either).
+    for piece in [4096, 512, 64, 1] {
+        while f.write_all(&chunk[..piece]).is_ok() {}
+    }
+    let _ = f.sync_all();
+    path
+}
+
+/// Another process (python3's sqlite3) holding the SQLite write lock
+/// (`BEGIN EXCLUSIVE`) on `db` for a while; released on drop at the latest.
+pub struct DbLock {
+    child: Child,
+}
+
+impl DbLock {
+    /// Returns once the lock is held; it is let go after `hold`.
+    pub fn hold(db: &Path, hold: Duration) -> Self {
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3, sys, time\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n\
+                 c.execute('BEGIN EXCLUSIVE')\n\
+                 print('locked', flush=True)\n\
+                 time.sleep(float(sys.argv[2]))\n\
+                 c.execute('COMMIT')\n",
+            ])
+            .arg(db)
+            .arg(hold.as_secs_f64().to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "locked", "python3 could not lock {db:?}");
+        Self { child }
+    }
+
+    /// Waits until the holder let go; whether it committed cleanly.
+    pub fn wait(mut self) -> bool {
+        self.child.wait().is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A `hermod serve` child process. Killed on drop; its log is printed if
 /// the test is failing.
@@ -63,7 +162,9 @@ impl Daemon {
         Self::start_dir(tempfile::tempdir().unwrap(), args, envs, config)
     }
 
-    fn start_dir(
+    /// Starts on the data directory `dir` (on a file system of its own,
+    /// say) with extra flags, environment and an optional `config.toml`.
+    pub fn start_dir(
         dir: tempfile::TempDir,
         args: &[&str],
         envs: &[(&str, &str)],
