@@ -225,3 +225,75 @@ fn retention_keeps_the_newest_and_every_reader_is_told_of_the_gap() {
     let d = Daemon::start_with(&["--retention-messages", "100"], &[]);
     println!("{}", crate::support::run_python(&d, "retention.py"));
 }
+
+// A `/subscribe` stream hands messages out while another process holds the
+// database's write lock, so its cursor cannot be stored. Those messages
+// are in the reader's hands: the claim stays confirmed in memory and the
+// store is tried again until it lands. Found by the history checker: the
+// claim was released and `/poll` handed the same messages out again.
+#[test]
+fn a_stream_that_read_while_the_database_was_locked_keeps_what_it_read() {
+    use std::io::{Read, Write};
+    let mut d = Daemon::start();
+    let rt = runtime();
+    let http = reqwest::Client::new();
+    rt.block_on(async {
+        for n in 0..5 {
+            assert_eq!(send(&http, &d.http, &format!("m{n}"), 10).await.0, 200);
+        }
+    });
+    let lock = DbLock::hold(&d.data_dir().join("hermod.db"), Duration::from_secs(3));
+    let addr = d.http.trim_start_matches("http://").to_owned();
+    let mut tcp = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        tcp,
+        "GET /subscribe?agent=sink HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let ids = |raw: &[u8]| String::from_utf8_lossy(raw).matches("\nid: ").count();
+    while ids(&raw) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the stream handed out {} of 5",
+            ids(&raw)
+        );
+        match tcp.read(&mut buf) {
+            Ok(0) => panic!("the stream ended"),
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    // The stream stays open; the lock goes.
+    assert!(lock.wait());
+    rt.block_on(async {
+        let (status, polled) = get(&http, format!("{}/poll?agent=sink", d.http)).await;
+        assert_eq!(status, 200, "{polled}");
+        assert_eq!(
+            polled,
+            json!([]),
+            "/poll handed out again what the stream read"
+        );
+        // The move lands in the store once the lock is gone: the `read`
+        // step is recorded behind it.
+        let (status, receipts) = get(
+            &http,
+            format!("{}/v1/messages/m4?wait=read&timeout=10", d.http),
+        )
+        .await;
+        assert_eq!(status, 200, "{receipts}");
+        assert_eq!(receipts[0]["recipients"][0]["state"], "read", "{receipts}");
+    });
+    drop(tcp);
+    // Stored, not only known in memory: a crash and restart hand out nothing.
+    d.kill9();
+    d.spawn();
+    rt.block_on(async {
+        let (_, polled) = get(&http, format!("{}/poll?agent=sink", d.http)).await;
+        assert_eq!(polled, json!([]), "after a restart");
+    });
+}

@@ -26,6 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::*;
 use crate::engine::Swap;
@@ -155,9 +156,15 @@ impl Broker {
 
     /// Stores what the confirmed claims of `key` let the cursor move
     /// through, after marking `claim`'s ranges confirmed. On an error the
-    /// claim is released (with the turn: no other swap can be covering it).
-    async fn store_claim(&self, key: &InboxKey, claim: &Claim) -> Result<()> {
+    /// claim is released (with the turn: no other swap can be covering it)
+    /// unless it is `kept` (its messages are handed out already): then it
+    /// stays confirmed in memory, readers pass it by, and any later store
+    /// of this inbox's cursor covers it.
+    async fn store_claim(&self, key: &InboxKey, claim: &Claim, kept: bool) -> Result<()> {
         let mut turn = self.store_turn(key, claim).await;
+        if kept {
+            turn.release = None;
+        }
         let mut unsure = {
             let mut state = self.shared.state.lock().unwrap();
             let c = state.cursors.entry(key.clone()).or_default();
@@ -305,6 +312,21 @@ impl Claim {
     /// would count those messages as read by nobody — lost. Finished, they
     /// are `read` through this door, as with an answer lost in flight.
     pub async fn confirm(&mut self) -> Result<()> {
+        self.confirm_as(false).await
+    }
+
+    /// Confirms a claim whose messages are in the reader's hands already
+    /// (a stream's peer acknowledged them, a Unix client consumed them):
+    /// final at once, whatever the store says. A store that fails (a full
+    /// disk, the database locked) is tried again until it lands, the claim
+    /// held confirmed in memory meanwhile, so no reader on this node hands
+    /// those messages out again; resolves once stored. Only a crash before
+    /// then loses the move (the messages come again after the restart).
+    pub async fn confirm_handed_out(&mut self) -> Result<()> {
+        self.confirm_as(true).await
+    }
+
+    async fn confirm_as(&mut self, kept: bool) -> Result<()> {
         if self.settled {
             return Ok(());
         }
@@ -320,7 +342,20 @@ impl Claim {
         // releases (this one's drop must not release it meanwhile).
         self.settled = true;
         let task = tokio::spawn(async move {
-            let result = claim.settle().await;
+            let mut result = claim.settle(kept).await;
+            let mut backoff = Duration::from_millis(50);
+            while let Err(e) = &result {
+                if !kept || !matches!(e.code(), "storage_error" | "storage_busy") {
+                    break;
+                }
+                if backoff == Duration::from_millis(50) {
+                    tracing::warn!(agent = %claim.key.agent, error = %e,
+                        "storing a cursor over handed-out messages failed; trying again until it lands");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                result = claim.settle(kept).await;
+            }
             (claim, result)
         });
         match task.await {
@@ -333,12 +368,15 @@ impl Claim {
     }
 
     /// [`Claim::confirm`]'s work, in its task.
-    async fn settle(&mut self) -> Result<()> {
-        // Settled either way: a failed store releases the claim itself.
-        let stored = self.broker.store_claim(&self.key, self).await;
+    async fn settle(&mut self, kept: bool) -> Result<()> {
+        // Settled either way: a failed store releases the claim itself
+        // (or, kept, holds it confirmed).
+        let stored = self.broker.store_claim(&self.key, self, kept).await;
         self.settled = true;
         if let Err(e) = stored {
-            self.ranges.clear();
+            if !kept {
+                self.ranges.clear();
+            }
             return Err(e);
         }
         let taken = self.taken.load(Ordering::Acquire);

@@ -428,7 +428,7 @@ fn claimed_events(
                     // Not on a TCP connection of ours (a test's router):
                     // handed over is all there is to know.
                     None => {
-                        if let Err(e) = claim.confirm().await {
+                        if let Err(e) = claim.confirm_handed_out().await {
                             tracing::error!(error = %e, "cursor update failed; ending the stream");
                             return None;
                         }
@@ -441,7 +441,7 @@ fn claimed_events(
                         break;
                     }
                     let (mut claim, _) = s.unacked.pop_front().expect("just seen");
-                    if let Err(e) = claim.confirm().await {
+                    if let Err(e) = claim.confirm_handed_out().await {
                         tracing::error!(error = %e, "cursor update failed; ending the stream");
                         return None;
                     }

@@ -552,8 +552,8 @@ impl Writer {
 
 /// Confirms claims of what the client consumed, in order, in the
 /// background, after the store `before` (if any) is done; a store that
-/// fails releases its claim (redelivered, not lost). Not aborted with the
-/// connection: what the client consumed stays consumed.
+/// fails is tried again until it lands (see [`Claim::confirm_handed_out`]).
+/// Not aborted with the connection: what the client consumed stays consumed.
 fn store_claims(
     claims: Vec<Claim>,
     before: Option<tokio::task::JoinHandle<()>>,
@@ -563,7 +563,7 @@ fn store_claims(
             let _ = h.await;
         }
         for mut claim in claims {
-            if let Err(e) = claim.confirm().await {
+            if let Err(e) = claim.confirm_handed_out().await {
                 tracing::warn!(error = %e, "cursor update failed");
             }
         }
