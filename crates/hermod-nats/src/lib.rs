@@ -95,8 +95,6 @@ const FETCH_CONCURRENCY: usize = 32;
 /// the registry and cursor requests replies wait on (the JetStream API
 /// answers "no responders" when swamped).
 const STEP_CONCURRENCY: usize = 4;
-/// How often a failed publish is tried again (same `Nats-Msg-Id`).
-const PUBLISH_ATTEMPTS: usize = 3;
 /// How long a write waits for this node's follower to see it.
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a JetStream request may take before it counts as failed.
@@ -1021,24 +1019,42 @@ impl Inner {
             .await
     }
 
-    /// Publishes one message until JetStream acknowledges it; returns its seq.
-    async fn publish(&self, subject: String, payload: Bytes, id: String) -> Result<Seq> {
-        let mut last = String::new();
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(id.clone());
-            match self.js.send_publish(subject.clone(), publish).await {
-                Ok(ack) => match ack.await {
-                    Ok(ack) => return Ok(ack.sequence),
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
+    /// The cursor stored under `k` and its revision (`None`: never stored),
+    /// read from the bucket's leader. A direct get may be answered by a
+    /// replica that lags — one just restarted, say — and a node that has
+    /// no newer value in memory (after its own restart) would hand out
+    /// again what was read (the history checker's NATS run: a cursor a
+    /// thousand messages back). While a leader is being elected the read
+    /// is tried again for about 1.5 s, then answers `storage_busy`.
+    async fn stored_cursor(&self, k: &str) -> Result<Option<(Seq, u64)>> {
+        let subject = format!("$KV.{}_cursors.{k}", self.name);
+        let mut attempt = 0;
+        loop {
+            match self
+                .cursors_stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
+                // A deleted or purged key's marker has no payload: 0.
+                Ok(m) => {
+                    let cursor = std::str::from_utf8(&m.payload)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    return Ok(Some((cursor, m.sequence)));
+                }
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None)
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt == KV_READ_ATTEMPTS {
+                        return Err(Error::StorageBusy(format!("NATS: reading a cursor: {e}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 << (attempt - 1))).await;
+                }
             }
         }
-        Err(Error::Storage(format!(
-            "NATS did not store the message: {last}"
-        )))
     }
 }
 
@@ -1225,13 +1241,13 @@ impl Engine for NatsEngine {
                 keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
             let id = msg_id(m);
             let publish = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .message_id(id.clone());
+                .payload(payload)
+                .message_id(id);
             // The first failure is "nothing was stored"; after it, part of
             // the batch went out.
             let sent = inner
                 .js
-                .send_publish(subject.clone(), publish)
+                .send_publish(subject, publish)
                 .await
                 .map_err(storage("publishing"));
             let ack = match sent {
@@ -1239,18 +1255,21 @@ impl Engine for NatsEngine {
                 Err(e) if acks.is_empty() => return Err(e),
                 Err(e) => return Err(unknown_outcome(e)),
             };
-            acks.push((subject, payload, id, ack));
+            acks.push(ack);
         }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let stored: Result<Vec<Arc<Message>>> = async {
                 let mut seqs = Vec::with_capacity(acks.len());
-                for (subject, payload, id, ack) in acks {
-                    let seq = match ack.await {
-                        Ok(ack) => ack.sequence,
-                        // Publish again with the same id: stored once.
-                        Err(_) => inner.publish(subject, payload, id).await?,
-                    };
+                for ack in acks {
+                    // A lost acknowledgement is an unknown outcome, never
+                    // published again here: later messages (of this batch,
+                    // or this task's next submits) may be stored already, and
+                    // a copy landing behind them would break their order
+                    // (the history checker's NATS run: a pipelining sender's
+                    // messages stored out of order). The caller hears
+                    // `storage_busy`; a retry with the same id is stored once.
+                    let seq = ack.await.map_err(storage("publishing"))?.sequence;
                     seqs.push(seq);
                 }
                 inner.link.health.clear();
@@ -1357,16 +1376,8 @@ impl Engine for NatsEngine {
     }
 
     async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
-        let entry = kv_entry(
-            &self.inner.cursors,
-            &keys::cursor_key(key),
-            "reading a cursor",
-        )
-        .await?;
-        Ok(entry
-            .filter(|e| e.operation == kv::Operation::Put)
-            .and_then(|e| std::str::from_utf8(&e.value).ok()?.parse().ok())
-            .unwrap_or(0))
+        let stored = self.inner.stored_cursor(&keys::cursor_key(key)).await?;
+        Ok(stored.map_or(0, |(cursor, _)| cursor))
     }
 
     async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
@@ -1374,27 +1385,10 @@ impl Engine for NatsEngine {
         inner.check_connected()?;
         let k = keys::cursor_key(&key);
         loop {
-            let entry = kv_entry(&inner.cursors, &k, "reading a cursor").await?;
-            let parse = |v: &[u8]| std::str::from_utf8(v).ok()?.parse::<Seq>().ok();
-            let mut current = entry
-                .filter(|e| e.operation == kv::Operation::Put)
-                .map(|e| (parse(&e.value).unwrap_or(0), e.revision));
-            if current.map_or(0, |c| c.0) != expected {
-                // Perhaps a replica that lags answered: ask the leader
-                // before reporting someone else's claim.
-                let subject = format!("$KV.{}_cursors.{k}", inner.name);
-                let last = inner
-                    .cursors_stream
-                    .get_last_raw_message_by_subject(&subject);
-                current = match last.await {
-                    Ok(m) => Some((parse(&m.payload).unwrap_or(0), m.sequence)),
-                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
-                    Err(e) => return Err(storage("reading a cursor")(e)),
-                };
-                let stored = current.map_or(0, |c| c.0);
-                if stored != expected {
-                    return Ok(Swap::Lost(stored));
-                }
+            let current = inner.stored_cursor(&k).await?;
+            let stored = current.map_or(0, |c| c.0);
+            if stored != expected {
+                return Ok(Swap::Lost(stored));
             }
             // Another claim won: look again.
             let revision = current.map(|c| c.1);
