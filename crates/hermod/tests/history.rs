@@ -1,15 +1,19 @@
 //! The history checker: tests hermod's promises, not its code paths.
 //!
-//! Drives the real daemon (SQLite, retention and the loop guard off) with
+//! Drives the real daemon (retention and the loop guard off) with
 //! concurrent clients over every door — Unix `send` (one at a time and
 //! pipelined), agent-bus `/send`, v1 `POST /v1/messages`, v1 WebSocket
 //! `send`, interop `/broadcast`; readers over Unix (explicit acks and auto
 //! mode), interop `/subscribe` + `/poll` (one shared cursor), v1 SSE and
 //! WebSocket (explicit acks), agent-bus `/recv` following `since` — records
 //! every request, answer and delivery, and injects faults: `kill -9` of the
-//! daemon and a restart on the same data directory, clients that hang up,
-//! stall, or cut their requests. After the run (a last kill -9, then the
-//! readers drain every inbox with no more faults) it checks:
+//! daemon and a restart on the same data directory; store faults — on
+//! SQLite a full disk (its data directory is on a tmpfs of its own, filled
+//! to the last byte) and the database's write lock held by another
+//! process, on a 3-node NATS cluster (R3) a server killed and restarted;
+//! clients that hang up, stall, or cut their requests. After the run (a
+//! last kill -9, then the readers drain every inbox with no more faults)
+//! it checks:
 //!
 //! - every acknowledged message is readable by each recipient (a
 //!   non-destructive v1 read of every inbox), stored once, and a refused
@@ -41,7 +45,9 @@ use std::time::{Duration, Instant};
 use clients::{Ctx, Known};
 use record::*;
 
-use crate::support::{free_port, Daemon};
+use hermod_nats::testing::Cluster;
+
+use crate::support::{fill, free_port, Daemon, DbLock, Tmpfs};
 
 /// Retention and the loop guard off: nothing may be pruned, nothing held.
 const CONFIG: &str = r#"
@@ -76,8 +82,29 @@ fn known_faults() -> Known {
     }
 }
 
+/// Where the log lives, and so which faults the run can inject besides
+/// `kill -9` of the daemon and the clients' own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Store {
+    /// SQLite on a tmpfs of its own: the disk fills up now and then, and
+    /// another process takes the database's write lock.
+    Sqlite,
+    /// A 3-node NATS JetStream cluster (R3): a server is killed (`kill -9`)
+    /// and comes back.
+    Nats,
+}
+
 #[test]
-fn history_sqlite_kill9_and_client_faults() {
+fn history_sqlite_kill9_storage_and_client_faults() {
+    checked_run(Store::Sqlite);
+}
+
+#[test]
+fn history_nats_r3_kill9_server_kills_and_client_faults() {
+    checked_run(Store::Nats);
+}
+
+fn checked_run(store: Store) {
     let seed = env_u64("HERMOD_CHECK_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -88,33 +115,135 @@ fn history_sqlite_kill9_and_client_faults() {
     let seconds = env_u64("HERMOD_CHECK_SECONDS").unwrap_or(30);
     let known = known_faults();
     println!(
-        "history checker: HERMOD_CHECK_SEED={seed} HERMOD_CHECK_SECONDS={seconds} known-bug faults: {known:?}"
+        "history checker ({store:?}): HERMOD_CHECK_SEED={seed} HERMOD_CHECK_SECONDS={seconds} known-bug faults: {known:?}"
     );
-    run(seed, seconds, known);
+    run(store, seed, seconds, known);
 }
 
-fn run(seed: u64, seconds: u64, known: Known) {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start_with_args_config(
-        &[
+/// The daemon under test and what its store runs on. Fields drop in
+/// order: the daemon before the cluster, the data directory before its
+/// file system is unmounted.
+struct Target {
+    store: Store,
+    daemon: Daemon,
+    cluster: Option<Cluster>,
+    fs: Option<Tmpfs>,
+}
+
+impl Target {
+    fn start(store: Store, http: &str) -> Self {
+        let mut args = vec![
             "--http",
-            &http,
+            http,
             "--send-rate",
             "0",
             "--http-write-timeout",
             "2",
             "--long-poll-max",
             "5",
-        ],
-        &[("RUST_LOG", "warn")],
-        CONFIG,
-    );
+        ];
+        let envs = [("RUST_LOG", "warn")];
+        match store {
+            Store::Sqlite => {
+                // Room for a 30-minute run; filled to the last byte by a fault.
+                let fs = Tmpfs::mount("1g");
+                // The daemon's log in its data directory, on the full disk
+                // too (as `hermod start` keeps it).
+                let dir = tempfile::tempdir_in(fs.path()).unwrap();
+                let daemon = Daemon::start_dir(dir, &args, &envs, Some(CONFIG));
+                Target {
+                    store,
+                    daemon,
+                    cluster: None,
+                    fs: Some(fs),
+                }
+            }
+            Store::Nats => {
+                let cluster = Cluster::start(3);
+                let urls = cluster.urls().join(",");
+                args.extend(["--nats", &urls, "--nats-replicas", "3"]);
+                let daemon =
+                    Daemon::start_dir(tempfile::tempdir().unwrap(), &args, &envs, Some(CONFIG));
+                Target {
+                    store,
+                    daemon,
+                    cluster: Some(cluster),
+                    fs: None,
+                }
+            }
+        }
+    }
+
+    /// `kill -9` of the daemon, a restart on the same data directory.
+    fn kill(&mut self, ctx: &Ctx, rng: &mut Rng) {
+        ctx.hist.push(Kind::Kill);
+        self.daemon.kill9();
+        std::thread::sleep(Duration::from_millis(rng.below(500)));
+        self.daemon.spawn();
+        ctx.hist.push(Kind::Restart);
+    }
+
+    /// One fault, over when this returns: half of them a `kill -9` of the
+    /// daemon, the rest what the store can suffer.
+    fn fault(&mut self, ctx: &Ctx, rng: &mut Rng) {
+        if rng.chance(0.5) {
+            return self.kill(ctx, rng);
+        }
+        let lasts = Duration::from_millis(rng.between(500, 3000));
+        match (self.store, rng.chance(0.5)) {
+            (Store::Sqlite, true) => {
+                let fs = self.fs.as_ref().unwrap();
+                ctx.hist.push(Kind::Fault {
+                    what: "disk full",
+                    on: true,
+                });
+                let filler = fill(fs.path());
+                std::thread::sleep(lasts);
+                std::fs::remove_file(filler).unwrap();
+                ctx.hist.push(Kind::Fault {
+                    what: "disk full",
+                    on: false,
+                });
+            }
+            (Store::Sqlite, false) => {
+                ctx.hist.push(Kind::Fault {
+                    what: "database locked",
+                    on: true,
+                });
+                DbLock::hold(&self.daemon.data_dir().join("hermod.db"), lasts).wait();
+                ctx.hist.push(Kind::Fault {
+                    what: "database locked",
+                    on: false,
+                });
+            }
+            (Store::Nats, _) => {
+                let cluster = self.cluster.as_mut().unwrap();
+                let server = rng.below(3) as usize;
+                ctx.hist.push(Kind::Fault {
+                    what: "a NATS server killed",
+                    on: true,
+                });
+                cluster.kill(server);
+                std::thread::sleep(lasts);
+                cluster.restart(server);
+                ctx.hist.push(Kind::Fault {
+                    what: "a NATS server killed",
+                    on: false,
+                });
+            }
+        }
+    }
+}
+
+fn run(store: Store, seed: u64, seconds: u64, known: Known) {
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let mut target = Target::start(store, &http);
     let ctx = Arc::new(Ctx {
         hist: History::new(),
         addr: http.clone(),
         url: format!("http://{http}"),
-        socket: daemon.socket.clone(),
+        socket: target.daemon.socket.clone(),
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(16)
             .build()
@@ -184,22 +313,15 @@ fn run(seed: u64, seconds: u64, known: Known) {
     }
     senders.push(rt.spawn(clients::pipeliner(ctx.clone(), 4, next_rng())));
 
-    // The run: kill -9 now and then, restart on the same data directory.
+    // The run: a fault now and then.
     let started = Instant::now();
     let end = started + Duration::from_secs(seconds);
-    let mut next_kill = started + Duration::from_millis(rng.between(2000, 7000));
-    let kill = |daemon: &mut Daemon, rng: &mut Rng| {
-        ctx.hist.push(Kind::Kill);
-        daemon.kill9();
-        std::thread::sleep(Duration::from_millis(rng.below(500)));
-        daemon.spawn();
-        ctx.hist.push(Kind::Restart);
-    };
+    let mut next_fault = started + Duration::from_millis(rng.between(2000, 7000));
     while Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
-        if Instant::now() >= next_kill {
-            kill(&mut daemon, &mut rng);
-            next_kill = Instant::now() + Duration::from_millis(rng.between(3000, 9000));
+        if Instant::now() >= next_fault {
+            target.fault(&ctx, &mut rng);
+            next_fault = Instant::now() + Duration::from_millis(rng.between(3000, 9000));
         }
     }
     ctx.stop_send.store(true, Ordering::SeqCst);
@@ -209,7 +331,7 @@ fn run(seed: u64, seconds: u64, known: Known) {
         }
     });
     // A last crash: what was acknowledged must survive it too.
-    kill(&mut daemon, &mut rng);
+    target.kill(&ctx, &mut rng);
     ctx.calm.store(true, Ordering::SeqCst);
 
     // The drain: readers run without faults until every inbox is handed
@@ -278,16 +400,23 @@ fn run(seed: u64, seconds: u64, known: Known) {
         reads
     });
     rt.shutdown_timeout(Duration::from_secs(5));
-    let log = daemon.log();
-    drop(daemon);
+    let log = target.daemon.log();
+    drop(target);
 
     let events = std::mem::take(&mut *ctx.hist.events.lock().unwrap());
     let sessions = std::mem::take(&mut *ctx.hist.sessions.lock().unwrap());
-    let (violations, fig) = check::check(&events, &sessions, &inboxes, &reads, ctx.hist.epoch);
+    let (violations, fig) = check::check(
+        &events,
+        &sessions,
+        &inboxes,
+        &reads,
+        ctx.hist.epoch,
+        store == Store::Nats,
+    );
     let ops = fig.sent + fig.deliveries.values().sum::<usize>() + fig.cursor_samples;
     println!(
-        "history checker: seed {seed}: {:.1} s ({} s of faults, drain {:.1} s), {} kill -9, \
-         {} sends ({} acknowledged, {} refused, {} unanswered), {} messages stored, \
+        "history checker: seed {seed}: {:.1} s ({} s of faults, drain {:.1} s), {} kill -9, store faults {:?}, \
+         {} sends ({} acknowledged, {} refused {:?}, {} unanswered), {} messages stored, \
          deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} /poll answers \
          redelivered after a crash, {} streams back to a hole, {} read for a cut /poll answer, \
          {} read for a hung-up stream, {} cursor samples, \
@@ -296,9 +425,11 @@ fn run(seed: u64, seconds: u64, known: Known) {
         seconds,
         drain.as_secs_f64(),
         fig.kills,
+        fig.faults,
         fig.sent,
         fig.acked,
         fig.refused,
+        fig.refused_by,
         fig.unknown,
         fig.stored,
         fig.deliveries,

@@ -41,9 +41,13 @@ const HANDED_OUT: &str = "every message is handed out by the destructive doors";
 
 #[derive(Default)]
 pub struct Figures {
+    /// Store faults injected, by kind.
+    pub faults: BTreeMap<&'static str, usize>,
     pub sent: usize,
     pub acked: usize,
     pub refused: usize,
+    /// Refusals by error code (`connect` while the daemon was down).
+    pub refused_by: BTreeMap<String, usize>,
     pub unknown: usize,
     pub deliveries: BTreeMap<String, usize>,
     pub redelivered_after_cut: usize,
@@ -81,6 +85,7 @@ pub fn check(
     inboxes: &[Inbox],
     reads: &[HashMap<u64, super::clients::Reads>],
     epoch: f64,
+    busy_is_unknown: bool,
 ) -> (Vec<Violation>, Figures) {
     let mut v = Vec::new();
     let mut fig = Figures::default();
@@ -110,8 +115,19 @@ pub fn check(
                 fig.acked += 1;
                 acked.push((*key, *seq, i));
             }
+            // On NATS `storage_busy` means the outcome is unknown (a
+            // PubAck lost, the node slow to see its own write): the
+            // message may be stored. On SQLite it means nothing was.
+            Kind::Refused { key: _, why } if busy_is_unknown && why.contains("storage_busy") => {
+                fig.unknown += 1
+            }
             Kind::Refused { key, why } => {
                 fig.refused += 1;
+                let code = ["storage_error", "storage_busy", "connect", "shutting_down"]
+                    .into_iter()
+                    .find(|c| why.contains(c))
+                    .unwrap_or("other");
+                *fig.refused_by.entry(code.to_owned()).or_default() += 1;
                 refused.push((*key, i, why.clone()));
             }
             Kind::Notice { key, notice } => v.push(Violation {
@@ -171,7 +187,12 @@ pub fn check(
                 fig.kills += 1;
                 kills.push(i)
             }
-            Kind::AckSent { .. } | Kind::AckDone { .. } | Kind::Restart => {}
+            Kind::Fault { what, on: true } => *fig.faults.entry(what).or_default() += 1,
+            Kind::AckSent { .. }
+            | Kind::AckDone { .. }
+            | Kind::AckRefused { .. }
+            | Kind::Restart
+            | Kind::Fault { .. } => {}
         }
     }
     let killed_between = |a: usize, b: usize| {
@@ -756,7 +777,7 @@ pub fn excerpt(events: &[Ev], sessions: &[Session], violation: &Violation) -> St
     keep.dedup();
     if let (Some(&first), Some(&last)) = (keep.first(), keep.last()) {
         for (i, e) in events.iter().enumerate().take(last).skip(first) {
-            if matches!(e.kind, Kind::Kill | Kind::Restart) {
+            if matches!(e.kind, Kind::Kill | Kind::Restart | Kind::Fault { .. }) {
                 keep.push(i);
             }
         }
@@ -809,6 +830,7 @@ fn describe(kind: &Kind, sessions: &[Session]) -> String {
         Kind::Gap { sess } => format!("{}: gap signal", s(sess)),
         Kind::AckSent { sess, seq } => format!("{}: ack {seq} sent", s(sess)),
         Kind::AckDone { sess, seq } => format!("{}: ack {seq} processed (pong)", s(sess)),
+        Kind::AckRefused { sess, seq } => format!("{}: ack {seq} answered with an error", s(sess)),
         Kind::Since { sess, since } => format!("{}: since -> {since}", s(sess)),
         Kind::Stall { sess, ms } => format!("{}: stops reading for {ms} ms", s(sess)),
         Kind::Cursor {
@@ -821,5 +843,8 @@ fn describe(kind: &Kind, sessions: &[Session]) -> String {
         ),
         Kind::Kill => "daemon: kill -9".into(),
         Kind::Restart => "daemon: restarted on the same data dir".into(),
+        Kind::Fault { what, on } => {
+            format!("fault: {what} {}", if *on { "begins" } else { "ends" })
+        }
     }
 }

@@ -422,6 +422,12 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
                             ctx.hist.raise_floor(agent, seq);
                         }
                     }
+                    // The ack's answer: it was not stored (a full disk).
+                    Some("error") => {
+                        if let Some(seq) = pending_ack.take() {
+                            ctx.hist.push(Kind::AckRefused { sess, seq });
+                        }
+                    }
                     Some("gap") => ctx.hist.push(Kind::Gap { sess }),
                     _ => {}
                 }
@@ -504,6 +510,11 @@ pub async fn ws_reader(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
                     if let Some(seq) = pending_ack.take() {
                         ctx.hist.push(Kind::AckDone { sess, seq });
                         ctx.hist.raise_floor(agent, seq);
+                    }
+                }
+                Some("error") => {
+                    if let Some(seq) = pending_ack.take() {
+                        ctx.hist.push(Kind::AckRefused { sess, seq });
                     }
                 }
                 Some("gap") => ctx.hist.push(Kind::Gap { sess }),

@@ -190,6 +190,11 @@ pub enum Kind {
         sess: u32,
         seq: u64,
     },
+    /// An error answered an `ack` (before its `pong`): nothing moved.
+    AckRefused {
+        sess: u32,
+        seq: u64,
+    },
     /// An agent-bus follower's `since` after an answer.
     Since {
         sess: u32,
@@ -209,6 +214,12 @@ pub enum Kind {
     },
     Kill,
     Restart,
+    /// A store fault begins (`on`) or ends: a full disk, the database
+    /// locked by another process, a NATS server killed.
+    Fault {
+        what: &'static str,
+        on: bool,
+    },
 }
 
 pub struct Ev {
