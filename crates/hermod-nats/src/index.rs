@@ -171,11 +171,13 @@ impl Index {
     }
 }
 
-/// One prune step's decisions: marks to store and messages to delete.
+/// One prune step's decisions: marks to store, messages to delete, and
+/// the state-bucket keys of delivery steps whose messages are all gone.
 #[derive(Debug, Default, Clone)]
 pub struct PruneStep {
     pub floors: Vec<(View, Seq)>,
     pub delete: Vec<Seq>,
+    pub purge: Vec<String>,
     pub more: bool,
 }
 
@@ -482,10 +484,18 @@ impl Index {
     pub fn prune(&mut self, rules: &Retention, now: f64, first: Seq) -> PruneStep {
         let before = self.floors.clone();
         let mut step = PruneStep::default();
-        // Steps of messages that are gone go with them (from memory; their
-        // KV entries stay, like the registry's tombstones).
+        // Steps of messages that are gone go with them: from memory here,
+        // and from the state bucket (purged, not deleted: a delete would
+        // leave a marker per step, and every node's start replays the
+        // bucket), so what a node reads at start follows what is retained.
         let oldest = self.log.first_key_value().map_or(self.last.0, |(&f, _)| f);
-        self.steps.retain(|_, s| s.hi >= oldest);
+        self.steps.retain(|_, s| {
+            let keep = s.hi >= oldest;
+            if !keep {
+                step.purge.push(crate::keys::step_key(s));
+            }
+            keep
+        });
         // Age, size and the stream's own limits: the oldest messages go
         // from every view.
         for n in 1..=PRUNE_BUDGET {

@@ -503,6 +503,10 @@ impl NatsEngine {
         // Bounded: `hermod status` must answer while NATS is away too.
         let info = tokio::time::timeout(Duration::from_secs(1), stream.info()).await;
         let info = info.ok().and_then(|i| i.ok().cloned());
+        // Registry, floors, delivery steps: what every node replays at start.
+        let mut state = self.inner.state_stream.clone();
+        let state = tokio::time::timeout(Duration::from_secs(1), state.info()).await;
+        let state = state.ok().and_then(|i| i.ok().map(|i| i.state.messages));
         let server = self.inner.js.client().server_info();
         serde_json::json!({
             "engine": "nats",
@@ -510,6 +514,7 @@ impl NatsEngine {
             "connected": self.inner.link.connected.load(Ordering::SeqCst),
             "server": { "name": server.server_name, "version": server.version, "cluster": server.cluster },
             "messages": info.as_ref().map(|i| i.state.messages),
+            "state_entries": state,
             "cluster": info.and_then(|i| i.cluster).map(|c| serde_json::json!({
                 "name": c.name,
                 "leader": c.leader,
@@ -987,6 +992,29 @@ impl Inner {
             .await
     }
 
+    /// Removes delivery steps from the state bucket, markers and all
+    /// (their messages are gone; every node dropped them from memory in
+    /// its own prune). Idempotent: another node may purge them too.
+    async fn purge_steps(&self, keys: Vec<String>) -> Result<()> {
+        let prefix = format!("$KV.{}_state.", self.name);
+        futures::stream::iter(keys)
+            .map(|key| {
+                let subject = format!("{prefix}{key}");
+                async move {
+                    self.state_stream
+                        .purge()
+                        .filter(subject)
+                        .await
+                        .map(|_| ())
+                        .map_err(storage("purging delivery steps"))
+                }
+            })
+            .buffer_unordered(STEP_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await
+            .map(|_| ())
+    }
+
     /// Fetches logged messages the cache no longer holds.
     async fn fetch(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
         futures::stream::iter(seqs)
@@ -1362,6 +1390,7 @@ impl Engine for NatsEngine {
             newest = newest.max(written.revision());
         }
         let removed = inner.delete(step.delete).await?;
+        inner.purge_steps(step.purge).await?;
         inner.pending_prune.lock().unwrap().take();
         inner.kv_mark.wait(newest).await?;
         Ok(Pruned { removed, more })

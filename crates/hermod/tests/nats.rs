@@ -527,3 +527,64 @@ async fn a_reader_back_on_a_node_gets_nothing_another_node_handed_out() {
         "A's inbox read starts at B's cursor"
     );
 }
+
+/// `hermod status`'s counts of the log's messages and the state bucket's
+/// entries.
+fn store_counts(node: &Daemon) -> (u64, u64) {
+    let out = node.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("nats log:"))
+        .unwrap_or_else(|| panic!("no nats log line: {text}"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+// Issue 22: every delivery step was a state-bucket key kept forever, so a
+// node's start replayed all traffic ever. Retention now purges the steps of
+// the messages it removes (markers and all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_shrinks_the_state_bucket_with_the_log() {
+    let cluster = Cluster::start(1);
+    let node = Daemon::start_with_args_config(
+        &["--nats", &cluster.url(0), "--nats-replicas", "1"],
+        &[],
+        "[retention]\nage = \"2s\"\n",
+    );
+    let http = reqwest::Client::new();
+    // Twenty rounds of five messages, each round read by a /poll: a read
+    // step per round (and a stored step per message's delivery).
+    for round in 0..20 {
+        for n in 0..5 {
+            let (status, v) = send_v1(&http, &node.http, &format!("r{round}-{n}")).await;
+            assert_eq!(status, 200, "{v}");
+        }
+        let (status, polled) = get_json(&http, format!("{}/poll?agent=sink", node.http)).await;
+        assert_eq!(status, 200, "{polled}");
+        assert_eq!(polled.as_array().map(Vec::len), Some(5), "{polled}");
+    }
+    let (messages, before) = store_counts(&node);
+    assert!(
+        messages > 0 && before >= 20,
+        "{messages} messages, {before} entries"
+    );
+    // Retention takes every message (2 s old) and their steps with them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (messages, entries) = store_counts(&node);
+        if messages == 0 && entries + 15 <= before {
+            println!("state entries: {before} before retention, {entries} after");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{messages} messages and {entries} state entries left (from {before})\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

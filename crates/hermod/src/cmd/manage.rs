@@ -51,6 +51,12 @@ fn print_engine(engine: &serde_json::Value) {
             ", disconnected"
         }
     );
+    if let (Some(messages), Some(state)) = (
+        engine["messages"].as_u64(),
+        engine["state_entries"].as_u64(),
+    ) {
+        println!("nats log: {messages} messages, {state} state entries");
+    }
     let cluster = &engine["cluster"];
     if let Some(leader) = cluster["leader"].as_str() {
         println!("peers:    {leader} (leader)");
