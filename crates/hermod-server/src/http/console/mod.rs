@@ -84,7 +84,9 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Every console answer: only hermod's own assets may load, never framed,
-/// no referrer (a login link never leaks), nothing cached but assets.
+/// no referrer to other sites, nothing cached but assets. (Not
+/// `no-referrer`: with it Chromium sends `Origin: null` on a form POST,
+/// which the edge rightly refuses.)
 async fn secure(mut res: Response) -> Response {
     let h = res.headers_mut();
     h.insert(
@@ -98,7 +100,7 @@ async fn secure(mut res: Response) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
