@@ -193,7 +193,8 @@ pub enum ClientFrame {
         peer: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<String>,
-    },    /// A one-time web console login link (owner over the Unix socket, or
+    },
+    /// A one-time web console login link (owner over the Unix socket, or
     /// an admin token); with `logout_all`, ends every console session
     /// instead.
     Console {
@@ -281,7 +282,8 @@ pub enum Request {
         channel: Channel,
         agent: AgentName,
         peer: AgentName,
-    },    Console {
+    },
+    Console {
         logout_all: bool,
     },
 }

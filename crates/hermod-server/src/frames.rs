@@ -260,8 +260,9 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             if conn.door != "unix" && caller.identity().is_none() {
                 return Err(Error::Forbidden {
                     rule: "admin",
-                    detail: "console links are for the owner over the Unix socket, or an admin token"
-                        .into(),
+                    detail:
+                        "console links are for the owner over the Unix socket, or an admin token"
+                            .into(),
                 });
             }
             reply(if logout_all {

@@ -72,6 +72,11 @@ pub fn badge(state: &str) -> String {
 
 /// How a sender was verified, marked when nothing proved the name.
 pub fn auth_mark(m: &Message) -> String {
+    // The daemon's own names (receipts, guard notices) nobody else may use.
+    if m.from.is_reserved() {
+        return r#"<span class="auth ok" title="sent by the daemon itself">daemon</span>"#
+            .to_owned();
+    }
     if m.auth.verified() {
         r#"<span class="auth ok" title="sender proved by its token">token</span>"#.to_owned()
     } else {

@@ -138,18 +138,27 @@ fn unauthorized(reason: &str) -> Response {
 }
 
 /// The session of this request, or the 401 page.
-fn session(app: &AppState, headers: &HeaderMap) -> Result<ConsoleSession, Response> {
+/// (The refusal is boxed: a `Response` is large, and a refusal rare.)
+fn session(app: &AppState, headers: &HeaderMap) -> Result<ConsoleSession, Box<Response>> {
     let idle = app.config.console_idle.as_secs_f64();
     cookie(headers)
         .and_then(|c| app.broker.console_session(&c, idle))
-        .ok_or_else(|| unauthorized("You are not logged in to the console (or your session ended)."))
+        .ok_or_else(|| {
+            Box::new(unauthorized(
+                "You are not logged in to the console (or your session ended).",
+            ))
+        })
 }
 
 /// A write: the session, a same-origin request, and its CSRF token.
-fn writer(app: &AppState, headers: &HeaderMap, csrf: &str) -> Result<ConsoleSession, Response> {
+fn writer(
+    app: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<ConsoleSession, Box<Response>> {
     let session = session(app, headers)?;
     let refuse = |why: &str| {
-        html_response(
+        Box::new(html_response(
             StatusCode::FORBIDDEN,
             html::page(
                 "Refused",
@@ -158,7 +167,7 @@ fn writer(app: &AppState, headers: &HeaderMap, csrf: &str) -> Result<ConsoleSess
                 &app.config.console_operator,
                 &html::problem("Refused", why),
             ),
-        )
+        ))
     };
     // The edge refused foreign origins already; a write must also *prove*
     // it comes from a console page: browsers send `Origin` on every POST.
@@ -213,7 +222,7 @@ async fn logout(
     Form(form): Form<CsrfForm>,
 ) -> Response {
     if let Err(res) = writer(&app, &headers, &form.csrf) {
-        return res;
+        return *res;
     }
     if let Some(c) = cookie(&headers) {
         app.broker.console_logout(&c);
@@ -221,7 +230,9 @@ async fn logout(
     let mut res = unauthorized("You logged out.");
     res.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("hermod_console=; HttpOnly; SameSite=Strict; Path=/console; Max-Age=0"),
+        HeaderValue::from_static(
+            "hermod_console=; HttpOnly; SameSite=Strict; Path=/console; Max-Age=0",
+        ),
     );
     res
 }
@@ -284,7 +295,7 @@ async fn overview(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let now = model::now();
     let (seq, ts) = app.broker.committed();
@@ -293,7 +304,8 @@ async fn overview(
         .unwrap_or_else(|_| serde_json::json!({"engine": "(not answering)"}));
     let mut health = String::new();
     match app.broker.degraded() {
-        None => health.push_str(r#"<p><span class="badge b-read">ok</span> the store accepts writes</p>"#),
+        None => health
+            .push_str(r#"<p><span class="badge b-read">ok</span> the store accepts writes</p>"#),
         Some(why) => health.push_str(&format!(
             r#"<p><span class="badge b-bounced">degraded</span> {}</p>"#,
             esc(&why)
@@ -324,7 +336,9 @@ async fn overview(
         r#"<svg class="chart" viewBox="0 0 600 80" width="100%" height="80" role="img" aria-label="messages per 10 seconds, last 10 minutes">"#,
     );
     for (i, n) in rates.iter().enumerate() {
-        let h = (*n as f64 / peak as f64 * 76.0).round().max(if *n > 0 { 2.0 } else { 0.0 });
+        let h = (*n as f64 / peak as f64 * 76.0)
+            .round()
+            .max(if *n > 0 { 2.0 } else { 0.0 });
         chart.push_str(&format!(
             r#"<rect x="{}" y="{}" width="8" height="{}"><title>{n}</title></rect>"#,
             i * 10 + 1,
@@ -335,7 +349,10 @@ async fn overview(
     chart.push_str("</svg>");
 
     let rows = agent_rows(&app, now).await;
-    let attention: Vec<&AgentRow> = rows.iter().filter(|r| r.group == Group::Attention).collect();
+    let attention: Vec<&AgentRow> = rows
+        .iter()
+        .filter(|r| r.group == Group::Attention)
+        .collect();
     let mut att = String::new();
     if attention.is_empty() {
         att.push_str(r#"<p class="muted">No agent needs attention.</p>"#);
@@ -351,7 +368,10 @@ async fn overview(
         }
         att.push_str("</ul>");
     }
-    let known: Vec<String> = rows.iter().map(|r| html::agent_link(&r.info.name)).collect();
+    let known: Vec<String> = rows
+        .iter()
+        .map(|r| html::agent_link(&r.info.name))
+        .collect();
 
     let feed: String = app
         .broker
@@ -359,7 +379,8 @@ async fn overview(
         .iter()
         .map(html::feed_row)
         .collect();
-    let filtering = !(filter.agent.is_empty() && filter.channel.is_empty() && filter.thread.is_empty());
+    let filtering =
+        !(filter.agent.is_empty() && filter.channel.is_empty() && filter.thread.is_empty());
     let body = format!(
         r#"<div class="grid">
 <section class="card"><h2>Health and store</h2>{health}</section>
@@ -398,7 +419,7 @@ async fn feed(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let Some(rx) = app.broker.watch_traffic(FEED_QUEUE) else {
         return (
@@ -482,11 +503,15 @@ async fn agent_rows(app: &AppState, now: f64) -> Vec<AgentRow> {
         if let Some(n) = bounced.get(&(info.channel.to_string(), info.name.to_string())) {
             why.push(format!("{n} bounced"));
         }
-        for h in holds.iter().filter(|h| {
-            h.channel == info.channel && (h.a == info.name || h.b == info.name)
-        }) {
+        for h in holds
+            .iter()
+            .filter(|h| h.channel == info.channel && (h.a == info.name || h.b == info.name))
+        {
             let other = if h.a == info.name { &h.b } else { &h.a };
-            why.push(format!("the loop guard holds {} message(s) with {other}", h.held));
+            why.push(format!(
+                "the loop guard holds {} message(s) with {other}",
+                h.held
+            ));
         }
         if let Some((Activity::Busy, since)) = info.activity {
             if unread > 0 && now - since > BUSY_LONG {
@@ -537,7 +562,7 @@ async fn agents(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let now = model::now();
     let rows = agent_rows(&app, now).await;
@@ -569,7 +594,11 @@ async fn agents(
             };
             let wake = match app.actions.last_wake(&a.name) {
                 Some(w) => match &w.error {
-                    None => format!(r#"{} <span class="badge b-read">worked</span> {}"#, w.kind, html::ago(w.ts, now)),
+                    None => format!(
+                        r#"{} <span class="badge b-read">worked</span> {}"#,
+                        w.kind,
+                        html::ago(w.ts, now)
+                    ),
                     Some(e) => format!(
                         r#"{} <span class="badge b-bounced" title="{}">failed</span> {}"#,
                         w.kind,
@@ -630,7 +659,7 @@ async fn nudge(
     Form(form): Form<NudgeForm>,
 ) -> Response {
     if let Err(res) = writer(&app, &headers, &form.csrf) {
-        return res;
+        return *res;
     }
     let (Ok(agent), Ok(channel)) = (AgentName::parse(&form.agent), Channel::parse(&form.channel))
     else {
@@ -657,7 +686,7 @@ async fn message(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let caller = operator_caller();
     let receipts = match app.broker.receipts(&caller, &id).await {
@@ -666,7 +695,13 @@ async fn message(
             let body = html::problem("No such message", &e.to_string());
             return html_response(
                 StatusCode::NOT_FOUND,
-                html::page("Message", Nav::None, &s.csrf, &app.config.console_operator, &body),
+                html::page(
+                    "Message",
+                    Nav::None,
+                    &s.csrf,
+                    &app.config.console_operator,
+                    &body,
+                ),
             );
         }
     };
@@ -700,7 +735,10 @@ async fn message(
             ));
         }
         if let Some(p) = &meta.reply_to {
-            facts.push_str(&format!("<dt>reply to</dt><dd>{}</dd>", html::message_link(p)));
+            facts.push_str(&format!(
+                "<dt>reply to</dt><dd>{}</dd>",
+                html::message_link(p)
+            ));
         }
         let mut recipients = String::new();
         for rv in &r.recipients {
@@ -765,13 +803,16 @@ async fn message(
 async fn threads(State(app): State<AppState>, headers: HeaderMap) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let now = model::now();
     // Threads seen in the recent traffic, newest activity first.
     let mut order: Vec<String> = Vec::new();
     let mut by: BTreeMap<String, (usize, HashSet<String>, Seen)> = BTreeMap::new();
-    for seen in app.broker.recent(usize::MAX, |s| s.message.meta().thread.is_some()) {
+    for seen in app
+        .broker
+        .recent(usize::MAX, |s| s.message.meta().thread.is_some())
+    {
         let t = seen.message.meta().thread.clone().unwrap_or_default();
         let entry = by.entry(t.clone()).or_insert_with(|| {
             order.push(t.clone());
@@ -814,7 +855,7 @@ async fn thread(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let messages = match app.broker.thread(&operator_caller(), &id).await {
         Ok(m) => m,
@@ -857,7 +898,7 @@ async fn holds(
 ) -> Response {
     let s = match session(&app, &headers) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let now = model::now();
     let holds = app.broker.holds(100, 20);
@@ -869,7 +910,16 @@ async fn holds(
     for h in &holds {
         let until = h
             .until
-            .map(|u| format!("cooldown ends {}", if u > now { format!("in {} s", (u - now) as u64) } else { "now".into() }))
+            .map(|u| {
+                format!(
+                    "cooldown ends {}",
+                    if u > now {
+                        format!("in {} s", (u - now) as u64)
+                    } else {
+                        "now".into()
+                    }
+                )
+            })
             .unwrap_or_default();
         body.push_str(&format!(
             r#"<div class="hold"><h2>{a} ⇄ {b} <span class="muted">on {c}</span> {badge}</h2><p>{n} message(s) held · {until}</p>
@@ -915,7 +965,7 @@ async fn release(
     Form(form): Form<ReleaseForm>,
 ) -> Response {
     if let Err(res) = writer(&app, &headers, &form.csrf) {
-        return res;
+        return *res;
     }
     let parsed = (
         Channel::parse(&form.channel),
@@ -936,7 +986,14 @@ async fn release(
     see_other(&format!("/console/holds?done={}", url(&done)))
 }
 
-fn compose_form(app: &AppState, s: &ConsoleSession, error: &str, to: &str, text: &str, channel: &str) -> Response {
+fn compose_form(
+    app: &AppState,
+    s: &ConsoleSession,
+    error: &str,
+    to: &str,
+    text: &str,
+    channel: &str,
+) -> Response {
     let names: Vec<String> = app
         .broker
         .agents(&operator_caller())
@@ -973,7 +1030,7 @@ fn compose_form(app: &AppState, s: &ConsoleSession, error: &str, to: &str, text:
 async fn compose_page(State(app): State<AppState>, headers: HeaderMap) -> Response {
     match session(&app, &headers) {
         Ok(s) => compose_form(&app, &s, "", "", "", ""),
-        Err(res) => res,
+        Err(res) => *res,
     }
 }
 
@@ -997,7 +1054,7 @@ async fn compose(
 ) -> Response {
     let s = match writer(&app, &headers, &form.csrf) {
         Ok(s) => s,
-        Err(res) => return res,
+        Err(res) => return *res,
     };
     let fail = |e: &str| compose_form(&app, &s, e, &form.to, &form.text, &form.channel);
     if form.text.trim().is_empty() || form.text.len() > TEXT_MAX {
