@@ -626,6 +626,7 @@ fn the_console_in_a_real_browser() {
     assert_eq!(status, 403, "a wrong CSRF token");
     assert_eq!(log_seq(&d), before, "a refused write stored something");
     // The control: the same request from the console's origin is stored.
+    let control = format!("csrf={csrf}&to=bob&text=a+write+with+session%2C+token+and+origin");
     let (status, head, body) = curl(&[
         "-H",
         &cookie,
@@ -634,7 +635,7 @@ fn the_console_in_a_real_browser() {
         "-H",
         "Sec-Fetch-Site: same-origin",
         "--data",
-        &form,
+        &control,
         &compose,
     ]);
     assert_eq!(status, 303, "{head}{body}");
