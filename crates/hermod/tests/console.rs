@@ -439,6 +439,18 @@ fn the_console_in_a_real_browser() {
         json!(true),
         "the page reloaded"
     );
+    // Pause holds updates back; resume shows them.
+    b.click("#pause");
+    send(&d, &["--from", "alice", "bob", "sent while paused"]);
+    let shown = "return [...document.querySelectorAll('#feed tr')].some(r => r.innerText.includes('sent while paused'))";
+    b.wait_for(
+        "return document.getElementById('feed-status').textContent.startsWith('paused · 1')",
+        Duration::from_secs(3),
+        "the paused feed did not count the update",
+    );
+    assert_eq!(b.js(shown), json!(false), "a paused feed showed a row");
+    b.click("#pause");
+    b.wait_for(shown, Duration::from_secs(1), "resume did not show the row");
     shots.push(b.shot("overview"));
 
     // The message's page: the recipient and its steps with their doors.
@@ -789,4 +801,56 @@ fn console_pages_stay_fast_over_100k_messages() {
         "console page latency with 100,003 messages stored:\n{}",
         report.join("\n")
     );
+}
+
+/// Sessions end when idle; console feeds are capped.
+#[test]
+fn console_sessions_expire_when_idle_and_feeds_are_capped() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = Daemon::start_with(&["--console-idle", "2"], &[]);
+    let link = link(&d);
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-D", "-", &link])
+        .output()
+        .unwrap();
+    let head = stdout(&out);
+    let session = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("set-cookie")
+                .then(|| value.trim().strip_prefix("hermod_console="))?
+        })
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no session cookie: {head}"))
+        .to_owned();
+    let cookie = format!("Cookie: hermod_console={session}");
+    let console = format!("{}/console", d.http);
+    assert_eq!(curl(&["-H", &cookie, &console]).0, 200);
+    // At most 16 feeds at once; the 17th is refused, not queued.
+    let addr = d.http.trim_start_matches("http://").to_owned();
+    let open = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "GET /console/feed HTTP/1.1\r\nHost: {addr}\r\n{cookie}\r\n\r\n"
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        (s, line)
+    };
+    let feeds: Vec<_> = (0..16).map(|_| open()).collect();
+    for (_, status) in &feeds {
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    let (_, status) = open();
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    drop(feeds);
+    // Unused for longer than --console-idle: the session is gone.
+    std::thread::sleep(Duration::from_millis(3500));
+    let (status, _, body) = curl(&["-H", &cookie, &console]);
+    assert_eq!(status, 401, "{body}");
 }

@@ -39,12 +39,17 @@ const LINKS_MAX: usize = 16;
 const SESSIONS_MAX: usize = 64;
 /// Console streams watching the traffic at once, at most.
 pub const WATCHERS_MAX: usize = 16;
+/// Recipients whose state the ring follows per message, at most (a
+/// broadcast to thousands would otherwise cost the ring thousands of
+/// entries): a broadcast's badge is that of its first ones.
+pub const RECIPIENTS_MAX: usize = 64;
 
 /// A message of the recent ring, with where it stands for each recipient.
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub message: Arc<Message>,
-    /// Each recipient and its furthest state (a held message: its `to`).
+    /// Each recipient and its furthest state (a held message: its `to`),
+    /// at most [`RECIPIENTS_MAX`].
     pub recipients: Vec<(AgentName, Delivery)>,
     /// The loop guard held it and a release sent it on as this seq.
     pub released_as: Option<Seq>,
@@ -141,6 +146,7 @@ impl Console {
                 _ => c
                     .recipients
                     .iter()
+                    .take(RECIPIENTS_MAX)
                     .map(|r| (r.clone(), Delivery::Stored))
                     .collect(),
             };

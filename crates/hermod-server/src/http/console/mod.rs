@@ -53,6 +53,8 @@ const UNREAD_PILING: u64 = 10;
 const BUSY_LONG: f64 = 300.0;
 /// Updates a feed may fall behind by before it misses some.
 const FEED_QUEUE: usize = 256;
+/// Recipients a message page shows the steps of, at most.
+const RECIPIENTS_SHOWN: usize = 100;
 /// Longest compose text.
 const TEXT_MAX: usize = 64 * 1024;
 
@@ -689,7 +691,11 @@ async fn message(
         Err(res) => return *res,
     };
     let caller = operator_caller();
-    let receipts = match app.broker.receipts(&caller, &id).await {
+    let receipts = match app
+        .broker
+        .receipts_within(&caller, &id, RECIPIENTS_SHOWN)
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             let body = html::problem("No such message", &e.to_string());
@@ -767,6 +773,11 @@ async fn message(
         }
         if r.recipients.is_empty() {
             recipients.push_str(r#"<p class="muted">It landed in no inbox.</p>"#);
+        }
+        if r.recipients.len() >= RECIPIENTS_SHOWN {
+            recipients.push_str(&format!(
+                r#"<p class="muted">The first {RECIPIENTS_SHOWN} recipients are shown.</p>"#
+            ));
         }
         body.push_str(&format!(
             r#"<section class="card"><h1>Message {short}</h1><dl>{facts}</dl></section>
