@@ -243,6 +243,12 @@ impl Broker {
             .collect()
     }
 
+    /// Retention's floors: how many views it pruned, and the highest
+    /// pruned seq among them.
+    pub fn retention_floors(&self) -> (usize, Seq) {
+        self.shared.views.lock().unwrap().inboxes.floors()
+    }
+
     /// Messages stored per [`RATE_BUCKET`] over the last [`RATE_BUCKETS`],
     /// oldest first (seen by this node since it started).
     pub fn rates(&self) -> Rates {

@@ -324,8 +324,12 @@ async fn overview(
         }
     }
     health.push_str(&format!(
-        "<dt>log seq</dt><dd>{seq}</dd><dt>last commit</dt><dd>{}</dd><dt>pruned since start</dt><dd>{}</dd><dt>retention gaps told</dt><dd>{}</dd></dl>",
+        "<dt>log seq</dt><dd>{seq}</dd><dt>last commit</dt><dd>{}</dd><dt>retention floors</dt><dd>{}</dd><dt>pruned since start</dt><dd>{}</dd><dt>retention gaps told</dt><dd>{}</dd></dl>",
         if ts > 0.0 { html::ago(ts, now) } else { "never".into() },
+        match app.broker.retention_floors() {
+            (0, _) => "nothing pruned yet".to_owned(),
+            (n, top) => format!("{n} view(s) pruned, up to seq {top}"),
+        },
         app.broker.pruned(),
         app.broker.gaps(),
     ));
