@@ -18,6 +18,7 @@
 //! One lock of its own, taken after (never with) the broker's others.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
 
 use hermod_proto::identity::digest;
 
@@ -106,6 +107,13 @@ pub enum Live {
     Badge { seq: Seq, badge: &'static str },
 }
 
+/// One console stream's view of the live traffic.
+pub struct Watch {
+    pub rx: mpsc::Receiver<Live>,
+    /// Set when an update did not fit in the queue: the stream missed it.
+    pub lagged: Arc<AtomicBool>,
+}
+
 /// A logged-in console session.
 #[derive(Debug, Clone)]
 pub struct ConsoleSession {
@@ -126,7 +134,8 @@ pub(super) struct Console {
     recent: VecDeque<Seen>,
     /// (bucket number, messages) oldest first.
     rates: VecDeque<(i64, u64)>,
-    watchers: Vec<mpsc::Sender<Live>>,
+    /// Each console stream's queue, and its flag saying it missed some.
+    watchers: Vec<(mpsc::Sender<Live>, Arc<AtomicBool>)>,
     links: HashMap<[u8; 32], f64>,
     sessions: HashMap<[u8; 32], SessionEntry>,
     /// Where the console is served (`http://HOST:PORT`), once known.
@@ -216,9 +225,10 @@ impl Console {
     }
 
     fn tell(&mut self, live: Live, dropped: &AtomicU64) {
-        self.watchers.retain(|w| !w.is_closed());
-        for w in &self.watchers {
+        self.watchers.retain(|(w, _)| !w.is_closed());
+        for (w, lagged) in &self.watchers {
             if w.try_send(live.clone()).is_err() {
+                lagged.store(true, Ordering::Relaxed);
                 dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -267,15 +277,16 @@ impl Broker {
 
     /// Live traffic for one console stream, through a queue of `capacity`;
     /// `None` when [`WATCHERS_MAX`] streams watch already.
-    pub fn watch_traffic(&self, capacity: usize) -> Option<mpsc::Receiver<Live>> {
+    pub fn watch_traffic(&self, capacity: usize) -> Option<Watch> {
         let mut console = self.shared.console.lock().unwrap();
-        console.watchers.retain(|w| !w.is_closed());
+        console.watchers.retain(|(w, _)| !w.is_closed());
         if console.watchers.len() >= WATCHERS_MAX {
             return None;
         }
         let (tx, rx) = mpsc::channel(capacity);
-        console.watchers.push(tx);
-        Some(rx)
+        let lagged = Arc::new(AtomicBool::new(false));
+        console.watchers.push((tx, lagged.clone()));
+        Some(Watch { rx, lagged })
     }
 
     /// Updates console streams missed because their queue was full.

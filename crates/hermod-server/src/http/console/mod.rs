@@ -427,26 +427,22 @@ async fn feed(
         Ok(s) => s,
         Err(res) => return *res,
     };
-    let Some(rx) = app.broker.watch_traffic(FEED_QUEUE) else {
+    let Some(watch) = app.broker.watch_traffic(FEED_QUEUE) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "too many console feeds are open; close one",
         )
             .into_response();
     };
-    let broker = app.broker.clone();
-    let mut dropped = broker.traffic_dropped();
-    let events = futures::stream::unfold(rx, |mut rx| async move {
+    let lagged = watch.lagged.clone();
+    let events = futures::stream::unfold(watch.rx, |mut rx| async move {
         let live = rx.recv().await?;
         Some((live, rx))
     })
     .filter_map(move |live| {
-        // A full queue (this feed's or another's) missed an update: the
-        // page reloads rather than show a stale badge.
-        let now_dropped = broker.traffic_dropped();
-        let lagged = now_dropped > dropped;
-        dropped = now_dropped;
-        let event = if lagged {
+        // This feed's queue was full: it missed an update, and the page
+        // reloads rather than show a stale badge.
+        let event = if lagged.swap(false, std::sync::atomic::Ordering::Relaxed) {
             Some(Event::default().event("lagged").data("reload"))
         } else {
             match live {
