@@ -2,8 +2,9 @@
 //!
 //! - **Recent traffic**: a ring of the newest [`RECENT`] direct messages
 //!   and broadcasts (topic events are not traffic) with each recipient's
-//!   delivery state, kept from the feed: the message itself, then every
-//!   recorded step that covers it. A console page reads this ring and
+//!   delivery state, kept from the feed: the message's envelope and a
+//!   short preview (never its body), then every recorded step that
+//!   covers it. A console page reads this ring and
 //!   never the store, so it costs the same whether the log holds a hundred
 //!   messages or ten million.
 //! - **Rates**: messages per [`RATE_BUCKET`] seconds over the last
@@ -45,10 +46,57 @@ pub const WATCHERS_MAX: usize = 16;
 /// entries): a broadcast's badge is that of its first ones.
 pub const RECIPIENTS_MAX: usize = 64;
 
+/// Characters of a body the ring keeps as its preview.
+pub const PREVIEW_CHARS: usize = 200;
+/// Bodies up to this size are previewed as their text; longer ones as the
+/// start of their JSON (no parse of a large body on the feed's path).
+const PREVIEW_PARSE_MAX: usize = 4096;
+
+/// What the ring keeps of a message: its envelope and a short preview,
+/// never the body (1,000 bodies of up to 10 MiB would be memory outside
+/// the budget), so an entry costs a few hundred bytes.
+#[derive(Debug, Clone)]
+pub struct Brief {
+    pub seq: Seq,
+    pub id: String,
+    pub ts: f64,
+    pub channel: Channel,
+    pub from: AgentName,
+    /// `None`: a broadcast.
+    pub to: Option<AgentName>,
+    pub auth: crate::model::Auth,
+    pub thread: Option<String>,
+    /// The body's text (or the start of its JSON), control characters
+    /// escaped, at most [`PREVIEW_CHARS`] characters.
+    pub preview: String,
+}
+
+impl Brief {
+    fn of(m: &Message) -> Self {
+        let raw = m.body.as_str();
+        let text = if raw.len() <= PREVIEW_PARSE_MAX {
+            m.body.to_text()
+        } else {
+            raw.chars().take(PREVIEW_CHARS + 1).collect()
+        };
+        Brief {
+            seq: m.seq,
+            id: m.id.clone(),
+            ts: m.ts,
+            channel: m.channel.clone(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            auth: m.auth,
+            thread: m.meta().thread.clone(),
+            preview: crate::text::terminal_line(&text, PREVIEW_CHARS),
+        }
+    }
+}
+
 /// A message of the recent ring, with where it stands for each recipient.
 #[derive(Debug, Clone)]
 pub struct Seen {
-    pub message: Arc<Message>,
+    pub message: Brief,
     /// Each recipient and its furthest state (a held message: its `to`),
     /// at most [`RECIPIENTS_MAX`].
     pub recipients: Vec<(AgentName, Delivery)>,
@@ -172,7 +220,7 @@ impl Console {
                 );
             }
             let seen = Seen {
-                message: m.clone(),
+                message: Brief::of(m),
                 recipients,
                 released_as: None,
             };

@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use hermod_core::broker::Seen;
-use hermod_core::model::Message;
+use hermod_core::model::{AgentName, Auth, Message};
 
 /// HTML-escapes `s` for text and for quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -71,18 +71,18 @@ pub fn badge(state: &str) -> String {
 }
 
 /// How a sender was verified, marked when nothing proved the name.
-pub fn auth_mark(m: &Message) -> String {
+pub fn auth_mark(from: &AgentName, auth: Auth) -> String {
     // The daemon's own names (receipts, guard notices) nobody else may use.
-    if m.from.is_reserved() {
+    if from.is_reserved() {
         return r#"<span class="auth ok" title="sent by the daemon itself">daemon</span>"#
             .to_owned();
     }
-    if m.auth.verified() {
+    if auth.verified() {
         r#"<span class="auth ok" title="sender proved by its token">token</span>"#.to_owned()
     } else {
         format!(
             r#"<span class="auth warn" title="the sender name was not proved by a token">{} · unverified</span>"#,
-            m.auth.as_str()
+            auth.as_str()
         )
     }
 }
@@ -115,7 +115,6 @@ pub fn feed_row(s: &Seen) -> String {
         None => r#"<span class="muted">everyone</span>"#.to_owned(),
     };
     let thread = m
-        .meta()
         .thread
         .as_deref()
         .map(|t| {
@@ -132,8 +131,8 @@ pub fn feed_row(s: &Seen) -> String {
         from = agent_link(&m.from),
         channel = esc(&m.channel),
         id = url(&m.id),
-        preview = esc(&preview(m, 140)),
-        auth = auth_mark(m),
+        preview = esc(&m.preview.chars().take(140).collect::<String>()),
+        auth = auth_mark(&m.from, m.auth),
         badge = badge(s.badge()),
     )
 }

@@ -277,7 +277,7 @@ impl Filter {
             && (self.channel.is_empty() || m.channel.as_str() == self.channel)
             && (self.thread.is_empty()
                 || m.id == self.thread
-                || m.meta().thread.as_deref() == Some(self.thread.as_str()))
+                || m.thread.as_deref() == Some(self.thread.as_str()))
     }
 
     fn query(&self) -> String {
@@ -726,7 +726,7 @@ async fn message(
         let mut facts = format!(
             "<dt>from</dt><dd>{} {}</dd><dt>to</dt><dd>{to}</dd><dt>channel</dt><dd>{}</dd><dt>stored</dt><dd>{} UTC ({}) · seq {}</dd><dt>id</dt><dd class=\"mono\">{}</dd>",
             html::agent_link(&m.from),
-            html::auth_mark(m),
+            html::auth_mark(&m.from, m.auth),
             esc(&m.channel),
             html::clock(m.ts),
             html::ago(m.ts, now),
@@ -822,9 +822,9 @@ async fn threads(State(app): State<AppState>, headers: HeaderMap) -> Response {
     let mut by: BTreeMap<String, (usize, HashSet<String>, Seen)> = BTreeMap::new();
     for seen in app
         .broker
-        .recent(usize::MAX, |s| s.message.meta().thread.is_some())
+        .recent(usize::MAX, |s| s.message.thread.is_some())
     {
-        let t = seen.message.meta().thread.clone().unwrap_or_default();
+        let t = seen.message.thread.clone().unwrap_or_default();
         let entry = by.entry(t.clone()).or_insert_with(|| {
             order.push(t.clone());
             (0, HashSet::new(), seen.clone())
@@ -850,7 +850,7 @@ async fn threads(State(app): State<AppState>, headers: HeaderMap) -> Response {
                 esc(&t.chars().take(8).collect::<String>()),
                 who.iter().map(|w| html::agent_link(w)).collect::<Vec<_>>().join(", "),
                 html::ago(last.message.ts, now),
-                esc(&html::preview(&last.message, 100)),
+                esc(&last.message.preview.chars().take(100).collect::<String>()),
             ));
         }
         body.push_str("</tbody></table>");
