@@ -46,15 +46,16 @@ pub const WATCHERS_MAX: usize = 16;
 /// entries): a broadcast's badge is that of its first ones.
 pub const RECIPIENTS_MAX: usize = 64;
 
-/// Characters of a body the ring keeps as its preview.
+/// Characters of a body a preview shows at most.
 pub const PREVIEW_CHARS: usize = 200;
-/// Bodies up to this size are previewed as their text; longer ones as the
-/// start of their JSON (no parse of a large body on the feed's path).
-const PREVIEW_PARSE_MAX: usize = 4096;
+/// Bytes of a body's JSON the ring keeps.
+const HEAD_BYTES: usize = 1024;
 
-/// What the ring keeps of a message: its envelope and a short preview,
-/// never the body (1,000 bodies of up to 10 MiB would be memory outside
-/// the budget), so an entry costs a few hundred bytes.
+/// What the ring keeps of a message: its envelope and the start of its
+/// body, never the whole body (1,000 bodies of up to 10 MiB would be
+/// memory outside the budget), so an entry costs about a kilobyte. The
+/// body is not parsed here: this runs on the feed's path, for every
+/// message; a page makes the preview when it shows one.
 #[derive(Debug, Clone)]
 pub struct Brief {
     pub seq: Seq,
@@ -66,19 +67,19 @@ pub struct Brief {
     pub to: Option<AgentName>,
     pub auth: crate::model::Auth,
     pub thread: Option<String>,
-    /// The body's text (or the start of its JSON), control characters
-    /// escaped, at most [`PREVIEW_CHARS`] characters.
-    pub preview: String,
+    /// The first [`HEAD_BYTES`] of the body's JSON (at a character
+    /// boundary), and whether that is all of it.
+    head: String,
+    whole: bool,
 }
 
 impl Brief {
     fn of(m: &Message) -> Self {
         let raw = m.body.as_str();
-        let text = if raw.len() <= PREVIEW_PARSE_MAX {
-            m.body.to_text()
-        } else {
-            raw.chars().take(PREVIEW_CHARS + 1).collect()
-        };
+        let mut cut = raw.len().min(HEAD_BYTES);
+        while !raw.is_char_boundary(cut) {
+            cut -= 1;
+        }
         Brief {
             seq: m.seq,
             id: m.id.clone(),
@@ -88,8 +89,22 @@ impl Brief {
             to: m.to.clone(),
             auth: m.auth,
             thread: m.meta().thread.clone(),
-            preview: crate::text::terminal_line(&text, PREVIEW_CHARS),
+            head: raw[..cut].to_owned(),
+            whole: cut == raw.len(),
         }
+    }
+
+    /// The body's text (as text-only protocols show it) or, for a body
+    /// longer than the ring keeps, the start of its JSON; control
+    /// characters escaped, at most `max` characters.
+    pub fn preview(&self, max: usize) -> String {
+        let text = match self.whole {
+            true => Body::from_json(self.head.clone())
+                .map(|b| b.to_text())
+                .unwrap_or_else(|_| self.head.clone()),
+            false => self.head.clone(),
+        };
+        crate::text::terminal_line(&text, max.min(PREVIEW_CHARS))
     }
 }
 

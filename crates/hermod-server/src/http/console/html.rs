@@ -131,7 +131,7 @@ pub fn feed_row(s: &Seen) -> String {
         from = agent_link(&m.from),
         channel = esc(&m.channel),
         id = url(&m.id),
-        preview = esc(&m.preview.chars().take(140).collect::<String>()),
+        preview = esc(&m.preview(140)),
         auth = auth_mark(&m.from, m.auth),
         badge = badge(s.badge()),
     )

@@ -850,7 +850,7 @@ async fn threads(State(app): State<AppState>, headers: HeaderMap) -> Response {
                 esc(&t.chars().take(8).collect::<String>()),
                 who.iter().map(|w| html::agent_link(w)).collect::<Vec<_>>().join(", "),
                 html::ago(last.message.ts, now),
-                esc(&last.message.preview.chars().take(100).collect::<String>()),
+                esc(&last.message.preview(100)),
             ));
         }
         body.push_str("</tbody></table>");
