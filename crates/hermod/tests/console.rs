@@ -451,6 +451,17 @@ fn the_console_in_a_real_browser() {
     assert_eq!(b.js(shown), json!(false), "a paused feed showed a row");
     b.click("#pause");
     b.wait_for(shown, Duration::from_secs(1), "resume did not show the row");
+    // The summary cards refresh themselves (every 5 s).
+    b.wait_for(
+        "return document.getElementById('summary').innerText.includes('4 in the last minute')",
+        Duration::from_secs(8),
+        "the summary never refreshed",
+    );
+    assert_eq!(
+        b.js("return window.notReloaded === true"),
+        json!(true),
+        "the page reloaded"
+    );
     shots.push(b.shot("overview"));
 
     // The message's page: the recipient and its steps with their doors.

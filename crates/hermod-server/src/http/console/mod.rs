@@ -388,7 +388,7 @@ async fn overview(
     let filtering =
         !(filter.agent.is_empty() && filter.channel.is_empty() && filter.thread.is_empty());
     let body = format!(
-        r#"<div class="grid">
+        r#"<div class="grid" id="summary" data-refresh="5">
 <section class="card"><h2>Health and store</h2>{health}</section>
 <section class="card"><h2>Messages</h2><p><b>{last_minute}</b> in the last minute · <b>{total}</b> in 10 minutes</p>{chart}<p class="muted">per 10 s, last 10 minutes (this node)</p></section>
 <section class="card"><h2>Needs attention</h2>{att}<p class="muted">Known agents ({count}): <span id="known">{known}</span></p></section>
@@ -569,6 +569,7 @@ async fn agents(
     let now = model::now();
     let rows = agent_rows(&app, now).await;
     let mut body = flash(&f);
+    body.push_str(r#"<div id="groups" data-refresh="10">"#);
     for (group, title) in [
         (Group::Attention, "Needs attention"),
         (Group::Busy, "Busy"),
@@ -630,6 +631,7 @@ async fn agents(
         }
         body.push_str("</tbody></table></section>");
     }
+    body.push_str("</div>");
     if rows.len() >= AGENTS_MAX {
         body.push_str(&format!(
             r#"<p class="muted">Only the first {AGENTS_MAX} agents are listed.</p>"#

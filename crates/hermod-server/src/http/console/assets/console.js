@@ -1,7 +1,8 @@
 // The hermod console's only script (served by hermod, no inline code).
 // The live feed: new rows arrive over SSE as server-rendered, escaped
 // HTML; badge changes as {seq, badge}. Pausing holds new rows (at most
-// MAX_HELD) until resumed. Everything else is plain links and forms.
+// MAX_HELD) until resumed. Summary cards refresh themselves (data-refresh).
+// Everything else is plain links and forms.
 "use strict";
 
 const MAX_ROWS = 200;
@@ -77,7 +78,26 @@ function startFeed(tbody) {
   source.addEventListener("lagged", () => { if (!paused) location.reload(); });
 }
 
+// An element with an id and data-refresh="SECONDS" is fetched again from
+// the same URL every SECONDS and its content swapped in (server-rendered,
+// escaped HTML; a page that answers anything but 200 stops it).
+function startRefresh(el) {
+  const every = Number(el.dataset.refresh) * 1000;
+  if (!el.id || !(every > 0)) return;
+  const timer = setInterval(async () => {
+    if (document.hidden) return;
+    try {
+      const r = await fetch(location.href, { credentials: "same-origin" });
+      if (r.status !== 200) { clearInterval(timer); return; }
+      const doc = new DOMParser().parseFromString(await r.text(), "text/html");
+      const fresh = doc.getElementById(el.id);
+      if (fresh) el.innerHTML = fresh.innerHTML;
+    } catch (_) { /* the next tick tries again */ }
+  }, every);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const tbody = document.getElementById("feed");
   if (tbody && tbody.dataset.src) startFeed(tbody);
+  document.querySelectorAll("[data-refresh]").forEach(startRefresh);
 });
