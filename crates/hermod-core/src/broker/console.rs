@@ -427,8 +427,9 @@ impl Broker {
     }
 
     /// The session whose cookie is `secret`, if it was used within `idle`
-    /// seconds (which this use renews).
-    pub fn console_session(&self, secret: &str, idle: f64) -> Option<ConsoleSession> {
+    /// seconds (which this use renews when `renew`: a page's own
+    /// background refresh does not, so a forgotten tab still expires).
+    pub fn console_session(&self, secret: &str, idle: f64, renew: bool) -> Option<ConsoleSession> {
         let now = model::now();
         let key = digest(secret);
         let mut console = self.shared.console.lock().unwrap();
@@ -439,7 +440,9 @@ impl Broker {
             }
             return None;
         }
-        entry.last_used = now;
+        if renew {
+            entry.last_used = now;
+        }
         Some(entry.session.clone())
     }
 

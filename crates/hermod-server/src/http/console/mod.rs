@@ -143,8 +143,10 @@ fn unauthorized(reason: &str) -> Response {
 /// (The refusal is boxed: a `Response` is large, and a refusal rare.)
 fn session(app: &AppState, headers: &HeaderMap) -> Result<ConsoleSession, Box<Response>> {
     let idle = app.config.console_idle.as_secs_f64();
+    // console.js marks its background refreshes: they are not a use.
+    let renew = !headers.contains_key("x-console-refresh");
     cookie(headers)
-        .and_then(|c| app.broker.console_session(&c, idle))
+        .and_then(|c| app.broker.console_session(&c, idle, renew))
         .ok_or_else(|| {
             Box::new(unauthorized(
                 "You are not logged in to the console (or your session ended).",

@@ -87,7 +87,11 @@ function startRefresh(el) {
   const timer = setInterval(async () => {
     if (document.hidden) return;
     try {
-      const r = await fetch(location.href, { credentials: "same-origin" });
+      // Marked: a background refresh does not keep the session alive.
+      const r = await fetch(location.href, {
+        credentials: "same-origin",
+        headers: { "X-Console-Refresh": "1" },
+      });
       if (r.status !== 200) { clearInterval(timer); return; }
       const doc = new DOMParser().parseFromString(await r.text(), "text/html");
       const fresh = doc.getElementById(el.id);
