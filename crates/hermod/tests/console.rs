@@ -710,6 +710,26 @@ fn the_console_in_a_real_browser() {
         .iter()
         .any(|m| m["body"]["text"] == "evil-browser"));
 
+    // Filters: only ping's traffic, also what arrives live.
+    b.go(&format!("{}/console?agent=ping", d.http));
+    b.wait_for(
+        "return document.getElementById('feed-status').textContent === 'live'",
+        Duration::from_secs(5),
+        "the filtered feed never connected",
+    );
+    send(&d, &["--from", "alice", "bob", "unrelated chatter"]);
+    send(&d, &["--from", "carol", "ping", "about ping"]);
+    b.wait_for(
+        "return document.getElementById('feed').innerText.includes('about ping')",
+        Duration::from_secs(3),
+        "the filtered feed missed ping's message",
+    );
+    let rows =
+        b.js("return [...document.querySelectorAll('#feed tr')].map(r => r.cells[1].innerText)");
+    let rows: Vec<String> = serde_json::from_value(rows).unwrap();
+    assert!(rows.len() >= 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r.contains("ping")), "{rows:?}");
+
     // --logout-all ends the session.
     b.go(&format!("{}/console", d.http));
     assert!(b.source().contains("id=\"known\""));
