@@ -357,6 +357,17 @@ impl Connection {
         }
     }
 
+    /// A one-time web console login link (`logout_all`: ends every console
+    /// session instead, answering how many).
+    pub async fn console(&mut self, logout_all: bool) -> Result<(Option<String>, Option<usize>)> {
+        match self.request(&ClientFrame::Console { logout_all }).await? {
+            ServerFrame::Console { link, ended } => Ok((link, ended)),
+            other => Err(Error::Protocol(format!(
+                "expected `console`, got {other:?}"
+            ))),
+        }
+    }
+
     pub fn split(self) -> (FrameReader, FrameWriter) {
         (self.reader, self.writer)
     }

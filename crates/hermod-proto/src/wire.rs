@@ -194,6 +194,13 @@ pub enum ClientFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         channel: Option<String>,
     },
+    /// A one-time web console login link (owner over the Unix socket, or
+    /// an admin token); with `logout_all`, ends every console session
+    /// instead.
+    Console {
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        logout_all: bool,
+    },
 }
 
 /// A validated topic event to publish.
@@ -276,6 +283,9 @@ pub enum Request {
         agent: AgentName,
         peer: AgentName,
     },
+    Console {
+        logout_all: bool,
+    },
 }
 
 impl Request {
@@ -338,6 +348,7 @@ struct RawFrame<'a> {
     timeout: Option<f64>,
     status: Option<String>,
     peer: Option<String>,
+    logout_all: Option<bool>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -438,6 +449,9 @@ pub fn parse_client_frame_with_token(
             channel: parse_channel(frame.channel)?,
             agent: AgentName::parse(frame.agent.ok_or_else(|| missing("agent"))?)?,
             peer: AgentName::parse(frame.peer.ok_or_else(|| missing("peer"))?)?,
+        },
+        "console" => Request::Console {
+            logout_all: frame.logout_all.unwrap_or(false),
         },
         other => return Err(Error::UnknownType(other.chars().take(64).collect())),
     };
@@ -770,6 +784,14 @@ pub enum ServerFrame {
     /// Reply to `release`: how many held messages went on.
     Released {
         released: usize,
+    },
+    /// Reply to `console`: the one-time login link (valid 60 s, used
+    /// once), or with `logout_all` how many sessions ended.
+    Console {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ended: Option<usize>,
     },
     Error {
         code: String,

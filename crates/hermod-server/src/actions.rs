@@ -16,13 +16,16 @@
 //! messages (a runner that falls behind misses messages, counted), run at
 //! most [`ActionConfig::concurrency`] at once and are stopped after
 //! [`ActionConfig::timeout`]. Runs and failures are counted per kind for
-//! `/metrics`; failures are logged.
+//! `/metrics`; failures are logged. The last wake-up of each agent (which
+//! kind, whether it worked) is kept for the console, whose *nudge* runs an
+//! agent's actions on demand ([`ActionStats::nudge`]).
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hermod_core::broker::Tapped;
@@ -32,7 +35,7 @@ use hermod_events::Pattern;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -126,11 +129,72 @@ impl Default for ActionConfig {
     }
 }
 
-/// Runs and failures per kind, for `/metrics`.
+/// Runs and failures per kind, for `/metrics`; the last wake-up per
+/// agent and the nudge queue, for the console.
 #[derive(Debug, Default)]
 pub struct ActionStats {
     pub runs: [AtomicU64; 4],
     pub failures: [AtomicU64; 4],
+    /// The last wake-up of each agent (at most [`WAKES_MAX`] agents).
+    last: Mutex<HashMap<String, Wake>>,
+    /// Where nudges go; `None` while no action runner is up.
+    nudges: Mutex<Option<mpsc::Sender<Nudge>>>,
+}
+
+/// Agents whose last wake-up is remembered, at most.
+const WAKES_MAX: usize = 4096;
+/// Nudges waiting for the runner, at most.
+const NUDGE_QUEUE: usize = 16;
+
+/// An agent's last wake-up.
+#[derive(Debug, Clone)]
+pub struct Wake {
+    /// The action kind (`tmux`, `exec`, ...).
+    pub kind: &'static str,
+    pub ts: f64,
+    /// `None`: it worked; else why not.
+    pub error: Option<String>,
+}
+
+/// Run `agent`'s wake-up actions now (the console's nudge).
+#[derive(Debug, Clone)]
+pub struct Nudge {
+    pub channel: String,
+    pub agent: String,
+    pub unread: u64,
+    /// Who asked (the console's operator name).
+    pub by: String,
+}
+
+impl ActionStats {
+    /// The last wake-up of `agent`, if one ran since start.
+    pub fn last_wake(&self, agent: &str) -> Option<Wake> {
+        self.last.lock().unwrap().get(agent).cloned()
+    }
+
+    fn woke(&self, agents: &[String], wake: Wake) {
+        let mut last = self.last.lock().unwrap();
+        for agent in agents {
+            if last.len() >= WAKES_MAX && !last.contains_key(agent) {
+                // Bounded: forget one (any) to make room.
+                if let Some(k) = last.keys().next().cloned() {
+                    last.remove(&k);
+                }
+            }
+            last.insert(agent.clone(), wake.clone());
+        }
+    }
+
+    /// Queues a nudge; `Err` says why it cannot run (no actions
+    /// configured, or too many nudges waiting).
+    pub fn nudge(&self, nudge: Nudge) -> Result<(), &'static str> {
+        let nudges = self.nudges.lock().unwrap();
+        let Some(tx) = nudges.as_ref() else {
+            return Err("no wake-up actions are configured ([[action]] in config.toml)");
+        };
+        tx.try_send(nudge)
+            .map_err(|_| "too many nudges are waiting; try again in a moment")
+    }
 }
 
 /// hermes-bus hooks as `exec` actions, resolved from the environment.
@@ -217,6 +281,8 @@ pub async fn run(
         .map(|a| a.topic.as_deref().and_then(|t| Pattern::parse(t).ok()))
         .collect();
     let mut tap = broker.tap(TAP_CAPACITY);
+    let (nudge_tx, mut nudges) = mpsc::channel(NUDGE_QUEUE);
+    *stats.nudges.lock().unwrap() = Some(nudge_tx);
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let http = reqwest::Client::new();
     let tasks = TaskTracker::new();
@@ -230,6 +296,17 @@ pub async fn run(
         let tapped = tokio::select! {
             _ = shutdown.cancelled() => break,
             t = tap.recv() => match t { Some(t) => t, None => break },
+            Some(nudge) = nudges.recv() => {
+                for spec in config.actions.iter().filter(|a| a.nudges(&nudge)) {
+                    let permit = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    };
+                    let job = Job::nudge(spec.action.clone(), &nudge, &config, &http);
+                    spawn(&tasks, job, stats.clone(), permit);
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(due), if digest_at.is_some() => {
                 digest_at = None;
                 for (spec, messages) in config.actions.iter().zip(low.iter_mut()) {
@@ -275,6 +352,7 @@ pub async fn run(
                 summary: summary(&tapped.message),
                 timeout: config.timeout,
                 http: http.clone(),
+                agents: woken(spec, &tapped),
             };
             spawn(&tasks, job, stats.clone(), permit);
         }
@@ -295,10 +373,18 @@ fn spawn(
     tasks.spawn(async move {
         let kind = job.action.kind();
         stats.runs[kind].fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = job.run().await {
+        let agents = job.agents.clone();
+        let result = job.run().await;
+        if let Err(e) = &result {
             stats.failures[kind].fetch_add(1, Ordering::Relaxed);
             tracing::warn!(action = KINDS[kind], error = %e, "wake-up action failed");
         }
+        let wake = Wake {
+            kind: KINDS[kind],
+            ts: hermod_core::model::now(),
+            error: result.err(),
+        };
+        stats.woke(&agents, wake);
         drop(permit);
     });
 }
@@ -311,9 +397,65 @@ struct Job {
     summary: String,
     timeout: Duration,
     http: reqwest::Client,
+    /// The agents it wakes (their last wake-up is this one).
+    agents: Vec<String>,
+}
+
+/// Agents a message's action wakes, recorded at most per run.
+const WOKEN_MAX: usize = 16;
+
+/// The recipients `spec` wakes for `t`: its `to`, else every recipient.
+fn woken(spec: &ActionSpec, t: &Tapped) -> Vec<String> {
+    match &spec.to {
+        Some(to) => vec![to.clone()],
+        None => t
+            .recipients
+            .iter()
+            .take(WOKEN_MAX)
+            .map(|r| r.to_string())
+            .collect(),
+    }
+}
+
+impl ActionSpec {
+    /// Does a nudge of this agent run this action? Its `to` and `channel`
+    /// filters say so; a topic-only action wakes nobody's inbox.
+    fn nudges(&self, n: &Nudge) -> bool {
+        self.topic.is_none()
+            && self.to.as_deref().is_none_or(|to| to == n.agent)
+            && self.channel.as_deref().is_none_or(|c| c == n.channel)
+    }
 }
 
 impl Job {
+    /// A nudge from the console: a `nudge` frame for exec, append and
+    /// webhook, a pane line for tmux.
+    fn nudge(action: Action, n: &Nudge, config: &ActionConfig, http: &reqwest::Client) -> Self {
+        let frame = serde_json::to_vec(&serde_json::json!({
+            "type": "nudge",
+            "to": n.agent,
+            "channel": n.channel,
+            "unread": n.unread,
+            "from": n.by,
+        }))
+        .expect("a nudge serializes");
+        let summary = text::pane_line(
+            &format!(
+                "[hermod] nudge from {}: {} has {} unread message(s) on {}; read them with hermod recv",
+                n.by, n.agent, n.unread, n.channel
+            ),
+            PANE_MAX_CHARS,
+        );
+        Job {
+            action,
+            frame: frame.into(),
+            summary,
+            timeout: config.timeout,
+            http: http.clone(),
+            agents: vec![n.agent.clone()],
+        }
+    }
+
     /// One wake-up for many `low` messages: a `digest` frame holding
     /// them, and a pane line naming how many and from whom.
     fn digest(
@@ -336,6 +478,13 @@ impl Job {
         senders.sort_unstable();
         senders.dedup();
         let last = messages.last().expect("a digest is never empty");
+        let mut agents: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.to.as_ref().map(|t| t.to_string()))
+            .collect();
+        agents.sort_unstable();
+        agents.dedup();
+        agents.truncate(WOKEN_MAX);
         let summary = text::pane_line(
             &format!(
                 "[hermod] digest: {} low-priority messages to {} from {}; newest: {}",
@@ -352,6 +501,7 @@ impl Job {
             summary,
             timeout: config.timeout,
             http: http.clone(),
+            agents,
         }
     }
 

@@ -254,6 +254,29 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
         } => reply(ServerFrame::Released {
             released: broker.release_held(caller, &channel, &agent, &peer).await?,
         }),
+        Request::Console { logout_all } => {
+            // A browser's WebSocket on loopback is the owner too: only the
+            // Unix socket's owner, or an admin token, gets a login link.
+            if conn.door != "unix" && caller.identity().is_none() {
+                return Err(Error::Forbidden {
+                    rule: "admin",
+                    detail:
+                        "console links are for the owner over the Unix socket, or an admin token"
+                            .into(),
+                });
+            }
+            reply(if logout_all {
+                ServerFrame::Console {
+                    link: None,
+                    ended: Some(broker.console_logout_all(caller)?),
+                }
+            } else {
+                ServerFrame::Console {
+                    link: Some(broker.console_link(caller)?),
+                    ended: None,
+                }
+            })
+        }
         Request::Tail => {
             // Every message on the bus (the caller's channel, for a token
             // bound to one): for the owner and admins only. A bounded tap:

@@ -68,6 +68,8 @@ impl Bound {
                 // The bound address (port 0 resolved): the HTTP edge's own origin.
                 if let Ok(addr) = listener.local_addr() {
                     config.addr = addr;
+                    // Where console login links point.
+                    broker.set_console_url(format!("http://{addr}"));
                 }
                 let state = http::AppState {
                     broker: broker.clone(),

@@ -108,6 +108,11 @@ pub enum Command {
     ///
     /// Example: `hermod release planner coder`
     Release(ReleaseArgs),
+    /// Open the web console: prints a one-time login link (valid 60 s,
+    /// works once) and opens it in a browser.
+    ///
+    /// Example: `hermod console --no-open`
+    Console(ConsoleArgs),
     /// Measure throughput and latency (starts its own daemon unless --socket).
     ///
     /// Example: `hermod bench --only unix --messages 100000`
@@ -343,6 +348,12 @@ pub struct ServeArgs {
     /// stopped reading (a stalled stream); then the connection is closed.
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     pub http_write_timeout: u64,
+    /// The sender the web console's compose stamps on its messages.
+    #[arg(long, default_value = "operator", value_name = "NAME")]
+    pub console_operator: String,
+    /// Seconds a web console session may sit unused before it ends.
+    #[arg(long, default_value_t = 1800, value_name = "SECS")]
+    pub console_idle: u64,
     // Retention (also `[retention]` in config.toml; a flag wins; `0` or
     // `off` keeps everything).
     /// Messages older than this are removed [default: 30d; config: age].
@@ -403,6 +414,8 @@ impl ServeArgs {
             http_idle_timeout,
             http_body_timeout,
             http_write_timeout,
+            console_operator,
+            console_idle,
             retention_age,
             retention_messages,
             retention_bytes,
@@ -443,6 +456,8 @@ impl ServeArgs {
         argv.value("http-idle-timeout", http_idle_timeout.to_string());
         argv.value("http-body-timeout", http_body_timeout.to_string());
         argv.value("http-write-timeout", http_write_timeout.to_string());
+        argv.value("console-operator", console_operator);
+        argv.value("console-idle", console_idle.to_string());
         let retention = [
             ("retention-age", retention_age),
             ("retention-messages", retention_messages),
@@ -645,6 +660,18 @@ pub struct PresenceSetArgs {
     pub channel: Option<String>,
     /// online, idle, busy or offline.
     pub status: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    pub local: SocketArgs,
+    /// Print the link only; do not start a browser.
+    #[arg(long)]
+    pub no_open: bool,
+    /// End every console session (and unused link) instead.
+    #[arg(long)]
+    pub logout_all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -867,6 +894,8 @@ mod tests {
             "--http-idle-timeout=6",
             "--http-body-timeout=8",
             "--http-write-timeout=11",
+            "--console-operator=ops-desk",
+            "--console-idle=90",
             "--retention-age=off",
             "--retention-messages=7",
             "--retention-bytes=1MiB",

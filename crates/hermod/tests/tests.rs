@@ -9,6 +9,7 @@ mod bridge;
 mod browser;
 mod caps;
 mod cli;
+mod console;
 mod crash;
 mod delivery;
 mod hermes_bus;

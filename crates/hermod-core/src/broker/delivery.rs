@@ -439,6 +439,18 @@ impl Broker {
     /// Every stored message with this id, with each recipient's state,
     /// if `caller` may see it (its sender, a recipient, or the owner).
     pub async fn receipts(&self, caller: &Caller, id: &str) -> Result<Vec<Receipt>> {
+        self.receipts_within(caller, id, usize::MAX).await
+    }
+
+    /// [`Broker::receipts`] with the states of at most `max` recipients
+    /// per copy (a broadcast to thousands costs a store read each); the
+    /// others are left out of `recipients`.
+    pub async fn receipts_within(
+        &self,
+        caller: &Caller,
+        id: &str,
+        max: usize,
+    ) -> Result<Vec<Receipt>> {
         let mut out = Vec::new();
         for c in self.engine.find(id, 16).await? {
             // A held copy is in no inbox yet: its recipient is its `to`.
@@ -449,7 +461,8 @@ impl Broker {
             if !self.may_see(caller, &c.message, &recipients) {
                 continue;
             }
-            out.push(self.receipt_of(c.message, &recipients).await?);
+            let shown = &recipients[..recipients.len().min(max)];
+            out.push(self.receipt_of(c.message, shown).await?);
         }
         if out.is_empty() {
             return Err(Error::NotFound(format!("no message with id {id:?}")));

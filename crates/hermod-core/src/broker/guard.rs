@@ -248,7 +248,44 @@ impl Guard {
     }
 }
 
+/// A pair the loop guard holds, as the console lists it.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub channel: Channel,
+    pub a: AgentName,
+    pub b: AgentName,
+    /// Messages held.
+    pub held: usize,
+    /// When the cooldown lets them through, unless released before.
+    pub until: Option<f64>,
+    /// The oldest held messages, at most as many as asked for.
+    pub oldest: Vec<Arc<Message>>,
+}
+
 impl Broker {
+    /// The pairs the loop guard holds now (at most `limit`, in name
+    /// order), each with its oldest `messages` held messages.
+    pub fn holds(&self, limit: usize, messages: usize) -> Vec<Hold> {
+        let guard = self.shared.guard.lock().unwrap();
+        let mut holds: Vec<Hold> = guard
+            .pairs
+            .iter()
+            .filter(|(_, p)| !p.held.is_empty() || p.held_until.is_some())
+            .map(|((channel, a, b), p)| Hold {
+                channel: channel.clone(),
+                a: a.clone(),
+                b: b.clone(),
+                held: p.held.len(),
+                until: p.held_until,
+                oldest: p.held.iter().take(messages).cloned().collect(),
+            })
+            .collect();
+        drop(guard);
+        holds.sort_by(|x, y| (&x.channel, &x.a, &x.b).cmp(&(&y.channel, &y.a, &y.b)));
+        holds.truncate(limit);
+        holds
+    }
+
     /// Applies `config` to the loop guard from now on.
     pub fn configure_guard(&self, config: GuardConfig) {
         self.shared.guard.lock().unwrap().config = config;

@@ -200,6 +200,12 @@ impl Inboxes {
         self.pruned.remove(key);
     }
 
+    /// How many views retention pruned, and the highest mark (the console).
+    pub(crate) fn floors(&self) -> (usize, Seq) {
+        let marks = self.pruned.values().filter(|s| **s > 0);
+        (marks.clone().count(), marks.copied().max().unwrap_or(0))
+    }
+
     /// How far retention pruned view `key` (0: never).
     pub(crate) fn pruned(&self, key: &ViewKey) -> Seq {
         self.pruned.get(key).copied().unwrap_or(0)

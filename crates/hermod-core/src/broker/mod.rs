@@ -5,7 +5,8 @@
 //! module: `routing` (who gets a message, subscriptions), `reads` (views,
 //! gaps, follow streams, the bus clock), `cursors` (ack, claim / confirm /
 //! release), `presence` (connections, registry, forgetting names),
-//! `identities`, `retention` (the pruning task); `inbox` holds the views'
+//! `identities`, `retention` (the pruning task), `console` (what the web
+//! console reads: recent traffic, rates, logins); `inbox` holds the views'
 //! state and `registry` the agents'. The broker
 //! resolves recipients, hands messages to the [`Engine`], serves inbox reads
 //! (from the hot tail when it can), tracks cursors and presence, and wakes
@@ -20,6 +21,7 @@
 //! routing. Every critical section is a few map operations and
 //! never spans an `.await` or engine IO.
 
+mod console;
 mod cursors;
 mod delivery;
 mod guard;
@@ -40,9 +42,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::model::SYSTEM_SENDER;
+pub use console::{Brief, ConsoleSession, Live, Seen, Watch};
 pub use cursors::Claim;
 pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
+pub use guard::Hold;
 pub use inbox::cost;
 pub use reads::{Reader, SinceBatch};
 pub use registry::{AgentInfo, Connection};
@@ -96,6 +100,10 @@ struct Shared {
     sweep: Mutex<delivery::Sweep>,
     /// The loop guard's counts and what it holds.
     guard: Mutex<guard::Guard>,
+    /// What the web console reads: recent traffic, rates, logins.
+    console: Mutex<console::Console>,
+    /// Updates console streams missed (their queue was full).
+    console_dropped: AtomicU64,
 }
 
 /// The newest connection of one channel over one transport.
@@ -198,8 +206,12 @@ impl Shared {
                         .inboxes
                         .set_pruned(view.clone(), *seq);
                 }
-                Change::Step(_) => {
+                Change::Step(step) => {
                     self.stepped.send_modify(|n| *n += 1);
+                    self.console
+                        .lock()
+                        .unwrap()
+                        .step(step, &self.console_dropped);
                 }
             }
         }
@@ -232,6 +244,10 @@ impl Shared {
                 self.commits.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.console
+            .lock()
+            .unwrap()
+            .push(batch, &self.console_dropped);
         let taps = self.taps.lock().unwrap();
         for tap in taps.iter() {
             for c in batch {
@@ -337,6 +353,8 @@ impl Broker {
             delivery: Mutex::default(),
             sweep: Mutex::default(),
             guard: Mutex::default(),
+            console: Mutex::default(),
+            console_dropped: AtomicU64::new(0),
             state: Mutex::new(State {
                 registry: Registry::default(),
                 cursors: HashMap::new(),

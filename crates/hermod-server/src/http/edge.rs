@@ -15,6 +15,10 @@
 //!    the listener) become a [`Caller`] through the broker's trust policy;
 //!    handlers take it as an extension. A caller that proved nothing the
 //!    mode accepts gets 401 here.
+//!
+//! The console (`/console...`) passes the browser boundary only: it logs
+//! its users in with its own session cookie, since a browser on this
+//! machine runs as the owner's uid and must not be the owner for that.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
@@ -32,6 +36,10 @@ const TOKEN_PREFIX: &str = "/a/";
 pub async fn edge(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     if let Err(e) = browser_boundary(&app, req.headers()) {
         return e.into_response();
+    }
+    let path = req.uri().path();
+    if path == "/console" || path.starts_with("/console/") {
+        return next.run(req).await;
     }
     let mut token = bearer(req.headers());
     if let Some((path_token, rest)) = split_token_path(req.uri()) {

@@ -132,6 +132,12 @@ async fn metrics(
         "Delivery steps (delivered, read, ...) that could not be recorded: the store refused them.",
         vec![(String::new(), app.broker.steps_lost().to_string())],
     );
+    metric(
+        "hermod_console_updates_dropped_total",
+        "counter",
+        "Live updates a slow web console feed missed (that page reloads).",
+        vec![(String::new(), app.broker.traffic_dropped().to_string())],
+    );
     let engine = app.broker.describe_engine().await;
     let engine = engine["engine"].as_str().unwrap_or("unknown");
     metric(

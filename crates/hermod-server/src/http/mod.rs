@@ -10,12 +10,15 @@
 //!   generated OpenAPI document.
 //! - [`relay`]: the hermes_events relay WebSockets (`/api/pub`, `/api/events`).
 //! - [`metrics`]: `GET /metrics` in Prometheus text format.
+//! - [`console`]: the web console under `/console` (its own session
+//!   login; the edge's browser boundary still applies).
 //!
 //! [`listener`] owns the TCP connections under all of them: the accept
 //! loop, connection cap, header/idle timeouts and each connection's
 //! [`Peer`].
 
 pub mod agent_bus;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod interop;
@@ -71,6 +74,10 @@ pub struct HttpConfig {
     /// Longest a response write may stay blocked (the client stopped
     /// reading); then the connection is closed (`--http-write-timeout`).
     pub write_timeout: Duration,
+    /// The sender the console's compose stamps (`--console-operator`).
+    pub console_operator: String,
+    /// A console session unused this long ends (`--console-idle`).
+    pub console_idle: Duration,
 }
 
 impl HttpConfig {
@@ -88,6 +95,8 @@ impl HttpConfig {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
+            console_operator: "operator".to_owned(),
+            console_idle: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -190,6 +199,7 @@ pub fn app(state: AppState) -> Router {
         .merge(v1::router())
         .merge(metrics::router())
         .merge(relay::router())
+        .merge(console::router())
         .fallback(error::fallback)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_FRAME))

@@ -3,6 +3,7 @@
 mod agent;
 mod agents;
 mod bench;
+mod console;
 mod delivery;
 mod inbox;
 mod manage;
@@ -52,6 +53,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Thread(args) => delivery::thread(&args),
         Command::Presence(command) => delivery::presence(command),
         Command::Release(args) => delivery::release(&args),
+        Command::Console(args) => console::run(&args),
     }
 }
 

@@ -91,6 +91,8 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             http.idle_timeout = Duration::from_secs(args.http_idle_timeout.max(1));
             http.body_timeout = Duration::from_secs(args.http_body_timeout.max(1));
             http.write_timeout = Duration::from_secs(args.http_write_timeout.max(1));
+            http.console_operator = args.console_operator.clone();
+            http.console_idle = Duration::from_secs(args.console_idle.max(1));
             http
         });
         let config = ServerConfig {
