@@ -417,8 +417,7 @@ fn run(store: Store, seed: u64, seconds: u64, known: Known) {
     println!(
         "history checker: seed {seed}: {:.1} s ({} s of faults, drain {:.1} s), {} kill -9, store faults {:?}, \
          {} sends ({} acknowledged, {} refused {:?}, {} unanswered), {} messages stored, \
-         deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} /poll answers \
-         redelivered after a crash, {} streams back to a hole, {} read for a cut /poll answer, \
+         deliveries {:?}, session ends {:?}, {} redelivered after a cut stream, {} streams back to a hole, {} read for a cut /poll answer, \
          {} read for a hung-up stream, {} cursor samples, \
          {} events, {:.0} ops/s, {} violation(s)",
         run_time.as_secs_f64(),
@@ -435,7 +434,6 @@ fn run(store: Store, seed: u64, seconds: u64, known: Known) {
         fig.deliveries,
         fig.ends,
         fig.redelivered_after_cut,
-        fig.poll_redelivered_after_crash,
         fig.back_to_a_hole,
         fig.lost_with_cut_poll,
         fig.lost_with_hung_up_stream,

@@ -107,6 +107,34 @@ impl Broker {
     /// hands out only those ([`Claim::owns`]), then
     /// [`Claim::confirm`]s. Dropped unconfirmed, the claim is released.
     pub async fn claim(&self, key: &InboxKey, after: Seq, seq: Seq, door: &str) -> Result<Claim> {
+        self.claim_as(key, after, seq, door, false).await
+    }
+
+    /// [`Broker::claim`] for a reader that confirms *before* it hands out
+    /// (`/poll`): it takes nothing while another reader's claim on this
+    /// inbox is unconfirmed (a stream whose peer has not acknowledged its
+    /// batch yet). Its share could not be stored before that one settles —
+    /// the stored cursor is one number — and a crash meanwhile would hand
+    /// out again what it answered. That reader delivers those messages,
+    /// or releases them for the next claim.
+    pub async fn claim_storable(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        seq: Seq,
+        door: &str,
+    ) -> Result<Claim> {
+        self.claim_as(key, after, seq, door, true).await
+    }
+
+    async fn claim_as(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        seq: Seq,
+        door: &str,
+        storable: bool,
+    ) -> Result<Claim> {
         // Read before claiming: what another node stored is not ours.
         let stored = match self.known_cursor(key) {
             Some(_) => None,
@@ -123,6 +151,8 @@ impl Broker {
             c.observe(stored);
         }
         let mut ranges = Vec::new();
+        let pending = c.claims.values().any(|r| !r.confirmed);
+        let seq = if storable && pending { 0 } else { seq };
         let mut pos = after.max(c.stored);
         for (&lo, r) in c.claims.range(..seq) {
             if r.hi <= pos {

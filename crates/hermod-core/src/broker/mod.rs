@@ -897,6 +897,34 @@ mod tests {
         assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
     }
 
+    // Issue 21: a `/poll` answered while a stream's batch below it was
+    // unacknowledged lived in memory only (the stored cursor could not pass
+    // the batch), and a crash handed it out again (the history checker,
+    // seed 6 with stalling streams: 487 twice). Now it takes nothing until
+    // that batch settles.
+    #[tokio::test]
+    async fn a_poll_takes_nothing_behind_an_unconfirmed_claim() {
+        let (b, _) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 20).await;
+        let mut stream = b.claim(&key, 0, 10, "sse").await.unwrap();
+        let poll = b.claim_storable(&key, 10, 20, "poll").await.unwrap();
+        assert!(
+            owned(&poll, 20).is_empty(),
+            "nothing behind the stream's batch"
+        );
+        drop(poll);
+        stream.confirm().await.unwrap();
+        let mut poll = b.claim_storable(&key, 10, 20, "poll").await.unwrap();
+        assert_eq!(owned(&poll, 20), seqs(10, 20));
+        poll.confirm().await.unwrap();
+        assert_eq!(
+            b.engine.cursor(&key).await.unwrap(),
+            20,
+            "stored when answered"
+        );
+    }
+
     // Issue 21: a `/poll` whose client vanished mid-claim (its future
     // dropped) held its claim for ever, and a later confirm stored the
     // cursor over it.

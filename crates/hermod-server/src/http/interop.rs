@@ -208,10 +208,14 @@ async fn poll(
         None => json_array(std::iter::empty()),
         Some(last) => {
             // Claim the batch (anything a concurrent reader holds is
-            // skipped) and confirm it before answering: if the store
-            // refuses, or the client goes away meanwhile, the claim is
-            // released and the batch stays unread.
-            let mut claim = app.broker.claim(&key, cursor, last.seq, "poll").await?;
+            // skipped; nothing while a stream's batch is unacknowledged)
+            // and confirm it before answering: if the store refuses, or
+            // the client goes away meanwhile, the claim is released and the
+            // batch stays unread.
+            let mut claim = app
+                .broker
+                .claim_storable(&key, cursor, last.seq, "poll")
+                .await?;
             claim.confirm().await?;
             // Sent as written: re-parsing the bodies could fail (and lose the batch).
             json_array(

@@ -51,9 +51,6 @@ pub struct Figures {
     pub unknown: usize,
     pub deliveries: BTreeMap<String, usize>,
     pub redelivered_after_cut: usize,
-    /// `/poll` answers handed out again after a crash (stored behind a
-    /// stream's unconfirmed batch).
-    pub poll_redelivered_after_crash: usize,
     /// Streams that went back to a hole another reader released.
     pub back_to_a_hole: usize,
     /// Read by a `/poll` whose answer the client cut (or never got).
@@ -579,19 +576,6 @@ pub fn check(
                         && stalled[c2.sess as usize].iter().any(|&st| st < c2.ev));
                 if ok {
                     fig.redelivered_after_cut += 1;
-                    continue;
-                }
-                // A `/poll` answer is stored only through the claims before
-                // it: one behind a stream's batch the peer had not
-                // acknowledged yet lives in memory until that batch settles,
-                // and a crash first hands it out again (at-least-once; see
-                // the README). Only with a stream of this inbox open then
-                // that had stopped reading (what holds a batch for seconds).
-                if sessions[c1.sess as usize].door == Door::IopPoll
-                    && killed_between(c1.ev, c2.ev)
-                    && mine_open_at(c1.ev).any(|s| stalled[s as usize].iter().any(|&st| st < c1.ev))
-                {
-                    fig.poll_redelivered_after_crash += 1;
                     continue;
                 }
                 let (d1, d2) = (&sessions[c1.sess as usize], &sessions[c2.sess as usize]);
