@@ -1409,7 +1409,13 @@ impl Engine for NatsEngine {
         Ok(stored.map_or(0, |(cursor, _)| cursor))
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
+    async fn swap_cursor(
+        &self,
+        key: InboxKey,
+        expected: Seq,
+        new: Seq,
+        steps: Vec<Step>,
+    ) -> Result<(Swap, Vec<Step>)> {
         let inner = &self.inner;
         inner.check_connected()?;
         let k = keys::cursor_key(&key);
@@ -1417,7 +1423,7 @@ impl Engine for NatsEngine {
             let current = inner.stored_cursor(&k).await?;
             let stored = current.map_or(0, |c| c.0);
             if stored != expected {
-                return Ok(Swap::Lost(stored));
+                return Ok((Swap::Lost(stored), Vec::new()));
             }
             // Another claim won: look again.
             let revision = current.map(|c| c.1);
@@ -1425,9 +1431,16 @@ impl Engine for NatsEngine {
                 .await?
                 .is_some()
             {
-                return Ok(Swap::Moved);
+                break;
             }
         }
+        // The cursor and the steps live in two buckets: the steps follow
+        // the move (a crash between loses them, never a message).
+        let added = self.record(steps).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "recording read steps after a cursor move failed");
+            Vec::new()
+        });
+        Ok((Swap::Moved, added))
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::*;
-use crate::engine::Swap;
+use crate::engine::{Step, Swap};
 
 impl Broker {
     /// Which door read the message at `seq` of `key`'s inbox (its `read`
@@ -76,6 +76,27 @@ impl Broker {
                 c.first_free()
             }
             None => stored,
+        })
+    }
+
+    /// How far `key`'s inbox was read for good: the stored cursor and the
+    /// confirmed claims that follow it without a gap (never a claim still
+    /// pending: its reader may yet release it). What an SSE resume replays
+    /// ends here.
+    pub async fn read_cursor(&self, key: &InboxKey) -> Result<Seq> {
+        let stored = match self.known_cursor(key) {
+            Some(_) => None,
+            None => Some(self.engine.cursor(key).await?),
+        };
+        let mut state = self.shared.state.lock().unwrap();
+        Ok(match state.cursors.get_mut(key) {
+            Some(c) => {
+                if let Some(stored) = stored {
+                    c.observe(stored);
+                }
+                c.confirmed_through()
+            }
+            None => stored.unwrap_or(0),
         })
     }
 
@@ -166,10 +187,12 @@ impl Broker {
         if pos < seq {
             ranges.push((pos, seq));
         }
+        let door_of: Arc<str> = Arc::from(door);
         for &(lo, hi) in &ranges {
             let range = Range {
                 hi,
                 confirmed: false,
+                door: door_of.clone(),
                 taken: taken.clone(),
             };
             c.claims.insert(lo, range);
@@ -190,7 +213,11 @@ impl Broker {
     /// unless it is `kept` (its messages are handed out already): then it
     /// stays confirmed in memory, readers pass it by, and any later store
     /// of this inbox's cursor covers it.
-    async fn store_claim(&self, key: &InboxKey, claim: &Claim, kept: bool) -> Result<()> {
+    ///
+    /// Every move stores the `read` steps of the claims it covers with it
+    /// (see [`Engine::swap_cursor`]); returns the steps its moves added.
+    async fn store_claim(&self, key: &InboxKey, claim: &Claim, kept: bool) -> Result<Vec<Step>> {
+        let mut added = Vec::new();
         let mut turn = self.store_turn(key, claim).await;
         if kept {
             turn.release = None;
@@ -221,7 +248,7 @@ impl Broker {
                 c.unanswered = None;
                 unsure = false;
             }
-            let (expected, target) = {
+            let (expected, target, steps) = {
                 let mut state = self.shared.state.lock().unwrap();
                 let c = state.cursors.entry(key.clone()).or_default();
                 let through = c.confirmed_through();
@@ -230,19 +257,25 @@ impl Broker {
                     // swap may or may not have been applied.
                     c.unanswered = Some(through);
                 }
-                (c.stored, through)
+                (c.stored, through, c.read_steps(key, through))
             };
             if target <= expected {
                 // Stored, or behind a claim still pending (its confirm
                 // stores this one too).
                 break;
             }
-            let swap = self.engine.swap_cursor(key.clone(), expected, target).await;
+            let swap = self
+                .engine
+                .swap_cursor(key.clone(), expected, target, steps)
+                .await;
             let mut state = self.shared.state.lock().unwrap();
             let c = state.cursors.entry(key.clone()).or_default();
             match swap {
-                Ok(Swap::Moved) => c.observe(target),
-                Ok(Swap::Lost(stored)) => {
+                Ok((Swap::Moved, mut steps)) => {
+                    c.observe(target);
+                    added.append(&mut steps);
+                }
+                Ok((Swap::Lost(stored), _)) => {
                     // Another node stored `stored` (maybe `target` itself:
                     // it read the same batch). What it covers is its.
                     c.unanswered = None;
@@ -256,7 +289,7 @@ impl Broker {
             }
         }
         turn.release = None;
-        Ok(())
+        Ok(added)
     }
 
     /// Waits until no other confirm of `key` is storing on this node, and
@@ -403,12 +436,15 @@ impl Claim {
         // (or, kept, holds it confirmed).
         let stored = self.broker.store_claim(&self.key, self, kept).await;
         self.settled = true;
-        if let Err(e) = stored {
-            if !kept {
-                self.ranges.clear();
+        let added = match stored {
+            Ok(added) => added,
+            Err(e) => {
+                if !kept {
+                    self.ranges.clear();
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let taken = self.taken.load(Ordering::Acquire);
         {
             let mut state = self.broker.shared.state.lock().unwrap();
@@ -428,19 +464,11 @@ impl Claim {
                 // Another node's reader took it while this one held it.
                 tracing::warn!(agent = %self.key.agent, from = lo, to = hi,
                     "another node delivered part of this claim");
-                continue;
             }
-            let step = crate::engine::Step {
-                key: self.key.clone(),
-                lo: lo.max(taken),
-                hi,
-                state: model::State::Read,
-                ts: model::now(),
-                door: self.door.clone(),
-                note: None,
-            };
-            self.broker.note(step, None).await;
         }
+        // The `read` steps were stored with the cursor; whoever added one
+        // tells its senders.
+        self.broker.tell_senders_of(added).await;
         Ok(())
     }
 }
@@ -487,6 +515,8 @@ struct Range {
     hi: Seq,
     /// Final: its claimer confirmed it; the cursor may be stored over it.
     confirmed: bool,
+    /// Its claimer's door: the `read` step stored with the cursor.
+    door: Arc<str>,
     /// Its claim's `taken` (and identity).
     taken: Arc<AtomicU64>,
 }
@@ -500,6 +530,28 @@ impl Cursor {
             pos = r.hi;
         }
         pos
+    }
+
+    /// The `read` steps of the confirmed claims between the stored value
+    /// and `through` (what a move there covers), less what another node
+    /// took of them.
+    fn read_steps(&self, key: &InboxKey, through: Seq) -> Vec<Step> {
+        let ts = model::now();
+        self.claims
+            .range(self.stored..through)
+            .filter_map(|(&lo, r)| {
+                let taken = r.taken.load(Ordering::Acquire);
+                (r.hi > taken).then(|| Step {
+                    key: key.clone(),
+                    lo: lo.max(taken),
+                    hi: r.hi,
+                    state: model::State::Read,
+                    ts,
+                    door: r.door.to_string(),
+                    note: None,
+                })
+            })
+            .collect()
     }
 
     /// How far the confirmed claims let the stored cursor move.

@@ -367,6 +367,17 @@ impl Broker {
     /// Queues a step for the recorder. Never waits: an acknowledgement
     /// must not wait for bookkeeping, so a step that finds the queue full
     /// is dropped and counted (`hermod_delivery_steps_lost_total`).
+    /// Tells the senders of what steps another write added (the `read`
+    /// steps a cursor move stored with it).
+    pub(super) async fn tell_senders_of(&self, added: Vec<Step>) {
+        for step in added {
+            if let Err(e) = self.tell_senders(&step, None).await {
+                tracing::warn!(error = %e, agent = %step.key.agent, state = %step.state,
+                    "sending receipts failed");
+            }
+        }
+    }
+
     pub(super) async fn note(&self, step: Step, messages: Option<Vec<Arc<Message>>>) {
         if self
             .shared

@@ -717,7 +717,11 @@ mod tests {
             b.ack(&key, 20, "test").await.unwrap();
             // a claim never takes what it stored.
             assert_eq!(
-                b.engine.swap_cursor(key.clone(), 20, 25).await.unwrap(),
+                b.engine
+                    .swap_cursor(key.clone(), 20, 25, Vec::new())
+                    .await
+                    .unwrap()
+                    .0,
                 Swap::Moved
             );
             fill(&b, 20).await;
@@ -731,7 +735,11 @@ mod tests {
             let mut c = b.claim(&key, 0, 40, "test").await.unwrap();
             assert_eq!(owned(&c, 40), seqs(30, 40));
             assert_eq!(
-                b.engine.swap_cursor(key.clone(), 30, 35).await.unwrap(),
+                b.engine
+                    .swap_cursor(key.clone(), 30, 35, Vec::new())
+                    .await
+                    .unwrap()
+                    .0,
                 Swap::Moved
             );
             c.confirm().await.unwrap();
@@ -782,7 +790,13 @@ mod tests {
         async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
             self.inner.cursor(key).await
         }
-        async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
+        async fn swap_cursor(
+            &self,
+            key: InboxKey,
+            expected: Seq,
+            new: Seq,
+            steps: Vec<crate::engine::Step>,
+        ) -> Result<(Swap, Vec<crate::engine::Step>)> {
             use std::sync::atomic::Ordering::SeqCst;
             if self.stall.load(SeqCst) {
                 self.stalled.notified().await;
@@ -790,7 +804,7 @@ mod tests {
             if self.fail.load(SeqCst) {
                 return Err(Error::StorageBusy("injected".into()));
             }
-            self.inner.swap_cursor(key, expected, new).await
+            self.inner.swap_cursor(key, expected, new, steps).await
         }
         async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
             self.inner.remember_agent(key, seen, connected).await

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Change, Engine, Retention, Swap, View};
+use super::{Change, Engine, Retention, Step, Swap, View};
 use crate::auth::IdentitySpec;
 use crate::model::{AgentName, Body, Channel, Guarded, InboxKey, Message, NewMessage, Seq};
 
@@ -154,11 +154,45 @@ where
     assert_eq!(e.seq_at_ts(f64::MAX).await.unwrap(), 55);
 
     // Cursors move by compare-and-set from the value stored.
-    let swap = |key: &InboxKey, expected, new| e.swap_cursor(key.clone(), expected, new);
+    let swap = |key: &InboxKey, expected, new| {
+        let (e, key) = (e.clone(), key.clone());
+        async move {
+            e.swap_cursor(key, expected, new, Vec::new())
+                .await
+                .map(|(swap, _)| swap)
+        }
+    };
     assert_eq!(e.cursor(&bob).await.unwrap(), 0);
     assert_eq!(swap(&bob, 0, 40).await.unwrap(), Swap::Moved);
     assert_eq!(swap(&bob, 0, 30).await.unwrap(), Swap::Lost(40));
     assert_eq!(e.cursor(&bob).await.unwrap(), 40);
+    // A move stores the `read` steps it covers with it (and returns the
+    // ones it added); a lost swap stores none.
+    let fay = InboxKey::new(Channel::default(), name("fay"));
+    let read_step = |lo: Seq, hi: Seq, door: &str| Step {
+        key: fay.clone(),
+        lo,
+        hi,
+        state: crate::model::State::Read,
+        ts: 50.0,
+        door: door.into(),
+        note: None,
+    };
+    let lost = e
+        .swap_cursor(fay.clone(), 5, 45, vec![read_step(5, 45, "sse")])
+        .await
+        .unwrap();
+    assert_eq!(lost, (Swap::Lost(0), Vec::new()));
+    assert!(e.steps(&fay, 45).await.unwrap().is_empty());
+    let moved = e
+        .swap_cursor(fay.clone(), 0, 45, vec![read_step(0, 45, "poll")])
+        .await
+        .unwrap();
+    assert_eq!(moved, (Swap::Moved, vec![read_step(0, 45, "poll")]));
+    assert_eq!(
+        e.steps(&fay, 45).await.unwrap(),
+        vec![read_step(0, 45, "poll")]
+    );
     // Compare-and-set: of two claims from the same value, one wins.
     let carl = InboxKey::new(Channel::default(), name("carl"));
     assert_eq!(swap(&carl, 0, 10).await.unwrap(), Swap::Moved);
@@ -410,7 +444,7 @@ where
         .await
         .unwrap()
         .unwrap();
-    e.swap_cursor(dave.clone(), 0, 1).await.unwrap();
+    e.swap_cursor(dave.clone(), 0, 1, Vec::new()).await.unwrap();
     e.set_subscription(dave.clone(), "x.*".into(), true)
         .await
         .unwrap();

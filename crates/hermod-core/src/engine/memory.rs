@@ -345,14 +345,23 @@ impl Engine for MemoryEngine {
         Ok(*self.state.lock().unwrap().cursors.get(key).unwrap_or(&0))
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
-        let mut state = self.state.lock().unwrap();
-        let c = state.cursors.entry(key).or_default();
-        if *c != expected {
-            return Ok(Swap::Lost(*c));
+    async fn swap_cursor(
+        &self,
+        key: InboxKey,
+        expected: Seq,
+        new: Seq,
+        steps: Vec<Step>,
+    ) -> Result<(Swap, Vec<Step>)> {
+        {
+            let mut state = self.state.lock().unwrap();
+            let c = state.cursors.entry(key).or_default();
+            if *c != expected {
+                return Ok((Swap::Lost(*c), Vec::new()));
+            }
+            *c = new;
         }
-        *c = new;
-        Ok(Swap::Moved)
+        // Nothing of memory outlives a crash: recorded right after.
+        Ok((Swap::Moved, self.record(steps).await?))
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {

@@ -303,8 +303,20 @@ pub trait Engine: Send + Sync + 'static {
     async fn cursor(&self, key: &InboxKey) -> Result<Seq>;
 
     /// Compare-and-set: moves the cursor of `key` to `new` only if it is
-    /// `expected` now; resolves once durable.
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap>;
+    /// `expected` now, and with the move records `steps` (the `read` steps
+    /// of what it covers): in the same commit where the engine can
+    /// (SQLite, memory), so a cursor that moved always has its steps on
+    /// record, a crash or not; NATS records them right after the move.
+    /// Resolves once durable, with the steps this call added (as
+    /// [`Engine::record`] returns them: whoever gets a step back tells the
+    /// sender).
+    async fn swap_cursor(
+        &self,
+        key: InboxKey,
+        expected: Seq,
+        new: Seq,
+        steps: Vec<Step>,
+    ) -> Result<(Swap, Vec<Step>)>;
 
     /// Records an agent in the registry (first/last seen, and whether it
     /// has `connected`: once set it stays); resolves once durable.

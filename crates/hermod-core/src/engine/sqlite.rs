@@ -174,8 +174,15 @@ enum Op {
         len: usize,
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
     },
-    /// Compare-and-set of a cursor: (key, expected, new).
-    Swap(InboxKey, Seq, Seq, oneshot::Sender<Result<Swap>>),
+    /// Compare-and-set of a cursor: (key, expected, new, the `read` steps
+    /// recorded with the move).
+    Swap(
+        InboxKey,
+        Seq,
+        Seq,
+        Vec<Step>,
+        oneshot::Sender<Result<(Swap, Vec<Step>)>>,
+    ),
     Agent(InboxKey, f64, bool, Ack),
     Forget(InboxKey, oneshot::Sender<Result<bool>>),
     Expire(f64, usize, oneshot::Sender<Result<Vec<InboxKey>>>),
@@ -1046,9 +1053,16 @@ impl Engine for SqliteEngine {
         .await
     }
 
-    async fn swap_cursor(&self, key: InboxKey, expected: Seq, new: Seq) -> Result<Swap> {
+    async fn swap_cursor(
+        &self,
+        key: InboxKey,
+        expected: Seq,
+        new: Seq,
+        steps: Vec<Step>,
+    ) -> Result<(Swap, Vec<Step>)> {
         let (reply, rx) = oneshot::channel();
-        self.queue(Op::Swap(key, expected, new, reply)).await?;
+        self.queue(Op::Swap(key, expected, new, steps, reply))
+            .await?;
         rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
@@ -1257,8 +1271,8 @@ struct Applied {
     pruned: Vec<(Pruned, Vec<(InboxKey, Seq)>)>,
     forgotten: Vec<bool>,
     expired: Vec<Vec<InboxKey>>,
-    /// What each swap did.
-    swapped: Vec<Swap>,
+    /// What each swap did, and the steps it added.
+    swapped: Vec<(Swap, Vec<Step>)>,
     /// The steps each record added.
     recorded: Vec<Vec<Step>>,
 }
@@ -1399,6 +1413,37 @@ fn failure(e: &rusqlite::Error) -> Failure {
         },
         _ => Failure::Storage,
     }
+}
+
+/// Inserts delivery steps; the first of a state ending at one seq in one
+/// inbox stays. Returns (and reports to the feed) the ones it added.
+fn insert_steps(
+    tx: &rusqlite::Transaction<'_>,
+    steps: &[Step],
+    changes: &mut Vec<Change>,
+) -> rusqlite::Result<Vec<Step>> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO steps (channel, agent, state, hi, lo, ts, door, note)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut new = Vec::new();
+    for step in steps {
+        let added = insert.execute(params![
+            step.key.channel.as_str(),
+            step.key.agent.as_str(),
+            step.state.as_str(),
+            step.hi as i64,
+            step.lo as i64,
+            step.ts,
+            step.door,
+            step.note,
+        ])?;
+        if added > 0 {
+            changes.push(Change::Step(step.clone()));
+            new.push(step.clone());
+        }
+    }
+    Ok(new)
 }
 
 impl Writer {
@@ -1643,7 +1688,7 @@ impl Writer {
                             });
                         }
                     }
-                    Op::Swap(key, expected, new, _) => {
+                    Op::Swap(key, expected, new, steps, _) => {
                         let (channel, agent) = (key.channel.as_str(), key.agent.as_str());
                         let now: Seq = tx
                             .prepare_cached(
@@ -1657,9 +1702,10 @@ impl Writer {
                                 "INSERT OR REPLACE INTO cursors (channel, agent, seq) VALUES (?1, ?2, ?3)",
                             )?
                             .execute(params![channel, agent, *new as i64])?;
-                            out.swapped.push(Swap::Moved);
+                            let added = insert_steps(&tx, steps, &mut out.changes)?;
+                            out.swapped.push((Swap::Moved, added));
                         } else {
-                            out.swapped.push(Swap::Lost(now));
+                            out.swapped.push((Swap::Lost(now), Vec::new()));
                         }
                     }
                     Op::Agent(key, seen, connected, _) => {
@@ -1738,27 +1784,7 @@ impl Writer {
                         });
                     }
                     Op::Record(steps, _) => {
-                        let mut insert = tx.prepare_cached(
-                            "INSERT OR IGNORE INTO steps (channel, agent, state, hi, lo, ts, door, note)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                        )?;
-                        let mut new = Vec::new();
-                        for step in steps.iter() {
-                            let added = insert.execute(params![
-                                step.key.channel.as_str(),
-                                step.key.agent.as_str(),
-                                step.state.as_str(),
-                                step.hi as i64,
-                                step.lo as i64,
-                                step.ts,
-                                step.door,
-                                step.note,
-                            ])?;
-                            if added > 0 {
-                                out.changes.push(Change::Step(step.clone()));
-                                new.push(step.clone());
-                            }
-                        }
+                        let new = insert_steps(&tx, steps, &mut out.changes)?;
                         out.recorded.push(new);
                     }
                     Op::Probe => {

@@ -318,9 +318,12 @@ async fn subscribe(
         .await?;
     let cursor = app.broker.cursor(&key).await?;
     let resume = last_event_id(&headers);
-    // With Last-Event-ID, replay what an earlier stream claimed after it.
+    // With Last-Event-ID, replay what an earlier stream read after it: up
+    // to what was read for good, never into a claim still pending (a
+    // stream that is going away releases it, and this one then reads it
+    // as its own; replayed too, it came twice).
     let (after, replay_until) = match resume {
-        Some(id) if id < cursor => (id, cursor),
+        Some(id) if id < cursor => (id, app.broker.read_cursor(&key).await?),
         _ => (cursor, 0),
     };
     let notices = peer_notices(&app.broker, key.clone());
