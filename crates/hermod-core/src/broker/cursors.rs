@@ -15,10 +15,14 @@
 //!   stored cursor over a claim that may still be released; a confirmed
 //!   claim behind a pending one stays in memory until that one settles.
 //! - A claim dropped unconfirmed (error, cancellation, a disconnect) or
-//!   whose store failed is **released**: the hole it leaves is read again
-//!   by the next reader that starts at the cursor ([`Broker::cursor`] is
-//!   the end of the stored value and the claims that follow it without a
-//!   gap).
+//!   whose store failed before anything was handed out (`/poll`) is
+//!   **released**: the hole it leaves is read again by the next reader
+//!   that starts at the cursor ([`Broker::cursor`] is the end of the stored
+//!   value and the claims that follow it without a gap). A claim confirmed
+//!   after its messages were handed out ([`Claim::confirm_handed_out`]) is
+//!   never released: its store is retried until it lands.
+//! - Every move of the stored cursor stores the `read` steps of the claims
+//!   it covers in the same write, so a moved cursor always says who read.
 //!
 //! Another node may store the cursor meanwhile: every claim and cursor
 //! read first takes the stored value (the newer of memory and the store),
@@ -467,8 +471,12 @@ impl Claim {
             }
         }
         // The `read` steps were stored with the cursor; whoever added one
-        // tells its senders.
-        self.broker.tell_senders_of(added).await;
+        // tells its senders (receipts are messages of their own: the
+        // reader does not wait for them).
+        if !added.is_empty() {
+            let broker = self.broker.clone();
+            tokio::spawn(async move { broker.tell_senders_of(added).await });
+        }
         Ok(())
     }
 }
