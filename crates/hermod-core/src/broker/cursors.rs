@@ -41,15 +41,24 @@ impl Broker {
     /// replays only what a stream of its door read, never what another
     /// destructive door handed out (that would be twice).
     pub async fn read_through(&self, key: &InboxKey, seq: Seq) -> Result<Option<String>> {
-        // This node's own recent shares first: their steps are recorded
-        // behind the answers that handed them out.
+        // This node's own claims and recent shares first: a claim's steps
+        // are stored with the cursor move that covers it, which may still
+        // be on its way (a `/poll` confirming right now).
         let known = {
             let state = self.shared.state.lock().unwrap();
             state.cursors.get(key).and_then(|c| {
-                c.read_by
-                    .iter()
-                    .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
-                    .map(|(.., door)| door.clone())
+                let claimed = c
+                    .claims
+                    .range(..seq)
+                    .next_back()
+                    .filter(|(_, r)| seq <= r.hi)
+                    .map(|(_, r)| r.door.to_string());
+                claimed.or_else(|| {
+                    c.read_by
+                        .iter()
+                        .find(|(lo, hi, _)| *lo < seq && seq <= *hi)
+                        .map(|(.., door)| door.clone())
+                })
             })
         };
         if known.is_some() {
