@@ -152,11 +152,18 @@ async fn session(
                     }
                     *last_seq = m.seq;
                     if out.send(Ok(m)).await.is_err() {
-                        // The caller closed: write the acks it gave first.
+                        // The caller closed: write the acks it gave first,
+                        // and wait until they were processed (see below).
                         while let Ok(seq) = acks.try_recv() {
                             writer.feed(&ClientFrame::Ack { seq }).await?;
                         }
-                        return writer.flush().await;
+                        writer.send(&ClientFrame::Ping).await?;
+                        loop {
+                            match reader.next().await? {
+                                None | Some(ServerFrame::Pong) => return Ok(()),
+                                Some(_) => {}
+                            }
+                        }
                     }
                 }
                 Some(ServerFrame::Error { code, detail, .. }) => {
@@ -166,7 +173,20 @@ async fn session(
             },
             seq = acks.recv() => match seq {
                 Some(seq) => writer.send(&ClientFrame::Ack { seq }).await?,
-                None => return Ok(()),
+                // The caller closed after its last ack: the daemon answers a
+                // `ping` after the frames before it, so its `pong` says those
+                // acks were processed. Leaving before it, a reader that
+                // starts at once (the next `hermod recv`) could be handed
+                // the acknowledged message again.
+                None => {
+                    writer.send(&ClientFrame::Ping).await?;
+                    loop {
+                        match reader.next().await? {
+                            None | Some(ServerFrame::Pong) => return Ok(()),
+                            Some(_) => {}
+                        }
+                    }
+                }
             },
             _ = heartbeat.tick() => writer.send(&ClientFrame::Ping).await?,
         }
