@@ -481,11 +481,8 @@ impl Claim {
         }
         // The `read` steps were stored with the cursor; whoever added one
         // tells its senders (receipts are messages of their own: the
-        // reader does not wait for them).
-        if !added.is_empty() {
-            let broker = self.broker.clone();
-            tokio::spawn(async move { broker.tell_senders_of(added).await });
-        }
+        // recorder sends them, the reader does not wait).
+        self.broker.tell_senders_of(added);
         Ok(())
     }
 }

@@ -65,6 +65,9 @@ pub(super) enum Note {
     },
     /// A reply was stored: what it answers is `replied` by its sender.
     Reply(Arc<Message>),
+    /// Steps stored already (with a cursor move) whose senders are yet to
+    /// be told.
+    Added(Vec<Step>),
 }
 
 /// A stored message with every recipient's state.
@@ -204,11 +207,22 @@ impl Broker {
     /// Stores a batch of notes, then tells the senders who asked.
     async fn store_notes(&self, notes: Vec<Note>) {
         let mut runs = Vec::with_capacity(notes.len());
+        let mut stored = Vec::new();
         for note in notes {
             match note {
                 Note::Step { step, messages } => runs.push((step, messages)),
                 Note::Reply(reply) => runs.extend(self.replied(&reply).await),
+                Note::Added(steps) => stored.extend(steps),
             }
+        }
+        for step in stored {
+            if let Err(e) = self.tell_senders(&step, None).await {
+                tracing::warn!(error = %e, agent = %step.key.agent, state = %step.state,
+                    "sending receipts failed");
+            }
+        }
+        if runs.is_empty() {
+            return;
         }
         let steps: Vec<Step> = runs.iter().map(|(s, _)| s.clone()).collect();
         let added = match self.engine.record(steps).await {
@@ -367,14 +381,13 @@ impl Broker {
     /// Queues a step for the recorder. Never waits: an acknowledgement
     /// must not wait for bookkeeping, so a step that finds the queue full
     /// is dropped and counted (`hermod_delivery_steps_lost_total`).
-    /// Tells the senders of what steps another write added (the `read`
-    /// steps a cursor move stored with it).
-    pub(super) async fn tell_senders_of(&self, added: Vec<Step>) {
-        for step in added {
-            if let Err(e) = self.tell_senders(&step, None).await {
-                tracing::warn!(error = %e, agent = %step.key.agent, state = %step.state,
-                    "sending receipts failed");
-            }
+    /// Has the recorder tell the senders of steps another write stored
+    /// (the `read` steps a cursor move stored with it): in its batches,
+    /// never a task per move.
+    pub(super) fn tell_senders_of(&self, added: Vec<Step>) {
+        let n = added.len() as u64;
+        if n > 0 && self.shared.recorder.try_send(Note::Added(added)).is_err() {
+            self.shared.steps_lost.fetch_add(n, Ordering::Relaxed);
         }
     }
 
