@@ -28,7 +28,7 @@ use hermod_core::wire::{self, AckMode, Request, ServerFrame};
 use hermod_core::{Broker, Error};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -366,7 +366,7 @@ struct Delivery {
     /// Last seq written to the socket.
     position: Seq,
     mode: AckMode,
-    newest: watch::Receiver<Seq>,
+    newest: hermod_core::broker::Watch,
     /// Written but not yet known to be consumed (auto mode).
     unconfirmed: Option<Seq>,
     /// The client asked for `gap` frames at `register`.
