@@ -20,6 +20,12 @@ use hermod_core::{Broker, Error, Result};
 /// Events a `tail` watcher may fall behind by before it misses some.
 const TAIL_QUEUE: usize = 1024;
 
+/// Live (non-durable) topic subscriptions one connection may hold at once:
+/// each is a task or stream and a view, so a client looping `subscribe`
+/// would otherwise grow the daemon without bound. Past it the frame is
+/// answered `too_many_subscriptions`.
+pub const MAX_LIVE_SUBSCRIPTIONS: usize = 256;
+
 /// What the dispatcher knows about the connection a frame came on.
 pub(crate) struct Conn<'a> {
     pub broker: &'a Broker,
@@ -30,6 +36,8 @@ pub(crate) struct Conn<'a> {
     pub gaps: bool,
     /// The door delivery steps name: `unix` or `ws`.
     pub door: &'static str,
+    /// Live subscriptions the connection holds now.
+    pub live: usize,
 }
 
 /// What a durable commit is answered with.
@@ -164,6 +172,11 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
                 let key = needs_agent(conn, "a durable subscription")?;
                 broker.subscribe(caller, key.clone(), &pattern).await?;
                 return reply(ServerFrame::Subscribed { pattern, durable });
+            }
+            if conn.live >= MAX_LIVE_SUBSCRIPTIONS {
+                return Err(Error::TooManySubscriptions {
+                    limit: MAX_LIVE_SUBSCRIPTIONS,
+                });
             }
             let channel =
                 (!every_channel).then(|| conn.agent.map(|k| k.channel.clone()).unwrap_or_default());

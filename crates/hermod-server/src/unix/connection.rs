@@ -240,12 +240,16 @@ impl Reader {
     /// an `Err` is answered as an error frame.
     async fn dispatch(&mut self, request: Request, caller: Caller) -> hermod_core::Result<bool> {
         let id = frames::request_id(&request);
+        // Subscriptions whose stream ended (a failed read, a revoked
+        // token) no longer count.
+        self.live.retain(|task| !task.is_finished());
         let conn = frames::Conn {
             broker: &self.broker,
             caller: &caller,
             agent: self.session.as_ref().map(|s| &s.key),
             gaps: self.gaps,
             door: "unix",
+            live: self.live.len(),
         };
         let outcome = match frames::dispatch(conn, request).await {
             Ok(o) => o,
