@@ -128,10 +128,22 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             gaps,
         }),
         Request::Ping => reply(ServerFrame::Pong),
-        Request::Status => reply(ServerFrame::status(
-            broker.degraded(),
-            Some(broker.describe_engine().await),
-        )),
+        Request::Status => {
+            let mut status =
+                ServerFrame::status(broker.degraded(), Some(broker.describe_engine().await));
+            if let (ServerFrame::Status { memory, .. }, Ok(())) =
+                (&mut status, trust.may_admin(caller))
+            {
+                let (cache_bytes, budget_bytes, views) = broker.cache_usage();
+                *memory = Some(serde_json::json!({
+                    "cache_bytes": cache_bytes,
+                    "budget_bytes": budget_bytes,
+                    "views": views,
+                    "connections": broker.connections(caller),
+                }));
+            }
+            reply(status)
+        }
         // Legacy `message` keeps hermes-bus typo protection and answers only
         // errors; `send` may address an agent that has not connected yet.
         Request::Message(env) => submit(conn, env, Target::Known, Reply::ErrorsOnly).await,
