@@ -819,6 +819,15 @@ pub struct BenchArgs {
     /// from /proc).
     #[arg(long, value_name = "PID", requires = "url")]
     pub pid: Option<u32>,
+    /// Instead of the runs above: the Unix latency run alone, at --rate
+    /// for --seconds, against a daemon started for it with retention on
+    /// (its inbox pruned past --soak-keep messages), sampling the daemon's
+    /// RSS every 10 s. A 30-minute soak: `--soak --rate 5000 --seconds 1800`.
+    #[arg(long, conflicts_with_all = ["nats_cluster", "only", "streams", "socket", "url"])]
+    pub soak: bool,
+    /// Messages the soak's inbox keeps (`--retention-messages`).
+    #[arg(long, default_value_t = 100_000, value_name = "N", requires = "soak")]
+    pub soak_keep: u64,
 }
 
 /// A relay token must not be empty: `/api/pub?token=` would then let

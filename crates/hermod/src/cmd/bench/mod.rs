@@ -42,6 +42,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     if let Some(n) = args.streams {
         return idle_streams(args, n);
     }
+    if args.soak {
+        return soak(args);
+    }
     let (socket, server) = match &args.socket {
         Some(s) => (s.clone(), None),
         None => {
@@ -85,6 +88,50 @@ fn idle_streams(args: &BenchArgs, n: usize) -> Result<ExitCode> {
         }
     };
     super::runtime()?.block_on(streams::idle_streams(&url, pid, n, args.cycles.max(1)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--soak`: the Unix latency run for a long time with retention pruning
+/// all along, and the daemon's RSS every 10 s: memory must stay flat.
+fn soak(args: &BenchArgs) -> Result<ExitCode> {
+    let keep = args.soak_keep.to_string();
+    let server = Server::start(&["--retention-messages", &keep])?;
+    let pid = server.child.id();
+    let (rate, seconds) = (args.rate.max(1), args.seconds.max(1));
+    println!(
+        "soak: {rate} msgs/s for {seconds} s, retention keeps {keep} messages per inbox (pid {pid})"
+    );
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    super::runtime()?.block_on(async {
+        let taken = samples.clone();
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            for n in 0.. {
+                tick.tick().await;
+                let Ok(bytes) = streams::rss(pid) else { break };
+                taken.lock().unwrap().push(bytes);
+                if n % 6 == 0 {
+                    println!("  t+{:>4} s  rss {:.1} MiB", n * 10, mib(bytes));
+                }
+            }
+        });
+        unix::latency(&server.socket, &server.socket, rate, seconds).await?;
+        sampler.abort();
+        anyhow::Ok(())
+    })?;
+    // After the first minute (caches and the store's pages warming up).
+    let samples = samples.lock().unwrap();
+    let steady = samples.get(6..).unwrap_or(&samples[..]);
+    if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
+        println!(
+            "  rss after the first minute: {:.1}..{:.1} MiB ({:+.1}% spread), last {:.1} MiB",
+            mib(*lo),
+            mib(*hi),
+            (*hi as f64 / *lo as f64 - 1.0) * 100.0,
+            mib(*steady.last().unwrap_or(hi))
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
