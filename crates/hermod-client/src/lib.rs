@@ -255,8 +255,27 @@ impl Connection {
     /// [`Connection::degraded`], and the daemon's storage engine as it
     /// describes itself (`{"engine": ...}`; `None` from an older daemon).
     pub async fn status(&mut self) -> Result<(Option<String>, Option<serde_json::Value>)> {
+        let (reason, engine, _) = self.status_all().await?;
+        Ok((reason, engine))
+    }
+
+    /// [`Connection::status`], and what the daemon holds in memory
+    /// (`{"cache_bytes", "budget_bytes", "views", "connections"}`; `None`
+    /// from an older daemon or for a caller that is not an admin).
+    pub async fn status_all(
+        &mut self,
+    ) -> Result<(
+        Option<String>,
+        Option<serde_json::Value>,
+        Option<serde_json::Value>,
+    )> {
         match self.request(&ClientFrame::Status).await? {
-            ServerFrame::Status { reason, engine, .. } => Ok((reason, engine)),
+            ServerFrame::Status {
+                reason,
+                engine,
+                memory,
+                ..
+            } => Ok((reason, engine, memory)),
             other => Err(Error::Protocol(format!("expected `status`, got {other:?}"))),
         }
     }

@@ -50,6 +50,10 @@ pub enum Error {
     /// An ACL rule denied the request; `rule` names it.
     #[error("forbidden by rule {rule}: {detail}")]
     Forbidden { rule: &'static str, detail: String },
+    /// A connection already holds as many live subscriptions as it may;
+    /// end one (or open another connection) first.
+    #[error("this connection already has {limit} live subscriptions, the most one may hold; open another connection for more")]
+    TooManySubscriptions { limit: usize },
     /// The sender is over its send rate; retry after `retry_after` seconds.
     #[error("rate limited: {sender} is over {rate} messages/s; retry in {retry_after:.3} s")]
     RateLimited {
@@ -78,6 +82,7 @@ impl Error {
             Error::ForbiddenSender(_) => "forbidden_sender",
             Error::Forbidden { .. } => "forbidden",
             Error::RateLimited { .. } => "rate_limited",
+            Error::TooManySubscriptions { .. } => "too_many_subscriptions",
         }
     }
 }

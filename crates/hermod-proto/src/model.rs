@@ -197,10 +197,15 @@ impl Body {
         Ok(Body(raw.to_owned()))
     }
 
-    /// Parses stored JSON text.
+    /// Parses stored JSON text (kept as it is: no copy).
     pub fn from_json(text: String) -> Result<Self> {
         let raw = RawValue::from_string(text).map_err(|e| Error::InvalidJson(e.to_string()))?;
-        Self::from_raw(&raw)
+        if !raw.get().starts_with('{') {
+            return Err(Error::InvalidRequest(
+                "\"body\" must be a JSON object".into(),
+            ));
+        }
+        Ok(Body(raw))
     }
 
     pub fn from_map(map: Map<String, Value>) -> Self {

@@ -707,6 +707,11 @@ pub enum ServerFrame {
         /// extension; `{"engine": "sqlite" | "memory" | "nats", ...}`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         engine: Option<serde_json::Value>,
+        /// What the daemon holds in memory, for the owner and admins
+        /// (hermod's extension; `{"cache_bytes", "budget_bytes", "views",
+        /// "connections": {transport: n}}`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory: Option<serde_json::Value>,
     },
     Message(MessageFrame),
     /// Retention removed messages this reader asked for (from `after` up
@@ -808,6 +813,7 @@ impl ServerFrame {
             status: if degraded.is_some() { "degraded" } else { "ok" }.into(),
             reason: degraded,
             engine,
+            memory: None,
         }
     }
 

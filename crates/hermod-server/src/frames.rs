@@ -20,6 +20,12 @@ use hermod_core::{Broker, Error, Result};
 /// Events a `tail` watcher may fall behind by before it misses some.
 const TAIL_QUEUE: usize = 1024;
 
+/// Live (non-durable) topic subscriptions one connection may hold at once:
+/// each is a task or stream and a view, so a client looping `subscribe`
+/// would otherwise grow the daemon without bound. Past it the frame is
+/// answered `too_many_subscriptions`.
+pub const MAX_LIVE_SUBSCRIPTIONS: usize = 256;
+
 /// What the dispatcher knows about the connection a frame came on.
 pub(crate) struct Conn<'a> {
     pub broker: &'a Broker,
@@ -30,6 +36,8 @@ pub(crate) struct Conn<'a> {
     pub gaps: bool,
     /// The door delivery steps name: `unix` or `ws`.
     pub door: &'static str,
+    /// Live subscriptions the connection holds now.
+    pub live: usize,
 }
 
 /// What a durable commit is answered with.
@@ -120,10 +128,22 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
             gaps,
         }),
         Request::Ping => reply(ServerFrame::Pong),
-        Request::Status => reply(ServerFrame::status(
-            broker.degraded(),
-            Some(broker.describe_engine().await),
-        )),
+        Request::Status => {
+            let mut status =
+                ServerFrame::status(broker.degraded(), Some(broker.describe_engine().await));
+            if let (ServerFrame::Status { memory, .. }, Ok(())) =
+                (&mut status, trust.may_admin(caller))
+            {
+                let (cache_bytes, budget_bytes, views) = broker.cache_usage();
+                *memory = Some(serde_json::json!({
+                    "cache_bytes": cache_bytes,
+                    "budget_bytes": budget_bytes,
+                    "views": views,
+                    "connections": broker.connections(caller),
+                }));
+            }
+            reply(status)
+        }
         // Legacy `message` keeps hermes-bus typo protection and answers only
         // errors; `send` may address an agent that has not connected yet.
         Request::Message(env) => submit(conn, env, Target::Known, Reply::ErrorsOnly).await,
@@ -164,6 +184,11 @@ async fn apply(conn: &Conn<'_>, request: Request) -> Result<Outcome> {
                 let key = needs_agent(conn, "a durable subscription")?;
                 broker.subscribe(caller, key.clone(), &pattern).await?;
                 return reply(ServerFrame::Subscribed { pattern, durable });
+            }
+            if conn.live >= MAX_LIVE_SUBSCRIPTIONS {
+                return Err(Error::TooManySubscriptions {
+                    limit: MAX_LIVE_SUBSCRIPTIONS,
+                });
             }
             let channel =
                 (!every_channel).then(|| conn.agent.map(|k| k.channel.clone()).unwrap_or_default());

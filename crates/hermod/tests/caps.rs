@@ -5,7 +5,9 @@
 //! - the daemon's own names (`hermod`, which signs receipts, bounces and
 //!   loop-guard notices; `relay`; `interop`) are refused as a sender
 //!   (`forbidden_sender`, HTTP 403), as an agent to register or read as,
-//!   and as an identity, in every `--auth` mode.
+//!   and as an identity, in every `--auth` mode;
+//! - live subscriptions past 256 on one Unix or WebSocket connection are
+//!   refused with a `too_many_subscriptions` error frame.
 
 use std::os::unix::net::UnixStream;
 use std::process::Command;
@@ -323,4 +325,54 @@ async fn the_daemons_own_names_are_refused_on_every_door_in_every_auth_mode() {
 fn assert_frame_refused_code(reply: &Value, code: &str, mode: &str) {
     assert_eq!(reply["type"], "error", "{mode}: {reply}");
     assert_eq!(reply["code"], code, "{mode}: {reply}");
+}
+
+/// `hermod_server::frames::MAX_LIVE_SUBSCRIPTIONS`.
+const MAX_LIVE: usize = 256;
+
+// Live subscriptions per connection were uncapped: a task and a view each.
+#[tokio::test]
+async fn live_subscriptions_per_connection_are_capped_with_a_clear_error() {
+    let d = Daemon::start();
+    let subscribe = |n: usize| json!({ "type": "subscribe", "pattern": format!("cap.{n}.**") });
+    let mut s = unix(&d);
+    for n in 0..MAX_LIVE {
+        let reply = ask(&mut s, subscribe(n));
+        assert_eq!(reply["type"], "subscribed", "{n}: {reply}");
+    }
+    let refused = ask(&mut s, subscribe(MAX_LIVE));
+    assert_eq!(refused["code"], "too_many_subscriptions", "{refused}");
+    assert!(
+        refused["detail"].as_str().unwrap().contains("256"),
+        "{refused}"
+    );
+    // Durable subscriptions are state in the store, not live streams.
+    let registered = ask(&mut s, json!({ "type": "register", "endpoint": "capped" }));
+    assert_eq!(registered["type"], "registered", "{registered}");
+    let durable = json!({ "type": "subscribe", "pattern": "cap.durable", "durable": true });
+    assert_eq!(ask(&mut s, durable)["type"], "subscribed");
+    // Another connection has its own.
+    let mut other = unix(&d);
+    assert_eq!(ask(&mut other, subscribe(0))["type"], "subscribed");
+
+    // The same on a v1 WebSocket.
+    let mut ws = ws(&d, "capped-ws", None).unwrap();
+    let mut refused = None;
+    for n in 0..=MAX_LIVE {
+        ws.send(tungstenite::Message::text(subscribe(n).to_string()))
+            .unwrap();
+        let reply: Value = loop {
+            match ws.read().unwrap() {
+                tungstenite::Message::Text(t) => break serde_json::from_str(&t).unwrap(),
+                _ => continue,
+            }
+        };
+        if reply["type"] != "subscribed" {
+            refused = Some((n, reply));
+            break;
+        }
+    }
+    let (n, reply) = refused.expect("the WebSocket took every subscription");
+    assert_eq!(n, MAX_LIVE);
+    assert_eq!(reply["code"], "too_many_subscriptions", "{reply}");
 }

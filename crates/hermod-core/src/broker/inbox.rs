@@ -13,7 +13,9 @@
 //! (`--memory-budget`). Past it the least recently read views give up
 //! their tails (their floor moves up, so a read there goes to the engine),
 //! and a view nobody waits on goes altogether: memory holds state for a
-//! name only while it serves someone.
+//! name only while it serves someone. The same holds without pressure: a
+//! view whose last waiter leaves goes at once when its tail is empty
+//! ([`Inboxes::release`]), and so does an agent's watch.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -191,6 +193,30 @@ impl Inboxes {
         self.view(key, committed).newest.subscribe()
     }
 
+    /// A waiter on view `key` left: the view goes if nobody else waits
+    /// on it and its tail holds nothing (a later read, push or watch
+    /// makes it anew). A tail is kept: it is cache, under the budget.
+    pub(crate) fn release(&mut self, key: &ViewKey) {
+        let idle = self
+            .views
+            .get(key)
+            .is_some_and(|v| v.newest.receiver_count() == 0 && v.tail.is_empty());
+        if idle {
+            self.views.remove(key);
+        }
+    }
+
+    /// A waiter on `agent`'s inboxes left: its entry goes if it was the last.
+    pub(crate) fn release_agent(&mut self, agent: &AgentName) {
+        if self
+            .agents
+            .get(agent)
+            .is_some_and(|w| w.receiver_count() == 0)
+        {
+            self.agents.remove(agent);
+        }
+    }
+
     /// Drops view `key` (its inbox was forgotten); waiters keep their
     /// receivers and simply see nothing more.
     pub(crate) fn forget(&mut self, key: &ViewKey) {
@@ -198,6 +224,10 @@ impl Inboxes {
             self.bytes -= view.bytes;
         }
         self.pruned.remove(key);
+        // The agent's watch spans its channels: it goes only unwatched.
+        if let ViewKey::Inbox(inbox) = key {
+            self.release_agent(&inbox.agent);
+        }
     }
 
     /// How many views retention pruned, and the highest mark (the console).

@@ -48,7 +48,7 @@ pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
 pub use guard::Hold;
 pub use inbox::cost;
-pub use reads::{Reader, SinceBatch};
+pub use reads::{Reader, SinceBatch, Watch};
 pub use registry::{AgentInfo, Connection};
 
 use crate::auth::{self, AuthMode, Caller, Identity, IdentitySpec, RateLimit, Trust};
@@ -76,11 +76,9 @@ struct Shared {
     /// bounded queue and misses messages rather than slowing commits.
     taps: Mutex<Vec<mpsc::Sender<Tapped>>>,
     taps_dropped: AtomicU64,
-    /// The newest connection per channel and transport, live only. A
-    /// `watch`, not a queue: a connect costs one store whatever the number
-    /// of listeners, and a listener woken late sees only the newest (so
-    /// 10,000 streams opening do not push 10,000² notices).
-    presence: Mutex<HashMap<(Channel, &'static str), PresenceWatch>>,
+    /// The newest connection per channel and transport, live only (see
+    /// [`presence::Notices`]).
+    presence: Mutex<presence::Notices>,
     /// Engine commits that stored messages (batch size = messages / commits).
     commits: AtomicU64,
     /// Reads told that retention removed part of what they asked for.
@@ -105,9 +103,6 @@ struct Shared {
     /// Updates console streams missed (their queue was full).
     console_dropped: AtomicU64,
 }
-
-/// The newest connection of one channel over one transport.
-type PresenceWatch = watch::Sender<Option<Presence>>;
 
 /// An agent connected: a live notice for whoever is listening now.
 #[derive(Debug, Clone)]
@@ -522,7 +517,7 @@ mod tests {
                 .unwrap()
                 .unwrap();
             assert!(w.has_changed().unwrap());
-            assert_eq!(*w.borrow_and_update(), stored[0].seq);
+            assert_eq!(w.borrow_and_update(), stored[0].seq);
 
             let _s = b
                 .connect(

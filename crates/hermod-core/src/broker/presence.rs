@@ -3,6 +3,47 @@
 
 use super::*;
 
+/// The newest connection per channel and transport, live only. A `watch`,
+/// not a queue: a connect costs one store whatever the number of
+/// listeners, and a listener woken late sees only the newest (so 10,000
+/// streams opening do not push 10,000² notices; listeners also pace
+/// themselves, see the interop door). An entry lives while someone
+/// listens: a connect to a channel nobody listens on drops it, and the
+/// map is swept of such entries whenever it doubled since the last sweep.
+#[derive(Default)]
+pub(super) struct Notices {
+    watches: HashMap<(Channel, &'static str), watch::Sender<Option<Presence>>>,
+    /// `watches.len()` after its last sweep.
+    swept: usize,
+}
+
+impl Notices {
+    /// Tells the listeners of `key`'s channel over `transport`, if any.
+    fn notify(&mut self, presence: Presence) {
+        let slot = (presence.key.channel.clone(), presence.transport);
+        match self.watches.get(&slot) {
+            Some(tx) if tx.receiver_count() == 0 => {
+                self.watches.remove(&slot);
+            }
+            Some(tx) => {
+                tx.send_replace(Some(presence));
+            }
+            None => {}
+        }
+    }
+
+    fn listen(&mut self, slot: (Channel, &'static str)) -> watch::Receiver<Option<Presence>> {
+        if self.watches.len() >= 2 * self.swept.max(64) {
+            self.watches.retain(|_, tx| tx.receiver_count() > 0);
+            self.swept = self.watches.len();
+        }
+        self.watches
+            .entry(slot)
+            .or_insert_with(|| watch::Sender::new(None))
+            .subscribe()
+    }
+}
+
 impl Broker {
     /// Registers a connection of `key` over `transport` for `caller` (who
     /// must be allowed to act as `key`: nobody kicks a verified agent). An
@@ -43,19 +84,11 @@ impl Broker {
             }
         }
         // Nobody listening is fine: presence is live-only.
-        if let Some(tx) = self
-            .shared
-            .presence
-            .lock()
-            .unwrap()
-            .get(&(key.channel.clone(), transport))
-        {
-            tx.send_replace(Some(Presence {
-                key,
-                transport,
-                ts: now,
-            }));
-        }
+        self.shared.presence.lock().unwrap().notify(Presence {
+            key,
+            transport,
+            ts: now,
+        });
         Ok(session)
     }
 
@@ -70,9 +103,7 @@ impl Broker {
             .presence
             .lock()
             .unwrap()
-            .entry((channel.clone(), transport))
-            .or_insert_with(|| watch::Sender::new(None))
-            .subscribe()
+            .listen((channel.clone(), transport))
     }
 
     /// Notes activity of a connected agent.
@@ -92,6 +123,15 @@ impl Broker {
         let mut agents = self.shared.state.lock().unwrap().registry.agents();
         agents.retain(|a| caller.sees(&a.channel));
         agents
+    }
+
+    /// Open agent connections `caller` may see, per transport.
+    pub fn connections(&self, caller: &Caller) -> BTreeMap<&'static str, usize> {
+        let mut out = BTreeMap::new();
+        for c in self.agents(caller).iter().flat_map(|a| &a.connections) {
+            *out.entry(c.transport).or_default() += 1;
+        }
+        out
     }
 
     /// Every known agent `caller` may see, with presence and unread count.

@@ -140,10 +140,17 @@ impl Broker {
     }
 
     /// Changes whenever any inbox of `agent` (any channel) receives a message.
-    pub fn watch_agent(&self, agent: &AgentName) -> watch::Receiver<Seq> {
-        let mut views = self.shared.views.lock().unwrap();
-        let committed = views.committed.0;
-        views.inboxes.watch_agent(agent, committed)
+    pub fn watch_agent(&self, agent: &AgentName) -> Watch {
+        let rx = {
+            let mut views = self.shared.views.lock().unwrap();
+            let committed = views.committed.0;
+            views.inboxes.watch_agent(agent, committed)
+        };
+        Watch {
+            rx: Some(rx),
+            of: Watched::Agent(agent.clone()),
+            shared: self.shared.clone(),
+        }
     }
 
     /// `key`'s inbox after `after` as a stream of batches: first what is
@@ -225,7 +232,7 @@ impl Broker {
     }
 
     /// Changes whenever `key`'s inbox receives a committed message.
-    pub fn watch(&self, key: &InboxKey) -> watch::Receiver<Seq> {
+    pub fn watch(&self, key: &InboxKey) -> Watch {
         self.watch_view(&ViewKey::Inbox(key.clone()))
     }
 
@@ -240,10 +247,68 @@ impl Broker {
         self.shared.views.lock().unwrap().inboxes.usage()
     }
 
-    fn watch_view(&self, key: &ViewKey) -> watch::Receiver<Seq> {
+    fn watch_view(&self, key: &ViewKey) -> Watch {
+        let rx = {
+            let mut views = self.shared.views.lock().unwrap();
+            let committed = views.committed.0;
+            views.inboxes.watch(key, committed)
+        };
+        Watch {
+            rx: Some(rx),
+            of: Watched::View(key.clone()),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A wake-up: changes whenever the view (or any inbox of the agent) it
+/// watches receives a committed message. Dropping the last one of a view
+/// that holds nothing frees the view, so state for a name lives only
+/// while it serves someone (10,000 streams that close leave nothing).
+pub struct Watch {
+    /// Always `Some` until dropped (taken first in `drop`, so the release
+    /// sees the count without it).
+    rx: Option<watch::Receiver<Seq>>,
+    of: Watched,
+    shared: Arc<Shared>,
+}
+
+enum Watched {
+    View(ViewKey),
+    Agent(AgentName),
+}
+
+impl Watch {
+    fn rx(&mut self) -> &mut watch::Receiver<Seq> {
+        self.rx.as_mut().expect("taken only in drop")
+    }
+
+    /// Waits for a change (an error once the view is gone for good).
+    pub async fn changed(&mut self) -> std::result::Result<(), watch::error::RecvError> {
+        self.rx().changed().await
+    }
+
+    /// Whether it changed since last seen.
+    pub fn has_changed(&mut self) -> std::result::Result<bool, watch::error::RecvError> {
+        self.rx().has_changed()
+    }
+
+    /// The newest seq, now seen.
+    pub fn borrow_and_update(&mut self) -> Seq {
+        *self.rx().borrow_and_update()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // The receiver goes first: of two last waiters leaving at once, the
+        // one that locks last sees no receiver left.
+        drop(self.rx.take());
         let mut views = self.shared.views.lock().unwrap();
-        let committed = views.committed.0;
-        views.inboxes.watch(key, committed)
+        match &self.of {
+            Watched::View(key) => views.inboxes.release(key),
+            Watched::Agent(agent) => views.inboxes.release_agent(agent),
+        }
     }
 }
 
@@ -342,7 +407,7 @@ impl Broker {
         }
     }
 
-    fn watch_reader(&self, reader: &Reader) -> watch::Receiver<Seq> {
+    fn watch_reader(&self, reader: &Reader) -> Watch {
         match reader {
             Reader::Inbox(key) => self.watch(key),
             Reader::Agent(agent) => self.watch_agent(agent),
@@ -357,11 +422,7 @@ impl Broker {
     }
 
     /// Until `newest` changes or `deadline` passes.
-    async fn wait_until(
-        &self,
-        newest: &mut watch::Receiver<Seq>,
-        deadline: tokio::time::Instant,
-    ) -> Result<()> {
+    async fn wait_until(&self, newest: &mut Watch, deadline: tokio::time::Instant) -> Result<()> {
         tokio::select! {
             changed = newest.changed() => changed.map_err(|_| Error::ShuttingDown),
             _ = tokio::time::sleep_until(deadline) => Ok(()),

@@ -204,6 +204,12 @@ impl Registry {
             .and_then(|c| c.get_mut(&key.agent))
         {
             info.connections.retain(|c| c.session_id != session_id);
+            if info.connections.is_empty() {
+                // A name stays known after its last connection: it keeps
+                // no room for connections (10,000 agents that came and
+                // went held 2.5 MB of it).
+                info.connections = Vec::new();
+            }
             info.last_seen = info.last_seen.max(now);
         }
     }

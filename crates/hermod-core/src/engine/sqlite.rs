@@ -10,6 +10,12 @@
 //! Readers use a small pool of read-only connections on blocking threads;
 //! WAL lets them run alongside the writer.
 //!
+//! The writer's queue is bounded twice: by operations ([`QUEUE`]) and by
+//! the bytes of the messages waiting in it ([`QUEUE_BYTES`]), since one
+//! append may carry 10 MiB. A send that finds no room waits up to
+//! [`QUEUE_WAIT`] and is then answered `storage_busy` (nothing was stored:
+//! the caller may retry).
+//!
 //! Failure is loud and loses nothing acknowledged. A failed transaction is
 //! rolled back and every operation in it is answered with the error, so
 //! no cursor, registry or subscription change is reported as done unless
@@ -30,7 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{
     Change, Commit, Committed, Durable, Engine, Feed, Health, KnownAgent, Page, Pruned, Retention,
@@ -46,6 +52,12 @@ use crate::model::{
 pub const MAX_BATCH: usize = 4096;
 /// Capacity of the writer's queue; senders wait when it is full.
 const QUEUE: usize = 8192;
+/// Bytes of messages queued for the writer at most (an append larger than
+/// this alone waits for an empty queue).
+pub const QUEUE_BYTES: usize = 64 << 20;
+/// Longest a send waits for room in the writer's queue before it is
+/// answered `storage_busy`.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Inboxes one prune step checks against the per-inbox count.
 const PRUNE_INBOXES: usize = 32;
 /// Read connections kept open.
@@ -173,6 +185,9 @@ enum Op {
         batch: Vec<NewMessage>,
         len: usize,
         reply: oneshot::Sender<Result<Vec<Arc<Message>>>>,
+        /// The batch's share of [`QUEUE_BYTES`], given back when the
+        /// operation is answered.
+        _room: OwnedSemaphorePermit,
     },
     /// Compare-and-set of a cursor: (key, expected, new, the `read` steps
     /// recorded with the move).
@@ -200,6 +215,10 @@ enum Op {
 /// See the module docs.
 pub struct SqliteEngine {
     tx: mpsc::Sender<Op>,
+    /// Room in the writer's queue, in bytes (see the module docs).
+    room: Arc<Semaphore>,
+    room_bytes: usize,
+    room_wait: Duration,
     readers: Arc<Readers>,
     health: Arc<Health>,
     /// Inboxes that grew since the last prune step looked at them.
@@ -294,6 +313,14 @@ fn db(e: rusqlite::Error) -> Error {
 impl SqliteEngine {
     /// Opens (creating if needed) the database at `path` and starts the writer.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with_queue(path, QUEUE_BYTES, QUEUE_WAIT)
+    }
+
+    /// [`SqliteEngine::open`] with a writer queue of `bytes`, where a send
+    /// waits at most `wait` for room.
+    pub fn open_with_queue(path: &Path, bytes: usize, wait: Duration) -> Result<Self> {
+        // A semaphore holds at most `u32::MAX` permits per acquire.
+        let bytes = bytes.clamp(1, u32::MAX as usize);
         let conn = Connection::open(path).map_err(db)?;
         let (seq, ts) = prepare(&conn).map_err(db)?;
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -337,6 +364,9 @@ impl SqliteEngine {
         )?;
         Ok(Self {
             tx,
+            room: Arc::new(Semaphore::new(bytes)),
+            room_bytes: bytes,
+            room_wait: wait,
             readers: Arc::new(Readers {
                 pool: Mutex::new(Vec::new()),
                 path: path.to_owned(),
@@ -897,9 +927,33 @@ fn prune_rows(
 #[async_trait]
 impl Engine for SqliteEngine {
     async fn submit(&self, batch: Vec<NewMessage>) -> Result<Durable> {
+        let bytes: usize = batch.iter().map(queued_bytes).sum();
+        let want = bytes.min(self.room_bytes) as u32;
+        let room = match tokio::time::timeout(
+            self.room_wait,
+            self.room.clone().acquire_many_owned(want),
+        )
+        .await
+        {
+            Ok(Ok(room)) => room,
+            Ok(Err(_)) => return Err(Error::ShuttingDown),
+            Err(_) => {
+                return Err(Error::StorageBusy(format!(
+                    "the writer's queue stayed full ({} bytes waiting) for {:?}; nothing was stored, retry",
+                    self.room_bytes - self.room.available_permits(),
+                    self.room_wait
+                )))
+            }
+        };
         let (reply, rx) = oneshot::channel();
         let len = batch.len();
-        self.queue(Op::Append { batch, len, reply }).await?;
+        self.queue(Op::Append {
+            batch,
+            len,
+            reply,
+            _room: room,
+        })
+        .await?;
         Ok(rx)
     }
 
@@ -1802,9 +1856,54 @@ impl Writer {
     }
 }
 
+/// What a queued message holds: its strings, and room for the rest.
+fn queued_bytes(m: &NewMessage) -> usize {
+    256 + m.body.as_str().len()
+        + m.id.len()
+        + m.topic.as_ref().map_or(0, String::len)
+        + m.recipients
+            .iter()
+            .map(|r| r.as_str().len() + 24)
+            .sum::<usize>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The queue was bounded by count alone: 8,192 appends of up to 10 MiB.
+    #[tokio::test]
+    async fn a_send_that_finds_the_writer_queue_full_waits_then_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        let wait = Duration::from_millis(100);
+        let engine: Arc<dyn Engine> =
+            Arc::new(SqliteEngine::open_with_queue(&path, 1 << 20, wait).unwrap());
+        super::super::conformance::follow(&engine);
+        let big = |n| {
+            let mut m = super::super::conformance::message("q", n, None);
+            m.body = Body::from_json(format!("{{\"pad\":\"{}\"}}", "x".repeat(600 << 10))).unwrap();
+            m
+        };
+        // Another process holds the write lock: the writer is stuck on its
+        // first batch for BUSY_WAIT (1 s), far longer than `wait`.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let first = engine.submit(vec![big(1)]).await.unwrap();
+        let start = std::time::Instant::now();
+        let second = engine.submit(vec![big(2)]).await;
+        let waited = start.elapsed();
+        assert_eq!(second.err().map(|e| e.code()), Some("storage_busy"));
+        assert!(waited >= wait, "answered after {waited:?}");
+        // The first is answered (busy too: the lock), and its room given back.
+        let _ = first.await;
+        other.execute_batch("COMMIT").unwrap();
+        let third = engine.submit(vec![big(3)]).await.unwrap();
+        assert!(third.await.unwrap().is_ok(), "room again");
+        // One batch larger than the whole queue still goes through alone.
+        let huge: Vec<_> = (4..6).map(big).collect();
+        assert!(engine.submit(huge).await.unwrap().await.unwrap().is_ok());
+    }
 
     #[tokio::test]
     async fn retention() {

@@ -38,8 +38,8 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(healthz))
 }
 
-fn required_str<'a>(body: &'a Value, field: &str) -> Result<&'a str, ApiError> {
-    match body.get(field) {
+fn required_str(value: Option<Value>, field: &str) -> Result<String, ApiError> {
+    match value {
         Some(Value::String(s)) => Ok(s),
         Some(_) => Err(ApiError::bad_request(format!(
             "\"{field}\" must be a string"
@@ -48,29 +48,122 @@ fn required_str<'a>(body: &'a Value, field: &str) -> Result<&'a str, ApiError> {
     }
 }
 
+/// A `/send` body, parsed once into its fields (a body of up to 10 MiB was
+/// parsed into a `Value` and then cloned whole for the delivery fields).
+/// Each field is a `Value` so that a wrong type gets the agent-bus error
+/// text; unknown fields are skipped, never buffered.
+#[derive(Deserialize)]
+struct SendBody {
+    from: Option<Value>,
+    to: Option<Value>,
+    msg: Option<Value>,
+    channel: Option<Value>,
+    // hermod's extension fields (`MetaFields`): unknown to agent-bus, so
+    // absent from what its scripts send.
+    #[serde(default)]
+    reply_to: Value,
+    #[serde(default)]
+    thread: Value,
+    #[serde(default)]
+    priority: Value,
+    #[serde(default)]
+    ttl: Value,
+    #[serde(default)]
+    bounce_after: Value,
+    #[serde(default)]
+    notify: Value,
+}
+
+/// [`SendBody`], or why the body is not a JSON object.
+enum SendRequest {
+    Object(Box<SendBody>),
+    Other(serde::de::IgnoredAny),
+}
+
+impl<'de> Deserialize<'de> for SendRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = SendRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<SendRequest, A::Error> {
+                let body =
+                    SendBody::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(SendRequest::Object(Box::new(body)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<SendRequest, A::Error> {
+                serde::de::IgnoredAny.visit_seq(seq).map(SendRequest::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+            fn visit_unit<E>(self) -> Result<SendRequest, E> {
+                Ok(SendRequest::Other(serde::de::IgnoredAny))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 async fn send(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
-    JsonBody(req): JsonBody<Value>,
+    JsonBody(req): JsonBody<SendRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    if !req.is_object() {
+    let SendRequest::Object(req) = req else {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
         ));
-    }
-    let from = AgentName::parse(required_str(&req, "from")?)?;
-    let to = AgentName::parse(required_str(&req, "to")?)?;
-    let msg = required_str(&req, "msg")?;
-    let channel = match req.get("channel") {
+    };
+    let SendBody {
+        from,
+        to,
+        msg,
+        channel,
+        reply_to,
+        thread,
+        priority,
+        ttl,
+        bounce_after,
+        notify,
+    } = *req;
+    let from = AgentName::parse(required_str(from, "from")?)?;
+    let to = AgentName::parse(required_str(to, "to")?)?;
+    let msg = required_str(msg, "msg")?;
+    let channel = match channel {
         None | Some(Value::Null) => Channel::default(),
-        Some(Value::String(c)) => parse_channel(Some(c.clone()))?,
+        Some(Value::String(c)) => parse_channel(Some(c))?,
         Some(_) => return Err(ApiError::bad_request("\"channel\" must be a string")),
     };
-    // hermod's extension fields (`reply_to`, `ttl`, ...): unknown to
-    // agent-bus, so absent from what its scripts send.
-    let meta = serde_json::from_value::<MetaFields>(req.clone())
-        .map_err(|e| ApiError::bad_request(e.to_string()))?
-        .parse()?;
+    let meta = MetaFields {
+        reply_to,
+        thread,
+        priority,
+        ttl,
+        bounce_after,
+        notify,
+    }
+    .parse()?;
     let env = Envelope {
         to: Some(to),
         from: Some(from),

@@ -53,7 +53,9 @@ impl From<Error> for ApiError {
             Error::StorageBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::ForbiddenSender(_) | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::RateLimited { .. } | Error::TooManySubscriptions { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         };
         let retry_after = match &e {
             Error::RateLimited { retry_after, .. } => Some(*retry_after),

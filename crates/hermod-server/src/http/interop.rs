@@ -340,13 +340,27 @@ async fn subscribe(
     Ok(app.sse(futures::stream::select(inbox, notices), &ends))
 }
 
+/// Least time between two `subscriber_connected` notices on one stream.
+/// Without it every connect woke every open stream: 3,000 streams opening
+/// pushed 348,873 notices and took 8.95 s. Paced, a stream hears of the
+/// newest peer at most once a second, so a burst of N streams opening costs
+/// about N notices a second in all, whatever N.
+const NOTICE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// `subscriber_connected` notices: another agent of this channel opened
 /// its stream. Live only (not stored, no `id:`), so a waiting agent learns
-/// its peer is back without filling every inbox with stale notices.
+/// its peer is back without filling every inbox with stale notices; at
+/// most one per [`NOTICE_EVERY`], naming the newest peer.
 fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures::stream::unfold(broker.presence(&me.channel, "sse"), move |mut rx| {
+    let rx = broker.presence(&me.channel, "sse");
+    futures::stream::unfold((rx, None), move |(mut rx, next)| {
         let me = me.clone();
         async move {
+            // Paced before waiting: a stream in its pause is not among the
+            // waiters a connect wakes.
+            if let Some(next) = next {
+                tokio::time::sleep_until(next).await;
+            }
             loop {
                 rx.changed().await.ok()?;
                 let Some(p) = rx.borrow_and_update().clone() else {
@@ -360,7 +374,8 @@ fn peer_notices(broker: &Broker, me: InboxKey) -> impl Stream<Item = Result<Even
                     "agent": p.key.agent,
                     "_meta": { "from": INTEROP_SENDER, "ts": p.ts, "id": hermod_core::model::new_id(), "channel": p.key.channel },
                 });
-                return Some((Ok(Event::default().data(notice.to_string())), rx));
+                let next = Some(tokio::time::Instant::now() + NOTICE_EVERY);
+                return Some((Ok(Event::default().data(notice.to_string())), (rx, next)));
             }
         }
     })

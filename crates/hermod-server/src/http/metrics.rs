@@ -1,6 +1,5 @@
 //! `GET /metrics`: bus gauges and counters in the Prometheus text format.
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use axum::extract::State;
@@ -27,10 +26,7 @@ async fn metrics(
     let (seq, ts) = app.broker.committed();
     let agents = app.broker.agents(&caller);
     let online = agents.iter().filter(|a| a.online()).count();
-    let mut connections: BTreeMap<&str, usize> = BTreeMap::new();
-    for c in agents.iter().flat_map(|a| &a.connections) {
-        *connections.entry(c.transport).or_default() += 1;
-    }
+    let connections = app.broker.connections(&caller);
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, String)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

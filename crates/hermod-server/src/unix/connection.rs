@@ -28,7 +28,7 @@ use hermod_core::wire::{self, AckMode, Request, ServerFrame};
 use hermod_core::{Broker, Error};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec, LengthDelimitedCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -240,12 +240,16 @@ impl Reader {
     /// an `Err` is answered as an error frame.
     async fn dispatch(&mut self, request: Request, caller: Caller) -> hermod_core::Result<bool> {
         let id = frames::request_id(&request);
+        // Subscriptions whose stream ended (a failed read, a revoked
+        // token) no longer count.
+        self.live.retain(|task| !task.is_finished());
         let conn = frames::Conn {
             broker: &self.broker,
             caller: &caller,
             agent: self.session.as_ref().map(|s| &s.key),
             gaps: self.gaps,
             door: "unix",
+            live: self.live.len(),
         };
         let outcome = match frames::dispatch(conn, request).await {
             Ok(o) => o,
@@ -366,7 +370,7 @@ struct Delivery {
     /// Last seq written to the socket.
     position: Seq,
     mode: AckMode,
-    newest: watch::Receiver<Seq>,
+    newest: hermod_core::broker::Watch,
     /// Written but not yet known to be consumed (auto mode).
     unconfirmed: Option<Seq>,
     /// The client asked for `gap` frames at `register`.

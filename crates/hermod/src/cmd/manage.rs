@@ -73,6 +73,33 @@ fn print_engine(engine: &serde_json::Value) {
     }
 }
 
+/// The daemon's caches against its budget, and its open connections.
+fn print_memory(memory: &serde_json::Value) {
+    let size = |key: &str| bytesize::ByteSize(memory[key].as_u64().unwrap_or(0)).to_string();
+    println!(
+        "cache:    {} of {} budget, {} views",
+        size("cache_bytes"),
+        size("budget_bytes"),
+        memory["views"].as_u64().unwrap_or(0)
+    );
+    let connections = memory["connections"].as_object();
+    let total: u64 = connections
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, n)| n.as_u64())
+        .sum();
+    let each: Vec<String> = connections
+        .into_iter()
+        .flatten()
+        .map(|(t, n)| format!("{t} {n}"))
+        .collect();
+    if each.is_empty() {
+        println!("connections: 0");
+    } else {
+        println!("connections: {total} ({})", each.join(", "));
+    }
+}
+
 pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     let dir = args.local.data.resolve();
     let Some(pid) = daemon::running_pid(&dir) else {
@@ -83,9 +110,9 @@ pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     println!("hermod is running (pid {pid})");
     println!("data dir: {}", dir.display());
     println!("socket:   {}", socket.display());
-    let ((degraded, engine), endpoints) = super::runtime()?.block_on(async {
+    let ((degraded, engine, memory), endpoints) = super::runtime()?.block_on(async {
         let mut c = hermod_client::Connection::connect(&socket).await?;
-        anyhow::Ok((c.status().await?, c.list_endpoints().await?))
+        anyhow::Ok((c.status_all().await?, c.list_endpoints().await?))
     })?;
     match &degraded {
         None => println!("store:    ok"),
@@ -93,6 +120,9 @@ pub fn status(args: &ClientArgs) -> Result<ExitCode> {
     }
     if let Some(engine) = &engine {
         print_engine(engine);
+    }
+    if let Some(memory) = &memory {
+        print_memory(memory);
     }
     println!("connected endpoints: {}", endpoints.len());
     for (name, session) in endpoints {

@@ -68,7 +68,7 @@ pub(super) async fn ws_session(
             Some(reply) = pending.next(), if !pending.is_empty() => reply.into_iter().collect(),
             incoming = rx.next(), if pending.len() < MAX_PENDING => match incoming {
                 Some(Ok(ws::Message::Text(text))) => {
-                    match ws_request(&app, &caller, &key, text.as_bytes()).await {
+                    match ws_request(&app, &caller, &key, text.as_bytes(), live.len()).await {
                         Outcome::Reply(frame) => frame.map(|f| f.to_bytes()).into_iter().collect(),
                         Outcome::Pending { first, durable, id, reply } => {
                             pending.push_back(Box::pin(frames::reply_when_durable(durable, id, reply)));
@@ -103,7 +103,15 @@ pub(super) async fn ws_session(
 /// Handles one client frame on a v1 WebSocket through the shared
 /// dispatcher, as the socket's agent; frames without a `channel` use the
 /// socket's channel. Never [`Outcome::Register`]: that is answered here.
-async fn ws_request(app: &AppState, caller: &Caller, key: &InboxKey, bytes: &[u8]) -> Outcome {
+/// `live`: the subscriptions the socket holds now (a `SelectAll` drops
+/// ended ones).
+async fn ws_request(
+    app: &AppState,
+    caller: &Caller,
+    key: &InboxKey,
+    bytes: &[u8],
+    live: usize,
+) -> Outcome {
     let error = |e: &hermod_core::Error, id| Outcome::Reply(Some(ServerFrame::error(e, id)));
     let request = match wire::parse_client_frame_in(bytes, &key.channel) {
         Ok(r) => r,
@@ -126,6 +134,7 @@ async fn ws_request(app: &AppState, caller: &Caller, key: &InboxKey, bytes: &[u8
         agent: Some(key),
         gaps: true,
         door: "ws",
+        live,
     };
     match frames::dispatch(conn, request).await {
         Ok(outcome) => outcome,

@@ -19,8 +19,12 @@
 //! - long-poll delivery latency (`/recv?block=true` woken by a `/send`);
 //! - SSE fan-out: `/broadcast`s to 1,000 `/subscribe` streams;
 //! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
+//!
+//! `--streams N` runs only [`streams`]: N idle `/subscribe` streams opened
+//! and closed `--cycles` times, with the daemon's memory.
 
 mod http;
+mod streams;
 mod unix;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +38,12 @@ use crate::cli::BenchArgs;
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     if args.nats_cluster {
         return nats(args);
+    }
+    if let Some(n) = args.streams {
+        return idle_streams(args, n);
+    }
+    if args.soak {
+        return soak(args);
     }
     let (socket, server) = match &args.socket {
         Some(s) => (s.clone(), None),
@@ -61,6 +71,67 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
         }
         anyhow::Ok(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--streams N`: against `--url`, or a daemon started for it that may
+/// hold them all at once.
+fn idle_streams(args: &BenchArgs, n: usize) -> Result<ExitCode> {
+    let (url, pid, _server) = match &args.url {
+        Some(url) => (url.clone(), args.pid, None),
+        None => {
+            let cap = (n + 256).to_string();
+            let server = Server::start(&["--http-max-connections", &cap])?;
+            let pid = server.child.id();
+            println!("server: hermod serve (pid {pid}), --http-max-connections {cap}");
+            (server.http.clone(), Some(pid), Some(server))
+        }
+    };
+    super::runtime()?.block_on(streams::idle_streams(&url, pid, n, args.cycles.max(1)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--soak`: the Unix latency run for a long time with retention pruning
+/// all along, and the daemon's RSS every 10 s: memory must stay flat.
+fn soak(args: &BenchArgs) -> Result<ExitCode> {
+    let keep = args.soak_keep.to_string();
+    let server = Server::start(&["--retention-messages", &keep])?;
+    let pid = server.child.id();
+    let (rate, seconds) = (args.rate.max(1), args.seconds.max(1));
+    println!(
+        "soak: {rate} msgs/s for {seconds} s, retention keeps {keep} messages per inbox (pid {pid})"
+    );
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    super::runtime()?.block_on(async {
+        let taken = samples.clone();
+        let sampler = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            for n in 0.. {
+                tick.tick().await;
+                let Ok(bytes) = streams::rss(pid) else { break };
+                taken.lock().unwrap().push(bytes);
+                if n % 6 == 0 {
+                    println!("  t+{:>4} s  rss {:.1} MiB", n * 10, mib(bytes));
+                }
+            }
+        });
+        unix::latency(&server.socket, &server.socket, rate, seconds).await?;
+        sampler.abort();
+        anyhow::Ok(())
+    })?;
+    // After the first minute (caches and the store's pages warming up).
+    let samples = samples.lock().unwrap();
+    let steady = samples.get(6..).unwrap_or(&samples[..]);
+    if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
+        println!(
+            "  rss after the first minute: {:.1}..{:.1} MiB ({:+.1}% spread), last {:.1} MiB",
+            mib(*lo),
+            mib(*hi),
+            (*hi as f64 / *lo as f64 - 1.0) * 100.0,
+            mib(*steady.last().unwrap_or(hi))
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -123,7 +123,17 @@ pub(super) async fn latency(
     }
 
     let rx_name = format!("bench-lat-{}", std::process::id());
-    let (mut rx, _rx_w) = receiver(rx_socket, &rx_name).await?;
+    let (mut rx, mut rx_w) = receiver(rx_socket, &rx_name).await?;
+    // A registered endpoint silent for 90 s is dropped: a long run (the
+    // soak) pings like a real client.
+    let _pings = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if rx_w.send(&ClientFrame::Ping).await.is_err() {
+                return;
+            }
+        }
+    }));
     let epoch = Instant::now();
     let total = rate * seconds;
     let sent_at = Arc::new(std::sync::Mutex::new(VecDeque::with_capacity(
@@ -173,7 +183,10 @@ pub(super) async fn latency(
         let Some(raw) = rx.next_raw().await? else {
             bail!("receiver connection closed")
         };
-        let probe: Probe = serde_json::from_slice(&raw)?;
+        // Anything but a probe (the pings' `pong`) is not a delivery.
+        let Ok(probe) = serde_json::from_slice::<Probe>(&raw) else {
+            continue;
+        };
         delivery.push(epoch.elapsed().as_nanos() as u64 - probe.body.t);
     }
     let _writer = send.await??;
