@@ -171,7 +171,7 @@ pub enum Live {
 }
 
 /// One console stream's view of the live traffic.
-pub struct Watch {
+pub struct TrafficWatch {
     pub rx: mpsc::Receiver<Live>,
     /// Set when an update did not fit in the queue: the stream missed it.
     pub lagged: Arc<AtomicBool>,
@@ -340,7 +340,7 @@ impl Broker {
 
     /// Live traffic for one console stream, through a queue of `capacity`;
     /// `None` when [`WATCHERS_MAX`] streams watch already.
-    pub fn watch_traffic(&self, capacity: usize) -> Option<Watch> {
+    pub fn watch_traffic(&self, capacity: usize) -> Option<TrafficWatch> {
         let mut console = self.shared.console.lock().unwrap();
         console.watchers.retain(|(w, _)| !w.is_closed());
         if console.watchers.len() >= WATCHERS_MAX {
@@ -349,7 +349,7 @@ impl Broker {
         let (tx, rx) = mpsc::channel(capacity);
         let lagged = Arc::new(AtomicBool::new(false));
         console.watchers.push((tx, lagged.clone()));
-        Some(Watch { rx, lagged })
+        Some(TrafficWatch { rx, lagged })
     }
 
     /// Updates console streams missed because their queue was full.

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::model::SYSTEM_SENDER;
-pub use console::{Brief, ConsoleSession, Live, Seen, Watch};
+pub use console::{Brief, ConsoleSession, Live, Seen, TrafficWatch};
 pub use cursors::Claim;
 pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
