@@ -58,6 +58,7 @@ const TYPES: &[&str] = &[
     "thread",
     "presence",
     "release",
+    "console",
 ];
 
 /// The `type` a parsed request came from. Exhaustive: a new `Request`
@@ -85,6 +86,7 @@ fn kind(req: &Request) -> &'static str {
         Request::Thread(_) => "thread",
         Request::Presence { .. } => "presence",
         Request::Release { .. } => "release",
+        Request::Console { .. } => "console",
     }
 }
 
@@ -222,7 +224,8 @@ fn check_request(payload: &[u8], req: Request) {
         | Request::Subscribe { .. }
         | Request::Tail
         | Request::IdentityAdd(_)
-        | Request::IdentityList => {}
+        | Request::IdentityList
+        | Request::Console { .. } => {}
     }
 }
 
