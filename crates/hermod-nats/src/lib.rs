@@ -7,15 +7,18 @@
 //!   (broadcast) and `{prefix}.t.{channel}.{topic…}` (topic events); the
 //!   stream sequence is hermod's seq. Every publish carries a
 //!   `Nats-Msg-Id` derived from the message's id, sender, channel, target
-//!   and body ([`msg_id`]), so a publish retried (by this node, or by a
-//!   client that resends the same message with the same id after an
-//!   unknown outcome) within the stream's duplicate window (2 min) is
-//!   stored once.
+//!   and body ([`msg_id`]), so a client that resends the same message
+//!   with the same id after an unknown outcome (`storage_busy`: a lost
+//!   PubAck) within the stream's duplicate window (2 min) is stored once.
+//!   The node itself never publishes again: a copy would land behind
+//!   messages sent after it.
 //! - **State beside the log lives in KV buckets**, never in a durable
 //!   consumer per agent: `{stream}_state` holds the agent registry,
 //!   durable subscriptions, identities and retention's pruned marks;
-//!   `{stream}_cursors` holds the inbox cursors. Every read-modify-write
-//!   is a compare-and-set on the entry's revision.
+//!   `{stream}_cursors` holds the inbox cursors, read from the bucket's
+//!   leader (a replica may lag). Every read-modify-write is a
+//!   compare-and-set on the entry's revision. Retention purges the
+//!   delivery steps of the messages it removes.
 //! - **Each node follows the log and the state bucket once** (an ordered
 //!   consumer and a KV watch, in one task): that is the engine's feed, and
 //!   it builds the node's [`index::Index`] — which seqs each inbox and
