@@ -378,12 +378,9 @@ impl Broker {
         self.shared.steps_lost.load(Ordering::Relaxed)
     }
 
-    /// Queues a step for the recorder. Never waits: an acknowledgement
-    /// must not wait for bookkeeping, so a step that finds the queue full
-    /// is dropped and counted (`hermod_delivery_steps_lost_total`).
     /// Has the recorder tell the senders of steps another write stored
     /// (the `read` steps a cursor move stored with it): in its batches,
-    /// never a task per move.
+    /// never a task per move. Never waits, like [`Broker::note`].
     pub(super) fn tell_senders_of(&self, added: Vec<Step>) {
         let n = added.len() as u64;
         if n > 0 && self.shared.recorder.try_send(Note::Added(added)).is_err() {
@@ -391,6 +388,9 @@ impl Broker {
         }
     }
 
+    /// Queues a step for the recorder. Never waits: an acknowledgement
+    /// must not wait for bookkeeping, so a step that finds the queue full
+    /// is dropped and counted (`hermod_delivery_steps_lost_total`).
     pub(super) async fn note(&self, step: Step, messages: Option<Vec<Arc<Message>>>) {
         if self
             .shared
