@@ -8,12 +8,12 @@
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{free_port, stderr, stdout, Daemon};
+use crate::support::{curl, free_port, inbox, log_seq, stderr, stdout, which, Daemon, Reaped};
 
 /// The attack page. `?daemon=http://127.0.0.1:PORT` names its target. It
 /// runs each attempt in turn, writes what the page saw into `#result` as
@@ -181,23 +181,6 @@ finally:
     driver.wait(10)
 "#;
 
-/// `tool` on `PATH`.
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// A child process killed on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Serves `dir` with Python's `http.server` on a free loopback port.
 fn serve_dir(dir: &Path) -> (Reaped, u16) {
     let port = free_port();
@@ -254,45 +237,6 @@ struct Browser {
     chromium: PathBuf,
     chromedriver: PathBuf,
     driver_py: PathBuf,
-}
-
-/// `curl -i` with `args`: (status, lower-cased header block, body).
-fn curl(args: &[&str]) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-i", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    let text = stdout(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP response from curl {args:?}: {text}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {head}"));
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
-fn log_seq(d: &Daemon) -> u64 {
-    let (status, _, body) = curl(&[&format!("{}/metrics", d.http)]);
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .find_map(|l| l.strip_prefix("hermod_log_seq "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no hermod_log_seq in /metrics:\n{body}"))
-}
-
-/// `hermod inbox NAME --json` over the Unix socket: what waits, unacked.
-fn inbox(d: &Daemon, agent: &str) -> Vec<Value> {
-    let out = d.cli(&["inbox", "--json", agent]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn texts(messages: &[Value]) -> Vec<(String, String)> {

@@ -4,29 +4,14 @@
 //! under `target/console-shots/`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{free_port, run_python_with, stderr, stdout, Daemon, HERMOD};
-
-/// `tool` on `PATH`.
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// A child process killed on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::support::{
+    curl, free_port, inbox, log_seq, run_python_with, stderr, stdout, which, Daemon, Reaped, HERMOD,
+};
 
 /// One headless Chromium session over WebDriver (plain HTTP JSON calls).
 struct Browser {
@@ -251,42 +236,6 @@ fn link(d: &Daemon) -> String {
         "{link}"
     );
     link
-}
-
-fn log_seq(d: &Daemon) -> u64 {
-    let body = curl(&[&format!("{}/metrics", d.http)]).2;
-    body.lines()
-        .find_map(|l| l.strip_prefix("hermod_log_seq "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no hermod_log_seq in /metrics:\n{body}"))
-}
-
-/// `curl -i` with `args`: (status, lower-cased header block, body).
-fn curl(args: &[&str]) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-i", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    let text = stdout(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP response from curl {args:?}: {text}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {head}"));
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
-/// `hermod inbox --json` texts and senders of `agent`.
-fn inbox(d: &Daemon, agent: &str) -> Vec<Value> {
-    ok(d.cli(&["inbox", "--json", agent]))
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 const CONFIG: &str = r#"

@@ -477,3 +477,61 @@ pub fn write_frame(s: &mut std::os::unix::net::UnixStream, v: serde_json::Value)
     s.write_all(&(bytes.len() as u32).to_be_bytes()).unwrap();
     s.write_all(&bytes).unwrap();
 }
+
+// The browser tests' helpers.
+
+/// `tool` on `PATH`.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// A child process killed on drop.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl -i` with `args`: (status, lower-cased header block, body).
+pub fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let text = stdout(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response from curl {args:?}: {text}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head}"));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+pub fn log_seq(d: &Daemon) -> u64 {
+    let (status, _, body) = curl(&[&format!("{}/metrics", d.http)]);
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| l.strip_prefix("hermod_log_seq "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no hermod_log_seq in /metrics:\n{body}"))
+}
+
+/// `hermod inbox NAME --json` over the Unix socket: what waits, unacked.
+pub fn inbox(d: &Daemon, agent: &str) -> Vec<serde_json::Value> {
+    let out = d.cli(&["inbox", "--json", agent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

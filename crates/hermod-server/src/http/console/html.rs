@@ -87,6 +87,20 @@ pub fn auth_mark(from: &AgentName, auth: Auth) -> String {
     }
 }
 
+/// One message of a conversation, as a list item: time, sender →
+/// recipient, and its preview linked to its page (`here`: the one shown).
+pub fn thread_item(m: &Message, here: bool, preview_chars: usize) -> String {
+    format!(
+        r#"<li{}><span class="mono">{}</span> {} → {}: <a href="/console/messages/{}">{}</a></li>"#,
+        if here { r#" class="here""# } else { "" },
+        clock(m.ts),
+        agent_link(&m.from),
+        m.to.as_deref().map_or("everyone".to_owned(), agent_link),
+        url(&m.id),
+        esc(&preview(m, preview_chars)),
+    )
+}
+
 /// A link to an agent's filter of the overview feed.
 pub fn agent_link(name: &str) -> String {
     format!(

@@ -799,15 +799,7 @@ async fn message(
             let hi = (at + 26).min(thread.len());
             body.push_str(r#"<section class="card"><h2>Thread</h2><ol class="thread">"#);
             for m in &thread[lo..hi] {
-                let here = if m.id == id { r#" class="here""# } else { "" };
-                body.push_str(&format!(
-                    r#"<li{here}><span class="mono">{}</span> {} → {}: <a href="/console/messages/{}">{}</a></li>"#,
-                    html::clock(m.ts),
-                    html::agent_link(&m.from),
-                    m.to.as_deref().map_or("everyone".to_owned(), html::agent_link),
-                    url(&m.id),
-                    esc(&html::preview(m, 120)),
-                ));
+                body.push_str(&html::thread_item(m, m.id == id, 120));
             }
             body.push_str("</ol></section>");
         }
@@ -893,14 +885,7 @@ async fn thread(
         url(&id)
     );
     for m in messages.iter().rev().take(200).rev() {
-        body.push_str(&format!(
-            r#"<li><span class="mono">{}</span> {} → {}: <a href="/console/messages/{}">{}</a></li>"#,
-            html::clock(m.ts),
-            html::agent_link(&m.from),
-            m.to.as_deref().map_or("everyone".to_owned(), html::agent_link),
-            url(&m.id),
-            esc(&html::preview(m, 160)),
-        ));
+        body.push_str(&html::thread_item(m, false, 160));
     }
     body.push_str("</ol></section>");
     framed(&app, &s, "Thread", Nav::Threads, &body)
@@ -950,14 +935,7 @@ async fn holds(
             be = esc(&h.b),
         ));
         for m in &h.oldest {
-            body.push_str(&format!(
-                r#"<li><span class="mono">{}</span> {} → {}: <a href="/console/messages/{}">{}</a></li>"#,
-                html::clock(m.ts),
-                html::agent_link(&m.from),
-                m.to.as_deref().map_or("everyone".to_owned(), html::agent_link),
-                url(&m.id),
-                esc(&html::preview(m, 120)),
-            ));
+            body.push_str(&html::thread_item(m, false, 120));
         }
         body.push_str("</ol></div>");
     }
