@@ -342,6 +342,9 @@ struct Inner {
     max_payload: usize,
     /// The stream's name (the buckets are named after it).
     name: String,
+    /// This process among the nodes, in the cursor leases it takes (new at
+    /// every start: a lease of this node's earlier life is another's).
+    node: String,
 }
 
 /// The connection's state, which the client's event callback keeps.
@@ -484,6 +487,7 @@ impl NatsEngine {
             link,
             max_payload: client.server_info().max_payload,
             name: config.stream.clone(),
+            node: hermod_core::model::new_id(),
         });
 
         let (watch, revision) = inner.load_state().await?;
@@ -1057,7 +1061,7 @@ impl Inner {
     /// again what was read (the history checker's NATS run: a cursor a
     /// thousand messages back). While a leader is being elected the read
     /// is tried again for about 1.5 s, then answers `storage_busy`.
-    async fn stored_cursor(&self, k: &str) -> Result<Option<(Seq, u64)>> {
+    async fn stored_cursor(&self, k: &str) -> Result<Option<(StoredCursor, u64)>> {
         let subject = format!("$KV.{}_cursors.{k}", self.name);
         let mut attempt = 0;
         loop {
@@ -1066,14 +1070,7 @@ impl Inner {
                 .get_last_raw_message_by_subject(&subject)
                 .await
             {
-                // A deleted or purged key's marker has no payload: 0.
-                Ok(m) => {
-                    let cursor = std::str::from_utf8(&m.payload)
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    return Ok(Some((cursor, m.sequence)));
-                }
+                Ok(m) => return Ok(Some((StoredCursor::parse(&m.payload), m.sequence))),
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
                     return Ok(None)
                 }
@@ -1087,6 +1084,94 @@ impl Inner {
             }
         }
     }
+
+    /// Compare-and-set of the cursor under `k`: `change` gets the stored
+    /// value (if its seq is `expected` and no other node's live lease
+    /// stands) and answers the new one; looked at again after a lost race.
+    async fn swap_stored_cursor(
+        &self,
+        k: &str,
+        expected: Seq,
+        change: impl Fn(&StoredCursor) -> StoredCursor,
+    ) -> Result<Swap> {
+        loop {
+            let current = self.stored_cursor(k).await?;
+            let stored = current.as_ref().map(|c| c.0.clone()).unwrap_or_default();
+            if stored.seq != expected {
+                return Ok(Swap::Lost(stored.seq));
+            }
+            if stored.leased_by_another(&self.node) {
+                return Ok(Swap::Leased);
+            }
+            let value = change(&stored).encode();
+            if cas(&self.cursors, k, value, current.map(|c| c.1))
+                .await?
+                .is_some()
+            {
+                return Ok(Swap::Moved);
+            }
+        }
+    }
+}
+
+/// A cursor as the cursor bucket stores it: `"{seq}"`, or with a node's
+/// lease over what follows `"{seq} {upto} {node} {until_ms}"` (see
+/// [`Engine::lease_cursor`]). A deleted or purged key's marker has no
+/// payload: 0.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct StoredCursor {
+    seq: Seq,
+    lease: Option<CursorLease>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct CursorLease {
+    upto: Seq,
+    node: String,
+    /// Unix milliseconds, by the holder's clock.
+    until: u64,
+}
+
+impl StoredCursor {
+    fn parse(payload: &[u8]) -> StoredCursor {
+        let text = std::str::from_utf8(payload).unwrap_or("");
+        let mut parts = text.split(' ');
+        let seq = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let lease = match (parts.next(), parts.next(), parts.next()) {
+            (Some(upto), Some(node), Some(until)) => {
+                upto.parse()
+                    .ok()
+                    .zip(until.parse().ok())
+                    .map(|(upto, until)| CursorLease {
+                        upto,
+                        node: node.to_owned(),
+                        until,
+                    })
+            }
+            _ => None,
+        };
+        StoredCursor { seq, lease }
+    }
+
+    fn encode(&self) -> Bytes {
+        match &self.lease {
+            Some(l) => format!("{} {} {} {}", self.seq, l.upto, l.node, l.until).into(),
+            None => seq_bytes(self.seq),
+        }
+    }
+
+    /// Another node's lease stands (not lapsed by this node's clock).
+    fn leased_by_another(&self, node: &str) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.node != node && l.upto > self.seq && l.until > unix_millis())
+    }
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Index {
@@ -1409,7 +1494,7 @@ impl Engine for NatsEngine {
 
     async fn cursor(&self, key: &InboxKey) -> Result<Seq> {
         let stored = self.inner.stored_cursor(&keys::cursor_key(key)).await?;
-        Ok(stored.map_or(0, |(cursor, _)| cursor))
+        Ok(stored.map_or(0, |(cursor, _)| cursor.seq))
     }
 
     async fn swap_cursor(
@@ -1422,20 +1507,19 @@ impl Engine for NatsEngine {
         let inner = &self.inner;
         inner.check_connected()?;
         let k = keys::cursor_key(&key);
-        loop {
-            let current = inner.stored_cursor(&k).await?;
-            let stored = current.map_or(0, |c| c.0);
-            if stored != expected {
-                return Ok((Swap::Lost(stored), Vec::new()));
-            }
-            // Another claim won: look again.
-            let revision = current.map(|c| c.1);
-            if cas(&inner.cursors, &k, seq_bytes(new), revision)
-                .await?
-                .is_some()
-            {
-                break;
-            }
+        // This node's lease stays while it reaches past the move (other
+        // batches of its streams are still out); another's lapsed one goes.
+        let swap = inner
+            .swap_stored_cursor(&k, expected, |stored| StoredCursor {
+                seq: new,
+                lease: stored
+                    .lease
+                    .clone()
+                    .filter(|l| l.node == inner.node && l.upto > new),
+            })
+            .await?;
+        if swap != Swap::Moved {
+            return Ok((swap, Vec::new()));
         }
         // The cursor and the steps live in two buckets: the steps follow
         // the move (a crash between loses them, never a message).
@@ -1444,6 +1528,22 @@ impl Engine for NatsEngine {
             Vec::new()
         });
         Ok((Swap::Moved, added))
+    }
+
+    async fn lease_cursor(&self, key: InboxKey, expected: Seq, upto: Seq) -> Result<Swap> {
+        let inner = &self.inner;
+        inner.check_connected()?;
+        let until = unix_millis() + hermod_core::engine::LEASE.as_millis() as u64;
+        inner
+            .swap_stored_cursor(&keys::cursor_key(&key), expected, |_| StoredCursor {
+                seq: expected,
+                lease: (upto > expected).then(|| CursorLease {
+                    upto,
+                    node: inner.node.clone(),
+                    until,
+                }),
+            })
+            .await
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
@@ -1706,5 +1806,40 @@ impl Engine for NatsEngine {
 impl Drop for NatsEngine {
     fn drop(&mut self) {
         self.follower.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_cursor_reads_back_with_its_lease_and_older_values_still_parse() {
+        let leased = StoredCursor {
+            seq: 40,
+            lease: Some(CursorLease {
+                upto: 90,
+                node: "n1".into(),
+                until: unix_millis() + 5_000,
+            }),
+        };
+        assert_eq!(StoredCursor::parse(&leased.encode()), leased);
+        assert!(leased.leased_by_another("n2"));
+        assert!(!leased.leased_by_another("n1"), "a node's own lease");
+        // Written before leases, and a deleted key's empty marker.
+        assert_eq!(
+            StoredCursor::parse(b"17"),
+            StoredCursor {
+                seq: 17,
+                lease: None
+            }
+        );
+        assert_eq!(StoredCursor::parse(b""), StoredCursor::default());
+        // Lapsed, or covered by the cursor: nobody's.
+        let mut lapsed = leased.clone();
+        lapsed.lease.as_mut().unwrap().until = unix_millis() - 1;
+        assert!(!lapsed.leased_by_another("n2"));
+        let covered = StoredCursor { seq: 90, ..leased };
+        assert!(!covered.leased_by_another("n2"));
     }
 }

@@ -5,7 +5,9 @@
 
 use std::process::Command;
 
-use crate::support::{python, run_python, stderr, stdout, Daemon};
+use crate::support::{
+    open_subscribe, python, read_until, run_python, sse_ids, stderr, stdout, Daemon,
+};
 
 #[test]
 fn every_protocol_reaches_every_other() {
@@ -238,85 +240,6 @@ async fn recv_since_now_never_hands_a_message_out_twice() {
         s.await.unwrap();
     }
     assert!(twice.is_empty(), "handed out twice: {twice:?}");
-}
-
-/// The SSE ids in the complete events of a raw `/subscribe` response (head,
-/// then a chunked body) read so far.
-fn sse_ids(raw: &[u8]) -> Vec<u64> {
-    let Some(head) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Vec::new();
-    };
-    let mut rest = &raw[head + 4..];
-    let mut body = Vec::new();
-    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16)
-            .expect("a chunk size");
-        let data = &rest[eol + 2..];
-        body.extend_from_slice(&data[..size.min(data.len())]);
-        if data.len() < size + 2 {
-            break;
-        }
-        rest = &data[size + 2..];
-    }
-    let text = String::from_utf8_lossy(&body);
-    // Only events that ended: a cut one was not received.
-    let complete = text.rfind("\n\n").map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .filter_map(|l| l.strip_prefix("id:"))
-        .map(|id| id.trim().parse().unwrap())
-        .collect()
-}
-
-/// Opens `/subscribe` for `agent` (no `Last-Event-ID`) on a socket whose
-/// receive buffer is `rcvbuf` bytes, if given.
-fn open_subscribe(http: &str, agent: &str, rcvbuf: Option<usize>) -> std::net::TcpStream {
-    use std::io::Write;
-    let addr: std::net::SocketAddr = http.trim_start_matches("http://").parse().unwrap();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    if let Some(size) = rcvbuf {
-        // Before connecting: the window scale is agreed in the handshake.
-        socket.set_recv_buffer_size(size).unwrap();
-    }
-    socket.connect(&addr.into()).unwrap();
-    let mut tcp: std::net::TcpStream = socket.into();
-    write!(
-        tcp,
-        "GET /subscribe?agent={agent} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_millis(200)))
-        .unwrap();
-    tcp
-}
-
-/// Reads from `tcp` into `raw` until `done(ids so far)` or the deadline
-/// (looking at the ids only now and then: they are parsed from the start).
-fn read_until(
-    tcp: &mut std::net::TcpStream,
-    raw: &mut Vec<u8>,
-    deadline: std::time::Instant,
-    done: impl Fn(&std::collections::HashSet<u64>) -> bool,
-) {
-    use std::io::Read;
-    let mut buf = vec![0u8; 1 << 16];
-    let mut reads = 0;
-    loop {
-        if reads % 64 == 0 {
-            let ids = sse_ids(raw).into_iter().collect();
-            if done(&ids) || std::time::Instant::now() > deadline {
-                return;
-            }
-        }
-        reads += 1;
-        match tcp.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => reads = 0,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => reads = 0,
-            Err(e) => panic!("{e}"),
-        }
-    }
 }
 
 // Issue 21: a `/subscribe` reader with a 4 KiB receive buffer stopped

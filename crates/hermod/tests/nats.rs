@@ -14,7 +14,7 @@ use hermod_core::wire::{ClientFrame, Outgoing, ServerFrame};
 use hermod_nats::testing::Cluster;
 use serde_json::{json, Value};
 
-use crate::support::{run_python_with, Daemon};
+use crate::support::{open_subscribe, read_until, run_python_with, sse_ids, Daemon};
 
 /// A hermod node on `cluster` (R3).
 fn node(cluster: &Cluster) -> Daemon {
@@ -525,6 +525,130 @@ async fn a_reader_back_on_a_node_gets_nothing_another_node_handed_out() {
         inbox["messages"],
         json!([]),
         "A's inbox read starts at B's cursor"
+    );
+}
+
+// Issue 21: `/subscribe` sent a batch before its cross-node compare-and-set
+// (its claim lived in the memory of its node only), so a `/poll` on another
+// node handed out the same messages while the stream's peer was getting
+// them. Now a stream leases its batch in the cursor bucket before writing
+// it, and other nodes take nothing while the lease stands. The stream's
+// reader has a 4 KiB receive buffer and does not read at first, so its
+// batch stays unacknowledged while B polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_on_one_node_and_a_poll_on_another_never_hand_out_one_message_twice() {
+    const COUNT: u64 = 300;
+    let cluster = Cluster::start(3);
+    let (a, b) = (node(&cluster), node(&cluster));
+    let http = reqwest::Client::new();
+    let poll = |url: String| {
+        let http = http.clone();
+        async move {
+            let (status, body) = get_json(&http, format!("{url}/poll?agent=sink")).await;
+            assert_eq!(status, 200, "{body}");
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["_meta"]["seq"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert!(poll(a.http.clone()).await.is_empty());
+    assert!(poll(b.http.clone()).await.is_empty());
+    let mut tcp = open_subscribe(&a.http, "sink", Some(4096));
+    let body: Vec<_> = (0..COUNT)
+        .map(|n| json!({"from": "flood", "to": "sink", "body": {"n": n, "pad": "x".repeat(300)}}))
+        .collect();
+    let r = http
+        .post(format!("{}/v1/messages", a.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let out: Vec<Value> = r.json().await.unwrap();
+    let sent: Vec<u64> = out.iter().map(|o| o["seq"].as_u64().unwrap()).collect();
+    // The stream claims its first batch and writes into a shut window; B
+    // polls all along (it sees the messages a moment after A).
+    let mut polled = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        polled.extend(poll(b.http.clone()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Now the reader reads all it is sent: every message is the stream's
+    // or B's, and a copy of one of B's would come within these seconds.
+    let mut raw = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let everything = |streamed: &std::collections::HashSet<u64>| {
+        sent.iter()
+            .all(|s| streamed.contains(s) || polled.contains(s))
+    };
+    read_until(&mut tcp, &mut raw, deadline, everything);
+    read_until(
+        &mut tcp,
+        &mut raw,
+        Instant::now() + Duration::from_secs(2),
+        |_| false,
+    );
+    let streamed = sse_ids(&raw);
+    let twice: Vec<u64> = streamed
+        .iter()
+        .copied()
+        .filter(|s| polled.contains(s))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "handed out by A's stream and B's /poll: {} of {COUNT} ({} streamed, {} polled)",
+        twice.len(),
+        streamed.len(),
+        polled.len()
+    );
+    let missing: Vec<u64> = sent
+        .iter()
+        .copied()
+        .filter(|s| !streamed.contains(s) && !polled.contains(s))
+        .collect();
+    assert!(missing.is_empty(), "handed out by nobody: {missing:?}");
+    // Once A's stream has its messages and is gone, B reads the inbox again.
+    drop(tcp);
+    let (status, _) = send_v1(&http, &a.http, "after").await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut late = Vec::new();
+    while late.is_empty() && Instant::now() < deadline {
+        late = poll(b.http.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(late.len(), 1, "B hands out the next message: {late:?}");
+
+    // A stream cut while it holds the lease gives it back: B need not wait
+    // for it to lapse.
+    let tcp = open_subscribe(&a.http, "sink", Some(4096));
+    let r = http
+        .post(format!("{}/v1/messages", a.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        poll(b.http.clone()).await.is_empty(),
+        "B handed out what A's stream is sending"
+    );
+    drop(tcp);
+    let cut = Instant::now();
+    let mut after_cut = Vec::new();
+    while after_cut.is_empty() && cut.elapsed() < hermod_core::engine::LEASE {
+        after_cut = poll(b.http.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = cut.elapsed();
+    assert!(
+        !after_cut.is_empty() && waited < hermod_core::engine::LEASE / 3,
+        "B got {} messages {waited:?} after the cut",
+        after_cut.len()
     );
 }
 

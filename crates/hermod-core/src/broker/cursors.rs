@@ -26,14 +26,18 @@
 //!
 //! Another node may store the cursor meanwhile: every claim and cursor
 //! read first takes the stored value (the newer of memory and the store),
-//! and claims it covers are that node's, not this one's.
+//! and claims it covers are that node's, not this one's. A stream, which
+//! hands out before it confirms, first takes this node's *lease* over
+//! its claims in the store ([`Broker::lease`]), so no other node hands
+//! those messages out meanwhile: their swaps answer [`Swap::Leased`] (a
+//! `/poll` there takes nothing, a stream there looks again later).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::*;
-use crate::engine::{Step, Swap};
+use crate::engine::{Step, Swap, LEASE};
 
 impl Broker {
     /// Which door read the message at `seq` of `key`'s inbox (its `read`
@@ -133,7 +137,80 @@ impl Broker {
     /// reader holds) as `read` through `door`; resolves once stored, or
     /// with the store's error (then nothing was acknowledged).
     pub async fn ack(&self, key: &InboxKey, seq: Seq, door: &str) -> Result<()> {
-        self.claim(key, 0, seq, door).await?.confirm().await
+        let mut claim = self.claim(key, 0, seq, door).await?;
+        let wanted = !claim.ranges.is_empty();
+        claim.confirm().await?;
+        if wanted && claim.ranges.is_empty() {
+            return Err(Error::StorageBusy(
+                "another node is handing out this inbox right now; acknowledge again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where other nodes move this store's cursors too, a stream calls
+    /// this after [`Broker::claim`] and before it hands anything out: it
+    /// stores this node's lease over its claims ([`Engine::lease_cursor`]),
+    /// so no other node's reader hands them out while its peer gets them.
+    /// If another node's lease stands, the claim is released and owns
+    /// nothing (that node's stream is sending them); the stream finds the
+    /// hole later ([`Broker::hole_below`]) and tries again.
+    pub async fn lease(&self, claim: &mut Claim) -> Result<()> {
+        if !self.engine.shares_cursors() || claim.ranges.is_empty() {
+            return Ok(());
+        }
+        if self.relet(&claim.key).await? == Swap::Leased {
+            claim.give_up();
+        }
+        Ok(())
+    }
+
+    /// Renews this node's lease over `key`'s inbox once a third of
+    /// [`LEASE`] has passed since it was stored: a stream calls this while
+    /// its peer has not acknowledged what it sent (so the lease outlives a
+    /// slow reader, and lapses soon after this node dies).
+    pub async fn keep_lease(&self, key: &InboxKey) -> Result<()> {
+        let due = {
+            let state = self.shared.state.lock().unwrap();
+            state
+                .cursors
+                .get(key)
+                .and_then(|c| c.lease)
+                .is_some_and(|(_, at)| at.elapsed() > LEASE / 3)
+        };
+        if due && self.relet(key).await? == Swap::Leased {
+            tracing::warn!(agent = %key.agent,
+                "this node's lease lapsed and another node took the inbox; what its streams sent may come twice");
+        }
+        Ok(())
+    }
+
+    /// Stores this node's lease over `key` as its claims need it now: up
+    /// to the end of the last one, or none. Another node's move first
+    /// makes its claims that node's ([`Cursor::lost_to`]), then again.
+    async fn relet(&self, key: &InboxKey) -> Result<Swap> {
+        loop {
+            let (expected, upto) = {
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_default();
+                let upto = c.claims.last_key_value().map_or(0, |(_, r)| r.hi);
+                (c.stored, upto)
+            };
+            let swap = self
+                .engine
+                .lease_cursor(key.clone(), expected, upto)
+                .await?;
+            let mut state = self.shared.state.lock().unwrap();
+            let c = state.cursors.entry(key.clone()).or_default();
+            match swap {
+                Swap::Lost(stored) => c.lost_to(stored),
+                Swap::Moved => {
+                    c.lease = (upto > expected).then(|| (upto, std::time::Instant::now()));
+                    return Ok(swap);
+                }
+                Swap::Leased => return Ok(swap),
+            }
+        }
     }
 
     /// Claims the messages of `key`'s inbox in `(after, seq]` that are
@@ -228,8 +305,15 @@ impl Broker {
     /// of this inbox's cursor covers it.
     ///
     /// Every move stores the `read` steps of the claims it covers with it
-    /// (see [`Engine::swap_cursor`]); returns the steps its moves added.
-    async fn store_claim(&self, key: &InboxKey, claim: &Claim, kept: bool) -> Result<Vec<Step>> {
+    /// (see [`Engine::swap_cursor`]); returns the steps its moves added,
+    /// or `None` if another node's lease stood (then the claim is released
+    /// unless kept: kept, it is `storage_busy`, tried again).
+    async fn store_claim(
+        &self,
+        key: &InboxKey,
+        claim: &Claim,
+        kept: bool,
+    ) -> Result<Option<Vec<Step>>> {
         let mut added = Vec::new();
         let mut turn = self.store_turn(key, claim).await;
         if kept {
@@ -286,23 +370,25 @@ impl Broker {
             match swap {
                 Ok((Swap::Moved, mut steps)) => {
                     c.observe(target);
+                    if c.lease.is_some_and(|(upto, _)| upto <= target) {
+                        // The engine let it go with the move.
+                        c.lease = None;
+                    }
                     added.append(&mut steps);
                 }
-                Ok((Swap::Lost(stored), _)) => {
-                    // Another node stored `stored` (maybe `target` itself:
-                    // it read the same batch). What it covers is its.
-                    c.unanswered = None;
-                    if stored < c.stored {
-                        // The inbox was forgotten and began again.
-                        c.stored = stored;
-                    }
-                    c.observe(stored);
+                Ok((Swap::Lost(stored), _)) => c.lost_to(stored),
+                Ok((Swap::Leased, _)) if kept => {
+                    return Err(Error::StorageBusy(
+                        "another node holds this inbox's lease".into(),
+                    ))
                 }
+                // Released with the turn: that node is handing them out.
+                Ok((Swap::Leased, _)) => return Ok(None),
                 Err(e) => return Err(e),
             }
         }
         turn.release = None;
-        Ok(added)
+        Ok(Some(added))
     }
 
     /// Waits until no other confirm of `key` is storing on this node, and
@@ -345,9 +431,10 @@ impl Broker {
         self.engine.count_inbox(key, after).await
     }
 
-    /// How many messages wait in `key`'s inbox after its cursor.
+    /// How many messages of `key`'s inbox are not read for good: a batch
+    /// a stream wrote whose peer has not consumed it yet still counts.
     pub async fn unread(&self, key: &InboxKey) -> Result<u64> {
-        let cursor = self.cursor(key).await?;
+        let cursor = self.read_cursor(key).await?;
         self.engine.count_inbox(key, cursor).await
     }
 }
@@ -450,7 +537,12 @@ impl Claim {
         let stored = self.broker.store_claim(&self.key, self, kept).await;
         self.settled = true;
         let added = match stored {
-            Ok(added) => added,
+            Ok(Some(added)) => added,
+            Ok(None) => {
+                // Another node's lease: released, this reader owns nothing.
+                self.ranges.clear();
+                return Ok(());
+            }
             Err(e) => {
                 if !kept {
                     self.ranges.clear();
@@ -487,13 +579,39 @@ impl Claim {
     }
 }
 
+impl Claim {
+    /// Releases what this claim holds: it owns nothing.
+    fn give_up(&mut self) {
+        let mut state = self.broker.shared.state.lock().unwrap();
+        if let Some(c) = state.cursors.get_mut(&self.key) {
+            c.release(&self.ranges, &self.taken);
+        }
+        self.ranges.clear();
+        self.settled = true;
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
-        if !self.settled {
+        if self.settled {
+            return;
+        }
+        let leased = {
             let mut state = self.broker.shared.state.lock().unwrap();
-            if let Some(c) = state.cursors.get_mut(&self.key) {
+            state.cursors.get_mut(&self.key).is_some_and(|c| {
                 c.release(&self.ranges, &self.taken);
-            }
+                c.lease.is_some()
+            })
+        };
+        // A stream cut before its peer had the batch: give the lease back
+        // (or shorten it), so other nodes need not wait for it to lapse.
+        if let (true, Ok(runtime)) = (leased, tokio::runtime::Handle::try_current()) {
+            let (broker, key) = (self.broker.clone(), self.key.clone());
+            runtime.spawn(async move {
+                if let Err(e) = broker.relet(&key).await {
+                    tracing::debug!(error = %e, "giving a cursor lease back failed; it lapses");
+                }
+            });
         }
     }
 }
@@ -520,6 +638,9 @@ pub(crate) struct Cursor {
     /// most [`READ_BY`]: known here the moment a reader hands them out,
     /// while their `read` steps are still on their way to the store.
     read_by: std::collections::VecDeque<(Seq, Seq, String)>,
+    /// This node's lease over the stored cursor (shared stores): how far,
+    /// and when it was stored.
+    lease: Option<(Seq, std::time::Instant)>,
 }
 
 /// Confirmed shares each inbox remembers with their door.
@@ -599,6 +720,18 @@ impl Cursor {
                 self.claims.insert(stored, r);
             }
         }
+    }
+
+    /// A swap found `stored`, not the value this node expected: another
+    /// node stored it (maybe the very value wanted: it read the same
+    /// batch), and what it covers is that node's.
+    fn lost_to(&mut self, stored: Seq) {
+        self.unanswered = None;
+        if stored < self.stored {
+            // The inbox was forgotten and began again.
+            self.stored = stored;
+        }
+        self.observe(stored);
     }
 
     /// Drops what is left of one claim's ranges (only its own: a range

@@ -260,7 +260,18 @@ pub enum Swap {
     /// claim the same end), which is why a swap does not answer with a
     /// bare value.
     Lost(Seq),
+    /// The cursor is at the expected value, but another node holds a lease
+    /// over what follows it (see [`Engine::lease_cursor`]): its stream is
+    /// handing those messages out. Nothing was written; try again later.
+    Leased,
 }
+
+/// How long a node's lease over an inbox lasts unless renewed (see
+/// [`Engine::lease_cursor`]): a node that died holding one blocks other
+/// nodes' destructive reads of that inbox for at most this long. Holders
+/// renew at a third of it, so clocks may differ between nodes by a few
+/// seconds without two nodes holding one inbox.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// What a storage engine does for the broker.
 ///
@@ -309,7 +320,8 @@ pub trait Engine: Send + Sync + 'static {
     /// record, a crash or not; NATS records them right after the move.
     /// Resolves once durable, with the steps this call added (as
     /// [`Engine::record`] returns them: whoever gets a step back tells the
-    /// sender).
+    /// sender). Where cursors are shared, another node's lease over what
+    /// follows `expected` refuses the move ([`Swap::Leased`]).
     async fn swap_cursor(
         &self,
         key: InboxKey,
@@ -317,6 +329,23 @@ pub trait Engine: Send + Sync + 'static {
         new: Seq,
         steps: Vec<Step>,
     ) -> Result<(Swap, Vec<Step>)>;
+
+    /// Where cursors are shared between nodes ([`Engine::shares_cursors`]):
+    /// a stream takes a *lease* over the messages of `key`'s inbox up to
+    /// `upto` before it hands them out, and keeps it until its peer has
+    /// them and the cursor moved through them. Taken (or renewed, or with
+    /// `upto <= expected` given back) only if the stored cursor is
+    /// `expected` and no other node's lease stands ([`Swap::Lost`],
+    /// [`Swap::Leased`] otherwise). While it stands, other nodes' swaps of
+    /// this cursor answer [`Swap::Leased`], so no other node hands out what
+    /// the stream may be sending; it lapses after [`LEASE`] unless renewed.
+    /// This node's own swaps keep it while it reaches past their new value.
+    /// A store only this node moves needs none: the broker's claims in
+    /// memory do that work (the default does nothing).
+    async fn lease_cursor(&self, key: InboxKey, expected: Seq, upto: Seq) -> Result<Swap> {
+        let _ = (key, expected, upto);
+        Ok(Swap::Moved)
+    }
 
     /// Records an agent in the registry (first/last seen, and whether it
     /// has `connected`: once set it stays); resolves once durable.

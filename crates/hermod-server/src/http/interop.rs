@@ -399,6 +399,8 @@ const HOLES_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// the connection, or it went away — the unconfirmed claims are released,
 /// so a reader that reconnects without `Last-Event-ID` misses nothing (it
 /// may see what its own kernel had acknowledged but it never read twice).
+/// Across nodes, each batch is leased before it is written
+/// ([`Broker::lease`]): another node hands none of it out meanwhile.
 fn claimed_events(
     broker: Broker,
     key: InboxKey,
@@ -458,6 +460,10 @@ fn claimed_events(
                 }
             }
             if let Some(f) = &s.flushes {
+                if !s.unacked.is_empty() && f.gone() {
+                    // Its peer left with the batch unread: released now.
+                    return None;
+                }
                 while let Some((_, end)) = s.unacked.front() {
                     if !f.acked(*end) {
                         break;
@@ -467,6 +473,11 @@ fn claimed_events(
                         tracing::error!(error = %e, "cursor update failed; ending the stream");
                         return None;
                     }
+                }
+            }
+            if !s.unacked.is_empty() {
+                if let Err(e) = s.broker.keep_lease(&s.key).await {
+                    tracing::debug!(error = %e, "renewing the inbox lease failed");
                 }
             }
             if let Some(hole) = s.broker.hole_below(&s.key, s.position) {
@@ -500,7 +511,13 @@ fn claimed_events(
             };
             // Only this batch's range: a hole below (a claim another
             // reader released) is the next reader's, not this stream's.
-            let claim = match s.broker.claim(&s.key, s.position, last, "sse").await {
+            // Leased where other nodes read this inbox too: none of them
+            // hands these out while this stream's peer gets them.
+            let claimed = match s.broker.claim(&s.key, s.position, last, "sse").await {
+                Ok(mut c) => s.broker.lease(&mut c).await.map(|()| c),
+                Err(e) => Err(e),
+            };
+            let claim = match claimed {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cursor read failed; ending the stream");

@@ -545,6 +545,16 @@ impl Flushes {
     }
 }
 
+impl Flushes {
+    /// The peer closed (or the connection is over): a stream waiting for
+    /// acknowledgements ends now rather than at its next write, so what it
+    /// holds goes back to other readers at once.
+    pub fn gone(&self) -> bool {
+        let fd = self.0.fd.load(Ordering::Acquire);
+        fd < 0 || crate::peer::hung_up(fd)
+    }
+}
+
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
     type Response = hyper::Response<Tracked>;
     type Error = Infallible;
