@@ -301,3 +301,57 @@ async fn connections_over_the_limit_are_refused_with_a_clear_error() {
     drop(held.pop());
     admitted().await;
 }
+
+// Issue 21 ("which other door shares it"): an auto-mode Unix delivery
+// wrote a batch first and claimed it only once the client had consumed
+// it, so a `/poll` of the same inbox meanwhile claimed and answered the
+// very messages the client was reading. Now the batch is claimed before it
+// is written, as `/subscribe` does: the `/poll` takes nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_beside_an_auto_mode_reader_hands_out_nothing_it_was_written() {
+    const COUNT: u64 = 50;
+    let d = Daemon::start();
+    // Registered, then not reading: its frames sit in the socket.
+    let mut s = raw_register(&d, "twin");
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    for n in 0..COUNT {
+        sender.send(draft("twin", n)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let http = reqwest::Client::new();
+    let polled: Vec<u64> = http
+        .get(format!("{}/poll?agent=twin", d.http))
+        .send()
+        .await
+        .unwrap()
+        .json::<Vec<Value>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m["n"].as_u64().unwrap())
+        .collect();
+    // The client reads all it was sent (until a second goes by quietly).
+    let read = tokio::task::spawn_blocking(move || {
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut got = Vec::new();
+        let mut len = [0u8; 4];
+        while std::io::Read::read_exact(&mut s, &mut len).is_ok() {
+            let mut frame = vec![0; u32::from_be_bytes(len) as usize];
+            std::io::Read::read_exact(&mut s, &mut frame).unwrap();
+            let frame: Value = serde_json::from_slice(&frame).unwrap();
+            got.push(frame["body"]["n"].as_u64().unwrap());
+        }
+        got
+    });
+    let read = read.await.unwrap();
+    let twice: Vec<u64> = read
+        .iter()
+        .copied()
+        .filter(|n| polled.contains(n))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "the Unix client and /poll both got {twice:?} (polled {polled:?})"
+    );
+    assert_eq!(read.len() as u64 + polled.len() as u64, COUNT);
+}

@@ -694,7 +694,9 @@ impl Broker {
     /// when the inbox is next due, if ever.
     async fn sweep_inbox(&self, key: &InboxKey, now: f64) -> Result<Option<f64>> {
         let config = self.shared.delivery.lock().unwrap().clone();
-        let cursor = self.cursor(key).await?;
+        // From what was read for good: a batch a stream wrote that its
+        // peer has not consumed is unread (its reader may have stalled).
+        let cursor = self.read_cursor(key).await?;
         let page = self
             .engine
             .read(&View::Inbox(key.clone()), cursor, SWEEP_PAGE)

@@ -47,6 +47,10 @@ const DELIVERY_BATCH: usize = 512;
 /// was written (only while something is unconfirmed).
 const CONFIRM_EVERY: Duration = Duration::from_millis(5);
 
+/// How often an idle auto-mode delivery looks for a hole below it (see
+/// [`Broker::hole_below`]): a claim another reader released.
+const HOLES_EVERY: Duration = Duration::from_millis(500);
+
 enum Out {
     Frame(Bytes),
     /// A submitted message: what to answer once it is durable (an error
@@ -371,12 +375,11 @@ struct Delivery {
     position: Seq,
     mode: AckMode,
     newest: hermod_core::broker::Watch,
-    /// Written but not yet known to be consumed (auto mode).
-    unconfirmed: Option<Seq>,
+    /// Auto mode: the claims of what was written, not yet known to be
+    /// consumed (dropped with the connection, they are released).
+    written: Vec<Claim>,
     /// The client asked for `gap` frames at `register`.
     gaps: bool,
-    /// Where the claims of what the client consumed reach.
-    claimed: Seq,
     /// Claims of what the client consumed, not stored yet.
     unstored: Vec<Claim>,
     /// The one store of a claim in flight: stores run beside delivery, so
@@ -410,11 +413,14 @@ impl Writer {
         let mut closing = false;
         let mut confirm = tokio::time::interval(CONFIRM_EVERY);
         confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut holes = tokio::time::interval(HOLES_EVERY);
+        holes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let unconfirmed = delivery
                 .as_ref()
-                .is_some_and(|d| d.unconfirmed.is_some() || !d.unstored.is_empty());
+                .is_some_and(|d| !d.written.is_empty() || !d.unstored.is_empty());
             let watching = delivery.is_some() && !need_read;
+            let auto = delivery.as_ref().is_some_and(|d| d.mode == AckMode::Auto);
             tokio::select! {
                 _ = shutdown.cancelled(), if reader_open && !closing => {
                     // Stop taking requests; finish the replies already owed.
@@ -440,7 +446,7 @@ impl Writer {
                     }
                     Some(Out::Deliver { key, cursor, mode, gaps }) => {
                         let newest = self.broker.watch(&key);
-                        delivery = Some(Delivery { key, position: cursor, mode, newest, unconfirmed: None, gaps, claimed: cursor, unstored: Vec::new(), storing: None });
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, written: Vec::new(), gaps, unstored: Vec::new(), storing: None });
                         need_read = true;
                     }
                     Some(Out::Close) => return Ok(()),
@@ -450,6 +456,10 @@ impl Writer {
                 }
                 _ = confirm.tick(), if unconfirmed => {
                     self.confirm(delivery.as_mut().unwrap()).await;
+                }
+                _ = holes.tick(), if auto && !need_read => {
+                    let d = delivery.as_ref().unwrap();
+                    need_read = self.broker.hole_below(&d.key, d.position).is_some();
                 }
                 // More of the inbox is waiting: do not block, deliver below.
                 _ = std::future::ready(()), if need_read => {}
@@ -476,7 +486,20 @@ impl Writer {
     }
 
     /// Writes the next batch of the inbox; true if more is waiting.
+    ///
+    /// In auto mode a batch is claimed (and, across nodes, leased) before
+    /// it is written, as `/subscribe` does: no other destructive reader
+    /// hands it out while this client reads it, and it is confirmed once
+    /// the client consumed it ([`Writer::confirm`]).
     async fn deliver(&mut self, d: &mut Delivery) -> io::Result<bool> {
+        if d.mode == AckMode::Auto {
+            if let Some(hole) = self.broker.hole_below(&d.key, d.position) {
+                // Another reader released a claim below (its store failed,
+                // its client left): read from there again; what this
+                // connection holds already is not claimed twice.
+                d.position = hole;
+            }
+        }
         let batch = match self.broker.read(&d.key, d.position, DELIVERY_BATCH).await {
             Ok(b) => b,
             Err(e) => {
@@ -496,39 +519,59 @@ impl Writer {
             }
         }
         let more = batch.messages.len() == DELIVERY_BATCH;
+        let claim = match batch.messages.last() {
+            Some(last) if d.mode == AckMode::Auto => {
+                let claimed = match self
+                    .broker
+                    .claim(&d.key, d.position, last.seq, "unix")
+                    .await
+                {
+                    Ok(mut c) => self.broker.lease(&mut c).await.map(|()| c),
+                    Err(e) => Err(e),
+                };
+                match claimed {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::error!(error = %e, inbox = %d.key.agent, "cursor read failed");
+                        return Ok(false);
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Some(last) = batch.messages.last() {
             d.position = last.seq;
         }
-        frames.extend(batch.messages.iter().map(|m| wire::message_bytes(m)));
+        frames.extend(
+            batch
+                .messages
+                .iter()
+                .filter(|m| claim.as_ref().is_none_or(|c| c.owns(m.seq)))
+                .map(|m| wire::message_bytes(m)),
+        );
+        if let Some(claim) = claim {
+            d.written.push(claim);
+        }
         if frames.is_empty() {
-            return Ok(false);
+            return Ok(more);
         }
         self.write(frames).await?;
-        if d.mode == AckMode::Auto {
-            d.unconfirmed = Some(d.position);
-        } else {
+        if d.mode != AckMode::Auto {
             // Consumed once acknowledged (`read`); handed over now.
             self.broker.delivered(&d.key, "unix", &batch.messages).await;
         }
         Ok(more)
     }
 
-    /// Advances the cursor if the client consumed everything written: the
-    /// claim at once (in memory), its store in the background, one at a
-    /// time (a store that fails releases its claim: redelivered, not lost).
+    /// Advances the cursor once the client consumed everything written:
+    /// the written claims are final at once, their store runs in the
+    /// background, one at a time (retried until it lands).
     async fn confirm(&mut self, d: &mut Delivery) {
-        if let Some(seq) = d.unconfirmed {
+        if !d.written.is_empty() {
             if peer::consumed_by_live_peer(self.fd) {
-                d.unconfirmed = None;
-                // Only what this connection wrote since its last claim: a
-                // hole below (a claim another reader released) is not its.
-                match self.broker.claim(&d.key, d.claimed, seq, "unix").await {
-                    Ok(claim) => {
-                        d.claimed = seq;
-                        d.unstored.push(claim);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cursor update failed"),
-                }
+                d.unstored.append(&mut d.written);
+            } else if let Err(e) = self.broker.keep_lease(&d.key).await {
+                tracing::debug!(error = %e, "renewing the inbox lease failed");
             }
         }
         if d.storing.as_ref().is_some_and(|h| !h.is_finished()) {
