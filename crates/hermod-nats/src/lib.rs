@@ -1400,11 +1400,23 @@ impl Engine for NatsEngine {
                 let missing = seqs.iter().zip(&cached).filter(|(_, m)| m.is_none());
                 let missing = missing.map(|(&s, _)| s).collect();
                 let mut fetched = inner.fetch(missing).await?.into_iter();
-                // (One is gone only if retention took it already.)
-                Ok(cached
+                // One answer per message, in order: a caller pairs them up
+                // (a pipelining client pairs its receipts by position). A
+                // message the stream acknowledged but this node cannot read
+                // back (retention took it already, or a server that has not
+                // caught up answered the read) is an unknown outcome: a
+                // retry with the same id is stored once and answered then.
+                cached
                     .into_iter()
-                    .filter_map(|m| m.or_else(|| fetched.next().flatten()))
-                    .collect())
+                    .zip(&seqs)
+                    .map(|(m, seq)| {
+                        m.or_else(|| fetched.next().flatten()).ok_or_else(|| {
+                            Error::StorageBusy(format!(
+                                "NATS: stored as seq {seq}, but not read back yet; send it again with the same id"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
             }
             .await
             .map_err(unknown_outcome);

@@ -437,7 +437,12 @@ pub(crate) async fn reply_when_durable(
 ) -> Option<Bytes> {
     let frame = match durable.await {
         Ok(Ok(stored)) => {
-            let m = stored.first()?;
+            // Every request is answered, in order (pipelining clients pair
+            // receipts by position): never silence for an empty answer.
+            let Some(m) = stored.first() else {
+                let e = Error::StorageBusy("the store did not say where it put the message".into());
+                return Some(ServerFrame::error(&e, Some(id)).to_bytes());
+            };
             match reply {
                 Reply::Sent(notice) => Some(ServerFrame::Sent {
                     id: m.id.clone(),

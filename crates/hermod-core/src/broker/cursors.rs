@@ -135,14 +135,18 @@ impl Broker {
 
     /// Acknowledges everything in `key`'s inbox up to `seq` (that no other
     /// reader holds) as `read` through `door`; resolves once stored, or
-    /// with the store's error (then nothing was acknowledged).
+    /// with the store's error (then nothing was acknowledged), or with
+    /// `storage_busy` if only part could be stored (another reader's batch
+    /// below is still out, or another node's lease stands).
     pub async fn ack(&self, key: &InboxKey, seq: Seq, door: &str) -> Result<()> {
         let mut claim = self.claim(key, 0, seq, door).await?;
-        let wanted = !claim.ranges.is_empty();
+        let end = |c: &Claim| c.ranges.last().map_or(0, |r| r.1);
+        let wanted = end(&claim);
         claim.confirm().await?;
-        if wanted && claim.ranges.is_empty() {
+        if end(&claim) < wanted {
             return Err(Error::StorageBusy(
-                "another node is handing out this inbox right now; acknowledge again".into(),
+                "another reader is handing out part of this inbox right now; acknowledge again"
+                    .into(),
             ));
         }
         Ok(())
@@ -162,6 +166,7 @@ impl Broker {
         if self.relet(&claim.key).await? == Swap::Leased {
             claim.give_up();
         }
+        claim.seen = claim.taken.load(Ordering::Acquire);
         Ok(())
     }
 
@@ -189,6 +194,16 @@ impl Broker {
     /// to the end of the last one, or none. Another node's move first
     /// makes its claims that node's ([`Cursor::lost_to`]), then again.
     async fn relet(&self, key: &InboxKey) -> Result<Swap> {
+        // One at a time per inbox, each reading the claims once it has the
+        // turn: a relet that read them earlier (one giving the lease back
+        // after a release) would otherwise store its older, shorter lease
+        // over a newer one, and a stream would hand out unleased.
+        let turn = {
+            let mut state = self.shared.state.lock().unwrap();
+            state.cursors.entry(key.clone()).or_default().relet.clone()
+        };
+        let _turn = turn.lock().await;
+        let mut attempts = 0;
         loop {
             let (expected, upto) = {
                 let mut state = self.shared.state.lock().unwrap();
@@ -200,15 +215,21 @@ impl Broker {
                 .engine
                 .lease_cursor(key.clone(), expected, upto)
                 .await?;
-            let mut state = self.shared.state.lock().unwrap();
-            let c = state.cursors.entry(key.clone()).or_default();
-            match swap {
-                Swap::Lost(stored) => c.lost_to(stored),
-                Swap::Moved => {
-                    c.lease = (upto > expected).then(|| (upto, std::time::Instant::now()));
-                    return Ok(swap);
+            let fresh = {
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_default();
+                match swap {
+                    // (Says nothing of a swap of this node still in flight.)
+                    Swap::Lost(stored) => c.saw(stored),
+                    Swap::Moved => {
+                        c.lease = (upto > expected).then(|| (upto, std::time::Instant::now()));
+                        return Ok(swap);
+                    }
+                    Swap::Leased => return Ok(swap),
                 }
-                Swap::Leased => return Ok(swap),
+            };
+            if !fresh {
+                stale(&mut attempts).await?;
             }
         }
     }
@@ -293,6 +314,7 @@ impl Broker {
             door: door.to_owned(),
             ranges,
             taken,
+            seen: 0,
             settled: false,
         })
     }
@@ -305,16 +327,18 @@ impl Broker {
     /// of this inbox's cursor covers it.
     ///
     /// Every move stores the `read` steps of the claims it covers with it
-    /// (see [`Engine::swap_cursor`]); returns the steps its moves added,
-    /// or `None` if another node's lease stood (then the claim is released
-    /// unless kept: kept, it is `storage_busy`, tried again).
+    /// (see [`Engine::swap_cursor`]); returns the steps its moves added and
+    /// the stored cursor (a claim not kept is released past it), or `None`
+    /// if another node's lease stood (then the claim is released unless
+    /// kept: kept, it is `storage_busy`, tried again).
     async fn store_claim(
         &self,
         key: &InboxKey,
         claim: &Claim,
         kept: bool,
-    ) -> Result<Option<Vec<Step>>> {
+    ) -> Result<Option<(Vec<Step>, Seq)>> {
         let mut added = Vec::new();
+        let mut attempts = 0;
         let mut turn = self.store_turn(key, claim).await;
         if kept {
             turn.release = None;
@@ -365,30 +389,59 @@ impl Broker {
                 .engine
                 .swap_cursor(key.clone(), expected, target, steps)
                 .await;
-            let mut state = self.shared.state.lock().unwrap();
-            let c = state.cursors.entry(key.clone()).or_default();
-            match swap {
-                Ok((Swap::Moved, mut steps)) => {
-                    c.observe(target);
-                    if c.lease.is_some_and(|(upto, _)| upto <= target) {
-                        // The engine let it go with the move.
-                        c.lease = None;
+            let fresh = {
+                let mut state = self.shared.state.lock().unwrap();
+                let c = state.cursors.entry(key.clone()).or_default();
+                match swap {
+                    Ok((Swap::Moved, mut steps)) => {
+                        c.observe(target);
+                        if c.lease.is_some_and(|(upto, _)| upto <= target) {
+                            // The engine let it go with the move.
+                            c.lease = None;
+                        }
+                        added.append(&mut steps);
+                        true
                     }
-                    added.append(&mut steps);
+                    Ok((Swap::Lost(stored), _)) => {
+                        // The answer to this very swap: it was not applied.
+                        c.unanswered = None;
+                        c.saw(stored)
+                    }
+                    Ok((Swap::Leased, _)) if kept => {
+                        return Err(Error::StorageBusy(
+                            "another node holds this inbox's lease".into(),
+                        ))
+                    }
+                    // Released with the turn: that node is handing them out.
+                    Ok((Swap::Leased, _)) => return Ok(None),
+                    Err(e) => return Err(e),
                 }
-                Ok((Swap::Lost(stored), _)) => c.lost_to(stored),
-                Ok((Swap::Leased, _)) if kept => {
-                    return Err(Error::StorageBusy(
-                        "another node holds this inbox's lease".into(),
-                    ))
-                }
-                // Released with the turn: that node is handing them out.
-                Ok((Swap::Leased, _)) => return Ok(None),
-                Err(e) => return Err(e),
+            };
+            if !fresh {
+                stale(&mut attempts).await?;
             }
         }
+        let through = {
+            let mut state = self.shared.state.lock().unwrap();
+            let c = state.cursors.entry(key.clone()).or_default();
+            if !kept {
+                // What of the claim lies past the stored cursor waits behind
+                // a claim still pending or a hole (a claim released after
+                // this one was taken): not stored, so not handed out — a
+                // crash, or another node reading the stored cursor, would
+                // hand it out again. Released for the next reader.
+                let above: Vec<(Seq, Seq)> = claim
+                    .ranges
+                    .iter()
+                    .filter(|&&(_, hi)| hi > c.stored)
+                    .map(|&(lo, hi)| (lo.max(c.stored), hi))
+                    .collect();
+                c.release(&above, &claim.taken);
+            }
+            c.stored
+        };
         turn.release = None;
-        Ok(Some(added))
+        Ok(Some((added, through)))
     }
 
     /// Waits until no other confirm of `key` is storing on this node, and
@@ -452,6 +505,9 @@ pub struct Claim {
     /// stored here (those are that node's). Also the claim's identity in
     /// the inbox's ranges.
     taken: Arc<AtomicU64>,
+    /// `taken` when its holder last looked at what it owns, before handing
+    /// out ([`Broker::lease`]): more taken after that came twice.
+    seen: Seq,
     /// Confirmed (or released after a failed store): nothing to release.
     settled: bool,
 }
@@ -499,6 +555,7 @@ impl Claim {
             door: self.door.clone(),
             ranges: std::mem::take(&mut self.ranges),
             taken: self.taken.clone(),
+            seen: self.seen,
             settled: false,
         };
         // Settled here: the task's claim is the one that settles or
@@ -537,7 +594,16 @@ impl Claim {
         let stored = self.broker.store_claim(&self.key, self, kept).await;
         self.settled = true;
         let added = match stored {
-            Ok(Some(added)) => added,
+            Ok(Some((added, through))) => {
+                if !kept {
+                    // Its share is what was stored (see `store_claim`).
+                    self.ranges.retain_mut(|r| {
+                        r.1 = r.1.min(through);
+                        r.0 < r.1
+                    });
+                }
+                added
+            }
             Ok(None) => {
                 // Another node's lease: released, this reader owns nothing.
                 self.ranges.clear();
@@ -564,12 +630,11 @@ impl Claim {
                 }
             }
         }
-        for &(lo, hi) in &self.ranges {
-            if hi <= taken {
-                // Another node's reader took it while this one held it.
-                tracing::warn!(agent = %self.key.agent, from = lo, to = hi,
-                    "another node delivered part of this claim");
-            }
+        if kept && taken > self.seen {
+            // Another node's reader took part of it after this one handed
+            // it out (this node's lease lapsed).
+            tracing::warn!(agent = %self.key.agent, from = self.seen, to = taken,
+                "another node delivered part of what this node handed out");
         }
         // The `read` steps were stored with the cursor; whoever added one
         // tells its senders (receipts are messages of their own: the
@@ -641,6 +706,8 @@ pub(crate) struct Cursor {
     /// This node's lease over the stored cursor (shared stores): how far,
     /// and when it was stored.
     lease: Option<(Seq, std::time::Instant)>,
+    /// The turn to store the lease ([`Broker::relet`]).
+    relet: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Confirmed shares each inbox remembers with their door.
@@ -701,6 +768,15 @@ impl Cursor {
     /// The store holds `stored`: claims it covers are stored (by this
     /// node's own swap) or taken (by another node's).
     fn observe(&mut self, stored: Seq) {
+        if stored < self.stored && stored != 0 {
+            // Kept out (values only grow), but worth knowing: a NATS server
+            // that came back answered before it caught up.
+            tracing::warn!(
+                stored,
+                known = self.stored,
+                "the store answered an older cursor than this node knows"
+            );
+        }
         self.observed = true;
         if stored <= self.stored {
             return;
@@ -724,14 +800,21 @@ impl Cursor {
 
     /// A swap found `stored`, not the value this node expected: another
     /// node stored it (maybe the very value wanted: it read the same
-    /// batch), and what it covers is that node's.
-    fn lost_to(&mut self, stored: Seq) {
-        self.unanswered = None;
+    /// batch), and what it covers is that node's. False if the answer is
+    /// older than what this node knows (a read served by a NATS leader
+    /// that was just replaced, say): nothing learned, ask again.
+    fn saw(&mut self, stored: Seq) -> bool {
+        if stored == 0 && self.stored > 0 {
+            // The inbox was forgotten and began again (its new messages
+            // all come after anything this node knew of it).
+            self.stored = 0;
+            return true;
+        }
         if stored < self.stored {
-            // The inbox was forgotten and began again.
-            self.stored = stored;
+            return false;
         }
         self.observe(stored);
+        true
     }
 
     /// Drops what is left of one claim's ranges (only its own: a range
@@ -749,6 +832,19 @@ impl Cursor {
             }
         }
     }
+}
+
+/// Waits a moment before asking the store again after a stale answer;
+/// `storage_busy` once it stayed stale for about a second.
+async fn stale(attempts: &mut u32) -> Result<()> {
+    *attempts += 1;
+    if *attempts > 50 {
+        return Err(Error::StorageBusy(
+            "the store keeps answering with an older cursor; try again".into(),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    Ok(())
 }
 
 /// A claim's ranges and identity, for releasing it.

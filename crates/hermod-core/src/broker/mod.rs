@@ -693,9 +693,10 @@ mod tests {
             let mut second = b.claim(&key, 0, 20, "test").await.unwrap();
             assert_eq!(owned(&first, 40), seqs(0, 10));
             assert_eq!(owned(&second, 40), seqs(10, 20));
-            // The later claim is confirmed first: it may not be stored over
-            // the earlier one, which could still be released.
-            second.confirm().await.unwrap();
+            // The later claim (a stream's, handed out) is confirmed first:
+            // it may not be stored over the earlier one, which could still
+            // be released.
+            second.confirm_handed_out().await.unwrap();
             assert_eq!(b.engine.cursor(&key).await.unwrap(), 0);
             assert_eq!(b.cursor(&key).await.unwrap(), 20, "both still held");
             // The earlier one's confirm stores both.
@@ -893,7 +894,7 @@ mod tests {
         assert_eq!(poll.confirm().await.unwrap_err().code(), "storage_busy");
         assert!(owned(&poll, 20).is_empty(), "hands out nothing");
         engine.fail.store(false, SeqCst);
-        stream.confirm().await.unwrap();
+        stream.confirm_handed_out().await.unwrap();
         assert_eq!(b.engine.cursor(&key).await.unwrap(), 0, "not over the hole");
         assert_eq!(b.cursor(&key).await.unwrap(), 0, "the hole is read again");
         let mut again = b.claim(&key, 0, 20, "poll").await.unwrap();
@@ -934,6 +935,32 @@ mod tests {
         );
     }
 
+    // Issue 21 (the history checker on two NATS nodes): a claim that
+    // confirms before it hands out, taken above a claim that was later
+    // released and taken again (a hole below it), answered while its share
+    // was only in memory: a crash, or another node reading the stored
+    // cursor, handed it out again. Now it hands out what was stored.
+    #[tokio::test]
+    async fn a_confirm_behind_a_pending_claim_hands_out_only_what_was_stored() {
+        let (b, _) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 30).await;
+        let mut stream = b.claim(&key, 0, 10, "sse").await.unwrap();
+        let mut poll = b.claim(&key, 0, 20, "poll").await.unwrap();
+        assert_eq!(owned(&poll, 30), seqs(10, 20));
+        poll.confirm().await.unwrap();
+        assert!(owned(&poll, 30).is_empty(), "nothing was stored");
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 0);
+        assert_eq!(b.cursor(&key).await.unwrap(), 10, "10..20 released");
+        // An ack behind it says so, and stores what it could.
+        let err = b.ack(&key, 20, "unix").await.unwrap_err();
+        assert_eq!(err.code(), "storage_busy");
+        stream.confirm_handed_out().await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 10);
+        b.ack(&key, 20, "unix").await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 20);
+    }
+
     // Issue 21: a `/poll` whose client vanished mid-claim (its future
     // dropped) held its claim for ever, and a later confirm stored the
     // cursor over it.
@@ -952,7 +979,7 @@ mod tests {
         let mut stream = b.claim(&key, 0, 20, "sse").await.unwrap();
         assert_eq!(owned(&stream, 30), seqs(10, 20));
         drop(held);
-        stream.confirm().await.unwrap();
+        stream.confirm_handed_out().await.unwrap();
         assert_eq!(b.engine.cursor(&key).await.unwrap(), 0, "not over the hole");
         // A confirm whose caller goes away while its swap waits on the
         // store (a `/poll` whose client hung up) still finishes: the store

@@ -49,6 +49,8 @@ pub struct Figures {
     /// Refusals by error code (`connect` while the daemon was down).
     pub refused_by: BTreeMap<String, usize>,
     pub unknown: usize,
+    /// Unknown outcomes by the door of their send.
+    pub unknown_by: BTreeMap<String, usize>,
     pub deliveries: BTreeMap<String, usize>,
     pub redelivered_after_cut: usize,
     /// Streams that went back to a hole another reader released.
@@ -115,8 +117,22 @@ pub fn check(
             // On NATS `storage_busy` means the outcome is unknown (a
             // PubAck lost, the node slow to see its own write): the
             // message may be stored. On SQLite it means nothing was.
-            Kind::Refused { key: _, why } if busy_is_unknown && why.contains("storage_busy") => {
-                fig.unknown += 1
+            Kind::Refused { key, why } if busy_is_unknown && why.contains("storage_busy") => {
+                fig.unknown += 1;
+                if let Some((_, _, door)) = sends.get(key) {
+                    *fig.unknown_by.entry(format!("{door:?}")).or_default() += 1;
+                }
+            }
+            Kind::Refused { key, why } if why.starts_with("REPLY OUT OF ORDER") => {
+                v.push(Violation {
+                    promise: "every request gets its own reply, in order",
+                    agent: None,
+                    seq: None,
+                    key: Some(*key),
+                    detail: why.clone(),
+                    sessions: vec![],
+                    extra: vec![i],
+                });
             }
             Kind::Refused { key, why } => {
                 fig.refused += 1;
@@ -136,7 +152,12 @@ pub fn check(
                 sessions: vec![],
                 extra: vec![i],
             }),
-            Kind::Unknown { .. } => fig.unknown += 1,
+            Kind::Unknown { key } => {
+                fig.unknown += 1;
+                if let Some((_, _, door)) = sends.get(key) {
+                    *fig.unknown_by.entry(format!("{door:?}")).or_default() += 1;
+                }
+            }
             Kind::Open { sess } => opened[*sess as usize] = i,
             Kind::Close { sess, why } => {
                 closed[*sess as usize] = Some((i, why));
@@ -325,10 +346,7 @@ pub fn check(
             // batch, a failed store): allowed for a message no destructive
             // door had handed out for good before (a cut stream's tail
             // counts as not for good; twice is checked below).
-            if w[1].1 < w[0].1
-                && info.door == Door::IopSubscribe
-                && !handed_for_good(a, w[1].1, w[1].0)
-            {
+            if w[1].1 < w[0].1 && info.door.stream() && !handed_for_good(a, w[1].1, w[1].0) {
                 fig.back_to_a_hole += 1;
                 continue;
             }
@@ -357,10 +375,7 @@ pub fn check(
                 });
             }
         }
-        let follows = matches!(
-            info.door,
-            Door::UnixExplicit | Door::UnixAuto | Door::V1Ws | Door::V1Sse
-        );
+        let follows = matches!(info.door, Door::UnixExplicit | Door::V1Ws | Door::V1Sse);
         if !follows {
             continue;
         }
@@ -393,7 +408,6 @@ pub fn check(
     // point and its first delivery may be missing.
     let mut max_ack_sent = vec![0u64; AGENTS.len()];
     let mut floor = vec![0u64; AGENTS.len()];
-    let mut max_auto = vec![0u64; AGENTS.len()];
     let mut floor_at_open = vec![0u64; sessions.len()];
     for e in events.iter() {
         match &e.kind {
@@ -406,7 +420,6 @@ pub fn check(
                 floor_at_open[*sess as usize] = floor[a];
                 let start = match info.door {
                     Door::UnixExplicit | Door::V1Ws => Some(max_ack_sent[a]),
-                    Door::UnixAuto => Some(max_auto[a]),
                     Door::V1Sse => info.after,
                     _ => None,
                 };
@@ -442,13 +455,6 @@ pub fn check(
             Kind::AckDone { sess, seq } => {
                 let a = sessions[*sess as usize].agent as usize;
                 floor[a] = floor[a].max(*seq);
-            }
-            Kind::Deliver { sess, seq } => {
-                let info = &sessions[*sess as usize];
-                if info.door == Door::UnixAuto {
-                    let a = info.agent as usize;
-                    max_auto[a] = max_auto[a].max(*seq);
-                }
             }
             _ => {}
         }

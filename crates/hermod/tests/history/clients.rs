@@ -28,10 +28,10 @@ pub struct Known {
 
 pub struct Ctx {
     pub hist: History,
-    /// `127.0.0.1:PORT` (fixed across restarts).
-    pub addr: String,
-    pub url: String,
-    pub socket: PathBuf,
+    /// The daemons (hermod nodes) the clients reach.
+    pub nodes: Vec<Node>,
+    /// Turns of [`Ctx::node`].
+    pub turn: std::sync::atomic::AtomicUsize,
     pub http: reqwest::Client,
     pub known: Known,
     /// Senders stop.
@@ -42,7 +42,27 @@ pub struct Ctx {
     pub calm: AtomicBool,
 }
 
+/// Where a client reaches one daemon (fixed across its restarts).
+pub struct Node {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    pub url: String,
+    pub socket: PathBuf,
+}
+
 impl Ctx {
+    /// The node for the next session or request: each in turn, so on a
+    /// cluster every door is used on every node, and a client that comes
+    /// back comes back elsewhere.
+    fn node(&self) -> &Node {
+        &self.nodes[self.turn.fetch_add(1, Ordering::Relaxed) % self.nodes.len()]
+    }
+
+    /// The node the checker asks its questions after the run.
+    fn first(&self) -> &Node {
+        &self.nodes[0]
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -119,7 +139,7 @@ pub async fn sender(ctx: Arc<Ctx>, index: usize, mut rng: Rng) {
                 let req = json!({"from": name, "to": to_name, "msg": key.text()});
                 http_send(
                     &ctx,
-                    ctx.http.post(format!("{}/send", ctx.url)).json(&req),
+                    ctx.http.post(format!("{}/send", ctx.node().url)).json(&req),
                     cut,
                 )
                 .await
@@ -129,13 +149,16 @@ pub async fn sender(ctx: Arc<Ctx>, index: usize, mut rng: Rng) {
                 if let Some(t) = to_name {
                     req["to"] = json!(t);
                 }
-                let r = ctx.http.post(format!("{}/v1/messages", ctx.url)).json(&req);
+                let r = ctx
+                    .http
+                    .post(format!("{}/v1/messages", ctx.node().url))
+                    .json(&req);
                 http_send(&ctx, r, cut).await
             }
             Door::IopBroadcast => {
                 let r = ctx
                     .http
-                    .post(format!("{}/broadcast?from={name}", ctx.url))
+                    .post(format!("{}/broadcast?from={name}", ctx.node().url))
                     .json(&body);
                 http_send(&ctx, r, cut).await
             }
@@ -165,7 +188,7 @@ pub async fn sender(ctx: Arc<Ctx>, index: usize, mut rng: Rng) {
 
 async fn unix_send(ctx: &Ctx, conn: &mut Option<Frames>, frame: &Value) -> Outcome {
     if conn.is_none() {
-        match Frames::connect(&ctx.socket).await {
+        match Frames::connect(&ctx.node().socket).await {
             Ok(c) => *conn = Some(c),
             Err(e) => return Outcome::Refused(format!("connect: {e}")),
         }
@@ -220,7 +243,7 @@ type WsConn =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws_connect(ctx: &Ctx, agent: &str) -> Result<WsConn, String> {
-    let url = format!("ws://{}/v1/agents/{agent}/ws", ctx.addr);
+    let url = format!("ws://{}/v1/agents/{agent}/ws", ctx.node().addr);
     match tokio::time::timeout(
         Duration::from_secs(5),
         tokio_tungstenite::connect_async(url),
@@ -275,7 +298,7 @@ pub async fn pipeliner(ctx: Arc<Ctx>, index: usize, mut rng: Rng) {
     let name = format!("s{index}");
     let mut n = 0u64;
     'conn: while !ctx.stop_send.load(Ordering::SeqCst) {
-        let Ok(mut c) = Frames::connect(&ctx.socket).await else {
+        let Ok(mut c) = Frames::connect(&ctx.node().socket).await else {
             pause(50).await;
             continue;
         };
@@ -313,6 +336,15 @@ pub async fn pipeliner(ctx: Arc<Ctx>, index: usize, mut rng: Rng) {
                         let Some(key) = inflight.pop_front() else {
                             continue;
                         };
+                        // Replies come one per request, in order: each
+                        // names the id it answers.
+                        if f["id"].as_str() != Some(key.text().as_str()) {
+                            ctx.hist.push(Kind::Refused {
+                                key,
+                                why: format!("REPLY OUT OF ORDER: {f}"),
+                            });
+                            continue;
+                        }
                         match f["type"].as_str() {
                             Some("sent") => ctx.hist.push(Kind::Acked {
                                 key,
@@ -355,7 +387,7 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
     };
     let name = AGENTS[agent as usize];
     while !ctx.stopping() {
-        let Ok(mut c) = Frames::connect(&ctx.socket).await else {
+        let Ok(mut c) = Frames::connect(&ctx.node().socket).await else {
             pause(50).await;
             continue;
         };
@@ -569,7 +601,7 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
         let rcvbuf = rng.chance(0.5).then_some(4096);
         let Ok(Ok(mut sse)) = tokio::time::timeout(
             Duration::from_secs(5),
-            Sse::connect(&ctx.addr, &path, header, rcvbuf),
+            Sse::connect(&ctx.node().addr, &path, header, rcvbuf),
         )
         .await
         else {
@@ -666,7 +698,7 @@ pub async fn poller(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
             .open(Door::IopPoll, agent, &format!("{name}/poll"), None);
         let r = ctx
             .http
-            .get(format!("{}/poll?agent={name}", ctx.url))
+            .get(format!("{}/poll?agent={name}", ctx.node().url))
             .timeout(cut.unwrap_or(Duration::from_secs(10)))
             .send()
             .await;
@@ -732,7 +764,7 @@ pub async fn recv_follower(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
             .http
             .get(format!(
                 "{}/recv?to={name}&since={since}&block=true&max={max}",
-                ctx.url
+                ctx.node().url
             ))
             .timeout(cut.unwrap_or(Duration::from_secs(10)))
             .send()
@@ -777,7 +809,8 @@ pub async fn cursor_sampler(ctx: Arc<Ctx>, mut rng: Rng) {
             .http
             .get(format!(
                 "{}/v1/agents/{}/inbox?limit=1",
-                ctx.url, AGENTS[agent as usize]
+                ctx.node().url,
+                AGENTS[agent as usize]
             ))
             .timeout(Duration::from_secs(5))
             .send()
@@ -804,7 +837,8 @@ pub async fn list_inbox(ctx: &Ctx, agent: u8) -> Result<Vec<(u64, f64, Option<Ke
     loop {
         let url = format!(
             "{}/v1/agents/{}/inbox?after={after}&limit=1000",
-            ctx.url, AGENTS[agent as usize]
+            ctx.first().url,
+            AGENTS[agent as usize]
         );
         let v: Value = ctx
             .http
@@ -856,7 +890,7 @@ pub async fn read_steps(
     'pages: loop {
         let url = format!(
             "{}/v1/agents/{name}/inbox?after={after}&limit=1000",
-            ctx.url
+            ctx.first().url
         );
         let Ok(r) = ctx.http.get(url).send().await else {
             break;
@@ -880,7 +914,7 @@ pub async fn read_steps(
         }
     }
     for (seq, id) in ids {
-        let url = format!("{}/v1/messages/{id}", ctx.url);
+        let url = format!("{}/v1/messages/{id}", ctx.first().url);
         let Ok(r) = ctx.http.get(url).send().await else {
             continue;
         };
@@ -913,7 +947,8 @@ pub async fn read_steps(
 pub async fn cursor_of(ctx: &Ctx, agent: u8) -> Option<u64> {
     let url = format!(
         "{}/v1/agents/{}/inbox?limit=1",
-        ctx.url, AGENTS[agent as usize]
+        ctx.first().url,
+        AGENTS[agent as usize]
     );
     let v: Value = ctx.http.get(url).send().await.ok()?.json().await.ok()?;
     v["cursor"].as_u64()

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 /// The agents whose inboxes are checked, each read through its own doors.
-pub const AGENTS: [&str; 6] = ["ux0", "ux1", "ua0", "ip0", "ip1", "vs0"];
+pub const AGENTS: [&str; 7] = ["ux0", "ux1", "ua0", "ip0", "ip1", "vs0", "ua1"];
 /// Indices into [`AGENTS`].
 pub const UX0: u8 = 0;
 pub const UX1: u8 = 1;
@@ -16,6 +16,8 @@ pub const UA0: u8 = 2;
 pub const IP0: u8 = 3;
 pub const IP1: u8 = 4;
 pub const VS0: u8 = 5;
+/// Read by Unix auto mode *and* `/poll` at once.
+pub const UA1: u8 = 6;
 
 /// A seeded xorshift64* generator: one per client, derived from the run's
 /// seed, so the schedule of choices is reproducible (the interleaving with
@@ -247,13 +249,13 @@ pub struct History {
     pub events: Mutex<Vec<Ev>>,
     pub sessions: Mutex<Vec<Session>>,
     /// Per agent: the highest cursor move the daemon acknowledged.
-    pub floors: [AtomicU64; 6],
+    pub floors: [AtomicU64; AGENTS.len()],
     /// Per agent: seqs handed out by a destructive door (for the drain).
     pub taken: Mutex<Vec<HashSet<u64>>>,
     /// Per agent: the last seq the v1 SSE follower saw, and the agent-bus
     /// follower's `since` (bits of an f64).
-    pub followed: [AtomicU64; 6],
-    pub since: [AtomicU64; 6],
+    pub followed: [AtomicU64; AGENTS.len()],
+    pub since: [AtomicU64; AGENTS.len()],
 }
 
 impl History {
