@@ -345,7 +345,15 @@ struct Inner {
     /// This process among the nodes, in the cursor leases it takes (new at
     /// every start: a lease of this node's earlier life is another's).
     node: String,
+    /// Cursor key → the revision of a value this node stored and whose
+    /// `read` steps it recorded since (at most [`RECORDED_MAX`]): no need
+    /// to record them again before the next move.
+    recorded: Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// Cursors whose recorded steps [`Inner`] remembers (then it forgets all:
+/// recording again is harmless, only slower).
+const RECORDED_MAX: usize = 4096;
 
 /// The connection's state, which the client's event callback keeps.
 #[derive(Default)]
@@ -488,6 +496,7 @@ impl NatsEngine {
             max_payload: client.server_info().max_payload,
             name: config.stream.clone(),
             node: hermod_core::model::new_id(),
+            recorded: Default::default(),
         });
 
         let (watch, revision) = inner.load_state().await?;
@@ -1088,40 +1097,84 @@ impl Inner {
     /// Compare-and-set of the cursor under `k`: `change` gets the stored
     /// value (if its seq is `expected` and no other node's live lease
     /// stands) and answers the new one; looked at again after a lost race.
+    ///
+    /// With `repair`, the `read` steps the stored value carries are
+    /// recorded in the state bucket first unless this node knows they are
+    /// (its own move, recorded since): a move replaces them, and a node
+    /// killed between storing a move and recording its steps would
+    /// otherwise lose them. Returns the steps that repair added, and the
+    /// new value's revision.
     async fn swap_stored_cursor(
         &self,
-        k: &str,
+        key: &InboxKey,
         expected: Seq,
+        repair: bool,
         change: impl Fn(&StoredCursor) -> StoredCursor,
-    ) -> Result<Swap> {
+    ) -> Result<(Swap, Vec<Step>, u64)> {
+        let k = keys::cursor_key(key);
+        let mut repaired = Vec::new();
         loop {
-            let current = self.stored_cursor(k).await?;
+            let current = self.stored_cursor(&k).await?;
             let stored = current.as_ref().map(|c| c.0.clone()).unwrap_or_default();
             if stored.seq != expected {
-                return Ok(Swap::Lost(stored.seq));
+                return Ok((Swap::Lost(stored.seq), repaired, 0));
             }
             if stored.leased_by_another(&self.node) {
-                return Ok(Swap::Leased);
+                return Ok((Swap::Leased, repaired, 0));
+            }
+            let revision = current.as_ref().map(|c| c.1);
+            if repair && !stored.read.is_empty() && !self.recorded(&k, revision) {
+                repaired.extend(self.record_steps(stored.read_steps(key)).await?);
             }
             let value = change(&stored).encode();
-            if cas(&self.cursors, k, value, current.map(|c| c.1))
-                .await?
-                .is_some()
-            {
-                return Ok(Swap::Moved);
+            if let Some(written) = cas(&self.cursors, &k, value, revision).await? {
+                return Ok((Swap::Moved, repaired, written));
             }
         }
     }
+
+    /// Whether this node recorded the steps of the cursor value `k` holds
+    /// at `revision` (it stored them, and recorded them after).
+    fn recorded(&self, k: &str, revision: Option<u64>) -> bool {
+        revision.is_some() && self.recorded.lock().unwrap().get(k) == revision.as_ref()
+    }
+
+    /// Records `steps` in the state bucket (see [`Engine::record`]).
+    async fn record_steps(&self, steps: Vec<Step>) -> Result<Vec<Step>> {
+        self.check_connected()?;
+        let added: Vec<(u64, Step)> = futures::stream::iter(steps)
+            .map(|step| async move {
+                let value = serde_json::to_vec(&step).expect("a step serializes");
+                // A create: the first step of its kind stays.
+                let written = cas(&self.state, &keys::step_key(&step), value.into(), None).await?;
+                Ok::<_, Error>(written.map(|revision| (revision, step)))
+            })
+            .buffer_unordered(STEP_CONCURRENCY)
+            .try_filter_map(|r| async move { Ok(r) })
+            .try_collect()
+            .await?;
+        if let Some(&(revision, _)) = added.iter().max_by_key(|(r, _)| *r) {
+            self.kv_mark.wait(revision).await?;
+        }
+        Ok(added.into_iter().map(|(_, step)| step).collect())
+    }
 }
 
-/// A cursor as the cursor bucket stores it: `"{seq}"`, or with a node's
-/// lease over what follows `"{seq} {upto} {node} {until_ms}"` (see
-/// [`Engine::lease_cursor`]). A deleted or purged key's marker has no
-/// payload: 0.
+/// A cursor as the cursor bucket stores it: `"{seq}"`, then the tagged
+/// fields that apply — a node's lease over what follows
+/// (`L{upto},{node},{until_ms}`, see [`Engine::lease_cursor`]) and the
+/// `read` steps of the move that stored it (`R{lo},{hi},{ts},{door}`,
+/// one per run). The steps ride in the same compare-and-set as the move,
+/// so a node killed between the move and recording them in the state
+/// bucket loses nothing: the next move of this cursor records them
+/// first, and a step lookup reads them here meanwhile. A deleted or
+/// purged key's marker has no payload: 0.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct StoredCursor {
     seq: Seq,
     lease: Option<CursorLease>,
+    /// `(lo, hi, ts, door)` of the `read` steps the last move stored.
+    read: Vec<(Seq, Seq, f64, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -1136,28 +1189,42 @@ impl StoredCursor {
     fn parse(payload: &[u8]) -> StoredCursor {
         let text = std::str::from_utf8(payload).unwrap_or("");
         let mut parts = text.split(' ');
-        let seq = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let lease = match (parts.next(), parts.next(), parts.next()) {
-            (Some(upto), Some(node), Some(until)) => {
-                upto.parse()
-                    .ok()
-                    .zip(until.parse().ok())
-                    .map(|(upto, until)| CursorLease {
-                        upto,
-                        node: node.to_owned(),
-                        until,
-                    })
-            }
-            _ => None,
+        let mut cursor = StoredCursor {
+            seq: parts.next().and_then(|v| v.parse().ok()).unwrap_or(0),
+            ..Default::default()
         };
-        StoredCursor { seq, lease }
+        for part in parts {
+            let mut fields = part.get(1..).unwrap_or("").split(',');
+            let mut next = || fields.next().unwrap_or("");
+            match part.as_bytes().first() {
+                Some(b'L') => {
+                    let (upto, node, until) = (next().parse(), next().to_owned(), next().parse());
+                    if let (Ok(upto), Ok(until)) = (upto, until) {
+                        cursor.lease = Some(CursorLease { upto, node, until });
+                    }
+                }
+                Some(b'R') => {
+                    let (lo, hi, ts) = (next().parse(), next().parse(), next().parse());
+                    if let (Ok(lo), Ok(hi), Ok(ts)) = (lo, hi, ts) {
+                        cursor.read.push((lo, hi, ts, next().to_owned()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        cursor
     }
 
     fn encode(&self) -> Bytes {
-        match &self.lease {
-            Some(l) => format!("{} {} {} {}", self.seq, l.upto, l.node, l.until).into(),
-            None => seq_bytes(self.seq),
+        use std::fmt::Write;
+        let mut text = self.seq.to_string();
+        if let Some(l) = &self.lease {
+            let _ = write!(text, " L{},{},{}", l.upto, l.node, l.until);
         }
+        for (lo, hi, ts, door) in &self.read {
+            let _ = write!(text, " R{lo},{hi},{ts},{door}");
+        }
+        text.into()
     }
 
     /// Another node's lease stands (not lapsed by this node's clock).
@@ -1165,6 +1232,22 @@ impl StoredCursor {
         self.lease
             .as_ref()
             .is_some_and(|l| l.node != node && l.upto > self.seq && l.until > unix_millis())
+    }
+
+    /// The `read` steps this value carries, as steps of `key`'s inbox.
+    fn read_steps(&self, key: &InboxKey) -> Vec<Step> {
+        self.read
+            .iter()
+            .map(|(lo, hi, ts, door)| Step {
+                key: key.clone(),
+                lo: *lo,
+                hi: *hi,
+                state: hermod_core::model::State::Read,
+                ts: *ts,
+                door: door.clone(),
+                note: None,
+            })
+            .collect()
     }
 }
 
@@ -1518,27 +1601,41 @@ impl Engine for NatsEngine {
     ) -> Result<(Swap, Vec<Step>)> {
         let inner = &self.inner;
         inner.check_connected()?;
-        let k = keys::cursor_key(&key);
         // This node's lease stays while it reaches past the move (other
         // batches of its streams are still out); another's lapsed one goes.
-        let swap = inner
-            .swap_stored_cursor(&k, expected, |stored| StoredCursor {
+        // The move's steps ride in the value (see `StoredCursor`).
+        let read: Vec<_> = steps
+            .iter()
+            .map(|s| (s.lo, s.hi, s.ts, s.door.clone()))
+            .collect();
+        let (swap, mut added, revision) = inner
+            .swap_stored_cursor(&key, expected, true, |stored| StoredCursor {
                 seq: new,
                 lease: stored
                     .lease
                     .clone()
                     .filter(|l| l.node == inner.node && l.upto > new),
+                read: read.clone(),
             })
             .await?;
         if swap != Swap::Moved {
-            return Ok((swap, Vec::new()));
+            return Ok((swap, added));
         }
-        // The cursor and the steps live in two buckets: the steps follow
-        // the move (a crash between loses them, never a message).
-        let added = self.record(steps).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "recording read steps after a cursor move failed");
-            Vec::new()
-        });
+        // Then in the state bucket, where step lookups find them; until
+        // they are there (a kill right now), the value has them.
+        match inner.record_steps(steps).await {
+            Ok(mut steps) => {
+                added.append(&mut steps);
+                let mut recorded = inner.recorded.lock().unwrap();
+                if recorded.len() >= RECORDED_MAX {
+                    recorded.clear();
+                }
+                recorded.insert(keys::cursor_key(&key), revision);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recording read steps after a cursor move failed; the next move records them");
+            }
+        }
         Ok((Swap::Moved, added))
     }
 
@@ -1546,16 +1643,18 @@ impl Engine for NatsEngine {
         let inner = &self.inner;
         inner.check_connected()?;
         let until = unix_millis() + hermod_core::engine::LEASE.as_millis() as u64;
-        inner
-            .swap_stored_cursor(&keys::cursor_key(&key), expected, |_| StoredCursor {
+        let (swap, ..) = inner
+            .swap_stored_cursor(&key, expected, false, |stored| StoredCursor {
                 seq: expected,
                 lease: (upto > expected).then(|| CursorLease {
                     upto,
                     node: inner.node.clone(),
                     until,
                 }),
+                read: stored.read.clone(),
             })
-            .await
+            .await?;
+        Ok(swap)
     }
 
     async fn remember_agent(&self, key: InboxKey, seen: f64, connected: bool) -> Result<()> {
@@ -1734,27 +1833,20 @@ impl Engine for NatsEngine {
     }
 
     async fn record(&self, steps: Vec<Step>) -> Result<Vec<Step>> {
-        let inner = &self.inner;
-        inner.check_connected()?;
-        let added: Vec<(u64, Step)> = futures::stream::iter(steps)
-            .map(|step| async move {
-                let value = serde_json::to_vec(&step).expect("a step serializes");
-                // A create: the first step of its kind stays.
-                let written = cas(&inner.state, &keys::step_key(&step), value.into(), None).await?;
-                Ok::<_, Error>(written.map(|revision| (revision, step)))
-            })
-            .buffer_unordered(STEP_CONCURRENCY)
-            .try_filter_map(|r| async move { Ok(r) })
-            .try_collect()
-            .await?;
-        if let Some(&(revision, _)) = added.iter().max_by_key(|(r, _)| *r) {
-            inner.kv_mark.wait(revision).await?;
-        }
-        Ok(added.into_iter().map(|(_, step)| step).collect())
+        self.inner.record_steps(steps).await
     }
 
     async fn steps(&self, key: &InboxKey, seq: Seq) -> Result<Vec<Step>> {
-        Ok(self.inner.index.lock().unwrap().steps_of(key, seq))
+        let mut steps = self.inner.index.lock().unwrap().steps_of(key, seq);
+        if steps.is_empty() {
+            // Nothing on record (yet): the last move of the cursor may carry
+            // its `read` step. (A message with any step, a bounced one say,
+            // is not looked up again here on every sweep.)
+            if let Some((cursor, _)) = self.inner.stored_cursor(&keys::cursor_key(key)).await? {
+                steps.extend(cursor.read_steps(key).into_iter().filter(|s| s.covers(seq)));
+            }
+        }
+        Ok(steps)
     }
 
     async fn held(&self, after: Seq, limit: usize) -> Result<Vec<Arc<Message>>> {
@@ -1826,7 +1918,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stored_cursor_reads_back_with_its_lease_and_older_values_still_parse() {
+    fn a_stored_cursor_reads_back_with_its_lease_and_steps_and_older_values_still_parse() {
         let leased = StoredCursor {
             seq: 40,
             lease: Some(CursorLease {
@@ -1834,18 +1926,28 @@ mod tests {
                 node: "n1".into(),
                 until: unix_millis() + 5_000,
             }),
+            read: vec![(30, 35, 1.5, "poll".into()), (35, 40, 1.25, "sse".into())],
         };
         assert_eq!(StoredCursor::parse(&leased.encode()), leased);
         assert!(leased.leased_by_another("n2"));
         assert!(!leased.leased_by_another("n1"), "a node's own lease");
-        // Written before leases, and a deleted key's empty marker.
-        assert_eq!(
-            StoredCursor::parse(b"17"),
-            StoredCursor {
-                seq: 17,
-                lease: None
-            }
+        let key = InboxKey::new(
+            Default::default(),
+            hermod_core::model::AgentName::parse("ivy").unwrap(),
         );
+        let steps = leased.read_steps(&key);
+        assert_eq!(
+            (steps[1].lo, steps[1].hi, steps[1].door.as_str()),
+            (35, 40, "sse")
+        );
+        assert!(steps[0].covers(31) && !steps[0].covers(36));
+        // Written before leases, and a deleted key's empty marker.
+        let plain = StoredCursor {
+            seq: 17,
+            ..Default::default()
+        };
+        assert_eq!(StoredCursor::parse(b"17"), plain);
+        assert_eq!(plain.encode(), Bytes::from("17"));
         assert_eq!(StoredCursor::parse(b""), StoredCursor::default());
         // Lapsed, or covered by the cursor: nobody's.
         let mut lapsed = leased.clone();

@@ -211,3 +211,68 @@ async fn a_message_sent_again_is_stored_once() {
     assert_eq!(stream_messages(&cluster, "AGAIN").await, 4);
     e.close().await;
 }
+
+/// Issue 21: a cursor move and its `read` steps went to two buckets, the
+/// steps right after the move, so a node killed between them left
+/// messages read by nobody on record (the history checker cannot tell
+/// that from a loss). Now the steps ride in the cursor's value: a lookup
+/// finds them there, and the next move (any node's) records them first.
+/// Here the value is written as a node killed right after its move left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_steps_a_killed_node_left_in_the_cursor_value_are_found_and_recorded() {
+    use hermod_core::engine::{Step, Swap};
+    use hermod_core::model::{AgentName, Channel, InboxKey, State};
+    let cluster = Cluster::start(1);
+    let e = opener(&cluster, "STEPS", 1)();
+    conformance::follow(&e);
+    let batch: Vec<_> = (0..10)
+        .map(|n| conformance::message("dave", n, None))
+        .collect();
+    e.submit(batch).await.unwrap().await.unwrap().unwrap();
+    let dave = InboxKey::new(Channel::default(), AgentName::parse("dave").unwrap());
+    let read = |lo, hi, door: &str| Step {
+        key: dave.clone(),
+        lo,
+        hi,
+        state: State::Read,
+        ts: 1.0,
+        door: door.into(),
+        note: None,
+    };
+    let (swap, _) = e
+        .swap_cursor(dave.clone(), 0, 3, vec![read(0, 3, "poll")])
+        .await
+        .unwrap();
+    assert_eq!(swap, Swap::Moved);
+    // The move 3 → 6 by a node killed before it recorded its steps.
+    let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+    let cursors = js.get_key_value("STEPS_cursors").await.unwrap();
+    let keys: Vec<String> = futures::TryStreamExt::try_collect(cursors.keys().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    cursors.put(&keys[0], "6 R3,6,1,sse".into()).await.unwrap();
+    let found = e.steps(&dave, 5).await.unwrap();
+    assert_eq!(
+        found,
+        vec![read(3, 6, "sse")],
+        "found in the cursor's value"
+    );
+    // The next move records them before it stores its own.
+    let (swap, added) = e
+        .swap_cursor(dave.clone(), 6, 8, vec![read(6, 8, "poll")])
+        .await
+        .unwrap();
+    assert_eq!(swap, Swap::Moved);
+    assert_eq!(
+        added,
+        vec![read(3, 6, "sse"), read(6, 8, "poll")],
+        "both told"
+    );
+    cursors.put(&keys[0], "8".into()).await.unwrap();
+    assert_eq!(
+        e.steps(&dave, 5).await.unwrap(),
+        vec![read(3, 6, "sse")],
+        "on record"
+    );
+}
