@@ -77,6 +77,14 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// What the node's cache of the newest messages may hold, in bytes.
     pub cache_bytes: usize,
+    /// This node's name in the cursor leases it takes (letters, digits,
+    /// `-`). Kept across restarts (`hermod serve` keeps it in the data
+    /// directory), a node back from a crash takes its own leases over at
+    /// once: nothing of its earlier life is still sending. `None`: a new
+    /// name at every start (its leases lapse after [`LEASE`]).
+    ///
+    /// [`LEASE`]: hermod_core::engine::LEASE
+    pub node: Option<String>,
 }
 
 impl NatsConfig {
@@ -87,6 +95,7 @@ impl NatsConfig {
             stream: "HERMOD".into(),
             replicas: 1,
             cache_bytes: index::CACHE_BYTES,
+            node: None,
         }
     }
 }
@@ -342,8 +351,8 @@ struct Inner {
     max_payload: usize,
     /// The stream's name (the buckets are named after it).
     name: String,
-    /// This process among the nodes, in the cursor leases it takes (new at
-    /// every start: a lease of this node's earlier life is another's).
+    /// This node among the nodes, in the cursor leases it takes (see
+    /// [`NatsConfig::node`]).
     node: String,
     /// Cursor key → the revision of a value this node stored and whose
     /// `read` steps it recorded since (at most [`RECORDED_MAX`]): no need
@@ -495,7 +504,13 @@ impl NatsEngine {
             link,
             max_payload: client.server_info().max_payload,
             name: config.stream.clone(),
-            node: hermod_core::model::new_id(),
+            node: config
+                .node
+                .clone()
+                .filter(|n| {
+                    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+                .unwrap_or_else(hermod_core::model::new_id),
             recorded: Default::default(),
         });
 

@@ -652,6 +652,48 @@ async fn a_stream_on_one_node_and_a_poll_on_another_never_hand_out_one_message_t
     );
 }
 
+// A node killed while its stream held a lease takes the lease over as soon
+// as it is back (its name is kept in its data directory): nothing of its
+// earlier life is still sending, so its readers need not wait for the
+// lease to lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_from_kill9_takes_its_own_lease_over_at_once() {
+    let cluster = Cluster::start(3);
+    let mut a = node(&cluster);
+    let http = reqwest::Client::new();
+    let (status, _) = get_json(&http, format!("{}/poll?agent=sink", a.http)).await;
+    assert_eq!(status, 200);
+    let tcp = open_subscribe(&a.http, "sink", Some(4096));
+    let body: Vec<_> = (0..300)
+        .map(|n| json!({"from": "flood", "to": "sink", "body": {"n": n, "pad": "x".repeat(300)}}))
+        .collect();
+    let r = http
+        .post(format!("{}/v1/messages", a.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.kill9();
+    drop(tcp);
+    a.spawn();
+    let back = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && back.elapsed() < hermod_core::engine::LEASE {
+        let (status, body) = get_json(&http, format!("{}/poll?agent=sink", a.http)).await;
+        assert_eq!(status, 200, "{body}");
+        got = body.as_array().unwrap().clone();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = back.elapsed();
+    assert!(
+        !got.is_empty() && waited < hermod_core::engine::LEASE / 3,
+        "the restarted node handed out {} messages {waited:?} after it was back",
+        got.len()
+    );
+}
+
 /// `hermod status`'s counts of the log's messages and the state bucket's
 /// entries.
 fn store_counts(node: &Daemon) -> (u64, u64) {

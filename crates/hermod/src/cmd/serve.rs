@@ -18,6 +18,24 @@ use crate::daemon;
 
 /// File name of the SQLite log in the data directory.
 pub const DB_FILE: &str = "hermod.db";
+/// File in the data directory naming this node among NATS nodes.
+const NODE_FILE: &str = "nats-node";
+
+/// This node's name among NATS nodes, kept in the data directory so a
+/// restarted node takes its own cursor leases over at once.
+fn node_name(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join(NODE_FILE);
+    if let Ok(name) = std::fs::read_to_string(&path) {
+        let name = name.trim();
+        if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Ok(name.to_owned());
+        }
+    }
+    let name = hermod_core::model::new_id();
+    std::fs::write(&path, &name).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(name)
+}
+
 /// File in the data directory naming the addresses actually bound.
 pub const RUNTIME_FILE: &str = "runtime.json";
 
@@ -56,6 +74,7 @@ pub fn run(args: &ServeArgs) -> Result<ExitCode> {
             config.stream = args.nats_stream.clone();
             config.replicas = args.nats_replicas.max(1);
             config.cache_bytes = nats_cache;
+            config.node = Some(node_name(&dir)?);
             let engine = NatsEngine::open(config)
                 .await
                 .context("cannot open the NATS JetStream engine")?;
