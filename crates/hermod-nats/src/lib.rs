@@ -369,6 +369,9 @@ const RECORDED_MAX: usize = 4096;
 struct Link {
     /// Connected now (sends are refused while not).
     connected: AtomicBool,
+    /// A write to the cursor bucket went through since the connection
+    /// was (re)made (see [`Inner::stored_cursor`]).
+    current: AtomicBool,
     health: Health,
 }
 
@@ -422,6 +425,7 @@ impl NatsEngine {
                                 "NATS connection lost; sends are refused until it is back"
                             );
                             link.connected.store(false, Ordering::SeqCst);
+                            link.current.store(false, Ordering::SeqCst);
                             link.health.set_degraded(
                                 "NATS unreachable: sends are refused until it is back",
                             );
@@ -1086,6 +1090,7 @@ impl Inner {
     /// thousand messages back). While a leader is being elected the read
     /// is tried again for about 1.5 s, then answers `storage_busy`.
     async fn stored_cursor(&self, k: &str) -> Result<Option<(StoredCursor, u64)>> {
+        self.catch_up().await?;
         let subject = format!("$KV.{}_cursors.{k}", self.name);
         let mut attempt = 0;
         loop {
@@ -1102,6 +1107,38 @@ impl Inner {
                     attempt += 1;
                     if attempt == KV_READ_ATTEMPTS {
                         return Err(Error::StorageBusy(format!("NATS: reading a cursor: {e}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50 << (attempt - 1))).await;
+                }
+            }
+        }
+    }
+
+    /// Before the first cursor read of this process, and after the
+    /// connection comes back: one write to the cursor bucket (this node's
+    /// `barrier.{node}` key), so the leader that answers has applied
+    /// everything committed before it. Without it, the history checker's
+    /// NATS run saw a node just restarted read a cursor hundreds of moves
+    /// old (the leader answering had not caught up), and its explicit-ack
+    /// readers were handed acknowledged messages again.
+    async fn catch_up(&self) -> Result<()> {
+        if self.link.current.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let key = format!("barrier.{}", self.node);
+        let mut attempt = 0;
+        loop {
+            match self.cursors.put(&key, Bytes::from_static(b"1")).await {
+                Ok(_) => {
+                    self.link.current.store(true, Ordering::Release);
+                    return Ok(());
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt == KV_READ_ATTEMPTS {
+                        return Err(Error::StorageBusy(format!(
+                            "NATS: the cursor bucket is not answering writes: {e}"
+                        )));
                     }
                     tokio::time::sleep(Duration::from_millis(50 << (attempt - 1))).await;
                 }
