@@ -339,6 +339,8 @@ impl Broker {
     ) -> Result<Option<(Vec<Step>, Seq)>> {
         let mut added = Vec::new();
         let mut attempts = 0;
+        // A move of this confirm stored something.
+        let mut moved = false;
         let mut turn = self.store_turn(key, claim).await;
         if kept {
             turn.release = None;
@@ -400,6 +402,7 @@ impl Broker {
                             c.lease = None;
                         }
                         added.append(&mut steps);
+                        moved = true;
                         true
                     }
                     Ok((Swap::Lost(stored), _)) => {
@@ -412,6 +415,10 @@ impl Broker {
                             "another node holds this inbox's lease".into(),
                         ))
                     }
+                    // An earlier move of this confirm stored part of the
+                    // claim (`read` by this door): that part is handed
+                    // out, the rest released below.
+                    Ok((Swap::Leased, _)) if moved => break,
                     // Released with the turn: that node is handing them out.
                     Ok((Swap::Leased, _)) => return Ok(None),
                     Err(e) => return Err(e),
