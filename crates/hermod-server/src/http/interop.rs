@@ -460,12 +460,13 @@ fn claimed_events(
                 }
             }
             if let Some(f) = &s.flushes {
-                if !s.unacked.is_empty() && f.gone() {
-                    // Its peer left with the batch unread: released now.
-                    return None;
-                }
                 while let Some((_, end)) = s.unacked.front() {
                     if !f.acked(*end) {
+                        if f.gone() {
+                            // Its peer left with the batch unread: released
+                            // now, not at the next write.
+                            return None;
+                        }
                         break;
                     }
                     let (mut claim, _) = s.unacked.pop_front().expect("just seen");
