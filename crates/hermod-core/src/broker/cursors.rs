@@ -192,7 +192,7 @@ impl Broker {
 
     /// Stores this node's lease over `key` as its claims need it now: up
     /// to the end of the last one, or none. Another node's move first
-    /// makes its claims that node's ([`Cursor::lost_to`]), then again.
+    /// makes its claims that node's ([`Cursor::saw`]), then again.
     async fn relet(&self, key: &InboxKey) -> Result<Swap> {
         // One at a time per inbox, each reading the claims once it has the
         // turn: a relet that read them earlier (one giving the lease back
@@ -526,6 +526,16 @@ impl Claim {
             && self.ranges.iter().any(|&(lo, hi)| lo < seq && seq <= hi)
     }
 
+    /// Releases what this claim holds: it owns nothing.
+    fn give_up(&mut self) {
+        let mut state = self.broker.shared.state.lock().unwrap();
+        if let Some(c) = state.cursors.get_mut(&self.key) {
+            c.release(&self.ranges, &self.taken);
+        }
+        self.ranges.clear();
+        self.settled = true;
+    }
+
     /// Confirms the claim: it is final (never released), and stored as
     /// far as the claims before it allow; resolves once that is durable.
     /// The claimer's share ([`Claim::owns`]) is `read` through its door.
@@ -648,18 +658,6 @@ impl Claim {
         // recorder sends them, the reader does not wait).
         self.broker.tell_senders_of(added);
         Ok(())
-    }
-}
-
-impl Claim {
-    /// Releases what this claim holds: it owns nothing.
-    fn give_up(&mut self) {
-        let mut state = self.broker.shared.state.lock().unwrap();
-        if let Some(c) = state.cursors.get_mut(&self.key) {
-            c.release(&self.ranges, &self.taken);
-        }
-        self.ranges.clear();
-        self.settled = true;
     }
 }
 
