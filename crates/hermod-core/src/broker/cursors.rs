@@ -28,7 +28,7 @@
 //! read first takes the stored value (the newer of memory and the store),
 //! and claims it covers are that node's, not this one's. A stream, which
 //! hands out before it confirms, first takes this node's *lease* over
-//! its claims in the store ([`Broker::lease`]), so no other node hands
+//! its claims in the store ([`Broker::claim_streamed`]), so no other node hands
 //! those messages out meanwhile: their swaps answer [`Swap::Leased`] (a
 //! `/poll` there takes nothing, a stream there looks again later).
 
@@ -152,14 +152,27 @@ impl Broker {
         Ok(())
     }
 
-    /// Where other nodes move this store's cursors too, a stream calls
-    /// this after [`Broker::claim`] and before it hands anything out: it
-    /// stores this node's lease over its claims ([`Engine::lease_cursor`]),
-    /// so no other node's reader hands them out while its peer gets them.
-    /// If another node's lease stands, the claim is released and owns
-    /// nothing (that node's stream is sending them); the stream finds the
-    /// hole later ([`Broker::hole_below`]) and tries again.
-    pub async fn lease(&self, claim: &mut Claim) -> Result<()> {
+    /// [`Broker::claim`] for a stream, which hands out before it confirms
+    /// (`/subscribe`, Unix auto mode): where other nodes move this store's
+    /// cursors too, it also stores this node's lease over its claims
+    /// ([`Engine::lease_cursor`]), so no other node's reader hands them out
+    /// while the stream's peer gets them. If another node's lease stands,
+    /// the claim is released and owns nothing (that node's stream is
+    /// sending them); the stream finds the hole later
+    /// ([`Broker::hole_below`]) and tries again.
+    pub async fn claim_streamed(
+        &self,
+        key: &InboxKey,
+        after: Seq,
+        seq: Seq,
+        door: &str,
+    ) -> Result<Claim> {
+        let mut claim = self.claim(key, after, seq, door).await?;
+        self.lease(&mut claim).await?;
+        Ok(claim)
+    }
+
+    async fn lease(&self, claim: &mut Claim) -> Result<()> {
         if !self.engine.shares_cursors() || claim.ranges.is_empty() {
             return Ok(());
         }
@@ -513,7 +526,7 @@ pub struct Claim {
     /// the inbox's ranges.
     taken: Arc<AtomicU64>,
     /// `taken` when its holder last looked at what it owns, before handing
-    /// out ([`Broker::lease`]): more taken after that came twice.
+    /// out ([`Broker::claim_streamed`]): more taken after that came twice.
     seen: Seq,
     /// Confirmed (or released after a failed store): nothing to release.
     settled: bool,

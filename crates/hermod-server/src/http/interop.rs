@@ -400,7 +400,7 @@ const HOLES_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// so a reader that reconnects without `Last-Event-ID` misses nothing (it
 /// may see what its own kernel had acknowledged but it never read twice).
 /// Across nodes, each batch is leased before it is written
-/// ([`Broker::lease`]): another node hands none of it out meanwhile.
+/// ([`Broker::claim_streamed`]): another node hands none of it out meanwhile.
 fn claimed_events(
     broker: Broker,
     key: InboxKey,
@@ -514,11 +514,8 @@ fn claimed_events(
             // reader released) is the next reader's, not this stream's.
             // Leased where other nodes read this inbox too: none of them
             // hands these out while this stream's peer gets them.
-            let claimed = match s.broker.claim(&s.key, s.position, last, "sse").await {
-                Ok(mut c) => s.broker.lease(&mut c).await.map(|()| c),
-                Err(e) => Err(e),
-            };
-            let claim = match claimed {
+            let claimed = s.broker.claim_streamed(&s.key, s.position, last, "sse");
+            let claim = match claimed.await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cursor read failed; ending the stream");

@@ -521,15 +521,10 @@ impl Writer {
         let more = batch.messages.len() == DELIVERY_BATCH;
         let claim = match batch.messages.last() {
             Some(last) if d.mode == AckMode::Auto => {
-                let claimed = match self
+                let claimed = self
                     .broker
-                    .claim(&d.key, d.position, last.seq, "unix")
-                    .await
-                {
-                    Ok(mut c) => self.broker.lease(&mut c).await.map(|()| c),
-                    Err(e) => Err(e),
-                };
-                match claimed {
+                    .claim_streamed(&d.key, d.position, last.seq, "unix");
+                match claimed.await {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::error!(error = %e, inbox = %d.key.agent, "cursor read failed");
