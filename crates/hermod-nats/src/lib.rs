@@ -21,7 +21,8 @@
 //!   delivery steps of the messages it removes.
 //! - **Each node follows the log and the state bucket once** (an ordered
 //!   consumer and a KV watch, in one task): that is the engine's feed, and
-//!   it builds the node's [`index::Index`] — which seqs each inbox and
+//!   it builds the node's [`LogIndex`] (hermod-core's, the memory engine's
+//!   whole store) — which seqs each inbox and
 //!   topic view holds — since JetStream has no secondary index. Reads come
 //!   from that index and a cache of the newest messages; older bodies are
 //!   fetched with direct gets, never with a consumer per request.
@@ -34,7 +35,6 @@
 //! fsyncs per write only with `jetstream { sync_interval: always }` (the
 //! test clusters set it; see the README).
 
-pub mod index;
 pub mod keys;
 pub mod testing;
 
@@ -61,7 +61,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use index::{AgentEntry, Index};
+use hermod_core::engine::log_index::{self, AgentEntry, LogIndex, PruneStep};
 use keys::StateKey;
 
 /// Where and how to reach the JetStream cluster.
@@ -94,7 +94,7 @@ impl NatsConfig {
             creds: None,
             stream: "HERMOD".into(),
             replicas: 1,
-            cache_bytes: index::CACHE_BYTES,
+            cache_bytes: log_index::CACHE_BYTES,
             node: None,
         }
     }
@@ -331,7 +331,7 @@ struct Inner {
     /// The cursor bucket's stream, for reads from its leader: a direct get
     /// may be answered by a replica that lags.
     cursors_stream: stream::Stream,
-    index: Mutex<Index>,
+    index: Mutex<LogIndex>,
     /// Log seqs the broker has taken off the feed.
     log_mark: Mark,
     /// State-bucket revisions the broker has taken off the feed.
@@ -344,7 +344,7 @@ struct Inner {
     /// A prune step decided and applied to the index but not yet stored
     /// (its marks written and messages deleted): the next call finishes it
     /// first, so a failure midway never leaves this node apart.
-    pending_prune: Mutex<Option<index::PruneStep>>,
+    pending_prune: Mutex<Option<PruneStep>>,
     link: Arc<Link>,
     /// The largest message the servers take (their `max_payload`, read at
     /// connect: a cluster's servers share it).
@@ -499,7 +499,7 @@ impl NatsEngine {
             prefix,
             state,
             cursors,
-            index: Mutex::new(Index::with_cache(config.cache_bytes)),
+            index: Mutex::new(LogIndex::with_cache(config.cache_bytes)),
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
             state_stream,
@@ -740,10 +740,12 @@ impl Inner {
                 let Ok(meta) = message.info() else { continue };
                 let pending = meta.pending;
                 seq = meta.stream_sequence;
-                self.index
-                    .lock()
-                    .unwrap()
-                    .apply_log(seq, unix!(meta.published), &message.payload);
+                apply_log(
+                    &mut self.index.lock().unwrap(),
+                    seq,
+                    unix!(meta.published),
+                    &message.payload,
+                );
                 if pending == 0 || seq >= last {
                     break;
                 }
@@ -870,7 +872,7 @@ impl Inner {
                     continue;
                 }
                 *seq = meta.stream_sequence;
-                if let Some(c) = index.apply_log(*seq, unix!(meta.published), &m.payload) {
+                if let Some(c) = apply_log(&mut index, *seq, unix!(meta.published), &m.payload) {
                     messages.push(c);
                 }
             }
@@ -1029,12 +1031,15 @@ impl Inner {
 
     /// Removes delivery steps from the state bucket, markers and all
     /// (their messages are gone; every node dropped them from memory in
-    /// its own prune). Idempotent: another node may purge them too.
-    async fn purge_steps(&self, keys: Vec<String>) -> Result<()> {
+    /// its own prune). Purged, not deleted: a delete would leave a marker
+    /// per step, and every node's start replays the bucket, so what a node
+    /// reads at start follows what is retained. Idempotent: another node
+    /// may purge them too.
+    async fn purge_steps(&self, steps: Vec<Step>) -> Result<()> {
         let prefix = format!("$KV.{}_state.", self.name);
-        futures::stream::iter(keys)
-            .map(|key| {
-                let subject = format!("{prefix}{key}");
+        futures::stream::iter(steps)
+            .map(|step| {
+                let subject = format!("{prefix}{}", keys::step_key(&step));
                 async move {
                     self.state_stream
                         .purge()
@@ -1309,26 +1314,25 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-impl Index {
-    /// Applies one log entry; what the feed reports of it, if it is hermod's.
-    fn apply_log(&mut self, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
-        let ts = self.next_ts(stamped);
-        let Some((message, recipients, guard)) = decode(seq, ts, payload) else {
-            self.skip(seq);
-            return None;
-        };
-        let message = Arc::new(message);
-        let recipients = self.append(message.clone(), recipients, guard);
-        Some(Committed {
-            message,
-            recipients,
-            guard,
-        })
-    }
+/// Applies one log entry to the index; what the feed reports of it, if it
+/// is hermod's.
+fn apply_log(index: &mut LogIndex, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
+    let ts = index.next_ts(stamped);
+    let Some((message, recipients, guard)) = decode(seq, ts, payload) else {
+        index.skip(seq);
+        return None;
+    };
+    let message = Arc::new(message);
+    let recipients = index.append(message.clone(), recipients, guard);
+    Some(Committed {
+        message,
+        recipients,
+        guard,
+    })
 }
 
 /// Applies one state-bucket entry to the index; the change it makes.
-fn apply_entry(index: &mut Index, entry: &kv::Entry) -> Option<Change> {
+fn apply_entry(index: &mut LogIndex, entry: &kv::Entry) -> Option<Change> {
     let value = (entry.operation == kv::Operation::Put && !entry.value.is_empty())
         .then_some(&entry.value[..]);
     let seq = || value.and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok());
@@ -1625,7 +1629,7 @@ impl Engine for NatsEngine {
             newest = newest.max(written.revision());
         }
         let removed = inner.delete(step.delete).await?;
-        inner.purge_steps(step.purge).await?;
+        inner.purge_steps(step.steps).await?;
         inner.pending_prune.lock().unwrap().take();
         inner.kv_mark.wait(newest).await?;
         Ok(Pruned { removed, more })

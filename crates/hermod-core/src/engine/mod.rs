@@ -20,7 +20,9 @@
 //!
 //! - [`sqlite::SqliteEngine`]: the embedded default, a SQLite WAL database
 //!   written by one thread with group commit.
-//! - [`memory::MemoryEngine`]: a throwaway store for tests and `--memory`.
+//! - [`memory::MemoryEngine`]: a throwaway store for tests and `--memory`,
+//!   which is a [`log_index::LogIndex`] (the index the NATS engine builds
+//!   per node) keeping every body.
 //!
 //! **The `ts` rule.** `seq` is the one log order. `ts` is stamped by whoever
 //! assigns `seq` (the single writer here; for a distributed log, the node
@@ -43,6 +45,7 @@
 //! come through the node's own log subscription, which is also the feed.
 
 pub mod conformance;
+pub mod log_index;
 pub mod memory;
 pub mod sqlite;
 

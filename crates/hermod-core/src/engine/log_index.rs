@@ -1,38 +1,34 @@
-//! What one node knows of the store: an index of the log (which seqs each
-//! view holds, their ts, how far each view was pruned), the newest
-//! messages themselves, and the state kept in the KV bucket (registry,
-//! subscriptions, identities).
+//! One index of a log, written once for every engine that keeps its log
+//! in memory or has none of its own to query: which seqs each view holds
+//! (inboxes, topics), their ts, how far each view was pruned, what the
+//! loop guard holds, the delivery steps, the registry, subscriptions and
+//! identities, and the message bodies it keeps.
 //!
-//! JetStream has no secondary index, so every node builds this one by
-//! following the log once (see the crate docs). It is derived state: a
-//! node that starts rebuilds it from the stream and the bucket, and every
-//! node applies the same log and the same pruned marks in the same order,
-//! so all of them agree. Bodies older than the newest [`CACHE_MESSAGES`]
-//! are not kept here; reads fetch them with direct gets.
+//! The memory engine *is* this index, keeping every body
+//! ([`LogIndex::keeping_bodies`]). The NATS engine builds one per node by
+//! following the stream and the state bucket (JetStream has no secondary
+//! index) and keeps only the newest bodies ([`LogIndex::with_cache`]),
+//! fetching older ones. Retention ([`LogIndex::prune`]), step lookup and
+//! the cache budget are therefore decided in one place, and the memory
+//! engine is the reference model the NATS engine is checked against (both
+//! run [`super::conformance`]).
+//!
+//! It is derived, deterministic state: applied to the same log and the
+//! same marks in the same order, every copy agrees.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
-use hermod_core::auth::Identity;
-use hermod_core::broker::cost;
-use hermod_core::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
-use hermod_core::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
+use crate::auth::Identity;
+use crate::broker::cost;
+use crate::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
+use crate::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
 
-/// Newest message bodies a node keeps in memory: at most this many...
+/// Newest message bodies a cache keeps: at most this many...
 pub const CACHE_MESSAGES: usize = 65_536;
 /// ...and at most this many bytes by default (bodies may be megabytes
 /// each; the daemon gives it a share of `--memory-budget`).
 pub const CACHE_BYTES: usize = 64 << 20;
-
-/// The bytes the message cache may hold ([`CACHE_BYTES`] unless set).
-#[derive(Debug, Clone, Copy)]
-pub struct CacheBudget(pub usize);
-
-impl Default for CacheBudget {
-    fn default() -> Self {
-        Self(CACHE_BYTES)
-    }
-}
 
 /// What the index keeps of one logged message.
 struct Meta {
@@ -47,7 +43,7 @@ struct Meta {
     refs: usize,
 }
 
-/// An agent's registry entry, as stored in the KV bucket.
+/// An agent's registry entry (the NATS engine stores it as JSON).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct AgentEntry {
     pub first_seen: f64,
@@ -60,7 +56,7 @@ pub type Entry = (Seq, Option<Arc<Message>>);
 
 /// See the module docs.
 #[derive(Default)]
-pub struct Index {
+pub struct LogIndex {
     log: BTreeMap<Seq, Meta>,
     /// (seq, ts) of every message applied, oldest first: ts grows with
     /// seq, so `since=ts` is a binary search.
@@ -70,7 +66,7 @@ pub struct Index {
     all_topics: VecDeque<Seq>,
     floors: HashMap<View, Seq>,
     /// Applied seqs no view holds (a broadcast to nobody, an entry hermod
-    /// cannot read): the next prune deletes them from the stream.
+    /// cannot read): the next prune removes them.
     unheld: VecDeque<Seq>,
     /// Where each forgotten inbox starts again.
     epochs: HashMap<InboxKey, Seq>,
@@ -79,10 +75,11 @@ pub struct Index {
     guard_holds: BTreeSet<Seq>,
     bytes: u64,
     cache: BTreeMap<Seq, Arc<Message>>,
-    /// Body bytes in `cache`.
+    /// What `cache` costs ([`cost`] of each).
     cache_bytes: usize,
-    /// The most `cache` may cost ([`cost`] of each).
-    cache_budget: CacheBudget,
+    /// The most `cache` may cost, `None`: it keeps every body it is given
+    /// until the message goes (the index is the store).
+    cache_budget: Option<usize>,
     /// The newest applied seq and its ts.
     pub last: (Seq, f64),
     pub agents: BTreeMap<InboxKey, AgentEntry>,
@@ -104,16 +101,23 @@ fn unindex(map: &mut HashMap<String, Vec<Seq>>, key: &str, seq: Seq) {
     }
 }
 
-impl Index {
-    /// An empty index whose message cache may hold `bytes`.
+impl LogIndex {
+    /// An empty index that keeps the newest bodies, up to `bytes` (and
+    /// [`CACHE_MESSAGES`]); the engine fetches older ones itself.
     pub fn with_cache(bytes: usize) -> Self {
         Self {
-            cache_budget: CacheBudget(bytes),
+            cache_budget: Some(bytes),
             ..Self::default()
         }
     }
 
-    /// See [`hermod_core::engine::Engine::steps`].
+    /// An empty index that keeps every body until its message goes: the
+    /// memory engine's whole store.
+    pub fn keeping_bodies() -> Self {
+        Self::default()
+    }
+
+    /// See [`crate::engine::Engine::steps`].
     pub fn steps_of(&self, key: &InboxKey, seq: Seq) -> Vec<Step> {
         State::ALL
             .into_iter()
@@ -125,6 +129,26 @@ impl Index {
                     .map(|(_, step)| step.clone())
             })
             .collect()
+    }
+
+    /// Puts a delivery step on record unless it is already, or all its
+    /// messages are gone; true if it was added.
+    pub fn record(&mut self, step: &Step) -> bool {
+        let oldest = self
+            .log
+            .first_key_value()
+            .map_or(self.last.0 + 1, |(&f, _)| f);
+        if step.hi < oldest {
+            return false;
+        }
+        let at = (step.key.clone(), step.state, step.hi);
+        match self.steps.entry(at) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(step.clone());
+                true
+            }
+            std::collections::btree_map::Entry::Occupied(_) => false,
+        }
     }
 
     /// Seqs with this id, with their recipients and whether the loop
@@ -171,17 +195,18 @@ impl Index {
     }
 }
 
-/// One prune step's decisions: marks to store, messages to delete, and
-/// the state-bucket keys of delivery steps whose messages are all gone.
+/// One prune step's decisions, applied to the index already: the marks
+/// that moved, the seqs that went, and the delivery steps that went with
+/// them (for an engine that stores any of these elsewhere).
 #[derive(Debug, Default, Clone)]
 pub struct PruneStep {
     pub floors: Vec<(View, Seq)>,
     pub delete: Vec<Seq>,
-    pub purge: Vec<String>,
+    pub steps: Vec<Step>,
     pub more: bool,
 }
 
-impl Index {
+impl LogIndex {
     /// The ts the next message gets when the stream stamped it at
     /// `stamped`: strictly above the previous one (see the `ts` rule in
     /// hermod-core's engine docs). Every node computes the same.
@@ -212,7 +237,10 @@ impl Index {
         // it can answer with it once it is applied.
         self.cache_bytes += cost(&message);
         self.cache.insert(seq, message.clone());
-        while self.cache.len() > CACHE_MESSAGES || self.cache_bytes > self.cache_budget.0 {
+        while let Some(budget) = self.cache_budget {
+            if self.cache.len() <= CACHE_MESSAGES && self.cache_bytes <= budget {
+                break;
+            }
             let Some((_, old)) = self.cache.pop_first() else {
                 break;
             };
@@ -484,15 +512,13 @@ impl Index {
     pub fn prune(&mut self, rules: &Retention, now: f64, first: Seq) -> PruneStep {
         let before = self.floors.clone();
         let mut step = PruneStep::default();
-        // Steps of messages that are gone go with them: from memory here,
-        // and from the state bucket (purged, not deleted: a delete would
-        // leave a marker per step, and every node's start replays the
-        // bucket), so what a node reads at start follows what is retained.
+        // Steps of messages that are gone go with them (an engine that
+        // stores them elsewhere removes them there too).
         let oldest = self.log.first_key_value().map_or(self.last.0, |(&f, _)| f);
         self.steps.retain(|_, s| {
             let keep = s.hi >= oldest;
             if !keep {
-                step.purge.push(crate::keys::step_key(s));
+                step.steps.push(s.clone());
             }
             keep
         });
@@ -569,7 +595,12 @@ impl Index {
             pop_through(&mut self.all_topics, all);
         }
         let n = self.unheld.len().min(PRUNE_BUDGET);
-        step.delete.extend(self.unheld.drain(..n));
+        for seq in self.unheld.drain(..n) {
+            if let Some(m) = self.cache.remove(&seq) {
+                self.cache_bytes -= cost(&m);
+            }
+            step.delete.push(seq);
+        }
         step.more |= n == PRUNE_BUDGET;
         step.floors = self
             .floors
