@@ -203,6 +203,11 @@ pub struct PruneStep {
     pub floors: Vec<(View, Seq)>,
     pub delete: Vec<Seq>,
     pub steps: Vec<Step>,
+    /// The oldest seq the index still holds (the newest applied + 1 when
+    /// it holds none): nothing before it is needed any more, whether this
+    /// step removed it or an earlier one (or nobody ever held it), so a
+    /// log that can drop a prefix at once may drop everything below it.
+    pub kept_from: Seq,
     pub more: bool,
 }
 
@@ -608,6 +613,10 @@ impl LogIndex {
             .filter(|(v, s)| before.get(*v) != Some(*s))
             .map(|(v, s)| (v.clone(), *s))
             .collect();
+        step.kept_from = self
+            .log
+            .first_key_value()
+            .map_or(self.last.0 + 1, |(&f, _)| f);
         step
     }
 
