@@ -16,6 +16,8 @@ const PUBLISH: &[&str] = &[
     "$JS.API.STREAM.INFO.>",
     "$JS.API.STREAM.CREATE.>",
     "$JS.API.STREAM.MSG.DELETE.HERMOD",
+    "$JS.API.STREAM.PURGE.HERMOD",
+    "$JS.API.STREAM.PURGE.KV_HERMOD_state",
     "$JS.API.DIRECT.GET.>",
     "$JS.API.STREAM.MSG.GET.>",
     "$JS.API.CONSUMER.CREATE.>",
@@ -25,8 +27,9 @@ const PUBLISH: &[&str] = &[
     "$JS.FC.>",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conformance_as_a_user_with_only_the_documented_permissions() {
+/// A fresh one-server cluster that knows the user `hermod`, allowed
+/// exactly [`PUBLISH`]; and how to open the engine on it as that user.
+fn restricted() -> (Arc<Cluster>, impl Fn() -> Arc<dyn Engine>) {
     let quoted = |list: &[&str]| {
         list.iter()
             .map(|s| format!("\"{s}\""))
@@ -38,9 +41,8 @@ async fn conformance_as_a_user_with_only_the_documented_permissions() {
          publish: {{ allow: [{}] }}, subscribe: {{ allow: [\"_INBOX.>\"] }} }} }} ] }}",
         quoted(PUBLISH)
     );
-    let cluster = Cluster::start_with(1, &auth);
+    let cluster = Arc::new(Cluster::start_with(1, &auth));
     let url = cluster.url(0).replace("nats://", "nats://hermod:s3cret@");
-    let cluster = Arc::new(cluster);
     let log = {
         let cluster = cluster.clone();
         move || cluster.log(0)
@@ -56,6 +58,19 @@ async fn conformance_as_a_user_with_only_the_documented_permissions() {
             })
         })
     };
+    (cluster, open)
+}
+
+/// Every suite, retention's purges included, each on a store of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_as_a_user_with_only_the_documented_permissions() {
+    let (_c, open) = restricted();
+    conformance::retention(open).await;
+    let (_c, open) = restricted();
+    conformance::delivery(open).await;
+    let (_c, open) = restricted();
+    conformance::holds(open, true).await;
+    let (cluster, open) = restricted();
     conformance::run(&open, true).await;
     // A user without them is refused with a clear error, not a hang.
     let stranger = cluster.url(0).replace("nats://", "nats://nobody:wrong@");
