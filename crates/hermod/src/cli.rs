@@ -852,8 +852,15 @@ pub struct BenchArgs {
     /// RSS every 10 s. A 30-minute soak: `--soak --rate 5000 --seconds 1800`.
     #[arg(long, conflicts_with_all = ["nats_cluster", "only", "streams", "socket", "url"])]
     pub soak: bool,
-    /// Messages the soak's inbox keeps (`--retention-messages`).
-    #[arg(long, default_value_t = 100_000, value_name = "N", requires = "soak")]
+    /// Instead of the runs above: start a 3-node NATS cluster, send N
+    /// messages through one node with retention keeping --soak-keep per
+    /// inbox, then kill -9 the node and time its start. The case:
+    /// `--nats-restart 1000000 --soak-keep 10000`.
+    #[arg(long, value_name = "N", conflicts_with_all = ["nats_cluster", "only", "streams", "socket", "url", "soak"])]
+    pub nats_restart: Option<u64>,
+    /// Messages the soak's (or --nats-restart's) inbox keeps
+    /// (`--retention-messages`).
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub soak_keep: u64,
 }
 

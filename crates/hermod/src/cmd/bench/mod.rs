@@ -21,7 +21,9 @@
 //! - topic fan-out: events to 1,000 `/v1/events?pattern=` streams.
 //!
 //! `--streams N` runs only [`streams`]: N idle `/subscribe` streams opened
-//! and closed `--cycles` times, with the daemon's memory.
+//! and closed `--cycles` times, with the daemon's memory. `--nats-restart
+//! N` runs only the restart of a NATS node after N messages went through
+//! it with retention on.
 
 mod http;
 mod streams;
@@ -44,6 +46,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     }
     if args.soak {
         return soak(args);
+    }
+    if let Some(n) = args.nats_restart {
+        return nats_restart(args, n);
     }
     let (socket, server) = match &args.socket {
         Some(s) => (s.clone(), None),
@@ -178,23 +183,106 @@ fn nats(args: &BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--nats-restart N`: N messages through one node of a 3-node cluster
+/// (R3) with retention keeping `--soak-keep` per inbox; once retention has
+/// caught up, the node is killed (-9) and started again on the same data
+/// directory. Reported: the stream and state bucket it starts from, and
+/// the time until its socket answers and until a send is acknowledged
+/// (the node has replayed the retained log and the bucket by then).
+fn nats_restart(args: &BenchArgs, n: u64) -> Result<ExitCode> {
+    let cluster = hermod_nats::testing::Cluster::start(3);
+    let urls = cluster.urls().join(",");
+    let keep = args.soak_keep.to_string();
+    let extra = [
+        "--nats",
+        &urls,
+        "--nats-stream",
+        "BENCH_RESTART",
+        "--nats-replicas",
+        "3",
+        "--retention-messages",
+        &keep,
+    ];
+    let mut node = Server::start(&extra)?;
+    println!("NATS restart: {n} messages through one node (R3), retention keeps {keep} per inbox");
+    let runtime = super::runtime()?;
+    runtime.block_on(unix::throughput(&node.socket, &node.socket, n, args.senders.max(1)))?;
+    // Retention prunes in small steps: wait (bounded) until the stream is
+    // down to what it keeps.
+    let engine = |socket: PathBuf| async move {
+        let mut c = hermod_client::Connection::connect(&socket).await?;
+        let (_, engine, _) = c.status_all().await?;
+        let engine = engine.unwrap_or_default();
+        anyhow::Ok((
+            engine["messages"].as_u64().unwrap_or(0),
+            engine["state_entries"].as_u64().unwrap_or(0),
+        ))
+    };
+    let pruning = Instant::now();
+    let (messages, state) = loop {
+        let (messages, state) = runtime.block_on(engine(node.socket.clone()))?;
+        if messages <= args.soak_keep + 1_000 || pruning.elapsed() > Duration::from_secs(600) {
+            break (messages, state);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    println!(
+        "  retention down to {messages} messages, {state} state entries {:.1} s after the last send",
+        pruning.elapsed().as_secs_f64()
+    );
+    let (answered, sent) = node.restart()?;
+    println!(
+        "  kill -9 and start again: socket answers after {:.2} s, a send is acknowledged after {:.2} s",
+        answered.as_secs_f64(),
+        sent.as_secs_f64()
+    );
+    drop(node);
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// A `hermod serve` child on a temporary data directory.
 struct Server {
     child: std::process::Child,
     socket: PathBuf,
     http: String,
-    _dir: tempfile::TempDir,
+    /// What it was started with (for [`Server::restart`]).
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
     /// `hermod serve` with `extra` arguments (none: the SQLite default).
     fn start(extra: &[&str]) -> Result<Self> {
         let dir = tempfile::tempdir()?;
+        let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+        let child = Self::spawn(dir.path(), &extra)?;
         let socket = dir.path().join("hermod.sock");
-        let child = std::process::Command::new(std::env::current_exe()?)
+        let http = Self::wait_ready(dir.path(), Duration::from_secs(15))?;
+        if extra.is_empty() {
+            println!(
+                "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
+                dir.path().display()
+            );
+            report(
+                "disk: 4 KiB write + fdatasync there",
+                flush_latency(dir.path())?,
+            );
+        }
+        Ok(Self {
+            child,
+            socket,
+            http,
+            extra,
+            dir,
+        })
+    }
+
+    fn spawn(dir: &Path, extra: &[String]) -> Result<std::process::Child> {
+        std::process::Command::new(std::env::current_exe()?)
             .arg("serve")
             .arg("--data-dir")
-            .arg(dir.path())
+            .arg(dir)
             .args(["--http", "127.0.0.1:0"])
             // The bench's few senders go far past any agent's send rate.
             .args(["--send-rate", "0"])
@@ -202,9 +290,40 @@ impl Server {
             .env("RUST_LOG", "warn")
             .env("HERMES_BUS_HOOKS", "none")
             .spawn()
-            .context("cannot start hermod serve")?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let runtime = dir.path().join(super::serve::RUNTIME_FILE);
+            .context("cannot start hermod serve")
+    }
+
+    /// Kills the daemon (-9) and starts it again on the same directory;
+    /// how long until its socket answered and until a send was durable.
+    fn restart(&mut self) -> Result<(Duration, Duration)> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let _ = std::fs::remove_file(self.dir.path().join(super::serve::RUNTIME_FILE));
+        let start = Instant::now();
+        self.child = Self::spawn(self.dir.path(), &self.extra)?;
+        self.http = Self::wait_ready(self.dir.path(), Duration::from_secs(120))?;
+        let answered = start.elapsed();
+        super::runtime()?.block_on(async {
+            let mut c = hermod_client::Connection::connect(&self.socket).await?;
+            c.send(hermod_client::Draft {
+                to: Some("bench-restart".into()),
+                from: Some("bench-tx".into()),
+                channel: None,
+                body: hermod_core::model::Body::from_json(r#"{"text":"after restart"}"#.into())?,
+                meta: Default::default(),
+            })
+            .await?;
+            anyhow::Ok(())
+        })?;
+        Ok((answered, start.elapsed()))
+    }
+
+    /// Waits until the daemon in `dir` has written its HTTP address and
+    /// accepts on its socket; the HTTP URL.
+    fn wait_ready(dir: &Path, within: Duration) -> Result<String> {
+        let socket = dir.join("hermod.sock");
+        let deadline = Instant::now() + within;
+        let runtime = dir.join(super::serve::RUNTIME_FILE);
         let http = loop {
             let url = std::fs::read(&runtime)
                 .ok()
@@ -220,22 +339,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        if extra.is_empty() {
-            println!(
-                "server: hermod serve, SQLite WAL, synchronous=FULL, in {}",
-                dir.path().display()
-            );
-            report(
-                "disk: 4 KiB write + fdatasync there",
-                flush_latency(dir.path())?,
-            );
-        }
-        Ok(Self {
-            child,
-            socket,
-            http,
-            _dir: dir,
-        })
+        Ok(http)
     }
 }
 
