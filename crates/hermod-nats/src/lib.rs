@@ -37,6 +37,7 @@
 
 pub mod keys;
 pub mod testing;
+mod tombstones;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +64,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use hermod_core::engine::log_index::{self, AgentEntry, LogIndex, PruneStep};
 use keys::StateKey;
+use tombstones::{Known, Tombstone};
 
 /// Where and how to reach the JetStream cluster.
 #[derive(Debug, Clone)]
@@ -85,6 +87,17 @@ pub struct NatsConfig {
     ///
     /// [`LEASE`]: hermod_core::engine::LEASE
     pub node: Option<String>,
+    /// How old a tombstone (a forgotten agent, an ended subscription, a
+    /// forgotten inbox's epoch) in the state bucket must be before
+    /// retention purges it: every node must have seen it by then.
+    pub tombstone_age: Duration,
+    /// A node away from NATS for longer than this reads the whole state
+    /// bucket again when it is back (it may have missed a purged
+    /// tombstone). Below [`NatsConfig::tombstone_age`].
+    pub resync_after: Duration,
+    /// Reconnect only to `urls`, never to the servers the cluster
+    /// advertises (for networks where those addresses do not reach).
+    pub only_listed: bool,
 }
 
 impl NatsConfig {
@@ -96,6 +109,9 @@ impl NatsConfig {
             replicas: 1,
             cache_bytes: log_index::CACHE_BYTES,
             node: None,
+            tombstone_age: Duration::from_secs(3600),
+            resync_after: Duration::from_secs(1800),
+            only_listed: false,
         }
     }
 }
@@ -331,7 +347,9 @@ struct Inner {
     /// The cursor bucket's stream, for reads from its leader: a direct get
     /// may be answered by a replica that lags.
     cursors_stream: stream::Stream,
-    index: Mutex<LogIndex>,
+    index: Mutex<Known>,
+    /// See [`NatsConfig::tombstone_age`].
+    tombstone_age: Duration,
     /// Log seqs the broker has taken off the feed.
     log_mark: Mark,
     /// State-bucket revisions the broker has taken off the feed.
@@ -372,6 +390,12 @@ struct Link {
     /// A write to the cursor bucket went through since the connection
     /// was (re)made (see [`Inner::stored_cursor`]).
     current: AtomicBool,
+    /// Since when the connection is down (`None` while up).
+    down_since: Mutex<Option<Instant>>,
+    /// The connection was down for longer than
+    /// [`NatsConfig::resync_after`]: the follower reads the whole state
+    /// bucket again (see the `tombstones` module).
+    resync: AtomicBool,
     health: Health,
 }
 
@@ -407,6 +431,7 @@ impl NatsEngine {
         };
         let link = Arc::new(Link::default());
         let events = link.clone();
+        let resync_after = config.resync_after;
         let mut options = async_nats::ConnectOptions::new()
             .name("hermod")
             .connection_timeout(Duration::from_secs(3))
@@ -417,6 +442,10 @@ impl NatsEngine {
                     match event {
                         async_nats::Event::Connected => {
                             tracing::info!("NATS connection back");
+                            let down = link.down_since.lock().unwrap().take();
+                            if down.is_some_and(|d| d.elapsed() > resync_after) {
+                                link.resync.store(true, Ordering::SeqCst);
+                            }
                             link.connected.store(true, Ordering::SeqCst);
                             link.health.clear();
                         }
@@ -426,6 +455,10 @@ impl NatsEngine {
                             );
                             link.connected.store(false, Ordering::SeqCst);
                             link.current.store(false, Ordering::SeqCst);
+                            link.down_since
+                                .lock()
+                                .unwrap()
+                                .get_or_insert_with(Instant::now);
                             link.health.set_degraded(
                                 "NATS unreachable: sends are refused until it is back",
                             );
@@ -434,6 +467,9 @@ impl NatsEngine {
                     }
                 }
             });
+        if config.only_listed {
+            options = options.ignore_discovered_servers();
+        }
         if let Some(creds) = &config.creds {
             options = options.credentials_file(creds).await.map_err(|e| {
                 Error::Storage(format!("NATS credentials {}: {e}", creds.display()))
@@ -499,7 +535,8 @@ impl NatsEngine {
             prefix,
             state,
             cursors,
-            index: Mutex::new(LogIndex::with_cache(config.cache_bytes)),
+            index: Mutex::new(Known::new(LogIndex::with_cache(config.cache_bytes))),
+            tombstone_age: config.tombstone_age,
             log_mark: Mark::default(),
             kv_mark: Mark::default(),
             state_stream,
@@ -685,6 +722,15 @@ impl Inner {
     /// Reads the whole state bucket into the index; returns the watch (to
     /// go on following) and the newest revision applied.
     async fn load_state(&self) -> Result<(kv::Watch, u64)> {
+        self.replay_state(|entry| {
+            apply_entry(&mut self.index.lock().unwrap(), entry);
+        })
+        .await
+    }
+
+    /// Reads the whole state bucket, each entry into `apply`; returns the
+    /// watch (to go on following) and the newest revision read.
+    async fn replay_state(&self, mut apply: impl FnMut(&kv::Entry)) -> Result<(kv::Watch, u64)> {
         let status = self.state.status().await.map_err(storage("state bucket"))?;
         let target = status.info.state.last_sequence;
         let mut watch = self
@@ -699,8 +745,7 @@ impl Inner {
             };
             let entry = entry.map_err(storage("reading the state bucket"))?;
             revision = entry.revision;
-            let mut index = self.index.lock().unwrap();
-            apply_entry(&mut index, &entry);
+            apply(&entry);
         }
         Ok((watch, revision))
     }
@@ -834,6 +879,21 @@ impl Inner {
                     }
                 },
                 _ = check.tick() => {
+                    if self.link.resync.swap(false, Ordering::SeqCst) {
+                        match self.resync_state().await {
+                            Ok(changes) if changes.is_empty() => {}
+                            Ok(changes) => {
+                                let commit = Commit::new(Vec::new(), changes, || {});
+                                if feed.send(commit).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!("NATS: reading the state bucket again: {e}; trying again");
+                                self.link.resync.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
                     if let Some(at) = log_live.stuck(&self.stream, seq).await {
                         tracing::warn!("NATS: the log follower is silent at {at:?} (applied, stored): following the log anew");
                         log = None;
@@ -1041,9 +1101,7 @@ impl Inner {
                         None => Ok(answer.success as u64),
                         // Another node removed it first.
                         Some(e) if e.to_string().contains("no message found") => Ok(0),
-                        Some(e) => Err(Error::Storage(format!(
-                            "NATS: deleting a message: {e}"
-                        ))),
+                        Some(e) => Err(Error::Storage(format!("NATS: deleting a message: {e}"))),
                     }
                 }
             })
@@ -1367,11 +1425,25 @@ fn apply_log(index: &mut LogIndex, seq: Seq, stamped: f64, payload: &[u8]) -> Op
 }
 
 /// Applies one state-bucket entry to the index; the change it makes.
-fn apply_entry(index: &mut LogIndex, entry: &kv::Entry) -> Option<Change> {
+fn apply_entry(index: &mut Known, entry: &kv::Entry) -> Option<Change> {
     let value = (entry.operation == kv::Operation::Put && !entry.value.is_empty())
         .then_some(&entry.value[..]);
     let seq = || value.and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok());
-    match StateKey::parse(&entry.key)? {
+    let tombstone = |epoch| Tombstone {
+        key: entry.key.clone(),
+        revision: entry.revision,
+        created: unix!(entry.created),
+        epoch,
+    };
+    let key = StateKey::parse(&entry.key)?;
+    match &key {
+        StateKey::Agent(_) | StateKey::Subscription(..) if value.is_none() => {
+            index.tombstones.push_back(tombstone(None));
+        }
+        StateKey::Epoch(_) => index.tombstones.push_back(tombstone(Some(seq()?))),
+        _ => {}
+    }
+    match key {
         StateKey::Agent(key) => {
             match value.and_then(|v| serde_json::from_slice::<AgentEntry>(v).ok()) {
                 Some(a) => {
@@ -1673,6 +1745,7 @@ impl Engine for NatsEngine {
         let rest = step.delete.into_iter().filter(|&s| s >= step.kept_from);
         removed += inner.delete(rest.collect()).await?;
         inner.purge_steps(step.steps).await?;
+        inner.purge_tombstones(now, step.kept_from).await?;
         inner.pending_prune.lock().unwrap().take();
         inner.kv_mark.wait(newest).await?;
         Ok(Pruned { removed, more })

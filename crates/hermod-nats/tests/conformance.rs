@@ -281,3 +281,129 @@ async fn read_steps_a_killed_node_left_in_the_cursor_value_are_found_and_recorde
         "on record"
     );
 }
+
+/// Opens the engine on `urls` with tombstones purged at once and a
+/// resync after one second away.
+async fn open_quick(urls: Vec<String>, stream: &str) -> Arc<dyn Engine> {
+    let mut config = NatsConfig::new(urls);
+    config.only_listed = true;
+    config.stream = stream.into();
+    config.replicas = 3;
+    config.tombstone_age = std::time::Duration::ZERO;
+    config.resync_after = std::time::Duration::from_secs(1);
+    Arc::new(
+        NatsEngine::open(config)
+            .await
+            .expect("open the NATS engine"),
+    )
+}
+
+fn inbox(name: &str) -> hermod_core::model::InboxKey {
+    use hermod_core::model::{AgentName, Channel, InboxKey};
+    InboxKey::new(Channel::default(), AgentName::parse(name).unwrap())
+}
+
+/// A forgotten agent's entries (its registry tombstone, its ended
+/// subscription, its epoch and pruned mark) leave the state bucket at the
+/// next prune, so a node's start does not replay every name ever
+/// forgotten; an agent that came back after its tombstone keeps its entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_entries_leave_the_state_bucket() {
+    use hermod_core::engine::Retention;
+    let cluster = Cluster::start(3);
+    let e = open_quick(cluster.urls(), "ENDED").await;
+    conformance::follow(&e);
+    for n in 0..20 {
+        let key = inbox(&format!("gone-{n}"));
+        e.remember_agent(key.clone(), 1.0, true).await.unwrap();
+        e.set_subscription(key.clone(), "work.**".into(), true)
+            .await
+            .unwrap();
+        e.set_subscription(key.clone(), "work.**".into(), false)
+            .await
+            .unwrap();
+        assert!(e.forget_agent(key).await.unwrap());
+    }
+    let back = inbox("back");
+    e.remember_agent(back.clone(), 1.0, true).await.unwrap();
+    assert!(e.forget_agent(back.clone()).await.unwrap());
+    e.remember_agent(back.clone(), 2.0, true).await.unwrap();
+    let before = stream_messages(&cluster, "KV_ENDED_state").await;
+    assert!(
+        before >= 61,
+        "20 × (agent, subscription, epoch) + back: {before}"
+    );
+    e.prune(&Retention::default(), hermod_core::model::now())
+        .await
+        .unwrap();
+    let after = stream_messages(&cluster, "KV_ENDED_state").await;
+    // `back`'s registry entry is all that is left (its epoch went too).
+    assert_eq!(after, 1, "state entries after the prune (before: {before})");
+    e.close().await;
+    let e = open_quick(cluster.urls(), "ENDED").await;
+    conformance::follow(&e);
+    let agents: Vec<_> = e
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.key)
+        .collect();
+    assert_eq!(
+        agents,
+        vec![back],
+        "a node started afresh knows the agent that came back"
+    );
+    e.close().await;
+}
+
+/// A node cut off from NATS while an agent was forgotten and its tombstone
+/// purged reads the whole state bucket again when it is back: it forgets
+/// the agent too (it could not learn it from the tombstone, gone by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_a_long_absence_drops_what_was_forgotten_meanwhile() {
+    use hermod_core::engine::Retention;
+    let mut cluster = Cluster::start(3);
+    let a = open_quick(vec![cluster.url(0), cluster.url(1)], "ABSENT").await;
+    let b = open_quick(vec![cluster.url(2)], "ABSENT").await;
+    conformance::follow(&a);
+    conformance::follow(&b);
+    let gone = inbox("gone");
+    a.remember_agent(gone.clone(), 1.0, true).await.unwrap();
+    b.sync_state().await.unwrap();
+    assert!(b.agents().await.unwrap().iter().any(|k| k.key == gone));
+    cluster.kill(2);
+    // The streams may have had their leader there: a few seconds of
+    // election, answered as errors, before the forget goes through.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let forgot = a.forget_agent(gone.clone()).await;
+        let pruned = match forgot {
+            Ok(_) => {
+                a.prune(&Retention::default(), hermod_core::model::now())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match pruned {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("while the cluster elects: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("forget and prune with a server down: {e}"),
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    cluster.restart(2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while b.agents().await.unwrap().iter().any(|k| k.key == gone) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node b still knows the agent forgotten while it was away"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    a.close().await;
+    b.close().await;
+}

@@ -1,0 +1,185 @@
+//! State-bucket entries that only say something ended, and how they leave.
+//!
+//! A forgotten agent, an ended subscription and a forgotten inbox's epoch
+//! stay in the state bucket as entries of their own (an empty value, or
+//! the seq the inbox starts again at), and every node replays the whole
+//! bucket at start: kept forever, start time and memory would grow with
+//! every name ever forgotten. So each node lists them as it applies them
+//! ([`Known::tombstones`]) and retention purges them once they are
+//! [`NatsConfig::tombstone_age`] old (an epoch also only once the log
+//! below it is gone, since it is what keeps a lagging node from taking
+//! those messages back into the inbox). A purge names the entry's revision,
+//! so a newer value of the same key (the agent came back) is never hit.
+//!
+//! A node that was away from NATS for longer than
+//! [`NatsConfig::resync_after`] may have missed a tombstone that is purged
+//! since; when it is back it reads the whole bucket once and drops the
+//! agents, subscriptions and identities the bucket no longer has.
+//!
+//! [`NatsConfig::tombstone_age`]: crate::NatsConfig::tombstone_age
+//! [`NatsConfig::resync_after`]: crate::NatsConfig::resync_after
+
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+
+use futures::StreamExt;
+use hermod_core::engine::log_index::LogIndex;
+use hermod_core::engine::{Change, PRUNE_BUDGET};
+use hermod_core::error::Result;
+use hermod_core::model::Seq;
+
+use super::{apply_entry, storage, Inner, STEP_CONCURRENCY};
+
+/// One entry that says something ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Tombstone {
+    pub key: String,
+    pub revision: u64,
+    /// When the bucket stored it (unix seconds).
+    pub created: f64,
+    /// An epoch: the seq its inbox starts again after; it may go only
+    /// once the log below it is gone.
+    pub epoch: Option<Seq>,
+}
+
+/// What one node knows of the store: the log's index and the tombstones
+/// waiting to be purged, under the one lock (`Inner::index`).
+pub(crate) struct Known {
+    pub index: LogIndex,
+    pub tombstones: VecDeque<Tombstone>,
+}
+
+impl Known {
+    pub fn new(index: LogIndex) -> Self {
+        Self {
+            index,
+            tombstones: VecDeque::new(),
+        }
+    }
+}
+
+impl Deref for Known {
+    type Target = LogIndex;
+    fn deref(&self) -> &LogIndex {
+        &self.index
+    }
+}
+
+impl DerefMut for Known {
+    fn deref_mut(&mut self) -> &mut LogIndex {
+        &mut self.index
+    }
+}
+
+impl Inner {
+    /// Purges the tombstones that are due (at most [`PRUNE_BUDGET`]);
+    /// `kept_from` is the oldest seq the index still holds. On an error the
+    /// ones not purged stay listed for the next prune.
+    pub(crate) async fn purge_tombstones(&self, now: f64, kept_from: Seq) -> Result<()> {
+        let before = now - self.tombstone_age.as_secs_f64();
+        let due: Vec<Tombstone> = {
+            let mut known = self.index.lock().unwrap();
+            let mut due = Vec::new();
+            known.tombstones.retain(|t| {
+                let ripe = t.created < before && t.epoch.is_none_or(|seq| seq < kept_from);
+                if ripe && due.len() < PRUNE_BUDGET {
+                    due.push(t.clone());
+                    return false;
+                }
+                true
+            });
+            due
+        };
+        let prefix = format!("$KV.{}_state.", self.name);
+        let failed: Vec<Tombstone> = futures::stream::iter(due)
+            .map(|t| {
+                let prefix = &prefix;
+                async move {
+                    // An epoch takes its inbox's pruned mark along (the
+                    // one from before it: a later one is the new inbox's).
+                    let floor = t.key.strip_prefix("e.").map(|inbox| format!("f.i.{inbox}"));
+                    for key in std::iter::once(&t.key).chain(floor.as_ref()) {
+                        let purged = self
+                            .state_stream
+                            .purge()
+                            .filter(format!("{prefix}{key}"))
+                            .sequence(t.revision + 1)
+                            .await;
+                        if let Err(e) = purged {
+                            tracing::warn!("NATS: purging an ended entry: {e}");
+                            return Some(t);
+                        }
+                    }
+                    None
+                }
+            })
+            .buffer_unordered(STEP_CONCURRENCY)
+            .filter_map(|t| async move { t })
+            .collect()
+            .await;
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let n = failed.len();
+        self.index.lock().unwrap().tombstones.extend(failed);
+        Err(storage("purging ended entries")(format!(
+            "{n} left for the next prune"
+        )))
+    }
+
+    /// Reads the whole state bucket and drops what this node still knows
+    /// but the bucket no longer has (its tombstone was purged while this
+    /// node was away); the changes, for the feed.
+    pub(crate) async fn resync_state(&self) -> Result<Vec<Change>> {
+        let mut bucket = Known::new(LogIndex::default());
+        self.replay_state(|entry| {
+            apply_entry(&mut bucket, entry);
+        })
+        .await?;
+        let mut known = self.index.lock().unwrap();
+        let mut changes = Vec::new();
+        let agents: Vec<_> = known
+            .agents
+            .keys()
+            .filter(|k| !bucket.agents.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in agents {
+            known.agents.remove(&key);
+            changes.push(Change::Forgotten(key));
+        }
+        let subscriptions: Vec<_> = known
+            .subscriptions
+            .difference(&bucket.subscriptions)
+            .cloned()
+            .collect();
+        for (key, pattern) in subscriptions {
+            known.subscriptions.remove(&(key.clone(), pattern.clone()));
+            changes.push(Change::Subscription {
+                key,
+                pattern,
+                on: false,
+            });
+        }
+        let identities: Vec<_> = known
+            .identities
+            .keys()
+            .filter(|n| !bucket.identities.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in identities {
+            known.identities.remove(&name);
+            changes.push(Change::Identity {
+                name,
+                identity: None,
+            });
+        }
+        if !changes.is_empty() {
+            tracing::warn!(
+                "NATS: back after a long absence, {} entries this node still had are gone from the state bucket",
+                changes.len()
+            );
+        }
+        Ok(changes)
+    }
+}
