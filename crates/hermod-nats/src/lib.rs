@@ -1878,7 +1878,13 @@ impl Engine for NatsEngine {
             .state
             .last_sequence
             .max(last);
-        if !(known || inner.index.lock().unwrap().holds(&key) || !patterns.is_empty()) {
+        // Something of it is left (an entry, a subscription, a pruned mark
+        // a reader would be told of as a gap): forget that too.
+        let left = {
+            let index = inner.index.lock().unwrap();
+            index.holds(&key) || index.floor(&View::Inbox(key.clone())) > 0
+        };
+        if !(known || left || !patterns.is_empty()) {
             return Ok(false);
         }
         // The inbox first (its entries up to now are no longer its own),
