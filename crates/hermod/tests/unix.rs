@@ -355,3 +355,37 @@ async fn a_poll_beside_an_auto_mode_reader_hands_out_nothing_it_was_written() {
     );
     assert_eq!(read.len() as u64 + polled.len() as u64, COUNT);
 }
+
+/// An auto-mode reader that comes back after retention pruned part of its
+/// inbox gets what is left once and its cursor moves over the gap. Its
+/// claim used to start past the pruned part while the cursor stayed below
+/// it: the cursor never moved, and the connection took the hole under its
+/// claim for a released one, reading and writing the same batch again and
+/// again (`hermod bench --nats-restart` lost its receiver to that).
+#[tokio::test]
+async fn an_auto_mode_reader_behind_retention_gets_the_rest_once() {
+    let d = Daemon::start_with(&["--retention-messages", "5"], &[]);
+    let mut sender = Connection::connect(&d.socket).await.unwrap();
+    for n in 0..20 {
+        sender.send(draft("late", n)).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while unread(&d, "late").await > 5 {
+        assert!(Instant::now() < deadline, "retention did not prune");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut late = register(&d, "late", AckMode::Auto).await;
+    for n in 15..20 {
+        let m = next_message(&mut late).await;
+        assert_eq!(m.body.to_map()["n"], n);
+    }
+    let again = tokio::time::timeout(Duration::from_secs(2), late.next_frame()).await;
+    assert!(again.is_err(), "delivered again: {again:?}");
+    while unread(&d, "late").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cursor did not move over the gap"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -508,6 +508,9 @@ impl Writer {
             }
         };
         let mut frames = Vec::with_capacity(batch.messages.len() + 1);
+        // The claim starts where this read did: over a pruned part too, so
+        // that the cursor moves over it once the batch is consumed.
+        let from = d.position;
         if let Some(gap) = batch.gap {
             d.position = d.position.max(gap.pruned_through);
             if d.gaps {
@@ -521,9 +524,7 @@ impl Writer {
         let more = batch.messages.len() == DELIVERY_BATCH;
         let claim = match batch.messages.last() {
             Some(last) if d.mode == AckMode::Auto => {
-                let claimed = self
-                    .broker
-                    .claim_streamed(&d.key, d.position, last.seq, "unix");
+                let claimed = self.broker.claim_streamed(&d.key, from, last.seq, "unix");
                 match claimed.await {
                     Ok(c) => Some(c),
                     Err(e) => {
