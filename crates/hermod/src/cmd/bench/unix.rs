@@ -44,13 +44,64 @@ pub(super) async fn throughput(
 ) -> Result<()> {
     let rx_name = format!("bench-rx-{}", std::process::id());
     let (mut rx, _rx_w) = receiver(rx_socket, &rx_name).await?;
+    let start = Instant::now();
+    let (tasks, total) = senders_to(socket, &rx_name, messages, senders, start);
+    let mut delivered = 0;
+    while delivered < total {
+        match rx.next_raw().await? {
+            Some(_) => delivered += 1,
+            None => bail!("receiver connection closed"),
+        }
+    }
+    let delivered_in = start.elapsed();
+    let mut durable_in = Duration::ZERO;
+    for t in tasks {
+        durable_in = durable_in.max(t.await??);
+    }
+    println!(
+        "throughput: {total} durable messages, {senders} pipelining senders -> 1 receiver\n  \
+         durable receipts: {:>9.0} msgs/s ({:.2} s)\n  \
+         deliveries:       {:>9.0} msgs/s ({:.2} s)",
+        total as f64 / durable_in.as_secs_f64(),
+        durable_in.as_secs_f64(),
+        total as f64 / delivered_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// `senders` connections to `socket` pipeline `messages` durable sends to
+/// `to`, nobody reading them; reports the receipts.
+pub(super) async fn fill(socket: &Path, to: &str, messages: u64, senders: u64) -> Result<()> {
+    let start = Instant::now();
+    let (tasks, total) = senders_to(socket, to, messages, senders, start);
+    let mut durable_in = Duration::ZERO;
+    for t in tasks {
+        durable_in = durable_in.max(t.await??);
+    }
+    println!(
+        "fill: {total} durable messages to {to}, {senders} pipelining senders: {:.0} msgs/s ({:.2} s)",
+        total as f64 / durable_in.as_secs_f64(),
+        durable_in.as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// The sending tasks of [`throughput`] and [`fill`], each answering how
+/// long after `start` its last receipt came; and how many they send.
+fn senders_to(
+    socket: &Path,
+    to: &str,
+    messages: u64,
+    senders: u64,
+    start: Instant,
+) -> (Vec<tokio::task::JoinHandle<Result<Duration>>>, u64) {
     let per_sender = messages / senders;
     let total = per_sender * senders;
     let pad = "x".repeat(64);
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..senders {
-        let (socket, rx_name, pad) = (socket.to_owned(), rx_name.clone(), pad.clone());
+        let (socket, rx_name, pad) = (socket.to_owned(), to.to_owned(), pad.clone());
         tasks.push(tokio::spawn(async move {
             let (mut reader, mut writer) = Connection::connect(&socket).await?.split();
             let write = tokio::spawn(async move {
@@ -81,28 +132,7 @@ pub(super) async fn throughput(
             anyhow::Ok(start.elapsed())
         }));
     }
-    let mut delivered = 0;
-    while delivered < total {
-        match rx.next_raw().await? {
-            Some(_) => delivered += 1,
-            None => bail!("receiver connection closed"),
-        }
-    }
-    let delivered_in = start.elapsed();
-    let mut durable_in = Duration::ZERO;
-    for t in tasks {
-        durable_in = durable_in.max(t.await??);
-    }
-    println!(
-        "throughput: {total} durable messages, {senders} pipelining senders -> 1 receiver\n  \
-         durable receipts: {:>9.0} msgs/s ({:.2} s)\n  \
-         deliveries:       {:>9.0} msgs/s ({:.2} s)",
-        total as f64 / durable_in.as_secs_f64(),
-        durable_in.as_secs_f64(),
-        total as f64 / delivered_in.as_secs_f64(),
-        delivered_in.as_secs_f64(),
-    );
-    Ok(())
+    (tasks, total)
 }
 
 /// One sender on `socket` at `rate` msgs/s for `seconds`, to a receiver
