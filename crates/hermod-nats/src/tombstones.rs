@@ -77,17 +77,20 @@ impl Inner {
     /// ones not purged stay listed for the next prune.
     pub(crate) async fn purge_tombstones(&self, now: f64, kept_from: Seq) -> Result<()> {
         let before = now - self.tombstone_age.as_secs_f64();
+        // The list is in revision order, so in `created` order: only its
+        // old front is looked at (under the index lock, once a second),
+        // where an epoch whose log is not gone yet waits its turn.
         let due: Vec<Tombstone> = {
             let mut known = self.index.lock().unwrap();
-            let mut due = Vec::new();
-            known.tombstones.retain(|t| {
-                let ripe = t.created < before && t.epoch.is_none_or(|seq| seq < kept_from);
-                if ripe && due.len() < PRUNE_BUDGET {
-                    due.push(t.clone());
-                    return false;
+            let list = &mut known.tombstones;
+            let (mut due, mut i) = (Vec::new(), 0);
+            while i < list.len() && list[i].created < before && due.len() < PRUNE_BUDGET {
+                if list[i].epoch.is_none_or(|seq| seq < kept_from) {
+                    due.extend(list.remove(i));
+                } else {
+                    i += 1;
                 }
-                true
-            });
+            }
             due
         };
         let prefix = format!("$KV.{}_state.", self.name);

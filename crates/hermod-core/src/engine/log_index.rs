@@ -617,6 +617,9 @@ impl LogIndex {
             .log
             .first_key_value()
             .map_or(self.last.0 + 1, |(&f, _)| f);
+        // An epoch keeps entries at or below it out of its inbox; this
+        // index has applied the log past it, so none can come any more.
+        self.epochs.retain(|_, &mut e| e >= step.kept_from);
         step
     }
 
