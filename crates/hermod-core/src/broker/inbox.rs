@@ -23,6 +23,7 @@ use std::sync::Arc;
 use hashlink::LinkedHashMap;
 use tokio::sync::watch;
 
+use crate::engine::log_index::cost;
 use crate::model::{AgentName, Message, Seq};
 
 pub use crate::engine::View as ViewKey;
@@ -35,23 +36,6 @@ pub const TAIL_BYTES: usize = 8 << 20;
 pub const DEFAULT_BUDGET: usize = 192 << 20;
 /// Views kept at most (each is a watch and a queue even when empty).
 const MAX_VIEWS: usize = 65_536;
-/// What a cached entry costs besides its strings: the message struct, its
-/// `Arc` and the queue slot, rounded up.
-const ENTRY_OVERHEAD: usize = 256;
-
-/// The bytes a cached message holds (an estimate that never undercounts
-/// its strings).
-pub fn cost(m: &Message) -> usize {
-    ENTRY_OVERHEAD
-        + m.body.as_str().len()
-        + m.id.len()
-        + m.channel.as_str().len()
-        + m.from.as_str().len()
-        + m.to.as_ref().map_or(0, |t| t.as_str().len())
-        + m.topic.as_ref().map_or(0, String::len)
-        + m.meta.as_ref().map_or(0, |_| ENTRY_OVERHEAD)
-}
-
 pub(crate) struct InboxView {
     floor: Seq,
     tail: VecDeque<Arc<Message>>,

@@ -41,13 +41,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::engine::log_index::cost;
 pub use crate::model::SYSTEM_SENDER;
 pub use console::{Brief, ConsoleSession, Live, Seen, TrafficWatch};
 pub use cursors::Claim;
 pub use delivery::{DeliveryConfig, Receipt};
 pub use guard::GuardConfig;
 pub use guard::Hold;
-pub use inbox::cost;
 pub use reads::{Reader, SinceBatch, Watch};
 pub use registry::{AgentInfo, Connection};
 

@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::auth::Identity;
-use crate::broker::cost;
 use crate::engine::{KnownAgent, Retention, Step, View, PRUNE_BUDGET, STEP_PROBE};
 use crate::model::{AgentName, Channel, Guarded, InboxKey, Message, Seq, State};
 
@@ -29,6 +28,23 @@ pub const CACHE_MESSAGES: usize = 65_536;
 /// ...and at most this many bytes by default (bodies may be megabytes
 /// each; the daemon gives it a share of `--memory-budget`).
 pub const CACHE_BYTES: usize = 64 << 20;
+
+/// What a cached entry costs besides its strings: the message struct, its
+/// `Arc` and the queue slot, rounded up.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// The bytes a cached message holds (an estimate that never undercounts
+/// its strings).
+pub fn cost(m: &Message) -> usize {
+    ENTRY_OVERHEAD
+        + m.body.as_str().len()
+        + m.id.len()
+        + m.channel.as_str().len()
+        + m.from.as_str().len()
+        + m.to.as_ref().map_or(0, |t| t.as_str().len())
+        + m.topic.as_ref().map_or(0, String::len)
+        + m.meta.as_ref().map_or(0, |_| ENTRY_OVERHEAD)
+}
 
 /// What the index keeps of one logged message.
 struct Meta {
