@@ -141,42 +141,35 @@ impl Inner {
         .await?;
         let mut known = self.index.lock().unwrap();
         let mut changes = Vec::new();
-        let agents: Vec<_> = known
-            .agents
-            .keys()
-            .filter(|k| !bucket.agents.contains_key(*k))
-            .cloned()
-            .collect();
-        for key in agents {
-            known.agents.remove(&key);
-            changes.push(Change::Forgotten(key));
-        }
-        let subscriptions: Vec<_> = known
-            .subscriptions
-            .difference(&bucket.subscriptions)
-            .cloned()
-            .collect();
-        for (key, pattern) in subscriptions {
-            known.subscriptions.remove(&(key.clone(), pattern.clone()));
-            changes.push(Change::Subscription {
-                key,
-                pattern,
-                on: false,
-            });
-        }
-        let identities: Vec<_> = known
-            .identities
-            .keys()
-            .filter(|n| !bucket.identities.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in identities {
-            known.identities.remove(&name);
-            changes.push(Change::Identity {
-                name,
-                identity: None,
-            });
-        }
+        known.agents.retain(|key, _| {
+            let kept = bucket.agents.contains_key(key);
+            if !kept {
+                changes.push(Change::Forgotten(key.clone()));
+            }
+            kept
+        });
+        known.subscriptions.retain(|entry| {
+            let kept = bucket.subscriptions.contains(entry);
+            if !kept {
+                let (key, pattern) = entry.clone();
+                changes.push(Change::Subscription {
+                    key,
+                    pattern,
+                    on: false,
+                });
+            }
+            kept
+        });
+        known.identities.retain(|name, _| {
+            let kept = bucket.identities.contains_key(name);
+            if !kept {
+                changes.push(Change::Identity {
+                    name: name.clone(),
+                    identity: None,
+                });
+            }
+            kept
+        });
         if !changes.is_empty() {
             tracing::warn!(
                 "NATS: back after a long absence, {} entries this node still had are gone from the state bucket",
