@@ -155,7 +155,11 @@ impl Target {
             "--long-poll-max",
             "5",
         ];
-        let envs = [("RUST_LOG", "warn")];
+        // `HERMOD_CHECK_RUST_LOG` (e.g. `warn,hermod_core::broker::cursors=debug`)
+        // and `HERMOD_CHECK_LOG=file` (the daemons' whole logs, kept) are
+        // for looking into a failing seed.
+        let level = std::env::var("HERMOD_CHECK_RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let envs = [("RUST_LOG", level.as_str())];
         match store {
             Store::Sqlite => {
                 // Room for a 30-minute run; filled to the last byte by a fault.
@@ -450,6 +454,9 @@ fn run(store: Store, seed: u64, seconds: u64, known: Known) {
     rt.shutdown_timeout(Duration::from_secs(5));
     let log: String = target.daemons.iter().map(Daemon::log).collect();
     drop(target);
+    if let Ok(path) = std::env::var("HERMOD_CHECK_LOG") {
+        std::fs::write(&path, &log).unwrap();
+    }
 
     let events = std::mem::take(&mut *ctx.hist.events.lock().unwrap());
     let sessions = std::mem::take(&mut *ctx.hist.sessions.lock().unwrap());

@@ -404,7 +404,7 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
         let mut last = None;
         let mut unacked = 0u64;
         let mut ack_every = rng.between(1, 100);
-        let mut pending_ack: Option<u64> = None;
+        let mut pending_ack = PendingAck::default();
         let why = loop {
             if ctx.stopping() {
                 break "stop";
@@ -420,7 +420,7 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
                 }
             }
             if explicit
-                && pending_ack.is_none()
+                && pending_ack.idle()
                 && unacked > 0
                 && (unacked >= ack_every || rng.chance(0.1))
             {
@@ -431,7 +431,7 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
                 if !ok {
                     break "write failed";
                 }
-                pending_ack = Some(seq);
+                pending_ack.sent(seq);
                 unacked = 0;
                 ack_every = rng.between(1, 100);
             }
@@ -448,18 +448,9 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
                             seqs.push(seq);
                         }
                     }
-                    Some("pong") => {
-                        if let Some(seq) = pending_ack.take() {
-                            ctx.hist.push(Kind::AckDone { sess, seq });
-                            ctx.hist.raise_floor(agent, seq);
-                        }
-                    }
+                    Some("pong") => pending_ack.pong(&ctx, sess, agent),
                     // The ack's answer: it was not stored (a full disk).
-                    Some("error") => {
-                        if let Some(seq) = pending_ack.take() {
-                            ctx.hist.push(Kind::AckRefused { sess, seq });
-                        }
-                    }
+                    Some("error") => pending_ack.error(&ctx, sess),
                     Some("gap") => ctx.hist.push(Kind::Gap { sess }),
                     _ => {}
                 }
@@ -473,6 +464,37 @@ pub async fn unix_reader(ctx: Arc<Ctx>, agent: u8, explicit: bool, mut rng: Rng)
         };
         ctx.hist.push(Kind::Close { sess, why });
         pause(rng.below(30)).await;
+    }
+}
+
+/// An explicit `ack` in flight (followed by a `ping`), and whether the
+/// daemon refused it: either way it is settled by that ping's pong. (Taking
+/// the pong of a refused ack's ping for the next ack's raised a floor the
+/// daemon never acknowledged: a false "cursor backwards".)
+#[derive(Default)]
+struct PendingAck(Option<(u64, bool)>);
+
+impl PendingAck {
+    fn idle(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn sent(&mut self, seq: u64) {
+        self.0 = Some((seq, false));
+    }
+
+    fn error(&mut self, ctx: &Ctx, sess: u32) {
+        if let Some((seq, refused @ false)) = self.0.as_mut() {
+            *refused = true;
+            ctx.hist.push(Kind::AckRefused { sess, seq: *seq });
+        }
+    }
+
+    fn pong(&mut self, ctx: &Ctx, sess: u32, agent: u8) {
+        if let Some((seq, false)) = self.0.take() {
+            ctx.hist.push(Kind::AckDone { sess, seq });
+            ctx.hist.raise_floor(agent, seq);
+        }
     }
 }
 
@@ -492,7 +514,7 @@ pub async fn ws_reader(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
         let mut got = 0u64;
         let mut last = None;
         let mut unacked = 0u64;
-        let mut pending_ack: Option<u64> = None;
+        let mut pending_ack = PendingAck::default();
         let why = loop {
             if ctx.stopping() {
                 break "stop";
@@ -500,7 +522,7 @@ pub async fn ws_reader(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
             if !ctx.calm() && hang_up_after.is_some_and(|h| got >= h) {
                 break "client hung up";
             }
-            if pending_ack.is_none() && unacked > 0 && (unacked >= 50 || rng.chance(0.1)) {
+            if pending_ack.idle() && unacked > 0 && (unacked >= 50 || rng.chance(0.1)) {
                 let seq = last.unwrap();
                 ctx.hist.push(Kind::AckSent { sess, seq });
                 let ok = ws
@@ -516,7 +538,7 @@ pub async fn ws_reader(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
                 if !ok {
                     break "write failed";
                 }
-                pending_ack = Some(seq);
+                pending_ack.sent(seq);
                 unacked = 0;
             }
             let next = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
@@ -538,17 +560,8 @@ pub async fn ws_reader(ctx: Arc<Ctx>, agent: u8, mut rng: Rng) {
                         last = Some(seq);
                     }
                 }
-                Some("pong") => {
-                    if let Some(seq) = pending_ack.take() {
-                        ctx.hist.push(Kind::AckDone { sess, seq });
-                        ctx.hist.raise_floor(agent, seq);
-                    }
-                }
-                Some("error") => {
-                    if let Some(seq) = pending_ack.take() {
-                        ctx.hist.push(Kind::AckRefused { sess, seq });
-                    }
-                }
+                Some("pong") => pending_ack.pong(&ctx, sess, agent),
+                Some("error") => pending_ack.error(&ctx, sess),
                 Some("gap") => ctx.hist.push(Kind::Gap { sess }),
                 _ => {}
             }
