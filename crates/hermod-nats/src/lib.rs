@@ -1674,27 +1674,44 @@ impl Engine for NatsEngine {
         Ok(rx)
     }
 
+    /// A message the index lists but the log no longer holds was removed
+    /// while this read ran (retention, a forget): its mark is written
+    /// before the message goes, so the read waits until this node applied
+    /// the state bucket as of now and reads again. If the log still lacks
+    /// a message no mark accounts for, its answer is not trusted
+    /// (`storage_busy`): taken for a gap, a destructive reader would claim
+    /// over messages it never handed out (the history checker's NATS run,
+    /// while servers were killed: read by `/poll`, handed out by nobody).
     async fn read(&self, view: &View, after: Seq, limit: usize) -> Result<Page> {
-        let (seqs, mut pruned) = self.inner.index.lock().unwrap().seqs(view, after, limit);
-        let missing: Vec<Seq> = seqs
-            .iter()
-            .filter(|(_, m)| m.is_none())
-            .map(|(s, _)| *s)
-            .collect();
-        let mut fetched = self.inner.fetch(missing).await?.into_iter();
-        let mut messages = Vec::with_capacity(seqs.len());
-        for (seq, m) in seqs {
-            match m.or_else(|| fetched.next().flatten()) {
-                Some(m) => messages.push(m),
-                // Retention removed it while this read ran: it removes the
-                // oldest first, so all before it went too.
-                None => {
-                    pruned = pruned.max(seq);
-                    messages.clear();
+        let mut synced = false;
+        loop {
+            let (seqs, pruned) = self.inner.index.lock().unwrap().seqs(view, after, limit);
+            let missing: Vec<Seq> = seqs
+                .iter()
+                .filter(|(_, m)| m.is_none())
+                .map(|(s, _)| *s)
+                .collect();
+            let mut fetched = self.inner.fetch(missing).await?.into_iter();
+            let mut messages = Vec::with_capacity(seqs.len());
+            let mut gone = None;
+            for (seq, m) in seqs {
+                match m.or_else(|| fetched.next().flatten()) {
+                    Some(m) => messages.push(m),
+                    None => gone = Some(seq),
                 }
             }
+            let Some(gone) = gone else {
+                return Ok(Page { messages, pruned });
+            };
+            if synced {
+                return Err(Error::StorageBusy(format!(
+                    "NATS: the log did not answer message {gone}, which no retention mark \
+                     accounts for; try again"
+                )));
+            }
+            self.sync_state().await?;
+            synced = true;
         }
-        Ok(Page { messages, pruned })
     }
 
     async fn floors(&self) -> Result<Vec<(View, Seq)>> {
