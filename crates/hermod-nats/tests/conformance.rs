@@ -407,3 +407,37 @@ async fn a_node_back_after_a_long_absence_drops_what_was_forgotten_meanwhile() {
     a.close().await;
     b.close().await;
 }
+
+/// A message the log no longer answers while no retention or forget mark
+/// accounts for it is not read as a gap: a destructive reader told of a
+/// gap claims over it, and then it is read by nobody (the history
+/// checker's NATS run, while servers were killed). The read answers
+/// `storage_busy`; retention's own removals (mark first) still read as a
+/// gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_log_lost_without_a_mark_is_not_a_gap() {
+    use hermod_core::engine::View;
+    let cluster = Cluster::start(1);
+    let mut config = NatsConfig::new(cluster.urls());
+    config.stream = "UNMARKED".into();
+    config.replicas = 1;
+    // No cache: every body comes from the log.
+    config.cache_bytes = 0;
+    let e: Arc<dyn Engine> = Arc::new(NatsEngine::open(config).await.unwrap());
+    conformance::follow(&e);
+    let batch = (1..=3).map(|n| conformance::message("bob", n, None)).collect();
+    let durable = e.submit(batch).await.unwrap().await.unwrap().unwrap();
+    let seqs: Vec<_> = durable.iter().map(|m| m.seq).collect();
+    let view = View::Inbox(inbox("bob"));
+    let page = e.read(&view, 0, 10).await.unwrap();
+    assert_eq!(page.messages.len(), 3);
+    // Behind hermod's back: the middle one goes, and no mark says so.
+    let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+    let stream = js.get_stream("UNMARKED").await.unwrap();
+    assert!(stream.delete_message(seqs[1]).await.unwrap());
+    let err = e.read(&view, 0, 10).await.unwrap_err();
+    assert_eq!(err.code(), "storage_busy", "{err}");
+    // Past it, the read is whole.
+    let page = e.read(&view, seqs[1], 10).await.unwrap();
+    assert_eq!((page.messages.len(), page.pruned), (1, 0));
+}
