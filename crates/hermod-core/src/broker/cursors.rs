@@ -228,6 +228,7 @@ impl Broker {
                 .engine
                 .lease_cursor(key.clone(), expected, upto)
                 .await?;
+            tracing::debug!(agent = %key.agent, expected, upto, ?swap, "lease");
             let fresh = {
                 let mut state = self.shared.state.lock().unwrap();
                 let c = state.cursors.entry(key.clone()).or_default();
@@ -311,6 +312,7 @@ impl Broker {
         if pos < seq {
             ranges.push((pos, seq));
         }
+        tracing::debug!(agent = %key.agent, door, after, seq, stored = c.stored, ?ranges, "claim");
         let door_of: Arc<str> = Arc::from(door);
         for &(lo, hi) in &ranges {
             let range = Range {
@@ -343,12 +345,14 @@ impl Broker {
     /// (see [`Engine::swap_cursor`]); returns the steps its moves added and
     /// the stored cursor (a claim not kept is released past it), or `None`
     /// if another node's lease stood (then the claim is released unless
-    /// kept: kept, it is `storage_busy`, tried again).
+    /// kept: kept, it is `storage_busy`, tried again), or if its reader
+    /// was gone (`present` said so) when it got the turn.
     async fn store_claim(
         &self,
         key: &InboxKey,
         claim: &Claim,
         kept: bool,
+        present: Option<&Present>,
     ) -> Result<Option<(Vec<Step>, Seq)>> {
         let mut added = Vec::new();
         let mut attempts = 0;
@@ -357,6 +361,12 @@ impl Broker {
         let mut turn = self.store_turn(key, claim).await;
         if kept {
             turn.release = None;
+        } else if present.is_some_and(|p| !p()) {
+            // Its reader left while it waited for the turn (behind a swap
+            // the store was slow to answer): nothing was sent for it, and
+            // stored now it would be read by a reader no one answers.
+            tracing::debug!(agent = %key.agent, door = claim.door, "the reader left before its confirm's turn: released");
+            return Ok(None);
         }
         let mut unsure = {
             let mut state = self.shared.state.lock().unwrap();
@@ -364,13 +374,7 @@ impl Broker {
             // Confirmed only now, with the turn: a swap of another claim
             // never covers a claim that is still waiting and may be
             // cancelled (and released) meanwhile.
-            for &(lo, hi) in &claim.ranges {
-                for (_, r) in c.claims.range_mut(lo..hi) {
-                    if Arc::ptr_eq(&r.taken, &claim.taken) {
-                        r.confirmed = true;
-                    }
-                }
-            }
+            c.confirm(&claim.ranges, &claim.taken);
             c.unanswered.is_some()
         };
         loop {
@@ -404,6 +408,7 @@ impl Broker {
                 .engine
                 .swap_cursor(key.clone(), expected, target, steps)
                 .await;
+            tracing::debug!(agent = %key.agent, door = claim.door, expected, target, swap = ?swap.as_ref().map(|s| s.0), "cursor swap");
             let fresh = {
                 let mut state = self.shared.state.lock().unwrap();
                 let c = state.cursors.entry(key.clone()).or_default();
@@ -456,6 +461,9 @@ impl Broker {
                     .filter(|&&(_, hi)| hi > c.stored)
                     .map(|&(lo, hi)| (lo.max(c.stored), hi))
                     .collect();
+                if !above.is_empty() {
+                    tracing::debug!(agent = %key.agent, door = claim.door, ?above, "released past the stored cursor");
+                }
                 c.release(&above, &claim.taken);
             }
             c.stored
@@ -541,6 +549,7 @@ impl Claim {
 
     /// Releases what this claim holds: it owns nothing.
     fn give_up(&mut self) {
+        tracing::debug!(agent = %self.key.agent, door = self.door, ranges = ?self.ranges, "claim given up (leased elsewhere)");
         let mut state = self.broker.shared.state.lock().unwrap();
         if let Some(c) = state.cursors.get_mut(&self.key) {
             c.release(&self.ranges, &self.taken);
@@ -561,7 +570,20 @@ impl Claim {
     /// would count those messages as read by nobody — lost. Finished, they
     /// are `read` through this door, as with an answer lost in flight.
     pub async fn confirm(&mut self) -> Result<()> {
-        self.confirm_as(false).await
+        self.confirm_as(false, None).await
+    }
+
+    /// [`Claim::confirm`] for a reader that may leave while the confirm
+    /// waits for its turn (a `/poll` whose client gave up): if `present`
+    /// says it is gone once the turn comes, the claim is released and the
+    /// reader owns nothing. (A `/poll` stored 10 s after its client had
+    /// timed out, behind a cursor write NATS was slow to answer: read by
+    /// `poll`, handed out to no one.)
+    pub async fn confirm_while(
+        &mut self,
+        present: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Result<()> {
+        self.confirm_as(false, Some(Arc::new(present))).await
     }
 
     /// Confirms a claim whose messages are in the reader's hands already
@@ -572,10 +594,34 @@ impl Claim {
     /// those messages out again; resolves once stored. Only a crash before
     /// then loses the move (the messages come again after the restart).
     pub async fn confirm_handed_out(&mut self) -> Result<()> {
-        self.confirm_as(true).await
+        self.confirm_as(true, None).await
     }
 
-    async fn confirm_as(&mut self, kept: bool) -> Result<()> {
+    /// [`Claim::confirm_handed_out`] for several claims, oldest first: all
+    /// are final at once, so the first store moves the cursor over all of
+    /// them (one write, not one per batch: on NATS each is a replicated
+    /// round trip, and a fast auto-mode reader's cursor, stored batch by
+    /// batch, fell thousands of messages behind what its client had).
+    /// Every claim is confirmed even if one fails; the first error is
+    /// returned.
+    pub async fn confirm_all_handed_out(claims: Vec<Claim>) -> Result<()> {
+        for claim in &claims {
+            let mut state = claim.broker.shared.state.lock().unwrap();
+            if let Some(c) = state.cursors.get_mut(&claim.key) {
+                c.confirm(&claim.ranges, &claim.taken);
+            }
+        }
+        let mut result = Ok(());
+        for mut claim in claims {
+            let confirmed = claim.confirm_handed_out().await;
+            if result.is_ok() {
+                result = confirmed;
+            }
+        }
+        result
+    }
+
+    async fn confirm_as(&mut self, kept: bool, present: Option<Present>) -> Result<()> {
         if self.settled {
             return Ok(());
         }
@@ -592,7 +638,7 @@ impl Claim {
         // releases (this one's drop must not release it meanwhile).
         self.settled = true;
         let task = tokio::spawn(async move {
-            let mut result = claim.settle(kept).await;
+            let mut result = claim.settle(kept, present.as_ref()).await;
             let mut backoff = Duration::from_millis(50);
             while let Err(e) = &result {
                 if !kept || !matches!(e.code(), "storage_error" | "storage_busy") {
@@ -604,7 +650,7 @@ impl Claim {
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
-                result = claim.settle(kept).await;
+                result = claim.settle(kept, None).await;
             }
             (claim, result)
         });
@@ -618,10 +664,13 @@ impl Claim {
     }
 
     /// [`Claim::confirm`]'s work, in its task.
-    async fn settle(&mut self, kept: bool) -> Result<()> {
+    async fn settle(&mut self, kept: bool, present: Option<&Present>) -> Result<()> {
         // Settled either way: a failed store releases the claim itself
         // (or, kept, holds it confirmed).
-        let stored = self.broker.store_claim(&self.key, self, kept).await;
+        let stored = self
+            .broker
+            .store_claim(&self.key, self, kept, present)
+            .await;
         self.settled = true;
         let added = match stored {
             Ok(Some((added, through))) => {
@@ -635,7 +684,8 @@ impl Claim {
                 added
             }
             Ok(None) => {
-                // Another node's lease: released, this reader owns nothing.
+                // Another node's lease, or the reader left: released, it
+                // owns nothing.
                 self.ranges.clear();
                 return Ok(());
             }
@@ -679,6 +729,7 @@ impl Drop for Claim {
         if self.settled {
             return;
         }
+        tracing::debug!(agent = %self.key.agent, door = self.door, ranges = ?self.ranges, "claim dropped unconfirmed: released");
         let leased = {
             let mut state = self.broker.shared.state.lock().unwrap();
             state.cursors.get_mut(&self.key).is_some_and(|c| {
@@ -800,6 +851,10 @@ impl Cursor {
             return;
         }
         let ours = self.unanswered == Some(stored);
+        if !ours && !self.claims.is_empty() {
+            tracing::debug!(stored, known = self.stored, unanswered = ?self.unanswered,
+                "a move this node did not make covers claims: taken");
+        }
         if ours {
             self.unanswered = None;
         }
@@ -823,6 +878,10 @@ impl Cursor {
     /// that was just replaced, say): nothing learned, ask again.
     fn saw(&mut self, stored: Seq) -> bool {
         if stored == 0 && self.stored > 0 {
+            tracing::warn!(
+                known = self.stored,
+                "the store answered no cursor: taken as forgotten"
+            );
             // The inbox was forgotten and began again (its new messages
             // all come after anything this node knew of it).
             self.stored = 0;
@@ -833,6 +892,17 @@ impl Cursor {
         }
         self.observe(stored);
         true
+    }
+
+    /// Marks one claim's ranges final: a store may move over them.
+    fn confirm(&mut self, ranges: &[(Seq, Seq)], taken: &Arc<AtomicU64>) {
+        for &(lo, hi) in ranges {
+            for (_, r) in self.claims.range_mut(lo..hi) {
+                if Arc::ptr_eq(&r.taken, taken) {
+                    r.confirmed = true;
+                }
+            }
+        }
     }
 
     /// Drops what is left of one claim's ranges (only its own: a range
@@ -865,6 +935,9 @@ async fn stale(attempts: &mut u32) -> Result<()> {
     Ok(())
 }
 
+/// Whether a confirm's reader is still there (see [`Claim::confirm_while`]).
+type Present = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// A claim's ranges and identity, for releasing it.
 type Held = (Vec<(Seq, Seq)>, Arc<AtomicU64>);
 
@@ -884,6 +957,7 @@ impl Drop for StoreTurn {
         if let Some(c) = state.cursors.get_mut(&self.key) {
             c.busy = false;
             if let Some((ranges, taken)) = self.release.take() {
+                tracing::debug!(agent = %self.key.agent, ?ranges, "store failed or cancelled: claim released");
                 c.release(&ranges, &taken);
             }
         }

@@ -751,6 +751,8 @@ mod tests {
         fail: std::sync::atomic::AtomicBool,
         stall: std::sync::atomic::AtomicBool,
         stalled: tokio::sync::Notify,
+        /// Swaps asked for.
+        swaps: std::sync::atomic::AtomicUsize,
     }
 
     #[async_trait::async_trait]
@@ -794,6 +796,7 @@ mod tests {
             steps: Vec<crate::engine::Step>,
         ) -> Result<(Swap, Vec<crate::engine::Step>)> {
             use std::sync::atomic::Ordering::SeqCst;
+            self.swaps.fetch_add(1, SeqCst);
             if self.stall.load(SeqCst) {
                 self.stalled.notified().await;
             }
@@ -871,12 +874,87 @@ mod tests {
             fail: Default::default(),
             stall: Default::default(),
             stalled: Default::default(),
+            swaps: Default::default(),
         });
         let trust = Trust::new(AuthMode::default(), RateLimit::default());
         (
             Broker::with_engine(engine.clone(), trust).await.unwrap(),
             engine,
         )
+    }
+
+    // Issue 21 (the history checker's 30-minute NATS run): a Unix auto-mode
+    // reader's batches were stored one swap each, one at a time; on NATS
+    // (a replicated write per swap) its stored cursor fell thousands of
+    // messages behind what its client had read, all of it handed out again
+    // after a crash. Claims handed out together are stored in one swap.
+    #[tokio::test]
+    async fn batches_handed_out_together_are_stored_with_one_swap() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (b, engine) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 40).await;
+        let mut claims = Vec::new();
+        for n in 0..4 {
+            claims.push(b.claim(&key, n * 10, n * 10 + 10, "unix").await.unwrap());
+        }
+        let before = engine.swaps.load(SeqCst);
+        Claim::confirm_all_handed_out(claims).await.unwrap();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 40);
+        assert_eq!(
+            engine.swaps.load(SeqCst) - before,
+            1,
+            "one swap for four batches"
+        );
+        let steps = b.engine.steps(&key, 35).await.unwrap();
+        assert!(
+            steps.iter().any(|s| s.door == "unix"),
+            "read steps stored: {steps:?}"
+        );
+    }
+
+    // Issue 21 (the history checker's NATS run): a `/poll` waited 10 s for
+    // its turn behind a cursor write the store was slow to answer, its
+    // client gave up meanwhile, and then it stored its batch as read: by
+    // `poll`, handed out to no one. A reader gone when its turn comes
+    // takes nothing.
+    #[tokio::test]
+    async fn a_confirm_whose_reader_left_while_it_waited_stores_nothing() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let (b, engine) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 20).await;
+        let mut stream = b.claim(&key, 0, 10, "sse").await.unwrap();
+        engine.stall.store(true, SeqCst);
+        let storing = tokio::spawn(async move {
+            stream.confirm_handed_out().await.unwrap();
+        });
+        while engine.swaps.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut poll = b.claim_storable(&key, 10, 20, "poll").await.unwrap();
+        assert_eq!(owned(&poll, 20), seqs(10, 20));
+        let here = Arc::new(AtomicBool::new(true));
+        let present = here.clone();
+        // It waits for the turn the stalled swap holds; its client leaves.
+        let confirming = tokio::spawn(async move {
+            poll.confirm_while(move || present.load(SeqCst))
+                .await
+                .unwrap();
+            poll
+        });
+        here.store(false, SeqCst);
+        engine.stall.store(false, SeqCst);
+        engine.stalled.notify_waiters();
+        storing.await.unwrap();
+        let poll = confirming.await.unwrap();
+        assert!(owned(&poll, 20).is_empty(), "the poll owns nothing");
+        assert_eq!(
+            b.engine.cursor(&key).await.unwrap(),
+            10,
+            "not stored over its batch"
+        );
+        assert_eq!(b.cursor(&key).await.unwrap(), 10, "the next reader gets it");
     }
 
     // Issue 21: a `/poll` whose confirm failed (storage_busy) while a

@@ -194,6 +194,7 @@ async fn status(
 async fn poll(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    flushes: Option<Extension<Flushes>>,
     Q(q): Q<AgentQuery>,
 ) -> Result<Response, ApiError> {
     let key = q.key()?;
@@ -216,7 +217,12 @@ async fn poll(
                 .broker
                 .claim_storable(&key, cursor, last.seq, "poll")
                 .await?;
-            claim.confirm().await?;
+            match flushes {
+                // A client that left while the confirm waited its turn gets
+                // nothing stored as read for it.
+                Some(Extension(f)) => claim.confirm_while(move || !f.gone()).await?,
+                None => claim.confirm().await?,
+            }
             // Sent as written: re-parsing the bodies could fail (and lose the batch).
             json_array(
                 batch
@@ -428,6 +434,39 @@ fn claimed_events(
         // The session rides along: the agent is connected while this streams.
         _session: Session,
     }
+    impl Follow {
+        /// The written claims whose bytes the peer's TCP stack has
+        /// acknowledged, oldest first.
+        fn take_acked(&mut self) -> Vec<Claim> {
+            let Some(f) = &self.flushes else {
+                return Vec::new();
+            };
+            let n = self
+                .unacked
+                .iter()
+                .take_while(|(_, end)| f.acked(*end))
+                .count();
+            self.unacked.drain(..n).map(|(claim, _)| claim).collect()
+        }
+    }
+    impl Drop for Follow {
+        /// However the stream ends (its peer left, a store failed while it
+        /// claimed the next batch), what the peer acknowledged is the
+        /// peer's: confirmed, not released with the rest. (A stream whose
+        /// next claim failed during a NATS outage released a batch its
+        /// client had read, and a `/poll` handed it out again.)
+        fn drop(&mut self) {
+            let acked = self.take_acked();
+            if let (false, Ok(runtime)) = (acked.is_empty(), tokio::runtime::Handle::try_current())
+            {
+                runtime.spawn(async move {
+                    if let Err(e) = Claim::confirm_all_handed_out(acked).await {
+                        tracing::warn!(error = %e, "storing the cursor over a stream's last batches failed");
+                    }
+                });
+            }
+        }
+    }
     let state = Follow {
         batches: Box::pin(broker.follow(key.clone(), after)),
         queue: VecDeque::new(),
@@ -459,22 +498,17 @@ fn claimed_events(
                     }
                 }
             }
-            if let Some(f) = &s.flushes {
-                while let Some((_, end)) = s.unacked.front() {
-                    if !f.acked(*end) {
-                        if f.gone() {
-                            // Its peer left with the batch unread: released
-                            // now, not at the next write.
-                            return None;
-                        }
-                        break;
-                    }
-                    let (mut claim, _) = s.unacked.pop_front().expect("just seen");
-                    if let Err(e) = claim.confirm_handed_out().await {
-                        tracing::error!(error = %e, "cursor update failed; ending the stream");
-                        return None;
-                    }
+            let acked = s.take_acked();
+            if !acked.is_empty() {
+                if let Err(e) = Claim::confirm_all_handed_out(acked).await {
+                    tracing::error!(error = %e, "cursor update failed; ending the stream");
+                    return None;
                 }
+            }
+            if s.unacked.front().is_some() && s.flushes.as_ref().is_some_and(|f| f.gone()) {
+                // Its peer left with the batch unread: released now, not at
+                // the next write.
+                return None;
             }
             if !s.unacked.is_empty() {
                 if let Err(e) = s.broker.keep_lease(&s.key).await {
@@ -589,7 +623,7 @@ mod tests {
             agent: Some("bob".into()),
             channel: None,
         };
-        let response = poll(State(app), as_owner(), Q(query))
+        let response = poll(State(app), as_owner(), None, Q(query))
             .await
             .unwrap()
             .into_response();

@@ -595,7 +595,7 @@ impl Writer {
 
 /// Confirms claims of what the client consumed, in order, in the
 /// background, after the store `before` (if any) is done; a store that
-/// fails is tried again until it lands (see [`Claim::confirm_handed_out`]).
+/// fails is tried again until it lands (see [`Claim::confirm_all_handed_out`]).
 /// Not aborted with the connection: what the client consumed stays consumed.
 fn store_claims(
     claims: Vec<Claim>,
@@ -605,10 +605,8 @@ fn store_claims(
         if let Some(h) = before {
             let _ = h.await;
         }
-        for mut claim in claims {
-            if let Err(e) = claim.confirm_handed_out().await {
-                tracing::warn!(error = %e, "cursor update failed");
-            }
+        if let Err(e) = Claim::confirm_all_handed_out(claims).await {
+            tracing::warn!(error = %e, "cursor update failed");
         }
     })
 }
