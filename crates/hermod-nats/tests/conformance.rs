@@ -425,7 +425,9 @@ async fn a_message_the_log_lost_without_a_mark_is_not_a_gap() {
     config.cache_bytes = 0;
     let e: Arc<dyn Engine> = Arc::new(NatsEngine::open(config).await.unwrap());
     conformance::follow(&e);
-    let batch = (1..=3).map(|n| conformance::message("bob", n, None)).collect();
+    let batch = (1..=3)
+        .map(|n| conformance::message("bob", n, None))
+        .collect();
     let durable = e.submit(batch).await.unwrap().await.unwrap().unwrap();
     let seqs: Vec<_> = durable.iter().map(|m| m.seq).collect();
     let view = View::Inbox(inbox("bob"));
