@@ -878,7 +878,7 @@ impl Cursor {
     /// that was just replaced, say): nothing learned, ask again.
     fn saw(&mut self, stored: Seq) -> bool {
         if stored == 0 && self.stored > 0 {
-            tracing::warn!(
+            tracing::debug!(
                 known = self.stored,
                 "the store answered no cursor: taken as forgotten"
             );
