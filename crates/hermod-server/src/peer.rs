@@ -19,9 +19,15 @@
 
 use std::os::fd::RawFd;
 
-/// True when every byte written to `fd` has been read by a still-connected peer.
-pub fn consumed_by_live_peer(fd: RawFd) -> bool {
-    unread_bytes(fd) == Some(0) && !hung_up(fd)
+/// How many of the `written` bytes (everything written to `fd` so far)
+/// a still-connected peer has — read them (Unix socket) or acknowledged
+/// them (TCP); `None` if it closed or the kernel cannot tell. The queue is
+/// looked at before the hang-up (see the module doc), and `written` must
+/// be loaded before this call: a write in between only makes the answer
+/// more cautious.
+pub fn consumed(fd: RawFd, written: u64) -> Option<u64> {
+    let unread = unread_bytes(fd).filter(|&n| n >= 0)?;
+    (!hung_up(fd)).then(|| written.saturating_sub(unread as u64))
 }
 
 /// The uid this daemon runs as.

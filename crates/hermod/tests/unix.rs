@@ -389,3 +389,61 @@ async fn an_auto_mode_reader_behind_retention_gets_the_rest_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// Issue 21 (the history checker's NATS run): an auto-mode reader working
+// through a backlog never has everything written read at once (the daemon
+// keeps its socket full), and the cursor moved only when it had: a client
+// that read 1,500 messages and hung up got all of them again. Each batch
+// it has read is confirmed on its own now; what can come again is at most
+// what sat in the socket's buffers (about 300 KB) and the batch around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_mode_reader_of_a_backlog_keeps_what_it_read_when_it_hangs_up() {
+    const SENT: u64 = 4000;
+    const READ: u64 = 3000;
+    let d = Daemon::start();
+    drop(raw_register(&d, "backlog"));
+    let http = reqwest::Client::new();
+    for chunk in (0..SENT).collect::<Vec<_>>().chunks(500) {
+        let batch: Vec<Value> = chunk
+            .iter()
+            .map(|n| json!({"from": "flood", "to": "backlog", "body": {"n": n, "pad": "x".repeat(400)}}))
+            .collect();
+        let r = http
+            .post(format!("{}/v1/messages", d.http))
+            .json(&batch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let socket = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write_frame(&mut s, json!({"type": "register", "endpoint": "backlog"}));
+        assert_eq!(read_frame(&mut s)["type"], "registered");
+        for n in 0..READ {
+            assert_eq!(read_frame(&mut s)["body"]["n"], n);
+            if n % 100 == 0 {
+                // A reader slower than the daemon: its socket stays full.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // It hangs up with the rest unread.
+    })
+    .await
+    .unwrap();
+    // 512 messages a batch, about 470 bytes each: at least 3 batches of
+    // what it read are stored as read once the daemon saw the hang-up,
+    // and nothing it did not read.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut left = unread(&d, "backlog").await;
+    while left > SENT - 1536 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = unread(&d, "backlog").await;
+    }
+    assert!(
+        (SENT - READ..=SENT - 1536).contains(&left),
+        "{left} of {SENT} unread after {READ} were read"
+    );
+}

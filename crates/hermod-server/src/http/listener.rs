@@ -533,15 +533,8 @@ impl Flushes {
         if fd < 0 {
             return false;
         }
-        // Written first, then the queue: a write in between only makes
-        // the answer more cautious.
         let written = self.0.written.load(Ordering::Acquire);
-        match crate::peer::unread_bytes(fd) {
-            Some(unacked) if unacked >= 0 => {
-                written.saturating_sub(unacked as u64) >= end && !crate::peer::hung_up(fd)
-            }
-            _ => false,
-        }
+        crate::peer::consumed(fd, written).is_some_and(|c| c >= end)
     }
 }
 

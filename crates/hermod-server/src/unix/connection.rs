@@ -13,6 +13,7 @@
 //! frame written to a client that was already closing is delivered again on
 //! its next registration instead of being lost.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
@@ -120,6 +121,7 @@ pub(super) async fn handle(
         fd,
         broker,
         write_timeout: config.write_timeout,
+        sent: 0,
     };
     let done = writer_done.clone();
     let write_side = async move {
@@ -376,8 +378,9 @@ struct Delivery {
     mode: AckMode,
     newest: hermod_core::broker::Watch,
     /// Auto mode: the claims of what was written, not yet known to be
-    /// consumed (dropped with the connection, they are released).
-    written: Vec<Claim>,
+    /// consumed, each with the byte offset its batch ends before (dropped
+    /// with the connection, they are released).
+    written: VecDeque<(Claim, u64)>,
     /// The client asked for `gap` frames at `register`.
     gaps: bool,
     /// Claims of what the client consumed, not stored yet.
@@ -387,11 +390,41 @@ struct Delivery {
     storing: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// Moves the written claims whose batches the client has read to
+/// `unstored` (final): `sent` is the bytes written to `fd` so far.
+fn take_consumed(fd: std::os::fd::RawFd, sent: u64, d: &mut Delivery) {
+    if d.written.is_empty() {
+        return;
+    }
+    let consumed = peer::consumed(fd, sent).unwrap_or(0);
+    let n = d
+        .written
+        .iter()
+        .take_while(|(_, end)| *end <= consumed)
+        .count();
+    d.unstored
+        .extend(d.written.drain(..n).map(|(claim, _)| claim));
+}
+
+impl Drop for Delivery {
+    /// However the connection ends (the client hung up mid-write, say),
+    /// what it consumed stays consumed: stored after the store in flight.
+    /// (Dropped with a failed write, such claims were released, and a
+    /// client that had read them got them again.)
+    fn drop(&mut self) {
+        if !self.unstored.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            store_claims(std::mem::take(&mut self.unstored), self.storing.take());
+        }
+    }
+}
+
 struct Writer {
     sink: FramedWrite<OwnedWriteHalf, LengthDelimitedCodec>,
     fd: std::os::fd::RawFd,
     broker: Broker,
     write_timeout: Duration,
+    /// Bytes handed to the kernel so far, every frame counted.
+    sent: u64,
 }
 
 impl Writer {
@@ -446,7 +479,7 @@ impl Writer {
                     }
                     Some(Out::Deliver { key, cursor, mode, gaps }) => {
                         let newest = self.broker.watch(&key);
-                        delivery = Some(Delivery { key, position: cursor, mode, newest, written: Vec::new(), gaps, unstored: Vec::new(), storing: None });
+                        delivery = Some(Delivery { key, position: cursor, mode, newest, written: VecDeque::new(), gaps, unstored: Vec::new(), storing: None });
                         need_read = true;
                     }
                     Some(Out::Close) => return Ok(()),
@@ -467,11 +500,8 @@ impl Writer {
             if !reader_open {
                 // The connection is over: no more deliveries, only owed replies.
                 if let Some(mut d) = delivery.take() {
-                    self.confirm(&mut d).await;
-                    // Whatever is still unstored follows the store in flight.
-                    if !d.unstored.is_empty() {
-                        store_claims(std::mem::take(&mut d.unstored), d.storing.take());
-                    }
+                    take_consumed(self.fd, self.sent, &mut d);
+                    // Dropped: what is unstored follows the store in flight.
                 }
                 if pending.is_empty() {
                     return Ok(());
@@ -545,13 +575,29 @@ impl Writer {
                 .filter(|m| claim.as_ref().is_none_or(|c| c.owns(m.seq)))
                 .map(|m| wire::message_bytes(m)),
         );
+        if !frames.is_empty() {
+            // A write into a full socket waits for the client; meanwhile
+            // what it read of earlier batches is confirmed (counted up to
+            // the bytes in the kernel before this write: never more than
+            // it read), so a client that hangs up mid-write keeps it.
+            let (fd, before) = (self.fd, self.sent);
+            {
+                let write = self.write(frames);
+                tokio::pin!(write);
+                let mut tick = tokio::time::interval(CONFIRM_EVERY);
+                loop {
+                    tokio::select! {
+                        written = &mut write => break written?,
+                        _ = tick.tick() => take_consumed(fd, before, d),
+                    }
+                }
+            }
+            take_consumed(self.fd, self.sent, d);
+        }
         if let Some(claim) = claim {
-            d.written.push(claim);
+            // Consumed once the client has read up to here.
+            d.written.push_back((claim, self.sent));
         }
-        if frames.is_empty() {
-            return Ok(more);
-        }
-        self.write(frames).await?;
         if d.mode != AckMode::Auto {
             // Consumed once acknowledged (`read`); handed over now.
             self.broker.delivered(&d.key, "unix", &batch.messages).await;
@@ -559,14 +605,16 @@ impl Writer {
         Ok(more)
     }
 
-    /// Advances the cursor once the client consumed everything written:
-    /// the written claims are final at once, their store runs in the
-    /// background, one at a time (retried until it lands).
+    /// Advances the cursor over the batches the client has read: their
+    /// claims are final at once, their store runs in the background, one
+    /// at a time (retried until it lands). Batch by batch, by byte offset:
+    /// a client reading a long backlog never has everything read at once,
+    /// and one that hung up after reading thousands of messages, none of
+    /// them confirmed, got them all again (the history checker's NATS run).
     async fn confirm(&mut self, d: &mut Delivery) {
+        take_consumed(self.fd, self.sent, d);
         if !d.written.is_empty() {
-            if peer::consumed_by_live_peer(self.fd) {
-                d.unstored.append(&mut d.written);
-            } else if let Err(e) = self.broker.keep_lease(&d.key).await {
+            if let Err(e) = self.broker.keep_lease(&d.key).await {
                 tracing::debug!(error = %e, "renewing the inbox lease failed");
             }
         }
@@ -581,6 +629,8 @@ impl Writer {
 
     async fn write(&mut self, frames: Vec<Bytes>) -> io::Result<()> {
         let sink = &mut self.sink;
+        // Each frame goes out behind its 4-byte length.
+        let bytes: u64 = frames.iter().map(|f| f.len() as u64 + 4).sum();
         let write = async move {
             for f in frames {
                 sink.feed(f).await?;
@@ -589,7 +639,9 @@ impl Writer {
         };
         tokio::time::timeout(self.write_timeout, write)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))?
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client stopped reading"))??;
+        self.sent += bytes;
+        Ok(())
     }
 }
 
