@@ -404,6 +404,8 @@ impl Broker {
                 // stores this one too).
                 break;
             }
+            let covered: Vec<(Seq, Seq, String)> =
+                steps.iter().map(|s| (s.lo, s.hi, s.door.clone())).collect();
             let swap = self
                 .engine
                 .swap_cursor(key.clone(), expected, target, steps)
@@ -414,6 +416,18 @@ impl Broker {
                 let c = state.cursors.entry(key.clone()).or_default();
                 match swap {
                     Ok((Swap::Moved, mut steps)) => {
+                        // Who read what, known here before the claims go
+                        // (`observe` drops them) and before the steps are
+                        // found in the store: a `/subscribe` resumed right
+                        // now replays only what its own door read (it
+                        // replayed what a `/poll` had just been answered
+                        // with: the checker's NATS run, seed 878482111).
+                        for r in covered {
+                            if c.read_by.len() == READ_BY {
+                                c.read_by.pop_front();
+                            }
+                            c.read_by.push_back(r);
+                        }
                         c.observe(target);
                         if c.lease.is_some_and(|(upto, _)| upto <= target) {
                             // The engine let it go with the move.
@@ -697,19 +711,6 @@ impl Claim {
             }
         };
         let taken = self.taken.load(Ordering::Acquire);
-        {
-            let mut state = self.broker.shared.state.lock().unwrap();
-            if let Some(c) = state.cursors.get_mut(&self.key) {
-                for &(lo, hi) in &self.ranges {
-                    if hi > taken {
-                        if c.read_by.len() == READ_BY {
-                            c.read_by.pop_front();
-                        }
-                        c.read_by.push_back((lo.max(taken), hi, self.door.clone()));
-                    }
-                }
-            }
-        }
         if kept && taken > self.seen {
             // Another node's reader took part of it after this one handed
             // it out (this node's lease lapsed).

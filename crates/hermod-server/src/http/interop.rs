@@ -448,23 +448,19 @@ fn claimed_events(
                 .count();
             self.unacked.drain(..n).map(|(claim, _)| claim).collect()
         }
-    }
-    impl Drop for Follow {
-        /// However the stream ends (its peer left, a store failed while it
-        /// claimed the next batch), what the peer acknowledged is the
-        /// peer's: confirmed, not released with the rest. (A stream whose
-        /// next claim failed during a NATS outage released a batch its
-        /// client had read, and a `/poll` handed it out again.)
-        fn drop(&mut self) {
+
+        /// Before the stream ends on an error of its own (a claim or a
+        /// read the store failed, a NATS outage): what the peer
+        /// acknowledged is the peer's, confirmed rather than released with
+        /// the rest. (A stream whose next claim failed in an outage
+        /// released a batch its client had read, and a `/poll` handed it
+        /// out again.)
+        async fn end(mut self) -> Option<(Result<Event, Infallible>, Self)> {
             let acked = self.take_acked();
-            if let (false, Ok(runtime)) = (acked.is_empty(), tokio::runtime::Handle::try_current())
-            {
-                runtime.spawn(async move {
-                    if let Err(e) = Claim::confirm_all_handed_out(acked).await {
-                        tracing::warn!(error = %e, "storing the cursor over a stream's last batches failed");
-                    }
-                });
+            if let Err(e) = Claim::confirm_all_handed_out(acked).await {
+                tracing::warn!(error = %e, "storing the cursor over a stream's last batches failed");
             }
+            None
         }
     }
     let state = Follow {
@@ -498,17 +494,22 @@ fn claimed_events(
                     }
                 }
             }
-            let acked = s.take_acked();
-            if !acked.is_empty() {
-                if let Err(e) = Claim::confirm_all_handed_out(acked).await {
-                    tracing::error!(error = %e, "cursor update failed; ending the stream");
-                    return None;
+            if let Some(f) = &s.flushes {
+                while let Some((_, end)) = s.unacked.front() {
+                    if !f.acked(*end) {
+                        if f.gone() {
+                            // Its peer left with the batch unread: released
+                            // now, not at the next write.
+                            return None;
+                        }
+                        break;
+                    }
+                    let (mut claim, _) = s.unacked.pop_front().expect("just seen");
+                    if let Err(e) = claim.confirm_handed_out().await {
+                        tracing::error!(error = %e, "cursor update failed; ending the stream");
+                        return None;
+                    }
                 }
-            }
-            if s.unacked.front().is_some() && s.flushes.as_ref().is_some_and(|f| f.gone()) {
-                // Its peer left with the batch unread: released now, not at
-                // the next write.
-                return None;
             }
             if !s.unacked.is_empty() {
                 if let Err(e) = s.broker.keep_lease(&s.key).await {
@@ -536,7 +537,7 @@ fn claimed_events(
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "inbox read failed; ending the stream");
-                    return None;
+                    return s.end().await;
                 }
             };
             s.queue
@@ -553,7 +554,7 @@ fn claimed_events(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cursor read failed; ending the stream");
-                    return None;
+                    return s.end().await;
                 }
             };
             s.position = last;
@@ -568,7 +569,7 @@ fn claimed_events(
                         Ok(door) => door.is_none_or(|d| d == "sse"),
                         Err(e) => {
                             tracing::error!(error = %e, "step read failed; ending the stream");
-                            return None;
+                            return s.end().await;
                         }
                     }
                 } else {
