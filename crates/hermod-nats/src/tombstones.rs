@@ -8,7 +8,8 @@
 //! ([`Known::tombstones`]) and retention purges them once they are
 //! [`NatsConfig::tombstone_age`] old (an epoch also only once the log
 //! below it is gone, since it is what keeps a lagging node from taking
-//! those messages back into the inbox). A purge names the entry's revision,
+//! those messages back into the inbox; the inbox's reset cursor leaves the
+//! cursor bucket with it). A purge names the entry's revision,
 //! so a newer value of the same key (the agent came back) is never hit.
 //!
 //! A node that was away from NATS for longer than
@@ -28,7 +29,7 @@ use hermod_core::engine::{Change, PRUNE_BUDGET};
 use hermod_core::error::Result;
 use hermod_core::model::Seq;
 
-use super::{apply_entry, storage, Inner, STEP_CONCURRENCY};
+use super::{apply_entry, storage, Inner, StoredCursor, STEP_CONCURRENCY};
 
 /// One entry that says something ended.
 #[derive(Debug, Clone)]
@@ -113,6 +114,12 @@ impl Inner {
                             return Some(t);
                         }
                     }
+                    if let Some(inbox) = t.key.strip_prefix("e.") {
+                        if let Err(e) = self.purge_reset_cursor(inbox).await {
+                            tracing::warn!("NATS: purging a forgotten inbox's cursor: {e}");
+                            return Some(t);
+                        }
+                    }
                     None
                 }
             })
@@ -128,6 +135,27 @@ impl Inner {
         Err(storage("purging ended entries")(format!(
             "{n} left for the next prune"
         )))
+    }
+
+    /// A forgotten inbox's cursor leaves the cursor bucket with its epoch:
+    /// the forget reset it to `0`, and a cursor never stored reads as `0`
+    /// too. Only a value still at `0` goes, and the purge names its
+    /// revision, so a cursor the inbox stored since (its agent came back
+    /// and read) stays.
+    async fn purge_reset_cursor(&self, k: &str) -> Result<()> {
+        let Some((cursor, revision)) = self.stored_cursor(k).await? else {
+            return Ok(());
+        };
+        if cursor != StoredCursor::default() {
+            return Ok(());
+        }
+        self.cursors_stream
+            .purge()
+            .filter(format!("$KV.{}_cursors.{k}", self.name))
+            .sequence(revision + 1)
+            .await
+            .map_err(storage("purging a reset cursor"))?;
+        Ok(())
     }
 
     /// Reads the whole state bucket and drops what this node still knows

@@ -304,8 +304,8 @@ fn inbox(name: &str) -> hermod_core::model::InboxKey {
 }
 
 /// A forgotten agent's entries (its registry tombstone, its ended
-/// subscription, its epoch and pruned mark) leave the state bucket at the
-/// next prune, so a node's start does not replay every name ever
+/// subscription, its epoch and pruned mark, and its cursor reset to `0`)
+/// leave the state and cursor buckets at the next prune, so a node's start does not replay every name ever
 /// forgotten; an agent that came back after its tombstone keeps its entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_entries_leave_the_state_bucket() {
@@ -328,7 +328,15 @@ async fn ended_entries_leave_the_state_bucket() {
     e.remember_agent(back.clone(), 1.0, true).await.unwrap();
     assert!(e.forget_agent(back.clone()).await.unwrap());
     e.remember_agent(back.clone(), 2.0, true).await.unwrap();
+    // Back, it reads: its cursor moves on from the forget's `0`.
+    let (swap, _) = e.swap_cursor(back.clone(), 0, 1, vec![]).await.unwrap();
+    assert_eq!(swap, hermod_core::engine::Swap::Moved);
     let before = stream_messages(&cluster, "KV_ENDED_state").await;
+    let cursors_before = stream_messages(&cluster, "KV_ENDED_cursors").await;
+    assert_eq!(
+        cursors_before, 22,
+        "20 forgotten cursors reset to 0, back's and this node's barrier"
+    );
     assert!(
         before >= 61,
         "20 × (agent, subscription, epoch) + back: {before}"
@@ -339,6 +347,10 @@ async fn ended_entries_leave_the_state_bucket() {
     let after = stream_messages(&cluster, "KV_ENDED_state").await;
     // `back`'s registry entry is all that is left (its epoch went too).
     assert_eq!(after, 1, "state entries after the prune (before: {before})");
+    // The reset cursors went with their epochs; back's moved one stays.
+    let cursors = stream_messages(&cluster, "KV_ENDED_cursors").await;
+    assert_eq!(cursors, 2, "cursor entries after the prune");
+    assert_eq!(e.cursor(&back).await.unwrap(), 1);
     e.close().await;
     let e = open_quick(cluster.urls(), "ENDED").await;
     conformance::follow(&e);
