@@ -297,7 +297,7 @@ impl Broker {
             c.observe(stored);
         }
         let mut ranges = Vec::new();
-        let pending = c.claims.values().any(|r| !r.confirmed);
+        let pending = c.claims.values().any(|r| r.confirmed.is_none());
         let seq = if storable && pending { 0 } else { seq };
         let mut pos = after.max(c.stored);
         for (&lo, r) in c.claims.range(..seq) {
@@ -317,7 +317,7 @@ impl Broker {
         for &(lo, hi) in &ranges {
             let range = Range {
                 hi,
-                confirmed: false,
+                confirmed: None,
                 door: door_of.clone(),
                 taken: taken.clone(),
             };
@@ -785,8 +785,11 @@ const READ_BY: usize = 64;
 
 struct Range {
     hi: Seq,
-    /// Final: its claimer confirmed it; the cursor may be stored over it.
-    confirmed: bool,
+    /// Final once its claimer confirmed it (the cursor may be stored over
+    /// it): when, as its `read` step's time. The store of a move may land
+    /// much later (a full disk, a locked database, NATS away), and the
+    /// step says when the reader had the messages, not when that landed.
+    confirmed: Option<f64>,
     /// Its claimer's door: the `read` step stored with the cursor.
     door: Arc<str>,
     /// Its claim's `taken` (and identity).
@@ -808,7 +811,7 @@ impl Cursor {
     /// and `through` (what a move there covers), less what another node
     /// took of them.
     fn read_steps(&self, key: &InboxKey, through: Seq) -> Vec<Step> {
-        let ts = model::now();
+        let now = model::now();
         self.claims
             .range(self.stored..through)
             .filter_map(|(&lo, r)| {
@@ -818,7 +821,7 @@ impl Cursor {
                     lo: lo.max(taken),
                     hi: r.hi,
                     state: model::State::Read,
-                    ts,
+                    ts: r.confirmed.unwrap_or(now),
                     door: r.door.to_string(),
                     note: None,
                 })
@@ -829,7 +832,7 @@ impl Cursor {
     /// How far the confirmed claims let the stored cursor move.
     fn confirmed_through(&self) -> Seq {
         let mut pos = self.stored;
-        while let Some(r) = self.claims.get(&pos).filter(|r| r.confirmed) {
+        while let Some(r) = self.claims.get(&pos).filter(|r| r.confirmed.is_some()) {
             pos = r.hi;
         }
         pos
@@ -900,7 +903,7 @@ impl Cursor {
         for &(lo, hi) in ranges {
             for (_, r) in self.claims.range_mut(lo..hi) {
                 if Arc::ptr_eq(&r.taken, taken) {
-                    r.confirmed = true;
+                    r.confirmed.get_or_insert_with(model::now);
                 }
             }
         }

@@ -957,6 +957,35 @@ mod tests {
         assert_eq!(b.cursor(&key).await.unwrap(), 10, "the next reader gets it");
     }
 
+    // Issue 21 (the history checker's 30-minute SQLite run, seed 120727): a
+    // stream's batch was confirmed as its peer acknowledged it, the disk
+    // was full, and the cursor's store landed 2 s later: its `read` step
+    // carried that time, long after the stream had ended. A step says when
+    // its reader had the messages.
+    #[tokio::test]
+    async fn a_read_step_says_when_it_was_read_not_when_its_store_landed() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (b, engine) = faulty().await;
+        let key = InboxKey::new(Channel::default(), name("q"));
+        fill(&b, 10).await;
+        let mut stream = b.claim(&key, 0, 10, "sse").await.unwrap();
+        engine.fail.store(true, SeqCst);
+        let read_at = crate::model::now();
+        let storing = tokio::spawn(async move { stream.confirm_handed_out().await });
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        engine.fail.store(false, SeqCst);
+        storing.await.unwrap().unwrap();
+        let landed = crate::model::now();
+        assert_eq!(b.engine.cursor(&key).await.unwrap(), 10);
+        let steps = b.engine.steps(&key, 5).await.unwrap();
+        let read = steps.iter().find(|s| s.door == "sse").expect("a read step");
+        assert!(
+            read.ts - read_at < 0.2 && landed - read.ts > 0.6,
+            "read at {read_at}, step at {}, stored at {landed}",
+            read.ts
+        );
+    }
+
     // Issue 21: a `/poll` whose confirm failed (storage_busy) while a
     // `/subscribe` of the same inbox claimed beyond it left a hole the
     // stream's confirm then stored the cursor over: lost.
