@@ -693,6 +693,9 @@ pub async fn sse_reader(ctx: Arc<Ctx>, agent: u8, door: Door, mut rng: Rng) {
                 Ok(Err(_)) => break "error",
             }
         };
+        // Closed as its end is recorded: open, the socket would still take
+        // (and acknowledge) what the daemon writes during the pause below.
+        drop(sse);
         ctx.hist.push(Kind::Close { sess, why });
         pause(rng.below(30)).await;
     }
