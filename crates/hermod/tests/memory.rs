@@ -18,6 +18,17 @@ fn rss(d: &Daemon) -> u64 {
     kb * 1024
 }
 
+/// The daemon's threads.
+fn threads(d: &Daemon) -> u64 {
+    let pid = d.pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_inboxes_of_large_messages_stay_within_the_memory_budget() {
     const BUDGET: u64 = 32 << 20;
@@ -173,6 +184,15 @@ async fn streams_opened_and_closed_give_their_memory_back() {
         }
         assert_eq!(sse_connections(&http, &d).await, STREAMS as u64);
         let open = rss(&d);
+        // Each opening stream reads its cursor: the reads took their turns
+        // as tasks, not one blocking thread (and SQLite connection) each —
+        // 128 opening at a time grew the daemon to 140 threads. Idle
+        // blocking threads linger 10 s, so this sees what the burst made.
+        let during = threads(&d);
+        assert!(
+            during <= 32,
+            "{during} threads after {STREAMS} streams opened"
+        );
         if cycle == 1 {
             // `hermod status` shows them, and the cache against its budget.
             let status = d.cli(&["status"]);
@@ -194,7 +214,7 @@ async fn streams_opened_and_closed_give_their_memory_back() {
         let reference = idle.unwrap_or(cold);
         let after = settled_rss(&d, reference + reference / 5).await;
         println!(
-            "cycle {cycle}: rss cold {} KiB, {STREAMS} streams open {} KiB, closed {} KiB",
+            "cycle {cycle}: rss cold {} KiB, {STREAMS} streams open {} KiB ({during} threads), closed {} KiB",
             cold >> 10,
             open >> 10,
             after >> 10
