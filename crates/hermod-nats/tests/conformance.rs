@@ -305,8 +305,9 @@ fn inbox(name: &str) -> hermod_core::model::InboxKey {
 
 /// A forgotten agent's entries (its registry tombstone, its ended
 /// subscription, its epoch and pruned mark, and its cursor reset to `0`)
-/// leave the state and cursor buckets at the next prune, so a node's start does not replay every name ever
-/// forgotten; an agent that came back after its tombstone keeps its entry.
+/// leave the state and cursor buckets at the next prune, so a node's start
+/// does not replay every name ever forgotten; an agent that came back
+/// after its tombstone keeps its entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_entries_leave_the_state_bucket() {
     use hermod_core::engine::Retention;
