@@ -6,27 +6,26 @@ use serde_json::{json, Value};
 
 use crate::support::Daemon;
 
-/// The daemon's resident memory, in bytes.
-fn rss(d: &Daemon) -> u64 {
-    let pid = d.pid().unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
-/// The daemon's threads.
-fn threads(d: &Daemon) -> u64 {
+/// One number from the daemon's `/proc/<pid>/status` (`VmRSS:` in kB,
+/// `Threads:`).
+fn status(d: &Daemon, field: &str) -> u64 {
     let pid = d.pid().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// The daemon's resident memory, in bytes.
+fn rss(d: &Daemon) -> u64 {
+    status(d, "VmRSS:") * 1024
+}
+
+/// The daemon's threads.
+fn threads(d: &Daemon) -> u64 {
+    status(d, "Threads:")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
