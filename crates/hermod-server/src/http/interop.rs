@@ -435,18 +435,15 @@ fn claimed_events(
         _session: Session,
     }
     impl Follow {
-        /// The written claims whose bytes the peer's TCP stack has
-        /// acknowledged, oldest first.
-        fn take_acked(&mut self) -> Vec<Claim> {
-            let Some(f) = &self.flushes else {
-                return Vec::new();
-            };
-            let n = self
-                .unacked
-                .iter()
-                .take_while(|(_, end)| f.acked(*end))
-                .count();
-            self.unacked.drain(..n).map(|(claim, _)| claim).collect()
+        /// The oldest written claim, if the peer's TCP stack has
+        /// acknowledged its bytes.
+        fn pop_acked(&mut self) -> Option<Claim> {
+            let f = self.flushes.as_ref()?;
+            let (_, end) = self.unacked.front()?;
+            if !f.acked(*end) {
+                return None;
+            }
+            self.unacked.pop_front().map(|(claim, _)| claim)
         }
 
         /// Before the stream ends on an error of its own (a claim or a
@@ -456,7 +453,7 @@ fn claimed_events(
         /// released a batch its client had read, and a `/poll` handed it
         /// out again.)
         async fn end(mut self) -> Option<(Result<Event, Infallible>, Self)> {
-            let acked = self.take_acked();
+            let acked = std::iter::from_fn(|| self.pop_acked()).collect();
             if let Err(e) = Claim::confirm_all_handed_out(acked).await {
                 tracing::warn!(error = %e, "storing the cursor over a stream's last batches failed");
             }
@@ -494,22 +491,18 @@ fn claimed_events(
                     }
                 }
             }
-            if let Some(f) = &s.flushes {
-                while let Some((_, end)) = s.unacked.front() {
-                    if !f.acked(*end) {
-                        if f.gone() {
-                            // Its peer left with the batch unread: released
-                            // now, not at the next write.
-                            return None;
-                        }
-                        break;
-                    }
-                    let (mut claim, _) = s.unacked.pop_front().expect("just seen");
-                    if let Err(e) = claim.confirm_handed_out().await {
-                        tracing::error!(error = %e, "cursor update failed; ending the stream");
-                        return None;
-                    }
+            // One batch, one store, in order (grouped, they changed the
+            // shared-cursor race `sse_resume.py` relies on).
+            while let Some(mut claim) = s.pop_acked() {
+                if let Err(e) = claim.confirm_handed_out().await {
+                    tracing::error!(error = %e, "cursor update failed; ending the stream");
+                    return None;
                 }
+            }
+            if !s.unacked.is_empty() && s.flushes.as_ref().is_some_and(|f| f.gone()) {
+                // Its peer left with the batch unread: released now, not at
+                // the next write.
+                return None;
             }
             if !s.unacked.is_empty() {
                 if let Err(e) = s.broker.keep_lease(&s.key).await {
