@@ -56,6 +56,19 @@ pub fn message_subject(
     }
 }
 
+/// The subject a part of a broadcast's recipient list is published on
+/// (see [`hermod_core::engine::log_index::LogIndex::append_part`]).
+pub fn part_subject(prefix: &str, channel: &Channel) -> String {
+    format!("{prefix}.r.{}", token(channel.as_str()))
+}
+
+/// Whether a log entry's subject is a recipient-list part's.
+pub fn is_part_subject(prefix: &str, subject: &str) -> bool {
+    subject
+        .strip_prefix(prefix)
+        .is_some_and(|rest| rest.starts_with(".r."))
+}
+
 /// A NATS subject filter for a hermod topic pattern on `channel`, and
 /// whether hermod must still filter what it matches. `*` maps to `*` and
 /// a trailing `**` to `>`; a `**` anywhere else (which NATS cannot

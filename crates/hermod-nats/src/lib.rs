@@ -5,7 +5,11 @@
 //! - **One stream holds the log** (`HERMOD` unless named otherwise), on
 //!   subjects `{prefix}.d.{channel}.{to}` (direct), `{prefix}.b.{channel}`
 //!   (broadcast) and `{prefix}.t.{channel}.{topic…}` (topic events); the
-//!   stream sequence is hermod's seq. Every publish carries a
+//!   stream sequence is hermod's seq. A broadcast's recipient list
+//!   travels in its entry, except one too long for the servers'
+//!   `max_payload`: its parts go first, on `{prefix}.r.{channel}`, and
+//!   the message names their seqs (each a seq no view holds, kept as long
+//!   as its message). Every publish carries a
 //!   `Nats-Msg-Id` derived from the message's id, sender, channel, target
 //!   and body ([`msg_id`]), so a client that resends the same message
 //!   with the same id after an unknown outcome (`storage_busy`: a lost
@@ -158,8 +162,26 @@ struct Stored<B> {
     meta: Option<Box<Meta>>,
     /// The body exactly as the sender wrote it.
     body: B,
+    /// Its recipients (after those of `parts`).
+    #[serde(default)]
     recipients: Vec<AgentName>,
+    /// The seqs of its recipient list's parts, logged before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    parts: Vec<Seq>,
     #[serde(default, skip_serializing_if = "is_free")]
+    guard: Guarded,
+}
+
+/// A part of a recipient list too long for its message's entry.
+#[derive(Serialize, Deserialize)]
+struct Part {
+    recipients: Vec<AgentName>,
+}
+
+/// What one of hermod's messages adds to the index besides itself.
+struct Routing {
+    recipients: Vec<AgentName>,
+    parts: Vec<Seq>,
     guard: Guarded,
 }
 
@@ -209,7 +231,7 @@ fn unknown_outcome(e: Error) -> Error {
     }
 }
 
-fn encode(m: &NewMessage) -> Bytes {
+fn encode(m: &NewMessage, recipients: &[AgentName], parts: &[Seq]) -> Bytes {
     let stored = Stored {
         id: m.id.clone(),
         channel: m.channel.clone(),
@@ -220,7 +242,8 @@ fn encode(m: &NewMessage) -> Bytes {
         auth: m.auth,
         meta: m.meta.clone(),
         body: &m.body,
-        recipients: m.recipients.clone(),
+        recipients: recipients.to_vec(),
+        parts: parts.to_vec(),
         guard: m.guard,
     };
     serde_json::to_vec(&stored)
@@ -228,7 +251,7 @@ fn encode(m: &NewMessage) -> Bytes {
         .into()
 }
 
-fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>, Guarded)> {
+fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Routing)> {
     let s: Stored<Box<RawValue>> = match serde_json::from_slice(payload) {
         Ok(s) => s,
         Err(e) => {
@@ -250,7 +273,57 @@ fn decode(seq: Seq, ts: f64, payload: &[u8]) -> Option<(Message, Vec<AgentName>,
         meta: s.meta,
         body,
     };
-    Some((message, s.recipients, s.guard))
+    let routing = Routing {
+        recipients: s.recipients,
+        parts: s.parts,
+        guard: s.guard,
+    };
+    Some((message, routing))
+}
+
+/// What a publish adds to its payload against `max_payload`: the
+/// subject and the `Nats-Msg-Id` header.
+const HEADROOM: usize = 1024;
+
+/// Whether a payload fits in one entry under `max_payload`.
+fn fits(payload: usize, max: usize) -> bool {
+    payload + HEADROOM <= max
+}
+
+/// The log entries of a message whose entry would exceed `max` bytes
+/// with its recipient list in it: the list in parts that each fit. Too
+/// large without the list (or with nothing to split): `too_large`.
+fn split(m: &NewMessage, max: usize) -> Result<Vec<Bytes>> {
+    // Room for the part seqs the message will name (20 digits each).
+    let bare = encode(m, &[], &[]).len();
+    let mut parts = Vec::new();
+    let (mut part, mut size) = (Vec::new(), 0);
+    // `{"recipients":[...]}`: names need no escaping (see AgentName).
+    let room = max.saturating_sub(HEADROOM + 32);
+    for r in &m.recipients {
+        let cost = r.as_str().len() + 3;
+        if size + cost > room && !part.is_empty() {
+            parts.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        part.push(r.clone());
+        size += cost;
+    }
+    parts.push(part);
+    if m.recipients.is_empty() || !fits(bare + parts.len() * 21, max) {
+        return Err(Error::TooLarge {
+            size: encode(m, &m.recipients, &[]).len(),
+            limit: max,
+        });
+    }
+    Ok(parts
+        .into_iter()
+        .map(|recipients| {
+            serde_json::to_vec(&Part { recipients })
+                .expect("names always serialize")
+                .into()
+        })
+        .collect())
 }
 
 /// An identity as stored in the state bucket (with its token's hash,
@@ -787,9 +860,10 @@ impl Inner {
                 seq = meta.stream_sequence;
                 apply_log(
                     &mut self.index.lock().unwrap(),
+                    &self.prefix,
+                    &message,
                     seq,
                     unix!(meta.published),
-                    &message.payload,
                 );
                 if pending == 0 || seq >= last {
                     break;
@@ -932,7 +1006,8 @@ impl Inner {
                     continue;
                 }
                 *seq = meta.stream_sequence;
-                if let Some(c) = apply_log(&mut index, *seq, unix!(meta.published), &m.payload) {
+                let stamped = unix!(meta.published);
+                if let Some(c) = apply_log(&mut index, &self.prefix, &m, *seq, stamped) {
                     messages.push(c);
                 }
             }
@@ -1073,6 +1148,20 @@ impl Inner {
         }
     }
 
+    /// Raises a view's pruned mark to `seq` (never lowers it); the
+    /// revision to wait for.
+    async fn raise_floor(&self, key: String, seq: Seq) -> Result<u64> {
+        let written = self
+            .swap_state(&key, |stored| {
+                let stored = stored
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok())
+                    .unwrap_or(0);
+                (stored < seq).then(|| seq_bytes(seq))
+            })
+            .await?;
+        Ok(written.revision())
+    }
+
     /// Deletes messages from the stream; how many were still there.
     ///
     /// Without `no_erase` the server overwrites each message on disk
@@ -1148,6 +1237,40 @@ impl Inner {
             .map(|_| ())
     }
 
+    /// Publishes the parts of a message's recipient list and waits until
+    /// they are stored: their seqs, in order, for the message to name.
+    /// Each part's `Nats-Msg-Id` follows from the message's, so a resent
+    /// message finds its parts stored once too.
+    async fn publish_parts(&self, m: &NewMessage, id: &str, parts: Vec<Bytes>) -> Result<Vec<Seq>> {
+        let started = Instant::now();
+        let subject = keys::part_subject(&self.prefix, &m.channel);
+        let failed = storage("publishing a recipient list");
+        let mut acks = Vec::with_capacity(parts.len());
+        for (i, payload) in parts.into_iter().enumerate() {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload)
+                .message_id(format!("{id}.r{i}"));
+            acks.push(
+                self.js
+                    .send_publish(subject.clone(), publish)
+                    .await
+                    .map_err(&failed)?,
+            );
+        }
+        let mut seqs = Vec::with_capacity(acks.len());
+        for ack in acks {
+            seqs.push(ack.await.map_err(&failed)?.sequence);
+        }
+        // Every node drops a part whose message has not come after
+        // PART_WAIT: a message published later would lose recipients.
+        if started.elapsed() > log_index::PART_PATIENCE {
+            return Err(Error::StorageBusy(
+                "NATS: storing a long recipient list took too long; send the message again".into(),
+            ));
+        }
+        Ok(seqs)
+    }
+
     /// Fetches logged messages the cache no longer holds.
     async fn fetch(&self, seqs: Vec<Seq>) -> Result<Vec<Option<Arc<Message>>>> {
         futures::stream::iter(seqs)
@@ -1173,7 +1296,7 @@ impl Inner {
                     .unwrap()
                     .ts_of(seq)
                     .unwrap_or(unix!(m.time));
-                Ok(decode(seq, ts, &m.payload).map(|(m, ..)| Arc::new(m)))
+                Ok(decode(seq, ts, &m.payload).map(|(m, _)| Arc::new(m)))
             })
             .buffered(FETCH_CONCURRENCY)
             .try_collect()
@@ -1408,15 +1531,31 @@ fn unix_millis() -> u64 {
 }
 
 /// Applies one log entry to the index; what the feed reports of it, if it
-/// is hermod's.
-fn apply_log(index: &mut LogIndex, seq: Seq, stamped: f64, payload: &[u8]) -> Option<Committed> {
+/// is one of hermod's messages.
+fn apply_log(
+    index: &mut LogIndex,
+    prefix: &str,
+    entry: &async_nats::Message,
+    seq: Seq,
+    stamped: f64,
+) -> Option<Committed> {
+    let payload = &entry.payload[..];
+    if keys::is_part_subject(prefix, &entry.subject) {
+        match serde_json::from_slice::<Part>(payload) {
+            Ok(part) => index.append_part(seq, stamped, part.recipients),
+            Err(_) => index.skip(seq),
+        }
+        return None;
+    }
     let ts = index.next_ts(stamped);
-    let Some((message, recipients, guard)) = decode(seq, ts, payload) else {
+    let Some((message, routing)) = decode(seq, ts, payload) else {
         index.skip(seq);
         return None;
     };
     let message = Arc::new(message);
-    let recipients = index.append(message.clone(), recipients, guard);
+    let guard = routing.guard;
+    let recipients =
+        index.append_with_parts(message.clone(), routing.recipients, guard, &routing.parts);
     Some(Committed {
         message,
         recipients,
@@ -1589,19 +1728,33 @@ impl Engine for NatsEngine {
         // the acknowledgements are awaited in the background.
         let mut acks = Vec::with_capacity(batch.len());
         // Nothing of a batch goes out unless all of it fits: a refusal
-        // halfway would leave part of it stored behind an error.
+        // halfway would leave part of it stored behind an error. A
+        // recipient list too long for the message's entry goes in parts
+        // (`Err`) published just before it.
         let max = inner.max_payload;
-        let payloads: Vec<Bytes> = batch.iter().map(encode).collect();
-        if let Some(p) = payloads.iter().find(|p| p.len() > max) {
-            return Err(Error::TooLarge {
-                size: p.len(),
-                limit: max,
-            });
-        }
-        for (m, payload) in batch.iter().zip(payloads) {
+        let planned = batch
+            .iter()
+            .map(|m| {
+                let whole = encode(m, &m.recipients, &[]);
+                if fits(whole.len(), max) {
+                    Ok(Ok(whole))
+                } else {
+                    split(m, max).map(Err)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (m, plan) in batch.iter().zip(planned) {
+            let id = msg_id(m);
+            let payload = match plan {
+                Ok(whole) => whole,
+                Err(parts) => match inner.publish_parts(m, &id, parts).await {
+                    Ok(seqs) => encode(m, &[], &seqs),
+                    Err(e) if acks.is_empty() => return Err(e),
+                    Err(e) => return Err(unknown_outcome(e)),
+                },
+            };
             let subject =
                 keys::message_subject(&inner.prefix, &m.channel, m.to.as_ref(), m.topic.as_deref());
-            let id = msg_id(m);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(payload)
                 .message_id(id);
@@ -1739,19 +1892,19 @@ impl Engine for NatsEngine {
         *inner.pending_prune.lock().unwrap() = Some(step.clone());
         // Marks first, then the messages: a reader that finds a message
         // gone can count on its mark being on the way.
-        let mut newest = 0;
-        for (view, seq) in &step.floors {
-            let key = keys::floor_key(view);
-            let written = inner
-                .swap_state(&key, |stored| {
-                    let stored = stored
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<Seq>().ok())
-                        .unwrap_or(0);
-                    (stored < *seq).then(|| seq_bytes(*seq))
-                })
-                .await?;
-            newest = newest.max(written.revision());
-        }
+        // Marks of different views are independent entries, so they are
+        // written side by side: a broadcast's removal moves one per
+        // recipient (60,000 one after another took 165 s on one server).
+        let marks: Vec<(String, Seq)> = step
+            .floors
+            .iter()
+            .map(|(view, seq)| (keys::floor_key(view), *seq))
+            .collect();
+        let newest = futures::stream::iter(marks)
+            .map(|(key, seq)| inner.raise_floor(key, seq))
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .try_fold(0, |newest, r| async move { Ok(newest.max(r)) })
+            .await?;
         // Whatever is below the oldest message the index still holds goes
         // in one purge (retention mostly removes the oldest); the rest one
         // by one.

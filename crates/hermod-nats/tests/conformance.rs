@@ -456,3 +456,90 @@ async fn a_message_the_log_lost_without_a_mark_is_not_a_gap() {
     let page = e.read(&view, seqs[1], 10).await.unwrap();
     assert_eq!((page.messages.len(), page.pruned), (1, 0));
 }
+
+/// A broadcast to more names than one stream entry holds (3,000 names,
+/// 78 KB, against a server's `max_payload` of 64 KiB; 50,000 names pass
+/// the default 1 MiB the same way) is stored: its
+/// recipient list goes in parts logged before it, which this node, a
+/// node that starts later and `find` put together again, which retention
+/// keeps while the message stays and removes with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_to_more_names_than_one_entry_holds_is_stored_in_parts() {
+    use hermod_core::engine::{Retention, View};
+    use hermod_core::model::AgentName;
+    let cluster = Cluster::start_with(1, "max_payload: 65536");
+    let open = opener(&cluster, "CROWD", 1);
+    let e = open();
+    conformance::follow(&e);
+    let names: Vec<AgentName> = (0..3_000)
+        .map(|n| AgentName::parse(format!("recipient-number-{n:06}")).unwrap())
+        .collect();
+    let mut crowd = conformance::message("bob", 2, None);
+    crowd.to = None;
+    crowd.recipients = names.clone();
+    let batch = vec![
+        conformance::message("bob", 1, None),
+        crowd,
+        conformance::message("bob", 3, None),
+    ];
+    let stored = e.submit(batch).await.unwrap().await.unwrap().unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        [1, 4, 5],
+        "two parts (seqs 2 and 3) before the broadcast"
+    );
+    let messages = || stream_messages(&cluster, "CROWD");
+    assert_eq!(messages().await, 5);
+
+    let holds = |e: Arc<dyn Engine>, name: &'static str| async move {
+        let page = e.read(&View::Inbox(inbox(name)), 0, 10).await.unwrap();
+        page.messages.iter().map(|m| m.seq).collect::<Vec<_>>()
+    };
+    for name in ["recipient-number-000000", "recipient-number-002999"] {
+        assert_eq!(
+            holds(e.clone(), name).await,
+            [4],
+            "{name} has the broadcast"
+        );
+    }
+    let found = e.find("id-2", 10).await.unwrap();
+    assert_eq!(found[0].recipients, names, "the whole list, in order");
+
+    // Bob keeps his newest message; the broadcast and its parts stay.
+    let keep_one = Retention {
+        inbox_messages: Some(1),
+        ..Default::default()
+    };
+    while e
+        .prune(&keep_one, hermod_core::model::now())
+        .await
+        .unwrap()
+        .more
+    {}
+    assert_eq!(
+        messages().await,
+        4,
+        "bob's first message went, the parts stayed"
+    );
+
+    // A node that starts now replays the parts with their message.
+    let late = open();
+    conformance::follow(&late);
+    assert_eq!(holds(late.clone(), "recipient-number-001415").await, [4]);
+    assert_eq!(
+        late.find("id-2", 10).await.unwrap()[0].recipients.len(),
+        3_000
+    );
+    late.close().await;
+
+    // When the broadcast goes, its parts go with it.
+    let everything = Retention {
+        age: Some(0.0),
+        ..Default::default()
+    };
+    let later = hermod_core::model::now() + 10.0;
+    while e.prune(&everything, later).await.unwrap().more {}
+    assert_eq!(messages().await, 0, "nothing is left in the stream");
+    e.close().await;
+}

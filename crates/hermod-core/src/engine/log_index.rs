@@ -55,9 +55,23 @@ struct Meta {
     topic: bool,
     bytes: u64,
     recipients: Box<[AgentName]>,
+    /// The seqs of its recipient list's parts (see [`LogIndex::append_part`]).
+    parts: Box<[Seq]>,
     /// Inboxes that still hold it.
     refs: usize,
 }
+
+/// How long a recipient-list part waits for its message (by the log's
+/// own stamps, so every node decides the same): its writer publishes the
+/// message as soon as the parts are acknowledged, and gives up well
+/// within this ([`PART_PATIENCE`]), so an older part's message is never
+/// coming.
+pub const PART_WAIT: f64 = 600.0;
+
+/// How long a writer may take from its first part's acknowledgement to
+/// the publish of its message; past it the send fails (`storage_busy`)
+/// and the parts are left to [`PART_WAIT`].
+pub const PART_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An agent's registry entry (the NATS engine stores it as JSON).
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -81,6 +95,10 @@ pub struct LogIndex {
     topics: HashMap<Channel, VecDeque<Seq>>,
     all_topics: VecDeque<Seq>,
     floors: HashMap<View, Seq>,
+    /// Recipient-list parts waiting for their message: (stamp, names).
+    parts: BTreeMap<Seq, (f64, Vec<AgentName>)>,
+    /// Parts of the messages `log` holds: kept with them.
+    held_parts: BTreeSet<Seq>,
     /// Applied seqs no view holds (a broadcast to nobody, an entry hermod
     /// cannot read): the next prune removes them.
     unheld: VecDeque<Seq>,
@@ -248,10 +266,52 @@ impl LogIndex {
     pub fn append(
         &mut self,
         message: Arc<Message>,
-        mut recipients: Vec<AgentName>,
+        recipients: Vec<AgentName>,
         guard: Guarded,
     ) -> Vec<AgentName> {
+        self.append_with_parts(message, recipients, guard, &[])
+    }
+
+    /// Applies one part of a recipient list too long for one log entry
+    /// (a broadcast to tens of thousands on a log whose entries have a
+    /// size limit): its message follows it in the log and names it. A part
+    /// is only a seq to the views; it stays in the log as long as its
+    /// message does ([`PruneStep::kept_from`]) so a replay finds it again.
+    pub fn append_part(&mut self, seq: Seq, stamped: f64, names: Vec<AgentName>) {
+        self.last.0 = seq;
+        self.parts.insert(seq, (stamped, names));
+        // A part whose message is not coming (its writer died between
+        // them) is an unheld seq like any other.
+        while let Some(entry) = self.parts.first_entry() {
+            if entry.get().0 >= stamped - PART_WAIT {
+                break;
+            }
+            self.unheld.push_back(entry.remove_entry().0);
+        }
+    }
+
+    /// Applies a message whose recipients are `parts` (logged before it,
+    /// in order) followed by `recipients`. A part this index does not
+    /// have (dropped after [`PART_WAIT`]) is missing from the list.
+    pub fn append_with_parts(
+        &mut self,
+        message: Arc<Message>,
+        mut recipients: Vec<AgentName>,
+        guard: Guarded,
+        parts: &[Seq],
+    ) -> Vec<AgentName> {
         let seq = message.seq;
+        if !parts.is_empty() {
+            let mut names = Vec::new();
+            for p in parts {
+                match self.parts.remove(p) {
+                    Some((_, part)) => names.extend(part),
+                    None => tracing::warn!(seq, part = p, "a recipient-list part is missing"),
+                }
+            }
+            names.append(&mut recipients);
+            recipients = names;
+        }
         self.last = (seq, message.ts);
         self.times.push_back((seq, message.ts));
         // Every message passes through the cache, so the node that sent
@@ -299,8 +359,10 @@ impl LogIndex {
         } else if refs == 0 {
             // Nobody holds it: it is only a seq, and goes from the stream.
             self.unheld.push_back(seq);
+            self.unheld.extend(parts);
             return recipients;
         }
+        self.held_parts.extend(parts);
         let bytes = message.body.as_str().len() as u64;
         self.bytes += bytes;
         let thread = message.meta().thread.clone();
@@ -318,6 +380,7 @@ impl LogIndex {
                 topic,
                 bytes,
                 recipients: recipients.clone().into(),
+                parts: parts.into(),
                 refs,
             },
         );
@@ -430,6 +493,10 @@ impl LogIndex {
             return false;
         };
         self.bytes -= m.bytes;
+        for p in &m.parts {
+            self.held_parts.remove(p);
+            self.unheld.push_back(*p);
+        }
         unindex(&mut self.ids, &m.id, seq);
         if let Some(t) = &m.thread {
             unindex(&mut self.threads, t, seq);
@@ -629,10 +696,17 @@ impl LogIndex {
             .filter(|(v, s)| before.get(*v) != Some(*s))
             .map(|(v, s)| (v.clone(), *s))
             .collect();
-        step.kept_from = self
-            .log
-            .first_key_value()
-            .map_or(self.last.0 + 1, |(&f, _)| f);
+        // Parts stay while their message (or, waiting, their writer) may
+        // need them.
+        step.kept_from = [
+            self.log.first_key_value().map(|(&f, _)| f),
+            self.held_parts.first().copied(),
+            self.parts.first_key_value().map(|(&f, _)| f),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.last.0 + 1);
         // An epoch keeps entries at or below it out of its inbox; this
         // index has applied the log past it, so none can come any more.
         self.epochs.retain(|_, &mut e| e >= step.kept_from);
@@ -649,5 +723,28 @@ impl LogIndex {
 fn pop_through(q: &mut VecDeque<Seq>, seq: Seq) {
     while q.front().is_some_and(|&s| s <= seq) {
         q.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<AgentName> {
+        n.iter().map(|s| AgentName::parse(*s).unwrap()).collect()
+    }
+
+    /// A part whose message never came (its writer died between them)
+    /// stops holding the log back once [`PART_WAIT`] has passed, and the
+    /// next prune removes it; a part still waiting is kept.
+    #[test]
+    fn a_part_whose_message_never_came_is_dropped_after_its_wait() {
+        let mut index = LogIndex::with_cache(1 << 20);
+        index.append_part(1, 100.0, names(&["a", "b"]));
+        let step = index.prune(&Retention::default(), 100.0, 1);
+        assert_eq!((step.kept_from, step.delete), (1, vec![]));
+        index.append_part(2, 100.0 + PART_WAIT + 1.0, names(&["c"]));
+        let step = index.prune(&Retention::default(), 100.0, 1);
+        assert_eq!((step.kept_from, step.delete), (2, vec![1]));
     }
 }
