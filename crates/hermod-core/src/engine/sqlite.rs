@@ -1715,7 +1715,13 @@ impl Writer {
             }
         };
         if self.health.degraded().as_deref() != Some(&reason) {
-            tracing::error!(error = %e, "write failed; the store is degraded: {reason}");
+            // The extended code tells which lock (SQLITE_BUSY_SNAPSHOT,
+            // _RECOVERY, _TIMEOUT...) when SQLite's message does not.
+            let code = match e {
+                rusqlite::Error::SqliteFailure(f, _) => f.extended_code,
+                _ => 0,
+            };
+            tracing::error!(error = %e, code, "write failed; the store is degraded: {reason}");
         }
         self.health.set_degraded(reason);
         error
