@@ -452,7 +452,7 @@ fn claimed_events(
         /// the rest. (A stream whose next claim failed in an outage
         /// released a batch its client had read, and a `/poll` handed it
         /// out again.)
-        async fn end(mut self) -> Option<(Result<Event, Infallible>, Self)> {
+        async fn end(mut self: Box<Self>) -> Option<(Result<Event, Infallible>, Box<Self>)> {
             let acked = std::iter::from_fn(|| self.pop_acked()).collect();
             if let Err(e) = Claim::confirm_all_handed_out(acked).await {
                 tracing::warn!(error = %e, "storing the cursor over a stream's last batches failed");
@@ -460,7 +460,11 @@ fn claimed_events(
             None
         }
     }
-    let state = Follow {
+    // Boxed, as are the futures it rarely waits on: an idle stream rests
+    // at its `select!`, but the stream's size is that of its largest
+    // wait, and the state sat in it twice (10,000 streams, each of these
+    // bytes ten thousand times).
+    let state = Box::new(Follow {
         batches: Box::pin(broker.follow(key.clone(), after)),
         queue: VecDeque::new(),
         writing: None,
@@ -470,7 +474,7 @@ fn claimed_events(
         key,
         flushes,
         _session: session,
-    };
+    });
     futures::stream::unfold(state, move |mut s| async move {
         loop {
             if let Some(event) = s.queue.pop_front() {
@@ -480,11 +484,11 @@ fn claimed_events(
             // hyper's buffer or beyond.
             if let Some(mut claim) = s.writing.take() {
                 match &s.flushes {
-                    Some(f) => s.unacked.push_back((claim, f.in_kernel().await)),
+                    Some(f) => s.unacked.push_back((claim, Box::pin(f.in_kernel()).await)),
                     // Not on a TCP connection of ours (a test's router):
                     // handed over is all there is to know.
                     None => {
-                        if let Err(e) = claim.confirm_handed_out().await {
+                        if let Err(e) = Box::pin(claim.confirm_handed_out()).await {
                             tracing::error!(error = %e, "cursor update failed; ending the stream");
                             return None;
                         }
@@ -494,7 +498,7 @@ fn claimed_events(
             // One batch, one store, in order (grouped, they changed the
             // shared-cursor race `sse_resume.py` relies on).
             while let Some(mut claim) = s.pop_acked() {
-                if let Err(e) = claim.confirm_handed_out().await {
+                if let Err(e) = Box::pin(claim.confirm_handed_out()).await {
                     tracing::error!(error = %e, "cursor update failed; ending the stream");
                     return None;
                 }
@@ -505,7 +509,7 @@ fn claimed_events(
                 return None;
             }
             if !s.unacked.is_empty() {
-                if let Err(e) = s.broker.keep_lease(&s.key).await {
+                if let Err(e) = Box::pin(s.broker.keep_lease(&s.key)).await {
                     tracing::debug!(error = %e, "renewing the inbox lease failed");
                 }
             }
@@ -530,7 +534,7 @@ fn claimed_events(
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(error = %e, "inbox read failed; ending the stream");
-                    return s.end().await;
+                    return Box::pin(s.end()).await;
                 }
             };
             s.queue
@@ -543,11 +547,11 @@ fn claimed_events(
             // Leased where other nodes read this inbox too: none of them
             // hands these out while this stream's peer gets them.
             let claimed = s.broker.claim_streamed(&s.key, s.position, last, "sse");
-            let claim = match claimed.await {
+            let claim = match Box::pin(claimed).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cursor read failed; ending the stream");
-                    return s.end().await;
+                    return Box::pin(s.end()).await;
                 }
             };
             s.position = last;
@@ -558,11 +562,11 @@ fn claimed_events(
                     // the newest steps: then it is replayed — twice at
                     // worst, never lost to a client that says it never
                     // got it.
-                    match s.broker.read_through(&s.key, m.seq).await {
+                    match Box::pin(s.broker.read_through(&s.key, m.seq)).await {
                         Ok(door) => door.is_none_or(|d| d == "sse"),
                         Err(e) => {
                             tracing::error!(error = %e, "step read failed; ending the stream");
-                            return s.end().await;
+                            return Box::pin(s.end()).await;
                         }
                     }
                 } else {
