@@ -68,8 +68,8 @@ struct Meta {
 /// coming.
 pub const PART_WAIT: f64 = 600.0;
 
-/// How long a writer may take from its first part's acknowledgement to
-/// the publish of its message; past it the send fails (`storage_busy`)
+/// How long a writer may take from publishing its first part to
+/// publishing its message; past it the send fails (`storage_busy`)
 /// and the parts are left to [`PART_WAIT`].
 pub const PART_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -280,10 +280,16 @@ impl LogIndex {
     pub fn append_part(&mut self, seq: Seq, stamped: f64, names: Vec<AgentName>) {
         self.last.0 = seq;
         self.parts.insert(seq, (stamped, names));
-        // A part whose message is not coming (its writer died between
-        // them) is an unheld seq like any other.
+        self.drop_orphans(stamped);
+    }
+
+    /// A part whose message is not coming (its writer died between them)
+    /// is an unheld seq like any other once [`PART_WAIT`] has passed by
+    /// the log's stamps (looked at with every entry applied, so it never
+    /// holds [`PruneStep::kept_from`] back for good).
+    fn drop_orphans(&mut self, now: f64) {
         while let Some(entry) = self.parts.first_entry() {
-            if entry.get().0 >= stamped - PART_WAIT {
+            if entry.get().0 >= now - PART_WAIT {
                 break;
             }
             self.unheld.push_back(entry.remove_entry().0);
@@ -312,6 +318,7 @@ impl LogIndex {
             names.append(&mut recipients);
             recipients = names;
         }
+        self.drop_orphans(message.ts);
         self.last = (seq, message.ts);
         self.times.push_back((seq, message.ts));
         // Every message passes through the cache, so the node that sent
@@ -746,5 +753,11 @@ mod tests {
         index.append_part(2, 100.0 + PART_WAIT + 1.0, names(&["c"]));
         let step = index.prune(&Retention::default(), 100.0, 1);
         assert_eq!((step.kept_from, step.delete), (2, vec![1]));
+        // A message (not only a part) lets an old part go too.
+        let later = 100.0 + 2.0 * PART_WAIT + 2.0;
+        let m = crate::engine::conformance::message("d", 3, None).into_message(3, later);
+        index.append(Arc::new(m), names(&["d"]), Guarded::Free);
+        let step = index.prune(&Retention::default(), later, 1);
+        assert_eq!((step.kept_from, step.delete), (3, vec![2]));
     }
 }
