@@ -1952,6 +1952,26 @@ fn queued_bytes(m: &NewMessage) -> usize {
 mod tests {
     use super::*;
 
+    /// On a busy writer a prune step takes about what comes in (twice the
+    /// newest commit, at least PRUNE_LEAST); on a quiet one, all it may.
+    #[test]
+    fn a_prune_step_keeps_pace_with_the_sends_it_shares_commits_with() {
+        let mut pace = Pace {
+            batch: 0,
+            last_stored: std::time::Instant::now(),
+        };
+        pace.stored(8);
+        assert_eq!(pace.prune_limit(), PRUNE_LEAST);
+        pace.stored(0); // a commit that stored nothing changes nothing
+        pace.stored(100);
+        assert_eq!(pace.prune_limit(), 200);
+        pace.stored(4096);
+        assert_eq!(pace.prune_limit(), PRUNE_BUDGET);
+        pace.stored(8);
+        pace.last_stored -= PRUNE_QUIET;
+        assert_eq!(pace.prune_limit(), PRUNE_BUDGET, "quiet: the whole budget");
+    }
+
     // The queue was bounded by count alone: 8,192 appends of up to 10 MiB.
     #[tokio::test]
     async fn a_send_that_finds_the_writer_queue_full_waits_then_is_busy() {
