@@ -1341,7 +1341,6 @@ impl Engine for SqliteEngine {
     }
 }
 
-/// The single writer: owns the write connection, seq and clock.
 /// How much a prune step may delete (see [`PRUNE_LEAST`]).
 struct Pace {
     /// Messages the newest commit that stored any stored, and when.
@@ -1366,6 +1365,7 @@ impl Pace {
     }
 }
 
+/// The single writer: owns the write connection, seq and clock.
 struct Writer {
     conn: Connection,
     pace: Pace,
