@@ -290,40 +290,56 @@ fn fits(payload: usize, max: usize) -> bool {
     payload + HEADROOM <= max
 }
 
-/// The log entries of a message whose entry would exceed `max` bytes
-/// with its recipient list in it: the list in parts that each fit. Too
-/// large without the list (or with nothing to split): `too_large`.
-fn split(m: &NewMessage, max: usize) -> Result<Vec<Bytes>> {
-    // Room for the part seqs the message will name (20 digits each).
-    let bare = encode(m, &[], &[]).len();
-    let mut parts = Vec::new();
-    let (mut part, mut size) = (Vec::new(), 0);
-    // `{"recipients":[...]}`: names need no escaping (see AgentName).
-    let room = max.saturating_sub(HEADROOM + 32);
-    for r in &m.recipients {
-        let cost = r.as_str().len() + 3;
-        if size + cost > room && !part.is_empty() {
-            parts.push(std::mem::take(&mut part));
-            size = 0;
+/// What a message goes into the stream as.
+enum Entries {
+    /// One entry, its recipient list in it.
+    Whole(Bytes),
+    /// Its recipient list in parts that each fit, published before the
+    /// message (which then names their seqs).
+    Parted(Vec<Bytes>),
+}
+
+impl Entries {
+    /// Too large without its recipient list (or with none to split):
+    /// `too_large`.
+    fn of(m: &NewMessage, max: usize) -> Result<Self> {
+        let whole = encode(m, &m.recipients, &[]);
+        if fits(whole.len(), max) {
+            return Ok(Entries::Whole(whole));
         }
-        part.push(r.clone());
-        size += cost;
+        let mut parts = Vec::new();
+        let (mut part, mut size) = (Vec::new(), 0);
+        // `{"recipients":[...]}`: names need no escaping (see AgentName).
+        let room = max.saturating_sub(HEADROOM + 32);
+        for r in &m.recipients {
+            let cost = r.as_str().len() + 3;
+            if size + cost > room && !part.is_empty() {
+                parts.push(std::mem::take(&mut part));
+                size = 0;
+            }
+            part.push(r.clone());
+            size += cost;
+        }
+        parts.push(part);
+        // The message must fit with the part seqs it names (20 digits each).
+        let bare = encode(m, &[], &[]).len();
+        if m.recipients.is_empty() || !fits(bare + parts.len() * 21, max) {
+            return Err(Error::TooLarge {
+                size: whole.len(),
+                limit: max,
+            });
+        }
+        Ok(Entries::Parted(
+            parts
+                .into_iter()
+                .map(|recipients| {
+                    serde_json::to_vec(&Part { recipients })
+                        .expect("names always serialize")
+                        .into()
+                })
+                .collect(),
+        ))
     }
-    parts.push(part);
-    if m.recipients.is_empty() || !fits(bare + parts.len() * 21, max) {
-        return Err(Error::TooLarge {
-            size: encode(m, &m.recipients, &[]).len(),
-            limit: max,
-        });
-    }
-    Ok(parts
-        .into_iter()
-        .map(|recipients| {
-            serde_json::to_vec(&Part { recipients })
-                .expect("names always serialize")
-                .into()
-        })
-        .collect())
 }
 
 /// An identity as stored in the state bucket (with its token's hash,
@@ -1728,26 +1744,16 @@ impl Engine for NatsEngine {
         // the acknowledgements are awaited in the background.
         let mut acks = Vec::with_capacity(batch.len());
         // Nothing of a batch goes out unless all of it fits: a refusal
-        // halfway would leave part of it stored behind an error. A
-        // recipient list too long for the message's entry goes in parts
-        // (`Err`) published just before it.
-        let max = inner.max_payload;
+        // halfway would leave part of it stored behind an error.
         let planned = batch
             .iter()
-            .map(|m| {
-                let whole = encode(m, &m.recipients, &[]);
-                if fits(whole.len(), max) {
-                    Ok(Ok(whole))
-                } else {
-                    split(m, max).map(Err)
-                }
-            })
+            .map(|m| Entries::of(m, inner.max_payload))
             .collect::<Result<Vec<_>>>()?;
         for (m, plan) in batch.iter().zip(planned) {
             let id = msg_id(m);
             let payload = match plan {
-                Ok(whole) => whole,
-                Err(parts) => match inner.publish_parts(m, &id, parts).await {
+                Entries::Whole(whole) => whole,
+                Entries::Parted(parts) => match inner.publish_parts(m, &id, parts).await {
                     Ok(seqs) => encode(m, &[], &seqs),
                     Err(e) if acks.is_empty() => return Err(e),
                     Err(e) => return Err(unknown_outcome(e)),
